@@ -1,0 +1,30 @@
+// Float32 building blocks of the CPU reference backend. All are deterministic: each output element
+// is computed by one thread in a fixed order, so results do not depend on the thread count.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dgemma::cpu {
+
+// y[M, N] = x[M, K] @ w[N, K]^T  (nn.Linear layout). Parallel over N and M.
+void linear(const float* x, const float* w, float* y, int M, int N, int K);
+// Same, single-threaded (for use inside an outer parallel loop).
+void linear_serial(const float* x, const float* w, float* y, int M, int N, int K);
+// y[M, N] = x[M, K] @ w[K, N]. Parallel over M.
+void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K);
+
+// y = x * (mean(x^2) + eps)^-0.5 [* weight], per row of `dim`. weight may be null. y may alias x.
+void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps);
+
+float gelu_tanh(float x);
+// out[i] = gelu_tanh(gate[i]) * up[i]
+void gelu_mul(const float* gate, const float* up, float* out, size_t n);
+
+// Rotate-half RoPE in place on x[tokens, heads, head_dim] with per-token positions.
+void rope(float* x, int tokens, int heads, int head_dim, const int32_t* positions, const float* inv_freq);
+
+// Softmax over a row in place, float32 as torch computes it (max-subtracted exp, scaled by 1/sum).
+void softmax_inplace(float* x, int n);
+
+}  // namespace dgemma::cpu

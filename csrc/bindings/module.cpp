@@ -1,0 +1,318 @@
+// pybind11 bindings: the only place that knows about Python.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common/check.h"
+#include "runtime/engine.h"
+
+#ifdef DGEMMA_WITH_CUDA
+#include "backend/cuda/device.h"
+#endif
+
+namespace py = pybind11;
+using namespace dgemma;
+
+namespace {
+
+void set_threads(int n) {
+#ifdef _OPENMP
+  if (n > 0) omp_set_num_threads(n);  // per calling thread, not process-wide
+#endif
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Calls a Python noise callable from native code (with the GIL) and checks what it returns.
+class PyNoise final : public NoiseSource {
+ public:
+  explicit PyNoise(py::function fn) : fn_(std::move(fn)) {}
+  void canvas(int, int, int batch, int length, int32_t* out) override {
+    py::gil_scoped_acquire gil;
+    auto arr = fetch("canvas", batch, length);
+    if (!py::isinstance<py::array>(arr) || !(arr.dtype().kind() == 'i' || arr.dtype().kind() == 'u'))
+      DG_THROW(InvalidArgument, "noise('canvas', ...) must return integer token ids");
+    auto ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+    for (py::ssize_t i = 0; i < ids.size(); ++i) {
+      const int64_t v = ids.data()[i];
+      DG_REQUIRE(v >= 0 && v <= INT32_MAX, InvalidArgument, "noise('canvas', ...) returned token id " << v);
+      out[i] = static_cast<int32_t>(v);
+    }
+  }
+  void uniform(int, int, int batch, int length, double* out) override {
+    py::gil_scoped_acquire gil;
+    auto arr = fetch("uniform", batch, length);
+    auto u = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(arr);
+    DG_REQUIRE(u, InvalidArgument, "noise('uniform', ...) must return floats");
+    std::memcpy(out, u.data(), sizeof(double) * static_cast<size_t>(batch) * length);
+  }
+
+ private:
+  py::array fetch(const char* kind, int batch, int length) {
+    py::object res = fn_(kind, py::make_tuple(batch, length));
+    py::array arr = py::module_::import("numpy").attr("asarray")(res);
+    DG_REQUIRE(arr.ndim() == 2 && arr.shape(0) == batch && arr.shape(1) == length, InvalidArgument,
+               "noise('" << kind << "', (" << batch << ", " << length << ")) returned an array of the wrong shape");
+    return arr;
+  }
+  py::function fn_;
+};
+
+py::array_t<int32_t> canvas_array(const int32_t* data, int batch, int length) {
+  py::array_t<int32_t> a({batch, length});
+  std::memcpy(a.mutable_data(), data, sizeof(int32_t) * static_cast<size_t>(batch) * length);
+  return a;
+}
+
+py::dict config_dict(const ModelConfig& c) {
+  py::dict d;
+  d["vocab_size"] = c.vocab_size;
+  d["hidden_size"] = c.hidden_size;
+  d["intermediate_size"] = c.intermediate_size;
+  d["num_hidden_layers"] = c.num_layers;
+  d["num_attention_heads"] = c.num_heads;
+  d["num_experts"] = c.num_experts;
+  d["top_k_experts"] = c.top_k_experts;
+  d["moe_intermediate_size"] = c.moe_intermediate_size;
+  d["sliding_window"] = c.sliding_window;
+  d["max_position_embeddings"] = c.max_position_embeddings;
+  d["canvas_length"] = c.canvas_length;
+  d["rms_norm_eps"] = c.rms_norm_eps;
+  d["final_logit_softcapping"] = c.final_logit_softcapping ? py::object(py::float_(*c.final_logit_softcapping)) : py::none();
+  d["image_token_id"] = c.image_token_id ? py::object(py::int_(*c.image_token_id)) : py::none();
+  d["layer_types"] = c.layer_types;
+  py::list heads, kv;
+  for (const auto& l : c.layers) heads.append(l.head_dim), kv.append(l.num_kv_heads);
+  d["head_dims"] = heads;
+  d["num_key_value_heads"] = kv;
+  return d;
+}
+
+template <typename T>
+py::object opt(const std::optional<T>& v) {
+  return v ? py::cast(*v) : py::none();
+}
+
+py::dict defaults_dict(const GenerationDefaults& g) {
+  py::dict d;
+  d["eos_token_id"] = opt(g.eos_token_id);
+  d["pad_token_id"] = opt(g.pad_token_id);
+  d["bos_token_id"] = opt(g.bos_token_id);
+  d["max_new_tokens"] = opt(g.max_new_tokens);
+  d["max_denoising_steps"] = opt(g.max_denoising_steps);
+  d["entropy_bound"] = opt(g.entropy_bound);
+  d["t_min"] = opt(g.t_min);
+  d["t_max"] = opt(g.t_max);
+  d["stability_threshold"] = opt(g.stability_threshold);
+  d["confidence_threshold"] = opt(g.confidence_threshold);
+  return d;
+}
+
+struct PyEngine {
+  std::unique_ptr<Engine> engine;
+  int threads = 0;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "dgemma_rt native core";
+  static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CheckpointError& e) {
+      py::set_error(checkpoint_error, e.what());
+    } catch (const InvalidArgument& e) {
+      py::set_error(PyExc_ValueError, e.what());
+    } catch (const ResourceError& e) {
+      py::set_error(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.def("max_threads", &max_threads, "OpenMP threads available to the CPU backend");
+  m.def("cuda_compiled", []() {
+#ifdef DGEMMA_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_device_count", []() {
+#ifdef DGEMMA_WITH_CUDA
+    return cuda::device_count();
+#else
+    return 0;
+#endif
+  }, "Number of CUDA devices visible (0 without a driver or when CUDA was not compiled)");
+
+  py::class_<CacheSet, std::shared_ptr<CacheSet>>(m, "KVCache")
+      .def_property_readonly("batch_size", [](const CacheSet& c) { return c.rows.size(); })
+      .def_property_readonly("seq_lengths", [](const CacheSet& c) {
+        std::vector<int> v;
+        for (const auto& r : c.rows) v.push_back(r->length());
+        return v;
+      })
+      .def("layer_kv", [](const CacheSet& c, int layer, int row) {
+        DG_REQUIRE(row >= 0 && row < static_cast<int>(c.rows.size()), InvalidArgument, "row " << row << " out of range");
+        const SeqCache& s = *c.rows[row];
+        DG_REQUIRE(layer >= 0 && layer < s.pool().num_layers(), InvalidArgument, "layer " << layer << " out of range");
+        std::vector<SeqCache::Span> spans;
+        s.spans(layer, spans);
+        int n = 0;
+        for (const auto& sp : spans) n += sp.count;
+        const size_t tf = s.pool().token_floats(layer);
+        py::array_t<float> k({static_cast<size_t>(n), tf}), v({static_cast<size_t>(n), tf});
+        float* kp = k.mutable_data();
+        float* vp = v.mutable_data();
+        int t = 0;
+        for (const auto& sp : spans)
+          for (int j = 0; j < sp.count; ++j, ++t) {
+            std::memcpy(kp + t * tf, sp.k + j * tf, tf * sizeof(float));
+            std::memcpy(vp + t * tf, sp.v + j * tf, tf * sizeof(float));
+          }
+        return py::make_tuple(k, v);
+      }, py::arg("layer"), py::arg("row"));
+
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init([](const std::string& path, const std::string& device, int kv_cache_tokens, int max_batch_size,
+                       int num_threads, py::object progress) {
+             EngineOptions o;
+             o.device = device;
+             o.kv_cache_tokens = kv_cache_tokens;
+             o.max_batch_size = max_batch_size;
+             if (!progress.is_none()) {
+               py::function fn = progress;
+               o.progress = [fn](int done, int total) {
+                 py::gil_scoped_acquire gil;
+                 fn(done, total);
+               };
+             }
+             auto e = std::make_unique<PyEngine>();
+             e->threads = num_threads;
+             py::gil_scoped_release release;
+             set_threads(num_threads);
+             e->engine = std::make_unique<Engine>(path, o);
+             return e;
+           }),
+           py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384,
+           py::arg("max_batch_size") = 8, py::arg("num_threads") = 0, py::arg("progress") = py::none())
+      .def_property_readonly("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
+      .def_property_readonly("generation_defaults",
+                             [](const PyEngine& e) { return defaults_dict(e.engine->generation_defaults()); })
+      .def_property_readonly("num_parameters", [](const PyEngine& e) { return e.engine->num_parameters(); })
+      .def("kv_pool_stats", [](const PyEngine& e) {
+        const BlockPool& p = e.engine->pool();
+        py::dict d;
+        d["full_total"] = p.total_blocks(0);
+        d["full_free"] = p.free_blocks(0);
+        d["sliding_total"] = p.total_blocks(1);
+        d["sliding_free"] = p.free_blocks(1);
+        d["block_size"] = p.block_size();
+        return d;
+      })
+      .def("new_cache", [](const PyEngine& e, int batch) { return e.engine->new_cache(batch); })
+      .def("encode", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, std::shared_ptr<CacheSet> cache) {
+        if (!cache) cache = e.engine->new_cache(static_cast<int>(ids.size()));
+        {
+          py::gil_scoped_release release;
+          set_threads(e.threads);
+          e.engine->encode(*cache, ids);
+        }
+        return cache;
+      }, py::arg("input_ids"), py::arg("cache") = nullptr)
+      .def("denoise_logits", [](PyEngine& e, std::shared_ptr<CacheSet> cache,
+                                py::array_t<int32_t, py::array::c_style | py::array::forcecast> canvas,
+                                py::object sc) {
+        DG_REQUIRE(cache, InvalidArgument, "denoise_logits needs the KVCache from encode()");
+        DG_REQUIRE(canvas.ndim() == 2, InvalidArgument, "canvas_ids must be 2-D [batch, n]");
+        const int B = static_cast<int>(canvas.shape(0)), n = static_cast<int>(canvas.shape(1));
+        const int V = e.engine->config().vocab_size;
+        DG_REQUIRE(B == static_cast<int>(cache->rows.size()), InvalidArgument,
+                   "canvas_ids has " << B << " rows but the cache has " << cache->rows.size());
+        py::array_t<float, py::array::c_style | py::array::forcecast> sc_arr;
+        const float* sc_ptr = nullptr;
+        if (!sc.is_none()) {
+          sc_arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(sc);
+          DG_REQUIRE(sc_arr && sc_arr.ndim() == 3 && sc_arr.shape(0) == B && sc_arr.shape(1) == n && sc_arr.shape(2) == V,
+                     InvalidArgument, "self_conditioning_logits must be float32 [" << B << ", " << n << ", " << V << "]");
+          sc_ptr = sc_arr.data();
+        }
+        std::vector<int32_t> ids(canvas.data(), canvas.data() + canvas.size());
+        py::array_t<float> out({B, n, V});
+        float* optr = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          set_threads(e.threads);
+          e.engine->decode(*cache, ids, n, sc_ptr, optr);
+        }
+        return out;
+      }, py::arg("cache"), py::arg("canvas_ids"), py::arg("self_conditioning_logits") = py::none())
+      .def("generate", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, py::dict p, py::object noise,
+                          py::object on_step, py::object on_block, std::shared_ptr<CacheSet> cache) {
+        SamplerParams sp;
+        sp.max_new_tokens = p["max_new_tokens"].cast<int>();
+        sp.max_denoising_steps = p["max_denoising_steps"].cast<int>();
+        sp.entropy_bound = p["entropy_bound"].cast<double>();
+        sp.t_min = p["t_min"].cast<double>();
+        sp.t_max = p["t_max"].cast<double>();
+        sp.stability_threshold = p["stability_threshold"].cast<int>();
+        sp.confidence_threshold = p["confidence_threshold"].cast<double>();
+        sp.eos_token_id = p["eos_token_id"].cast<std::vector<int>>();
+        if (!p["pad_token_id"].is_none()) sp.pad_token_id = p["pad_token_id"].cast<int>();
+        sp.seed = p["seed"].cast<uint64_t>();
+        sp.adaptive_stopping = p["adaptive_stopping"].cast<bool>();
+
+        std::unique_ptr<PyNoise> py_noise;
+        if (!noise.is_none()) py_noise = std::make_unique<PyNoise>(noise.cast<py::function>());
+        GenerateCallbacks cb;
+        if (!on_step.is_none()) {
+          py::function fn = on_step;
+          cb.on_step = [fn](const int32_t* d, int b, int l) {
+            py::gil_scoped_acquire gil;
+            fn(canvas_array(d, b, l));
+          };
+        }
+        if (!on_block.is_none()) {
+          py::function fn = on_block;
+          cb.on_block = [fn](const int32_t* d, int b, int l) {
+            py::gil_scoped_acquire gil;
+            fn(canvas_array(d, b, l));
+          };
+        }
+        if (!cache) cache = e.engine->new_cache(static_cast<int>(ids.size()));
+        GenerateResult r;
+        {
+          py::gil_scoped_release release;
+          set_threads(e.threads);
+          r = e.engine->generate(*cache, ids, sp, py_noise.get(), cb);
+        }
+        py::dict out;
+        out["new_tokens"] = r.new_tokens;
+        out["tokens_per_forward"] = r.tokens_per_forward;
+        out["steps_per_canvas"] = r.steps_per_canvas;
+        py::dict t;
+        t["prefill_s"] = r.prefill_s;
+        t["denoise_s"] = r.denoise_s;
+        t["total_s"] = r.total_s;
+        t["decoder_forwards"] = r.decoder_forwards;
+        t["encoder_forwards"] = r.encoder_forwards;
+        out["timings"] = t;
+        out["past_key_values"] = cache;
+        return out;
+      }, py::arg("input_ids"), py::arg("params"), py::arg("noise") = py::none(), py::arg("on_step") = py::none(),
+         py::arg("on_block") = py::none(), py::arg("cache") = nullptr);
+}

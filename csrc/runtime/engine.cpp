@@ -1,0 +1,87 @@
+#include "runtime/engine.h"
+
+#include "backend/cpu/cpu_backend.h"
+#include "common/check.h"
+
+namespace dgemma {
+
+std::vector<SeqCache*> CacheSet::ptrs() const {
+  std::vector<SeqCache*> out;
+  for (const auto& r : rows) out.push_back(r.get());
+  return out;
+}
+
+Engine::Engine(const std::string& dir, const EngineOptions& opts) {
+  DG_REQUIRE(opts.device == "cpu", InvalidArgument,
+             "device '" << opts.device << "' is not available: this build runs on the CPU only "
+                        << "(the CUDA backend is not implemented yet)");
+  DG_REQUIRE(opts.kv_cache_tokens > 0, InvalidArgument, "kv_cache_tokens must be positive");
+  DG_REQUIRE(opts.max_batch_size > 0, InvalidArgument, "max_batch_size must be positive");
+  cfg_ = load_model_config(dir);
+  gen_ = load_generation_defaults(dir);
+  weights_ = ModelWeights::load(dir, cfg_, opts.progress);
+  backend_ = std::make_unique<CpuBackend>(cfg_, *weights_);
+  const int B = opts.block_size;
+  const int full_blocks = (opts.kv_cache_tokens + B - 1) / B;
+  const int window_blocks = (cfg_.sliding_window - 1 + B - 1) / B + 1;
+  const int sliding_blocks = opts.max_batch_size * 2 * window_blocks;
+  pool_ = std::make_shared<BlockPool>(cfg_, B, full_blocks, sliding_blocks);
+}
+
+std::shared_ptr<CacheSet> Engine::new_cache(int batch) const {
+  auto c = std::make_shared<CacheSet>();
+  for (int i = 0; i < batch; ++i) c->rows.push_back(std::make_unique<SeqCache>(pool_));
+  return c;
+}
+
+void Engine::check_input(const std::vector<std::vector<int32_t>>& ids) const {
+  DG_REQUIRE(!ids.empty(), InvalidArgument, "input_ids is an empty batch");
+  for (size_t r = 0; r < ids.size(); ++r) {
+    DG_REQUIRE(!ids[r].empty(), InvalidArgument, "input_ids row " << r << " is empty");
+    for (int32_t t : ids[r]) {
+      DG_REQUIRE(t >= 0 && t < cfg_.vocab_size, InvalidArgument,
+                 "token id " << t << " in row " << r << " is outside the vocabulary [0, " << cfg_.vocab_size << ")");
+      DG_REQUIRE(!cfg_.image_token_id || t != *cfg_.image_token_id, InvalidArgument,
+                 "row " << r << " contains the image token " << t << ": this engine is text-only for now");
+    }
+  }
+}
+
+void Engine::encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& ids) {
+  check_input(ids);
+  DG_REQUIRE(cache.rows.size() == ids.size(), InvalidArgument,
+             "the cache has " << cache.rows.size() << " rows but input_ids has " << ids.size());
+  for (size_t r = 0; r < ids.size(); ++r)
+    DG_REQUIRE(cache.rows[r]->length() + static_cast<long>(ids[r].size()) <= cfg_.max_position_embeddings,
+               InvalidArgument, "row " << r << " would exceed max_position_embeddings " << cfg_.max_position_embeddings);
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  backend_->encode(cache.ptrs(), ids);
+}
+
+void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, int n, const float* sc_logits,
+                    float* logits) {
+  DG_REQUIRE(n > 0 && canvas.size() == cache.rows.size() * static_cast<size_t>(n), InvalidArgument,
+             "canvas must have shape [" << cache.rows.size() << ", n] with n > 0");
+  for (int32_t t : canvas)
+    DG_REQUIRE(t >= 0 && t < cfg_.vocab_size, InvalidArgument,
+               "canvas token id " << t << " is outside the vocabulary [0, " << cfg_.vocab_size << ")");
+  std::vector<const SeqCache*> rows;
+  for (const auto& r : cache.rows) {
+    DG_REQUIRE(r->length() > 0, InvalidArgument, "the decoder needs an encoded prefix (call encode first)");
+    rows.push_back(r.get());
+  }
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  backend_->decode(rows, canvas.data(), n, sc_logits, logits);
+}
+
+GenerateResult Engine::generate(CacheSet& cache, const std::vector<std::vector<int32_t>>& ids,
+                                const SamplerParams& params, NoiseSource* noise, const GenerateCallbacks& callbacks) {
+  check_input(ids);
+  DG_REQUIRE(cache.rows.size() == ids.size(), InvalidArgument,
+             "past_key_values has " << cache.rows.size() << " rows but input_ids has " << ids.size());
+  SeededNoise seeded(params.seed, cfg_.vocab_size);
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return dgemma::generate(*backend_, cfg_, cache.ptrs(), ids, params, noise ? *noise : seeded, callbacks);
+}
+
+}  // namespace dgemma

@@ -1,0 +1,217 @@
+#include "runtime/kv_cache.h"
+
+#include <algorithm>
+
+#include "common/check.h"
+
+namespace dgemma {
+
+BlockPool::BlockPool(const ModelConfig& cfg, int block_size, int full_blocks, int sliding_blocks)
+    : block_size_(block_size), window_(cfg.sliding_window) {
+  DG_CHECK(block_size > 0, "block size");
+  groups_[0].num_blocks = full_blocks;
+  groups_[1].num_blocks = sliding_blocks;
+  layer_group_.resize(cfg.num_layers);
+  layer_slot_.resize(cfg.num_layers);
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    const LayerSpec& s = cfg.layers[l];
+    const int g = s.sliding ? 1 : 0;
+    Group& G = groups_[g];
+    layer_group_[l] = g;
+    layer_slot_[l] = static_cast<int>(G.layers.size());
+    G.layers.push_back(l);
+    const size_t tf = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+    G.token_floats.push_back(tf);
+    const size_t floats = tf * block_size * static_cast<size_t>(G.num_blocks);
+    G.k.emplace_back(floats);
+    G.v.emplace_back(floats);
+  }
+  for (Group& G : groups_) {
+    // Hand out low block ids first.
+    for (int b = G.num_blocks - 1; b >= 0; --b) G.free_list.push_back(b);
+    if (G.layers.empty()) G.num_blocks = 0, G.free_list.clear();
+  }
+}
+
+size_t BlockPool::token_floats(int layer) const {
+  return groups_[layer_group_[layer]].token_floats[layer_slot_[layer]];
+}
+
+float* BlockPool::k_at(int layer, int block, int offset) {
+  Group& G = groups_[layer_group_[layer]];
+  const size_t tf = G.token_floats[layer_slot_[layer]];
+  return G.k[layer_slot_[layer]].data() + (static_cast<size_t>(block) * block_size_ + offset) * tf;
+}
+
+float* BlockPool::v_at(int layer, int block, int offset) {
+  Group& G = groups_[layer_group_[layer]];
+  const size_t tf = G.token_floats[layer_slot_[layer]];
+  return G.v[layer_slot_[layer]].data() + (static_cast<size_t>(block) * block_size_ + offset) * tf;
+}
+
+bool BlockPool::allocate(int group, int count, std::vector<int>& out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Group& G = groups_[group];
+  if (count <= 0) return true;
+  if (G.layers.empty()) return true;  // no layers of this kind: nothing to store
+  if (static_cast<int>(G.free_list.size()) < count) return false;
+  for (int i = 0; i < count; ++i) {
+    out.push_back(G.free_list.back());
+    G.free_list.pop_back();
+  }
+  return true;
+}
+
+void BlockPool::release(int group, const std::vector<int>& blocks) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (int b : blocks) groups_[group].free_list.push_back(b);
+}
+
+void BlockPool::release(int group, int block) {
+  std::lock_guard<std::mutex> lock(mu_);
+  groups_[group].free_list.push_back(block);
+}
+
+int BlockPool::free_blocks(int group) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(groups_[group].free_list.size());
+}
+
+int BlockPool::total_blocks(int group) const { return groups_[group].num_blocks; }
+
+// ---------------------------------------------------------------------------------------------
+
+SeqCache::~SeqCache() {
+  abort();
+  pool_->release(0, full_);
+  pool_->release(1, std::vector<int>(sliding_.begin(), sliding_.end()));
+}
+
+int SeqCache::sliding_start() const { return std::max(0, length_ - (pool_->sliding_window() - 1)); }
+
+void SeqCache::spans(int layer, std::vector<Span>& out) const {
+  out.clear();
+  const int B = pool_->block_size();
+  BlockPool& pool = *pool_;
+  const bool sliding = pool.group_of(layer) == 1;
+  const int start = sliding ? sliding_start() : 0;
+  const int first = sliding ? sliding_first_ : 0;
+  auto block_at = [&](int idx) { return sliding ? sliding_[idx] : full_[idx]; };
+  for (int pos = start; pos < length_;) {
+    const int idx = (pos - first) / B;
+    const int off = (pos - first) % B;
+    const int n = std::min(B - off, length_ - pos);
+    const int blk = block_at(idx);
+    out.push_back({pool.k_at(layer, blk, off), pool.v_at(layer, blk, off), n, pos});
+    pos += n;
+  }
+}
+
+int SeqCache::full_blocks_needed(int new_length) const {
+  const int B = pool_->block_size();
+  return std::max(0, (new_length + B - 1) / B - static_cast<int>(full_.size()));
+}
+
+int SeqCache::sliding_blocks_peak() const {
+  const int B = pool_->block_size();
+  const int keep = pool_->sliding_window() - 1;
+  // Kept window plus the newly written window, each possibly straddling one extra block.
+  return 2 * ((keep + B - 1) / B + 1);
+}
+
+void SeqCache::prepare(int n) {
+  DG_CHECK(pending_n_ == 0, "append already pending");
+  DG_CHECK(n > 0, "append of " << n << " tokens");
+  const int B = pool_->block_size();
+  const int W = pool_->sliding_window();
+  const int new_len = length_ + n;
+
+  std::vector<int> full_new;
+  if (!pool_->allocate(0, full_blocks_needed(new_len), full_new))
+    DG_THROW(ResourceError, "KV cache pool is full (full-attention layers): raise kv_cache_tokens");
+
+  // Sliding layers: the new layout starts at the block holding new_start.
+  const int new_start = std::max(0, new_len - (W - 1));
+  const int new_first = (new_start / B) * B;
+  std::deque<int> next;
+  int drop = 0;
+  const int old_end = sliding_first_ + static_cast<int>(sliding_.size()) * B;
+  if (new_first >= old_end) {
+    drop = static_cast<int>(sliding_.size());
+  } else {
+    drop = std::max(0, (new_first - sliding_first_) / B);
+    for (size_t i = drop; i < sliding_.size(); ++i) next.push_back(sliding_[i]);
+  }
+  const int first = next.empty() ? new_first : sliding_first_ + drop * B;
+  const int total = (new_len - first + B - 1) / B;
+  const int extra = std::max(0, total - static_cast<int>(next.size()));
+  std::vector<int> sliding_new;
+  if (new_len > new_start && !pool_->allocate(1, extra, sliding_new)) {
+    pool_->release(0, full_new);
+    DG_THROW(ResourceError, "KV cache pool is full (sliding-window layers): raise max_batch_size");
+  }
+  for (int b : sliding_new) next.push_back(b);
+
+  pending_n_ = n;
+  new_full_ = std::move(full_new);
+  new_sliding_ = std::move(sliding_new);
+  next_sliding_ = std::move(next);
+  next_sliding_first_ = first;
+  drop_sliding_ = drop;
+}
+
+bool SeqCache::written(int layer, int pos) const {
+  if (pool_->group_of(layer) == 0) return true;
+  const int new_len = length_ + pending_n_;
+  return pos >= new_len - (pool_->sliding_window() - 1);
+}
+
+float* SeqCache::write_k(int layer, int pos) {
+  const int B = pool_->block_size();
+  if (pool_->group_of(layer) == 0) {
+    const int idx = pos / B;
+    const int blk = idx < static_cast<int>(full_.size()) ? full_[idx] : new_full_[idx - full_.size()];
+    return pool_->k_at(layer, blk, pos % B);
+  }
+  const int rel = pos - next_sliding_first_;
+  return pool_->k_at(layer, next_sliding_[rel / B], rel % B);
+}
+
+float* SeqCache::write_v(int layer, int pos) {
+  const int B = pool_->block_size();
+  if (pool_->group_of(layer) == 0) {
+    const int idx = pos / B;
+    const int blk = idx < static_cast<int>(full_.size()) ? full_[idx] : new_full_[idx - full_.size()];
+    return pool_->v_at(layer, blk, pos % B);
+  }
+  const int rel = pos - next_sliding_first_;
+  return pool_->v_at(layer, next_sliding_[rel / B], rel % B);
+}
+
+void SeqCache::commit() {
+  if (pending_n_ == 0) return;
+  for (int b : new_full_) full_.push_back(b);
+  std::vector<int> dropped(sliding_.begin(), sliding_.begin() + drop_sliding_);
+  pool_->release(1, dropped);
+  sliding_ = std::move(next_sliding_);
+  sliding_first_ = next_sliding_first_;
+  length_ += pending_n_;
+  pending_n_ = 0;
+  new_full_.clear();
+  new_sliding_.clear();
+  next_sliding_.clear();
+  drop_sliding_ = 0;
+}
+
+void SeqCache::abort() {
+  if (pending_n_ == 0) return;
+  pool_->release(0, new_full_);
+  pool_->release(1, new_sliding_);
+  pending_n_ = 0;
+  new_full_.clear();
+  new_sliding_.clear();
+  next_sliding_.clear();
+  drop_sliding_ = 0;
+}
+
+}  // namespace dgemma
