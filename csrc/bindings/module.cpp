@@ -15,6 +15,12 @@
 
 #ifdef DGEMMA_WITH_CUDA
 #include "backend/cuda/device.h"
+#include "bindings/cuda_ops.h"
+
+std::vector<dgemma::bindings::CudaOpBinder>& dgemma::bindings::cuda_op_binders() {
+  static std::vector<CudaOpBinder> binders;
+  return binders;
+}
 #endif
 
 namespace py = pybind11;
@@ -158,6 +164,10 @@ PYBIND11_MODULE(_core, m) {
     return 0;
 #endif
   }, "Number of CUDA devices visible (0 without a driver or when CUDA was not compiled)");
+#ifdef DGEMMA_WITH_CUDA
+  auto ops = m.def_submodule("cuda_ops", "CUDA kernels' test entry points: numpy in, numpy out");
+  for (auto bind : dgemma::bindings::cuda_op_binders()) bind(ops);
+#endif
 
   py::class_<CacheSet, std::shared_ptr<CacheSet>>(m, "KVCache")
       .def_property_readonly("batch_size", [](const CacheSet& c) { return c.rows.size(); })

@@ -40,7 +40,7 @@ struct Sampled {
 // input). Inverse-CDF sampling in float64 over float32 probabilities, entropy as
 // torch.distributions.Categorical computes it.
 Sampled sample_position(const float* raw, float* processed, int V, float temperature, double u,
-                        std::vector<double>& cdf) {
+                        std::vector<float>& ex, std::vector<double>& cdf) {
   float mx = -INFINITY;
   int32_t am = 0;
   for (int v = 0; v < V; ++v) {
@@ -48,13 +48,15 @@ Sampled sample_position(const float* raw, float* processed, int V, float tempera
     processed[v] = p;
     if (p > mx) mx = p, am = v;
   }
+  float* e = ex.data();
+  for (int v = 0; v < V; ++v) e[v] = std::exp(processed[v] - mx);
   double sum = 0;
-  for (int v = 0; v < V; ++v) sum += std::exp(processed[v] - mx);
+  for (int v = 0; v < V; ++v) sum += e[v];
   const float inv = 1.0f / static_cast<float>(sum);
   const float lse = mx + std::log(static_cast<float>(sum));
   double c = 0, ent = 0;
   for (int v = 0; v < V; ++v) {
-    const float prob = std::exp(processed[v] - mx) * inv;
+    const float prob = e[v] * inv;
     c += prob;
     cdf[v] = c;
     ent -= static_cast<double>(prob) * (processed[v] - lse);
@@ -236,12 +238,13 @@ GenerateResult generate(Backend& backend, const ModelConfig& cfg, const std::vec
 #pragma omp parallel
       {
         std::vector<double> cdf(V);
+        std::vector<float> ex(V);
 #pragma omp for schedule(static)
         for (long i = 0; i < positions; ++i) {
           const int a = static_cast<int>(i / L), j = static_cast<int>(i % L), r = active[a];
           const size_t rj = static_cast<size_t>(r) * L + j;
           const Sampled s = sample_position(logits.data() + static_cast<size_t>(i) * V, sc.data() + rj * V, V,
-                                            temperature, uni[rj], cdf);
+                                            temperature, uni[rj], ex, cdf);
           sample[rj] = s.token;
           argmax[rj] = s.argmax;
           entropy[rj] = s.entropy;

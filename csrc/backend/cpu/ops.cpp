@@ -158,11 +158,9 @@ void rope(float* x, int tokens, int heads, int head_dim, const int32_t* position
 void softmax_inplace(float* x, int n) {
   float mx = x[0];
   for (int i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  for (int i = 0; i < n; ++i) x[i] = std::exp(x[i] - mx);
   double sum = 0;
-  for (int i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - mx);
-    sum += x[i];
-  }
+  for (int i = 0; i < n; ++i) sum += x[i];
   const float inv = 1.0f / static_cast<float>(sum);
   for (int i = 0; i < n; ++i) x[i] *= inv;
 }

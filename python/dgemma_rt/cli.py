@@ -1,0 +1,120 @@
+"""`dgemma-rt`: make the tiny checkpoint, generate text from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgemma-rt", description="DiffusionGemma inference engine.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = sub.add_parser("make-tiny", help="write the built-in tiny random checkpoint")
+    tiny.add_argument("dir", metavar="DIR", help="output directory (created if needed)")
+    tiny.add_argument("--seed", type=_non_negative_int, default=0, help="weight seed (default 0)")
+    tiny.set_defaults(func=_cmd_make_tiny)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (with tokenizer.json)")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, help="default 256 (whole canvases)")
+    gen.add_argument("--steps", type=_positive_int, default=48, help="max denoising steps per canvas (default 48)")
+    gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def _version() -> str:
+    import dgemma_rt
+
+    return str(getattr(dgemma_rt, "__version__", "unknown"))
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from dgemma_rt.tiny import make_tiny
+
+    path = make_tiny(args.dir, seed=args.seed)
+    print(f"wrote tiny checkpoint to {path}", file=sys.stderr)
+    return 0
+
+
+def _new_text(engine: Any, prompt_ids: list[int], sequence: Any) -> str:
+    """Decodes the tokens after the prompt, up to the first EOS or pad."""
+    defaults = engine.generation_defaults
+    eos = defaults.get("eos_token_id") or []
+    stop = {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+    if defaults.get("pad_token_id") is not None:
+        stop.add(int(defaults["pad_token_id"]))
+    new: list[int] = []
+    for t in sequence[len(prompt_ids) :]:
+        if int(t) in stop:
+            break
+        new.append(int(t))
+    return str(engine.tokenizer.decode(new))
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import dgemma_rt
+
+    engine = dgemma_rt.Engine(args.checkpoint, num_threads=args.threads)
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json; `dgemma-rt generate` needs one to read the prompt")
+    prompt: str | list[dict[str, str]] = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    kwargs = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "seed": args.seed}
+    if hasattr(engine, "generate_text"):
+        text = engine.generate_text(prompt, **kwargs)
+    else:
+        ids = tok.apply_chat_template(prompt) if isinstance(prompt, list) else tok.encode(prompt)
+        out = engine.generate([ids], **kwargs)
+        text = _new_text(engine, ids, out.sequences[0])
+    # Random-weight checkpoints produce any bytes; never fail on a terminal that cannot show them.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    print(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import dgemma_rt
+
+    try:
+        return int(args.func(args))
+    except (dgemma_rt.CheckpointError, ValueError, RuntimeError, OSError) as e:
+        # User errors (bad path, bad checkpoint, bad arguments) get one line, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Tokenizer and chat template of a Hugging Face checkpoint, without transformers.
+
+Reads tokenizer.json with the `tokenizers` library and renders the chat template (tokenizer_config.json
+"chat_template" or chat_template.jinja) with a sandboxed jinja2 environment set up as transformers does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as plain strings or as serialized AddedToken dicts.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _select_template(value: Any) -> str | None:
+    # Older configs hold a list of named templates; the unnamed use is the "default" one.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        template = named.get("default")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: `tokenizers.Tokenizer` plus the settings of tokenizer_config.json."""
+
+    def __init__(self, tokenizer: Any, config: Mapping[str, Any] | None = None, chat_template: str | None = None):
+        self._tok = tokenizer
+        self.config: dict[str, Any] = dict(config or {})
+        self.chat_template = (
+            chat_template if chat_template is not None else _select_template(self.config.get("chat_template"))
+        )
+        self.bos_token = _token_content(self.config.get("bos_token"))
+        self.eos_token = _token_content(self.config.get("eos_token"))
+        self.pad_token = _token_content(self.config.get("pad_token"))
+        self._compiled: tuple[str, Any] | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer | None:
+        """The tokenizer of checkpoint dir `path`, or None when it has no tokenizer.json."""
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        root = pathlib.Path(path)
+        tok_file = root / "tokenizer.json"
+        if not tok_file.is_file():
+            return None
+        try:
+            tok = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"cannot read {tok_file}: {e}") from e
+        config: dict[str, Any] = {}
+        cfg_file = root / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                loaded = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read {cfg_file}: {e}") from e
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{cfg_file} does not hold a JSON object")
+            config = loaded
+        # transformers 5 saves the template as its own file, which wins over the config's copy.
+        template_file = root / "chat_template.jinja"
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        return cls(tok, config, template)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with add_special_tokens the tokenizer's post-processor adds BOS."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
+        seq = [int(i) for i in np.asarray(ids).reshape(-1)] if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        return str(self._tok.decode(seq, skip_special_tokens=skip_special_tokens))
+
+    def render_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The chat template's text for `messages` (a list of {"role", "content"} dicts)."""
+        source = self.chat_template
+        if source is None:
+            raise ValueError(
+                "this checkpoint has no chat template (no 'chat_template' in tokenizer_config.json and no "
+                "chat_template.jinja); pass a plain string prompt instead"
+            )
+        if isinstance(messages, (str, bytes)) or not all(isinstance(m, Mapping) for m in messages):
+            raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
+        from jinja2.exceptions import TemplateError
+
+        try:
+            template = self._template(source)
+            return str(
+                template.render(
+                    messages=[dict(m) for m in messages],
+                    bos_token=self.bos_token or "",
+                    eos_token=self.eos_token or "",
+                    pad_token=self.pad_token or "",
+                    add_generation_prompt=add_generation_prompt,
+                )
+            )
+        except (TemplateError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"chat template failed: {e}") from e
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the rendered chat; the template writes BOS itself, so none is added."""
+        return self.encode(self.render_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+    def _template(self, source: str) -> Any:
+        if self._compiled is None or self._compiled[0] != source:
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            # The settings transformers renders chat templates with, so whitespace comes out the same.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.globals["raise_exception"] = _raise_exception
+            env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+                x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+            )
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+            self._compiled = (source, env.from_string(source))
+        return self._compiled[1]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, chat_template={self.chat_template is not None})"

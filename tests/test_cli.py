@@ -1,0 +1,277 @@
+"""The pure-Python layer: the tiny checkpoint, the tokenizer, and the dgemma-rt / dgemma-bench commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dgemma_rt import tiny
+from dgemma_rt.text import Tokenizer
+
+CHAT_PROMPT = "<bos><start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> pathlib.Path:
+    return tiny.make_tiny(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def _run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import dgemma_rt
+
+    # The subprocess imports the same dgemma_rt as this test, installed or not.
+    package_root = str(pathlib.Path(dgemma_rt.__file__).resolve().parent.parent)
+    full_env = dict(os.environ if env is None else env)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, full_env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+# ---------------------------------------------------------------------------------------------- make_tiny
+
+
+def test_make_tiny_is_deterministic(tmp_path, tiny_dir):
+    again = tiny.make_tiny(tmp_path / "again")
+    other = tiny.make_tiny(tmp_path / "other", seed=1)
+    for name in tiny.FILES:
+        assert (again / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+    assert (other / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
+    assert (other / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
+    assert sorted(p.name for p in tiny_dir.iterdir()) == sorted(tiny.FILES)
+
+
+def test_make_tiny_shapes(tiny_dir):
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    tc = cfg["text_config"]
+    assert cfg["model_type"] == "diffusion_gemma" and tc["model_type"] == "diffusion_gemma_text"
+    assert tc["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert tc["per_layer_config"] == {"5": {"head_dim": 64, "num_key_value_heads": 1}}
+    w = load_file(str(tiny_dir / "model.safetensors"))
+    assert all(a.dtype == np.float32 for a in w.values())
+    assert w["model.decoder.embed_tokens.weight"].shape == (2048, 128)
+    assert w["model.decoder.layers.0.self_attn.v_proj.weight"].shape == (64, 128)
+    assert "model.decoder.layers.5.self_attn.v_proj.weight" not in w
+    assert w["model.decoder.layers.5.self_attn.q_proj.weight"].shape == (256, 128)
+    assert w["model.decoder.layers.5.self_attn.k_proj.weight"].shape == (64, 128)
+    assert w["model.decoder.layers.3.experts.gate_up_proj"].shape == (16, 128, 128)
+    assert w["model.decoder.layers.3.experts.down_proj"].shape == (16, 128, 64)
+    assert w["model.encoder.language_model.layers.5.layer_scalar"].shape == (1,)
+
+
+def test_make_tiny_loads_in_transformers(tiny_dir):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    # config.json is byte for byte what transformers writes for this config.
+    config = transformers.DiffusionGemmaConfig.from_pretrained(tiny_dir)
+    assert config.to_json_string() == (tiny_dir / "config.json").read_text()
+    gen = DiffusionGemmaGenerationConfig.from_pretrained(tiny_dir)
+    assert gen.eos_token_id == tiny.EOS_IDS and gen.pad_token_id == tiny.PAD_ID
+    assert gen.sampler_config.entropy_bound == 0.1
+
+    model, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_dir, output_loading_info=True)
+    assert [k for k in info["missing_keys"] if ".vision_tower." not in k and ".embed_vision." not in k] == []
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    state = model.state_dict()
+    for name, value in load_file(str(tiny_dir / "model.safetensors")).items():
+        assert torch.equal(state[name], torch.from_numpy(value)), name
+    # The encoder shares the decoder's weights.
+    assert torch.equal(
+        state["model.encoder.language_model.layers.2.mlp.up_proj.weight"],
+        state["model.decoder.layers.2.mlp.up_proj.weight"],
+    )
+
+    model.config._attn_implementation = "eager"
+    model.config.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([[2, 10, 11, 12]]), max_new_tokens=8, max_denoising_steps=2)
+    assert out.sequences.shape == (1, 4 + tiny.CANVAS_LENGTH)
+
+
+def test_make_tiny_loads_in_engine(tiny_dir):
+    import dgemma_rt
+
+    engine = dgemma_rt.Engine(tiny_dir)
+    assert engine.config["vocab_size"] == 2048
+    assert engine.config["num_hidden_layers"] == 6
+    assert engine.config["canvas_length"] == tiny.CANVAS_LENGTH
+    assert list(engine.generation_defaults["eos_token_id"]) == tiny.EOS_IDS
+    assert engine.generation_defaults["pad_token_id"] == tiny.PAD_ID
+    assert engine.tokenizer is not None and engine.tokenizer.vocab_size == 2048
+    out = engine.generate([[2, 10, 11, 12]], max_new_tokens=8, max_denoising_steps=2)
+    assert out.sequences.shape == (1, 4 + tiny.CANVAS_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip(tiny_dir):
+    tok = Tokenizer.from_dir(tiny_dir)
+    assert tok is not None and tok.vocab_size == 2048
+    for i, name in enumerate(tiny.SPECIAL_TOKENS):
+        assert tok.token_to_id(name) == i
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
+    for text in ["Hello! How are you today?", "  spaces\nand\ttabs", "Ünïcödé 日本語 🙂 3.14"]:
+        ids = tok.encode(text)
+        assert ids[0] == tok.bos_token_id and max(ids) < 2048
+        assert tok.encode(text, add_special_tokens=False) == ids[1:]
+        assert tok.decode(ids) == text
+        assert tok.decode(np.asarray([ids])) == text
+        assert tok.decode(ids, skip_special_tokens=False) == "<bos>" + text
+
+
+def test_chat_template(tiny_dir):
+    tok = Tokenizer.from_dir(tiny_dir)
+    chat = [{"role": "user", "content": "Why is the sky blue?"}]
+    assert tok.render_chat_template(chat) == CHAT_PROMPT
+    ids = tok.apply_chat_template(chat)
+    assert ids[:2] == [tiny.BOS_ID, tiny.START_OF_TURN_ID] and ids.count(tiny.BOS_ID) == 1
+    assert tok.decode(ids, skip_special_tokens=False) == CHAT_PROMPT
+    assert tok.render_chat_template(chat, add_generation_prompt=False).endswith("<end_of_turn>\n")
+    multi = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": [{"type": "text", "text": "More?"}]},
+    ]
+    assert tok.render_chat_template(multi) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nMore?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    with pytest.raises(ValueError, match="alternate"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}])
+
+
+def test_chat_template_matches_transformers(tiny_dir):
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.from_dir(tiny_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    chat = [{"role": "user", "content": "Why is the sky blue?"}, {"role": "assistant", "content": "Air."}]
+    for add in (True, False):
+        assert ours.apply_chat_template(chat[:1], add) == theirs.apply_chat_template(
+            chat[:1], add_generation_prompt=add, tokenize=True, return_dict=False
+        )
+    assert ours.apply_chat_template(chat, False) == theirs.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert ours.encode("Hello world") == theirs.encode("Hello world")
+
+
+def test_tokenizer_without_template(tmp_path, tiny_dir):
+    assert Tokenizer.from_dir(tmp_path) is None
+    (tmp_path / "tokenizer.json").write_bytes((tiny_dir / "tokenizer.json").read_bytes())
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok is not None and tok.encode("Hi")[0] == tiny.BOS_ID
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    # transformers 5 keeps the template in its own file.
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
+    assert Tokenizer.from_dir(tmp_path).render_chat_template([{"role": "user", "content": "Hi"}]) == "Hi"
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_generate(tiny_dir, chat):
+    args = ["generate", str(tiny_dir), "--prompt", "Why is the sky blue?", "--steps", "2", "--max-new-tokens", "8"]
+    proc = _run("dgemma_rt.cli", *args, *(["--chat"] if chat else []))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n") and proc.stdout.strip()
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_make_tiny(tmp_path, tiny_dir):
+    proc = _run("dgemma_rt.cli", "make-tiny", str(tmp_path / "t"))
+    assert proc.returncode == 0, proc.stderr
+    for name in tiny.FILES:
+        assert (tmp_path / "t" / name).read_bytes() == (tiny_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize("make_dir", [False, True])
+def test_cli_bad_checkpoint(tmp_path, make_dir):
+    path = tmp_path / "nope"
+    if make_dir:
+        path.mkdir()
+        (path / "config.json").write_text("{not json")
+    proc = _run("dgemma_rt.cli", "generate", str(path), "--prompt", "hi")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_cli_generate_needs_tokenizer(tmp_path, tiny_dir):
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    proc = _run("dgemma_rt.cli", "generate", str(tmp_path), "--prompt", "hi", "--steps", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "tokenizer" in proc.stderr
+
+
+BENCH_KEYS = {
+    "checkpoint", "tiny", "batch", "prompt_len", "new_tokens", "steps", "fixed_steps", "threads", "seed",
+    "warmup", "runs", "kv_cache_tokens", "device", "dgemma_rt_version", "python", "platform", "machine",
+    "cpu_count", "load_s", "tokens_per_s", "ms_per_step", "ms_per_canvas", "steps_per_canvas",
+    "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
+    "decoder_forwards", "encoder_forwards", "peak_rss_mib",
+}  # fmt: skip
+
+
+def test_bench_json(tmp_path):
+    env = dict(os.environ, DGEMMA_RT_CACHE=str(tmp_path / "cache"))
+    args = ["--prompt-len", "16", "--new-tokens", "64", "--steps", "2", "--json"]
+    proc = _run("dgemma_rt.bench", *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
+    assert set(result) == BENCH_KEYS
+    assert result["tiny"] is True and result["device"] == "cpu" and result["fixed_steps"] is True
+    for key in ("tokens_per_s", "ms_per_step", "ms_per_canvas", "prefill_ms", "total_ms", "peak_rss_mib"):
+        assert result[key] > 0, key
+    # Fixed steps, EOS ignored: one canvas of exactly two decoder passes.
+    assert (result["canvases"], result["decoder_forwards"], result["steps_per_canvas"]) == (1, 2, 2.0)
+    assert 0 < result["generated_tokens"] <= 64
+    assert result["tokens_per_forward"] == pytest.approx(result["generated_tokens"] / 2)
+
+    # The cached tiny checkpoint is reused, not rebuilt.
+    ckpt = pathlib.Path(result["checkpoint"])
+    assert ckpt.parent == tmp_path / "cache"
+    stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
+    proc = _run("dgemma_rt.bench", *args, "--warmup", "0", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (ckpt / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_bench_table(tiny_dir):
+    proc = _run("dgemma_rt.bench", str(tiny_dir), "--prompt-len", "8", "--new-tokens", "8", "--steps", "1",
+                "--warmup", "0", "--adaptive")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens/s" in proc.stdout and "ms/step" in proc.stdout
+
+
+def test_bench_tiny_cache_rebuilds_incomplete(tmp_path, monkeypatch, tiny_dir):
+    from dgemma_rt import bench
+
+    monkeypatch.setenv("DGEMMA_RT_CACHE", str(tmp_path))
+    path = bench.tiny_checkpoint()
+    assert path.parent == tmp_path and path.name.endswith(f"-{tiny.TINY_FORMAT_VERSION}")
+    (path / "model.safetensors").unlink()  # as if a build was interrupted
+    assert bench.tiny_checkpoint() == path
+    for name in tiny.FILES:
+        assert (path / name).read_bytes() == (tiny_dir / name).read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_bench_prompts_avoid_image_token():
+    from dgemma_rt.bench import random_prompts
+
+    ids = random_prompts({"vocab_size": 8, "image_token_id": 5}, batch=2, length=500, seed=0)
+    assert ids.shape == (2, 500) and set(np.unique(ids)) == {3, 4, 6, 7}
