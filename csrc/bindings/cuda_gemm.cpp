@@ -1,0 +1,91 @@
+// Test entry points for kernels/gemm (bf16 travels as uint16 bit patterns), plus device_capability().
+#include <cuda_bf16.h>
+
+#include <utility>
+
+#include "bindings/cuda_ops.h"
+#include "kernels/gemm/gemm.cuh"
+
+namespace py = pybind11;
+
+namespace dgemma::bindings {
+namespace {
+
+using U16Array = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+std::pair<int, int> device_capability() {
+  int dev = 0, major = 0, minor = 0;
+  DG_CUDA_CHECK(cudaGetDevice(&dev));
+  DG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  DG_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return {major, minor};
+}
+
+#if defined(DGEMMA_WITH_CUTLASS)
+
+void require_gemm_shape(int N, int K) {
+  DG_REQUIRE(N % 8 == 0 && K % 8 == 0 && K > 0, InvalidArgument,
+             "bf16 GEMM needs N and K to be multiples of 8 (16-byte TMA rows), got N=" << N << " K=" << K);
+  DG_REQUIRE(kernels::sm90_gemm_supported(), Error,
+             "the CUTLASS bf16 GEMMs need an sm_90 device and a build for sm_90a");
+}
+
+U16Array gemm_bf16_tn(U16Array x, U16Array w) {
+  DG_REQUIRE(x.ndim() == 2 && w.ndim() == 2, InvalidArgument, "x must be [M, K] and w [N, K]");
+  const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1)), N = static_cast<int>(w.shape(0));
+  DG_REQUIRE(w.shape(1) == K, InvalidArgument, "w must be [N, " << K << "], got [" << N << ", " << w.shape(1) << "]");
+  require_gemm_shape(N, K);
+  auto dx = DeviceBuffer<__nv_bfloat16>::from(x);
+  auto dw = DeviceBuffer<__nv_bfloat16>::from(w);
+  DeviceBuffer<__nv_bfloat16> dy(static_cast<size_t>(M) * N);
+  kernels::GemmBf16Params p;
+  p.x = dx.get(), p.w = dw.get(), p.y = dy.get(), p.M = M, p.N = N, p.K = K;
+  DG_CUDA_CHECK(kernels::gemm_bf16_tn(p, nullptr));
+  DG_CUDA_CHECK(cudaDeviceSynchronize());
+  U16Array y({M, N});
+  dy.copy_to(y.mutable_data());
+  return y;
+}
+
+U16Array grouped_gemm_bf16_tn(U16Array a, U16Array w, I32Array offsets) {
+  DG_REQUIRE(a.ndim() == 2 && w.ndim() == 3 && offsets.ndim() == 1, InvalidArgument,
+             "a must be [Mtot, K], w [G, N, K], offsets [G + 1]");
+  const int Mtot = static_cast<int>(a.shape(0)), K = static_cast<int>(a.shape(1));
+  const int G = static_cast<int>(w.shape(0)), N = static_cast<int>(w.shape(1));
+  DG_REQUIRE(w.shape(2) == K, InvalidArgument, "w must be [G, N, " << K << "]");
+  DG_REQUIRE(offsets.shape(0) == G + 1, InvalidArgument, "offsets must be [G + 1] = [" << G + 1 << "]");
+  const int32_t* o = offsets.data();
+  DG_REQUIRE(G >= 1 && o[0] == 0 && o[G] == Mtot, InvalidArgument, "offsets must start at 0 and end at Mtot");
+  for (int g = 0; g < G; ++g) DG_REQUIRE(o[g] <= o[g + 1], InvalidArgument, "offsets must be non-decreasing");
+  require_gemm_shape(N, K);
+  auto da = DeviceBuffer<__nv_bfloat16>::from(a);
+  auto dw = DeviceBuffer<__nv_bfloat16>::from(w);
+  auto doff = DeviceBuffer<int32_t>::from(offsets);
+  DeviceBuffer<__nv_bfloat16> dd(static_cast<size_t>(Mtot) * N);
+  const size_t ws_bytes = kernels::grouped_gemm_bf16_tn_workspace_size(G);
+  DeviceBuffer<unsigned char> ws(ws_bytes);
+  kernels::GroupedGemmBf16Params p;
+  p.a = da.get(), p.w = dw.get(), p.d = dd.get(), p.offsets = doff.get();
+  p.G = G, p.N = N, p.K = K, p.workspace = ws.get(), p.workspace_bytes = ws_bytes;
+  DG_CUDA_CHECK(kernels::grouped_gemm_bf16_tn(p, nullptr));
+  DG_CUDA_CHECK(cudaDeviceSynchronize());
+  U16Array d({Mtot, N});
+  dd.copy_to(d.mutable_data());
+  return d;
+}
+
+#endif  // DGEMMA_WITH_CUTLASS
+
+RegisterCudaOps reg([](py::module_& m) {
+  m.def("device_capability", &device_capability, "(major, minor) compute capability of the current device");
+#if defined(DGEMMA_WITH_CUTLASS)
+  m.def("gemm_bf16_tn", &gemm_bf16_tn, py::arg("x"), py::arg("w"),
+        "y[M, N] = x[M, K] @ w[N, K]^T in bf16 (uint16 bit patterns), fp32 accumulation; sm_90 only");
+  m.def("grouped_gemm_bf16_tn", &grouped_gemm_bf16_tn, py::arg("a"), py::arg("w"), py::arg("offsets"),
+        "d[o_g:o_g+1] = a[o_g:o_g+1] @ w[g]^T for each group g, bf16 as uint16; sm_90 only");
+#endif
+});
+
+}  // namespace
+}  // namespace dgemma::bindings

@@ -1,0 +1,59 @@
+// BF16 GEMMs on CUTLASS 3.x for Hopper (sm_90a: TMA + warp-specialized wgmma), fp32 accumulation,
+// bf16 output. Both compute nn.Linear products, "TN" in BLAS terms:
+//
+//   gemm_bf16_tn:          Y[M, N] = X[M, K] @ W[N, K]^T          X, W, Y row-major
+//   grouped_gemm_bf16_tn:  for g in [0, G):  D[o_g:o_{g+1}, :] = A[o_g:o_{g+1}, :] @ W[g]^T
+//                          A [Mtot, K] (rows grouped by g, e.g. tokens permuted by expert),
+//                          W [G, N, K], D [Mtot, N], o = offsets [G+1] on the device, o[0] = 0,
+//                          non-decreasing, o[G] = Mtot. A group may be empty.
+//
+// The grouped GEMM builds its per-group problem sizes, pointers and strides on the device from
+// `offsets` (a small setup kernel), so the host never needs the expert counts: no sync per step.
+// It computes D_g^T = W_g @ A_g^T ("swap AB": the weight rows fill the 128-wide wgmma M tile and
+// the few tokens of an expert, ~16 per step, a 32-wide N tile); the result is stored column-major,
+// i.e. D row-major as above.
+//
+// Requirements (checked on the host, cudaErrorInvalidValue otherwise): K and N multiples of 8
+// (16-byte TMA rows), all pointers 16-byte aligned, M, N, K, G >= 0 (M = 0 / Mtot = 0 is a no-op).
+// Only Hopper (compute capability 9.0, code built for sm_90a) runs them: elsewhere, or when the
+// build left out sm_90a, they return cudaErrorNotSupported (Blackwell has its own path later).
+// The CUTLASS kernels exist only in builds with CUTLASS headers (DGEMMA_WITH_CUTLASS).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dgemma::kernels {
+
+struct GemmBf16Params {
+  const __nv_bfloat16* x = nullptr;  // [M, K] row-major
+  const __nv_bfloat16* w = nullptr;  // [N, K] row-major
+  __nv_bfloat16* y = nullptr;        // [M, N] row-major
+  int M = 0, N = 0, K = 0;
+};
+
+struct GroupedGemmBf16Params {
+  const __nv_bfloat16* a = nullptr;  // [Mtot, K] row-major, group g = rows [offsets[g], offsets[g+1])
+  const __nv_bfloat16* w = nullptr;  // [G, N, K] row-major
+  __nv_bfloat16* d = nullptr;        // [Mtot, N] row-major
+  const int32_t* offsets = nullptr;  // device [G + 1]
+  int G = 0, N = 0, K = 0;
+  void* workspace = nullptr;         // device, >= grouped_gemm_bf16_tn_workspace_size(G) bytes, 256-B aligned
+  size_t workspace_bytes = 0;
+};
+
+// True when the current device is compute capability 9.0 and this build has the sm_90a kernels.
+bool sm90_gemm_supported();
+
+cudaError_t gemm_bf16_tn(const GemmBf16Params& p, cudaStream_t stream);
+
+// Device workspace of the grouped GEMM for G groups on the current device (depends on its SM count):
+// per-group problem sizes, pointers and strides plus CUTLASS's per-SM TMA descriptors.
+size_t grouped_gemm_bf16_tn_workspace_size(int G);
+
+cudaError_t grouped_gemm_bf16_tn(const GroupedGemmBf16Params& p, cudaStream_t stream);
+
+}  // namespace dgemma::kernels
