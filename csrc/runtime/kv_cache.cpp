@@ -166,26 +166,25 @@ bool SeqCache::written(int layer, int pos) const {
   return pos >= new_len - (pool_->sliding_window() - 1);
 }
 
-float* SeqCache::write_k(int layer, int pos) {
+std::pair<int, int> SeqCache::write_slot(int layer, int pos) const {
   const int B = pool_->block_size();
   if (pool_->group_of(layer) == 0) {
     const int idx = pos / B;
     const int blk = idx < static_cast<int>(full_.size()) ? full_[idx] : new_full_[idx - full_.size()];
-    return pool_->k_at(layer, blk, pos % B);
+    return {blk, pos % B};
   }
   const int rel = pos - next_sliding_first_;
-  return pool_->k_at(layer, next_sliding_[rel / B], rel % B);
+  return {next_sliding_[rel / B], rel % B};
+}
+
+float* SeqCache::write_k(int layer, int pos) {
+  const auto [blk, off] = write_slot(layer, pos);
+  return pool_->k_at(layer, blk, off);
 }
 
 float* SeqCache::write_v(int layer, int pos) {
-  const int B = pool_->block_size();
-  if (pool_->group_of(layer) == 0) {
-    const int idx = pos / B;
-    const int blk = idx < static_cast<int>(full_.size()) ? full_[idx] : new_full_[idx - full_.size()];
-    return pool_->v_at(layer, blk, pos % B);
-  }
-  const int rel = pos - next_sliding_first_;
-  return pool_->v_at(layer, next_sliding_[rel / B], rel % B);
+  const auto [blk, off] = write_slot(layer, pos);
+  return pool_->v_at(layer, blk, off);
 }
 
 void SeqCache::commit() {

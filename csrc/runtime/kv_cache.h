@@ -9,6 +9,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -95,6 +96,8 @@ class SeqCache {
   int sliding_blocks_peak() const;
 
  private:
+  std::pair<int, int> write_slot(int layer, int pos) const;  // (block, offset) in the pending layout
+
   std::shared_ptr<BlockPool> pool_;
   int length_ = 0;
   std::vector<int> full_;    // covers [0, length)

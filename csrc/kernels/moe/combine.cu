@@ -1,5 +1,6 @@
 // MoE elementwise steps around the expert GEMMs (see moe.cuh): the GELU gate between gate_up and
 // down, and the weighted, ordered combine of each token's expert outputs.
+#include "kernels/common/bf16.cuh"
 #include "kernels/moe/moe.cuh"
 
 namespace dgemma::kernels {
@@ -12,23 +13,7 @@ __device__ inline float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
-__device__ inline void unpack8(const uint4& raw, float f[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const float2 v = __bfloat1622float2(h[u]);
-    f[2 * u] = v.x;
-    f[2 * u + 1] = v.y;
-  }
-}
 
-__device__ inline uint4 pack8(const float f[8]) {
-  uint4 out;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) h[u] = __floats2bfloat162_rn(f[2 * u], f[2 * u + 1]);
-  return out;
-}
 
 // Grid-stride over groups of V outputs (V = 8: one 16-byte load of gate and of up).
 template <int V>

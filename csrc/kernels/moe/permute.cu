@@ -5,6 +5,7 @@
 // exclusive scan to offsets, then the slots in chunks of 1024 in index order; inside a chunk a
 // slot's rank among the slots of its expert comes from __match_any_sync within its warp plus the
 // per-warp counts of the warps before it, so the result is the stable order whatever the timing.
+#include "kernels/common/bf16.cuh"
 #include "kernels/moe/moe.cuh"
 
 namespace dgemma::kernels {
@@ -84,8 +85,6 @@ __global__ void __launch_bounds__(kSortThreads)
   }
 }
 
-__device__ inline float to_f(float v) { return v; }
-__device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ inline uint4 load8_bf16(const float* src) {
   const float4 a = *reinterpret_cast<const float4*>(src);

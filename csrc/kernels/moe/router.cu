@@ -4,6 +4,7 @@
 // them, then one warp per token does softmax and top-k.
 #include <cmath>
 
+#include "kernels/common/bf16.cuh"
 #include "kernels/moe/moe.cuh"
 
 namespace dgemma::kernels {
@@ -15,18 +16,7 @@ constexpr int kTok = 4;     // tokens per block (<= kWarps)
 constexpr int kMaxK = 32;   // top-k limit: one selection slot per lane
 constexpr float kTaken = -2.0f;  // probabilities are >= 0 (NaN is stored as -1): marks a chosen expert
 
-__device__ inline float to_f(float v) { return v; }
-__device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-__device__ inline void unpack8(const uint4& raw, float f[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const float2 v = __bfloat1622float2(h[u]);
-    f[2 * u] = v.x;
-    f[2 * u + 1] = v.y;
-  }
-}
 
 template <typename Tx, bool kVec8>
 __global__ void __launch_bounds__(kThreads) router_kernel(const MoeRouterParams<Tx> p, float root) {

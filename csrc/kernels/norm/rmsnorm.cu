@@ -1,16 +1,8 @@
+#include "kernels/common/bf16.cuh"
 #include "kernels/norm/rmsnorm.cuh"
 
 namespace dgemma::kernels {
 namespace {
-
-__device__ inline float to_f(float v) { return v; }
-__device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ inline T from_f(float v);
-template <>
-__device__ inline float from_f<float>(float v) { return v; }
-template <>
-__device__ inline __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(const T* __restrict__ x, const T* __restrict__ w,
