@@ -273,6 +273,8 @@ BAD_ARGUMENTS = {
     "entropy_bound_negative": (GOOD, dict(entropy_bound=-1.0)),
     "confidence_threshold_zero": (GOOD, dict(confidence_threshold=0.0)),
     "stability_threshold_negative": (GOOD, dict(stability_threshold=-1)),
+    "max_new_tokens_past_max_positions": (GOOD, dict(max_new_tokens=2**31 - 1)),
+    "max_new_tokens_not_an_int": (GOOD, dict(max_new_tokens=1.5)),
 }
 
 
@@ -282,6 +284,17 @@ def test_bad_arguments(guarded_engine, case):
     kwargs = dict(kwargs)
     with pytest.raises(ValueError):
         guarded_engine.generate(ids, max_denoising_steps=kwargs.pop("max_denoising_steps", 4), **kwargs)
+
+
+def test_cache_of_another_engine_is_refused(guarded_engine, base_ckpt):
+    import dgemma_rt
+
+    other = dgemma_rt.Engine(base_ckpt.path)
+    cache = other.encode(GOOD)
+    with pytest.raises(ValueError, match="another Engine"):
+        guarded_engine.generate(GOOD, past_key_values=cache, max_new_tokens=4, max_denoising_steps=2)
+    with pytest.raises(ValueError, match="another Engine"):
+        guarded_engine.denoise_logits(cache, np.zeros((1, 4), dtype=np.int64))
 
 
 def test_image_token_in_prompt(engine_for, image_ckpt):

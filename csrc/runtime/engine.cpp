@@ -5,6 +5,15 @@
 
 namespace dgemma {
 
+namespace {
+
+void check_owner(const CacheSet& cache, const BlockPool* pool) {
+  for (const auto& r : cache.rows)
+    DG_REQUIRE(&r->pool() == pool, InvalidArgument, "this KVCache belongs to another Engine");
+}
+
+}  // namespace
+
 std::vector<SeqCache*> CacheSet::ptrs() const {
   std::vector<SeqCache*> out;
   for (const auto& r : rows) out.push_back(r.get());
@@ -51,6 +60,7 @@ void Engine::encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& id
   check_input(ids);
   DG_REQUIRE(cache.rows.size() == ids.size(), InvalidArgument,
              "the cache has " << cache.rows.size() << " rows but input_ids has " << ids.size());
+  check_owner(cache, pool_.get());
   for (size_t r = 0; r < ids.size(); ++r)
     DG_REQUIRE(cache.rows[r]->length() + static_cast<long>(ids[r].size()) <= cfg_.max_position_embeddings,
                InvalidArgument, "row " << r << " would exceed max_position_embeddings " << cfg_.max_position_embeddings);
@@ -65,6 +75,7 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
   for (int32_t t : canvas)
     DG_REQUIRE(t >= 0 && t < cfg_.vocab_size, InvalidArgument,
                "canvas token id " << t << " is outside the vocabulary [0, " << cfg_.vocab_size << ")");
+  check_owner(cache, pool_.get());
   std::vector<const SeqCache*> rows;
   for (const auto& r : cache.rows) {
     DG_REQUIRE(r->length() > 0, InvalidArgument, "the decoder needs an encoded prefix (call encode first)");
@@ -79,6 +90,7 @@ GenerateResult Engine::generate(CacheSet& cache, const std::vector<std::vector<i
   check_input(ids);
   DG_REQUIRE(cache.rows.size() == ids.size(), InvalidArgument,
              "past_key_values has " << cache.rows.size() << " rows but input_ids has " << ids.size());
+  check_owner(cache, pool_.get());
   SeededNoise seeded(params.seed, cfg_.vocab_size);
   std::lock_guard<std::recursive_mutex> lock(mu_);
   return dgemma::generate(*backend_, cfg_, cache.ptrs(), ids, params, noise ? *noise : seeded, callbacks);

@@ -118,18 +118,23 @@ GenerateResult generate(Backend& backend, const ModelConfig& cfg, const std::vec
   const int L = cfg.canvas_length, V = cfg.vocab_size, N = params.max_denoising_steps;
   DG_REQUIRE(B > 0 && static_cast<int>(input_ids.size()) == B, InvalidArgument, "empty batch");
   for (const auto& row : input_ids) DG_REQUIRE(!row.empty(), InvalidArgument, "empty prompt");
-  const int max_canvases = (params.max_new_tokens + L - 1) / L;
+  const long canvases_asked = (static_cast<long>(params.max_new_tokens) + L - 1) / L;
+  DG_REQUIRE(canvases_asked * L <= cfg.max_position_embeddings, InvalidArgument,
+             "max_new_tokens " << params.max_new_tokens << " exceeds max_position_embeddings "
+                               << cfg.max_position_embeddings);
+  const int max_canvases = static_cast<int>(canvases_asked);
 
   // Admission: everything this call can need must fit in the pool now, so it never fails halfway.
   {
     const BlockPool& pool = caches[0]->pool();
     long full = 0, sliding = 0;
     for (int r = 0; r < B; ++r) {
-      const int final_len = caches[r]->length() + static_cast<int>(input_ids[r].size()) + (max_canvases - 1) * L;
+      const long final_len =
+          caches[r]->length() + static_cast<long>(input_ids[r].size()) + static_cast<long>(max_canvases - 1) * L;
       DG_REQUIRE(final_len + L <= cfg.max_position_embeddings, InvalidArgument,
-                 "prompt plus " << max_canvases * L << " new tokens (" << final_len + L
+                 "prompt plus " << static_cast<long>(max_canvases) * L << " new tokens (" << final_len + L
                                 << ") exceeds max_position_embeddings " << cfg.max_position_embeddings);
-      full += caches[r]->full_blocks_needed(final_len);
+      full += caches[r]->full_blocks_needed(static_cast<int>(final_len));
       sliding += caches[r]->sliding_blocks_peak();
     }
     if (pool.total_blocks(0) > 0)
