@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dgemma_rt.cli import _non_negative_int, _positive_int, _version
+from dgemma_rt.cli import _non_negative_int, _positive_int, _version, run_reporting_errors
 
 # The full-attention pool the engine allocates when not told otherwise.
 _DEFAULT_KV_TOKENS = 16384
@@ -269,18 +269,13 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import dgemma_rt
 
-    try:
+    def command() -> int:
         result = run(args)
-    except (dgemma_rt.CheckpointError, ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(json.dumps(result) if args.json else format_report(result))
-    return 0
+        print(json.dumps(result) if args.json else format_report(result))
+        return 0
+
+    return run_reporting_errors(command)
 
 
 if __name__ == "__main__":

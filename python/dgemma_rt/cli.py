@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -101,19 +101,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_reporting_errors(command: Callable[[], int]) -> int:
+    """Runs a command; user errors (bad path, bad checkpoint, bad arguments) get one line, not a traceback."""
     import dgemma_rt
 
     try:
-        return int(args.func(args))
+        return int(command())
     except (dgemma_rt.CheckpointError, ValueError, RuntimeError, OSError) as e:
-        # User errors (bad path, bad checkpoint, bad arguments) get one line, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":
