@@ -28,17 +28,21 @@ using namespace dgemma;
 
 namespace {
 
-void set_threads(int n) {
-#ifdef _OPENMP
-  if (n > 0) omp_set_num_threads(n);  // per calling thread, not process-wide
-#endif
-}
-
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
 #else
   return 1;
+#endif
+}
+
+// The thread count at import (all cores, or OMP_NUM_THREADS): what an engine without an explicit
+// num_threads uses, even after another engine set a different count on the same thread.
+const int kDefaultThreads = max_threads();
+
+void set_threads(int n) {
+#ifdef _OPENMP
+  omp_set_num_threads(n > 0 ? n : kDefaultThreads);  // per calling thread, not process-wide
 #endif
 }
 
