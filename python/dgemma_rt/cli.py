@@ -1,4 +1,4 @@
-"""`dgemma-rt`: make the tiny checkpoint, generate text from a checkpoint."""
+"""`dgemma-rt`: make the tiny checkpoint, generate text from a checkpoint, serve it over HTTP."""
 
 from __future__ import annotations
 
@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    srv.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (with tokenizer.json)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    srv.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint dir's name)")
+    srv.add_argument("--max-queue", type=_non_negative_int, default=64, help="waiting requests before 429 (default 64)")
+    srv.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size in tokens (default 16384)")
+    srv.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -98,6 +108,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     print(text)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from dgemma_rt.server import serve
+    except ImportError as e:
+        raise ValueError(f"dgemma-rt serve needs the web stack: pip install 'dgemma_rt[serve]' ({e})") from None
+    serve(
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        max_queue=args.max_queue,
+        kv_cache_tokens=args.kv_cache_tokens,
+        num_threads=args.threads,
+    )
     return 0
 
 

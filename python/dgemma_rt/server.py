@@ -1,0 +1,690 @@
+"""OpenAI-compatible HTTP server for DiffusionGemma (FastAPI + uvicorn).
+
+``create_app(engine, model_name)`` builds the app; ``serve(checkpoint, host, port, **engine_kwargs)``
+loads a checkpoint and runs it with uvicorn.
+
+Endpoints:
+
+- ``GET /health``: ``{"status": "ok", "model": ...}``.
+- ``GET /v1/models``: the one model this server holds.
+- ``POST /v1/completions``: ``prompt`` is a string (tokenized with BOS) or a list of token ids.
+- ``POST /v1/chat/completions``: ``messages`` go through the checkpoint's chat template.
+- ``GET /metrics``: Prometheus text format (queue depth, requests in flight, completed requests,
+  generated tokens, denoising steps, KV blocks in use).
+
+Requests are processed one at a time by a single worker thread (the engine serialises generation);
+the event loop stays free, so health checks, metrics and streaming continue while a request runs.
+At most ``max_queue`` requests may wait for the worker; beyond that the answer is 429.
+
+Request fields: ``model`` (must be the served model's name), ``max_tokens`` (default 256; also
+``max_completion_tokens`` for chat), ``seed`` (int, default 0), ``stream`` (bool), and the
+DiffusionGemma sampler fields ``max_denoising_steps``, ``entropy_bound``, ``t_min``, ``t_max``,
+``stability_threshold``, ``confidence_threshold`` (passed to ``Engine.generate``; out-of-range
+values are answered with 400). DiffusionGemma's sampler has its own temperature schedule (``t_min``
+to ``t_max``), so ``temperature`` and ``top_p`` must be absent or null: any other value is a 400.
+``n`` must be 1 (or absent); ``stop`` and ``logprobs`` are not supported (400 when set).
+
+Generation comes in whole canvases: the text is cut to ``max_tokens`` tokens. ``finish_reason`` is
+``"stop"`` when an EOS id ended the text within ``max_tokens`` tokens, else ``"length"``. ``usage``
+holds ``prompt_tokens``, ``completion_tokens`` (tokens of the returned text, EOS not counted),
+``total_tokens`` and ``denoising_steps`` (decoder passes spent on the request).
+
+Streaming (``stream: true``) uses server-sent events in the OpenAI chunk format. Committed text
+arrives as ordinary ``delta.content`` (chat) / ``text`` (completions) chunks, one per committed
+canvas. In addition, every denoising step sends a chunk with an empty delta and the extension field
+``"dgemma_draft": {"canvas": i, "step": s, "text": "..."}``: the decoded argmax draft of canvas ``i``
+(0-based) after its step ``s`` (1-based), cut at the first EOS/pad, so clients can show text
+settling. Clients that do not know the field ignore it. The last chunk carries ``finish_reason`` and
+``usage``; then ``data: [DONE]``. An error after the stream started is sent as
+``data: {"error": {...}}``.
+
+A client that disconnects cancels its request: the worker's step callback raises, which aborts
+``Engine.generate`` and returns the request's KV blocks to the pool.
+
+Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed
+JSON, wrong types, empty or too long prompts, bad sampler values; 404 for an unknown model; 413 for
+bodies over ``max_body_bytes``; 429 when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, Literal, Optional, Union
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("dgemma_rt.server needs fastapi and uvicorn: pip install fastapi uvicorn") from e
+
+__all__ = ["create_app", "serve"]
+
+_Number = Union[StrictInt, StrictFloat]
+_SAMPLER_FIELDS = (
+    "max_denoising_steps",
+    "entropy_bound",
+    "t_min",
+    "t_max",
+    "stability_threshold",
+    "confidence_threshold",
+)
+
+
+# ---------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _engine_error(e: BaseException) -> APIError:
+    """Maps an exception from Engine.generate to an API error."""
+    if isinstance(e, ValueError):
+        msg = str(e)
+        code = "context_length_exceeded" if "max_position_embeddings" in msg else None
+        return APIError(400, msg, code=code)
+    if isinstance(e, RuntimeError):
+        # The worker runs one request at a time, so a pool that cannot hold it never will.
+        return APIError(400, f"request does not fit the KV cache: {e}", code="kv_cache_exhausted")
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+class _Cancelled(Exception):
+    """Raised from the engine callbacks to abort a request whose client went away."""
+
+
+# ---------------------------------------------------------------------------------------- schema
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    max_tokens: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = None
+    stream: Optional[StrictBool] = False
+    temperature: Any = None
+    top_p: Any = None
+    n: Optional[StrictInt] = None
+    stop: Any = None
+    logprobs: Any = None
+    max_denoising_steps: Optional[StrictInt] = None
+    entropy_bound: Optional[_Number] = None
+    t_min: Optional[_Number] = None
+    t_max: Optional[_Number] = None
+    stability_threshold: Optional[StrictInt] = None
+    confidence_threshold: Optional[_Number] = None
+
+
+class CompletionRequest(_Request):
+    prompt: Union[StrictStr, list[StrictInt]]
+
+
+class _ContentPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class _Message(BaseModel):
+    role: StrictStr
+    content: Union[StrictStr, list[_ContentPart], None] = None
+
+
+class ChatRequest(_Request):
+    messages: list[_Message]
+    max_completion_tokens: Optional[StrictInt] = None
+    top_logprobs: Any = None
+
+
+# ---------------------------------------------------------------------------------------- state
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting = 0  # accepted, not yet picked up by the worker
+        self.running = 0
+        self.outcomes = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.rejected = 0  # 429
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.denoising_steps = 0
+
+
+class _Job:
+    def __init__(self, prompt_ids: list[int], max_tokens: int, seed: int, gen_kwargs: dict[str, Any], stream: bool):
+        self.prompt_ids = prompt_ids
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.gen_kwargs = gen_kwargs
+        self.stream = stream
+        self.cancel = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue | None = None
+
+    def push(self, *event: Any) -> None:
+        """Hands an event from the worker thread to the request's async generator."""
+        if self.queue is None or self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel.set()
+
+
+class _Backend:
+    """The engine, its single worker thread and the counters."""
+
+    def __init__(self, engine: Any, max_queue: int):
+        self.engine = engine
+        self.tok = engine.tokenizer
+        self.max_queue = max_queue
+        self.stats = _Stats()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgemma-worker")
+        self.jobs: set[_Job] = set()
+        g = engine.generation_defaults
+        eos = g.get("eos_token_id")
+        self.eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+        self.pad = g.get("pad_token_id")
+        self.stop_ids = set(self.eos) | ({int(self.pad)} if self.pad is not None else set())
+        self.canvas = int(engine.config.get("canvas_length", 1))
+        self.max_pos = int(engine.config.get("max_position_embeddings", 1 << 62))
+
+    # -------------------------------------------------------------- admission (event loop)
+    def submit(self, job: _Job):
+        with self.stats.lock:
+            if self.stats.waiting >= self.max_queue:
+                self.stats.rejected += 1
+                raise APIError(429, f"the server queue is full ({self.max_queue} requests waiting); retry later",
+                               type="rate_limit_error", code="queue_full")
+            self.stats.waiting += 1
+        self.jobs.add(job)
+        try:
+            future = self.executor.submit(self._run, job)
+        except RuntimeError:  # executor shut down
+            with self.stats.lock:
+                self.stats.waiting -= 1
+            self.jobs.discard(job)
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+
+        def never_ran(f: Any) -> None:
+            if f.cancelled():  # dropped from the executor's queue before _run started
+                with self.stats.lock:
+                    self.stats.waiting -= 1
+                    self.stats.outcomes["cancelled"] += 1
+                self.jobs.discard(job)
+                job.push("cancelled")
+
+        future.add_done_callback(never_ran)
+        return future
+
+    # -------------------------------------------------------------- worker thread
+    def _run(self, job: _Job) -> dict[str, Any]:
+        with self.stats.lock:
+            self.stats.waiting -= 1
+            self.stats.running += 1
+        outcome = "failed"
+        try:
+            if job.cancel.is_set():
+                raise _Cancelled()
+            result = self._generate(job)
+            outcome = "completed"
+            with self.stats.lock:
+                self.stats.prompt_tokens += result["prompt_tokens"]
+                self.stats.generated_tokens += result["completion_tokens"]
+                self.stats.denoising_steps += result["denoising_steps"]
+            job.push("done", result)
+            return result
+        except _Cancelled:
+            outcome = "cancelled"
+            job.push("cancelled")
+            raise
+        except BaseException as e:
+            job.push("error", e)
+            raise
+        finally:
+            with self.stats.lock:
+                self.stats.running -= 1
+                self.stats.outcomes[outcome] += 1
+            self.jobs.discard(job)
+
+    def _cut(self, ids: Any) -> tuple[list[int], bool]:
+        """Ids up to the first EOS/pad, and whether one was found."""
+        out: list[int] = []
+        for t in ids:
+            t = int(t)
+            if t in self.stop_ids:
+                return out, True
+            out.append(t)
+        return out, False
+
+    def _generate(self, job: _Job) -> dict[str, Any]:
+        tok = self.tok
+        canvas_i = 0
+        step_i = 0
+        steps = 0
+        new_ids: list[int] = []
+        done = False  # EOS or max_tokens reached in the streamed text
+        emitted = ""
+
+        def on_step(draft: Any) -> None:
+            nonlocal step_i, steps
+            if job.cancel.is_set():
+                raise _Cancelled()
+            steps += 1
+            step_i += 1
+            if job.stream and not done:
+                ids, _ = self._cut(draft[0])
+                job.push("draft", canvas_i, step_i, tok.decode(ids))
+
+        def on_block(block: Any) -> None:
+            nonlocal canvas_i, step_i, done, emitted
+            if job.cancel.is_set():
+                raise _Cancelled()
+            canvas_i += 1
+            step_i = 0
+            if not job.stream or done:
+                return
+            ids, hit = self._cut(block[0])
+            new_ids.extend(ids)
+            if hit or len(new_ids) >= job.max_tokens:
+                done = True
+                del new_ids[job.max_tokens :]
+            text = tok.decode(new_ids)
+            if not done:
+                text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence may complete in the next canvas
+            if text.startswith(emitted) and len(text) > len(emitted):
+                job.push("delta", text[len(emitted) :])
+                emitted = text
+
+        out = self.engine.generate(
+            [job.prompt_ids],
+            max_new_tokens=job.max_tokens,
+            seed=job.seed,
+            on_step=on_step,
+            on_block=on_block,
+            **job.gen_kwargs,
+        )
+        new = out.sequences[0][len(job.prompt_ids) :]
+        steps_total = int(sum(out.steps_per_canvas[0])) if out.steps_per_canvas else steps
+        del out  # frees the request's KV cache now
+        ids, hit = self._cut(new)
+        finish = "stop" if hit and len(ids) <= job.max_tokens else "length"
+        ids = ids[: job.max_tokens]
+        text = tok.decode(ids)
+        tail = text[len(emitted) :] if text.startswith(emitted) else ""
+        return {
+            "text": text,
+            "tail": tail,  # streamed text not sent yet
+            "finish_reason": finish,
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": len(ids),
+            "denoising_steps": steps_total,
+        }
+
+    def shutdown(self) -> None:
+        for job in list(self.jobs):
+            job.cancel.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------- app
+def _usage(r: dict[str, Any]) -> dict[str, int]:
+    return {
+        "prompt_tokens": r["prompt_tokens"],
+        "completion_tokens": r["completion_tokens"],
+        "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+        "denoising_steps": r["denoising_steps"],
+    }
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _CancellingStreamingResponse(StreamingResponse):
+    """Cancels the job however the response ends (finished, client gone, never started)."""
+
+    def __init__(self, content: Any, job: _Job, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._job = job
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._job.cancel.set()
+
+
+class _BodyLimit:
+    """ASGI middleware: answers 413 to request bodies over ``limit`` bytes (declared or actual)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.limit:
+                    return await too_big.response()(scope, receive, send)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnect before the body was read
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                return await too_big.response()(scope, receive, send)
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(engine: Any, model_name: str, max_queue: int = 64, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """An OpenAI-compatible FastAPI app serving ``engine`` under the name ``model_name``."""
+    if engine.tokenizer is None:
+        raise ValueError(f"{engine.path} has no tokenizer.json: the server needs one to read and write text")
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    backend = _Backend(engine, max_queue)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        backend.shutdown()
+
+    app = FastAPI(title="dgemma_rt", lifespan=lifespan)
+    app.state.backend = backend
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+
+    # ------------------------------------------------------------------ error handlers
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
+                            code="invalid_json").response()
+        param = loc[0] if loc else None
+        where = ".".join(loc) if loc else "body"
+        return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    # ------------------------------------------------------------------ request handling
+    def common(req: _Request, max_tokens: int | None) -> tuple[int, int, dict[str, Any]]:
+        if req.model != model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        for name in ("temperature", "top_p"):
+            if getattr(req, name) is not None:
+                raise APIError(400, f"{name} is not supported: DiffusionGemma's sampler has its own temperature "
+                               "schedule (use t_min / t_max); omit it or send null", param=name, code="unsupported_parameter")
+        if req.n is not None and req.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if req.stop is not None:
+            raise APIError(400, "stop sequences are not supported", param="stop", code="unsupported_parameter")
+        if req.logprobs not in (None, False, 0):
+            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+        mt = 256 if max_tokens is None else max_tokens
+        if mt <= 0:
+            raise APIError(400, f"max_tokens must be a positive integer, got {mt}", param="max_tokens")
+        seed = 0 if req.seed is None else req.seed
+        if not 0 <= seed < 2**64:
+            raise APIError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
+        kwargs = {name: getattr(req, name) for name in _SAMPLER_FIELDS if getattr(req, name) is not None}
+        for name, value in kwargs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise APIError(400, f"{name} must be finite", param=name)
+        return mt, seed, kwargs
+
+    def check_prompt(ids: list[int], max_tokens: int) -> None:
+        vocab = int(engine.config["vocab_size"])
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+        canvases = -(-max_tokens // backend.canvas)
+        if len(ids) + canvases * backend.canvas > backend.max_pos:
+            raise APIError(400, f"prompt ({len(ids)} tokens) plus {canvases * backend.canvas} new tokens exceeds the "
+                           f"model's {backend.max_pos} positions", param="prompt",
+                           code="context_length_exceeded")
+
+    async def run(job: _Job, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if not job.stream:
+            future = backend.submit(job)
+            try:
+                result = await asyncio.wrap_future(future)
+            except APIError:
+                raise
+            except BaseException as e:
+                if isinstance(e, asyncio.CancelledError):
+                    job.cancel.set()
+                    raise
+                raise _engine_error(e) from None
+            usage = _usage(result)
+            if chat:
+                return {
+                    "id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                                 "logprobs": None, "finish_reason": result["finish_reason"]}],
+                    "usage": usage,
+                }
+            return {
+                "id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": result["text"], "logprobs": None, "finish_reason": result["finish_reason"]}],
+                "usage": usage,
+            }
+
+        job.loop = asyncio.get_running_loop()
+        job.queue = asyncio.Queue()
+        backend.submit(job)
+        try:
+            first = await job.queue.get()  # errors raised before the first step become a plain 4xx answer
+        except BaseException:
+            job.cancel.set()
+            raise
+        if first[0] == "error":
+            raise _engine_error(first[1])
+
+        def chunk(delta: Any = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            if chat:
+                choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name, "choices": [choice]}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                obj = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": [choice]}
+            obj.update(extra)
+            return obj
+
+        def content(text: str) -> Any:
+            return {"content": text} if chat else text
+
+        async def events():
+            event = first
+            if chat:
+                yield _sse(chunk({"role": "assistant", "content": ""}))
+            while True:
+                kind = event[0]
+                if kind == "draft":
+                    yield _sse(chunk(None, dgemma_draft={"canvas": event[1], "step": event[2], "text": event[3]}))
+                elif kind == "delta":
+                    yield _sse(chunk(content(event[1])))
+                elif kind == "done":
+                    result = event[1]
+                    if result["tail"]:
+                        yield _sse(chunk(content(result["tail"])))
+                    yield _sse(chunk(None, result["finish_reason"], usage=_usage(result)))
+                    yield "data: [DONE]\n\n"
+                    return
+                elif kind == "error":
+                    yield _sse(_engine_error(event[1]).body())
+                    yield "data: [DONE]\n\n"
+                    return
+                else:  # cancelled
+                    return
+                event = await job.queue.get()
+
+        return _CancellingStreamingResponse(
+            events(), job, media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "dgemma_rt"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        max_tokens, seed, kwargs = common(req, req.max_tokens)
+        if isinstance(req.prompt, str):
+            if not req.prompt:
+                raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
+            ids = backend.tok.encode(req.prompt)
+        else:
+            if not req.prompt:
+                raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
+            ids = list(req.prompt)
+        check_prompt(ids, max_tokens)
+        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        max_tokens, seed, kwargs = common(req, req.max_completion_tokens if req.max_tokens is None else req.max_tokens)
+        if not req.messages:
+            raise APIError(400, "messages is empty", param="messages", code="empty_prompt")
+        messages = []
+        for m in req.messages:
+            c = m.content
+            text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c)
+            messages.append({"role": m.role, "content": text})
+        try:
+            ids = backend.tok.apply_chat_template(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        if not ids:
+            raise APIError(400, "the chat renders to an empty prompt", param="messages", code="empty_prompt")
+        check_prompt(ids, max_tokens)
+        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=True)
+
+    @app.get("/metrics")
+    async def metrics():
+        s = backend.stats
+        with s.lock:
+            waiting, running = s.waiting, s.running
+            outcomes = dict(s.outcomes)
+            rejected, ptoks, gtoks, steps = s.rejected, s.prompt_tokens, s.generated_tokens, s.denoising_steps
+        kv = engine.kv_pool_stats()
+        lines = [
+            "# HELP dgemma_queue_depth Requests waiting for the worker.",
+            "# TYPE dgemma_queue_depth gauge",
+            f"dgemma_queue_depth {waiting}",
+            "# HELP dgemma_requests_running Requests being generated now.",
+            "# TYPE dgemma_requests_running gauge",
+            f"dgemma_requests_running {running}",
+            "# HELP dgemma_requests_in_flight Requests accepted and not finished (waiting + running).",
+            "# TYPE dgemma_requests_in_flight gauge",
+            f"dgemma_requests_in_flight {waiting + running}",
+            "# HELP dgemma_requests_total Finished requests by outcome (completed, cancelled, failed, rejected).",
+            "# TYPE dgemma_requests_total counter",
+            *(f'dgemma_requests_total{{outcome="{k}"}} {v}' for k, v in outcomes.items()),
+            f'dgemma_requests_total{{outcome="rejected"}} {rejected}',
+            "# HELP dgemma_requests_completed_total Requests completed successfully.",
+            "# TYPE dgemma_requests_completed_total counter",
+            f"dgemma_requests_completed_total {outcomes['completed']}",
+            "# HELP dgemma_prompt_tokens_total Prompt tokens of completed requests.",
+            "# TYPE dgemma_prompt_tokens_total counter",
+            f"dgemma_prompt_tokens_total {ptoks}",
+            "# HELP dgemma_generated_tokens_total Completion tokens returned by completed requests.",
+            "# TYPE dgemma_generated_tokens_total counter",
+            f"dgemma_generated_tokens_total {gtoks}",
+            "# HELP dgemma_denoising_steps_total Denoising steps (decoder passes) of completed requests.",
+            "# TYPE dgemma_denoising_steps_total counter",
+            f"dgemma_denoising_steps_total {steps}",
+            "# HELP dgemma_kv_blocks_in_use KV cache blocks in use, per pool.",
+            "# TYPE dgemma_kv_blocks_in_use gauge",
+            f'dgemma_kv_blocks_in_use{{pool="full"}} {kv["full_total"] - kv["full_free"]}',
+            f'dgemma_kv_blocks_in_use{{pool="sliding"}} {kv["sliding_total"] - kv["sliding_free"]}',
+            "# HELP dgemma_kv_blocks_total KV cache blocks, per pool.",
+            "# TYPE dgemma_kv_blocks_total gauge",
+            f'dgemma_kv_blocks_total{{pool="full"}} {kv["full_total"]}',
+            f'dgemma_kv_blocks_total{{pool="sliding"}} {kv["sliding_total"]}',
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def serve(
+    checkpoint: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    model_name: str | None = None,
+    max_queue: int = 64,
+    max_body_bytes: int = 1 << 20,
+    log_level: str = "info",
+    **engine_kwargs: Any,
+) -> None:
+    """Loads ``checkpoint`` into an Engine (``engine_kwargs`` go to ``Engine``) and serves it with uvicorn."""
+    import uvicorn
+
+    from dgemma_rt.engine import Engine
+
+    engine = Engine(checkpoint, **engine_kwargs)
+    name = model_name or os.path.basename(os.path.normpath(os.fspath(checkpoint)))
+    app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

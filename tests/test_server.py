@@ -1,0 +1,416 @@
+"""The OpenAI-compatible server (dgemma_rt.server) over loopback, on the built-in tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import dgemma_rt  # noqa: E402
+from dgemma_rt.server import create_app  # noqa: E402
+from dgemma_rt.tiny import make_tiny  # noqa: E402
+
+MODEL = "tiny-dgemma"
+STEPS = 4
+FAST = {"max_denoising_steps": STEPS}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """uvicorn.Server on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        self.port = _free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "server did not shut down"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny_server"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return dgemma_rt.Engine(tiny_dir, num_threads=2)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    srv = _Server(create_app(engine, MODEL, max_queue=64, max_body_bytes=64 * 1024))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _pool_full(engine) -> bool:
+    s = engine.kv_pool_stats()
+    return s["full_free"] == s["full_total"] and s["sliding_free"] == s["sliding_total"]
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"metric {name} not found in:\n{text}")
+
+
+def _reference_text(engine, ids, max_tokens, seed=0):
+    """What the server should answer: the engine's own output cut at EOS/pad and at max_tokens."""
+    out = engine.generate([ids], max_new_tokens=max_tokens, seed=seed, **FAST)
+    g = engine.generation_defaults
+    stop = set(g["eos_token_id"]) | {g["pad_token_id"]}
+    new = []
+    hit = False
+    for t in out.sequences[0][len(ids) :]:
+        if int(t) in stop:
+            hit = True
+            break
+        new.append(int(t))
+    finish = "stop" if hit and len(new) <= max_tokens else "length"
+    return engine.tokenizer.decode(new[:max_tokens]), len(new[:max_tokens]), finish
+
+
+# ------------------------------------------------------------------------------------------ basics
+def test_health_models(server):
+    r = httpx.get(server.url + "/health", timeout=10)
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": MODEL}
+    r = httpx.get(server.url + "/v1/models", timeout=10)
+    assert r.status_code == 200
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]
+
+
+def test_completion_matches_engine(client, engine):
+    prompt = "the quick brown fox"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=64, seed=3, extra_body=FAST)
+    ids = engine.tokenizer.encode(prompt)
+    text, n, finish = _reference_text(engine, ids, 64, seed=3)
+    assert r.object == "text_completion" and r.model == MODEL
+    assert r.choices[0].text == text
+    assert r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == n
+    assert r.usage.total_tokens == len(ids) + n
+    assert 1 <= r.usage.model_extra["denoising_steps"] <= STEPS
+
+    # token-id prompts give the same answer
+    r2 = client.completions.create(model=MODEL, prompt=ids, max_tokens=64, seed=3, extra_body=FAST)
+    assert r2.choices[0].text == text
+
+
+def test_max_tokens_truncates(client, engine):
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=3, extra_body=FAST)
+    assert r.usage.completion_tokens <= 3
+    text, n, finish = _reference_text(engine, engine.tokenizer.encode("hello"), 3)
+    assert (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
+
+
+def test_chat_matches_engine(client, engine):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why is the sky blue?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, extra_body=FAST)
+    ids = engine.tokenizer.apply_chat_template(messages)
+    text, n, finish = _reference_text(engine, ids, 64)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == n
+
+
+# ------------------------------------------------------------------------------------------ streaming
+def test_stream_completion(client):
+    kwargs = dict(model=MODEL, prompt="once upon a time", max_tokens=100, seed=7, extra_body=FAST)
+    whole = client.completions.create(**kwargs)
+    text, drafts, finishes, usage = "", [], [], None
+    for chunk in client.completions.create(stream=True, **kwargs):
+        extra = chunk.model_extra or {}
+        if "dgemma_draft" in extra:
+            drafts.append(extra["dgemma_draft"])
+            assert chunk.choices[0].text == ""
+        text += chunk.choices[0].text
+        if chunk.choices[0].finish_reason:
+            finishes.append(chunk.choices[0].finish_reason)
+            usage = chunk.usage
+    assert text == whole.choices[0].text
+    assert finishes == [whole.choices[0].finish_reason]
+    assert drafts and all(isinstance(d["text"], str) and d["canvas"] >= 0 and d["step"] >= 1 for d in drafts)
+    assert drafts[0]["canvas"] == 0
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.model_extra["denoising_steps"] == whole.usage.model_extra["denoising_steps"]
+    assert usage.model_extra["denoising_steps"] == len(drafts) or finishes == ["stop"]
+
+
+def test_stream_chat(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=64, extra_body=FAST)
+    whole = client.chat.completions.create(**kwargs)
+    content, roles, finishes, drafts = "", [], [], 0
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        assert chunk.object == "chat.completion.chunk"
+        delta = chunk.choices[0].delta
+        if delta.role:
+            roles.append(delta.role)
+        content += delta.content or ""
+        drafts += "dgemma_draft" in (chunk.model_extra or {})
+        if chunk.choices[0].finish_reason:
+            finishes.append(chunk.choices[0].finish_reason)
+    assert roles == ["assistant"]
+    assert content == whole.choices[0].message.content
+    assert finishes == [whole.choices[0].finish_reason]
+    assert 1 <= drafts <= STEPS
+
+
+def test_raw_sse_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 8, "stream": True, **FAST}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    last = json.loads(lines[-2][6:])
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in last
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+def test_concurrent_clients_deterministic(client):
+    prompts = [f"story number {i}" for i in range(8)]
+    alone = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=64, seed=11, extra_body=FAST).choices[0].text
+             for p in prompts[:2]}
+
+    def one(i):
+        p = prompts[i]
+        if i % 2:
+            text = ""
+            finish = None
+            for chunk in client.completions.create(model=MODEL, prompt=p, max_tokens=64, seed=11, stream=True, extra_body=FAST):
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+            return p, text, finish
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=64, seed=11, extra_body=FAST)
+        return p, r.choices[0].text, r.choices[0].finish_reason
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert time.monotonic() - t0 < 60
+    assert len(results) == 8
+    for p, text, finish in results:
+        assert finish in ("stop", "length")
+        if p in alone:
+            assert text == alone[p]
+    # same prompt + seed under concurrency: identical answers
+    with ThreadPoolExecutor(4) as pool:
+        same = list(pool.map(lambda _: one(0)[1], range(4)))
+    assert same == [alone[prompts[0]]] * 4
+
+
+# ------------------------------------------------------------------------------------------ disconnect
+def test_disconnect_cancels_and_frees_kv(server, engine):
+    before = _metric(httpx.get(server.url + "/metrics", timeout=10).text, 'dgemma_requests_total{outcome="cancelled"}')
+    # a long request: 60 canvases, so it is still running when the client goes away
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 64 * 60, "stream": True,
+            "max_denoising_steps": 8, "stability_threshold": 100}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                if seen >= 3:
+                    break
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        m = httpx.get(server.url + "/metrics", timeout=10).text
+        if (_metric(m, 'dgemma_requests_total{outcome="cancelled"}') > before
+                and _metric(m, "dgemma_requests_in_flight") == 0 and _pool_full(engine)):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"request not cancelled / KV not freed: {engine.kv_pool_stats()}\n{m}")
+    # the server still answers
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4, **FAST}, timeout=30)
+    assert r.status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _error_shape(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    return err
+
+
+OK = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **FAST}
+
+BAD = [
+    ("unknown model", "/v1/completions", {**OK, "model": "gpt-4"}, 404, "model"),
+    ("missing model", "/v1/completions", {k: v for k, v in OK.items() if k != "model"}, 400, "model"),
+    ("empty prompt", "/v1/completions", {**OK, "prompt": ""}, 400, "prompt"),
+    ("empty token prompt", "/v1/completions", {**OK, "prompt": []}, 400, "prompt"),
+    ("prompt wrong type", "/v1/completions", {**OK, "prompt": 5}, 400, "prompt"),
+    ("token out of vocab", "/v1/completions", {**OK, "prompt": [1, 99999999]}, 400, "prompt"),
+    ("prompt too long", "/v1/completions", {**OK, "prompt": [7] * 9000}, 400, "prompt"),
+    ("max_tokens zero", "/v1/completions", {**OK, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens negative", "/v1/completions", {**OK, "max_tokens": -3}, 400, "max_tokens"),
+    ("max_tokens string", "/v1/completions", {**OK, "max_tokens": "four"}, 400, "max_tokens"),
+    ("seed float", "/v1/completions", {**OK, "seed": 1.5}, 400, "seed"),
+    ("seed negative", "/v1/completions", {**OK, "seed": -1}, 400, "seed"),
+    ("stream not bool", "/v1/completions", {**OK, "stream": "yes"}, 400, "stream"),
+    ("temperature", "/v1/completions", {**OK, "temperature": 0.7}, 400, "temperature"),
+    ("top_p", "/v1/completions", {**OK, "top_p": 0.9}, 400, "top_p"),
+    ("n=2", "/v1/completions", {**OK, "n": 2}, 400, "n"),
+    ("steps zero", "/v1/completions", {**OK, "max_denoising_steps": 0}, 400, None),
+    ("t_min negative", "/v1/completions", {**OK, "t_min": -1.0}, 400, None),
+    ("entropy_bound negative", "/v1/completions", {**OK, "entropy_bound": -0.5}, 400, None),
+    ("stability negative", "/v1/completions", {**OK, "stability_threshold": -1}, 400, None),
+    ("t_max string", "/v1/completions", {**OK, "t_max": "hot"}, 400, "t_max"),
+    ("bad sampler, streamed", "/v1/completions", {**OK, "t_min": -1.0, "stream": True}, 400, None),
+    ("too long, streamed", "/v1/completions", {**OK, "prompt": [7] * 9000, "stream": True}, 400, "prompt"),
+    ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": [], "max_tokens": 4}, 400, "messages"),
+    ("messages wrong type", "/v1/chat/completions", {"model": MODEL, "messages": "hi", "max_tokens": 4}, 400, "messages"),
+    ("message no role", "/v1/chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages"),
+    ("chat unknown model", "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("chat temperature", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 1}, 400, "temperature"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(server, name, path, body, status, param):
+    r = httpx.post(server.url + path, json=body, timeout=30)
+    err = _error_shape(r, status)
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_null_temperature_accepted(server):
+    r = httpx.post(server.url + "/v1/completions", json={**OK, "temperature": None, "top_p": None}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_malformed_and_oversized_bodies(server):
+    h = {"content-type": "application/json"}
+    err = _error_shape(httpx.post(server.url + "/v1/completions", content=b'{"model": ', headers=h, timeout=10), 400)
+    assert err["type"] == "invalid_request_error"
+    _error_shape(httpx.post(server.url + "/v1/completions", content=b"[1, 2]", headers=h, timeout=10), 400)
+    big = json.dumps({**OK, "prompt": "x" * (70 * 1024)}).encode()
+    _error_shape(httpx.post(server.url + "/v1/completions", content=big, headers=h, timeout=10), 413)
+
+    def chunks():  # chunked upload: no content-length
+        for _ in range(20):
+            yield b" " * 4096
+        yield json.dumps(OK).encode()
+
+    _error_shape(httpx.post(server.url + "/v1/completions", content=chunks(), headers=h, timeout=10), 413)
+    _error_shape(httpx.get(server.url + "/v1/nothing", timeout=10), 404)
+    # other requests are not disturbed
+    assert httpx.post(server.url + "/v1/completions", json=OK, timeout=30).status_code == 200
+
+
+def test_openai_client_sees_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_metrics(server, client, engine):
+    m0 = httpx.get(server.url + "/metrics", timeout=10).text
+    r = client.completions.create(model=MODEL, prompt="count me", max_tokens=16, extra_body=FAST)
+    resp = httpx.get(server.url + "/metrics", timeout=10)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    m1 = resp.text
+    assert _metric(m1, "dgemma_requests_completed_total") == _metric(m0, "dgemma_requests_completed_total") + 1
+    assert _metric(m1, "dgemma_generated_tokens_total") - _metric(m0, "dgemma_generated_tokens_total") == r.usage.completion_tokens
+    assert (_metric(m1, "dgemma_denoising_steps_total") - _metric(m0, "dgemma_denoising_steps_total")
+            == r.usage.model_extra["denoising_steps"])
+    assert _metric(m1, "dgemma_queue_depth") == 0
+    assert _metric(m1, "dgemma_requests_in_flight") == 0
+    assert _metric(m1, 'dgemma_kv_blocks_in_use{pool="full"}') == 0
+    assert _metric(m1, 'dgemma_kv_blocks_total{pool="full"}') == engine.kv_pool_stats()["full_total"]
+    assert "# TYPE dgemma_generated_tokens_total counter" in m1
+
+
+# ------------------------------------------------------------------------------------------ queue bound
+class _GatedEngine:
+    """The real engine behind a gate: generate() waits until the test opens it."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self._engine.generate(*args, **kwargs)
+
+
+def test_queue_full_429(engine):
+    gated = _GatedEngine(engine)
+    srv = _Server(create_app(gated, MODEL, max_queue=2))
+    try:
+        body = {**OK, "max_tokens": 4}
+
+        def post():
+            return httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+
+        with ThreadPoolExecutor(3) as pool:
+            running = pool.submit(post)
+            assert gated.entered.wait(10)
+            waiting = [pool.submit(post) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while _metric(httpx.get(srv.url + "/metrics", timeout=10).text, "dgemma_queue_depth") < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # health and metrics stay responsive while the worker is busy
+            assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+            err = _error_shape(post(), 429)
+            assert err["type"] == "rate_limit_error"
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0).completions.create(
+                    model=MODEL, prompt="hello", max_tokens=4, extra_body=FAST)
+            gated.gate.set()
+            assert running.result(30).status_code == 200
+            assert [f.result(30).status_code for f in waiting] == [200, 200]
+        m = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert _metric(m, 'dgemma_requests_total{outcome="rejected"}') == 2
+    finally:
+        gated.gate.set()
+        srv.stop()
