@@ -14,6 +14,12 @@ import numpy as np
 import pytest
 
 import dgemma_rt
+from bf16_helpers import bf16_bits as to_bf16, bf16_to_f32
+
+
+def from_bf16(b) -> np.ndarray:
+    return bf16_to_f32(b).astype(np.float64)
+
 
 pytestmark = pytest.mark.skipif(
     not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
@@ -21,16 +27,6 @@ pytestmark = pytest.mark.skipif(
 
 BLOCK = 16
 NAN_BF16 = np.uint16(0x7FC0)
-
-
-def to_bf16(x) -> np.ndarray:
-    """float -> bf16 bit patterns (uint16), round to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16(b) -> np.ndarray:
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import dgemma_rt
+from bf16_helpers import bf16_bits, bf16_to_f32
 
 
 def _ops():
@@ -29,16 +30,6 @@ pytestmark = [
     ),
     pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and the CUTLASS GEMMs"),
 ]
-
-
-def bf16_bits(x):
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_to_f32(b):
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def check_random(got_bits, ref, abs_ref):

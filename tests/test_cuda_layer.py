@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import dgemma_rt
+from bf16_helpers import bf16_bits as to_bf16, bf16_to_f32 as from_bf16
 
 pytestmark = pytest.mark.skipif(
     not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
@@ -15,16 +16,6 @@ EPS = 1e-6
 
 def ops():
     return dgemma_rt._core.cuda_ops
-
-
-def to_bf16(a):
-    """float32 -> bf16 bit patterns (uint16), round to nearest even."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16(u):
-    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def rms64(x, w=None):

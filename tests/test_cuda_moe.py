@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import dgemma_rt
+from bf16_helpers import bf16_bits, bf16_to_f32
 
 pytestmark = pytest.mark.skipif(
     not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
@@ -26,16 +27,6 @@ def _sm90_moe_forward():
     if o is None or dgemma_rt.cuda_device_count() == 0 or not hasattr(o, "moe_forward"):
         return False
     return tuple(o.device_capability()) == (9, 0)
-
-
-def bf16_bits(x):
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_to_f32(b):
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def bf16_round(x):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import dgemma_rt
+from bf16_helpers import bf16_bits, bf16_to_f32
 
 pytestmark = pytest.mark.skipif(
     not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
@@ -20,16 +21,6 @@ def ops():
 
 # ---------------------------------------------------------------------------------------------
 # sample_canvas
-
-
-def bf16_bits(x):
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_to_f32(b):
-    return (b.astype(np.uint32) << 16).view(np.float32)
 
 
 def sample_ref(raw, temperature, uniform, L):
