@@ -20,10 +20,12 @@ class Backend {
   virtual void encode(const std::vector<SeqCache*>& caches, const std::vector<std::vector<int32_t>>& tokens) = 0;
 
   // Decoder pass over n canvas tokens per row: bidirectional attention over each row's cache and
-  // its canvas; the cache is only read. sc_logits: the previous step's processed logits
-  // [rows, n, vocab] or null (first step). Writes soft-capped float32 logits [rows, n, vocab].
+  // its canvas; the cache is only read. sc_logits: empty, or one pointer per row to that row's
+  // previous-step processed logits [n, vocab], null for a row at its first step (its
+  // self-conditioning signal is then exactly zero), so rows at different steps share a pass.
+  // Writes soft-capped float32 logits [rows, n, vocab].
   virtual void decode(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
-                      const float* sc_logits, float* logits) = 0;
+                      const std::vector<const float*>& sc_logits, float* logits) = 0;
 };
 
 }  // namespace dgemma

@@ -46,10 +46,19 @@ void set_threads(int n) {
 #endif
 }
 
+// A Python object that native threads may own: dropped with the GIL, wherever the last owner is.
+using PyRef = std::shared_ptr<py::object>;
+PyRef hold(py::object o) {
+  return PyRef(new py::object(std::move(o)), [](py::object* p) {
+    py::gil_scoped_acquire gil;
+    delete p;
+  });
+}
+
 // Calls a Python noise callable from native code (with the GIL) and checks what it returns.
 class PyNoise final : public NoiseSource {
  public:
-  explicit PyNoise(py::function fn) : fn_(std::move(fn)) {}
+  explicit PyNoise(py::function fn) : fn_(hold(std::move(fn))) {}
   void canvas(int, int, int batch, int length, int32_t* out) override {
     py::gil_scoped_acquire gil;
     auto arr = fetch("canvas", batch, length);
@@ -72,13 +81,13 @@ class PyNoise final : public NoiseSource {
 
  private:
   py::array fetch(const char* kind, int batch, int length) {
-    py::object res = fn_(kind, py::make_tuple(batch, length));
+    py::object res = (*fn_)(kind, py::make_tuple(batch, length));
     py::array arr = py::module_::import("numpy").attr("asarray")(res);
     DG_REQUIRE(arr.ndim() == 2 && arr.shape(0) == batch && arr.shape(1) == length, InvalidArgument,
                "noise('" << kind << "', (" << batch << ", " << length << ")) returned an array of the wrong shape");
     return arr;
   }
-  py::function fn_;
+  PyRef fn_;
 };
 
 py::array_t<int32_t> canvas_array(const int32_t* data, int batch, int length) {
@@ -134,18 +143,104 @@ py::dict defaults_dict(const GenerationDefaults& g) {
 struct PyEngine {
   std::unique_ptr<Engine> engine;
   int threads = 0;
+  ~PyEngine() {
+    if (!engine) return;
+    // Stopping the scheduler may run callbacks of requests still in flight, which need the GIL.
+    py::gil_scoped_release release;
+    if (Scheduler::on_any_scheduler_thread()) {
+      // The last reference went away inside a callback, on a scheduler thread (perhaps this
+      // engine's own, which cannot join itself): stop the engine from a thread of its own.
+      std::thread([e = std::move(engine)]() mutable { e.reset(); }).detach();
+      return;
+    }
+    engine.reset();
+  }
 };
+
+// A submitted request as Python sees it: the native handle plus the caches it writes.
+struct PyRequest {
+  std::shared_ptr<RequestHandle> handle;
+  std::shared_ptr<CacheSet> cache;
+};
+
+SamplerParams sampler_params(const py::dict& p) {
+  SamplerParams sp;
+  sp.max_new_tokens = p["max_new_tokens"].cast<int>();
+  sp.max_denoising_steps = p["max_denoising_steps"].cast<int>();
+  sp.entropy_bound = p["entropy_bound"].cast<double>();
+  sp.t_min = p["t_min"].cast<double>();
+  sp.t_max = p["t_max"].cast<double>();
+  sp.stability_threshold = p["stability_threshold"].cast<int>();
+  sp.confidence_threshold = p["confidence_threshold"].cast<double>();
+  sp.eos_token_id = p["eos_token_id"].cast<std::vector<int>>();
+  if (!p["pad_token_id"].is_none()) sp.pad_token_id = p["pad_token_id"].cast<int>();
+  sp.seed = p["seed"].cast<uint64_t>();
+  sp.adaptive_stopping = p["adaptive_stopping"].cast<bool>();
+  return sp;
+}
+
+std::function<void(const int32_t*, int, int)> canvas_callback(const py::object& fn) {
+  if (fn.is_none()) return {};
+  PyRef ref = hold(fn);
+  return [ref](const int32_t* d, int b, int l) {
+    py::gil_scoped_acquire gil;
+    (*ref)(canvas_array(d, b, l));
+  };
+}
+
+py::dict result_dict(const GenerateResult& r, const std::shared_ptr<CacheSet>& cache) {
+  py::dict out;
+  out["new_tokens"] = r.new_tokens;
+  out["tokens_per_forward"] = r.tokens_per_forward;
+  out["steps_per_canvas"] = r.steps_per_canvas;
+  py::dict t;
+  t["queue_s"] = r.queue_s;
+  t["prefill_s"] = r.prefill_s;
+  t["denoise_s"] = r.denoise_s;
+  t["total_s"] = r.total_s;
+  t["decoder_forwards"] = r.decoder_forwards;
+  t["encoder_forwards"] = r.encoder_forwards;
+  out["timings"] = t;
+  out["past_key_values"] = cache;
+  return out;
+}
+
+// Waits without holding the GIL, but wakes up to let Ctrl-C cancel the request.
+void wait_interruptibly(RequestHandle& h) {
+  py::gil_scoped_release release;
+  while (!h.wait_for(0.05)) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      h.cancel();
+      throw py::error_already_set();
+    }
+  }
+}
+
+const char* status_name(RequestHandle::Status s) {
+  switch (s) {
+    case RequestHandle::Status::kQueued: return "queued";
+    case RequestHandle::Status::kRunning: return "running";
+    case RequestHandle::Status::kDone: return "done";
+    case RequestHandle::Status::kFailed: return "failed";
+    case RequestHandle::Status::kCancelled: return "cancelled";
+  }
+  return "unknown";
+}
 
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dgemma_rt native core";
   static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
+  static py::exception<Cancelled> cancelled_error(m, "RequestCancelled", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const CheckpointError& e) {
       py::set_error(checkpoint_error, e.what());
+    } catch (const Cancelled& e) {
+      py::set_error(cancelled_error, e.what());
     } catch (const InvalidArgument& e) {
       py::set_error(PyExc_ValueError, e.what());
     } catch (const ResourceError& e) {
@@ -208,6 +303,7 @@ PYBIND11_MODULE(_core, m) {
              o.device = device;
              o.kv_cache_tokens = kv_cache_tokens;
              o.max_batch_size = max_batch_size;
+             o.num_threads = num_threads;
              if (!progress.is_none()) {
                py::function fn = progress;
                o.progress = [fn](int done, int total) {
@@ -275,58 +371,74 @@ PYBIND11_MODULE(_core, m) {
         }
         return out;
       }, py::arg("cache"), py::arg("canvas_ids"), py::arg("self_conditioning_logits") = py::none())
-      .def("generate", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, py::dict p, py::object noise,
-                          py::object on_step, py::object on_block, std::shared_ptr<CacheSet> cache) {
-        SamplerParams sp;
-        sp.max_new_tokens = p["max_new_tokens"].cast<int>();
-        sp.max_denoising_steps = p["max_denoising_steps"].cast<int>();
-        sp.entropy_bound = p["entropy_bound"].cast<double>();
-        sp.t_min = p["t_min"].cast<double>();
-        sp.t_max = p["t_max"].cast<double>();
-        sp.stability_threshold = p["stability_threshold"].cast<int>();
-        sp.confidence_threshold = p["confidence_threshold"].cast<double>();
-        sp.eos_token_id = p["eos_token_id"].cast<std::vector<int>>();
-        if (!p["pad_token_id"].is_none()) sp.pad_token_id = p["pad_token_id"].cast<int>();
-        sp.seed = p["seed"].cast<uint64_t>();
-        sp.adaptive_stopping = p["adaptive_stopping"].cast<bool>();
-
-        std::unique_ptr<PyNoise> py_noise;
-        if (!noise.is_none()) py_noise = std::make_unique<PyNoise>(noise.cast<py::function>());
+      .def_property_readonly("max_batch_size", [](const PyEngine& e) { return e.engine->max_batch_size(); })
+      .def("in_callback", [](const PyEngine& e) { return e.engine->on_scheduler_thread(); },
+           "True on this engine's scheduler thread (inside on_step/on_block callbacks)")
+      .def("scheduler_stats", [](const PyEngine& e) {
+        const SchedulerStats st = e.engine->scheduler_stats();
+        py::dict d;
+        d["queued_requests"] = st.queued_requests;
+        d["running_requests"] = st.running_requests;
+        d["active_rows"] = st.active_rows;
+        d["decoder_passes"] = st.decoder_passes;
+        d["encoder_passes"] = st.encoder_passes;
+        d["row_steps"] = st.row_steps;
+        d["committed_tokens"] = st.committed_tokens;
+        d["completed"] = st.completed;
+        d["failed"] = st.failed;
+        d["cancelled"] = st.cancelled;
+        return d;
+      })
+      .def("submit", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, py::dict p, py::object noise,
+                        py::object on_step, py::object on_block, py::object on_done, std::shared_ptr<CacheSet> cache,
+                        bool keep_cache) {
+        const SamplerParams sp = sampler_params(p);
+        std::shared_ptr<NoiseSource> py_noise;
+        if (!noise.is_none()) py_noise = std::make_shared<PyNoise>(noise.cast<py::function>());
         GenerateCallbacks cb;
-        if (!on_step.is_none()) {
-          py::function fn = on_step;
-          cb.on_step = [fn](const int32_t* d, int b, int l) {
+        cb.on_step = canvas_callback(on_step);
+        cb.on_block = canvas_callback(on_block);
+        std::function<void()> done;
+        if (!on_done.is_none()) {
+          PyRef ref = hold(on_done);
+          done = [ref]() {
             py::gil_scoped_acquire gil;
-            fn(canvas_array(d, b, l));
-          };
-        }
-        if (!on_block.is_none()) {
-          py::function fn = on_block;
-          cb.on_block = [fn](const int32_t* d, int b, int l) {
-            py::gil_scoped_acquire gil;
-            fn(canvas_array(d, b, l));
+            try {
+              (*ref)();
+            } catch (py::error_already_set& err) {
+              err.discard_as_unraisable("dgemma_rt request on_done callback");
+            }
           };
         }
         if (!cache) cache = e.engine->new_cache(static_cast<int>(ids.size()));
-        GenerateResult r;
+        PyRequest req;
+        req.cache = cache;
         {
           py::gil_scoped_release release;
-          set_threads(e.threads);
-          r = e.engine->generate(*cache, ids, sp, py_noise.get(), cb);
+          req.handle = e.engine->submit(cache, ids, sp, py_noise, std::move(cb), std::move(done), keep_cache);
         }
-        py::dict out;
-        out["new_tokens"] = r.new_tokens;
-        out["tokens_per_forward"] = r.tokens_per_forward;
-        out["steps_per_canvas"] = r.steps_per_canvas;
-        py::dict t;
-        t["prefill_s"] = r.prefill_s;
-        t["denoise_s"] = r.denoise_s;
-        t["total_s"] = r.total_s;
-        t["decoder_forwards"] = r.decoder_forwards;
-        t["encoder_forwards"] = r.encoder_forwards;
-        out["timings"] = t;
-        out["past_key_values"] = cache;
-        return out;
+        return req;
       }, py::arg("input_ids"), py::arg("params"), py::arg("noise") = py::none(), py::arg("on_step") = py::none(),
-         py::arg("on_block") = py::none(), py::arg("cache") = nullptr);
+         py::arg("on_block") = py::none(), py::arg("on_done") = py::none(), py::arg("cache") = nullptr,
+         py::arg("keep_cache") = true);
+
+  py::class_<PyRequest>(m, "Request")
+      .def_property_readonly("id", [](const PyRequest& r) { return r.handle->id(); })
+      .def_property_readonly("status", [](const PyRequest& r) { return status_name(r.handle->status()); })
+      .def_property_readonly("done", [](const PyRequest& r) { return r.handle->finished(); })
+      .def("cancel", [](PyRequest& r) { r.handle->cancel(); })
+      .def("wait", [](PyRequest& r, py::object timeout) {
+        if (timeout.is_none()) {
+          wait_interruptibly(*r.handle);
+          return true;
+        }
+        const double t = timeout.cast<double>();
+        py::gil_scoped_release release;
+        return r.handle->wait_for(t);
+      }, py::arg("timeout") = py::none())
+      .def("result", [](PyRequest& r) {
+        wait_interruptibly(*r.handle);
+        return result_dict(r.handle->result(), r.cache);
+      });
+
 }

@@ -23,6 +23,10 @@ struct InvalidArgument : Error {
 struct ResourceError : Error {
   using Error::Error;
 };
+// The request was cancelled (by its handle, or because the engine shut down).
+struct Cancelled : Error {
+  using Error::Error;
+};
 
 }  // namespace dgemma
 

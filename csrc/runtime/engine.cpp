@@ -12,6 +12,11 @@ void check_owner(const CacheSet& cache, const BlockPool* pool) {
     DG_REQUIRE(&r->pool() == pool, InvalidArgument, "this KVCache belongs to another Engine");
 }
 
+void check_free(const CacheSet& cache) {
+  for (const auto& r : cache.rows)
+    DG_REQUIRE(!r->claimed(), InvalidArgument, "this KVCache is in use by a request that has not finished");
+}
+
 }  // namespace
 
 std::vector<SeqCache*> CacheSet::ptrs() const {
@@ -35,6 +40,7 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   const int window_blocks = (cfg_.sliding_window - 1 + B - 1) / B + 1;
   const int sliding_blocks = opts.max_batch_size * 2 * window_blocks;
   pool_ = std::make_shared<BlockPool>(cfg_, B, full_blocks, sliding_blocks);
+  scheduler_ = std::make_unique<Scheduler>(*backend_, cfg_, pool_, mu_, opts.max_batch_size, opts.num_threads);
 }
 
 std::shared_ptr<CacheSet> Engine::new_cache(int batch) const {
@@ -61,6 +67,7 @@ void Engine::encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& id
   DG_REQUIRE(cache.rows.size() == ids.size(), InvalidArgument,
              "the cache has " << cache.rows.size() << " rows but input_ids has " << ids.size());
   check_owner(cache, pool_.get());
+  check_free(cache);
   for (size_t r = 0; r < ids.size(); ++r)
     DG_REQUIRE(cache.rows[r]->length() + static_cast<long>(ids[r].size()) <= cfg_.max_position_embeddings,
                InvalidArgument, "row " << r << " would exceed max_position_embeddings " << cfg_.max_position_embeddings);
@@ -76,24 +83,47 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
     DG_REQUIRE(t >= 0 && t < cfg_.vocab_size, InvalidArgument,
                "canvas token id " << t << " is outside the vocabulary [0, " << cfg_.vocab_size << ")");
   check_owner(cache, pool_.get());
+  check_free(cache);
   std::vector<const SeqCache*> rows;
   for (const auto& r : cache.rows) {
     DG_REQUIRE(r->length() > 0, InvalidArgument, "the decoder needs an encoded prefix (call encode first)");
     rows.push_back(r.get());
   }
+  std::vector<const float*> sc;
+  if (sc_logits)
+    for (size_t r = 0; r < rows.size(); ++r) sc.push_back(sc_logits + r * static_cast<size_t>(n) * cfg_.vocab_size);
   std::lock_guard<std::recursive_mutex> lock(mu_);
-  backend_->decode(rows, canvas.data(), n, sc_logits, logits);
+  backend_->decode(rows, canvas.data(), n, sc, logits);
 }
 
-GenerateResult Engine::generate(CacheSet& cache, const std::vector<std::vector<int32_t>>& ids,
-                                const SamplerParams& params, NoiseSource* noise, const GenerateCallbacks& callbacks) {
+std::shared_ptr<RequestHandle> Engine::submit(std::shared_ptr<CacheSet> cache,
+                                              const std::vector<std::vector<int32_t>>& ids, const SamplerParams& params,
+                                              std::shared_ptr<NoiseSource> noise, GenerateCallbacks callbacks,
+                                              std::function<void()> on_done, bool keep_cache) {
   check_input(ids);
-  DG_REQUIRE(cache.rows.size() == ids.size(), InvalidArgument,
-             "past_key_values has " << cache.rows.size() << " rows but input_ids has " << ids.size());
-  check_owner(cache, pool_.get());
-  SeededNoise seeded(params.seed, cfg_.vocab_size);
-  std::lock_guard<std::recursive_mutex> lock(mu_);
-  return dgemma::generate(*backend_, cfg_, cache.ptrs(), ids, params, noise ? *noise : seeded, callbacks);
+  if (!cache) cache = new_cache(static_cast<int>(ids.size()));
+  DG_REQUIRE(cache->rows.size() == ids.size(), InvalidArgument,
+             "past_key_values has " << cache->rows.size() << " rows but input_ids has " << ids.size());
+  check_owner(*cache, pool_.get());
+  GenerateRequest req;
+  req.caches = cache->ptrs();
+  req.keep_alive = cache;
+  req.input_ids = ids;
+  req.params = params;
+  req.noise = std::move(noise);
+  req.callbacks = std::move(callbacks);
+  req.on_done = std::move(on_done);
+  req.keep_cache = keep_cache;
+  return scheduler_->submit(std::move(req));
+}
+
+GenerateResult Engine::generate(std::shared_ptr<CacheSet> cache, const std::vector<std::vector<int32_t>>& ids,
+                                const SamplerParams& params, std::shared_ptr<NoiseSource> noise,
+                                GenerateCallbacks callbacks) {
+  DG_REQUIRE(!scheduler_->on_scheduler_thread(), InvalidArgument,
+             "generate() cannot be called inside an on_step/on_block callback of the same engine (use submit())");
+  auto h = submit(std::move(cache), ids, params, std::move(noise), std::move(callbacks));
+  return h->result();
 }
 
 }  // namespace dgemma

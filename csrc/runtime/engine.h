@@ -19,6 +19,7 @@ struct EngineOptions {
   int kv_cache_tokens = 16384;  // full-attention cache, in tokens, shared by all rows and live caches
   int max_batch_size = 8;       // rows whose sliding-window cache fits at once
   int block_size = 16;
+  int num_threads = 0;          // CPU threads of the scheduler thread (0: all cores / OMP_NUM_THREADS)
   ModelWeights::Progress progress;
 };
 
@@ -44,8 +45,19 @@ class Engine {
   void encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& ids);
   // logits [rows, n, vocab]
   void decode(const CacheSet& cache, const std::vector<int32_t>& canvas, int n, const float* sc_logits, float* logits);
-  GenerateResult generate(CacheSet& cache, const std::vector<std::vector<int32_t>>& ids, const SamplerParams& params,
-                          NoiseSource* noise, const GenerateCallbacks& callbacks);
+  // Queues a request with the continuous-batching scheduler and returns at once. cache: the rows'
+  // caches (their earlier turns), held until the request ends; noise: null for the seeded default.
+  std::shared_ptr<RequestHandle> submit(std::shared_ptr<CacheSet> cache, const std::vector<std::vector<int32_t>>& ids,
+                                        const SamplerParams& params, std::shared_ptr<NoiseSource> noise = nullptr,
+                                        GenerateCallbacks callbacks = {}, std::function<void()> on_done = {},
+                                        bool keep_cache = true);
+  // submit() and wait: many threads may call it at once, and their requests share decoder passes.
+  GenerateResult generate(std::shared_ptr<CacheSet> cache, const std::vector<std::vector<int32_t>>& ids,
+                          const SamplerParams& params, std::shared_ptr<NoiseSource> noise = nullptr,
+                          GenerateCallbacks callbacks = {});
+  SchedulerStats scheduler_stats() const { return scheduler_->stats(); }
+  int max_batch_size() const { return scheduler_->max_rows(); }
+  bool on_scheduler_thread() const { return scheduler_->on_scheduler_thread(); }
 
  private:
   ModelConfig cfg_;
@@ -53,7 +65,8 @@ class Engine {
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<Backend> backend_;
   std::shared_ptr<BlockPool> pool_;
-  std::recursive_mutex mu_;  // one forward at a time per engine (re-entrant for callbacks)
+  std::recursive_mutex mu_;  // one forward at a time per engine
+  std::unique_ptr<Scheduler> scheduler_;  // last: stopped before what it uses goes
 };
 
 }  // namespace dgemma

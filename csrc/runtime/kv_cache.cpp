@@ -49,12 +49,15 @@ float* BlockPool::v_at(int layer, int block, int offset) {
   return G.v[layer_slot_[layer]].data() + (static_cast<size_t>(block) * block_size_ + offset) * tf;
 }
 
-bool BlockPool::allocate(int group, int count, std::vector<int>& out) {
+bool BlockPool::allocate(int group, int count, std::vector<int>& out, int* budget) {
   std::lock_guard<std::mutex> lock(mu_);
   Group& G = groups_[group];
   if (count <= 0) return true;
   if (G.layers.empty()) return true;  // no layers of this kind: nothing to store
-  if (static_cast<int>(G.free_list.size()) < count) return false;
+  const int from_budget = budget ? std::min(count, *budget) : 0;
+  if (static_cast<int>(G.free_list.size()) - G.reserved < count - from_budget) return false;
+  G.reserved -= from_budget;
+  if (budget) *budget -= from_budget;
   for (int i = 0; i < count; ++i) {
     out.push_back(G.free_list.back());
     G.free_list.pop_back();
@@ -62,9 +65,41 @@ bool BlockPool::allocate(int group, int count, std::vector<int>& out) {
   return true;
 }
 
-void BlockPool::release(int group, const std::vector<int>& blocks) {
+void BlockPool::release(int group, const std::vector<int>& blocks, int* budget) {
   std::lock_guard<std::mutex> lock(mu_);
-  for (int b : blocks) groups_[group].free_list.push_back(b);
+  Group& G = groups_[group];
+  for (int b : blocks) G.free_list.push_back(b);
+  if (budget && !G.layers.empty()) {
+    G.reserved += static_cast<int>(blocks.size());
+    *budget += static_cast<int>(blocks.size());
+  }
+}
+
+bool BlockPool::reserve(int full, int sliding) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int want[2] = {groups_[0].layers.empty() ? 0 : full, groups_[1].layers.empty() ? 0 : sliding};
+  for (int g = 0; g < 2; ++g)
+    if (static_cast<int>(groups_[g].free_list.size()) - groups_[g].reserved < want[g]) return false;
+  for (int g = 0; g < 2; ++g) groups_[g].reserved += want[g];
+  return true;
+}
+
+void BlockPool::unreserve(int group, int count) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Group& G = groups_[group];
+  if (G.layers.empty()) return;
+  DG_CHECK(count >= 0 && count <= G.reserved, "unreserving " << count << " of " << G.reserved << " blocks");
+  G.reserved -= count;
+}
+
+int BlockPool::reserved_blocks(int group) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return groups_[group].reserved;
+}
+
+int BlockPool::available_blocks(int group) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(groups_[group].free_list.size()) - groups_[group].reserved;
 }
 
 void BlockPool::release(int group, int block) {
@@ -83,8 +118,18 @@ int BlockPool::total_blocks(int group) const { return groups_[group].num_blocks;
 
 SeqCache::~SeqCache() {
   abort();
-  pool_->release(0, full_);
-  pool_->release(1, std::vector<int>(sliding_.begin(), sliding_.end()));
+  release_reservation();
+  clear();
+}
+
+void SeqCache::clear() {
+  abort();
+  pool_->release(0, full_, budget(0));
+  pool_->release(1, std::vector<int>(sliding_.begin(), sliding_.end()), budget(1));
+  full_.clear();
+  sliding_.clear();
+  sliding_first_ = 0;
+  length_ = 0;
 }
 
 int SeqCache::sliding_start() const { return std::max(0, length_ - (pool_->sliding_window() - 1)); }
@@ -119,6 +164,22 @@ int SeqCache::sliding_blocks_peak() const {
   return 2 * ((keep + B - 1) / B + 1);
 }
 
+void SeqCache::add_reservation(int full, int sliding) {
+  DG_CHECK(full >= 0 && sliding >= 0, "negative reservation");
+  budget_[0] += full;
+  budget_[1] += sliding;
+  reserving_ = true;
+}
+
+void SeqCache::release_reservation() {
+  if (!reserving_) return;
+  for (int g = 0; g < 2; ++g) {
+    pool_->unreserve(g, budget_[g]);
+    budget_[g] = 0;
+  }
+  reserving_ = false;
+}
+
 void SeqCache::prepare(int n) {
   DG_CHECK(pending_n_ == 0, "append already pending");
   DG_CHECK(n > 0, "append of " << n << " tokens");
@@ -127,7 +188,7 @@ void SeqCache::prepare(int n) {
   const int new_len = length_ + n;
 
   std::vector<int> full_new;
-  if (!pool_->allocate(0, full_blocks_needed(new_len), full_new))
+  if (!pool_->allocate(0, full_blocks_needed(new_len), full_new, budget(0)))
     DG_THROW(ResourceError, "KV cache pool is full (full-attention layers): raise kv_cache_tokens");
 
   // Sliding layers: the new layout starts at the block holding new_start.
@@ -146,8 +207,8 @@ void SeqCache::prepare(int n) {
   const int total = (new_len - first + B - 1) / B;
   const int extra = std::max(0, total - static_cast<int>(next.size()));
   std::vector<int> sliding_new;
-  if (new_len > new_start && !pool_->allocate(1, extra, sliding_new)) {
-    pool_->release(0, full_new);
+  if (new_len > new_start && !pool_->allocate(1, extra, sliding_new, budget(1))) {
+    pool_->release(0, full_new, budget(0));
     DG_THROW(ResourceError, "KV cache pool is full (sliding-window layers): raise max_batch_size");
   }
   for (int b : sliding_new) next.push_back(b);
@@ -191,7 +252,7 @@ void SeqCache::commit() {
   if (pending_n_ == 0) return;
   for (int b : new_full_) full_.push_back(b);
   std::vector<int> dropped(sliding_.begin(), sliding_.begin() + drop_sliding_);
-  pool_->release(1, dropped);
+  pool_->release(1, dropped, budget(1));
   sliding_ = std::move(next_sliding_);
   sliding_first_ = next_sliding_first_;
   length_ += pending_n_;
@@ -204,8 +265,8 @@ void SeqCache::commit() {
 
 void SeqCache::abort() {
   if (pending_n_ == 0) return;
-  pool_->release(0, new_full_);
-  pool_->release(1, new_sliding_);
+  pool_->release(0, new_full_, budget(0));
+  pool_->release(1, new_sliding_, budget(1));
   pending_n_ = 0;
   new_full_.clear();
   new_sliding_.clear();

@@ -5,6 +5,7 @@
 // the window go straight back to the pool.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -25,6 +26,7 @@ class BlockPool {
     // Per group layer: K and V storage [num_blocks, block_size, kv_heads, head_dim].
     std::vector<std::vector<float>> k, v;
     std::vector<int> free_list;
+    int reserved = 0;
   };
 
   BlockPool(const ModelConfig& cfg, int block_size, int full_blocks, int sliding_blocks);
@@ -42,10 +44,19 @@ class BlockPool {
   size_t token_floats(int layer) const;
 
   // All-or-nothing allocation; returns false (and takes nothing) when too few blocks are free.
-  bool allocate(int group, int count, std::vector<int>& out);
-  void release(int group, const std::vector<int>& blocks);
+  // With a budget (a row's reservation, see reserve()), blocks come out of it first; only the rest
+  // must fit in what is free and not reserved by anyone.
+  bool allocate(int group, int count, std::vector<int>& out, int* budget = nullptr);
+  // Returned blocks go back to the budget (still reserved for that row) when one is given.
+  void release(int group, const std::vector<int>& blocks, int* budget = nullptr);
   void release(int group, int block);
-  int free_blocks(int group) const;
+  // Reservations: blocks that stay in the free list but only rows holding the reservation may take.
+  // All-or-nothing over both groups; false when the unreserved free blocks are too few.
+  bool reserve(int full, int sliding);
+  void unreserve(int group, int count);
+  int free_blocks(int group) const;       // in the free list (reserved ones included)
+  int reserved_blocks(int group) const;   // promised to admitted rows, not yet taken
+  int available_blocks(int group) const;  // free and not reserved
   int total_blocks(int group) const;
 
  private:
@@ -94,6 +105,20 @@ class SeqCache {
   // Blocks this row needs, per group, to grow to `new_length` (for admission checks).
   int full_blocks_needed(int new_length) const;
   int sliding_blocks_peak() const;
+  int sliding_blocks_held() const { return static_cast<int>(sliding_.size()); }
+
+  // A reservation already taken from the pool (BlockPool::reserve) that this row draws from:
+  // while it is held, sliding blocks that leave the window go back into it rather than to others.
+  void add_reservation(int full, int sliding);
+  void release_reservation();  // what is left goes back to the pool
+
+  // Gives every block back to the pool and starts over at length 0.
+  void clear();
+
+  // A running request owns its rows: a second request (or a direct encode) on them is refused.
+  bool try_claim() { return !claimed_.exchange(true); }
+  void unclaim() { claimed_.store(false); }
+  bool claimed() const { return claimed_.load(); }
 
  private:
   std::pair<int, int> write_slot(int layer, int pos) const;  // (block, offset) in the pending layout
@@ -109,6 +134,10 @@ class SeqCache {
   std::deque<int> next_sliding_;
   int next_sliding_first_ = 0;
   int drop_sliding_ = 0;  // old sliding blocks freed at commit
+  int budget_[2] = {0, 0};
+  bool reserving_ = false;
+  std::atomic<bool> claimed_{false};
+  int* budget(int group) { return reserving_ ? &budget_[group] : nullptr; }
 };
 
 }  // namespace dgemma

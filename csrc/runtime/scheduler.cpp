@@ -5,6 +5,10 @@
 #include <cmath>
 #include <numeric>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "common/check.h"
 
 namespace dgemma {
@@ -109,232 +113,596 @@ void validate(const SamplerParams& p, const ModelConfig& cfg) {
                "pad_token_id " << *p.pad_token_id << " is outside the vocabulary [0, " << cfg.vocab_size << ")");
 }
 
-GenerateResult generate(Backend& backend, const ModelConfig& cfg, const std::vector<SeqCache*>& caches,
-                        const std::vector<std::vector<int32_t>>& input_ids, const SamplerParams& params,
-                        NoiseSource& noise, const GenerateCallbacks& callbacks) {
-  validate(params, cfg);
-  const auto t_start = Clock::now();
-  const int B = static_cast<int>(caches.size());
-  const int L = cfg.canvas_length, V = cfg.vocab_size, N = params.max_denoising_steps;
-  DG_REQUIRE(B > 0 && static_cast<int>(input_ids.size()) == B, InvalidArgument, "empty batch");
-  for (const auto& row : input_ids) DG_REQUIRE(!row.empty(), InvalidArgument, "empty prompt");
-  const long canvases_asked = (static_cast<long>(params.max_new_tokens) + L - 1) / L;
-  DG_REQUIRE(canvases_asked * L <= cfg.max_position_embeddings, InvalidArgument,
-             "max_new_tokens " << params.max_new_tokens << " exceeds max_position_embeddings "
-                               << cfg.max_position_embeddings);
-  const int max_canvases = static_cast<int>(canvases_asked);
+// ---------------------------------------------------------------------------------------------
+// Requests
 
-  // Admission: everything this call can need must fit in the pool now, so it never fails halfway.
-  {
-    const BlockPool& pool = caches[0]->pool();
-    long full = 0, sliding = 0;
-    for (int r = 0; r < B; ++r) {
-      const long final_len =
-          caches[r]->length() + static_cast<long>(input_ids[r].size()) + static_cast<long>(max_canvases - 1) * L;
-      DG_REQUIRE(final_len + L <= cfg.max_position_embeddings, InvalidArgument,
-                 "prompt plus " << static_cast<long>(max_canvases) * L << " new tokens (" << final_len + L
-                                << ") exceeds max_position_embeddings " << cfg.max_position_embeddings);
-      full += caches[r]->full_blocks_needed(static_cast<int>(final_len));
-      sliding += caches[r]->sliding_blocks_peak();
-    }
-    if (pool.total_blocks(0) > 0)
-      DG_REQUIRE(full <= pool.free_blocks(0), ResourceError,
-                 "KV cache pool too small: this request needs " << full * pool.block_size()
-                     << " more tokens of full-attention cache but only " << pool.free_blocks(0) * pool.block_size()
-                     << " are free; raise kv_cache_tokens (or drop old results/caches)");
-    if (pool.total_blocks(1) > 0)
-      DG_REQUIRE(sliding <= pool.free_blocks(1), ResourceError,
-                 "KV cache pool too small for " << B << " rows of sliding-window cache; raise max_batch_size "
-                                                << "(or drop old results/caches)");
+RequestHandle::Status RequestHandle::status() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return status_;
+}
+
+bool RequestHandle::finished() const {
+  const Status s = status();
+  return s == Status::kDone || s == Status::kFailed || s == Status::kCancelled;
+}
+
+void RequestHandle::check_not_scheduler_thread() const {
+  DG_REQUIRE(std::this_thread::get_id() != scheduler_thread_ || finished(), InvalidArgument,
+             "cannot wait for a request inside an on_step/on_block callback of the same engine "
+             "(the callback runs on the thread that would have to finish it)");
+}
+
+void RequestHandle::wait() const {
+  check_not_scheduler_thread();
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return status_ != Status::kQueued && status_ != Status::kRunning; });
+}
+
+bool RequestHandle::wait_for(double seconds) const {
+  check_not_scheduler_thread();
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_for(lock, std::chrono::duration<double>(std::max(0.0, seconds)),
+                      [&] { return status_ != Status::kQueued && status_ != Status::kRunning; });
+}
+
+const GenerateResult& RequestHandle::result() const {
+  wait();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_) std::rethrow_exception(error_);
+  return result_;
+}
+
+// One request's state: the reference's generate loop, cut at the points where the scheduler
+// batches the forwards (encode what is not cached; one decoder pass per step).
+struct Scheduler::Job {
+  enum class Phase { kEncode, kDenoise, kDone };
+
+  std::shared_ptr<RequestHandle> handle;
+  GenerateRequest req;
+  SeededNoise seeded;
+  NoiseSource* noise;
+  int B, L, V, N, max_canvases, thr;
+  bool skip_finished;
+  Phase phase = Phase::kEncode;
+  bool admitted = false, prompt_encoded = false, have_sc = false;
+  int c = 0, step = 1, n = 0;
+  Clock::time_point t_submit, t_admit;
+  int need_full = 0, need_sliding = 0;  // recomputed at admission
+
+  std::vector<char> finished_seq, finished_denoise, live_at_start;
+  std::vector<int> passes, steps_now, active, order;
+  std::vector<int32_t> canvas, argmax, fresh, sample, history;
+  std::vector<double> uni;
+  std::vector<float> entropy;
+  std::vector<float> sc;  // processed logits per row, kept across steps
+  GenerateResult res;
+
+  Job(GenerateRequest r, const ModelConfig& cfg)
+      : req(std::move(r)), seeded(req.params.seed, cfg.vocab_size), noise(req.noise ? req.noise.get() : &seeded) {
+    B = static_cast<int>(req.caches.size());
+    L = cfg.canvas_length, V = cfg.vocab_size, N = req.params.max_denoising_steps;
+    max_canvases = static_cast<int>((static_cast<long>(req.params.max_new_tokens) + L - 1) / L);
+    thr = req.params.stability_threshold;
+    skip_finished = req.params.pad_token_id.has_value();
+    finished_seq.assign(B, 0), finished_denoise.assign(B, 0), live_at_start.assign(B, 0);
+    passes.assign(B, 0), steps_now.assign(B, 0), order.resize(L);
+    const size_t BL = static_cast<size_t>(B) * L;
+    canvas.resize(BL), argmax.resize(BL), fresh.resize(BL), sample.resize(BL), uni.resize(BL), entropy.resize(BL);
+    history.resize(static_cast<size_t>(std::max(thr, 1)) * BL);
+    res.new_tokens.resize(B);
+    res.steps_per_canvas.resize(B);
   }
 
-  GenerateResult res;
-  res.new_tokens.resize(B);
-  res.steps_per_canvas.resize(B);
+  // KV blocks the whole request can need from now on (so it never fails halfway).
+  void compute_needs(const BlockPool& pool) {
+    need_full = need_sliding = 0;
+    for (int r = 0; r < B; ++r) {
+      const long final_len = req.caches[r]->length() + static_cast<long>(req.input_ids[r].size()) +
+                             static_cast<long>(max_canvases - 1) * L;
+      need_full += req.caches[r]->full_blocks_needed(static_cast<int>(final_len));
+      need_sliding += std::max(0, req.caches[r]->sliding_blocks_peak() - req.caches[r]->sliding_blocks_held());
+    }
+    if (pool.total_blocks(0) == 0) need_full = 0;
+    if (pool.total_blocks(1) == 0) need_sliding = 0;
+  }
 
-  backend.encode(caches, input_ids);
-  res.encoder_forwards++;
-  res.prefill_s = seconds_since(t_start);
-
-  // With a pad token, rows that already finished produce only pad, so they are not denoised any
-  // more. Without one, the reference keeps generating them and so do we.
-  const bool skip_finished = params.pad_token_id.has_value();
-  const int thr = params.stability_threshold;
-  std::vector<char> finished_seq(B, 0), finished_denoise(B, 0);
-  std::vector<int> passes(B, 0), steps_now(B, 0);
-  std::vector<int32_t> canvas(static_cast<size_t>(B) * L), argmax(static_cast<size_t>(B) * L);
-  std::vector<int32_t> fresh(static_cast<size_t>(B) * L), sample(static_cast<size_t>(B) * L);
-  std::vector<int32_t> history(static_cast<size_t>(std::max(thr, 1)) * B * L);
-  std::vector<double> uni(static_cast<size_t>(B) * L);
-  std::vector<float> entropy(static_cast<size_t>(B) * L);
-  std::vector<float> sc(static_cast<size_t>(B) * L * V);  // processed logits per row, kept across steps
-  std::vector<float> logits;
-  std::vector<int32_t> active_canvas;
-  std::vector<float> active_sc;
-  std::vector<int> order(L);
-
-  auto check_ids = [&](const std::vector<int32_t>& ids) {
+  void check_ids(const std::vector<int32_t>& ids) const {
     for (int32_t t : ids)
       DG_REQUIRE(t >= 0 && t < V, InvalidArgument, "noise source returned token id " << t << " outside [0, " << V << ")");
-  };
+  }
 
-  for (int c = 0; c < max_canvases; ++c) {
-    if (c > 0) {
-      std::vector<SeqCache*> rows;
-      std::vector<std::vector<int32_t>> toks;
-      for (int r = 0; r < B; ++r) {
-        if (skip_finished && finished_seq[r]) continue;
-        rows.push_back(caches[r]);
+  // The rows to encode before the next canvas: the prompt, then each live row's last canvas.
+  void encode_inputs(std::vector<SeqCache*>& rows, std::vector<std::vector<int32_t>>& toks) const {
+    for (int r = 0; r < B; ++r) {
+      if (!prompt_encoded) {
+        rows.push_back(req.caches[r]);
+        toks.push_back(req.input_ids[r]);
+      } else if (!(skip_finished && finished_seq[r])) {
+        rows.push_back(req.caches[r]);
         toks.emplace_back(res.new_tokens[r].end() - L, res.new_tokens[r].end());
       }
-      if (!rows.empty()) {
-        backend.encode(rows, toks);
-        res.encoder_forwards++;
-      }
     }
-    std::vector<char> live_at_start(B);
-    for (int r = 0; r < B; ++r) live_at_start[r] = !finished_seq[r];
+  }
 
-    noise.canvas(c, 0, B, L, canvas.data());
+  void start_canvas() {
+    for (int r = 0; r < B; ++r) live_at_start[r] = !finished_seq[r];
+    noise->canvas(c, 0, B, L, canvas.data());
     check_ids(canvas);
     argmax = canvas;
     std::fill(finished_denoise.begin(), finished_denoise.end(), 0);
     std::fill(steps_now.begin(), steps_now.end(), 0);
     std::fill(history.begin(), history.end(), -1);
-    bool have_sc = false;
+    have_sc = false;
+    step = 1, n = N;
+    phase = Phase::kDenoise;
+  }
 
-    for (int step = 1, n = N; n >= 1; --n, ++step) {
-      std::vector<int> active;
-      for (int r = 0; r < B; ++r) {
-        if (!finished_denoise[r] && !finished_seq[r]) passes[r]++, steps_now[r]++;
-        if (!finished_denoise[r] && !(skip_finished && finished_seq[r])) active.push_back(r);
-      }
-      const auto t_step = Clock::now();
-      const int A = static_cast<int>(active.size());
-      if (A > 0) {
-        active_canvas.resize(static_cast<size_t>(A) * L);
-        logits.resize(static_cast<size_t>(A) * L * V);
-        for (int a = 0; a < A; ++a)
-          std::copy_n(canvas.begin() + static_cast<size_t>(active[a]) * L, L, active_canvas.begin() + static_cast<size_t>(a) * L);
-        const float* sc_in = nullptr;
-        if (have_sc) {
-          active_sc.resize(static_cast<size_t>(A) * L * V);
-          for (int a = 0; a < A; ++a)
-            std::copy_n(sc.begin() + static_cast<size_t>(active[a]) * L * V, static_cast<size_t>(L) * V,
-                        active_sc.begin() + static_cast<size_t>(a) * L * V);
-          sc_in = active_sc.data();
-        }
-        std::vector<const SeqCache*> ro;
-        for (int r : active) ro.push_back(caches[r]);
-        backend.decode(ro, active_canvas.data(), L, sc_in, logits.data());
-        res.decoder_forwards++;
-      }
-      noise.uniform(c, step, B, L, uni.data());
-      for (double u : uni)
-        DG_REQUIRE(u >= 0.0 && u < 1.0, InvalidArgument, "noise source returned uniform " << u << " outside [0, 1)");
-      noise.canvas(c, step, B, L, fresh.data());
-      check_ids(fresh);
-
-      // Temperature in float32 as the reference's LinearTemperatureScheduleLogitsProcessor computes it.
-      const float ratio = static_cast<float>(n) / static_cast<float>(N);
-      const float temperature =
-          static_cast<float>(params.t_min) + static_cast<float>(params.t_max - params.t_min) * ratio;
-      const long positions = static_cast<long>(A) * L;
-#pragma omp parallel
-      {
-        std::vector<double> cdf(V);
-        std::vector<float> ex(V);
-#pragma omp for schedule(static)
-        for (long i = 0; i < positions; ++i) {
-          const int a = static_cast<int>(i / L), j = static_cast<int>(i % L), r = active[a];
-          const size_t rj = static_cast<size_t>(r) * L + j;
-          const Sampled s = sample_position(logits.data() + static_cast<size_t>(i) * V, sc.data() + rj * V, V,
-                                            temperature, uni[rj], ex, cdf);
-          sample[rj] = s.token;
-          argmax[rj] = s.argmax;
-          entropy[rj] = s.entropy;
-        }
-      }
-      for (int r : active) {
-        const size_t base = static_cast<size_t>(r) * L;
-        // Entropy-bound acceptance: accept the lowest-entropy positions while the sum of the
-        // entropies before each stays within the bound (cumsum accumulates in float64 on the CPU).
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(),
-                         [&](int x, int y) { return entropy[base + x] < entropy[base + y]; });
-        double cum = 0;
-        for (int j : order) {
-          const float e = entropy[base + j];
-          cum += e;
-          const bool accept = static_cast<float>(cum) - e <= static_cast<float>(params.entropy_bound);
-          canvas[base + j] = accept ? sample[base + j] : fresh[base + j];
-        }
-        if (params.adaptive_stopping) {
-          bool stable = true;
-          if (thr > 0) {
-            for (int k = 0; k < thr && stable; ++k)
-              stable = std::equal(argmax.begin() + base, argmax.begin() + base + L,
-                                  history.begin() + (static_cast<size_t>(k) * B + r) * L);
-            for (int k = 0; k + 1 < thr; ++k)
-              std::copy_n(history.begin() + (static_cast<size_t>(k + 1) * B + r) * L, L,
-                          history.begin() + (static_cast<size_t>(k) * B + r) * L);
-            std::copy_n(argmax.begin() + base, L, history.begin() + (static_cast<size_t>(thr - 1) * B + r) * L);
-          }
-          float esum = 0;
-          for (int j = 0; j < L; ++j) esum += entropy[base + j];
-          const bool confident = esum / static_cast<float>(L) < params.confidence_threshold;
-          if (stable && confident) finished_denoise[r] = 1;
-        }
-      }
-      have_sc = true;
-      res.denoise_s += seconds_since(t_step);
-      if (callbacks.on_step) callbacks.on_step(argmax.data(), B, L);
-      bool any_left = false;
-      for (int r = 0; r < B; ++r) any_left |= !finished_denoise[r] && !(skip_finished && finished_seq[r]);
-      if (!any_left) break;
+  // The rows this step denoises.
+  void begin_step() {
+    active.clear();
+    for (int r = 0; r < B; ++r) {
+      if (!finished_denoise[r] && !finished_seq[r]) passes[r]++, steps_now[r]++;
+      if (!finished_denoise[r] && !(skip_finished && finished_seq[r])) active.push_back(r);
     }
+    if (!active.empty() && sc.empty()) sc.resize(static_cast<size_t>(B) * L * V);
+  }
 
-    // Commit the argmax canvas; EOS handling as the reference's _finalize_canvas.
+  // Sampling, acceptance and stopping for this step from the active rows' logits [A, L, V];
+  // commits the canvas when it is over. Returns the non-pad tokens committed.
+  long end_step(const float* logits) {
+    const SamplerParams& p = req.params;
+    const int A = static_cast<int>(active.size());
+    if (A > 0) res.decoder_forwards++;
+    noise->uniform(c, step, B, L, uni.data());
+    for (double u : uni)
+      DG_REQUIRE(u >= 0.0 && u < 1.0, InvalidArgument, "noise source returned uniform " << u << " outside [0, 1)");
+    noise->canvas(c, step, B, L, fresh.data());
+    check_ids(fresh);
+
+    // Temperature in float32 as the reference's LinearTemperatureScheduleLogitsProcessor computes it.
+    const float ratio = static_cast<float>(n) / static_cast<float>(N);
+    const float temperature = static_cast<float>(p.t_min) + static_cast<float>(p.t_max - p.t_min) * ratio;
+    const long positions = static_cast<long>(A) * L;
+#pragma omp parallel if (positions > 1)
+    {
+      std::vector<double> cdf(V);
+      std::vector<float> ex(V);
+#pragma omp for schedule(static)
+      for (long i = 0; i < positions; ++i) {
+        const int a = static_cast<int>(i / L), j = static_cast<int>(i % L), r = active[a];
+        const size_t rj = static_cast<size_t>(r) * L + j;
+        const Sampled s = sample_position(logits + static_cast<size_t>(i) * V, sc.data() + rj * V, V, temperature,
+                                          uni[rj], ex, cdf);
+        sample[rj] = s.token;
+        argmax[rj] = s.argmax;
+        entropy[rj] = s.entropy;
+      }
+    }
+    for (int r : active) {
+      const size_t base = static_cast<size_t>(r) * L;
+      // Entropy-bound acceptance: accept the lowest-entropy positions while the sum of the
+      // entropies before each stays within the bound (cumsum accumulates in float64 on the CPU).
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return entropy[base + x] < entropy[base + y]; });
+      double cum = 0;
+      for (int j : order) {
+        const float e = entropy[base + j];
+        cum += e;
+        const bool accept = static_cast<float>(cum) - e <= static_cast<float>(p.entropy_bound);
+        canvas[base + j] = accept ? sample[base + j] : fresh[base + j];
+      }
+      if (p.adaptive_stopping) {
+        bool stable = true;
+        if (thr > 0) {
+          for (int k = 0; k < thr && stable; ++k)
+            stable = std::equal(argmax.begin() + base, argmax.begin() + base + L,
+                                history.begin() + (static_cast<size_t>(k) * B + r) * L);
+          for (int k = 0; k + 1 < thr; ++k)
+            std::copy_n(history.begin() + (static_cast<size_t>(k + 1) * B + r) * L, L,
+                        history.begin() + (static_cast<size_t>(k) * B + r) * L);
+          std::copy_n(argmax.begin() + base, L, history.begin() + (static_cast<size_t>(thr - 1) * B + r) * L);
+        }
+        float esum = 0;
+        for (int j = 0; j < L; ++j) esum += entropy[base + j];
+        const bool confident = esum / static_cast<float>(L) < p.confidence_threshold;
+        if (stable && confident) finished_denoise[r] = 1;
+      }
+    }
+    have_sc = true;
+    if (req.callbacks.on_step) req.callbacks.on_step(argmax.data(), B, L);
+    bool any_left = false;
+    for (int r = 0; r < B; ++r) any_left |= !finished_denoise[r] && !(skip_finished && finished_seq[r]);
+    ++step, --n;
+    if (any_left && n >= 1) return 0;
+    return commit_canvas();
+  }
+
+  // Commit the argmax canvas; EOS handling as the reference's _finalize_canvas.
+  long commit_canvas() {
+    const SamplerParams& p = req.params;
     std::vector<int32_t> block = argmax;
     std::vector<char> eos_now(B, 0);
+    auto is_eos = [&](int32_t t) { return std::find(p.eos_token_id.begin(), p.eos_token_id.end(), t) != p.eos_token_id.end(); };
     for (int r = 0; r < B; ++r)
-      for (int j = 0; j < L && !eos_now[r]; ++j)
-        eos_now[r] = std::find(params.eos_token_id.begin(), params.eos_token_id.end(),
-                               block[static_cast<size_t>(r) * L + j]) != params.eos_token_id.end();
+      for (int j = 0; j < L && !eos_now[r]; ++j) eos_now[r] = is_eos(block[static_cast<size_t>(r) * L + j]);
+    long committed = 0;
     for (int r = 0; r < B; ++r) {
       int32_t* row = block.data() + static_cast<size_t>(r) * L;
-      if (params.pad_token_id) {
-        const int32_t pad = *params.pad_token_id;
+      if (p.pad_token_id) {
+        const int32_t pad = *p.pad_token_id;
         if (finished_seq[r]) {
           std::fill(row, row + L, pad);
         } else if (eos_now[r]) {
           bool seen = false;
           for (int j = 0; j < L; ++j) {
-            const bool is_eos =
-                std::find(params.eos_token_id.begin(), params.eos_token_id.end(), row[j]) != params.eos_token_id.end();
+            const bool e = is_eos(row[j]);
             if (seen) row[j] = pad;
-            seen |= is_eos;
+            seen |= e;
           }
         }
+        committed += std::count_if(row, row + L, [&](int32_t t) { return t != pad; });
+      } else {
+        committed += L;
       }
       res.new_tokens[r].insert(res.new_tokens[r].end(), row, row + L);
       if (live_at_start[r]) res.steps_per_canvas[r].push_back(steps_now[r]);
       finished_seq[r] |= eos_now[r];
     }
-    if (callbacks.on_block) callbacks.on_block(block.data(), B, L);
-    if (std::all_of(finished_seq.begin(), finished_seq.end(), [](char f) { return f != 0; })) break;
+    if (req.callbacks.on_block) req.callbacks.on_block(block.data(), B, L);
+    const bool all_done = std::all_of(finished_seq.begin(), finished_seq.end(), [](char f) { return f != 0; });
+    if (all_done || c + 1 >= max_canvases) {
+      phase = Phase::kDone;
+    } else {
+      ++c;
+      phase = Phase::kEncode;
+    }
+    return committed;
   }
 
-  res.tokens_per_forward.resize(B);
-  for (int r = 0; r < B; ++r) {
-    long valid = static_cast<long>(res.new_tokens[r].size());
-    if (params.pad_token_id)
-      valid = std::count_if(res.new_tokens[r].begin(), res.new_tokens[r].end(),
-                            [&](int32_t t) { return t != *params.pad_token_id; });
-    res.tokens_per_forward[r] = passes[r] > 0 ? static_cast<double>(valid) / passes[r] : 0.0;
+  void finalize() {
+    res.tokens_per_forward.resize(B);
+    for (int r = 0; r < B; ++r) {
+      long valid = static_cast<long>(res.new_tokens[r].size());
+      if (req.params.pad_token_id)
+        valid = std::count_if(res.new_tokens[r].begin(), res.new_tokens[r].end(),
+                              [&](int32_t t) { return t != *req.params.pad_token_id; });
+      res.tokens_per_forward[r] = passes[r] > 0 ? static_cast<double>(valid) / passes[r] : 0.0;
+    }
+    res.total_s = seconds_since(t_submit);
   }
-  res.total_s = seconds_since(t_start);
-  return res;
+
+  void release() {
+    for (SeqCache* c : req.caches) {
+      c->release_reservation();
+      if (!req.keep_cache) c->clear();
+      c->unclaim();
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The scheduler
+
+Scheduler::Scheduler(Backend& backend, const ModelConfig& cfg, std::shared_ptr<BlockPool> pool,
+                     std::recursive_mutex& forward_mu, int max_rows, int num_threads)
+    : backend_(backend), cfg_(cfg), pool_(std::move(pool)), forward_mu_(forward_mu), max_rows_(max_rows),
+      num_threads_(num_threads) {
+  DG_REQUIRE(max_rows > 0, InvalidArgument, "max_batch_size must be positive");
+  thread_ = std::thread([this] { loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
+  validate(req.params, cfg_);
+  const int B = static_cast<int>(req.caches.size());
+  const int L = cfg_.canvas_length;
+  DG_REQUIRE(B > 0 && static_cast<int>(req.input_ids.size()) == B, InvalidArgument,
+             "a request needs one cache row per input row (got " << B << " and " << req.input_ids.size() << ")");
+  DG_REQUIRE(B <= max_rows_, InvalidArgument,
+             "a batch of " << B << " rows is larger than max_batch_size " << max_rows_ << " (raise max_batch_size)");
+  for (size_t r = 0; r < req.input_ids.size(); ++r) {
+    DG_REQUIRE(!req.input_ids[r].empty(), InvalidArgument, "input_ids row " << r << " is empty");
+    DG_REQUIRE(&req.caches[r]->pool() == pool_.get(), InvalidArgument, "this KVCache belongs to another Engine");
+  }
+  const long canvases = (static_cast<long>(req.params.max_new_tokens) + L - 1) / L;
+  DG_REQUIRE(canvases * L <= cfg_.max_position_embeddings, InvalidArgument,
+             "max_new_tokens " << req.params.max_new_tokens << " exceeds max_position_embeddings "
+                               << cfg_.max_position_embeddings);
+  for (int r = 0; r < B; ++r) {
+    const long final_len = req.caches[r]->length() + static_cast<long>(req.input_ids[r].size()) + canvases * L;
+    DG_REQUIRE(final_len <= cfg_.max_position_embeddings, InvalidArgument,
+               "prompt plus " << canvases * L << " new tokens (" << final_len << ") exceeds max_position_embeddings "
+                              << cfg_.max_position_embeddings);
+  }
+  auto job = std::make_unique<Job>(std::move(req), cfg_);
+  job->compute_needs(*pool_);
+  DG_REQUIRE(job->need_full <= pool_->total_blocks(0), ResourceError,
+             "KV cache pool too small: this request needs " << static_cast<long>(job->need_full) * pool_->block_size()
+                 << " tokens of full-attention cache but the pool holds "
+                 << static_cast<long>(pool_->total_blocks(0)) * pool_->block_size() << "; raise kv_cache_tokens");
+  DG_REQUIRE(job->need_sliding <= pool_->total_blocks(1), ResourceError,
+             "KV cache pool too small for " << B << " rows of sliding-window cache; raise max_batch_size");
+  // Claim the rows last, so that a refused request leaves them free.
+  int claimed = 0;
+  for (; claimed < B; ++claimed)
+    if (!job->req.caches[claimed]->try_claim()) break;
+  if (claimed < B) {
+    for (int r = 0; r < claimed; ++r) job->req.caches[r]->unclaim();
+    DG_THROW(InvalidArgument, "this KVCache is in use by another request that has not finished");
+  }
+  job->t_submit = Clock::now();
+  job->handle = std::make_shared<RequestHandle>();
+  job->handle->scheduler_thread_ = thread_.get_id();
+  auto handle = job->handle;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) {
+      job->release();
+      DG_THROW(Cancelled, "the engine is shutting down");
+    }
+    handle->id_ = next_id_++;
+    queue_.push_back(std::move(job));
+    stats_.queued_requests = static_cast<int>(queue_.size());
+  }
+  cv_.notify_all();
+  return handle;
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void Scheduler::finish(Job& job, std::exception_ptr error) {
+  job.release();
+  job.finalize();
+  job.phase = Job::Phase::kDone;
+  RequestHandle::Status st = RequestHandle::Status::kDone;
+  if (error) {
+    st = RequestHandle::Status::kFailed;
+    try {
+      std::rethrow_exception(error);
+    } catch (const Cancelled&) {
+      st = RequestHandle::Status::kCancelled;
+    } catch (...) {
+    }
+  }
+  // What the caller gave us goes before the caller can see the end, so that once it has the result
+  // nothing of the request is held here any more (its caches' blocks included).
+  job.req.callbacks = GenerateCallbacks{};
+  job.req.noise.reset();
+  job.noise = &job.seeded;
+  job.req.keep_alive.reset();
+  job.req.caches.clear();
+  if (job.req.on_done) {
+    auto done = std::move(job.req.on_done);
+    job.req.on_done = nullptr;
+    try {
+      done();
+    } catch (...) {  // a failing notification must not take the scheduler down
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (st == RequestHandle::Status::kDone) stats_.completed++;
+    if (st == RequestHandle::Status::kFailed) stats_.failed++;
+    if (st == RequestHandle::Status::kCancelled) stats_.cancelled++;
+  }
+  RequestHandle& h = *job.handle;
+  {
+    std::lock_guard<std::mutex> lock(h.mu_);
+    h.status_ = st;
+    h.error_ = error;
+    if (!error) h.result_ = std::move(job.res);
+  }
+  h.cv_.notify_all();
+}
+
+void Scheduler::admit() {
+  std::vector<std::unique_ptr<Job>> cancelled, refused;
+  bool stopping = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping = stop_;
+    int rows = 0;
+    for (const auto& j : running_) rows += j->B;
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if ((*it)->handle->cancel_requested() || stopping) {
+        cancelled.push_back(std::move(*it));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    // First come, first served: the head waits for room rather than being overtaken.
+    while (!queue_.empty()) {
+      Job& j = *queue_.front();
+      if (rows + j.B > max_rows_) break;
+      j.compute_needs(*pool_);
+      if (!pool_->reserve(j.need_full, j.need_sliding)) {
+        if (running_.empty()) {  // nothing running will free blocks: waiting would be forever
+          refused.push_back(std::move(queue_.front()));
+          queue_.pop_front();
+          continue;
+        }
+        break;
+      }
+      // Hand the reservation to the rows, each its own share.
+      for (int r = 0; r < j.B; ++r) {
+        SeqCache& c = *j.req.caches[r];
+        const long final_len = c.length() + static_cast<long>(j.req.input_ids[r].size()) +
+                               static_cast<long>(j.max_canvases - 1) * j.L;
+        c.add_reservation(pool_->total_blocks(0) ? c.full_blocks_needed(static_cast<int>(final_len)) : 0,
+                          pool_->total_blocks(1) ? std::max(0, c.sliding_blocks_peak() - c.sliding_blocks_held()) : 0);
+      }
+      j.admitted = true;
+      j.t_admit = Clock::now();
+      j.res.queue_s = seconds_since(j.t_submit);
+      {
+        std::lock_guard<std::mutex> hl(j.handle->mu_);
+        j.handle->status_ = RequestHandle::Status::kRunning;
+      }
+      rows += j.B;
+      running_.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+    stats_.queued_requests = static_cast<int>(queue_.size());
+    stats_.running_requests = static_cast<int>(running_.size());
+    stats_.active_rows = rows;
+  }
+  for (auto& j : cancelled)
+    finish(*j, std::make_exception_ptr(Cancelled(stopping ? "the engine shut down before the request ran"
+                                                       : "the request was cancelled before it started")));
+  for (auto& j : refused) {
+    std::ostringstream msg;
+    msg << "KV cache pool too small: this request needs " << static_cast<long>(j->need_full) * pool_->block_size()
+        << " tokens of full-attention cache and " << j->need_sliding << " sliding-window blocks but only "
+        << static_cast<long>(pool_->available_blocks(0)) * pool_->block_size() << " tokens and "
+        << pool_->available_blocks(1)
+        << " blocks are free; raise kv_cache_tokens / max_batch_size (or drop old results and caches)";
+    finish(*j, std::make_exception_ptr(ResourceError(msg.str())));
+  }
+}
+
+void Scheduler::run_encodes() {
+  std::vector<Job*> jobs;
+  std::vector<SeqCache*> rows;
+  std::vector<std::vector<int32_t>> toks;
+  for (auto& j : running_) {
+    if (j->phase != Job::Phase::kEncode) continue;
+    const size_t before = rows.size();
+    j->encode_inputs(rows, toks);
+    if (rows.size() > before) jobs.push_back(j.get());
+    else j->prompt_encoded = true;  // every row already finished: nothing to add to the caches
+  }
+  if (!rows.empty()) {
+    try {
+      std::lock_guard<std::recursive_mutex> lock(forward_mu_);
+      backend_.encode(rows, toks);
+    } catch (...) {
+      for (Job* j : jobs) finish(*j, std::current_exception());
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.encoder_passes++;
+  }
+  for (Job* j : jobs) {
+    j->res.encoder_forwards++;
+    if (!j->prompt_encoded) j->res.prefill_s = seconds_since(j->t_admit);
+    j->prompt_encoded = true;
+  }
+  for (auto& j : running_) {
+    if (j->phase != Job::Phase::kEncode) continue;
+    try {
+      j->start_canvas();
+    } catch (...) {
+      finish(*j, std::current_exception());
+    }
+  }
+}
+
+void Scheduler::run_step() {
+  std::vector<Job*> jobs;
+  std::vector<const SeqCache*> rows;
+  std::vector<int32_t> canvas;
+  std::vector<const float*> sc;
+  std::vector<size_t> offset;
+  const int L = cfg_.canvas_length, V = cfg_.vocab_size;
+  for (auto& j : running_) {
+    if (j->phase != Job::Phase::kDenoise) continue;
+    j->begin_step();
+    jobs.push_back(j.get());
+    offset.push_back(rows.size());
+    for (int r : j->active) {
+      rows.push_back(j->req.caches[r]);
+      canvas.insert(canvas.end(), j->canvas.begin() + static_cast<size_t>(r) * L,
+                    j->canvas.begin() + static_cast<size_t>(r + 1) * L);
+      sc.push_back(j->have_sc ? j->sc.data() + static_cast<size_t>(r) * L * V : nullptr);
+    }
+  }
+  if (jobs.empty()) return;
+  const auto t0 = Clock::now();
+  std::vector<float> logits(rows.size() * static_cast<size_t>(L) * V);
+  if (!rows.empty()) {
+    if (std::none_of(sc.begin(), sc.end(), [](const float* p) { return p != nullptr; })) sc.clear();
+    try {
+      std::lock_guard<std::recursive_mutex> lock(forward_mu_);
+      backend_.decode(rows, canvas.data(), L, sc, logits.data());
+    } catch (...) {
+      for (Job* j : jobs) finish(*j, std::current_exception());
+      return;
+    }
+  }
+  const double decode_s = seconds_since(t0);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!rows.empty()) stats_.decoder_passes++;
+    stats_.row_steps += static_cast<long long>(rows.size());
+  }
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Job& j = *jobs[i];
+    const auto t1 = Clock::now();
+    long committed = 0;
+    try {
+      committed = j.end_step(logits.data() + offset[i] * L * V);
+    } catch (...) {
+      finish(j, std::current_exception());
+      continue;
+    }
+    j.res.denoise_s += decode_s + seconds_since(t1);
+    if (committed) {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.committed_tokens += committed;
+    }
+    if (j.phase == Job::Phase::kDone) finish(j, nullptr);
+  }
+}
+
+namespace {
+thread_local bool t_scheduler_thread = false;
+}
+
+bool Scheduler::on_any_scheduler_thread() { return t_scheduler_thread; }
+
+void Scheduler::loop() {
+  t_scheduler_thread = true;
+#ifdef _OPENMP
+  if (num_threads_ > 0) omp_set_num_threads(num_threads_);
+#endif
+  for (;;) {
+    bool stopping = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !running_.empty(); });
+      if (stop_ && queue_.empty() && running_.empty()) return;
+      stopping = stop_;
+    }
+    admit();
+    for (auto& j : running_)
+      if (j->phase != Job::Phase::kDone && (stopping || j->handle->cancel_requested()))
+        finish(*j, std::make_exception_ptr(Cancelled(stopping ? "the engine shut down while the request ran"
+                                                           : "the request was cancelled")));
+    run_encodes();
+    run_step();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                    [](const std::unique_ptr<Job>& j) { return j->phase == Job::Phase::kDone; }),
+                     running_.end());
+      int rows = 0;
+      for (const auto& j : running_) rows += j->B;
+      stats_.running_requests = static_cast<int>(running_.size());
+      stats_.active_rows = rows;
+    }
+  }
 }
 
 }  // namespace dgemma

@@ -1,11 +1,22 @@
-// The block-diffusion generate loop (the reference's DiffusionGemmaGenerationMixin.generate), native:
-// encode what is not cached, denoise a canvas with the linear temperature schedule, entropy-bound
-// acceptance, renoising and stable-and-confident stopping, commit the argmax canvas, repeat.
+// The block-diffusion generate loop (the reference's DiffusionGemmaGenerationMixin.generate), native,
+// with continuous batching: every request is a job whose rows run in lock step exactly as the
+// reference's batched generate does (encode what is not cached, denoise a canvas with the linear
+// temperature schedule, entropy-bound acceptance, renoising, stable-and-confident stopping, commit
+// the argmax canvas, repeat), and one scheduler thread runs the denoising steps of every admitted
+// job in shared decoder passes. Jobs join and leave between steps; each keeps its own canvas, step
+// counter, temperature schedule, stopping state and KV blocks.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <exception>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "backend/backend.h"
@@ -32,7 +43,8 @@ struct SamplerParams {
 void validate(const SamplerParams& p, const ModelConfig& cfg);
 
 // Randomness of the sampler. The default is counter-based (keyed by seed, canvas, step, row and
-// position), so a seed gives the same output on every run and from any thread.
+// position), so a seed gives the same output on every run, from any thread, alone or batched
+// with other requests.
 class NoiseSource {
  public:
   virtual ~NoiseSource() = default;
@@ -64,13 +76,107 @@ struct GenerateResult {
   std::vector<std::vector<int32_t>> new_tokens;     // per row: the committed canvases
   std::vector<double> tokens_per_forward;           // per row
   std::vector<std::vector<int>> steps_per_canvas;   // per row: decoder passes for each canvas it was live in
-  double prefill_s = 0, denoise_s = 0, total_s = 0;
+  // queue_s: submitted -> admitted; prefill_s: admitted -> prompt encoded; denoise_s: the decoder
+  // steps this request took part in (shared with the other rows of those passes); total_s: submitted -> done.
+  double queue_s = 0, prefill_s = 0, denoise_s = 0, total_s = 0;
   int decoder_forwards = 0, encoder_forwards = 0;
 };
 
-// caches: one per row, already holding any previous turns; input_ids: the uncached tokens per row.
-GenerateResult generate(Backend& backend, const ModelConfig& cfg, const std::vector<SeqCache*>& caches,
-                        const std::vector<std::vector<int32_t>>& input_ids, const SamplerParams& params,
-                        NoiseSource& noise, const GenerateCallbacks& callbacks);
+// One generate call: rows (one SeqCache each, possibly holding earlier turns) and their uncached tokens.
+struct GenerateRequest {
+  std::vector<SeqCache*> caches;
+  std::shared_ptr<void> keep_alive;  // owner of the caches, held until the request is done
+  std::vector<std::vector<int32_t>> input_ids;
+  SamplerParams params;
+  std::shared_ptr<NoiseSource> noise;  // null: SeededNoise(params.seed)
+  GenerateCallbacks callbacks;         // called on the scheduler thread, between steps
+  std::function<void()> on_done;       // when the request ends, just before its handle says so (scheduler thread)
+  bool keep_cache = true;              // false: the caches are cleared (blocks back to the pool) at the end
+};
+
+// The caller's side of a submitted request.
+class RequestHandle {
+ public:
+  enum class Status { kQueued, kRunning, kDone, kFailed, kCancelled };
+
+  uint64_t id() const { return id_; }
+  Status status() const;
+  bool finished() const;
+  // Asks the scheduler to drop the request at the next step boundary (or at once if still queued).
+  // Its KV reservation goes back to the pool; the caches keep the tokens committed so far.
+  void cancel() { cancel_.store(true); }
+  bool cancel_requested() const { return cancel_.load(); }
+  // Waiting from inside a callback of the same engine throws InvalidArgument (it could never end).
+  void wait() const;
+  bool wait_for(double seconds) const;  // true once finished
+  // Waits, then returns the result or rethrows the request's error (Cancelled when cancelled).
+  const GenerateResult& result() const;
+
+ private:
+  friend class Scheduler;
+  void check_not_scheduler_thread() const;
+  uint64_t id_ = 0;
+  std::thread::id scheduler_thread_;
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  Status status_ = Status::kQueued;
+  GenerateResult result_;
+  std::exception_ptr error_;
+  std::atomic<bool> cancel_{false};
+};
+
+struct SchedulerStats {
+  int queued_requests = 0, running_requests = 0, active_rows = 0;
+  long long decoder_passes = 0, encoder_passes = 0;  // shared forwards run so far
+  long long row_steps = 0;                           // rows denoised, summed over passes
+  long long committed_tokens = 0;                    // non-pad tokens committed
+  long long completed = 0, failed = 0, cancelled = 0;
+};
+
+class Scheduler {
+ public:
+  // forward_mu is held around every backend forward (the engine's direct encode/decode take it too).
+  // max_rows bounds the rows denoised together; num_threads sets the scheduler thread's OpenMP
+  // threads (0: the process default).
+  Scheduler(Backend& backend, const ModelConfig& cfg, std::shared_ptr<BlockPool> pool, std::recursive_mutex& forward_mu,
+            int max_rows, int num_threads);
+  ~Scheduler();  // fails what is still queued or running with Cancelled and joins the thread
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Checks the request (throws InvalidArgument / ResourceError for one that can never run) and queues it.
+  std::shared_ptr<RequestHandle> submit(GenerateRequest req);
+  SchedulerStats stats() const;
+  int max_rows() const { return max_rows_; }
+  // True inside callbacks: waiting for a request there would wait for the thread doing the waiting.
+  bool on_scheduler_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
+  // True on the thread of any engine's scheduler (where dropping the last reference to an engine
+  // would make it join itself).
+  static bool on_any_scheduler_thread();
+
+ private:
+  struct Job;
+  void loop();
+  void admit();
+  void run_encodes();
+  void run_step();
+  void finish(Job& job, std::exception_ptr error);
+
+  Backend& backend_;
+  const ModelConfig& cfg_;
+  std::shared_ptr<BlockPool> pool_;
+  std::recursive_mutex& forward_mu_;
+  const int max_rows_;
+  const int num_threads_;
+
+  mutable std::mutex mu_;  // queue_, running counters, stats_, stop_
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Job>> queue_;
+  std::vector<std::unique_ptr<Job>> running_;  // only touched by the scheduler thread
+  SchedulerStats stats_;
+  uint64_t next_id_ = 1;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 }  // namespace dgemma

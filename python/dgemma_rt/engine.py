@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
+import queue
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,9 +32,9 @@ class KVCache:
     Its blocks go back to the engine's pool when the object is dropped.
     """
 
-    def __init__(self, native: Any, engine: "Engine"):
+    def __init__(self, native: Any, config: dict[str, Any]):
         self._native = native
-        self._config = engine.config
+        self._config = config
 
     @property
     def batch_size(self) -> int:
@@ -67,10 +67,150 @@ class GenerateOutput:
     tokens_per_forward: np.ndarray
     #: per row, the decoder passes spent on each canvas the row was still generating in
     steps_per_canvas: list[list[int]]
-    #: the cache after this call (prompt and every committed canvas except the last)
-    past_key_values: KVCache
-    #: prefill_s, denoise_s, total_s, decoder_forwards, encoder_forwards
+    #: the cache after this call (prompt and every committed canvas except the last); None with keep_cache=False
+    past_key_values: KVCache | None
+    #: queue_s, prefill_s, denoise_s, total_s, decoder_forwards, encoder_forwards
     timings: dict[str, float] = field(default_factory=dict)
+
+
+#: Raised by ``Request.result()`` (and by ``generate`` on Ctrl-C) when a request was cancelled.
+RequestCancelled = _core.RequestCancelled
+
+
+def _make_output(
+    config: dict[str, Any], rows: list[list[int]], res: dict[str, Any], past: KVCache | None, keep_cache: bool = True
+) -> GenerateOutput:
+    seqs = [np.asarray(p + n, dtype=np.int64) for p, n in zip(rows, res["new_tokens"])]
+    sequences: np.ndarray | list[np.ndarray] = seqs
+    if len({len(s) for s in seqs}) == 1:
+        sequences = np.stack(seqs)
+    cache = past if past is not None else KVCache(res["past_key_values"], config) if keep_cache else None
+    return GenerateOutput(
+        sequences=sequences,
+        tokens_per_forward=np.asarray(res["tokens_per_forward"], dtype=np.float64),
+        steps_per_canvas=[list(s) for s in res["steps_per_canvas"]],
+        past_key_values=cache,
+        timings=dict(res["timings"]),
+    )
+
+
+@dataclass
+class Event:
+    """What iterating a :class:`Request` yields.
+
+    ``kind`` is ``"step"`` (``canvas`` is the argmax draft of the current canvas after denoising
+    step ``step``), ``"block"`` (``canvas`` is a committed canvas, after EOS/pad handling) or
+    ``"done"`` (``output`` holds the :class:`GenerateOutput`). ``canvas`` is ``[batch, canvas_length]``.
+    """
+
+    kind: str
+    canvas_index: int
+    step: int = 0
+    canvas: np.ndarray | None = None
+    output: GenerateOutput | None = None
+
+
+class Request:
+    """A request running in the engine's scheduler (see :meth:`Engine.submit`).
+
+    Iterate it for :class:`Event` s as they happen, ``cancel()`` it from any thread, or wait for
+    ``result()``. Iteration ends with the ``"done"`` event, or raises the request's error
+    (``RequestCancelled`` if it was cancelled).
+    """
+
+    def __init__(self, engine: "Engine", rows: list[list[int]], past_key_values: "KVCache | None", keep_cache: bool):
+        # No reference to the engine: callbacks that outlive it must not keep it alive.
+        self._config = engine.config
+        self._rows = rows
+        self._past = past_key_values
+        self._keep_cache = keep_cache
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._canvas_index = 0
+        self._step = 0
+        self._native: Any = None
+        self._id = 0
+        self._final_status = "queued"
+        self._output: GenerateOutput | None = None
+        self._error: BaseException | None = None
+
+    # called on the scheduler thread
+    def _on_step(self, draft: np.ndarray) -> None:
+        self._step += 1
+        self._events.put(Event("step", self._canvas_index, self._step, draft))
+
+    def _on_block(self, block: np.ndarray) -> None:
+        self._events.put(Event("block", self._canvas_index, self._step, block))
+        self._canvas_index += 1
+        self._step = 0
+
+    def _on_done(self) -> None:
+        self._events.put(None)
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def status(self) -> str:
+        """``queued``, ``running``, ``done``, ``failed`` or ``cancelled``."""
+        return self._native.status if self._native is not None else self._final_status
+
+    @property
+    def done(self) -> bool:
+        return self._native.done if self._native is not None else True
+
+    def cancel(self) -> None:
+        """Drops the request at the next denoising step (at once if it has not started).
+
+        Its KV blocks go back to the pool; ``result()`` then raises ``RequestCancelled``.
+        """
+        if self._native is not None:
+            self._native.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits until the request has ended; False if ``timeout`` seconds passed first."""
+        return self._native.wait(timeout) if self._native is not None else True
+
+    def result(self, timeout: float | None = None) -> GenerateOutput:
+        """The :class:`GenerateOutput`, once done; raises the request's error if it failed."""
+        if self._native is not None:
+            if timeout is not None and not self._native.wait(timeout):
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+            if not self._native.wait(0):
+                # Still running: wait here (Ctrl-C cancels it). Errors of the waiting itself, such
+                # as waiting inside one of the engine's own callbacks, leave the request as it is.
+                try:
+                    self._native.wait()
+                except KeyboardInterrupt:
+                    self._native.cancel()
+                    raise
+            native, self._native = self._native, None
+            # Let go of the native handle once it has ended: an error raised by one of this
+            # request's callbacks refers (through its traceback) back to this object, a cycle
+            # through native code that the garbage collector could not see.
+            try:
+                self._output = _make_output(self._config, self._rows, native.result(), self._past, self._keep_cache)
+            except BaseException as e:
+                self._error = e
+                self._final_status = native.status
+                raise
+            finally:
+                if self._output is not None:
+                    self._final_status = "done"
+                native = None  # the raised error's traceback holds this frame
+
+        if self._error is not None:
+            raise self._error
+        return self._output
+
+    def __iter__(self):
+        while True:
+            ev = self._events.get()
+            if ev is None:
+                break
+            yield ev
+        out = self.result()
+        yield Event("done", self._canvas_index, 0, None, out)
 
 
 def _as_rows(input_ids: Any, vocab_size: int) -> list[list[int]]:
@@ -178,7 +318,6 @@ class Engine:
         self.config: dict[str, Any] = self._native.config
         self.generation_defaults: dict[str, Any] = self._native.generation_defaults
         self._tokenizer = _UNSET
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -205,7 +344,7 @@ class Engine:
         if native is not None and native.batch_size != len(rows):
             raise ValueError(f"past_key_values has {native.batch_size} rows but input_ids has {len(rows)}")
         cache = self._native.encode(rows, native)
-        return past_key_values if past_key_values is not None else KVCache(cache, self)
+        return past_key_values if past_key_values is not None else KVCache(cache, self.config)
 
     def denoise_logits(
         self, state: KVCache, canvas_ids: Any, self_conditioning_logits: np.ndarray | None = None
@@ -224,6 +363,94 @@ class Engine:
         return self._native.denoise_logits(state._native, canvas.astype(np.int32), sc)
 
     # ------------------------------------------------------------------ generation
+    def _params(self, kw: dict[str, Any]) -> dict[str, Any]:
+        g = self.generation_defaults
+
+        def pick(name: str) -> Any:
+            value = kw.get(name, _UNSET)
+            if value is not _UNSET:
+                return value
+            return g.get(name) if g.get(name) is not None else _SAMPLER_DEFAULTS[name]
+
+        params = {
+            "max_new_tokens": _check_int("max_new_tokens", pick("max_new_tokens")),
+            "max_denoising_steps": _check_int("max_denoising_steps", pick("max_denoising_steps")),
+            "entropy_bound": _check_float("entropy_bound", pick("entropy_bound")),
+            "t_min": _check_float("t_min", pick("t_min")),
+            "t_max": _check_float("t_max", pick("t_max")),
+            "stability_threshold": _check_int("stability_threshold", pick("stability_threshold")),
+            "confidence_threshold": _check_float("confidence_threshold", pick("confidence_threshold")),
+            "seed": _check_int("seed", kw.get("seed", 0)),
+            "adaptive_stopping": bool(kw.get("adaptive_stopping", True)),
+        }
+        if params["seed"] < 0 or params["seed"] >= 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {params['seed']}")
+        eos = kw.get("eos_token_id", _UNSET)
+        eos = g.get("eos_token_id") if eos is _UNSET else eos
+        if eos is None:
+            eos = []
+        elif isinstance(eos, (int, np.integer)):
+            eos = [int(eos)]
+        params["eos_token_id"] = [_check_int("eos_token_id", e) for e in eos]
+        pad = kw.get("pad_token_id", _UNSET)
+        pad = g.get("pad_token_id") if pad is _UNSET else pad
+        params["pad_token_id"] = None if pad is None else _check_int("pad_token_id", pad)
+        return params
+
+    def submit(
+        self,
+        input_ids: Any,
+        *,
+        on_step: Callable[[np.ndarray], None] | None = None,
+        on_block: Callable[[np.ndarray], None] | None = None,
+        noise: Callable[[str, tuple[int, int]], Any] | None = None,
+        past_key_values: KVCache | None = None,
+        keep_cache: bool = True,
+        **sampler: Any,
+    ) -> Request:
+        """Queues a generation request and returns its :class:`Request` handle at once.
+
+        Takes the same arguments as :meth:`generate`. Requests from any number of threads are
+        batched together: the scheduler admits a waiting request between denoising steps as soon
+        as a row (``max_batch_size``) and its KV blocks are free, and every admitted request's
+        rows share each decoder pass. Callbacks run on the scheduler thread between steps; keep
+        them short. ``keep_cache=False`` gives the request's KV blocks back to the pool the moment
+        it ends (the output's ``past_key_values`` is then None): what a server wants.
+        """
+        unknown = set(sampler) - set(_SAMPLER_DEFAULTS) - {"eos_token_id", "pad_token_id", "seed", "adaptive_stopping"}
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        rows = _as_rows(input_ids, self.config["vocab_size"])
+        params = self._params(sampler)
+        for name, fn in (("on_step", on_step), ("on_block", on_block), ("noise", noise)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be callable")
+        native_cache = None
+        if past_key_values is not None:
+            if not isinstance(past_key_values, KVCache):
+                raise ValueError("past_key_values must be a KVCache from an earlier generate() or encode()")
+            if past_key_values.batch_size != len(rows):
+                raise ValueError(f"past_key_values has {past_key_values.batch_size} rows but input_ids has {len(rows)}")
+            native_cache = past_key_values._native
+            if not keep_cache:
+                raise ValueError("keep_cache=False would empty the past_key_values passed in; pass keep_cache=True")
+        req = Request(self, rows, past_key_values, bool(keep_cache))
+
+        def step_cb(draft: np.ndarray) -> None:
+            req._on_step(draft)
+            if on_step is not None:
+                on_step(draft)
+
+        def block_cb(block: np.ndarray) -> None:
+            req._on_block(block)
+            if on_block is not None:
+                on_block(block)
+
+        req._native = self._native.submit(rows, params, noise, step_cb, block_cb, req._on_done, native_cache,
+                                          bool(keep_cache))
+        req._id = req._native.id
+        return req
+
     def generate(
         self,
         input_ids: Any,
@@ -242,6 +469,7 @@ class Engine:
         noise: Callable[[str, tuple[int, int]], Any] | None = None,
         past_key_values: KVCache | None = None,
         adaptive_stopping: bool = True,
+        keep_cache: bool = True,
     ) -> GenerateOutput:
         """Block-diffusion generation, token for token what transformers' ``generate`` computes.
 
@@ -250,62 +478,52 @@ class Engine:
         ``pad_token_id``. ``eos_token_id`` / ``pad_token_id`` default to the checkpoint's
         generation config. ``adaptive_stopping=False`` runs every canvas for exactly
         ``max_denoising_steps`` steps (for benchmarks).
+
+        Thread-safe: calls from many threads run concurrently and share decoder passes (the rows
+        of one call stay in lock step, as in the reference); a call's output does not depend on
+        what else is running. Ctrl-C cancels the request. ``keep_cache=False`` frees the KV
+        blocks at the end instead of returning them as ``past_key_values``.
         """
-        rows = _as_rows(input_ids, self.config["vocab_size"])
-        g = self.generation_defaults
-
-        def pick(name: str, value: Any) -> Any:
-            if value is not _UNSET:
-                return value
-            return g.get(name) if g.get(name) is not None else _SAMPLER_DEFAULTS[name]
-
-        params = {
-            "max_new_tokens": _check_int("max_new_tokens", pick("max_new_tokens", max_new_tokens)),
-            "max_denoising_steps": _check_int("max_denoising_steps", pick("max_denoising_steps", max_denoising_steps)),
-            "entropy_bound": _check_float("entropy_bound", pick("entropy_bound", entropy_bound)),
-            "t_min": _check_float("t_min", pick("t_min", t_min)),
-            "t_max": _check_float("t_max", pick("t_max", t_max)),
-            "stability_threshold": _check_int("stability_threshold", pick("stability_threshold", stability_threshold)),
-            "confidence_threshold": _check_float(
-                "confidence_threshold", pick("confidence_threshold", confidence_threshold)
-            ),
-            "seed": _check_int("seed", seed),
-            "adaptive_stopping": bool(adaptive_stopping),
+        if self._native.in_callback():
+            raise ValueError(
+                "generate() cannot be called inside an on_step/on_block callback of the same engine "
+                "(it would wait for the thread that runs the callback); use submit()"
+            )
+        sampler = {
+            k: v
+            for k, v in dict(
+                max_new_tokens=max_new_tokens,
+                max_denoising_steps=max_denoising_steps,
+                entropy_bound=entropy_bound,
+                t_min=t_min,
+                t_max=t_max,
+                stability_threshold=stability_threshold,
+                confidence_threshold=confidence_threshold,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            ).items()
+            if v is not _UNSET
         }
-        if params["seed"] < 0 or params["seed"] >= 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-        eos = g.get("eos_token_id") if eos_token_id is _UNSET else eos_token_id
-        if eos is None:
-            eos = []
-        elif isinstance(eos, (int, np.integer)):
-            eos = [int(eos)]
-        params["eos_token_id"] = [_check_int("eos_token_id", e) for e in eos]
-        pad = g.get("pad_token_id") if pad_token_id is _UNSET else pad_token_id
-        params["pad_token_id"] = None if pad is None else _check_int("pad_token_id", pad)
-        for name, fn in (("on_step", on_step), ("on_block", on_block), ("noise", noise)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{name} must be callable")
-        native_cache = None
-        if past_key_values is not None:
-            if not isinstance(past_key_values, KVCache):
-                raise ValueError("past_key_values must be a KVCache from an earlier generate() or encode()")
-            if past_key_values.batch_size != len(rows):
-                raise ValueError(f"past_key_values has {past_key_values.batch_size} rows but input_ids has {len(rows)}")
-            native_cache = past_key_values._native
-
-        res = self._native.generate(rows, params, noise, on_step, on_block, native_cache)
-        seqs = [np.asarray(p + n, dtype=np.int64) for p, n in zip(rows, res["new_tokens"])]
-        sequences: np.ndarray | list[np.ndarray] = seqs
-        if len({len(s) for s in seqs}) == 1:
-            sequences = np.stack(seqs)
-        cache = past_key_values if past_key_values is not None else KVCache(res["past_key_values"], self)
-        return GenerateOutput(
-            sequences=sequences,
-            tokens_per_forward=np.asarray(res["tokens_per_forward"], dtype=np.float64),
-            steps_per_canvas=[list(s) for s in res["steps_per_canvas"]],
-            past_key_values=cache,
-            timings=dict(res["timings"]),
+        req = self.submit(
+            input_ids,
+            on_step=on_step,
+            on_block=on_block,
+            noise=noise,
+            past_key_values=past_key_values,
+            keep_cache=keep_cache,
+            seed=seed,
+            adaptive_stopping=adaptive_stopping,
+            **sampler,
         )
+        return req.result()
+
+    def scheduler_stats(self) -> dict[str, int]:
+        """Queue depth, running requests, active rows and counters of the continuous batcher."""
+        return dict(self._native.scheduler_stats())
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._native.max_batch_size
 
     def generate_text(self, prompt: str | list[dict] | list[str] | list[list[dict]], **kwargs: Any) -> str | list[str]:
         """Text in, text out: a string, a chat (list of {"role", "content"} dicts), or a list of either.

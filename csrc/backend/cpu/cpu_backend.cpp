@@ -304,7 +304,7 @@ void CpuBackend::encode(const std::vector<SeqCache*>& caches, const std::vector<
 }
 
 void CpuBackend::decode(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
-                        const float* sc_logits, float* logits) {
+                        const std::vector<const float*>& sc_logits, float* logits) {
   const int R = static_cast<int>(caches.size());
   const int H = cfg_.hidden_size, V = cfg_.vocab_size, I = cfg_.intermediate_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -326,21 +326,32 @@ void CpuBackend::decode(const std::vector<const SeqCache*>& caches, const int32_
   }
 
   // Self-conditioning: softmax(previous logits) @ E * sqrt(H) -> pre_norm -> gated MLP, added to the
-  // embeddings, then RMSNorm without scale. With no previous logits the signal is exactly zero.
-  if (sc_logits) {
-    std::vector<float> probs(sc_logits, sc_logits + static_cast<size_t>(T) * V);
+  // embeddings, then RMSNorm without scale. A row with no previous logits gets exactly zero.
+  DG_CHECK(sc_logits.empty() || static_cast<int>(sc_logits.size()) == R, "one self-conditioning pointer per row");
+  std::vector<int> sc_rows;
+  for (int r = 0; r < static_cast<int>(sc_logits.size()); ++r)
+    if (sc_logits[r]) sc_rows.push_back(r);
+  if (!sc_rows.empty()) {
+    const int S = static_cast<int>(sc_rows.size()) * n;  // tokens that get a signal, packed
+    std::vector<float> probs(static_cast<size_t>(S) * V);
+    for (size_t i = 0; i < sc_rows.size(); ++i)
+      std::copy_n(sc_logits[sc_rows[i]], static_cast<size_t>(n) * V, probs.begin() + i * n * V);
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; ++t) softmax_inplace(probs.data() + static_cast<size_t>(t) * V, V);
-    std::vector<float> soft(static_cast<size_t>(T) * H);
-    matmul_nn(probs.data(), w_.embed_tokens, soft.data(), T, H, V);
+    for (int t = 0; t < S; ++t) softmax_inplace(probs.data() + static_cast<size_t>(t) * V, V);
+    std::vector<float> soft(static_cast<size_t>(S) * H);
+    matmul_nn(probs.data(), w_.embed_tokens, soft.data(), S, H, V);
     for (auto& s : soft) s *= scale;
-    rmsnorm(soft.data(), w_.sc_pre_norm, soft.data(), T, H, eps);
-    std::vector<float> gate(static_cast<size_t>(T) * I), up(static_cast<size_t>(T) * I), sig(static_cast<size_t>(T) * H);
-    linear(soft.data(), w_.sc_gate, gate.data(), T, I, H);
-    linear(soft.data(), w_.sc_up, up.data(), T, I, H);
-    gelu_mul(gate.data(), up.data(), gate.data(), static_cast<size_t>(T) * I);
-    linear(gate.data(), w_.sc_down, sig.data(), T, H, I);
-    for (size_t i = 0; i < x.size(); ++i) x[i] += sig[i];
+    rmsnorm(soft.data(), w_.sc_pre_norm, soft.data(), S, H, eps);
+    std::vector<float> gate(static_cast<size_t>(S) * I), up(static_cast<size_t>(S) * I), sig(static_cast<size_t>(S) * H);
+    linear(soft.data(), w_.sc_gate, gate.data(), S, I, H);
+    linear(soft.data(), w_.sc_up, up.data(), S, I, H);
+    gelu_mul(gate.data(), up.data(), gate.data(), static_cast<size_t>(S) * I);
+    linear(gate.data(), w_.sc_down, sig.data(), S, H, I);
+    for (size_t i = 0; i < sc_rows.size(); ++i) {
+      float* xr = x.data() + static_cast<size_t>(rows.tok0[sc_rows[i]]) * H;
+      const float* sr = sig.data() + i * n * H;
+      for (size_t k = 0; k < static_cast<size_t>(n) * H; ++k) xr[k] += sr[k];
+    }
   }
   rmsnorm(x.data(), nullptr, x.data(), T, H, eps);
 

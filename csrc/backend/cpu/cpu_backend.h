@@ -12,7 +12,7 @@ class CpuBackend final : public Backend {
   CpuBackend(const ModelConfig& cfg, const ModelWeights& w);
   std::string name() const override { return "cpu"; }
   void encode(const std::vector<SeqCache*>& caches, const std::vector<std::vector<int32_t>>& tokens) override;
-  void decode(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n, const float* sc_logits,
+  void decode(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n, const std::vector<const float*>& sc_logits,
               float* logits) override;
 
  private:

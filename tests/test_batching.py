@@ -1,0 +1,247 @@
+"""Continuous batching: many requests share decoder passes, each gets exactly what it gets alone.
+
+Runs on the built-in tiny checkpoint (no torch needed): canvas 64, vocab 2048.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dgemma_rt
+from dgemma_rt.tiny import make_tiny
+
+# One canvas, few steps, no EOS stopping: every request does a known amount of work.
+FIXED = dict(max_new_tokens=64, max_denoising_steps=6, eos_token_id=[], adaptive_stopping=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny_batching"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return dgemma_rt.Engine(tiny_dir, max_batch_size=8, num_threads=2)
+
+
+def prompt(seed: int, length: int = 12) -> list[int]:
+    return np.random.default_rng(seed).integers(8, 2048, size=length).tolist()
+
+
+def pool_is_full(engine) -> bool:
+    gc.collect()
+    s = engine.kv_pool_stats()
+    return s["full_free"] == s["full_total"] and s["sliding_free"] == s["sliding_total"]
+
+
+def test_concurrent_generate_matches_solo(engine):
+    jobs = [(prompt(i, 5 + 3 * i), dict(seed=100 + i, max_new_tokens=64 * (1 + i % 2), max_denoising_steps=5 + i))
+            for i in range(6)]
+    solo = [engine.generate([p], **kw) for p, kw in jobs]
+    before = engine.scheduler_stats()
+    results = [None] * len(jobs)
+    errors = []
+    barrier = threading.Barrier(len(jobs))
+
+    def run(i):
+        try:
+            barrier.wait()
+            p, kw = jobs[i]
+            results[i] = engine.generate([p], **kw)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for a, b in zip(solo, results):
+        np.testing.assert_array_equal(a.sequences, b.sequences)
+        assert a.steps_per_canvas == b.steps_per_canvas
+        np.testing.assert_array_equal(a.tokens_per_forward, b.tokens_per_forward)
+    after = engine.scheduler_stats()
+    passes = after["decoder_passes"] - before["decoder_passes"]
+    rows = after["row_steps"] - before["row_steps"]
+    # Sequentially these requests take sum(steps) passes; batched, passes carry several rows.
+    assert rows == sum(sum(r.steps_per_canvas[0]) for r in solo)
+    assert passes < rows, (passes, rows)
+    del solo, results, a, b
+    assert pool_is_full(engine)
+
+
+def test_batch_rows_stay_in_lock_step_under_concurrency(engine):
+    """A multi-row call keeps the reference's batch semantics (and its noise) while others run."""
+    batch = [prompt(50, 9), prompt(51, 9)]
+    alone = engine.generate(batch, seed=3, max_new_tokens=128, max_denoising_steps=7)
+    other = engine.submit([prompt(52, 20)], seed=4, **FIXED)
+    together = engine.generate(batch, seed=3, max_new_tokens=128, max_denoising_steps=7)
+    other.result()
+    np.testing.assert_array_equal(alone.sequences, together.sequences)
+    assert alone.steps_per_canvas == together.steps_per_canvas
+
+
+def test_submit_events_and_result(engine):
+    req = engine.submit([prompt(1)], seed=5, max_new_tokens=128, max_denoising_steps=4, eos_token_id=[],
+                        adaptive_stopping=False)
+    events = list(req)
+    kinds = [e.kind for e in events]
+    assert kinds == (["step"] * 4 + ["block"]) * 2 + ["done"]
+    assert [e.step for e in events if e.kind == "step"] == [1, 2, 3, 4] * 2
+    assert [e.canvas_index for e in events if e.kind == "block"] == [0, 1]
+    out = events[-1].output
+    assert out is req.result()
+    assert req.status == "done" and req.done
+    blocks = np.concatenate([e.canvas for e in events if e.kind == "block"], axis=1)
+    np.testing.assert_array_equal(out.sequences[:, 12:], blocks)
+    # The committed canvas is the last step's draft.
+    np.testing.assert_array_equal(events[3].canvas, events[4].canvas)
+    assert out.timings["queue_s"] >= 0 and out.timings["total_s"] >= out.timings["denoise_s"]
+
+
+def test_cancel_mid_canvas_frees_the_pool(engine):
+    assert pool_is_full(engine)
+    req = engine.submit([prompt(2)], seed=1, max_new_tokens=640, max_denoising_steps=40, eos_token_id=[],
+                        adaptive_stopping=False)
+    seen = 0
+    with pytest.raises(dgemma_rt.RequestCancelled):
+        for ev in req:
+            seen += 1
+            if seen == 3:
+                req.cancel()
+    assert req.status == "cancelled"
+    assert seen < 40  # stopped within the first canvas
+    with pytest.raises(dgemma_rt.RequestCancelled):
+        req.result()
+    del req
+    assert pool_is_full(engine)
+
+
+def test_cancel_while_queued(tiny_dir):
+    eng = dgemma_rt.Engine(tiny_dir, max_batch_size=1, num_threads=1)
+    long = eng.submit([prompt(3)], seed=1, max_new_tokens=64, max_denoising_steps=200, eos_token_id=[],
+                      adaptive_stopping=False)
+    queued = eng.submit([prompt(4)], seed=1, **FIXED)
+    assert queued.status == "queued"
+    queued.cancel()
+    assert queued.wait(timeout=10)
+    assert queued.status == "cancelled"
+    assert long.status in ("running", "queued")
+    long.cancel()
+    with pytest.raises(dgemma_rt.RequestCancelled):
+        long.result(timeout=30)
+
+
+def test_rows_bounded_by_max_batch_size(tiny_dir):
+    eng = dgemma_rt.Engine(tiny_dir, max_batch_size=2, num_threads=1)
+    seen = []
+
+    def watch(_draft):
+        seen.append(eng.scheduler_stats()["active_rows"])
+
+    reqs = [eng.submit([prompt(10 + i)], seed=i, on_step=watch, **FIXED) for i in range(5)]
+    outs = [r.result(timeout=120) for r in reqs]
+    assert max(seen) == 2
+    assert len(outs) == 5
+    with pytest.raises(ValueError, match="max_batch_size"):
+        eng.submit([prompt(1), prompt(2), prompt(3)], **FIXED)
+
+
+def test_admission_waits_for_kv_blocks_and_refuses_what_never_fits(tiny_dir):
+    # 256 tokens of full-attention cache = 16 blocks; a 12-token prompt + 3 canvases needs 9 of them.
+    eng = dgemma_rt.Engine(tiny_dir, kv_cache_tokens=256, num_threads=1)
+    order = []
+
+    def tag(name):
+        return lambda _draft: order.append(name)
+
+    kw = dict(max_new_tokens=192, max_denoising_steps=3, eos_token_id=[], adaptive_stopping=False, keep_cache=False)
+    a = eng.submit([prompt(20)], seed=1, on_step=tag("a"), **kw)
+    b = eng.submit([prompt(21)], seed=2, on_step=tag("b"), **kw)
+    out_a = a.result(timeout=60)
+    out_b = b.result(timeout=60)
+    # b had to wait until a was done (never over-committed), then ran to completion.
+    assert order == ["a"] * 9 + ["b"] * 9
+    assert out_b.timings["queue_s"] > 0
+    assert out_a.past_key_values is None
+    assert pool_is_full(eng)
+    with pytest.raises(RuntimeError, match="KV cache pool too small"):
+        eng.submit([prompt(22)], max_new_tokens=512, **{k: v for k, v in kw.items() if k != "max_new_tokens"})
+
+
+def test_caches_held_elsewhere_refuse_a_waiting_request_instead_of_hanging(tiny_dir):
+    eng = dgemma_rt.Engine(tiny_dir, kv_cache_tokens=256, num_threads=1)
+    kw = dict(max_new_tokens=192, max_denoising_steps=2, eos_token_id=[], adaptive_stopping=False)
+    kept = eng.generate([prompt(30)], seed=1, **kw)  # its cache keeps 9 blocks
+    with pytest.raises(RuntimeError, match="KV cache pool too small"):
+        eng.generate([prompt(31)], seed=1, **kw)
+    del kept
+    eng.generate([prompt(31)], seed=1, **kw)
+
+
+def test_same_cache_twice_at_once_is_refused(engine):
+    first = engine.generate([prompt(40)], seed=1, **FIXED)
+    cache = first.past_key_values
+    running = engine.submit([prompt(41, 3)], seed=1, past_key_values=cache, max_new_tokens=64,
+                            max_denoising_steps=100, eos_token_id=[], adaptive_stopping=False)
+    with pytest.raises(ValueError, match="in use"):
+        engine.submit([prompt(42, 3)], past_key_values=cache, **FIXED)
+    with pytest.raises(ValueError, match="in use"):
+        engine.encode([prompt(42, 3)], past_key_values=cache)
+    running.cancel()
+    with pytest.raises(dgemma_rt.RequestCancelled):
+        running.result()
+    # Free again once the request ended.
+    engine.generate([prompt(42, 3)], past_key_values=cache, **FIXED)
+
+
+def test_generate_inside_a_callback_is_an_error_not_a_deadlock(engine):
+    def nested(_draft):
+        engine.generate([prompt(60)], **FIXED)
+
+    with pytest.raises(ValueError, match="callback"):
+        engine.generate([prompt(61)], on_step=nested, **FIXED)
+
+
+def test_dropping_the_engine_cancels_what_runs(tiny_dir):
+    eng = dgemma_rt.Engine(tiny_dir, num_threads=1)
+    req = eng.submit([prompt(70)], max_new_tokens=64, max_denoising_steps=10_000, eos_token_id=[],
+                     adaptive_stopping=False)
+    while req.status == "queued":
+        time.sleep(0.01)
+    del eng
+    gc.collect()
+    with pytest.raises(dgemma_rt.RequestCancelled, match="shut down"):
+        req.result(timeout=30)
+
+
+def test_engine_dropped_by_its_own_callback(tiny_dir):
+    """The last reference to an engine may go away on its scheduler thread; nothing hangs or crashes."""
+    holder = {"engine": dgemma_rt.Engine(tiny_dir, num_threads=1)}
+    done = threading.Event()
+
+    def drop(_block):
+        holder.pop("engine", None)
+        done.set()
+
+    req = holder["engine"].submit([prompt(80)], on_block=drop, **FIXED)
+    assert done.wait(timeout=60)
+    req.result(timeout=60)
+
+
+def test_bad_submit_arguments(engine):
+    with pytest.raises(TypeError, match="unexpected"):
+        engine.submit([prompt(1)], temperature=0.5)
+    with pytest.raises(ValueError):
+        engine.submit([prompt(1)], max_new_tokens=0)
+    with pytest.raises(ValueError):
+        engine.submit([[5, 99999]])
+    with pytest.raises(ValueError):
+        engine.submit([prompt(1)], on_step=3)
+    assert pool_is_full(engine)
