@@ -202,32 +202,41 @@ def test_raw_sse_ends_with_done(server):
 
 
 # ------------------------------------------------------------------------------------------ concurrency
-def test_concurrent_clients_deterministic(client):
-    prompts = [f"story number {i}" for i in range(8)]
-    alone = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=64, seed=11, extra_body=FAST).choices[0].text
-             for p in prompts[:2]}
+def test_concurrent_clients_deterministic(client, server):
+    """16 clients at once, half streaming: every reply complete, each the text the request gets alone."""
+    n = 16
+    prompts = [f"story number {i}" for i in range(n)]
+    alone = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=64 * (1 + i % 2), seed=11,
+                                          extra_body=FAST).choices[0].text
+             for i, p in enumerate(prompts)}
 
     def one(i):
         p = prompts[i]
-        if i % 2:
+        kw = dict(model=MODEL, prompt=p, max_tokens=64 * (1 + i % 2), seed=11, extra_body=FAST)
+        if i % 4 >= 2:
             text = ""
             finish = None
-            for chunk in client.completions.create(model=MODEL, prompt=p, max_tokens=64, seed=11, stream=True, extra_body=FAST):
+            for chunk in client.completions.create(stream=True, **kw):
                 text += chunk.choices[0].text
                 finish = chunk.choices[0].finish_reason or finish
             return p, text, finish
-        r = client.completions.create(model=MODEL, prompt=p, max_tokens=64, seed=11, extra_body=FAST)
+        r = client.completions.create(**kw)
         return p, r.choices[0].text, r.choices[0].finish_reason
 
+    m0 = httpx.get(server.url + "/metrics", timeout=10).text
     t0 = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(8)))
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
     assert time.monotonic() - t0 < 60
-    assert len(results) == 8
+    assert len(results) == n
     for p, text, finish in results:
         assert finish in ("stop", "length")
-        if p in alone:
-            assert text == alone[p]
+        assert text == alone[p]
+    # They were batched: decoder passes carried several rows on average.
+    m1 = httpx.get(server.url + "/metrics", timeout=10).text
+    passes = _metric(m1, "dgemma_decoder_passes_total") - _metric(m0, "dgemma_decoder_passes_total")
+    rows = _metric(m1, "dgemma_row_steps_total") - _metric(m0, "dgemma_row_steps_total")
+    assert rows > 2 * passes > 0, (rows, passes)
     # same prompt + seed under concurrency: identical answers
     with ThreadPoolExecutor(4) as pool:
         same = list(pool.map(lambda _: one(0)[1], range(4)))
@@ -366,7 +375,7 @@ def test_metrics(server, client, engine):
 
 # ------------------------------------------------------------------------------------------ queue bound
 class _GatedEngine:
-    """The real engine behind a gate: generate() waits until the test opens it."""
+    """The real engine behind a gate: submit() waits until the test opens it."""
 
     def __init__(self, engine):
         self._engine = engine
@@ -376,15 +385,15 @@ class _GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, *args, **kwargs):
+    def submit(self, *args, **kwargs):
         self.entered.set()
         assert self.gate.wait(30)
-        return self._engine.generate(*args, **kwargs)
+        return self._engine.submit(*args, **kwargs)
 
 
 def test_queue_full_429(engine):
     gated = _GatedEngine(engine)
-    srv = _Server(create_app(gated, MODEL, max_queue=2))
+    srv = _Server(create_app(gated, MODEL, max_queue=2, max_running=1))
     try:
         body = {**OK, "max_tokens": 4}
 
@@ -414,3 +423,9 @@ def test_queue_full_429(engine):
     finally:
         gated.gate.set()
         srv.stop()
+
+
+def test_create_app_rejects_bad_max_running(engine):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_running"):
+            create_app(engine, MODEL, max_running=bad)

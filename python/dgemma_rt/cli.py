@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint dir's name)")
     srv.add_argument("--max-queue", type=_non_negative_int, default=64, help="waiting requests before 429 (default 64)")
     srv.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size in tokens (default 16384)")
+    srv.add_argument("--max-batch-size", type=_positive_int, default=8,
+                     help="requests denoised together in one batch (default 8)")
     srv.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     srv.set_defaults(func=_cmd_serve)
     return parser
@@ -123,6 +125,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         max_queue=args.max_queue,
         kv_cache_tokens=args.kv_cache_tokens,
+        max_batch_size=args.max_batch_size,
         num_threads=args.threads,
     )
     return 0

@@ -9,12 +9,16 @@ Endpoints:
 - ``GET /v1/models``: the one model this server holds.
 - ``POST /v1/completions``: ``prompt`` is a string (tokenized with BOS) or a list of token ids.
 - ``POST /v1/chat/completions``: ``messages`` go through the checkpoint's chat template.
-- ``GET /metrics``: Prometheus text format (queue depth, requests in flight, completed requests,
-  generated tokens, denoising steps, KV blocks in use).
+- ``GET /metrics``: Prometheus text format (queue depth, requests in flight, active rows, decoder
+  passes, steps/s, tokens/s, completed requests, generated tokens, KV blocks in use).
 
-Requests are processed one at a time by a single worker thread (the engine serialises generation);
-the event loop stays free, so health checks, metrics and streaming continue while a request runs.
-At most ``max_queue`` requests may wait for the worker; beyond that the answer is 429.
+Requests are batched continuously by the engine's native scheduler: up to ``max_running``
+requests (default: the engine's ``max_batch_size``) are handed to it at once, each from a worker
+thread that waits for it, and they share every decoder pass; a request joins between two
+denoising steps as soon as a row and its KV blocks are free and leaves as soon as it is done. The
+event loop stays free, so health checks, metrics and streaming continue meanwhile. At most
+``max_queue`` further requests may wait for a worker; beyond that the answer is 429. A request's
+output depends only on its own prompt, parameters and seed, not on what else is running.
 
 Request fields: ``model`` (must be the served model's name), ``max_tokens`` (default 256; also
 ``max_completion_tokens`` for chat), ``seed`` (int, default 0), ``stream`` (bool), and the
@@ -38,8 +42,8 @@ settling. Clients that do not know the field ignore it. The last chunk carries `
 ``usage``; then ``data: [DONE]``. An error after the stream started is sent as
 ``data: {"error": {...}}``.
 
-A client that disconnects cancels its request: the worker's step callback raises, which aborts
-``Engine.generate`` and returns the request's KV blocks to the pool.
+A client that disconnects cancels its request (``Request.cancel()``): it leaves the batch at the
+next denoising step, or the queue at once, and its KV blocks return to the pool.
 
 Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed
 JSON, wrong types, empty or too long prompts, bad sampler values; 404 for an unknown model; 413 for
@@ -172,8 +176,18 @@ class _Job:
         self.gen_kwargs = gen_kwargs
         self.stream = stream
         self.cancel = threading.Event()
+        self.native: Any = None  # the engine's Request, once submitted
+        self.lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue | None = None
+
+    def abort(self) -> None:
+        """Cancels the request wherever it is (any thread)."""
+        with self.lock:
+            self.cancel.set()
+            native = self.native
+        if native is not None:
+            native.cancel()
 
     def push(self, *event: Any) -> None:
         """Hands an event from the worker thread to the request's async generator."""
@@ -182,18 +196,20 @@ class _Job:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancel.set()
+            self.abort()
 
 
 class _Backend:
-    """The engine, its single worker thread and the counters."""
+    """The engine, the worker threads that wait for its requests, and the counters."""
 
-    def __init__(self, engine: Any, max_queue: int):
+    def __init__(self, engine: Any, max_queue: int, max_running: int):
         self.engine = engine
         self.tok = engine.tokenizer
         self.max_queue = max_queue
         self.stats = _Stats()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgemma-worker")
+        self.executor = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="dgemma-worker")
+        self.rate_lock = threading.Lock()
+        self.last_sample: tuple[float, int, int] | None = None  # (time, decoder passes, committed tokens)
         self.jobs: set[_Job] = set()
         g = engine.generation_defaults
         eos = g.get("eos_token_id")
@@ -310,17 +326,28 @@ class _Backend:
                 job.push("delta", text[len(emitted) :])
                 emitted = text
 
-        out = self.engine.generate(
+        from dgemma_rt.engine import RequestCancelled
+
+        native = self.engine.submit(
             [job.prompt_ids],
             max_new_tokens=job.max_tokens,
             seed=job.seed,
             on_step=on_step,
             on_block=on_block,
+            keep_cache=False,  # the blocks go back to the pool the moment the request ends
             **job.gen_kwargs,
         )
+        with job.lock:
+            job.native = native
+            cancelled = job.cancel.is_set()
+        if cancelled:
+            native.cancel()
+        try:
+            out = native.result()
+        except RequestCancelled:
+            raise _Cancelled() from None
         new = out.sequences[0][len(job.prompt_ids) :]
         steps_total = int(sum(out.steps_per_canvas[0])) if out.steps_per_canvas else steps
-        del out  # frees the request's KV cache now
         ids, hit = self._cut(new)
         finish = "stop" if hit and len(ids) <= job.max_tokens else "length"
         ids = ids[: job.max_tokens]
@@ -335,9 +362,20 @@ class _Backend:
             "denoising_steps": steps_total,
         }
 
+    def rates(self) -> tuple[float, float]:
+        """Decoder passes/s and committed tokens/s since the previous call (0 on the first)."""
+        st = self.engine.scheduler_stats()
+        now = time.monotonic()
+        with self.rate_lock:
+            prev, self.last_sample = self.last_sample, (now, st["decoder_passes"], st["committed_tokens"])
+        if prev is None or now - prev[0] <= 0:
+            return 0.0, 0.0
+        dt = now - prev[0]
+        return (st["decoder_passes"] - prev[1]) / dt, (st["committed_tokens"] - prev[2]) / dt
+
     def shutdown(self) -> None:
         for job in list(self.jobs):
-            job.cancel.set()
+            job.abort()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -366,7 +404,7 @@ class _CancellingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._job.cancel.set()
+            self._job.abort()
 
 
 class _BodyLimit:
@@ -412,15 +450,24 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(engine: Any, model_name: str, max_queue: int = 64, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """An OpenAI-compatible FastAPI app serving ``engine`` under the name ``model_name``."""
+def create_app(
+    engine: Any, model_name: str, max_queue: int = 64, max_body_bytes: int = 1 << 20, max_running: int | None = None
+) -> FastAPI:
+    """An OpenAI-compatible FastAPI app serving ``engine`` under the name ``model_name``.
+
+    ``max_running``: requests handed to the engine's batcher at once (default: its ``max_batch_size``).
+    """
     if engine.tokenizer is None:
         raise ValueError(f"{engine.path} has no tokenizer.json: the server needs one to read and write text")
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if max_running is None:
+        max_running = int(getattr(engine, "max_batch_size", 1))
+    if isinstance(max_running, bool) or not isinstance(max_running, int) or max_running <= 0:
+        raise ValueError(f"max_running must be a positive integer, got {max_running!r}")
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
-    backend = _Backend(engine, max_queue)
+    backend = _Backend(engine, max_queue, max_running)
     started = int(time.time())
 
     @asynccontextmanager
@@ -507,7 +554,7 @@ def create_app(engine: Any, model_name: str, max_queue: int = 64, max_body_bytes
                 raise
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError):
-                    job.cancel.set()
+                    job.abort()
                     raise
                 raise _engine_error(e) from None
             usage = _usage(result)
@@ -530,7 +577,7 @@ def create_app(engine: Any, model_name: str, max_queue: int = 64, max_body_bytes
         try:
             first = await job.queue.get()  # errors raised before the first step become a plain 4xx answer
         except BaseException:
-            job.cancel.set()
+            job.abort()
             raise
         if first[0] == "error":
             raise _engine_error(first[1])
@@ -628,11 +675,28 @@ def create_app(engine: Any, model_name: str, max_queue: int = 64, max_body_bytes
             outcomes = dict(s.outcomes)
             rejected, ptoks, gtoks, steps = s.rejected, s.prompt_tokens, s.generated_tokens, s.denoising_steps
         kv = engine.kv_pool_stats()
+        sched = engine.scheduler_stats()
+        steps_per_s, tokens_per_s = backend.rates()
         lines = [
-            "# HELP dgemma_queue_depth Requests waiting for the worker.",
+            "# HELP dgemma_queue_depth Requests waiting: for a worker, or in the engine for a batch row / KV blocks.",
             "# TYPE dgemma_queue_depth gauge",
-            f"dgemma_queue_depth {waiting}",
-            "# HELP dgemma_requests_running Requests being generated now.",
+            f"dgemma_queue_depth {waiting + sched['queued_requests']}",
+            "# HELP dgemma_active_rows Rows in the engine's batch now (denoised together each step).",
+            "# TYPE dgemma_active_rows gauge",
+            f"dgemma_active_rows {sched['active_rows']}",
+            "# HELP dgemma_decoder_passes_total Batched decoder passes (denoising steps) run by the engine.",
+            "# TYPE dgemma_decoder_passes_total counter",
+            f"dgemma_decoder_passes_total {sched['decoder_passes']}",
+            "# HELP dgemma_row_steps_total Rows denoised, summed over decoder passes.",
+            "# TYPE dgemma_row_steps_total counter",
+            f"dgemma_row_steps_total {sched['row_steps']}",
+            "# HELP dgemma_steps_per_second Decoder passes per second since the previous scrape.",
+            "# TYPE dgemma_steps_per_second gauge",
+            f"dgemma_steps_per_second {steps_per_s:.3f}",
+            "# HELP dgemma_tokens_per_second Committed (non-pad) tokens per second since the previous scrape.",
+            "# TYPE dgemma_tokens_per_second gauge",
+            f"dgemma_tokens_per_second {tokens_per_s:.3f}",
+            "# HELP dgemma_requests_running Requests handed to the engine (batched or waiting in it).",
             "# TYPE dgemma_requests_running gauge",
             f"dgemma_requests_running {running}",
             "# HELP dgemma_requests_in_flight Requests accepted and not finished (waiting + running).",
@@ -675,6 +739,7 @@ def serve(
     *,
     model_name: str | None = None,
     max_queue: int = 64,
+    max_running: int | None = None,
     max_body_bytes: int = 1 << 20,
     log_level: str = "info",
     **engine_kwargs: Any,
@@ -686,5 +751,5 @@ def serve(
 
     engine = Engine(checkpoint, **engine_kwargs)
     name = model_name or os.path.basename(os.path.normpath(os.fspath(checkpoint)))
-    app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes)
+    app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes, max_running=max_running)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
