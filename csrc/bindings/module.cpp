@@ -398,10 +398,10 @@ PYBIND11_MODULE(_core, m) {
         GenerateCallbacks cb;
         cb.on_step = canvas_callback(on_step);
         cb.on_block = canvas_callback(on_block);
-        std::function<void()> done;
+        std::function<void(RequestStatus)> done;
         if (!on_done.is_none()) {
           PyRef ref = hold(on_done);
-          done = [ref]() {
+          done = [ref](RequestStatus) {
             py::gil_scoped_acquire gil;
             try {
               (*ref)();

@@ -99,7 +99,7 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
 std::shared_ptr<RequestHandle> Engine::submit(std::shared_ptr<CacheSet> cache,
                                               const std::vector<std::vector<int32_t>>& ids, const SamplerParams& params,
                                               std::shared_ptr<NoiseSource> noise, GenerateCallbacks callbacks,
-                                              std::function<void()> on_done, bool keep_cache) {
+                                              std::function<void(RequestStatus)> on_done, bool keep_cache) {
   check_input(ids);
   if (!cache) cache = new_cache(static_cast<int>(ids.size()));
   DG_REQUIRE(cache->rows.size() == ids.size(), InvalidArgument,

@@ -49,7 +49,7 @@ class Engine {
   // caches (their earlier turns), held until the request ends; noise: null for the seeded default.
   std::shared_ptr<RequestHandle> submit(std::shared_ptr<CacheSet> cache, const std::vector<std::vector<int32_t>>& ids,
                                         const SamplerParams& params, std::shared_ptr<NoiseSource> noise = nullptr,
-                                        GenerateCallbacks callbacks = {}, std::function<void()> on_done = {},
+                                        GenerateCallbacks callbacks = {}, std::function<void(RequestStatus)> on_done = {},
                                         bool keep_cache = true);
   // submit() and wait: many threads may call it at once, and their requests share decoder passes.
   GenerateResult generate(std::shared_ptr<CacheSet> cache, const std::vector<std::vector<int32_t>>& ids,

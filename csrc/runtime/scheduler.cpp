@@ -486,7 +486,7 @@ void Scheduler::finish(Job& job, std::exception_ptr error) {
     auto done = std::move(job.req.on_done);
     job.req.on_done = nullptr;
     try {
-      done();
+      done(st);
     } catch (...) {  // a failing notification must not take the scheduler down
     }
   }

@@ -82,6 +82,8 @@ struct GenerateResult {
   int decoder_forwards = 0, encoder_forwards = 0;
 };
 
+enum class RequestStatus { kQueued, kRunning, kDone, kFailed, kCancelled };
+
 // One generate call: rows (one SeqCache each, possibly holding earlier turns) and their uncached tokens.
 struct GenerateRequest {
   std::vector<SeqCache*> caches;
@@ -90,14 +92,15 @@ struct GenerateRequest {
   SamplerParams params;
   std::shared_ptr<NoiseSource> noise;  // null: SeededNoise(params.seed)
   GenerateCallbacks callbacks;         // called on the scheduler thread, between steps
-  std::function<void()> on_done;       // when the request ends, just before its handle says so (scheduler thread)
+  // When the request ends, with how, just before its handle says so (scheduler thread).
+  std::function<void(RequestStatus)> on_done;
   bool keep_cache = true;              // false: the caches are cleared (blocks back to the pool) at the end
 };
 
 // The caller's side of a submitted request.
 class RequestHandle {
  public:
-  enum class Status { kQueued, kRunning, kDone, kFailed, kCancelled };
+  using Status = RequestStatus;
 
   uint64_t id() const { return id_; }
   Status status() const;

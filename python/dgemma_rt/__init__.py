@@ -5,6 +5,20 @@ from dgemma_rt.engine import Engine, Event, GenerateOutput, KVCache, Request, Re
 
 __version__ = "0.1.0"
 
+
+def get_include() -> str:
+    """Directory holding ``dgemma_rt/engine.h``, the embeddable C++ API (pass it with ``-I``)."""
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "include")
+
+
+def get_library_dir() -> str:
+    """Directory holding ``libdgemma_core.a`` (link with ``-L<dir> -ldgemma_core -fopenmp -pthread``)."""
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "lib")
+
 __all__ = [
     "CheckpointError",
     "Engine",
@@ -15,5 +29,7 @@ __all__ = [
     "RequestCancelled",
     "cuda_compiled",
     "cuda_device_count",
+    "get_include",
+    "get_library_dir",
     "__version__",
 ]

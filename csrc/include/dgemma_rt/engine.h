@@ -1,0 +1,141 @@
+// dgemma_rt: the embeddable C++ API. One header, no Python: load a DiffusionGemma checkpoint, submit
+// requests from any number of threads (they are batched continuously), receive each denoising
+// step's draft, each committed canvas and the completion through callbacks, cancel, read stats.
+//
+//   dgemma_rt::Engine engine("/path/to/checkpoint");
+//   dgemma_rt::SamplingParams p = engine.default_params();
+//   p.max_new_tokens = 256;
+//   dgemma_rt::Result r = engine.generate({2, 651, 1234}, p);   // blocking
+//
+//   dgemma_rt::Callbacks cb;
+//   cb.on_step = [](const dgemma_rt::Draft& d) { /* d.tokens: canvas d.canvas after step d.step */ };
+//   dgemma_rt::Request req = engine.submit(prompt, p, cb);      // returns at once
+//   req.cancel();                                               // from any thread
+//   dgemma_rt::Result r2 = req.result();                        // waits; throws if it failed
+//
+// Link with the static library the Python package installs (dgemma_rt/lib/libdgemma_core.a) and
+// OpenMP (-fopenmp); see README "Embedding the C++ API".
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace dgemma_rt {
+
+// Every error is a std::runtime_error with a readable message (bad checkpoint, bad argument,
+// KV pool too small, cancelled).
+using Error = std::runtime_error;
+
+struct EngineOptions {
+  std::string device = "cpu";   // the CPU backend; "cuda" is not available yet
+  int kv_cache_tokens = 16384;  // full-attention KV pool, in tokens, shared by all requests
+  int max_batch_size = 8;       // requests (rows) denoised together
+  int num_threads = 0;          // CPU threads (0: all cores, or OMP_NUM_THREADS)
+};
+
+// The sampler's parameters. Engine::default_params() fills them from the checkpoint's
+// generation_config.json (and the reference's defaults).
+struct SamplingParams {
+  int max_new_tokens = 256;  // rounded up to whole canvases
+  int max_denoising_steps = 48;
+  double entropy_bound = 0.1;
+  double t_min = 0.4;
+  double t_max = 0.8;
+  int stability_threshold = 1;
+  double confidence_threshold = 0.005;
+  std::vector<int> eos_token_id;
+  std::optional<int> pad_token_id;
+  uint64_t seed = 0;
+  bool adaptive_stopping = true;  // false: every canvas runs exactly max_denoising_steps steps
+};
+
+struct Draft {
+  int canvas;                   // 0-based canvas index
+  int step;                     // 1-based denoising step within the canvas
+  std::vector<int32_t> tokens;  // argmax canvas after this step (canvas_length ids)
+};
+
+struct Block {
+  int canvas;
+  std::vector<int32_t> tokens;  // the committed canvas (after the first EOS: pad)
+};
+
+enum class Status { kQueued, kRunning, kDone, kFailed, kCancelled };
+
+struct Result {
+  std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS)
+  std::vector<int32_t> text_tokens;  // new tokens up to the first EOS/pad, cut at max_new_tokens
+  std::string finish_reason;         // "stop" (EOS within max_new_tokens) or "length"
+  std::vector<int> steps_per_canvas;  // decoder passes spent on each canvas
+  double tokens_per_forward = 0;
+  double queue_s = 0, prefill_s = 0, denoise_s = 0, total_s = 0;
+};
+
+// Called on the engine's scheduler thread, between denoising steps: keep them short, and do not
+// wait for a request of the same engine inside them (submit() is fine).
+struct Callbacks {
+  std::function<void(const Draft&)> on_step;
+  std::function<void(const Block&)> on_block;
+  // Once, when the request ends in any way (done, failed, cancelled), before result() returns.
+  std::function<void(Status)> on_finish;
+};
+
+class Request {
+ public:
+  Request();
+  uint64_t id() const;
+  Status status() const;
+  bool finished() const;
+  void cancel();                        // leaves at the next step (or the queue, at once)
+  void wait() const;
+  bool wait_for(double seconds) const;  // true once finished
+  Result result() const;                // waits; throws Error if it failed or was cancelled
+
+ private:
+  friend class Engine;
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+struct Stats {
+  int queued_requests = 0, running_requests = 0, active_rows = 0;
+  long long decoder_passes = 0, row_steps = 0, committed_tokens = 0;
+  long long completed = 0, failed = 0, cancelled = 0;
+  int kv_blocks_total = 0, kv_blocks_free = 0, kv_block_size = 0;  // full-attention pool
+};
+
+struct ModelInfo {
+  int vocab_size = 0, canvas_length = 0, num_layers = 0, hidden_size = 0, max_position_embeddings = 0;
+  size_t num_parameters = 0;
+};
+
+class Engine {
+ public:
+  // Loads and validates the checkpoint (config.json, model.safetensors[.index.json]); throws Error.
+  explicit Engine(const std::string& checkpoint_dir, const EngineOptions& options = {});
+  ~Engine();  // cancels what is still running
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  ModelInfo info() const;
+  SamplingParams default_params() const;
+
+  // Queues one request (prompt token ids) and returns at once; throws Error for one that can
+  // never run (bad ids or parameters, larger than the KV pool).
+  Request submit(const std::vector<int32_t>& prompt, const SamplingParams& params, Callbacks callbacks = {});
+  // submit() and wait.
+  Result generate(const std::vector<int32_t>& prompt, const SamplingParams& params);
+
+  Stats stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dgemma_rt
