@@ -97,6 +97,7 @@ def test_submit_events_and_result(engine):
     assert [e.canvas_index for e in events if e.kind == "block"] == [0, 1]
     out = events[-1].output
     assert out is req.result()
+    assert [e.kind for e in req] == ["done"]  # events are handed out once
     assert req.status == "done" and req.done
     blocks = np.concatenate([e.canvas for e in events if e.kind == "block"], axis=1)
     np.testing.assert_array_equal(out.sequences[:, 12:], blocks)

@@ -132,6 +132,7 @@ class Request:
         self._final_status = "queued"
         self._output: GenerateOutput | None = None
         self._error: BaseException | None = None
+        self._ended = False
 
     # called on the scheduler thread
     def _on_step(self, draft: np.ndarray) -> None:
@@ -204,9 +205,11 @@ class Request:
         return self._output
 
     def __iter__(self):
-        while True:
+        # Events are handed out once; a second iteration only gets the end.
+        while not self._ended:
             ev = self._events.get()
             if ev is None:
+                self._ended = True
                 break
             yield ev
         out = self.result()
