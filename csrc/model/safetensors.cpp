@@ -26,6 +26,8 @@ const char* dtype_name(DType d) {
     case DType::F32: return "F32";
     case DType::BF16: return "BF16";
     case DType::F16: return "F16";
+    case DType::U8: return "U8";
+    case DType::F8_E4M3: return "F8_E4M3";
     default: return "other";
   }
 }
@@ -35,6 +37,8 @@ size_t dtype_size(DType d) {
     case DType::F32: return 4;
     case DType::BF16:
     case DType::F16: return 2;
+    case DType::U8:
+    case DType::F8_E4M3: return 1;
     default: return 0;
   }
 }
@@ -55,6 +59,8 @@ DType parse_dtype(const std::string& s) {
   if (s == "F32") return DType::F32;
   if (s == "BF16") return DType::BF16;
   if (s == "F16") return DType::F16;
+  if (s == "U8") return DType::U8;
+  if (s == "F8_E4M3") return DType::F8_E4M3;
   return DType::Other;
 }
 

@@ -11,7 +11,9 @@
 
 namespace dgemma {
 
-enum class DType { F32, BF16, F16, Other };
+enum class DType { F32, BF16, F16, U8, F8_E4M3, Other };
+
+inline bool is_float(DType d) { return d == DType::F32 || d == DType::BF16 || d == DType::F16; }
 
 const char* dtype_name(DType d);
 size_t dtype_size(DType d);

@@ -1,7 +1,9 @@
 #include "model/weights.h"
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <sstream>
 
 #include "common/check.h"
@@ -42,6 +44,17 @@ float f16_to_f32(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+// FP8 E4M3 (fn variant: no infinities; S.1111.111 is NaN).
+float e4m3_to_f32(uint8_t c) {
+  const int exp = (c >> 3) & 0xF, man = c & 7;
+  const float mag = exp == 0 ? std::ldexp(man / 8.0f, -6) : std::ldexp(1.0f + man / 8.0f, exp - 7);
+  if ((c & 0x7F) == 0x7F) return std::numeric_limits<float>::quiet_NaN();
+  return (c & 0x80) ? -mag : mag;
+}
+
+constexpr float kE2M1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+constexpr int kNvfp4Group = 16;
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::ostringstream o;
@@ -110,15 +123,51 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
   }
 
   // Validate everything before converting anything, so a bad checkpoint fails fast.
+  // A tensor stored as NVFP4 (packed U8 plus "<name>_scale" E4M3 block scales and "<name>_scale_2"
+  // F32 global scales, see python/dgemma_rt/nvfp4.py) is dequantized to float32 here: the CPU
+  // backend is the reference that the GPU's NVFP4 kernels are checked against.
+  struct Nvfp4 {
+    const TensorRef* scale = nullptr;
+    const TensorRef* global = nullptr;
+  };
   std::vector<const TensorRef*> refs;
-  for (const auto& t : todo) {
+  std::vector<Nvfp4> quant(todo.size());
+  for (size_t i = 0; i < todo.size(); ++i) {
+    const auto& t = todo[i];
     const TensorRef* r = ck.find(t.name);
     DG_REQUIRE(r, CheckpointError, "checkpoint " << dir << " is missing tensor '" << t.name << "'");
-    DG_REQUIRE(r->dtype != DType::Other, CheckpointError,
-               "tensor '" << t.name << "' has dtype " << r->dtype_str << "; supported: F32, BF16, F16");
-    DG_REQUIRE(r->shape == t.shape, CheckpointError,
-               "tensor '" << t.name << "' has shape " << shape_str(r->shape) << " but config.json implies "
-                          << shape_str(t.shape));
+    const TensorRef* scale = ck.find(t.name + "_scale");
+    if (r->dtype == DType::U8 && scale) {
+      const int64_t K = t.shape.back();
+      std::vector<int64_t> packed = t.shape, blocks = t.shape;
+      packed.back() = K / 2;
+      blocks.back() = K / kNvfp4Group;
+      DG_REQUIRE(K % kNvfp4Group == 0, CheckpointError,
+                 "tensor '" << t.name << "' is NVFP4 but its last dimension " << K << " is not a multiple of 16");
+      DG_REQUIRE(r->shape == packed, CheckpointError,
+                 "NVFP4 tensor '" << t.name << "' has shape " << shape_str(r->shape) << " but config.json implies "
+                                  << shape_str(packed) << " packed bytes");
+      DG_REQUIRE(scale->dtype == DType::F8_E4M3 || scale->dtype == DType::U8, CheckpointError,
+                 "NVFP4 block scales '" << scale->name << "' must be F8_E4M3, got " << scale->dtype_str);
+      DG_REQUIRE(scale->shape == blocks, CheckpointError,
+                 "NVFP4 block scales '" << scale->name << "' have shape " << shape_str(scale->shape) << ", expected "
+                                        << shape_str(blocks));
+      const TensorRef* g = ck.find(t.name + "_scale_2");
+      DG_REQUIRE(g, CheckpointError, "NVFP4 tensor '" << t.name << "' has no global scale '" << t.name << "_scale_2'");
+      const size_t gn = g->nbytes / 4;
+      DG_REQUIRE(g->dtype == DType::F32 && (gn == 1 || (t.shape.size() == 3 && gn == static_cast<size_t>(t.shape[0]))),
+                 CheckpointError,
+                 "NVFP4 global scale '" << g->name << "' must be F32 with 1 value or one per expert, got "
+                                        << g->dtype_str << " " << shape_str(g->shape));
+      quant[i] = {scale, g};
+    } else {
+      DG_REQUIRE(is_float(r->dtype), CheckpointError,
+                 "tensor '" << t.name << "' has dtype " << r->dtype_str
+                            << "; supported: F32, BF16, F16 (and NVFP4: U8 with '_scale' / '_scale_2' tensors)");
+      DG_REQUIRE(r->shape == t.shape, CheckpointError,
+                 "tensor '" << t.name << "' has shape " << shape_str(r->shape) << " but config.json implies "
+                            << shape_str(t.shape));
+    }
     refs.push_back(r);
   }
 
@@ -126,6 +175,34 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
   int done = 0;
   for (size_t i = 0; i < todo.size(); ++i) {
     const TensorRef& r = *refs[i];
+    if (quant[i].scale) {
+      const std::vector<int64_t>& shape = todo[i].shape;
+      size_t n = 1;
+      for (int64_t d : shape) n *= static_cast<size_t>(d);
+      const size_t K = static_cast<size_t>(shape.back());
+      const size_t per_lead = n / static_cast<size_t>(shape[0]);
+      const size_t gn = quant[i].global->nbytes / 4;
+      std::vector<float> gs(gn);
+      std::memcpy(gs.data(), quant[i].global->data, gn * 4);
+      for (float v : gs)
+        DG_REQUIRE(std::isfinite(v), CheckpointError, "NVFP4 global scale '" << quant[i].global->name << "' is not finite");
+      const uint8_t* sc = quant[i].scale->data;
+      std::unique_ptr<float[]> buf(new float[n]);
+      for (size_t k = 0; k < n; ++k) {
+        const uint8_t byte = r.data[k / 2];
+        const uint8_t code = (k % 2) ? (byte >> 4) : (byte & 0xF);
+        const float v = (code & 8) ? -kE2M1[code & 7] : kE2M1[code & 7];
+        const size_t row = k / K, col = k % K;
+        const float s = e4m3_to_f32(sc[row * (K / kNvfp4Group) + col / kNvfp4Group]);
+        DG_REQUIRE(!std::isnan(s), CheckpointError, "NVFP4 block scales '" << quant[i].scale->name << "' hold NaN");
+        buf[k] = (v * s) * gs[gn == 1 ? 0 : k / per_lead];
+      }
+      w->num_parameters += n;
+      *todo[i].dst = buf.get();
+      w->owned_.push_back(std::move(buf));
+      if (progress) progress(++done, total);
+      continue;
+    }
     const size_t n = r.nbytes / dtype_size(r.dtype);
     w->num_parameters += n;
     if (r.dtype == DType::F32 && reinterpret_cast<uintptr_t>(r.data) % alignof(float) == 0) {
@@ -157,7 +234,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
       DG_REQUIRE(!required, CheckpointError, "checkpoint " << dir << " is missing tensor '" << name << "'");
       return fallback;
     }
-    DG_REQUIRE(r->dtype != DType::Other && r->nbytes == dtype_size(r->dtype), CheckpointError,
+    DG_REQUIRE(is_float(r->dtype) && r->nbytes == dtype_size(r->dtype), CheckpointError,
                "tensor '" << name << "' must be a single F32/BF16/F16 value");
     uint32_t bits32 = 0;
     uint16_t bits16 = 0;

@@ -272,6 +272,10 @@ class Engine:
         max_batch_size: rows whose sliding-window cache fits in the pool at once.
         num_threads: CPU threads (default: all cores, or ``OMP_NUM_THREADS``).
         progress: show a progress bar while loading weights.
+        quant: ``None`` (weights as stored; NVFP4 checkpoints from ``dgemma-quantize`` or ModelOpt
+            are recognised by their tensors) or ``"nvfp4"``: quantize the MoE experts of a
+            full-precision checkpoint at load time (through a temporary NVFP4 copy). On the CPU
+            NVFP4 weights are dequantized to float32: the reference the GPU kernels are checked against.
     """
 
     def __init__(
@@ -282,8 +286,11 @@ class Engine:
         max_batch_size: int = 8,
         num_threads: int | None = None,
         progress: bool = False,
+        quant: str | None = None,
     ):
         path = os.fspath(path)
+        if quant not in (None, "nvfp4"):
+            raise ValueError(f"quant must be None or 'nvfp4', got {quant!r}")
         if device != "cpu":
             raise ValueError(
                 f"device {device!r} is not available: dgemma_rt runs on the CPU only for now "
@@ -311,13 +318,26 @@ class Engine:
                 bar.n = done
                 bar.refresh()
 
+        tmp = None
         try:
-            self._native = _core.Engine(path, device, kv, mbs, threads, callback)
+            load_path = path
+            if quant == "nvfp4":
+                import tempfile
+
+                from dgemma_rt.nvfp4 import quantize_checkpoint
+
+                tmp = tempfile.TemporaryDirectory(prefix="dgemma-nvfp4-")
+                quantize_checkpoint(path, tmp.name, progress=progress)
+                load_path = tmp.name
+            self._native = _core.Engine(load_path, device, kv, mbs, threads, callback)
         finally:
             if bar is not None:
                 bar.close()
+            if tmp is not None:
+                tmp.cleanup()  # the engine keeps what it mapped; nothing is read from the copy again
         self.path = path
         self.device = device
+        self.quant = quant
         self.config: dict[str, Any] = self._native.config
         self.generation_defaults: dict[str, Any] = self._native.generation_defaults
         self._tokenizer = _UNSET

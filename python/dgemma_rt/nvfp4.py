@@ -1,0 +1,271 @@
+"""NVFP4 weights: the numpy reference quantizer and the ``dgemma-quantize`` command.
+
+NVFP4 stores a weight ``W[..., K]`` as
+
+- E2M1 values (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6), packed two per
+  byte along K, the even element in the low nibble: ``uint8 [..., K/2]``;
+- one FP8 E4M3 scale per 16 consecutive elements along K: ``float8_e4m3 [..., K/16]``;
+- one FP32 scale per tensor, or per expert for a stacked ``[E, N, K]`` expert tensor.
+
+``W ~= e2m1 * e4m3_scale * global_scale``. Scale selection follows NVIDIA's recipe:
+``global_scale = amax / (6 * 448)`` (per tensor / expert), each block's scale is
+``amax_block / 6 / global_scale`` rounded to E4M3, and values are ``W / (scale * global_scale)``
+rounded to the nearest E2M1 value, ties to even, saturating at 6.
+
+Checkpoint layout (ours, and NVIDIA ModelOpt's for a ``<prefix>.weight``): the tensor ``T`` holds the
+packed bytes (dtype ``U8``), ``T + "_scale"`` the block scales (``F8_E4M3``) and ``T + "_scale_2"``
+the global scale(s) (``F32``). ModelOpt's ``input_scale`` (activation scale) is accepted and ignored:
+the engine's activations stay in higher precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GROUP = 16
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+
+
+# ---------------------------------------------------------------------------------------- E4M3
+def e4m3_decode(codes: np.ndarray) -> np.ndarray:
+    """FP8 E4M3 (fn: no infinities, 0x7f/0xff are NaN) codes to float32."""
+    c = np.asarray(codes, dtype=np.uint8).astype(np.int32)
+    sign = np.where(c & 0x80, -1.0, 1.0).astype(np.float32)
+    exp = (c >> 3) & 0xF
+    man = (c & 0x7).astype(np.float32)
+    normal = np.ldexp(1.0 + man / 8.0, exp - 7).astype(np.float32)
+    sub = np.ldexp(man / 8.0, -6).astype(np.float32)
+    out = sign * np.where(exp == 0, sub, normal)
+    return np.where((c & 0x7F) == 0x7F, np.float32(np.nan), out).astype(np.float32)
+
+
+_E4M3_TABLE = e4m3_decode(np.arange(128, dtype=np.uint8))  # non-negative codes, ascending; 127 is NaN
+
+
+def e4m3_encode(x: np.ndarray) -> np.ndarray:
+    """float32 >= 0 to the nearest E4M3 code (ties to even), saturating at 448."""
+    x = np.asarray(x, dtype=np.float32)
+    if np.any(~np.isfinite(x)) or np.any(x < 0):
+        raise ValueError("E4M3 scales must be finite and >= 0")
+    table = _E4M3_TABLE[:127]  # 0 .. 448
+    x = np.minimum(x, E4M3_MAX)
+    hi = np.clip(np.searchsorted(table, x, side="left"), 0, 126)
+    lo = np.maximum(hi - 1, 0)
+    d_lo = x - table[lo]
+    d_hi = table[hi] - x
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    return np.where(pick_hi, hi, lo).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- E2M1
+def e2m1_encode(x: np.ndarray) -> np.ndarray:
+    """float32 to 4-bit E2M1 codes (sign in bit 3), nearest value with ties to even, saturating at 6."""
+    x = np.asarray(x, dtype=np.float32)
+    mag = np.minimum(np.abs(x), E2M1_MAX)
+    hi = np.clip(np.searchsorted(E2M1_VALUES, mag, side="left"), 0, 7)
+    lo = np.maximum(hi - 1, 0)
+    d_lo = mag - E2M1_VALUES[lo]
+    d_hi = E2M1_VALUES[hi] - mag
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    code = np.where(pick_hi, hi, lo).astype(np.uint8)
+    return np.where(np.signbit(x) & (code != 0), code | 8, code).astype(np.uint8)
+
+
+def e2m1_decode(codes: np.ndarray) -> np.ndarray:
+    c = np.asarray(codes, dtype=np.uint8)
+    v = E2M1_VALUES[c & 7]
+    return np.where(c & 8, -v, v).astype(np.float32)
+
+
+def pack(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes [..., K] to bytes [..., K/2]: element 2i in the low nibble, 2i+1 in the high one."""
+    c = np.asarray(codes, dtype=np.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    p = np.asarray(packed, dtype=np.uint8)
+    out = np.empty(p.shape[:-1] + (2 * p.shape[-1],), dtype=np.uint8)
+    out[..., 0::2] = p & 0xF
+    out[..., 1::2] = p >> 4
+    return out
+
+
+# ---------------------------------------------------------------------------------------- tensors
+def quantize(w: np.ndarray, per_leading: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [..., K] -> (packed uint8 [..., K/2], block scales E4M3 codes [..., K/16], global scale float32).
+
+    ``per_leading``: one global scale per index of the first dimension (stacked experts), else one.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 1 or w.shape[-1] % GROUP:
+        raise ValueError(f"NVFP4 needs the last dimension to be a multiple of {GROUP}, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
+    if per_leading:
+        amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    else:
+        amax = np.array([np.abs(w).max() if w.size else 0.0], dtype=np.float32)
+    gscale = (amax / np.float32(E2M1_MAX * E4M3_MAX)).astype(np.float32)
+    gscale = np.where(gscale > 0, gscale, np.float32(1.0)).astype(np.float32)  # all-zero tensor: any scale
+    g = gscale.reshape((-1,) + (1,) * (w.ndim - 1)) if per_leading else gscale.reshape((1,) * w.ndim)
+    blocks = w.reshape(w.shape[:-1] + (w.shape[-1] // GROUP, GROUP))
+    bamax = np.abs(blocks).max(axis=-1)
+    scale_codes = e4m3_encode(bamax / np.float32(E2M1_MAX) / g)
+    scale = e4m3_decode(scale_codes)
+    denom = (scale * g)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(denom > 0, blocks / denom, np.float32(0.0))
+    codes = e2m1_encode(q.reshape(w.shape))
+    return pack(codes), scale_codes, gscale if per_leading else gscale.reshape(())
+
+
+def dequantize(packed: np.ndarray, scale_codes: np.ndarray, gscale: np.ndarray) -> np.ndarray:
+    """The exact float32 weights an NVFP4 tensor stands for: (e2m1 * e4m3) * global, in that order."""
+    vals = e2m1_decode(unpack(packed))
+    scale = e4m3_decode(scale_codes)
+    gs = np.asarray(gscale, dtype=np.float32)
+    if gs.ndim == 1 and gs.size > 1:
+        gs = gs.reshape((-1,) + (1,) * (vals.ndim - 1))
+    per_elem = np.repeat(scale, GROUP, axis=-1)
+    return ((vals * per_elem) * gs).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------- safetensors I/O
+_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (None, 2), "U8": (np.uint8, 1),
+           "F8_E4M3": (np.uint8, 1), "I64": (np.int64, 8), "I32": (np.int32, 4)}
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
+    """name -> (dtype string, array; BF16 as float32, F8_E4M3 as raw codes), and the metadata."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise ValueError(f"{path}: not a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", {}) or {}
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        dt, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+        if dt not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {dt}")
+        raw = data[base + a : base + b]
+        if dt == "BF16":
+            arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype=_DTYPES[dt][0])
+        out[name] = (dt, arr.reshape(shape).copy())
+    return out, meta
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, tuple[str, np.ndarray]],
+                      metadata: dict[str, str] | None = None) -> None:
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for name, (dt, arr) in tensors.items():
+        if dt == "BF16":
+            b = (np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        else:
+            b = np.ascontiguousarray(arr, dtype=_DTYPES[dt][0]).tobytes()
+        header[name] = {"dtype": dt, "shape": list(np.shape(arr)), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def is_expert_weight(name: str) -> bool:
+    return name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = False) -> list[str]:
+    """Writes an NVFP4 copy of ``src`` to ``dst``: the MoE experts quantized, everything else as it was.
+
+    Returns the names of the quantized tensors.
+    """
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} is not a checkpoint directory (no config.json)")
+    if src.resolve() == dst.resolve():
+        raise ValueError("the destination must differ from the source")
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{src} holds no *.safetensors files")
+    dst.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(files), desc="quantizing", unit="file")
+    done: list[str] = []
+    index: dict[str, str] = {}
+    for f in files:
+        tensors, meta = read_safetensors(f)
+        out: dict[str, tuple[str, np.ndarray]] = {}
+        for name, (dt, arr) in tensors.items():
+            if is_expert_weight(name) and arr.ndim == 3 and arr.shape[-1] % GROUP == 0:
+                packed, scales, gscale = quantize(arr, per_leading=True)
+                out[name] = ("U8", packed)
+                out[name + "_scale"] = ("F8_E4M3", scales)
+                out[name + "_scale_2"] = ("F32", gscale)
+                done.append(name)
+            else:
+                out[name] = (dt, arr)
+        write_safetensors(dst / f.name, out, meta)
+        index.update({name: f.name for name in out})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for other in src.iterdir():
+        if other.is_file() and other.suffix != ".safetensors" and other.name != "model.safetensors.index.json":
+            shutil.copy2(other, dst / other.name)
+    if (src / "model.safetensors.index.json").is_file():
+        idx = json.loads((src / "model.safetensors.index.json").read_text())
+        idx["weight_map"] = index
+        (dst / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2) + "\n")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "nvfp4", "group_size": GROUP, "quantized": "moe_experts",
+                                  "producer": "dgemma-quantize"}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return done
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dgemma-quantize",
+                                description="Write an NVFP4 copy of a DiffusionGemma checkpoint (MoE experts).")
+    p.add_argument("src", help="BF16/F16/F32 checkpoint directory")
+    p.add_argument("dst", help="output directory")
+    args = p.parse_args(argv)
+    from dgemma_rt.cli import run_reporting_errors
+
+    def command() -> int:
+        names = quantize_checkpoint(args.src, args.dst, progress=sys.stderr.isatty())
+        print(f"quantized {len(names)} tensors to NVFP4 into {args.dst}")
+        return 0
+
+    return run_reporting_errors(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

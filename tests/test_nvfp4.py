@@ -1,0 +1,225 @@
+"""NVFP4: the numpy reference quantizer, dgemma-quantize, and the engine's dequantizing loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dgemma_rt
+from dgemma_rt import nvfp4
+from dgemma_rt.tiny import make_tiny
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def test_e2m1_round_to_nearest_even_and_saturation():
+    cases = {0.0: 0.0, 0.2: 0.0, 0.25: 0.0, 0.26: 0.5, 0.75: 1.0, 1.25: 1.0, 1.75: 2.0, 2.5: 2.0, 3.5: 4.0,
+             5.0: 4.0, 5.01: 6.0, 6.0: 6.0, 7.0: 6.0, 1e9: 6.0}
+    for x, want in cases.items():
+        for sign in (1, -1):
+            got = nvfp4.e2m1_decode(nvfp4.e2m1_encode(np.float32(sign * x)))
+            assert got == sign * want, (sign * x, got)
+    # every representable value survives a round trip, both signs
+    vals = np.array(E2M1 + [-v for v in E2M1[1:]], dtype=np.float32)
+    np.testing.assert_array_equal(nvfp4.e2m1_decode(nvfp4.e2m1_encode(vals)), vals)
+
+
+def test_e4m3_codes():
+    codes = np.arange(256, dtype=np.uint8)
+    vals = nvfp4.e4m3_decode(codes)
+    assert np.isnan(vals[0x7F]) and np.isnan(vals[0xFF])
+    assert vals[0x7E] == 448.0 and vals[1] == 2.0**-9 and vals[0x08] == 2.0**-6
+    pos = codes[:0x7F]
+    np.testing.assert_array_equal(nvfp4.e4m3_encode(nvfp4.e4m3_decode(pos)), pos)
+    assert nvfp4.e4m3_decode(nvfp4.e4m3_encode(np.float32(1000.0))) == 448.0  # saturates
+    # ties go to the even code: 1 + 1/16 lies halfway between 1 (0x38) and 1.125 (0x39)
+    assert nvfp4.e4m3_encode(np.float32(1.0625)) == 0x38
+    with pytest.raises(ValueError):
+        nvfp4.e4m3_encode(np.float32(np.inf))
+
+
+def test_pack_nibble_order():
+    codes = np.array([[1, 2, 3, 15]], dtype=np.uint8)
+    packed = nvfp4.pack(codes)
+    np.testing.assert_array_equal(packed, [[0x21, 0xF3]])
+    np.testing.assert_array_equal(nvfp4.unpack(packed), codes)
+
+
+def test_quantize_error_and_special_inputs():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 8, 64)).astype(np.float32) * np.array([1e-3, 1, 10, 300], dtype=np.float32)[:, None, None]
+    packed, scales, g = nvfp4.quantize(w, per_leading=True)
+    assert packed.shape == (4, 8, 32) and scales.shape == (4, 8, 4) and g.shape == (4,)
+    deq = nvfp4.dequantize(packed, scales, g)
+    # Each block's error is within half an E2M1 step at the block's scale, plus the scale's own rounding.
+    blocks = w.reshape(4, 8, 4, 16)
+    bmax = np.abs(blocks).max(-1, keepdims=True)
+    err = np.abs(deq.reshape(blocks.shape) - blocks)
+    assert np.all(err <= bmax * (1 / 6 + 1 / 16) + 1e-12)
+    assert np.mean(err) < 0.1 * np.mean(np.abs(blocks))
+    # exact for representable values: with amax = 6 * 448 * 2^-10 the global scale is 2^-10, the block
+    # scale 448 and every value an E2M1 one
+    exact = np.array([[0, 0.5, 1, 1.5, 2, 3, 4, 6, -6, -4, -3, -2, -1.5, -1, -0.5, 0]], dtype=np.float32)
+    exact = exact * np.float32(448 * 2**-10)
+    p, s, gg = nvfp4.quantize(exact)
+    assert gg == 2**-10 and np.all(nvfp4.e4m3_decode(s) == 448)
+    np.testing.assert_array_equal(nvfp4.dequantize(p, s, gg), exact)
+    # zeros stay zeros, a zero tensor too
+    z = np.zeros((2, 32), dtype=np.float32)
+    np.testing.assert_array_equal(nvfp4.dequantize(*nvfp4.quantize(z)), z)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.ones((1, 16), dtype=np.float32)
+        x[0, 3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            nvfp4.quantize(x)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        nvfp4.quantize(np.ones((2, 24), dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    base = make_tiny(tmp_path_factory.mktemp("nvfp4_src"))
+    quant = tmp_path_factory.mktemp("nvfp4_dst")
+    names = nvfp4.quantize_checkpoint(base, quant)
+    return base, quant, names
+
+
+def _deq_checkpoint(base, quant, dst):
+    """base with the experts replaced by the numpy dequantization of the NVFP4 ones, as F32."""
+    shutil.copytree(base, dst)
+    q, _ = nvfp4.read_safetensors(quant / "model.safetensors")
+    src, meta = nvfp4.read_safetensors(base / "model.safetensors")
+    out = {}
+    for name, (dt, arr) in src.items():
+        if nvfp4.is_expert_weight(name):
+            out[name] = ("F32", nvfp4.dequantize(q[name][1], q[name + "_scale"][1], q[name + "_scale_2"][1]))
+        else:
+            out[name] = (dt, arr)
+    nvfp4.write_safetensors(dst / "model.safetensors", out, meta)
+    return dst
+
+
+def test_quantized_checkpoint_layout(tiny_pair):
+    base, quant, names = tiny_pair
+    assert names and all(nvfp4.is_expert_weight(n) for n in names)
+    q, _ = nvfp4.read_safetensors(quant / "model.safetensors")
+    for n in names:
+        assert q[n][0] == "U8" and q[n + "_scale"][0] == "F8_E4M3" and q[n + "_scale_2"][0] == "F32"
+    assert json.loads((quant / "config.json").read_text())["quantization_config"]["quant_method"] == "nvfp4"
+    assert (quant / "tokenizer.json").is_file()
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(quant) < size(base)
+
+
+def test_engine_dequantizes_exactly_like_the_reference(tiny_pair, tmp_path):
+    base, quant, _ = tiny_pair
+    deq = _deq_checkpoint(base, quant, tmp_path / "deq")
+    a = dgemma_rt.Engine(quant, num_threads=2)
+    b = dgemma_rt.Engine(deq, num_threads=2)
+    ids = [[12, 500, 77, 1900, 33]]
+    canvas = np.array([[7 + i for i in range(64)]], dtype=np.int32)
+    la = a.denoise_logits(a.encode(ids), canvas)
+    lb = b.denoise_logits(b.encode(ids), canvas)
+    np.testing.assert_array_equal(la, lb)
+    kw = dict(max_new_tokens=128, max_denoising_steps=8, seed=3)
+    np.testing.assert_array_equal(a.generate(ids, **kw).sequences, b.generate(ids, **kw).sequences)
+
+
+def test_nvfp4_vs_full_precision_logits(tiny_pair, tmp_path):
+    """How far 4-bit experts move the model: reported, and bounded.
+
+    The tiny model has random weights and is very sensitive (even BF16 experts move it visibly), so
+    the bound is relative: NVFP4 must do no worse than Gaussian noise of the same RMS as NVFP4's
+    error (~9.5% of the weights' RMS) added to the experts.
+    """
+    base, quant, _ = tiny_pair
+    src, meta = nvfp4.read_safetensors(base / "model.safetensors")
+    q, _ = nvfp4.read_safetensors(quant / "model.safetensors")
+    rng = np.random.default_rng(1)
+    noisy = {}
+    for name, (dt, arr) in src.items():
+        if nvfp4.is_expert_weight(name):
+            deq = nvfp4.dequantize(q[name][1], q[name + "_scale"][1], q[name + "_scale_2"][1])
+            rms = np.sqrt(np.mean((deq - arr) ** 2))
+            assert rms < 0.11 * np.sqrt(np.mean(arr**2))
+            arr = arr + rng.standard_normal(arr.shape).astype(np.float32) * np.float32(rms)
+        noisy[name] = (dt, arr)
+    noise_dir = tmp_path / "noise"
+    shutil.copytree(base, noise_dir)
+    nvfp4.write_safetensors(noise_dir / "model.safetensors", noisy, meta)
+
+    ids = rng.integers(8, 2048, size=(2, 24)).tolist()
+    canvas = rng.integers(8, 2048, size=(2, 64)).astype(np.int32)
+
+    def logits(path):
+        e = dgemma_rt.Engine(path, num_threads=2)
+        return e.denoise_logits(e.encode(ids), canvas).astype(np.float64)
+
+    def logp(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ref = logits(base)
+
+    def compare(path):
+        other = logits(path)
+        a, b = logp(ref), logp(other)
+        return float((np.exp(a) * (a - b)).sum(-1).mean()), float((ref.argmax(-1) == other.argmax(-1)).mean())
+
+    kl_q, agree_q = compare(quant)
+    kl_n, agree_n = compare(noise_dir)
+    print(f"tiny model, experts NVFP4 vs F32: mean KL {kl_q:.3f}, argmax agreement {agree_q:.3f}; "
+          f"same-RMS Gaussian noise: mean KL {kl_n:.3f}, agreement {agree_n:.3f}")
+    assert kl_q <= 1.5 * kl_n and agree_q >= 0.75 * agree_n
+    assert agree_q > 0.2  # far above chance (1/2048)
+
+
+def test_corrupt_nvfp4_checkpoints(tiny_pair, tmp_path):
+    _, quant, names = tiny_pair
+    name = names[0]
+
+    def broken(edit, words):
+        d = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(quant, d)
+        t, meta = nvfp4.read_safetensors(d / "model.safetensors")
+        edit(t)
+        nvfp4.write_safetensors(d / "model.safetensors", t, meta)
+        with pytest.raises(dgemma_rt.CheckpointError) as e:
+            dgemma_rt.Engine(d)
+        for w in words:
+            assert w in str(e.value)
+
+    broken(lambda t: t.pop(name + "_scale_2"), ["_scale_2"])
+    broken(lambda t: t.__setitem__(name + "_scale", ("F8_E4M3", t[name + "_scale"][1][..., :-1])), ["block scales"])
+    broken(lambda t: t.__setitem__(name, ("U8", t[name][1][..., :-1])), ["packed"])
+    broken(lambda t: t.__setitem__(name + "_scale_2", ("F32", np.array([np.nan] * t[name + "_scale_2"][1].size,
+                                                                     dtype=np.float32))), ["not finite"])
+    nan_scales = lambda t: t.__setitem__(name + "_scale", ("F8_E4M3", np.full_like(t[name + "_scale"][1], 0x7F)))  # noqa: E731
+    broken(nan_scales, ["NaN"])
+
+
+def test_dgemma_quantize_cli(tmp_path):
+    src = make_tiny(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(src), str(tmp_path / "dst")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "quantized 12 tensors" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(tmp_path / "nope"), str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "config.json" in r.stderr
+
+
+def test_quantize_at_load_time(tiny_pair):
+    base, quant, _ = tiny_pair
+    a = dgemma_rt.Engine(base, quant="nvfp4", num_threads=2)
+    b = dgemma_rt.Engine(quant, num_threads=2)
+    kw = dict(max_new_tokens=64, max_denoising_steps=6, seed=5)
+    np.testing.assert_array_equal(a.generate([[40, 41, 42]], **kw).sequences, b.generate([[40, 41, 42]], **kw).sequences)
+    assert a.tokenizer is not None  # still read from the original directory
+    with pytest.raises(ValueError, match="quant"):
+        dgemma_rt.Engine(base, quant="int4")
