@@ -141,7 +141,8 @@ void RequestHandle::wait() const {
 bool RequestHandle::wait_for(double seconds) const {
   check_not_scheduler_thread();
   std::unique_lock<std::mutex> lock(mu_);
-  return cv_.wait_for(lock, std::chrono::duration<double>(std::max(0.0, seconds)),
+  // Clamped: a huge timeout must not overflow the clock's integer nanoseconds.
+  return cv_.wait_for(lock, std::chrono::duration<double>(std::min(std::max(0.0, seconds), 1e9)),
                       [&] { return status_ != Status::kQueued && status_ != Status::kRunning; });
 }
 
