@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -53,18 +54,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_level(engine, config, clients: int, args, new_tokens: int) -> dict:
+def run_level(engine, config, clients: int, args, new_tokens: int, desc: str = "") -> dict:
     latencies: list[float] = []
     queue: list[float] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
+    # Made here, not in the clients: a client failing before the barrier would leave it waiting forever.
+    prompts = [random_prompts(config, args.requests_per_client, args.prompt_len, seed=1000 * clients + c)
+               for c in range(clients)]
+    bar = None
+    if desc and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=clients * args.requests_per_client, desc=desc, unit="req", file=sys.stderr, leave=False)
 
     def client(c: int) -> None:
-        prompts = random_prompts(config, args.requests_per_client, args.prompt_len, seed=1000 * clients + c)
         try:
             start.wait()
-            for i, ids in enumerate(prompts):
+            for i, ids in enumerate(prompts[c]):
                 t0 = time.perf_counter()
                 out = engine.submit([ids.tolist()], seed=c * 1000 + i, max_new_tokens=args.new_tokens,
                                     max_denoising_steps=args.steps, eos_token_id=[], adaptive_stopping=False,
@@ -72,6 +80,8 @@ def run_level(engine, config, clients: int, args, new_tokens: int) -> dict:
                 with lock:
                     latencies.append(time.perf_counter() - t0)
                     queue.append(out.timings["queue_s"])
+                    if bar is not None:
+                        bar.update(1)
         except BaseException as e:  # reported by the caller
             errors.append(e)
 
@@ -85,6 +95,8 @@ def run_level(engine, config, clients: int, args, new_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     s1 = engine.scheduler_stats()
+    if bar is not None:
+        bar.close()
     if errors:
         raise errors[0]
     n = len(latencies)
@@ -123,7 +135,7 @@ def _provenance(argv: list[str]) -> dict:
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "command": " ".join(["python", "bench/concurrency.py", *argv]),
         "cpu_model": cpu,
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "gpu": "none",
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'clients':>7} {'req':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'queue ms':>8} "
           f"{'rows/pass':>9} {'ms/pass':>8}", file=sys.stderr)
     for c in args.concurrency:
-        r = run_level(engine, config, c, args, new_tokens)
+        r = run_level(engine, config, c, args, new_tokens, desc=f"{c} clients")
         rows.append(r)
         print(f"{c:>7} {r['requests']:>4} {r['requests_per_s']:>7} {r['tokens_per_s']:>8} "
               f"{r['latency_ms']['p50']:>8} {r['latency_ms']['p95']:>8} {r['mean_queue_ms']:>8} "
