@@ -223,3 +223,24 @@ def test_quantize_at_load_time(tiny_pair):
     assert a.tokenizer is not None  # still read from the original directory
     with pytest.raises(ValueError, match="quant"):
         dgemma_rt.Engine(base, quant="int4")
+
+
+def test_dense_projections_behind_a_flag(tiny_pair, tmp_path):
+    base, _, _ = tiny_pair
+    dst = tmp_path / "dense"
+    names = nvfp4.quantize_checkpoint(base, dst, dense=True)
+    q, _ = nvfp4.read_safetensors(dst / "model.safetensors")
+    src, meta = nvfp4.read_safetensors(base / "model.safetensors")
+    want = {n for n in src if nvfp4.is_dense_weight(n) or nvfp4.is_expert_weight(n)}
+    assert set(names) == want and any(n.endswith("self_attn.q_proj.weight") for n in names)
+    assert not any("embed_tokens" in n or "router" in n or "self_conditioning" in n for n in names)
+    # The engine loads 2-D NVFP4 tensors (one global scale each) exactly as the reference dequantizes them.
+    deq = tmp_path / "deq"
+    shutil.copytree(base, deq)
+    nvfp4.write_safetensors(deq / "model.safetensors", {
+        n: ("F32", nvfp4.dequantize(q[n][1], q[n + "_scale"][1], q[n + "_scale_2"][1])) if n in names else v
+        for n, v in src.items()}, meta)
+    a, b = dgemma_rt.Engine(dst, num_threads=2), dgemma_rt.Engine(deq, num_threads=2)
+    ids = [[30, 31, 32, 33]]
+    canvas = np.arange(100, 164, dtype=np.int32)[None]
+    np.testing.assert_array_equal(a.denoise_logits(a.encode(ids), canvas), b.denoise_logits(b.encode(ids), canvas))

@@ -194,12 +194,23 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, tuple[str, np.
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+_DENSE_SUFFIXES = tuple(f"self_attn.{p}_proj.weight" for p in "qkvo") + tuple(
+    f"mlp.{p}_proj.weight" for p in ("gate", "up", "down"))
+
+
 def is_expert_weight(name: str) -> bool:
     return name.endswith(("experts.gate_up_proj", "experts.down_proj"))
 
 
-def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = False) -> list[str]:
-    """Writes an NVFP4 copy of ``src`` to ``dst``: the MoE experts quantized, everything else as it was.
+def is_dense_weight(name: str) -> bool:
+    """The layers' attention projections and dense MLP (not embeddings, LM head, router or self-conditioning)."""
+    return ".layers." in name and name.endswith(_DENSE_SUFFIXES)
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = False,
+                        dense: bool = False) -> list[str]:
+    """Writes an NVFP4 copy of ``src`` to ``dst``: the MoE experts quantized (with ``dense``, also the
+    attention projections and the dense MLP), everything else as it was.
 
     Returns the names of the quantized tensors.
     """
@@ -223,8 +234,10 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         tensors, meta = read_safetensors(f)
         out: dict[str, tuple[str, np.ndarray]] = {}
         for name, (dt, arr) in tensors.items():
-            if is_expert_weight(name) and arr.ndim == 3 and arr.shape[-1] % GROUP == 0:
-                packed, scales, gscale = quantize(arr, per_leading=True)
+            expert = is_expert_weight(name) and arr.ndim == 3
+            linear = dense and is_dense_weight(name) and arr.ndim == 2
+            if (expert or linear) and arr.shape[-1] % GROUP == 0:
+                packed, scales, gscale = quantize(arr, per_leading=expert)
                 out[name] = ("U8", packed)
                 out[name + "_scale"] = ("F8_E4M3", scales)
                 out[name + "_scale_2"] = ("F32", gscale)
@@ -245,7 +258,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         idx["weight_map"] = index
         (dst / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2) + "\n")
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "nvfp4", "group_size": GROUP, "quantized": "moe_experts",
+    cfg["quantization_config"] = {"quant_method": "nvfp4", "group_size": GROUP,
+                                  "quantized": "moe_experts+dense" if dense else "moe_experts",
                                   "producer": "dgemma-quantize"}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return done
@@ -256,11 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Write an NVFP4 copy of a DiffusionGemma checkpoint (MoE experts).")
     p.add_argument("src", help="BF16/F16/F32 checkpoint directory")
     p.add_argument("dst", help="output directory")
+    p.add_argument("--dense", action="store_true",
+                   help="also quantize the attention projections and the dense MLP (default: experts only)")
     args = p.parse_args(argv)
     from dgemma_rt.cli import run_reporting_errors
 
     def command() -> int:
-        names = quantize_checkpoint(args.src, args.dst, progress=sys.stderr.isatty())
+        names = quantize_checkpoint(args.src, args.dst, progress=sys.stderr.isatty(), dense=args.dense)
         print(f"quantized {len(names)} tensors to NVFP4 into {args.dst}")
         return 0
 
