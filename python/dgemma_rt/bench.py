@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="adaptive stopping and the checkpoint's EOS ids, as in real use",
     )
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--quant", choices=["none", "nvfp4"], default="none",
+                   help="nvfp4: quantize the MoE experts at load (on the CPU they run dequantized; default none)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size (default: fits the run)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="prompt and sampling seed (default 0)")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs first (default 1)")
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_tokens=kv_tokens,
         max_batch_size=max(8, args.batch),
         progress=progress,
+        quant=None if args.quant == "none" else args.quant,
     )
     load_s = time.perf_counter() - t0
 
@@ -214,6 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "runs": args.runs,
         "kv_cache_tokens": kv_tokens,
+        "quant": args.quant,
         "device": "cpu",
         "dgemma_rt_version": _version(),
         "python": platform.python_version(),
@@ -251,7 +255,8 @@ def format_report(r: dict[str, Any]) -> str:
         (
             "workload",
             f"batch {r['batch']}, prompt {r['prompt_len']}, new {r['new_tokens']}, "
-            f"steps {r['steps']} ({mode}), threads {threads}, seed {r['seed']}, runs {r['runs']}",
+            f"steps {r['steps']} ({mode}), threads {threads}, seed {r['seed']}, runs {r['runs']}, "
+            f"quant {r.get('quant', 'none')}",
         ),
         ("throughput", f"{r['tokens_per_s']:.1f} tokens/s ({r['generated_tokens']} tokens)"),
         (
