@@ -90,13 +90,13 @@ def tiny_pair(tmp_path_factory):
 
 
 def _deq_checkpoint(base, quant, dst):
-    """base with the experts replaced by the numpy dequantization of the NVFP4 ones, as F32."""
+    """base with every NVFP4 tensor of quant replaced by its numpy dequantization, as F32."""
     shutil.copytree(base, dst)
     q, _ = nvfp4.read_safetensors(quant / "model.safetensors")
     src, meta = nvfp4.read_safetensors(base / "model.safetensors")
     out = {}
     for name, (dt, arr) in src.items():
-        if nvfp4.is_expert_weight(name):
+        if q[name][0] == "U8" and name + "_scale" in q:
             out[name] = ("F32", nvfp4.dequantize(q[name][1], q[name + "_scale"][1], q[name + "_scale_2"][1]))
         else:
             out[name] = (dt, arr)
@@ -229,17 +229,12 @@ def test_dense_projections_behind_a_flag(tiny_pair, tmp_path):
     base, _, _ = tiny_pair
     dst = tmp_path / "dense"
     names = nvfp4.quantize_checkpoint(base, dst, dense=True)
-    q, _ = nvfp4.read_safetensors(dst / "model.safetensors")
-    src, meta = nvfp4.read_safetensors(base / "model.safetensors")
+    src, _ = nvfp4.read_safetensors(base / "model.safetensors")
     want = {n for n in src if nvfp4.is_dense_weight(n) or nvfp4.is_expert_weight(n)}
     assert set(names) == want and any(n.endswith("self_attn.q_proj.weight") for n in names)
     assert not any("embed_tokens" in n or "router" in n or "self_conditioning" in n for n in names)
     # The engine loads 2-D NVFP4 tensors (one global scale each) exactly as the reference dequantizes them.
-    deq = tmp_path / "deq"
-    shutil.copytree(base, deq)
-    nvfp4.write_safetensors(deq / "model.safetensors", {
-        n: ("F32", nvfp4.dequantize(q[n][1], q[n + "_scale"][1], q[n + "_scale_2"][1])) if n in names else v
-        for n, v in src.items()}, meta)
+    deq = _deq_checkpoint(base, dst, tmp_path / "deq")
     a, b = dgemma_rt.Engine(dst, num_threads=2), dgemma_rt.Engine(deq, num_threads=2)
     ids = [[30, 31, 32, 33]]
     canvas = np.arange(100, 164, dtype=np.int32)[None]

@@ -165,7 +165,7 @@ struct Scheduler::Job {
   int B, L, V, N, max_canvases, thr;
   bool skip_finished;
   Phase phase = Phase::kEncode;
-  bool admitted = false, prompt_encoded = false, have_sc = false;
+  bool prompt_encoded = false, have_sc = false;
   int c = 0, step = 1, n = 0;
   Clock::time_point t_submit, t_admit;
   int need_full = 0, need_sliding = 0;  // recomputed at admission
@@ -544,7 +544,6 @@ void Scheduler::admit() {
         c.add_reservation(pool_->total_blocks(0) ? c.full_blocks_needed(static_cast<int>(final_len)) : 0,
                           pool_->total_blocks(1) ? std::max(0, c.sliding_blocks_peak() - c.sliding_blocks_held()) : 0);
       }
-      j.admitted = true;
       j.t_admit = Clock::now();
       j.res.queue_s = seconds_since(j.t_submit);
       {
