@@ -12,13 +12,12 @@ namespace py = pybind11;
 namespace dgemma::bindings {
 namespace {
 
-using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
-using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // Checks every index the kernel will follow, so that a bad call raises instead of faulting.
-py::array_t<uint16_t> attention(U16 q, U16 k_new, U16 v_new, U16 k_cache, U16 v_cache, I32 block_table,
-                                I32 cache_first_pos, I32 cache_start, I32 cache_len, I32 tok0, I32 count, bool causal,
-                                int window, float scale) {
+py::array_t<uint16_t> attention(U16Array q, U16Array k_new, U16Array v_new, U16Array k_cache, U16Array v_cache,
+                                I32Array block_table, I32Array cache_first_pos, I32Array cache_start,
+                                I32Array cache_len, I32Array tok0, I32Array count, bool causal, int window,
+                                float scale) {
   DG_REQUIRE(q.ndim() == 3, InvalidArgument, "q must be [T, num_heads, head_dim]");
   const int T = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
   DG_REQUIRE(k_new.ndim() == 3 && k_new.shape(0) == T && k_new.shape(2) == D, InvalidArgument,
@@ -36,7 +35,7 @@ py::array_t<uint16_t> attention(U16 q, U16 k_new, U16 v_new, U16 k_cache, U16 v_
              InvalidArgument, "v_cache must match k_cache");
   DG_REQUIRE(block_table.ndim() == 2, InvalidArgument, "block_table must be [rows, max_blocks_per_row]");
   const int R = static_cast<int>(block_table.shape(0)), MB = static_cast<int>(block_table.shape(1));
-  for (const I32* a : {&cache_first_pos, &cache_start, &cache_len, &tok0, &count})
+  for (const I32Array* a : {&cache_first_pos, &cache_start, &cache_len, &tok0, &count})
     DG_REQUIRE(a->ndim() == 1 && a->shape(0) == R, InvalidArgument, "per-row arrays must be [rows]");
 
   int max_count = 0;

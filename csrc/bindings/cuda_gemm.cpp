@@ -11,9 +11,6 @@ namespace py = pybind11;
 namespace dgemma::bindings {
 namespace {
 
-using U16Array = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
 std::pair<int, int> device_capability() {
   int dev = 0, major = 0, minor = 0;
   DG_CUDA_CHECK(cudaGetDevice(&dev));

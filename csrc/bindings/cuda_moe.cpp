@@ -17,10 +17,6 @@ namespace py = pybind11;
 namespace dgemma::bindings {
 namespace {
 
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using U16Array = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
 bool is_u16(const py::array& a) { return a.dtype().kind() == 'u' && a.dtype().itemsize() == 2; }
 
 template <typename A>

@@ -9,14 +9,14 @@ namespace py = pybind11;
 namespace dgemma::bindings {
 namespace {
 
-py::array_t<float> rmsnorm_f32(py::array_t<float, py::array::c_style | py::array::forcecast> x, py::object weight,
+py::array_t<float> rmsnorm_f32(F32Array x, py::object weight,
                                float eps) {
   DG_REQUIRE(x.ndim() == 2, InvalidArgument, "x must be 2-D [rows, dim]");
   const int rows = static_cast<int>(x.shape(0)), dim = static_cast<int>(x.shape(1));
   auto dx = DeviceBuffer<float>::from(x);
   DeviceBuffer<float> dw;
   if (!weight.is_none()) {
-    auto w = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(weight);
+    auto w = F32Array::ensure(weight);
     DG_REQUIRE(w && w.ndim() == 1 && w.shape(0) == dim, InvalidArgument, "weight must be [dim]");
     dw = DeviceBuffer<float>::from(w);
   }

@@ -14,6 +14,14 @@
 
 namespace dgemma::bindings {
 
+// numpy arguments as C-contiguous arrays of one dtype (bf16 travels as uint16 bit patterns).
+template <typename T>
+using CArray = pybind11::array_t<T, pybind11::array::c_style | pybind11::array::forcecast>;
+using F32Array = CArray<float>;
+using U16Array = CArray<uint16_t>;
+using U8Array = CArray<uint8_t>;
+using I32Array = CArray<int32_t>;
+
 using CudaOpBinder = void (*)(pybind11::module_&);
 std::vector<CudaOpBinder>& cuda_op_binders();
 

@@ -9,9 +9,6 @@ namespace py = pybind11;
 namespace dgemma::bindings {
 namespace {
 
-template <typename T>
-using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
 // Outputs start as all-ones bytes (-1 ints, NaN floats, 0xFFFF bf16), so a test can see that
 // inactive rows were left alone.
 template <typename T>
@@ -25,7 +22,7 @@ DeviceBuffer<T> filled(size_t n) {
 // Returns (processed f32 [P, V], token i32 [P], argmax i32 [P], entropy f32 [P]) and, with
 // want_probs, probs as bf16 bits (uint16 [P, V]). in_place: processed overwrites the logits
 // buffer (the aliasing the engine uses), so inactive rows keep their raw logits there.
-py::tuple sample_canvas(Arr<float> logits, Arr<float> temperature, Arr<double> uniform, py::object active,
+py::tuple sample_canvas(CArray<float> logits, CArray<float> temperature, CArray<double> uniform, py::object active,
                         bool in_place, bool want_probs) {
   DG_REQUIRE(logits.ndim() == 2, InvalidArgument, "logits must be 2-D [positions, vocab]");
   DG_REQUIRE(temperature.ndim() == 1 && temperature.shape(0) > 0, InvalidArgument, "temperature must be [rows]");
@@ -35,7 +32,7 @@ py::tuple sample_canvas(Arr<float> logits, Arr<float> temperature, Arr<double> u
   DG_REQUIRE(uniform.ndim() == 1 && uniform.shape(0) == P, InvalidArgument, "uniform must be [positions]");
   DeviceBuffer<int32_t> dact;
   if (!active.is_none()) {
-    auto a = Arr<int32_t>::ensure(active);
+    auto a = CArray<int32_t>::ensure(active);
     DG_REQUIRE(a && a.ndim() == 1 && a.shape(0) == rows, InvalidArgument, "active must be int32 [rows]");
     dact = DeviceBuffer<int32_t>::from(a);
   }
@@ -81,8 +78,8 @@ py::tuple sample_canvas(Arr<float> logits, Arr<float> temperature, Arr<double> u
 // entropy f32 [rows, L]; sampled, fresh, argmax i32 [rows, L]; history i32 [threshold, rows, L];
 // active i32 [rows] or None. canvas (i32 [rows, L]) and finished (i32 [rows]) give the starting
 // values (default: -1 everywhere, zeros). Returns (canvas, history, finished).
-py::tuple accept_canvas(Arr<float> entropy, Arr<int32_t> sampled, Arr<int32_t> fresh, Arr<int32_t> argmax,
-                        Arr<int32_t> history, py::object active, double entropy_bound, int stability_threshold,
+py::tuple accept_canvas(CArray<float> entropy, CArray<int32_t> sampled, CArray<int32_t> fresh, CArray<int32_t> argmax,
+                        CArray<int32_t> history, py::object active, double entropy_bound, int stability_threshold,
                         double confidence_threshold, bool adaptive, py::object canvas, py::object finished) {
   DG_REQUIRE(entropy.ndim() == 2, InvalidArgument, "entropy must be 2-D [rows, canvas_length]");
   const int rows = static_cast<int>(entropy.shape(0)), L = static_cast<int>(entropy.shape(1));
@@ -96,7 +93,7 @@ py::tuple accept_canvas(Arr<float> entropy, Arr<int32_t> sampled, Arr<int32_t> f
              "history must hold stability_threshold canvases");
   DeviceBuffer<int32_t> dact;
   if (!active.is_none()) {
-    auto a = Arr<int32_t>::ensure(active);
+    auto a = CArray<int32_t>::ensure(active);
     DG_REQUIRE(a && a.ndim() == 1 && a.shape(0) == rows, InvalidArgument, "active must be int32 [rows]");
     dact = DeviceBuffer<int32_t>::from(a);
   }
@@ -104,7 +101,7 @@ py::tuple accept_canvas(Arr<float> entropy, Arr<int32_t> sampled, Arr<int32_t> f
   if (canvas.is_none()) {
     dcanvas = filled<int32_t>(static_cast<size_t>(rows) * L);
   } else {
-    auto c = Arr<int32_t>::ensure(canvas);
+    auto c = CArray<int32_t>::ensure(canvas);
     DG_REQUIRE(c && c.ndim() == 2 && c.shape(0) == rows && c.shape(1) == L, InvalidArgument,
                "canvas must be int32 [rows, canvas_length]");
     dcanvas = DeviceBuffer<int32_t>::from(c);
@@ -114,7 +111,7 @@ py::tuple accept_canvas(Arr<float> entropy, Arr<int32_t> sampled, Arr<int32_t> f
     dfin = DeviceBuffer<int32_t>(rows);
     if (rows) DG_CUDA_CHECK(cudaMemset(dfin.get(), 0, rows * sizeof(int32_t)));
   } else {
-    auto f = Arr<int32_t>::ensure(finished);
+    auto f = CArray<int32_t>::ensure(finished);
     DG_REQUIRE(f && f.ndim() == 1 && f.shape(0) == rows, InvalidArgument, "finished must be int32 [rows]");
     dfin = DeviceBuffer<int32_t>::from(f);
   }
