@@ -1,4 +1,7 @@
-"""CUDA NVFP4 W4A16 grouped GEMM against the numpy reference (dgemma_rt.nvfp4). Skipped without a GPU."""
+"""CUDA NVFP4 kernels against the numpy reference (dgemma_rt.nvfp4).
+
+The host-side checks (the kernels' rounding code and scale layout, run on the CPU) need only a build
+with the CUDA sources; the kernels themselves need a GPU, the NVFP4 x NVFP4 GEMM a Blackwell one."""
 
 import numpy as np
 import pytest
@@ -7,9 +10,9 @@ import dgemma_rt
 from bf16_helpers import bf16_bits, bf16_to_f32
 from dgemma_rt import nvfp4
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
-)
+pytestmark = pytest.mark.skipif(not hasattr(dgemma_rt._core, "cuda_ops"), reason="built without the CUDA sources")
+needs_gpu = pytest.mark.skipif(not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0,
+                               reason="needs a CUDA GPU")
 
 
 def ops():
@@ -27,6 +30,7 @@ def reference(x_bits, packed, scales, gscale, offsets):
     return y
 
 
+@needs_gpu
 @pytest.mark.parametrize("counts,N,K", [
     ([0, 1, 70, 0, 33], 72, 48),     # empty experts, one token, M not a multiple of the 32-token tile, N tail
     ([5, 0, 0, 0], 64, 2816),        # the real model's K
@@ -46,6 +50,7 @@ def test_grouped_gemm_nvfp4_matches_reference(counts, N, K):
     assert np.all(np.abs(y - ref) <= tol)
 
 
+@needs_gpu
 def test_grouped_gemm_nvfp4_small_integers_exact():
     rng = np.random.default_rng(7)
     G, N, K = 3, 40, 32  # |sums| <= 32 * 6 = 192: integers bf16 holds exactly
@@ -71,3 +76,171 @@ def test_grouped_gemm_nvfp4_bad_shapes():
     with pytest.raises(ValueError, match="offsets"):
         ops().grouped_gemm_nvfp4(x, np.zeros((1, 8, 16), np.uint8), np.zeros((1, 8, 2), np.uint8),
                                  np.ones(1, np.float32), np.array([0, 3], np.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: the rounding code and the scale layout the kernels run, checked on the CPU.
+
+def e4m3_probe_values():
+    """Every E4M3 value, the midpoints between neighbours (ties), values just off them, and beyond 448."""
+    v = nvfp4.e4m3_decode(np.arange(127, dtype=np.uint8)).astype(np.float64)
+    mid = (v[:-1] + v[1:]) / 2
+    probes = np.concatenate([v, mid, mid * (1 + 2.0**-20), mid * (1 - 2.0**-20), [448.0, 460.0, 464.0, 500.0, 1e30]])
+    return probes.astype(np.float32)
+
+
+def test_host_e4m3_rounding_matches_numpy():
+    x = e4m3_probe_values()
+    np.testing.assert_array_equal(ops().nvfp4_encode_host(x, "e4m3"), nvfp4.e4m3_encode(x))
+    rng = np.random.default_rng(3)
+    x = np.exp(rng.uniform(-12, 7, size=20000)).astype(np.float32)
+    np.testing.assert_array_equal(ops().nvfp4_encode_host(x, "e4m3"), nvfp4.e4m3_encode(x))
+    with pytest.raises(ValueError, match="finite"):
+        ops().nvfp4_encode_host(np.array([np.nan], np.float32), "e4m3")
+
+
+def test_host_e2m1_rounding_matches_numpy():
+    v = nvfp4.E2M1_VALUES.astype(np.float64)
+    mid = (v[:-1] + v[1:]) / 2
+    mag = np.concatenate([v, mid, mid + 1e-4, mid - 1e-4, [5.99, 6.01, 7.0, 100.0]])
+    x = np.concatenate([mag, -mag, [-0.0, -0.1]]).astype(np.float32)
+    np.testing.assert_array_equal(ops().nvfp4_encode_host(x, "e2m1"), nvfp4.e2m1_encode(x))
+    x = np.random.default_rng(4).uniform(-8, 8, size=20000).astype(np.float32)
+    np.testing.assert_array_equal(ops().nvfp4_encode_host(x, "e2m1"), nvfp4.e2m1_encode(x))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 3e4])
+def test_host_block_quantization_matches_numpy(scale):
+    rng = np.random.default_rng(int(scale * 7) + 1)
+    x = (rng.standard_normal((33, 176)) * scale).astype(np.float32)
+    x[0] = 0.0                       # an all-zero row: zero scales, zero codes
+    x[1, :16] = scale * 1e-3         # a block far below the tensor's amax: subnormal / zero E4M3 scales
+    x[2, 16:32] = -np.abs(x).max()   # a block at the tensor's amax: scale saturates at 448
+    packed, scales, g = nvfp4.quantize(x)
+    assert ops().nvfp4_global_scale(float(np.abs(x).max())) == g
+    p2, s2 = ops().nvfp4_quantize_host(x, float(g))
+    np.testing.assert_array_equal(s2, scales)
+    np.testing.assert_array_equal(p2, packed)
+
+
+@pytest.mark.parametrize("rows,K", [(1, 16), (37, 48), (128, 64), (129, 704), (300, 2816)])
+def test_scale_layout_matches_cutlass(rows, K):
+    ours = ops().nvfp4_sf_offsets(rows, K)
+    np.testing.assert_array_equal(ours, nvfp4.sf_offsets(rows, K // 16))
+    if hasattr(ops(), "grouped_gemm_nvfp4x4"):  # a build with the CUTLASS headers
+        np.testing.assert_array_equal(ours, ops().nvfp4_sf_offsets(rows, K, cutlass_layout=True))
+    # one byte per scale, all inside the padded tensor
+    assert len(np.unique(ours)) == ours.size and ours.max() < nvfp4.sf_bytes(rows, K // 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: activation quantization (any GPU) and the NVFP4 x NVFP4 grouped GEMM (sm_100a / sm_120a).
+
+def act_reference(x_bits, offsets, global_scale):
+    """numpy: packed values, and per row its scales, for activations quantized with one global scale."""
+    x = bf16_to_f32(x_bits)
+    blocks = x.reshape(x.shape[0], -1, 16)
+    sc = nvfp4.e4m3_encode(np.abs(blocks).max(axis=-1) / np.float32(6.0) / np.float32(global_scale))
+    denom = (nvfp4.e4m3_decode(sc) * np.float32(global_scale))[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(denom > 0, blocks / denom, np.float32(0.0))
+    return nvfp4.pack(nvfp4.e2m1_encode(q.reshape(x.shape))), sc
+
+
+@needs_gpu
+@pytest.mark.parametrize("counts,K", [([3, 0, 130, 1], 48), ([0, 0, 5], 2816), ([256], 704)])
+def test_quantize_act_matches_reference(counts, K):
+    rng = np.random.default_rng(len(counts) + K)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32) * 5)
+    q, sf, starts, g = ops().quantize_act_nvfp4(x, offsets)
+    amax = float(np.abs(bf16_to_f32(x)).max())
+    assert g == pytest.approx(ops().nvfp4_global_scale(amax), rel=0, abs=0)
+    ref_q, ref_sc = act_reference(x, offsets, g)
+    np.testing.assert_array_equal(q, ref_q)
+    kb = K // 16
+    tiles = np.concatenate([[0], np.cumsum([-(-c // 128) for c in counts])])
+    np.testing.assert_array_equal(starts, tiles)
+    tile_bytes = 128 * (-(-kb // 4) * 4)
+    for gi, c in enumerate(counts):
+        region = sf[tiles[gi] * tile_bytes:]
+        rows = ref_sc[offsets[gi]:offsets[gi + 1]]
+        np.testing.assert_array_equal(region[nvfp4.sf_offsets(c, kb)], rows)
+        if c and kb % 4:  # the columns padding K/16 to 4 hold zero scales
+            pad = nvfp4.sf_offsets(c, -(-kb // 4) * 4)[:, kb:]
+            assert not region[pad].any()
+    # a static global scale is used as given
+    q2, _, _, g2 = ops().quantize_act_nvfp4(x, offsets, global_scale=g * 2)
+    assert g2 == np.float32(g * 2)
+    np.testing.assert_array_equal(q2, act_reference(x, offsets, np.float32(g * 2))[0])
+
+
+needs_blackwell = pytest.mark.skipif(
+    not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0
+    or not hasattr(dgemma_rt._core.cuda_ops, "grouped_gemm_nvfp4x4")
+    or dgemma_rt._core.cuda_ops.nvfp4_blackwell_arch() is None,
+    reason="needs a Blackwell GPU (sm_100a / sm_120a) and a build with CUTLASS")
+
+
+def nvfp4x4(x_bits, packed, scales, gscale, offsets, a_global=None):
+    """Quantizes x on the GPU, then runs the block-scaled grouped GEMM; also returns the float64 reference
+    of the same quantized operands."""
+    q, sf, starts, g = ops().quantize_act_nvfp4(x_bits, offsets, global_scale=a_global)
+    y = bf16_to_f32(ops().grouped_gemm_nvfp4x4(q, sf, starts, g, packed, nvfp4.swizzle_scales(scales), gscale,
+                                                offsets)).astype(np.float64)
+    _, a_sc = act_reference(x_bits, offsets, g)
+    a = nvfp4.dequantize(q, a_sc, np.float32(g)).astype(np.float64)
+    wd = nvfp4.dequantize(packed, scales, gscale).astype(np.float64)
+    ref = np.zeros((a.shape[0], wd.shape[1]))
+    for e in range(wd.shape[0]):
+        ref[offsets[e]:offsets[e + 1]] = a[offsets[e]:offsets[e + 1]] @ wd[e].T
+    return y, ref
+
+
+@needs_blackwell
+@pytest.mark.parametrize("counts,N,K", [
+    ([0, 1, 70, 0, 33], 136, 64),    # empty experts, one token, partial tiles in every dimension
+    ([5, 0, 0, 300], 256, 2816),     # the real model's K, an expert past two token tiles
+    ([0, 0, 129], 1408, 704),        # every token on one expert; the real gate_up / down shapes
+])
+def test_grouped_gemm_nvfp4x4_matches_reference(counts, N, K):
+    rng = np.random.default_rng(sum(counts) + N + K)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    w = (rng.standard_normal((len(counts), N, K)) * rng.uniform(0.01, 3, size=(len(counts), 1, 1))).astype(np.float32)
+    x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
+    y, ref = nvfp4x4(x, *nvfp4.quantize(w, per_leading=True), offsets)
+    tol = 2.0**-8 * np.abs(ref) + 1e-5 * np.sqrt(K) * np.abs(ref).max(initial=1.0)
+    assert np.all(np.abs(y - ref) <= tol)
+
+
+@needs_blackwell
+def test_grouped_gemm_nvfp4x4_small_integers_exact():
+    rng = np.random.default_rng(11)
+    counts, N, K = [9, 0, 40], 64, 32
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    codes = rng.integers(0, 16, size=(3, N, K)).astype(np.uint8)
+    codes[(codes & 7) == 1] &= 0xE  # no 0.5 and no 1.5: integer weights in [-6, 6]
+    codes[(codes & 7) == 3] &= 0xE
+    scales = np.full((3, N, K // 16), 0x38, dtype=np.uint8)  # E4M3 1.0
+    gscale = np.array([1.0, 0.5, 0.25], dtype=np.float32)
+    # activations in {-1, 0, 1} with a 3 in every block and global scale 2^-8: every block scale is 128,
+    # exact, and the values quantize to themselves; |sums| <= 216, exact in bf16
+    x = rng.integers(-1, 2, size=(int(offsets[-1]), K)).astype(np.float32)
+    x[:, ::16] = 3.0
+    y, ref = nvfp4x4(bf16_bits(x), nvfp4.pack(codes), scales, gscale, offsets, a_global=2.0**-8)
+    np.testing.assert_array_equal(ref[:9], x[:9] @ nvfp4.e2m1_decode(codes[0]).T)  # the reference is exact
+    np.testing.assert_array_equal(y, ref)
+
+
+@needs_gpu
+def test_nvfp4x4_bad_arguments():
+    x = np.zeros((4, 48), dtype=np.uint16)
+    with pytest.raises(ValueError, match="offsets"):
+        ops().quantize_act_nvfp4(x, np.array([0, 3], np.int32))
+    with pytest.raises(ValueError, match="global scale"):
+        ops().quantize_act_nvfp4(x, np.array([0, 4], np.int32), global_scale=float("nan"))
+    if hasattr(ops(), "grouped_gemm_nvfp4x4"):
+        with pytest.raises(ValueError, match="K % 32"):
+            ops().grouped_gemm_nvfp4x4(np.zeros((4, 24), np.uint8), np.zeros(512, np.uint8), np.zeros(2, np.int32),
+                                       1.0, np.zeros((1, 8, 24), np.uint8), np.zeros((1, 512), np.uint8),
+                                       np.ones(1, np.float32), np.array([0, 4], np.int32))

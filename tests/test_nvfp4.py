@@ -239,3 +239,21 @@ def test_dense_projections_behind_a_flag(tiny_pair, tmp_path):
     ids = [[30, 31, 32, 33]]
     canvas = np.arange(100, 164, dtype=np.int32)[None]
     np.testing.assert_array_equal(a.denoise_logits(a.encode(ids), canvas), b.denoise_logits(b.encode(ids), canvas))
+
+
+@pytest.mark.parametrize("rows,kblocks", [(1, 1), (37, 3), (128, 4), (129, 44), (256, 176)])
+def test_swizzle_scales_places_every_scale_once_and_zero_pads(rows, kblocks):
+    rng = np.random.default_rng(rows * kblocks)
+    scales = rng.integers(1, 127, size=(2, rows, kblocks)).astype(np.uint8)  # nonzero: padding is told apart
+    out = nvfp4.swizzle_scales(scales)
+    assert out.shape == (2, nvfp4.sf_bytes(rows, kblocks))
+    assert out.shape[1] == -(-rows // 128) * 128 * (-(-kblocks // 4) * 4)
+    offs = nvfp4.sf_offsets(rows, kblocks)
+    for e in range(2):
+        np.testing.assert_array_equal(out[e][offs], scales[e])
+    assert np.count_nonzero(out) == scales.size
+    # the atom's inner order: rows 0..31 step 16 bytes, the four 32-row quarters 4 bytes, columns 1 byte
+    if rows >= 128 and kblocks > 4:
+        assert offs[1, 0] == 16 and offs[32, 0] == 4 and offs[0, 1] == 1 and offs[0, 4] == 512
+    with pytest.raises(ValueError, match="rows"):
+        nvfp4.swizzle_scales(np.zeros(4, np.uint8))

@@ -1,13 +1,26 @@
 // Test entry point for kernels/nvfp4 (bf16 travels as uint16 bit patterns, E4M3 as uint8 codes).
 #include <cuda_bf16.h>
 
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+
 #include "bindings/cuda_ops.h"
+#include "common/nvfp4_format.h"
 #include "kernels/nvfp4/nvfp4.cuh"
 
 namespace py = pybind11;
 
 namespace dgemma::bindings {
 namespace {
+
+void check_offsets(const I32Array& offsets, int G, int Mtot) {
+  DG_REQUIRE(offsets.ndim() == 1 && offsets.shape(0) == G + 1, InvalidArgument, "offsets must be [G + 1]");
+  const int32_t* o = offsets.data();
+  DG_REQUIRE(o[0] == 0 && o[G] == Mtot, InvalidArgument, "offsets must start at 0 and end at Mtot");
+  for (int g = 0; g < G; ++g) DG_REQUIRE(o[g] <= o[g + 1], InvalidArgument, "offsets must be non-decreasing");
+}
 
 U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets) {
   DG_REQUIRE(x.ndim() == 2 && w.ndim() == 3 && w_scale.ndim() == 3 && w_global.ndim() == 1 && offsets.ndim() == 1,
@@ -18,11 +31,8 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
   DG_REQUIRE(w.shape(2) == K / 2, InvalidArgument, "w must be [G, N, " << K / 2 << "]");
   DG_REQUIRE(w_scale.shape(0) == G && w_scale.shape(1) == N && w_scale.shape(2) == K / 16, InvalidArgument,
              "w_scale must be [" << G << ", " << N << ", " << K / 16 << "]");
-  DG_REQUIRE(w_global.shape(0) == G && offsets.shape(0) == G + 1, InvalidArgument,
-             "w_global must be [G] and offsets [G + 1]");
-  const int32_t* o = offsets.data();
-  DG_REQUIRE(o[0] == 0 && o[G] == Mtot, InvalidArgument, "offsets must start at 0 and end at Mtot");
-  for (int g = 0; g < G; ++g) DG_REQUIRE(o[g] <= o[g + 1], InvalidArgument, "offsets must be non-decreasing");
+  DG_REQUIRE(w_global.shape(0) == G, InvalidArgument, "w_global must be [G]");
+  check_offsets(offsets, G, Mtot);
   auto dx = DeviceBuffer<__nv_bfloat16>::from(x);
   auto dw = DeviceBuffer<uint8_t>::from(w);
   auto ds = DeviceBuffer<uint8_t>::from(w_scale);
@@ -41,10 +51,172 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
   return y;
 }
 
+// ---- host side: the arithmetic and the scale layout the kernels use, checked without a GPU
+std::tuple<U8Array, U8Array> quantize_host(F32Array x, float global) {
+  DG_REQUIRE(x.ndim() == 2 && x.shape(1) % nvfp4::kGroup == 0, InvalidArgument, "x must be [R, K], K % 16 == 0");
+  const py::ssize_t R = x.shape(0), K = x.shape(1);
+  U8Array packed({R, K / 2}), scales({R, K / nvfp4::kGroup});
+  const float* src = x.data();
+  uint8_t* q = packed.mutable_data();
+  uint8_t* sc = scales.mutable_data();
+  for (py::ssize_t b = 0; b < R * K / nvfp4::kGroup; ++b) {
+    float v[nvfp4::kGroup];
+    uint8_t pk[nvfp4::kGroup / 2];
+    std::memcpy(v, src + b * nvfp4::kGroup, sizeof(v));
+    sc[b] = static_cast<uint8_t>(nvfp4::quantize_block(v, global, pk));
+    std::memcpy(q + b * (nvfp4::kGroup / 2), pk, sizeof(pk));
+  }
+  return {packed, scales};
+}
+
+// Element-wise codecs: "e4m3" (scales: x >= 0) or "e2m1" (values) to codes.
+U8Array encode_host(F32Array x, const std::string& kind) {
+  DG_REQUIRE(kind == "e4m3" || kind == "e2m1", InvalidArgument, "kind must be 'e4m3' or 'e2m1', got '" << kind << "'");
+  U8Array out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  const float* src = x.data();
+  uint8_t* o = out.mutable_data();
+  for (py::ssize_t i = 0; i < x.size(); ++i) {
+    if (kind == "e4m3") {
+      DG_REQUIRE(std::isfinite(src[i]) && src[i] >= 0, InvalidArgument, "E4M3 scales must be finite and >= 0");
+      o[i] = static_cast<uint8_t>(nvfp4::e4m3_from_float(src[i]));
+    } else {
+      o[i] = static_cast<uint8_t>(nvfp4::e2m1_from_float(src[i]));
+    }
+  }
+  return out;
+}
+
+py::array_t<int64_t> sf_offsets(int rows, int K, bool cutlass_layout) {
+  DG_REQUIRE(rows >= 0 && K > 0 && K % nvfp4::kGroup == 0, InvalidArgument, "need rows >= 0 and K % 16 == 0");
+  const int kb = K / nvfp4::kGroup;
+  py::array_t<int64_t> out({rows, kb});
+  int64_t* o = out.mutable_data();
+  if (cutlass_layout) {
+#if defined(DGEMMA_WITH_CUTLASS)
+    kernels::cutlass_nvfp4_sf_offsets(rows, K, o);
+#else
+    DG_THROW(Error, "this build has no CUTLASS headers");
+#endif
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < kb; ++c) o[static_cast<size_t>(r) * kb + c] = static_cast<int64_t>(nvfp4::sf_offset(r, c, kb));
+  }
+  return out;
+}
+
+// ---- GPU: activation quantization and the Blackwell NVFP4 x NVFP4 grouped GEMM
+// -> (packed [Mtot, K/2], scales in the MMA layout (bytes), sf_starts [G + 1], global scale)
+std::tuple<U8Array, U8Array, I32Array, float> quantize_act(U16Array x, I32Array offsets, std::optional<float> global) {
+  DG_REQUIRE(x.ndim() == 2 && x.shape(1) > 0 && x.shape(1) % nvfp4::kGroup == 0, InvalidArgument,
+             "x must be [Mtot, K], K a positive multiple of 16");
+  const int Mtot = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
+  const int G = static_cast<int>(offsets.shape(0)) - 1;
+  DG_REQUIRE(G >= 1, InvalidArgument, "offsets must be [G + 1], G >= 1");
+  check_offsets(offsets, G, Mtot);
+  auto dx = DeviceBuffer<__nv_bfloat16>::from(x);
+  auto doff = DeviceBuffer<int32_t>::from(offsets);
+  DeviceBuffer<float> dglobal(1);
+  if (global) {
+    DG_REQUIRE(std::isfinite(*global) && *global > 0, InvalidArgument, "global scale must be finite and > 0");
+    DG_CUDA_CHECK(cudaMemcpy(dglobal.get(), &*global, sizeof(float), cudaMemcpyHostToDevice));
+  } else {
+    DG_CUDA_CHECK(kernels::act_global_scale_nvfp4(dx.get(), dx.size(), dglobal.get(), nullptr));
+  }
+  const size_t sf_n = kernels::quantize_act_nvfp4_sf_bytes(Mtot, G, K);
+  DeviceBuffer<uint8_t> dq(static_cast<size_t>(Mtot) * K / 2), dsf(sf_n);
+  DeviceBuffer<int32_t> dstarts(static_cast<size_t>(G) + 1);
+  DG_CUDA_CHECK(cudaMemset(dsf.get(), 0xFF, sf_n));  // rows no group covers stay 0xFF: the test sees them
+  kernels::QuantizeActNvfp4Params p;
+  p.x = dx.get(), p.offsets = doff.get(), p.global = dglobal.get(), p.q = dq.get(), p.sf = dsf.get();
+  p.sf_starts = dstarts.get(), p.Mtot = Mtot, p.G = G, p.K = K;
+  DG_CUDA_CHECK(kernels::quantize_act_nvfp4(p, nullptr));
+  DG_CUDA_CHECK(cudaDeviceSynchronize());
+  U8Array q({Mtot, K / 2}), sf({static_cast<py::ssize_t>(sf_n)});
+  I32Array starts({G + 1});
+  dq.copy_to(q.mutable_data());
+  dsf.copy_to(sf.mutable_data());
+  dstarts.copy_to(starts.mutable_data());
+  float g = 0;
+  DG_CUDA_CHECK(cudaMemcpy(&g, dglobal.get(), sizeof(float), cudaMemcpyDeviceToHost));
+  return {q, sf, starts, g};
+}
+
+std::optional<std::string> blackwell_arch() {
+#if defined(DGEMMA_WITH_CUTLASS)
+  if (kernels::sm100_nvfp4_supported()) return std::string("sm_100a");
+  if (kernels::sm120_nvfp4_supported()) return std::string("sm_120a");
+#endif
+  return std::nullopt;
+}
+
+#if defined(DGEMMA_WITH_CUTLASS)
+// y = dequant(a) @ dequant(W_g)^T per group, a already quantized (quantize_act_nvfp4's outputs),
+// w_sf in the MMA layout (dgemma_rt.nvfp4.swizzle_scales).
+U16Array grouped_gemm_nvfp4x4(U8Array a, U8Array a_sf, I32Array a_sf_starts, float a_global, U8Array w,
+                              U8Array w_sf, F32Array w_global, I32Array offsets) {
+  DG_REQUIRE(a.ndim() == 2 && w.ndim() == 3 && w_sf.ndim() == 2 && w_global.ndim() == 1, InvalidArgument,
+             "a must be [Mtot, K/2], w [G, N, K/2], w_sf [G, sf_bytes], w_global [G]");
+  const int Mtot = static_cast<int>(a.shape(0)), K = static_cast<int>(a.shape(1)) * 2;
+  const int G = static_cast<int>(w.shape(0)), N = static_cast<int>(w.shape(1));
+  DG_REQUIRE(w.shape(2) == K / 2 && K % 32 == 0 && N % 8 == 0, InvalidArgument,
+             "need w [G, N, K/2] with K % 32 == 0 and N % 8 == 0");
+  DG_REQUIRE(w_sf.shape(0) == G && static_cast<size_t>(w_sf.shape(1)) == nvfp4::sf_bytes(N, K / nvfp4::kGroup),
+             InvalidArgument, "w_sf must be [G, " << nvfp4::sf_bytes(N, K / nvfp4::kGroup) << "]");
+  DG_REQUIRE(w_global.shape(0) == G && a_sf_starts.ndim() == 1 && a_sf_starts.shape(0) == G + 1, InvalidArgument,
+             "w_global must be [G] and a_sf_starts [G + 1]");
+  check_offsets(offsets, G, Mtot);
+  const auto arch = blackwell_arch();
+  DG_REQUIRE(arch.has_value(), Error, "the NVFP4 x NVFP4 grouped GEMM needs an sm_100a or sm_120a GPU");
+  const bool sm100 = *arch == "sm_100a";
+  auto da = DeviceBuffer<uint8_t>::from(a);
+  auto dasf = DeviceBuffer<uint8_t>::from(a_sf);
+  auto dstarts = DeviceBuffer<int32_t>::from(a_sf_starts);
+  auto dw = DeviceBuffer<uint8_t>::from(w);
+  auto dwsf = DeviceBuffer<uint8_t>::from(w_sf);
+  auto dwg = DeviceBuffer<float>::from(w_global);
+  auto doff = DeviceBuffer<int32_t>::from(offsets);
+  DeviceBuffer<float> dag(1);
+  DG_CUDA_CHECK(cudaMemcpy(dag.get(), &a_global, sizeof(float), cudaMemcpyHostToDevice));
+  DeviceBuffer<__nv_bfloat16> dy(static_cast<size_t>(Mtot) * N);
+  const size_t ws = sm100 ? kernels::grouped_gemm_nvfp4_sm100_workspace_size(G)
+                          : kernels::grouped_gemm_nvfp4_sm120_workspace_size(G);
+  DeviceBuffer<uint8_t> dws(ws);
+  kernels::GroupedGemmNvfp4x4Params p;
+  p.a = da.get(), p.a_sf = dasf.get(), p.a_sf_starts = dstarts.get(), p.a_global = dag.get();
+  p.w = dw.get(), p.w_sf = dwsf.get(), p.w_global = dwg.get(), p.offsets = doff.get(), p.y = dy.get();
+  p.G = G, p.N = N, p.K = K, p.workspace = dws.get(), p.workspace_bytes = ws;
+  if (Mtot > 0) {
+    DG_CUDA_CHECK(sm100 ? kernels::grouped_gemm_nvfp4_sm100(p, nullptr) : kernels::grouped_gemm_nvfp4_sm120(p, nullptr));
+    DG_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  U16Array y({Mtot, N});
+  dy.copy_to(y.mutable_data());
+  return y;
+}
+#endif
+
 RegisterCudaOps reg([](py::module_& m) {
   m.def("grouped_gemm_nvfp4", &grouped_gemm_nvfp4, py::arg("x"), py::arg("w"), py::arg("w_scale"),
         py::arg("w_global"), py::arg("offsets"),
         "y[o_g:o_g+1] = x[o_g:o_g+1] @ dequant(W_g)^T: NVFP4 weights, bf16 activations (uint16) in and out");
+  m.def("nvfp4_quantize_host", &quantize_host, py::arg("x"), py::arg("global_scale"),
+        "the kernels' NVFP4 block quantization run on the host: (packed [R, K/2], E4M3 codes [R, K/16])");
+  m.def("nvfp4_encode_host", &encode_host, py::arg("x"), py::arg("kind"),
+        "the kernels' E4M3 ('e4m3') or E2M1 ('e2m1') rounding run on the host");
+  m.def("nvfp4_global_scale", [](float amax) { return nvfp4::global_scale(amax); }, py::arg("amax"));
+  m.def("nvfp4_sf_offsets", &sf_offsets, py::arg("rows"), py::arg("K"), py::arg("cutlass_layout") = false,
+        "byte offsets [rows, K/16] of the block scales in the MMA layout: the kernels' formula, or CUTLASS's "
+        "layout evaluated by CuTe (cutlass_layout=True)");
+  m.def("quantize_act_nvfp4", &quantize_act, py::arg("x"), py::arg("offsets"), py::arg("global_scale") = py::none(),
+        "bf16 activations (uint16) [Mtot, K] to NVFP4 on the GPU: (packed, scales in the MMA layout, "
+        "per-group first scale tile [G + 1], global scale); the global scale from the data when None");
+  m.def("nvfp4_blackwell_arch", &blackwell_arch,
+        "'sm_100a' / 'sm_120a' when the NVFP4 x NVFP4 grouped GEMM runs on this device, else None");
+#if defined(DGEMMA_WITH_CUTLASS)
+  m.def("grouped_gemm_nvfp4x4", &grouped_gemm_nvfp4x4, py::arg("a"), py::arg("a_sf"), py::arg("a_sf_starts"),
+        py::arg("a_global"), py::arg("w"), py::arg("w_sf"), py::arg("w_global"), py::arg("offsets"),
+        "Blackwell block-scaled grouped GEMM: NVFP4 activations x NVFP4 weights, bf16 (uint16) out");
+#endif
 });
 
 }  // namespace

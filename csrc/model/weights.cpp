@@ -3,10 +3,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <sstream>
 
 #include "common/check.h"
+#include "common/nvfp4_format.h"
 
 namespace dgemma {
 namespace {
@@ -45,16 +45,7 @@ float f16_to_f32(uint16_t h) {
   return f;
 }
 
-// FP8 E4M3 (fn variant: no infinities; S.1111.111 is NaN).
-float e4m3_to_f32(uint8_t c) {
-  const int exp = (c >> 3) & 0xF, man = c & 7;
-  const float mag = exp == 0 ? std::ldexp(man / 8.0f, -6) : std::ldexp(1.0f + man / 8.0f, exp - 7);
-  if ((c & 0x7F) == 0x7F) return std::numeric_limits<float>::quiet_NaN();
-  return (c & 0x80) ? -mag : mag;
-}
-
-constexpr float kE2M1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-constexpr int kNvfp4Group = 16;
+constexpr int kNvfp4Group = nvfp4::kGroup;
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::ostringstream o;
@@ -191,9 +182,9 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
       for (size_t k = 0; k < n; ++k) {
         const uint8_t byte = r.data[k / 2];
         const uint8_t code = (k % 2) ? (byte >> 4) : (byte & 0xF);
-        const float v = (code & 8) ? -kE2M1[code & 7] : kE2M1[code & 7];
+        const float v = nvfp4::e2m1_to_float(code);
         const size_t row = k / K, col = k % K;
-        const float s = e4m3_to_f32(sc[row * (K / kNvfp4Group) + col / kNvfp4Group]);
+        const float s = nvfp4::e4m3_to_float(sc[row * (K / kNvfp4Group) + col / kNvfp4Group]);
         DG_REQUIRE(!std::isnan(s), CheckpointError, "NVFP4 block scales '" << quant[i].scale->name << "' hold NaN");
         buf[k] = (v * s) * gs[gn == 1 ? 0 : k / per_lead];
       }

@@ -143,6 +143,41 @@ def dequantize(packed: np.ndarray, scale_codes: np.ndarray, gscale: np.ndarray) 
     return ((vals * per_elem) * gs).astype(np.float32)
 
 
+# ---------------------------------------------------------------------------------------- MMA scale layout
+SF_TILE_ROWS = 128  # rows of one block-scale atom
+SF_TILE_COLS = 4    # block scales (of 16 elements) per atom row
+
+
+def sf_offsets(rows: int, kblocks: int) -> np.ndarray:
+    """Byte offset of every block scale ``[rows, kblocks]`` in the layout Blackwell's block-scaled MMAs
+    read (CUTLASS ``Sm1xxBlockScaledConfig``, K-major): atoms of 128 rows x 4 scales (512 bytes), ordered
+    along K first; inside an atom, row ``r`` and column ``c`` at ``(r % 32) * 16 + (r // 32) * 4 + c``."""
+    r = np.arange(rows, dtype=np.int64)[:, None]
+    c = np.arange(kblocks, dtype=np.int64)[None, :]
+    atoms_k = -(-kblocks // SF_TILE_COLS)
+    atom = (r // SF_TILE_ROWS) * atoms_k + c // SF_TILE_COLS
+    return atom * 512 + (r % 32) * 16 + ((r % SF_TILE_ROWS) // 32) * 4 + c % SF_TILE_COLS
+
+
+def sf_bytes(rows: int, kblocks: int) -> int:
+    """Bytes of the MMA scale layout of ``rows x kblocks`` scales (rows padded to 128, columns to 4)."""
+    return -(-rows // SF_TILE_ROWS) * SF_TILE_ROWS * (-(-kblocks // SF_TILE_COLS) * SF_TILE_COLS)
+
+
+def swizzle_scales(scales: np.ndarray) -> np.ndarray:
+    """Row-major block scales ``[..., rows, kblocks]`` to the MMA layout ``[..., sf_bytes(rows, kblocks)]``,
+    the padding zero (a finite scale: the MMA multiplies it by zero-filled data)."""
+    s = np.asarray(scales, dtype=np.uint8)
+    if s.ndim < 2:
+        raise ValueError(f"block scales must be [..., rows, K/16], got shape {s.shape}")
+    rows, kblocks = s.shape[-2:]
+    lead = s.shape[:-2]
+    flat = s.reshape((-1, rows * kblocks))
+    out = np.zeros((flat.shape[0], sf_bytes(rows, kblocks)), dtype=np.uint8)
+    out[:, sf_offsets(rows, kblocks).reshape(-1)] = flat
+    return out.reshape(lead + (out.shape[-1],))
+
+
 # ---------------------------------------------------------------------------------------- safetensors I/O
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (None, 2), "U8": (np.uint8, 1),
            "F8_E4M3": (np.uint8, 1), "I64": (np.int64, 8), "I32": (np.int32, 4)}

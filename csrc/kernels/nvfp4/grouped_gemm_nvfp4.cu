@@ -1,5 +1,7 @@
 #include "kernels/nvfp4/nvfp4.cuh"
 
+#include "common/nvfp4_format.h"
+
 namespace dgemma::kernels {
 namespace {
 
@@ -9,25 +11,10 @@ constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;  // 64
 constexpr int kTokTiles = 4;                        // n8 tiles per warp: 32 tokens
 constexpr int kTokens = 8 * kTokTiles;
 
-// FP8 E4M3 (fn) to float: S.EEEE.MMM, bias 7, subnormals at exponent 0, S.1111.111 is NaN.
-__device__ __forceinline__ float e4m3_to_float(uint32_t c) {
-  const int e = (c >> 3) & 0xF, m = c & 7;
-  float v = e == 0 ? ldexpf(static_cast<float>(m) * 0.125f, -6) : ldexpf(1.0f + static_cast<float>(m) * 0.125f, e - 7);
-  if ((c & 0x7F) == 0x7F) v = __int_as_float(0x7fc00000);
-  return (c & 0x80) ? -v : v;
-}
-
-__device__ __forceinline__ float e2m1_to_float(uint32_t c) {
-  // 0, 0.5, 1, 1.5, 2, 3, 4, 6
-  const uint32_t mag = c & 7;
-  const float v = mag < 4 ? 0.5f * static_cast<float>(mag) : static_cast<float>(2 << ((mag - 4) >> 1)) * (1.0f + 0.5f * (mag & 1));
-  return (c & 8) ? -v : v;
-}
-
 // Two adjacent weights (one packed byte) times their block scale, as a bf16x2 register
 // (the lower column in the low half, as mma expects).
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t byte, float scale) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(e2m1_to_float(byte & 0xF) * scale, e2m1_to_float(byte >> 4) * scale);
+  const __nv_bfloat162 v = __floats2bfloat162_rn(nvfp4::e2m1_to_float(byte & 0xF) * scale, nvfp4::e2m1_to_float(byte >> 4) * scale);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
@@ -62,8 +49,8 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_gemm_nvfp4_kernel(Grouped
   for (int t0 = m_begin; t0 < m_end; t0 += kTokens) {
     float acc[kTokTiles][4] = {};
     for (int k0 = 0; k0 < p.K; k0 += 16) {
-      const float sc0 = ok0 ? e4m3_to_float(s0[k0 / 16]) : 0.0f;
-      const float sc1 = ok1 ? e4m3_to_float(s1[k0 / 16]) : 0.0f;
+      const float sc0 = ok0 ? nvfp4::e4m3_to_float(s0[k0 / 16]) : 0.0f;
+      const float sc1 = ok1 ? nvfp4::e4m3_to_float(s1[k0 / 16]) : 0.0f;
       const int b = k0 / 2 + tig;  // byte of columns k0 + 2*tig, +1; +4 bytes: columns + 8
       uint32_t a[4];
       a[0] = dequant_pair(ok0 ? w0[b] : 0u, sc0);

@@ -33,4 +33,54 @@ struct GroupedGemmNvfp4Params {
 };
 cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Blackwell (sm_100a, sm_120a): both operands NVFP4 on the block-scaled tensor cores. The
+// activations are quantized per call (quantize_act_nvfp4), their block scales written straight
+// into the MMA's scale layout (common/nvfp4_format.h: sf_offset), each expert's rows starting on
+// a fresh 128-row scale tile. Compiled in CI; not yet run on a Blackwell GPU.
+
+// Device-side global scale of n bf16 activations: *global = amax / (6 * 448) (1 if all zero).
+// `global` is device memory; it also serves as the scratch of the reduction.
+cudaError_t act_global_scale_nvfp4(const __nv_bfloat16* x, size_t n, float* global, cudaStream_t stream);
+
+struct QuantizeActNvfp4Params {
+  const __nv_bfloat16* x = nullptr;  // [Mtot, K], 16-byte aligned
+  const int32_t* offsets = nullptr;  // [G + 1], device
+  const float* global = nullptr;     // [1], device: a static input_scale or act_global_scale_nvfp4's
+  uint8_t* q = nullptr;              // [Mtot, K/2] packed E2M1
+  uint8_t* sf = nullptr;             // >= quantize_act_nvfp4_sf_bytes(Mtot, G, K): block scales
+  int32_t* sf_starts = nullptr;      // [G + 1], device, written: first 128-row scale tile of group g
+  int Mtot = 0, G = 0, K = 0;
+};
+// Scale bytes for Mtot rows in G groups: every group rounded up to 128 rows (an upper bound).
+size_t quantize_act_nvfp4_sf_bytes(int Mtot, int G, int K);
+cudaError_t quantize_act_nvfp4(const QuantizeActNvfp4Params& p, cudaStream_t stream);
+
+struct GroupedGemmNvfp4x4Params {
+  const uint8_t* a = nullptr;            // [Mtot, K/2] activations, packed E2M1
+  const uint8_t* a_sf = nullptr;         // their block scales (quantize_act_nvfp4), 128-byte aligned
+  const int32_t* a_sf_starts = nullptr;  // [G + 1], device (quantize_act_nvfp4)
+  const float* a_global = nullptr;       // [1], device
+  const uint8_t* w = nullptr;            // [G, N, K/2] packed E2M1
+  const uint8_t* w_sf = nullptr;         // [G, sf_bytes(N, K/16)] block scales in the MMA layout, 128-byte aligned
+  const float* w_global = nullptr;       // [G]
+  const int32_t* offsets = nullptr;      // [G + 1], device
+  __nv_bfloat16* y = nullptr;            // [Mtot, N]
+  int G = 0, N = 0, K = 0;               // K % 32 == 0, N % 8 == 0
+  void* workspace = nullptr;             // device, >= the workspace size below, 256-byte aligned
+  size_t workspace_bytes = 0;
+};
+// Only in builds with the CUTLASS headers (DGEMMA_WITH_CUTLASS). *_supported(): the current device
+// is compute capability 10.0 / 12.0 and this build holds sm_100a / sm_120a code; otherwise the
+// GEMMs return cudaErrorNotSupported.
+bool sm100_nvfp4_supported();
+bool sm120_nvfp4_supported();
+size_t grouped_gemm_nvfp4_sm100_workspace_size(int G);
+size_t grouped_gemm_nvfp4_sm120_workspace_size(int G);
+cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
+cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
+// The block-scale byte offsets CUTLASS's Sm1xxBlockScaledConfig layout gives a rows x K matrix
+// (out[r * K/16 + kb]), evaluated on the host: the check of nvfp4::sf_offset.
+void cutlass_nvfp4_sf_offsets(int rows, int K, int64_t* out);
+
 }  // namespace dgemma::kernels
