@@ -222,7 +222,7 @@ BENCH_KEYS = {
     "warmup", "runs", "kv_cache_tokens", "device", "dgemma_rt_version", "python", "platform", "machine",
     "cpu_count", "load_s", "tokens_per_s", "ms_per_step", "ms_per_canvas", "steps_per_canvas",
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
-    "decoder_forwards", "encoder_forwards", "peak_rss_mib", "quant",
+    "decoder_forwards", "encoder_forwards", "peak_rss_mib", "quant", "dense_quant",
 }  # fmt: skip
 
 
@@ -252,9 +252,10 @@ def test_bench_json(tmp_path):
 
 def test_bench_quant_nvfp4(tiny_dir):
     proc = _run("dgemma_rt.bench", str(tiny_dir), "--prompt-len", "8", "--new-tokens", "8", "--steps", "1",
-                "--warmup", "0", "--quant", "nvfp4", "--json")  # fmt: skip
+                "--warmup", "0", "--quant", "nvfp4", "--dense-quant", "fp8", "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["quant"] == "nvfp4"
+    r = json.loads(proc.stdout)
+    assert r["quant"] == "nvfp4" and r["dense_quant"] == "fp8"
     proc = _run("dgemma_rt.bench", str(tiny_dir), "--quant", "int3")
     assert proc.returncode != 0 and "--quant" in proc.stderr
 

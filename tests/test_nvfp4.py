@@ -98,6 +98,8 @@ def _deq_checkpoint(base, quant, dst):
     for name, (dt, arr) in src.items():
         if q[name][0] == "U8" and name + "_scale" in q:
             out[name] = ("F32", nvfp4.dequantize(q[name][1], q[name + "_scale"][1], q[name + "_scale_2"][1]))
+        elif q[name][0] == "F8_E4M3":
+            out[name] = ("F32", nvfp4.dequantize_fp8(q[name][1], q[name + "_scale"][1]))
         else:
             out[name] = (dt, arr)
     nvfp4.write_safetensors(dst / "model.safetensors", out, meta)
@@ -179,20 +181,25 @@ def test_nvfp4_vs_full_precision_logits(tiny_pair, tmp_path):
     assert agree_q > 0.2  # far above chance (1/2048)
 
 
+def _expect_checkpoint_error(src, tmp_path, edit, words):
+    """A copy of checkpoint ``src`` with its tensors changed by ``edit`` must fail to load, naming ``words``."""
+    d = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(src, d)
+    t, meta = nvfp4.read_safetensors(d / "model.safetensors")
+    edit(t)
+    nvfp4.write_safetensors(d / "model.safetensors", t, meta)
+    with pytest.raises(dgemma_rt.CheckpointError) as e:
+        dgemma_rt.Engine(d)
+    for w in words:
+        assert w in str(e.value)
+
+
 def test_corrupt_nvfp4_checkpoints(tiny_pair, tmp_path):
     _, quant, names = tiny_pair
     name = names[0]
 
     def broken(edit, words):
-        d = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(quant, d)
-        t, meta = nvfp4.read_safetensors(d / "model.safetensors")
-        edit(t)
-        nvfp4.write_safetensors(d / "model.safetensors", t, meta)
-        with pytest.raises(dgemma_rt.CheckpointError) as e:
-            dgemma_rt.Engine(d)
-        for w in words:
-            assert w in str(e.value)
+        _expect_checkpoint_error(quant, tmp_path, edit, words)
 
     broken(lambda t: t.pop(name + "_scale_2"), ["_scale_2"])
     broken(lambda t: t.__setitem__(name + "_scale", ("F8_E4M3", t[name + "_scale"][1][..., :-1])), ["block scales"])
@@ -239,6 +246,167 @@ def test_dense_projections_behind_a_flag(tiny_pair, tmp_path):
     ids = [[30, 31, 32, 33]]
     canvas = np.arange(100, 164, dtype=np.int32)[None]
     np.testing.assert_array_equal(a.denoise_logits(a.encode(ids), canvas), b.denoise_logits(b.encode(ids), canvas))
+
+
+def test_fp8_rounding_and_per_channel_scales():
+    x = np.array([0.0, -0.0, 1.0, -1.0, 448.0, -448.0, 500.0, -1e9, 1.0625, -1.0625, 2.0**-9, 2.0**-10],
+                 dtype=np.float32)
+    codes = nvfp4.e4m3_encode_signed(x)
+    # -0 -> +0; saturation at +-448; 1.0625 is halfway between 1 and 1.125: ties to the even code (1.0);
+    # 2^-9 is the smallest subnormal, 2^-10 a tie between it and zero: to zero (even)
+    np.testing.assert_array_equal(nvfp4.e4m3_decode(codes),
+                                  [0, 0, 1, -1, 448, -448, 448, -448, 1, -1, 2.0**-9, 0])
+    assert codes[1] == 0 and codes[11] == 0
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((24, 80)) * rng.uniform(1e-3, 10, size=(24, 1))).astype(np.float32)
+    w[3] = 0.0
+    q, scale = nvfp4.quantize_fp8(w)
+    assert q.dtype == np.uint8 and q.shape == w.shape and scale.shape == (24,)
+    amax = np.abs(w).max(-1)
+    np.testing.assert_array_equal(scale, np.where(amax > 0, amax / np.float32(448), 1).astype(np.float32))
+    deq = nvfp4.dequantize_fp8(q, scale)
+    np.testing.assert_array_equal(deq[3], 0)
+    # E4M3 keeps 3 mantissa bits: within 2^-4 relative in its normal range (|v| >= 2^-6 of the scale)
+    normal = np.abs(w) >= scale[:, None] * 2.0**-6
+    assert np.all(np.abs(deq - w)[normal] <= np.abs(w)[normal] * 2.0**-4)
+    assert np.all(np.abs(deq - w)[~normal] <= scale[:, None].repeat(80, 1)[~normal] * 2.0**-10)
+    # every row's largest magnitude is exactly representable: +-448 * scale
+    np.testing.assert_array_equal(np.abs(nvfp4.e4m3_decode(q)).max(-1)[amax > 0], 448)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        nvfp4.quantize_fp8(np.array([[1.0, np.inf]], np.float32))
+
+
+@pytest.fixture(scope="module")
+def fp8_dense(tiny_pair, tmp_path_factory):
+    base, _, _ = tiny_pair
+    dst = tmp_path_factory.mktemp("fp8_dense")
+    return dst, nvfp4.quantize_checkpoint(base, dst, dense="fp8", experts=False)
+
+
+def test_fp8_dense_checkpoint_loads_exactly_like_the_reference(tiny_pair, fp8_dense, tmp_path):
+    base, _, _ = tiny_pair
+    dst, names = fp8_dense
+    src, meta = nvfp4.read_safetensors(base / "model.safetensors")
+    assert set(names) == {n for n in src if nvfp4.is_dense_weight(n)}
+    q, _ = nvfp4.read_safetensors(dst / "model.safetensors")
+    for n in names:
+        assert q[n][0] == "F8_E4M3" and q[n + "_scale"][0] == "F32" and q[n + "_scale"][1].shape == (src[n][1].shape[0],)
+    cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "fp8" and cfg["quantized"] == "dense_fp8"
+    deq = _deq_checkpoint(base, dst, tmp_path / "deq")
+    a, b = dgemma_rt.Engine(dst, num_threads=2), dgemma_rt.Engine(deq, num_threads=2)
+    ids = [[30, 31, 32, 33]]
+    canvas = np.arange(100, 164, dtype=np.int32)[None]
+    ref = b.denoise_logits(b.encode(ids), canvas)
+    np.testing.assert_array_equal(a.denoise_logits(a.encode(ids), canvas), ref)
+    # the other scale layouts the loader takes: [N, 1] (compressed-tensors) and one per tensor (ModelOpt)
+    for variant in ("column", "tensor"):
+        d = tmp_path / variant
+        shutil.copytree(dst, d)
+        t, m = nvfp4.read_safetensors(d / "model.safetensors")
+        for n in names:
+            codes = t[n][1]
+            if variant == "column":
+                t[n + "_scale"] = ("F32", t[n + "_scale"][1][:, None])
+            else:
+                full = nvfp4.dequantize_fp8(codes, t[n + "_scale"][1])
+                one = np.float32(np.abs(full).max() / 448)
+                t[n] = ("F8_E4M3", nvfp4.e4m3_encode_signed(full / one))
+                t[n + "_scale"] = ("F32", np.array(one, dtype=np.float32))
+        nvfp4.write_safetensors(d / "model.safetensors", t, m)
+        e = dgemma_rt.Engine(d, num_threads=2)
+        f = _deq_checkpoint(base, d, tmp_path / f"{variant}-deq")
+        e2 = dgemma_rt.Engine(f, num_threads=2)
+        np.testing.assert_array_equal(e.denoise_logits(e.encode(ids), canvas), e2.denoise_logits(e2.encode(ids), canvas))
+
+
+def test_fp8_dense_vs_full_precision(tiny_pair, fp8_dense, tmp_path):
+    """How far FP8 dense layers move the model: reported, and bounded.
+
+    The random tiny model is very sensitive to its attention projections (BF16-rounding them alone
+    gives a mean KL of ~0.4), so the bounds are relative: FP8 must do no worse than Gaussian noise of
+    the same RMS as its error (~2.6% of the weights' RMS), and better than NVFP4 dense layers.
+    """
+    base, _, _ = tiny_pair
+    dst, names = fp8_dense
+    src, meta = nvfp4.read_safetensors(base / "model.safetensors")
+    q, _ = nvfp4.read_safetensors(dst / "model.safetensors")
+    rng = np.random.default_rng(2)
+    noisy = {}
+    for name, (dt, arr) in src.items():
+        if name in names:
+            deq = nvfp4.dequantize_fp8(q[name][1], q[name + "_scale"][1])
+            rms = np.sqrt(np.mean((deq - arr) ** 2))
+            assert rms < 0.04 * np.sqrt(np.mean(arr**2))
+            arr = arr + rng.standard_normal(arr.shape).astype(np.float32) * np.float32(rms)
+        noisy[name] = (dt, arr)
+    shutil.copytree(base, tmp_path / "noise")
+    nvfp4.write_safetensors(tmp_path / "noise" / "model.safetensors", noisy, meta)
+    nvfp4.quantize_checkpoint(base, tmp_path / "nvfp4", dense="nvfp4", experts=False)
+
+    ids = rng.integers(8, 2048, size=(2, 24)).tolist()
+    canvas = rng.integers(8, 2048, size=(2, 64)).astype(np.int32)
+
+    def logp(path):
+        e = dgemma_rt.Engine(path, num_threads=2)
+        x = e.denoise_logits(e.encode(ids), canvas).astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ref = logp(base)
+
+    def compare(path):
+        b = logp(path)
+        return float((np.exp(ref) * (ref - b)).sum(-1).mean()), float((ref.argmax(-1) == b.argmax(-1)).mean())
+
+    kl_f, agree_f = compare(dst)
+    kl_n, agree_n = compare(tmp_path / "noise")
+    kl_4, agree_4 = compare(tmp_path / "nvfp4")
+    print(f"tiny model, dense layers FP8 vs F32: mean KL {kl_f:.3f}, argmax agreement {agree_f:.3f}; "
+          f"same-RMS Gaussian noise: {kl_n:.3f}, {agree_n:.3f}; dense NVFP4: {kl_4:.3f}, {agree_4:.3f}")
+    assert kl_f <= 1.5 * kl_n and agree_f >= 0.75 * agree_n
+    assert kl_f < kl_4
+
+
+def test_corrupt_fp8_checkpoints(fp8_dense, tmp_path):
+    dst, names = fp8_dense
+    name = names[0]
+
+    def broken(edit, words):
+        _expect_checkpoint_error(dst, tmp_path, edit, words)
+
+    broken(lambda t: t.pop(name + "_scale"), ["FP8", "no scale"])
+    broken(lambda t: t.__setitem__(name + "_scale", ("F32", t[name + "_scale"][1][:-1])), ["one per row"])
+    broken(lambda t: t.__setitem__(name + "_scale", ("BF16", t[name + "_scale"][1])), ["must be F32"])
+    broken(lambda t: t.__setitem__(name, ("F8_E4M3", t[name][1][:-1])), ["shape"])
+    nan_scale = lambda t: t.__setitem__(name + "_scale", ("F32", np.full_like(t[name + "_scale"][1], np.inf)))  # noqa: E731
+    broken(nan_scale, ["not finite"])
+    nan_codes = lambda t: t.__setitem__(name, ("F8_E4M3", np.full_like(t[name][1], 0xFF)))  # noqa: E731
+    broken(nan_codes, ["NaN"])
+
+
+def test_fp8_dense_cli_and_load_time(tiny_pair, fp8_dense, tmp_path):
+    base, _, _ = tiny_pair
+    dst, names = fp8_dense
+    r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(base), str(tmp_path / "both"), "--dense", "fp8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"quantized {12 + len(names)} tensors" in r.stdout
+    q, _ = nvfp4.read_safetensors(tmp_path / "both" / "model.safetensors")
+    assert q[names[0]][0] == "F8_E4M3" and any(v[0] == "U8" for v in q.values())
+    r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(base), str(tmp_path / "x"), "--dense", "int8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "invalid choice" in r.stderr
+    a = dgemma_rt.Engine(base, dense_quant="fp8", num_threads=2)
+    b = dgemma_rt.Engine(dst, num_threads=2)
+    kw = dict(max_new_tokens=64, max_denoising_steps=6, seed=5)
+    np.testing.assert_array_equal(a.generate([[40, 41, 42]], **kw).sequences,
+                                  b.generate([[40, 41, 42]], **kw).sequences)
+    assert a.dense_quant == "fp8" and a.quant is None
+    with pytest.raises(ValueError, match="dense_quant"):
+        dgemma_rt.Engine(base, dense_quant="int8")
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        nvfp4.quantize_checkpoint(base, tmp_path / "y", experts=False)
 
 
 @pytest.mark.parametrize("rows,kblocks", [(1, 1), (37, 3), (128, 4), (129, 44), (256, 176)])

@@ -114,15 +114,18 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
   }
 
   // Validate everything before converting anything, so a bad checkpoint fails fast.
-  // A tensor stored as NVFP4 (packed U8 plus "<name>_scale" E4M3 block scales and "<name>_scale_2"
-  // F32 global scales, see python/dgemma_rt/nvfp4.py) is dequantized to float32 here: the CPU
-  // backend is the reference that the GPU's NVFP4 kernels are checked against.
-  struct Nvfp4 {
+  // Quantized tensors are dequantized to float32 here: the CPU backend is the reference that the
+  // GPU's kernels are checked against (formats: python/dgemma_rt/nvfp4.py).
+  //  - NVFP4: packed U8 plus "<name>_scale" E4M3 block scales and "<name>_scale_2" F32 global scales;
+  //  - FP8: F8_E4M3 values plus "<name>_scale" F32, one per tensor or one per row (output channel).
+  enum class Quant { None, Nvfp4, Fp8 };
+  struct QuantRefs {
+    Quant kind = Quant::None;
     const TensorRef* scale = nullptr;
     const TensorRef* global = nullptr;
   };
   std::vector<const TensorRef*> refs;
-  std::vector<Nvfp4> quant(todo.size());
+  std::vector<QuantRefs> quant(todo.size());
   for (size_t i = 0; i < todo.size(); ++i) {
     const auto& t = todo[i];
     const TensorRef* r = ck.find(t.name);
@@ -150,11 +153,26 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
                  CheckpointError,
                  "NVFP4 global scale '" << g->name << "' must be F32 with 1 value or one per expert, got "
                                         << g->dtype_str << " " << shape_str(g->shape));
-      quant[i] = {scale, g};
+      quant[i] = {Quant::Nvfp4, scale, g};
+    } else if (r->dtype == DType::F8_E4M3) {
+      DG_REQUIRE(r->shape == t.shape, CheckpointError,
+                 "FP8 tensor '" << t.name << "' has shape " << shape_str(r->shape) << " but config.json implies "
+                                << shape_str(t.shape));
+      DG_REQUIRE(scale, CheckpointError, "FP8 tensor '" << t.name << "' has no scale '" << t.name << "_scale'");
+      // one scale ([] or [1]), or one per row: the weight's leading dimensions, optionally with a trailing 1
+      std::vector<int64_t> rows(t.shape.begin(), t.shape.end() - 1), rows1 = rows;
+      rows1.push_back(1);
+      const bool per_tensor = scale->shape.empty() || scale->shape == std::vector<int64_t>{1};
+      DG_REQUIRE(scale->dtype == DType::F32 && (per_tensor || scale->shape == rows || scale->shape == rows1),
+                 CheckpointError,
+                 "FP8 scale '" << scale->name << "' must be F32 with one value or one per row " << shape_str(rows)
+                               << ", got " << scale->dtype_str << " " << shape_str(scale->shape));
+      quant[i] = {Quant::Fp8, scale, nullptr};
     } else {
       DG_REQUIRE(is_float(r->dtype), CheckpointError,
                  "tensor '" << t.name << "' has dtype " << r->dtype_str
-                            << "; supported: F32, BF16, F16 (and NVFP4: U8 with '_scale' / '_scale_2' tensors)");
+                            << "; supported: F32, BF16, F16, NVFP4 (U8 with '_scale' / '_scale_2' tensors) and FP8 "
+                               "(F8_E4M3 with a '_scale' tensor)");
       DG_REQUIRE(r->shape == t.shape, CheckpointError,
                  "tensor '" << t.name << "' has shape " << shape_str(r->shape) << " but config.json implies "
                             << shape_str(t.shape));
@@ -166,7 +184,26 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
   int done = 0;
   for (size_t i = 0; i < todo.size(); ++i) {
     const TensorRef& r = *refs[i];
-    if (quant[i].scale) {
+    if (quant[i].kind == Quant::Fp8) {
+      const size_t n = r.nbytes, K = static_cast<size_t>(todo[i].shape.back());
+      const size_t sn = quant[i].scale->nbytes / 4;
+      std::vector<float> scales(sn);
+      std::memcpy(scales.data(), quant[i].scale->data, sn * 4);
+      for (float v : scales)
+        DG_REQUIRE(std::isfinite(v), CheckpointError, "FP8 scale '" << quant[i].scale->name << "' is not finite");
+      std::unique_ptr<float[]> buf(new float[n]);
+      for (size_t k = 0; k < n; ++k) {
+        const float v = nvfp4::e4m3_to_float(r.data[k]);
+        DG_REQUIRE(!std::isnan(v), CheckpointError, "FP8 tensor '" << r.name << "' holds NaN");
+        buf[k] = v * scales[sn == 1 ? 0 : k / K];
+      }
+      w->num_parameters += n;
+      *todo[i].dst = buf.get();
+      w->owned_.push_back(std::move(buf));
+      if (progress) progress(++done, total);
+      continue;
+    }
+    if (quant[i].kind == Quant::Nvfp4) {
       const std::vector<int64_t>& shape = todo[i].shape;
       size_t n = 1;
       for (int64_t d : shape) n *= static_cast<size_t>(d);

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--quant", choices=["none", "nvfp4"], default="none",
                    help="nvfp4: quantize the MoE experts at load (on the CPU they run dequantized; default none)")
+    p.add_argument("--dense-quant", choices=["none", "nvfp4", "fp8"], default="none",
+                   help="also quantize the attention projections and dense MLP at load (default none)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size (default: fits the run)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="prompt and sampling seed (default 0)")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs first (default 1)")
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_batch_size=max(8, args.batch),
         progress=progress,
         quant=None if args.quant == "none" else args.quant,
+        dense_quant=None if args.dense_quant == "none" else args.dense_quant,
     )
     load_s = time.perf_counter() - t0
 
@@ -218,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": args.runs,
         "kv_cache_tokens": kv_tokens,
         "quant": args.quant,
+        "dense_quant": args.dense_quant,
         "device": "cpu",
         "dgemma_rt_version": _version(),
         "python": platform.python_version(),
@@ -256,7 +260,7 @@ def format_report(r: dict[str, Any]) -> str:
             "workload",
             f"batch {r['batch']}, prompt {r['prompt_len']}, new {r['new_tokens']}, "
             f"steps {r['steps']} ({mode}), threads {threads}, seed {r['seed']}, runs {r['runs']}, "
-            f"quant {r.get('quant', 'none')}",
+            f"quant {r.get('quant', 'none')}, dense quant {r.get('dense_quant', 'none')}",
         ),
         ("throughput", f"{r['tokens_per_s']:.1f} tokens/s ({r['generated_tokens']} tokens)"),
         (

@@ -272,10 +272,12 @@ class Engine:
         max_batch_size: rows whose sliding-window cache fits in the pool at once.
         num_threads: CPU threads (default: all cores, or ``OMP_NUM_THREADS``).
         progress: show a progress bar while loading weights.
-        quant: ``None`` (weights as stored; NVFP4 checkpoints from ``dgemma-quantize`` or ModelOpt
-            are recognised by their tensors) or ``"nvfp4"``: quantize the MoE experts of a
-            full-precision checkpoint at load time (through a temporary NVFP4 copy). On the CPU
-            NVFP4 weights are dequantized to float32: the reference the GPU kernels are checked against.
+        quant: ``None`` (weights as stored; NVFP4 / FP8 checkpoints from ``dgemma-quantize`` or
+            ModelOpt are recognised by their tensors) or ``"nvfp4"``: quantize the MoE experts of a
+            full-precision checkpoint at load time (through a temporary quantized copy).
+        dense_quant: ``None``, ``"nvfp4"`` or ``"fp8"`` (one scale per output channel): also quantize
+            the attention projections and the dense MLP at load time. On the CPU quantized weights
+            are dequantized to float32: the reference the GPU kernels are checked against.
     """
 
     def __init__(
@@ -287,10 +289,13 @@ class Engine:
         num_threads: int | None = None,
         progress: bool = False,
         quant: str | None = None,
+        dense_quant: str | None = None,
     ):
         path = os.fspath(path)
         if quant not in (None, "nvfp4"):
             raise ValueError(f"quant must be None or 'nvfp4', got {quant!r}")
+        if dense_quant not in (None, "nvfp4", "fp8"):
+            raise ValueError(f"dense_quant must be None, 'nvfp4' or 'fp8', got {dense_quant!r}")
         if device != "cpu":
             raise ValueError(
                 f"device {device!r} is not available: dgemma_rt runs on the CPU only for now "
@@ -321,13 +326,13 @@ class Engine:
         tmp = None
         try:
             load_path = path
-            if quant == "nvfp4":
+            if quant is not None or dense_quant is not None:
                 import tempfile
 
                 from dgemma_rt.nvfp4 import quantize_checkpoint
 
-                tmp = tempfile.TemporaryDirectory(prefix="dgemma-nvfp4-")
-                quantize_checkpoint(path, tmp.name, progress=progress)
+                tmp = tempfile.TemporaryDirectory(prefix="dgemma-quant-")
+                quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4")
                 load_path = tmp.name
             self._native = _core.Engine(load_path, device, kv, mbs, threads, callback)
         finally:
@@ -338,6 +343,7 @@ class Engine:
         self.path = path
         self.device = device
         self.quant = quant
+        self.dense_quant = dense_quant
         self.config: dict[str, Any] = self._native.config
         self.generation_defaults: dict[str, Any] = self._native.generation_defaults
         self._tokenizer = _UNSET

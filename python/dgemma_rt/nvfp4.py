@@ -1,4 +1,5 @@
-"""NVFP4 weights: the numpy reference quantizer and the ``dgemma-quantize`` command.
+"""Quantized weights (NVFP4, and FP8 for the dense layers): the numpy reference quantizers and the
+``dgemma-quantize`` command.
 
 NVFP4 stores a weight ``W[..., K]`` as
 
@@ -16,6 +17,11 @@ Checkpoint layout (ours, and NVIDIA ModelOpt's for a ``<prefix>.weight``): the t
 packed bytes (dtype ``U8``), ``T + "_scale"`` the block scales (``F8_E4M3``) and ``T + "_scale_2"``
 the global scale(s) (``F32``). ModelOpt's ``input_scale`` (activation scale) is accepted and ignored:
 the engine's activations stay in higher precision.
+
+FP8 (the alternative for the dense layers: attention projections and dense MLP) stores E4M3 values
+``float8_e4m3 [N, K]`` under the tensor's name and an FP32 scale per output channel ``[N]`` under
+``T + "_scale"`` (the loader also takes ``[N, 1]``, compressed-tensors' channel-wise layout, and one
+scale per tensor, ModelOpt's): ``W ~= e4m3 * scale[n]``, ``scale[n] = amax(W[n]) / 448``.
 """
 
 from __future__ import annotations
@@ -143,6 +149,38 @@ def dequantize(packed: np.ndarray, scale_codes: np.ndarray, gscale: np.ndarray) 
     return ((vals * per_elem) * gs).astype(np.float32)
 
 
+# ---------------------------------------------------------------------------------------- FP8
+def e4m3_encode_signed(x: np.ndarray) -> np.ndarray:
+    """float32 to E4M3 codes with the sign in bit 7: nearest (ties to even), saturating at +-448."""
+    x = np.asarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
+    codes = e4m3_encode(np.abs(x))
+    return np.where(np.signbit(x) & (codes != 0), codes | 0x80, codes).astype(np.uint8)
+
+
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W [..., K] -> (E4M3 codes [..., K], float32 scale per row [...]): ``scale = amax(row) / 448``."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 1:
+        raise ValueError("FP8 quantization needs at least one dimension")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
+    amax = np.abs(w).max(axis=-1) if w.shape[-1] else np.zeros(w.shape[:-1], np.float32)
+    scale = (amax / np.float32(E4M3_MAX)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)  # all-zero row: any scale
+    return e4m3_encode_signed(w / scale[..., None]), scale
+
+
+def dequantize_fp8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The exact float32 weights an FP8 tensor stands for: e4m3 * scale (one per row, or one)."""
+    s = np.asarray(scale, dtype=np.float32)
+    vals = e4m3_decode(codes)
+    if s.size == 1:
+        return (vals * s.reshape(())).astype(np.float32)
+    return (vals * s.reshape(vals.shape[:-1] + (1,))).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------- MMA scale layout
 SF_TILE_ROWS = 128  # rows of one block-scale atom
 SF_TILE_COLS = 4    # block scales (of 16 elements) per atom row
@@ -243,12 +281,18 @@ def is_dense_weight(name: str) -> bool:
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = False,
-                        dense: bool = False) -> list[str]:
-    """Writes an NVFP4 copy of ``src`` to ``dst``: the MoE experts quantized (with ``dense``, also the
-    attention projections and the dense MLP), everything else as it was.
+                        dense: bool | str | None = None, experts: bool = True) -> list[str]:
+    """Writes a quantized copy of ``src`` to ``dst``: the MoE experts in NVFP4 (unless ``experts`` is
+    false) and, with ``dense`` (``"nvfp4"``, ``"fp8"``; ``True`` means ``"nvfp4"``), the attention
+    projections and the dense MLP too; everything else as it was.
 
     Returns the names of the quantized tensors.
     """
+    dense = "nvfp4" if dense is True else (dense or None)
+    if dense not in (None, "nvfp4", "fp8"):
+        raise ValueError(f"dense must be None, 'nvfp4' or 'fp8', got {dense!r}")
+    if not experts and dense is None:
+        raise ValueError("nothing to quantize: experts=False and no dense format")
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} is not a checkpoint directory (no config.json)")
@@ -269,9 +313,14 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         tensors, meta = read_safetensors(f)
         out: dict[str, tuple[str, np.ndarray]] = {}
         for name, (dt, arr) in tensors.items():
-            expert = is_expert_weight(name) and arr.ndim == 3
-            linear = dense and is_dense_weight(name) and arr.ndim == 2
-            if (expert or linear) and arr.shape[-1] % GROUP == 0:
+            expert = experts and is_expert_weight(name) and arr.ndim == 3
+            linear = dense is not None and is_dense_weight(name) and arr.ndim == 2
+            if linear and dense == "fp8":
+                codes, scale = quantize_fp8(arr)
+                out[name] = ("F8_E4M3", codes)
+                out[name + "_scale"] = ("F32", scale)
+                done.append(name)
+            elif (expert or linear) and arr.shape[-1] % GROUP == 0:
                 packed, scales, gscale = quantize(arr, per_leading=expert)
                 out[name] = ("U8", packed)
                 out[name + "_scale"] = ("F8_E4M3", scales)
@@ -293,8 +342,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         idx["weight_map"] = index
         (dst / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2) + "\n")
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "nvfp4", "group_size": GROUP,
-                                  "quantized": "moe_experts+dense" if dense else "moe_experts",
+    parts = (["moe_experts"] if experts else []) + ([f"dense_{dense}"] if dense else [])
+    cfg["quantization_config"] = {"quant_method": "nvfp4" if experts or dense == "nvfp4" else "fp8",
+                                  "group_size": GROUP, "quantized": "+".join(parts),
                                   "producer": "dgemma-quantize"}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return done
@@ -302,17 +352,21 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dgemma-quantize",
-                                description="Write an NVFP4 copy of a DiffusionGemma checkpoint (MoE experts).")
+                                description="Write a quantized copy of a DiffusionGemma checkpoint: the MoE "
+                                            "experts in NVFP4, optionally the dense layers in NVFP4 or FP8.")
     p.add_argument("src", help="BF16/F16/F32 checkpoint directory")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--dense", action="store_true",
-                   help="also quantize the attention projections and the dense MLP (default: experts only)")
+    p.add_argument("--dense", nargs="?", const="nvfp4", choices=["nvfp4", "fp8"], default=None,
+                   help="also quantize the attention projections and the dense MLP: NVFP4 (the default when "
+                        "given without a value) or FP8 with one scale per output channel")
+    p.add_argument("--no-experts", action="store_true", help="leave the MoE experts as they are")
     args = p.parse_args(argv)
     from dgemma_rt.cli import run_reporting_errors
 
     def command() -> int:
-        names = quantize_checkpoint(args.src, args.dst, progress=sys.stderr.isatty(), dense=args.dense)
-        print(f"quantized {len(names)} tensors to NVFP4 into {args.dst}")
+        names = quantize_checkpoint(args.src, args.dst, progress=sys.stderr.isatty(), dense=args.dense,
+                                    experts=not args.no_experts)
+        print(f"quantized {len(names)} tensors into {args.dst}")
         return 0
 
     return run_reporting_errors(command)
