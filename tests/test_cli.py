@@ -222,7 +222,7 @@ BENCH_KEYS = {
     "warmup", "runs", "kv_cache_tokens", "device", "dgemma_rt_version", "python", "platform", "machine",
     "cpu_count", "load_s", "tokens_per_s", "ms_per_step", "ms_per_canvas", "steps_per_canvas",
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
-    "decoder_forwards", "encoder_forwards", "peak_rss_mib", "quant", "dense_quant",
+    "decoder_forwards", "encoder_forwards", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
 }  # fmt: skip
 
 
@@ -258,6 +258,37 @@ def test_bench_quant_nvfp4(tiny_dir):
     assert r["quant"] == "nvfp4" and r["dense_quant"] == "fp8"
     proc = _run("dgemma_rt.bench", str(tiny_dir), "--quant", "int3")
     assert proc.returncode != 0 and "--quant" in proc.stderr
+
+
+def test_bench_random_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGEMMA_RT_CACHE", str(tmp_path / "cache"))
+    args = ("--random-weights", "--preset", "tiny", "--num-layers", "2", "--prompt-len", "8", "--new-tokens", "8",
+            "--steps", "1", "--warmup", "0", "--quant", "nvfp4", "--json")
+    proc = _run("dgemma_rt.bench", *args)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["random_weights"] and r["preset"] == "tiny" and r["num_layers"] == 2 and not r["tiny"]
+    from dgemma_rt import presets
+
+    # the plan, plus the encoder's copies of the two layer_scalar values (stored apart by transformers)
+    assert r["weight_bytes"] == presets.weight_bytes(presets.preset("tiny", 2), "nvfp4")["total"] + 2 * 4
+    # built once into the cache, reused by the next run
+    (ck,) = (tmp_path / "cache").iterdir()
+    stamp = (ck / "model-layer000.safetensors").stat().st_mtime_ns
+    assert _run("dgemma_rt.bench", *args).returncode == 0
+    assert (ck / "model-layer000.safetensors").stat().st_mtime_ns == stamp
+    proc = _run("dgemma_rt.bench", str(tmp_path), "--random-weights")
+    assert proc.returncode != 0 and "not both" in proc.stderr
+    proc = _run("dgemma_rt.bench", "--num-layers", "2")
+    assert proc.returncode != 0 and "--random-weights" in proc.stderr
+
+
+def test_bench_refuses_what_the_cpu_cannot_hold():
+    from dgemma_rt import bench, presets
+
+    with pytest.raises(ValueError, match="--num-layers"):
+        bench.check_cpu_memory(presets.preset("26b-a4b"), avail=24 * 2**30)
+    bench.check_cpu_memory(presets.preset("26b-a4b", 1), avail=24 * 2**30)  # ~6 GB: fits
 
 
 def test_bench_table(tiny_dir):

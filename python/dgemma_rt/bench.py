@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nvfp4: quantize the MoE experts at load (on the CPU they run dequantized; default none)")
     p.add_argument("--dense-quant", choices=["none", "nvfp4", "fp8"], default="none",
                    help="also quantize the attention projections and dense MLP at load (default none)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="bench random weights at a preset's shape (--preset) instead of a checkpoint; written once "
+                        "into the cache, directly in the --quant / --dense-quant formats")
+    p.add_argument("--preset", choices=["26b-a4b", "tiny"], default="26b-a4b",
+                   help="shape for --random-weights (default 26b-a4b, the released model)")
+    p.add_argument("--num-layers", type=_positive_int, default=None,
+                   help="with --random-weights: only the preset's first N layers (default: all)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size (default: fits the run)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="prompt and sampling seed (default 0)")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs first (default 1)")
@@ -73,31 +80,96 @@ def cache_root() -> pathlib.Path:
     return (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache") / "dgemma_rt"
 
 
+def _cached_checkpoint(path: pathlib.Path, files: Sequence[str], build: Any) -> pathlib.Path:
+    """``path`` if it holds every one of ``files``, else built there by ``build(tmp_dir)``: beside the target
+    and renamed, so a concurrent or interrupted run never sees half a checkpoint."""
+
+    def complete() -> bool:
+        return all((path / f).is_file() for f in files)
+
+    if complete():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        if not complete():
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if not complete():  # a real error, not a lost race to a complete copy
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def tiny_checkpoint() -> pathlib.Path:
     """The cached tiny checkpoint, built on first use."""
     from dgemma_rt.tiny import FILES, TINY_FORMAT_VERSION, make_tiny
 
-    path = cache_root() / f"tiny-{_version()}-{TINY_FORMAT_VERSION}"
+    return _cached_checkpoint(cache_root() / f"tiny-{_version()}-{TINY_FORMAT_VERSION}", FILES, make_tiny)
 
-    def complete() -> bool:
-        return all((path / f).is_file() for f in FILES)
 
-    if complete():
-        return path
-    # Build beside the target and rename, so a concurrent or interrupted run never sees half a checkpoint.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_tiny(tmp)
-    if not complete():
-        shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not complete():  # a real error, not a lost race to a complete copy
-                raise
-    shutil.rmtree(tmp, ignore_errors=True)
-    return path
+def random_checkpoint(name: str, num_layers: int | None, quant: str | None, dense_quant: str | None, seed: int,
+                      progress: bool) -> pathlib.Path:
+    """The cached random-weight checkpoint of a preset (dgemma_rt.presets), built on first use."""
+    from dgemma_rt import presets
+
+    shape = presets.preset(name, num_layers)
+    key = f"random-{name}-L{shape.num_layers}-{quant or 'bf16'}-{dense_quant or 'bf16'}-s{seed}"
+    path = cache_root() / f"{key}-{_version()}-{presets.RANDOM_FORMAT_VERSION}"
+
+    def build(tmp: pathlib.Path) -> None:
+        presets.write_random_checkpoint(tmp, shape, quant, dense_quant, seed=seed, progress=progress,
+                                        eos_ids=presets.EOS_IDS.get(name))
+
+    return _cached_checkpoint(path, ["config.json", "model.safetensors.index.json"], build)
+
+
+def checkpoint_shape(ckpt: pathlib.Path) -> Any:
+    """The ModelShape a checkpoint's config.json describes, or None when it cannot be read (the engine
+    reports checkpoint problems itself)."""
+    from dgemma_rt.tiny import ModelShape
+
+    text = _read_json(ckpt / "config.json").get("text_config")
+    if not isinstance(text, dict):
+        return None
+    try:
+        return ModelShape(
+            vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
+            intermediate_size=int(text["intermediate_size"]), layer_types=tuple(text["layer_types"]),
+            num_heads=int(text["num_attention_heads"]), num_kv_heads=int(text["num_key_value_heads"]),
+            head_dim=int(text["head_dim"]), num_experts=int(text["num_experts"]),
+            moe_intermediate_size=int(text["moe_intermediate_size"]),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_cpu_memory(shape: Any, avail: int | None = None) -> None:
+    """Refuses, before anything is written or loaded, a model the CPU backend cannot hold: it keeps every
+    weight as float32. ``avail``: bytes of memory available (default: the system's MemAvailable)."""
+    from dgemma_rt import presets
+
+    avail = available_memory() if avail is None else avail
+    if shape is None or avail is None:
+        return
+    need = 4 * presets.weight_bytes(shape)["parameters"]
+    if need > 0.9 * avail:
+        raise ValueError(
+            f"the CPU backend keeps weights as float32: this model needs ~{need / 1e9:.1f} GB and "
+            f"{avail / 1e9:.1f} GB are available (bench fewer layers: --random-weights --num-layers N)")
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -119,6 +191,16 @@ def random_prompts(config: dict[str, Any], batch: int, length: int, seed: int) -
     return allowed[rng.integers(0, allowed.size, size=(batch, length))].astype(np.int64)
 
 
+def checkpoint_weight_bytes(ckpt: pathlib.Path) -> int:
+    """Bytes of the tensors in the checkpoint's safetensors files (headers left out), as stored."""
+    total = 0
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+        total += f.stat().st_size - 8 - n
+    return total
+
+
 def peak_rss_mib() -> float | None:
     try:
         import resource
@@ -133,7 +215,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import dgemma_rt
 
     progress = not args.no_progress and sys.stderr.isatty()
-    ckpt = pathlib.Path(args.checkpoint) if args.checkpoint else tiny_checkpoint()
+    quant = None if args.quant == "none" else args.quant
+    dense_quant = None if args.dense_quant == "none" else args.dense_quant
+    if args.random_weights:
+        if args.checkpoint:
+            raise ValueError("give either a checkpoint or --random-weights, not both")
+        from dgemma_rt import presets
+
+        check_cpu_memory(presets.preset(args.preset, args.num_layers))
+        ckpt = random_checkpoint(args.preset, args.num_layers, quant, dense_quant, args.seed, progress)
+        quant = dense_quant = None  # written in those formats already
+    else:
+        if args.num_layers is not None:
+            raise ValueError("--num-layers goes with --random-weights")
+        ckpt = pathlib.Path(args.checkpoint) if args.checkpoint else tiny_checkpoint()
 
     # Size the KV pool for the run: the prompt plus every committed canvas but the last, per row.
     kv_tokens = args.kv_cache_tokens
@@ -143,6 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         needed = args.batch * (args.prompt_len + canvases * canvas)
         kv_tokens = max(_DEFAULT_KV_TOKENS, needed)
 
+    check_cpu_memory(checkpoint_shape(ckpt))
     t0 = time.perf_counter()
     engine = dgemma_rt.Engine(
         ckpt,
@@ -150,8 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_tokens=kv_tokens,
         max_batch_size=max(8, args.batch),
         progress=progress,
-        quant=None if args.quant == "none" else args.quant,
-        dense_quant=None if args.dense_quant == "none" else args.dense_quant,
+        quant=quant,
+        dense_quant=dense_quant,
     )
     load_s = time.perf_counter() - t0
 
@@ -209,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     forwards = max(int(totals["decoder_forwards"]), 1)
     return {
         "checkpoint": str(ckpt),
-        "tiny": args.checkpoint is None,
+        "tiny": args.checkpoint is None and not args.random_weights,
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
@@ -222,6 +318,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_tokens": kv_tokens,
         "quant": args.quant,
         "dense_quant": args.dense_quant,
+        "random_weights": args.random_weights,
+        "preset": args.preset if args.random_weights else None,
+        "num_layers": int(engine.config["num_hidden_layers"]),
+        "weight_bytes": checkpoint_weight_bytes(ckpt),
         "device": "cpu",
         "dgemma_rt_version": _version(),
         "python": platform.python_version(),
@@ -255,7 +355,9 @@ def format_report(r: dict[str, Any]) -> str:
             "dgemma_rt",
             f"{r['dgemma_rt_version']} on {r['device']}, {r['machine']}, {r['cpu_count']} CPUs, Python {r['python']}",
         ),
-        ("checkpoint", f"{'tiny: ' if r['tiny'] else ''}{r['checkpoint']} (loaded in {r['load_s']:.2f} s)"),
+        ("checkpoint", f"{'tiny: ' if r['tiny'] else ''}"
+                       f"{'random ' + r['preset'] + ', ' + str(r['num_layers']) + ' layers: ' if r.get('random_weights') else ''}"
+                       f"{r['checkpoint']} ({r.get('weight_bytes', 0) / 1e9:.2f} GB of weights, loaded in {r['load_s']:.2f} s)"),
         (
             "workload",
             f"batch {r['batch']}, prompt {r['prompt_len']}, new {r['new_tokens']}, "

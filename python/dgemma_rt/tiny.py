@@ -8,6 +8,7 @@ seed gives the same bytes, so the checkpoint can be rebuilt anywhere instead of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -34,6 +35,34 @@ SLIDING_WINDOW = 128
 CANVAS_LENGTH = 64  # the real model uses 256; 64 keeps a CPU canvas well under a second
 MAX_POSITION_EMBEDDINGS = 8192
 LAYER_TYPES = ["sliding_attention"] * (NUM_LAYERS - 1) + ["full_attention"]
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The sizes a DiffusionGemma config is made of (the tiny model's by default; dgemma_rt.presets has more)."""
+
+    vocab_size: int = VOCAB_SIZE
+    hidden_size: int = HIDDEN_SIZE
+    intermediate_size: int = INTERMEDIATE_SIZE
+    layer_types: tuple[str, ...] = tuple(LAYER_TYPES)
+    num_heads: int = NUM_HEADS
+    num_kv_heads: int = NUM_KV_HEADS
+    head_dim: int = HEAD_DIM
+    global_head_dim: int = GLOBAL_HEAD_DIM
+    num_global_kv_heads: int = NUM_GLOBAL_KV_HEADS
+    num_experts: int = NUM_EXPERTS
+    top_k_experts: int = TOP_K_EXPERTS
+    moe_intermediate_size: int = MOE_INTERMEDIATE_SIZE
+    sliding_window: int = SLIDING_WINDOW
+    canvas_length: int = CANVAS_LENGTH
+    max_position_embeddings: int = MAX_POSITION_EMBEDDINGS
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+
+TINY = ModelShape()
+
 
 # Gemma-like special tokens; ids follow the list order. <end_of_turn> ends a chat turn, so it is an EOS id.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -151,31 +180,31 @@ Of course. The sea is wide, the sea is deep; it sings the sailors all to sleep.
 """
 
 
-def text_config() -> dict[str, Any]:
+def text_config(shape: ModelShape = TINY) -> dict[str, Any]:
     """The text_config dict, as DiffusionGemmaTextConfig.to_dict() gives it (keys sorted when written)."""
     return {
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": BOS_ID,
         "eos_token_id": list(EOS_IDS),
-        "head_dim": HEAD_DIM,
+        "head_dim": shape.head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_size": HIDDEN_SIZE,
+        "hidden_size": shape.hidden_size,
         "initializer_range": 0.02,
-        "intermediate_size": INTERMEDIATE_SIZE,
-        "layer_types": list(LAYER_TYPES),
-        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "intermediate_size": shape.intermediate_size,
+        "layer_types": list(shape.layer_types),
+        "max_position_embeddings": shape.max_position_embeddings,
         "model_type": "diffusion_gemma_text",
-        "moe_intermediate_size": MOE_INTERMEDIATE_SIZE,
-        "num_attention_heads": NUM_HEADS,
-        "num_experts": NUM_EXPERTS,
-        "num_hidden_layers": NUM_LAYERS,
-        "num_key_value_heads": NUM_KV_HEADS,
+        "moe_intermediate_size": shape.moe_intermediate_size,
+        "num_attention_heads": shape.num_heads,
+        "num_experts": shape.num_experts,
+        "num_hidden_layers": shape.num_layers,
+        "num_key_value_heads": shape.num_kv_heads,
         "pad_token_id": PAD_ID,
         # transformers stores global_head_dim / num_global_key_value_heads only through this override.
         "per_layer_config": {
-            str(i): {"head_dim": GLOBAL_HEAD_DIM, "num_key_value_heads": NUM_GLOBAL_KV_HEADS}
-            for i, t in enumerate(LAYER_TYPES)
+            str(i): {"head_dim": shape.global_head_dim, "num_key_value_heads": shape.num_global_kv_heads}
+            for i, t in enumerate(shape.layer_types)
             if t == "full_attention"
         },
         "rms_norm_eps": 1e-06,
@@ -183,28 +212,28 @@ def text_config() -> dict[str, Any]:
             "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
             "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
         },
-        "sliding_window": SLIDING_WINDOW,
+        "sliding_window": shape.sliding_window,
         "tie_word_embeddings": True,
-        "top_k_experts": TOP_K_EXPERTS,
+        "top_k_experts": shape.top_k_experts,
         # As in the released model; "all" crashes the 5.23.0 reference's generate.
         "use_bidirectional_attention": "vision",
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": shape.vocab_size,
     }
 
 
-def model_config() -> dict[str, Any]:
+def model_config(shape: ModelShape = TINY) -> dict[str, Any]:
     """config.json as DiffusionGemmaForBlockDiffusion.save_pretrained writes it (float32 weights)."""
     return {
         "architectures": ["DiffusionGemmaForBlockDiffusion"],
         # Image token ids keep transformers' defaults, outside the tiny vocabulary: no text id is an image token.
         "boi_token_id": 255999,
-        "canvas_length": CANVAS_LENGTH,
+        "canvas_length": shape.canvas_length,
         "dtype": "float32",
         "eoi_token_id": 258882,
         "image_token_id": 258880,
         "initializer_range": 0.02,
         "model_type": "diffusion_gemma",
-        "text_config": text_config(),
+        "text_config": text_config(shape),
         "tie_word_embeddings": True,
         "transformers_version": "5.23.0",
         # A minimal Gemma 4 vision tower; the checkpoint carries no vision weights (text-only engine).
