@@ -67,11 +67,31 @@ def test_grouped_gemm_nvfp4_small_integers_exact():
     np.testing.assert_array_equal(y, reference(x, packed, scales, gscale, offsets))
 
 
+@needs_gpu
+@pytest.mark.parametrize("counts,I,K", [([0, 1, 70, 0, 33], 36, 48), ([16] * 8, 704, 2816)])
+def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K):
+    """The fused gate_up GEMM + gelu_tanh(gate) * up is bit-identical to the GEMM followed by moe_gelu_gate."""
+    rng = np.random.default_rng(I + K)
+    G = len(counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
+    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
+    x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
+    h = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)
+    fused = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=True)
+    assert fused.shape == (int(offsets[-1]), I)
+    np.testing.assert_array_equal(fused, ops().moe_gelu_gate(h))
+
+
 def test_grouped_gemm_nvfp4_bad_shapes():
     x = np.zeros((4, 24), dtype=np.uint16)
     with pytest.raises(ValueError, match="multiple of 16"):
         ops().grouped_gemm_nvfp4(x, np.zeros((1, 8, 12), np.uint8), np.zeros((1, 8, 1), np.uint8),
                                  np.ones(1, np.float32), np.array([0, 4], np.int32))
+    with pytest.raises(ValueError, match="even N"):
+        ops().grouped_gemm_nvfp4(np.zeros((4, 32), np.uint16), np.zeros((1, 7, 16), np.uint8),
+                                 np.zeros((1, 7, 2), np.uint8), np.ones(1, np.float32), np.array([0, 4], np.int32),
+                                 gated=True)
     x = np.zeros((4, 32), dtype=np.uint16)
     with pytest.raises(ValueError, match="offsets"):
         ops().grouped_gemm_nvfp4(x, np.zeros((1, 8, 16), np.uint8), np.zeros((1, 8, 2), np.uint8),

@@ -22,7 +22,7 @@ void check_offsets(const I32Array& offsets, int G, int Mtot) {
   for (int g = 0; g < G; ++g) DG_REQUIRE(o[g] <= o[g + 1], InvalidArgument, "offsets must be non-decreasing");
 }
 
-U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets) {
+U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets, bool gated) {
   DG_REQUIRE(x.ndim() == 2 && w.ndim() == 3 && w_scale.ndim() == 3 && w_global.ndim() == 1 && offsets.ndim() == 1,
              InvalidArgument, "x must be [Mtot, K], w [G, N, K/2], w_scale [G, N, K/16], w_global [G], offsets [G+1]");
   const int Mtot = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
@@ -33,20 +33,22 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
              "w_scale must be [" << G << ", " << N << ", " << K / 16 << "]");
   DG_REQUIRE(w_global.shape(0) == G, InvalidArgument, "w_global must be [G]");
   check_offsets(offsets, G, Mtot);
+  DG_REQUIRE(!gated || N % 2 == 0, InvalidArgument, "gated needs an even N (gate rows, then up rows), got " << N);
   auto dx = DeviceBuffer<__nv_bfloat16>::from(x);
   auto dw = DeviceBuffer<uint8_t>::from(w);
   auto ds = DeviceBuffer<uint8_t>::from(w_scale);
   auto dg = DeviceBuffer<float>::from(w_global);
   auto doff = DeviceBuffer<int32_t>::from(offsets);
-  DeviceBuffer<__nv_bfloat16> dy(static_cast<size_t>(Mtot) * N);
+  const int Nout = gated ? N / 2 : N;
+  DeviceBuffer<__nv_bfloat16> dy(static_cast<size_t>(Mtot) * Nout);
   kernels::GroupedGemmNvfp4Params p;
   p.x = dx.get(), p.w = dw.get(), p.w_scale = ds.get(), p.w_global = dg.get(), p.offsets = doff.get();
-  p.y = dy.get(), p.G = G, p.N = N, p.K = K;
+  p.y = dy.get(), p.G = G, p.N = N, p.K = K, p.gated = gated;
   if (Mtot > 0) {
     DG_CUDA_CHECK(kernels::grouped_gemm_nvfp4(p, nullptr));
     DG_CUDA_CHECK(cudaDeviceSynchronize());
   }
-  U16Array y({Mtot, N});
+  U16Array y({Mtot, Nout});
   dy.copy_to(y.mutable_data());
   return y;
 }
@@ -197,8 +199,9 @@ U16Array grouped_gemm_nvfp4x4(U8Array a, U8Array a_sf, I32Array a_sf_starts, flo
 
 RegisterCudaOps reg([](py::module_& m) {
   m.def("grouped_gemm_nvfp4", &grouped_gemm_nvfp4, py::arg("x"), py::arg("w"), py::arg("w_scale"),
-        py::arg("w_global"), py::arg("offsets"),
-        "y[o_g:o_g+1] = x[o_g:o_g+1] @ dequant(W_g)^T: NVFP4 weights, bf16 activations (uint16) in and out");
+        py::arg("w_global"), py::arg("offsets"), py::arg("gated") = false,
+        "y[o_g:o_g+1] = x[o_g:o_g+1] @ dequant(W_g)^T: NVFP4 weights, bf16 activations (uint16) in and out; "
+        "gated: W is gate_up and y = gelu_tanh(gate) * up [Mtot, N/2]");
   m.def("nvfp4_quantize_host", &quantize_host, py::arg("x"), py::arg("global_scale"),
         "the kernels' NVFP4 block quantization run on the host: (packed [R, K/2], E4M3 codes [R, K/16])");
   m.def("nvfp4_encode_host", &encode_host, py::arg("x"), py::arg("kind"),

@@ -1,5 +1,6 @@
 // Float <-> bf16 helpers shared by the kernels: scalar conversions for code templated on float or
-// bf16 storage, and 8-wide (16-byte) vector unpack/pack for vectorised loads and stores.
+// bf16 storage, 8-wide (16-byte) vector unpack/pack for vectorised loads and stores, and the model's
+// gated-MLP activation (one definition, so fused and unfused paths round alike).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,6 +16,12 @@ template <>
 __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// gelu_pytorch_tanh in fp32.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float k = 0.7978845608028654f;  // sqrt(2/pi)
+  return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
 
 __device__ __forceinline__ void unpack8(const uint4& raw, float f[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);

@@ -8,13 +8,6 @@ namespace {
 
 constexpr int kMaxK = 32;
 
-__device__ inline float gelu_tanh(float x) {
-  const float k = 0.7978845608028654f;  // sqrt(2/pi)
-  return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-}
-
-
-
 // Grid-stride over groups of V outputs (V = 8: one 16-byte load of gate and of up).
 template <int V>
 __global__ void __launch_bounds__(256) gelu_gate_kernel(const __nv_bfloat16* __restrict__ h,

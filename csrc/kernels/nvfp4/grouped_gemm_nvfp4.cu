@@ -1,6 +1,7 @@
 #include "kernels/nvfp4/nvfp4.cuh"
 
 #include "common/nvfp4_format.h"
+#include "kernels/common/bf16.cuh"
 
 namespace dgemma::kernels {
 namespace {
@@ -30,15 +31,29 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 
 // grid (ceil(N / 64), G), 128 threads: warp w computes output features [n0, n0 + 16) for every
 // token of expert g, 32 tokens at a time. Fragment layouts are mma.m16n8k16's: lane = 4 * gid + tig.
+// Gated: warp w computes 8 features f0 + [0, 8) of act = gelu(gate) * up; its mma rows 0-7 are the
+// gate rows f0 + gid and rows 8-15 the matching up rows I + f0 + gid, so each lane holds the gate
+// and the up value of the same (token, feature) in its accumulator and finishes it in registers.
+template <bool Gated>
 __global__ void __launch_bounds__(kWarps * 32) grouped_gemm_nvfp4_kernel(GroupedGemmNvfp4Params p) {
   const int g = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
-  const int n0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
-  if (n0 >= p.N) return;
+  const int I = p.N / 2;  // gated: features per half
+  int r0, r1;
+  bool ok0, ok1;
+  if constexpr (Gated) {
+    const int f0 = blockIdx.x * (kWarps * 8) + warp * 8;
+    if (f0 >= I) return;
+    r0 = f0 + gid, r1 = I + f0 + gid;
+    ok0 = ok1 = f0 + gid < I;
+  } else {
+    const int n0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
+    if (n0 >= p.N) return;
+    r0 = n0 + gid, r1 = n0 + gid + 8;
+    ok0 = r0 < p.N, ok1 = r1 < p.N;
+  }
   const int m_begin = p.offsets[g], m_end = p.offsets[g + 1];
-  const int r0 = n0 + gid, r1 = n0 + gid + 8;
-  const bool ok0 = r0 < p.N, ok1 = r1 < p.N;
   const size_t row_bytes = static_cast<size_t>(p.K) / 2, row_scales = static_cast<size_t>(p.K) / 16;
   const uint8_t* w0 = p.w + (static_cast<size_t>(g) * p.N + (ok0 ? r0 : 0)) * row_bytes;
   const uint8_t* w1 = p.w + (static_cast<size_t>(g) * p.N + (ok1 ? r1 : 0)) * row_bytes;
@@ -69,15 +84,28 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_gemm_nvfp4_kernel(Grouped
         mma_bf16_16816(acc[j], a, b0, b1);
       }
     }
-    // d0, d1: feature gid, tokens 2*tig, 2*tig+1; d2, d3: feature gid + 8, the same tokens.
+    // d0, d1: row gid, tokens 2*tig, 2*tig+1; d2, d3: row gid + 8, the same tokens.
 #pragma unroll
     for (int j = 0; j < kTokTiles; ++j) {
+      if constexpr (Gated) {
+        // rounded to bf16 first, as the unfused GEMM's output is: bit-identical to moe_gelu_gate
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tok = t0 + j * 8 + 2 * tig + (i & 1);
-        const int row = i < 2 ? r0 : r1;
-        if (tok < m_end && row < p.N)
-          p.y[static_cast<size_t>(tok) * p.N + row] = __float2bfloat16_rn(acc[j][i] * global);
+        for (int i = 0; i < 2; ++i) {
+          const int tok = t0 + j * 8 + 2 * tig + i;
+          if (tok < m_end && ok0) {
+            const float gate = __bfloat162float(__float2bfloat16_rn(acc[j][i] * global));
+            const float up = __bfloat162float(__float2bfloat16_rn(acc[j][i + 2] * global));
+            p.y[static_cast<size_t>(tok) * I + r0] = __float2bfloat16_rn(gelu_tanh(gate) * up);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int tok = t0 + j * 8 + 2 * tig + (i & 1);
+          const int row = i < 2 ? r0 : r1;
+          if (tok < m_end && row < p.N)
+            p.y[static_cast<size_t>(tok) * p.N + row] = __float2bfloat16_rn(acc[j][i] * global);
+        }
       }
     }
   }
@@ -90,8 +118,15 @@ cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t str
       !p.offsets || !p.y)
     return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(p.x) % 4 != 0) return cudaErrorInvalidValue;  // 32-bit loads of bf16 pairs
-  const dim3 grid((p.N + kRowsPerBlock - 1) / kRowsPerBlock, p.G);
-  grouped_gemm_nvfp4_kernel<<<grid, kWarps * 32, 0, stream>>>(p);
+  if (p.gated) {
+    if (p.N % 2) return cudaErrorInvalidValue;
+    const int per_block = kWarps * 8;
+    const dim3 grid((p.N / 2 + per_block - 1) / per_block, p.G);
+    grouped_gemm_nvfp4_kernel<true><<<grid, kWarps * 32, 0, stream>>>(p);
+  } else {
+    const dim3 grid((p.N + kRowsPerBlock - 1) / kRowsPerBlock, p.G);
+    grouped_gemm_nvfp4_kernel<false><<<grid, kWarps * 32, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

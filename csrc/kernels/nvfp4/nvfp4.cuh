@@ -9,6 +9,9 @@
 //                        accumulation; the global scale multiplies the accumulator at the end. Each
 //                        weight byte is read once per 32-token tile of its expert, which is once per
 //                        step at the real model's ~16 tokens per expert.
+//                        gated: W is gate_up [G, 2I, K] (gate rows first) and y [Mtot, I] =
+//                        gelu_tanh(gate) * up, each rounded to bf16 first: bit-identical to the GEMM
+//                        followed by moe_gelu_gate, without writing and re-reading [Mtot, 2I].
 //
 // Needs K % 16 == 0 (one block scale per mma k-step) and sm_80 or newer (cudaErrorInvalidValue /
 // cudaErrorNoKernelImageForDevice otherwise). A first, straightforward kernel: correct by design,
@@ -28,8 +31,9 @@ struct GroupedGemmNvfp4Params {
   const uint8_t* w_scale = nullptr;  // [G, N, K/16] E4M3 codes
   const float* w_global = nullptr;   // [G]
   const int32_t* offsets = nullptr;  // [G + 1], device memory, non-decreasing, offsets[0] = 0
-  __nv_bfloat16* y = nullptr;        // [Mtot, N]
+  __nv_bfloat16* y = nullptr;        // [Mtot, N], gated: [Mtot, N/2]
   int G = 0, N = 0, K = 0;
+  bool gated = false;                // N even
 };
 cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t stream);
 
