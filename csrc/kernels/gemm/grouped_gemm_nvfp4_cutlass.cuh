@@ -7,8 +7,7 @@
 // so the weight rows fill the 128-row MMA tile and an expert's few tokens the narrow one; D_g^T
 // column-major (leading dimension N) is Y_g row-major. alpha_g = w_global[g] * a_global.
 //
-// Include only from a .cu that defines the CUTLASS GemmKernel and its arch-guarded __global__
-// wrapper, and pass that wrapper to run().
+// Include only from a .cu that instantiates the CUTLASS GemmKernel, and call run<Arch>() there.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -18,25 +17,15 @@
 #include <cstdint>
 
 #include "common/nvfp4_format.h"
+#include "kernels/gemm/cutlass_launch.cuh"
 #include "kernels/nvfp4/nvfp4.cuh"
 
 namespace dgemma::kernels::nvfp4_cutlass {
 
-// Whether this build holds code for `arch` (e.g. 1000 for sm_100a).
-constexpr bool built_for(int arch) {
-  constexpr int kArchList[] = {__CUDA_ARCH_LIST__};
-  for (int a : kArchList)
-    if (a == arch) return true;
-  return false;
-}
-
-// Whether the current device has exactly this compute capability ("a" code runs on no other).
-inline bool device_is(int major, int minor) {
-  int dev = 0, ma = 0, mi = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return ma == major && mi == minor;
+// One thread per group fills the group's arrays (GroupedGemm::setup).
+template <class Runner>
+__global__ void setup_kernel(typename Runner::Setup s) {
+  Runner::setup(s);
 }
 
 template <class GemmKernel>
@@ -52,7 +41,6 @@ struct GroupedGemm {
   using SfConfig = typename Mainloop::Sm1xxBlkScaledConfig;
   using Arguments = typename GemmKernel::Arguments;
   using Params = typename GemmKernel::Params;
-  using KernelFn = void (*)(const Params);
 
   static constexpr size_t kAlignBytes = 256;
   static constexpr size_t round_up(size_t v) { return (v + kAlignBytes - 1) / kAlignBytes * kAlignBytes; }
@@ -158,12 +146,6 @@ struct GroupedGemm {
     return args;
   }
 
-  static cudaError_t device_sms(int* dev, int* sms) {
-    cudaError_t err = cudaGetDevice(dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *dev);
-    return err;
-  }
-
   static Layout workspace_layout(int G, int dev, int sms) {
     const size_t cutlass_bytes = GemmKernel::get_workspace_size(make_args(G, nullptr, Layout(G, 0), dev, sms));
     return Layout(G, cutlass_bytes);
@@ -171,17 +153,14 @@ struct GroupedGemm {
 
   static size_t workspace_size(int G) {
     int dev = 0, sms = 0;
-    if (G <= 0 || device_sms(&dev, &sms) != cudaSuccess) return 0;
+    if (G <= 0 || cutlass_launch::device_sms(&dev, &sms) != cudaSuccess) return 0;
     return workspace_layout(G, dev, sms).total;
   }
 
-  static bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
-
-  // `supported`: the device is the one this instantiation was built for. `setup_kernel` is the
-  // .cu's __global__ that calls setup() (templates of __global__ in a header would be instantiated
-  // in every pass), `kernel` its arch-guarded CUTLASS wrapper.
-  static cudaError_t run(const GroupedGemmNvfp4x4Params& p, bool supported, void (*setup_kernel)(Setup),
-                         KernelFn kernel, cudaStream_t stream) {
+  // `supported`: the device is the one this instantiation was built for (Arch: 1000, 1200).
+  template <int Arch>
+  static cudaError_t run(const GroupedGemmNvfp4x4Params& p, bool supported, cudaStream_t stream) {
+    using cutlass_launch::aligned;
     if (p.G < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
     if (p.G == 0 || p.N == 0) return cudaSuccess;
     // 16-byte TMA rows: K % 32 (packed E2M1), N % 8 (bf16 output)
@@ -193,13 +172,13 @@ struct GroupedGemm {
     if (!supported) return cudaErrorNotSupported;
 
     int dev = 0, sms = 0;
-    cudaError_t err = device_sms(&dev, &sms);
+    cudaError_t err = cutlass_launch::device_sms(&dev, &sms);
     if (err != cudaSuccess) return err;
     const Layout lay = workspace_layout(p.G, dev, sms);
     if (!p.workspace || p.workspace_bytes < lay.total || !aligned(p.workspace, kAlignBytes)) return cudaErrorInvalidValue;
 
     auto* base = static_cast<char*>(p.workspace);
-    setup_kernel<<<(p.G + 127) / 128, 128, 0, stream>>>(Setup{p, base, lay});
+    setup_kernel<GroupedGemm><<<(p.G + 127) / 128, 128, 0, stream>>>(Setup{p, base, lay});
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
     const Arguments args = make_args(p.G, base, lay, dev, sms);
@@ -209,6 +188,7 @@ struct GroupedGemm {
     const Params params = GemmKernel::to_underlying_arguments(args, cutlass_ws);
 
     constexpr int smem = GemmKernel::SharedStorageSize;
+    const auto kernel = cutlass_launch::kernel<GemmKernel, Arch>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     kernel<<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem, stream>>>(params);

@@ -48,30 +48,14 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
 using Runner = nvfp4_cutlass::GroupedGemm<GemmKernel>;
 
-// The kernel body exists only in the sm_100a pass; the 90a/120a passes get an empty kernel, never
-// launched (the host checks the device first).
-__global__ void __launch_bounds__(GemmKernel::MaxThreadsPerBlock, GemmKernel::MinBlocksPerMultiprocessor)
-    sm100_grouped_gemm_nvfp4_kernel(CUTLASS_GRID_CONSTANT const typename GemmKernel::Params params) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 1000) && defined(__CUDA_ARCH_FEAT_SM100_ALL)
-  extern __shared__ char smem[];
-  GemmKernel op;
-  op(params, smem);
-#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 1000)
-  __trap();
-#endif
-}
-
-__global__ void sm100_grouped_gemm_nvfp4_setup(Runner::Setup s) { Runner::setup(s); }
-
 }  // namespace
 
-bool sm100_nvfp4_supported() { return nvfp4_cutlass::built_for(1000) && nvfp4_cutlass::device_is(10, 0); }
+bool sm100_nvfp4_supported() { return cutlass_launch::built_for(1000) && cutlass_launch::device_is(10, 0); }
 
 size_t grouped_gemm_nvfp4_sm100_workspace_size(int G) { return Runner::workspace_size(G); }
 
 cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream) {
-  return Runner::run(p, sm100_nvfp4_supported(), sm100_grouped_gemm_nvfp4_setup, sm100_grouped_gemm_nvfp4_kernel,
-                     stream);
+  return Runner::run<1000>(p, sm100_nvfp4_supported(), stream);
 }
 
 void cutlass_nvfp4_sf_offsets(int rows, int K, int64_t* out) {

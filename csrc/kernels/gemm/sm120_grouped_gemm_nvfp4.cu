@@ -45,28 +45,14 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
 using Runner = nvfp4_cutlass::GroupedGemm<GemmKernel>;
 
-__global__ void __launch_bounds__(GemmKernel::MaxThreadsPerBlock, GemmKernel::MinBlocksPerMultiprocessor)
-    sm120_grouped_gemm_nvfp4_kernel(CUTLASS_GRID_CONSTANT const typename GemmKernel::Params params) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 1200) && defined(__CUDA_ARCH_FEAT_SM120_ALL)
-  extern __shared__ char smem[];
-  GemmKernel op;
-  op(params, smem);
-#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 1200)
-  __trap();
-#endif
-}
-
-__global__ void sm120_grouped_gemm_nvfp4_setup(Runner::Setup s) { Runner::setup(s); }
-
 }  // namespace
 
-bool sm120_nvfp4_supported() { return nvfp4_cutlass::built_for(1200) && nvfp4_cutlass::device_is(12, 0); }
+bool sm120_nvfp4_supported() { return cutlass_launch::built_for(1200) && cutlass_launch::device_is(12, 0); }
 
 size_t grouped_gemm_nvfp4_sm120_workspace_size(int G) { return Runner::workspace_size(G); }
 
 cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream) {
-  return Runner::run(p, sm120_nvfp4_supported(), sm120_grouped_gemm_nvfp4_setup, sm120_grouped_gemm_nvfp4_kernel,
-                     stream);
+  return Runner::run<1200>(p, sm120_nvfp4_supported(), stream);
 }
 
 }  // namespace dgemma::kernels

@@ -8,6 +8,8 @@
 // column-major with leading dimension N is exactly D_g row-major.
 #include "kernels/gemm/gemm.cuh"
 
+#include "kernels/gemm/cutlass_launch.cuh"
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
@@ -53,20 +55,6 @@ using StrideW = typename GemmKernel::InternalStrideA;  // (K, _1, _0)
 using StrideX = typename GemmKernel::InternalStrideB;  // (K, _1, _0)
 using StrideD = typename GemmKernel::InternalStrideD;  // (_1, N, _0)
 static_assert(std::is_same_v<typename GemmKernel::InternalStrideC, StrideD>, "C and D strides share one array");
-
-// The kernel body is compiled only for sm_90a: the 100a/120a passes get an empty kernel (never
-// launched: the host checks the device first), and a plain sm_90 build traps instead of silently
-// writing nothing.
-__global__ void __launch_bounds__(GemmKernel::MaxThreadsPerBlock, GemmKernel::MinBlocksPerMultiprocessor)
-    sm90_grouped_gemm_bf16_kernel(CUTLASS_GRID_CONSTANT const typename GemmKernel::Params params) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ char smem[];
-  GemmKernel op;
-  op(params, smem);
-#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900)
-  __trap();
-#endif
-}
 
 // Workspace layout: the per-group arrays the kernel reads, then CUTLASS's own workspace.
 constexpr size_t kAlignBytes = 256;
@@ -125,13 +113,9 @@ __global__ void grouped_setup_kernel(SetupArgs s) {
   s.stride_d[g] = sd;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+using cutlass_launch::device_sms;
 
-cudaError_t device_sms(int* dev, int* sms) {
-  cudaError_t err = cudaGetDevice(dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, *dev);
-  return err;
-}
+bool aligned16(const void* p) { return cutlass_launch::aligned(p, 16); }
 
 // CUTLASS arguments over the per-group arrays at `base` (laid out by `lay`). Sizing the workspace
 // needs only G and the SM count, so it passes base = nullptr.
@@ -208,10 +192,10 @@ cudaError_t grouped_gemm_bf16_tn(const GroupedGemmBf16Params& p, cudaStream_t st
   const typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, cutlass_ws);
 
   constexpr int smem = GemmKernel::SharedStorageSize;
-  err = cudaFuncSetAttribute(sm90_grouped_gemm_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  const auto kernel = cutlass_launch::kernel<GemmKernel, 900>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  sm90_grouped_gemm_bf16_kernel<<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem,
-                                  stream>>>(params);
+  kernel<<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem, stream>>>(params);
   return cudaGetLastError();
 }
 
