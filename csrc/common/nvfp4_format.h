@@ -1,4 +1,4 @@
-// NVFP4 number formats and the block-scale layout of the Blackwell tensor-core GEMMs, as
+// NVFP4 (and FP8) number formats and the block-scale layout of the Blackwell tensor-core GEMMs, as
 // __host__ __device__ functions: the GPU kernels use them, and the host-side tests check them
 // bit for bit against the numpy reference (python/dgemma_rt/nvfp4.py), so CI checks the arithmetic
 // of the kernels without a GPU.
@@ -49,6 +49,19 @@ DG_NVFP4_FN uint32_t e4m3_from_float(float x) {
   if (q == 16) q = 8, ++be;
   const uint32_t code = (static_cast<uint32_t>(be) << 3) | (q - 8);
   return code > 0x7E ? 0x7E : code;
+}
+
+// Signed E4M3: the magnitude's code with the sign in bit 7 (-0 and values that round to 0: code 0).
+DG_NVFP4_FN uint32_t e4m3_from_float_signed(float x) {
+  const uint32_t c = e4m3_from_float(fabsf(x));
+  return (c != 0 && std::signbit(x)) ? (c | 0x80) : c;
+}
+
+// FP8 with one scale per row (weights: per output channel; activations: per token): the row's
+// scale is amax / 448 (1 for an all-zero row) and its values E4M3(x / scale).
+DG_NVFP4_FN float fp8_row_scale(float amax) {
+  const float s = amax / kE4m3Max;
+  return s > 0.0f ? s : 1.0f;
 }
 
 // E2M1 (S.EE.M): 0, 0.5, 1, 1.5, 2, 3, 4, 6.

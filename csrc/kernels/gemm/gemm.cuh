@@ -1,4 +1,4 @@
-// BF16 GEMMs on CUTLASS 3.x for Hopper (sm_90a: TMA + warp-specialized wgmma), fp32 accumulation,
+// BF16 (and FP8, below) GEMMs on CUTLASS 3.x for Hopper (sm_90a: TMA + warp-specialized wgmma), fp32 accumulation,
 // bf16 output. Both compute nn.Linear products, "TN" in BLAS terms:
 //
 //   gemm_bf16_tn:          Y[M, N] = X[M, K] @ W[N, K]^T          X, W, Y row-major
@@ -49,6 +49,19 @@ struct GroupedGemmBf16Params {
 bool sm90_gemm_supported();
 
 cudaError_t gemm_bf16_tn(const GemmBf16Params& p, cudaStream_t stream);
+
+// FP8 dense layers (W8A8, sm_90a): Y[M, N] = (Xq @ Wq^T) * x_scale[m] * w_scale[n], E4M3 codes in,
+// fp32 accumulation (promoted periodically), bf16 out. K % 16 == 0, N % 8 == 0, pointers 16-byte
+// aligned. x_scale: one per token (kernels/fp8 quantize_rows_fp8), w_scale: one per output channel.
+struct GemmFp8Params {
+  const uint8_t* x = nullptr;      // [M, K] E4M3
+  const float* x_scale = nullptr;  // [M]
+  const uint8_t* w = nullptr;      // [N, K] E4M3
+  const float* w_scale = nullptr;  // [N]
+  __nv_bfloat16* y = nullptr;      // [M, N]
+  int M = 0, N = 0, K = 0;
+};
+cudaError_t gemm_fp8_tn(const GemmFp8Params& p, cudaStream_t stream);
 
 // Device workspace of the grouped GEMM for G groups on the current device (depends on its SM count):
 // per-group problem sizes, pointers and strides plus CUTLASS's per-SM TMA descriptors.

@@ -1,0 +1,87 @@
+// Dense Y = (Xq @ Wq^T) * x_scale[m] * w_scale[n] for FP8 dense layers (W8A8): E4M3 activations with
+// one scale per token (kernels/fp8: quantize_rows_fp8) times E4M3 weights with one scale per output
+// channel (dgemma-quantize --dense fp8), bf16 out. One CUTLASS 3.x instantiation for sm_90a: TMA,
+// warp-specialized ping-pong FP8 wgmma with CUTLASS's periodic promotion of the accumulator to fp32
+// (not the "fast accumulation" schedule: K reaches 2816), and both scales applied by an epilogue
+// visitor tree (a column broadcast of x_scale, a row broadcast of w_scale). 64x128x128 tiles, as the
+// BF16 GEMM's, for the engine's 256-token canvases. Compiled in CI; not yet run on a GPU.
+#include "kernels/gemm/gemm.cuh"
+
+#include "kernels/gemm/cutlass_launch.cuh"
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/sm90_visitor_compute_tma_warpspecialized.hpp>
+#include <cutlass/epilogue/fusion/sm90_visitor_load_tma_warpspecialized.hpp>
+#include <cutlass/epilogue/fusion/sm90_visitor_tma_warpspecialized.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+namespace dgemma::kernels {
+namespace {
+
+using namespace cute;
+
+using ElementAB = cutlass::float_e4m3_t;
+using ElementD = cutlass::bfloat16_t;
+using ElementAcc = float;
+constexpr int kAlignAB = 16;  // 16 bytes of E4M3
+constexpr int kAlignD = 8;
+
+using TileShape = Shape<_64, _128, _128>;
+using ClusterShape = Shape<_1, _1, _1>;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+
+// D = x_scale[m] * (w_scale[n] * acc), fp32 math, rounded to bf16 once at the end.
+using namespace cutlass::epilogue::fusion;
+using XScale = Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;  // varies along M
+using WScale = Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;  // varies along N
+using ScaleByW = Sm90EVT<Sm90Compute<cutlass::multiplies, float, float, cutlass::FloatRoundStyle::round_to_nearest>,
+                         WScale, Sm90AccFetch>;
+using Fusion = Sm90EVT<Sm90Compute<cutlass::multiplies, ElementD, float, cutlass::FloatRoundStyle::round_to_nearest>,
+                       XScale, ScaleByW>;
+
+using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpilogueTile, ElementAcc, float,
+    void, cutlass::layout::RowMajor, kAlignD,  // no source C
+    ElementD, cutlass::layout::RowMajor, kAlignD, EpilogueSchedule, Fusion>::CollectiveOp;
+
+using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+    ElementAB, cutlass::layout::RowMajor, kAlignAB,     // Xq [M, K], K contiguous
+    ElementAB, cutlass::layout::ColumnMajor, kAlignAB,  // Wq as B [K, N] column-major = Wq [N, K] row-major
+    ElementAcc, TileShape, ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+        sizeof(typename CollectiveEpilogue::SharedStorage))>,
+    cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
+
+using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                        CollectiveEpilogue>;
+
+}  // namespace
+
+cudaError_t gemm_fp8_tn(const GemmFp8Params& p, cudaStream_t stream) {
+  if (p.M < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (p.K == 0 || p.K % kAlignAB || p.N % kAlignD) return cudaErrorInvalidValue;
+  if (!cutlass_launch::aligned(p.x, 16) || !cutlass_launch::aligned(p.w, 16) || !cutlass_launch::aligned(p.y, 16) ||
+      !p.x_scale || !p.w_scale)
+    return cudaErrorInvalidValue;
+  if (!sm90_gemm_supported()) return cudaErrorNotSupported;
+
+  typename GemmKernel::Arguments args{};
+  args.mainloop.ptr_A = reinterpret_cast<const ElementAB*>(p.x);
+  args.mainloop.ptr_B = reinterpret_cast<const ElementAB*>(p.w);
+  // Fusion arguments mirror the tree: {x_scale, {w_scale, acc, op}, op}
+  args.epilogue.thread = {
+      {p.x_scale, 0.0f, {}},            // XScale
+      {{p.w_scale, 0.0f, {}}, {}, {}},  // ScaleByW: WScale, AccFetch, multiplies
+      {}};                              // multiplies
+  args.epilogue.ptr_D = reinterpret_cast<ElementD*>(p.y);
+  return cutlass_launch::launch_dense_tn<GemmKernel, 900>(args, p.M, p.N, p.K, stream);
+}
+
+}  // namespace dgemma::kernels
