@@ -83,11 +83,34 @@ def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K):
     np.testing.assert_array_equal(fused, ops().moe_gelu_gate(h))
 
 
+@needs_gpu
+@pytest.mark.parametrize("gated", [False, True])
+def test_grouped_gemm_nvfp4_gather_equals_permuted_input(gated):
+    """Reading the unpermuted expert input through perm_slot // k is bit-identical to the GEMM on the
+    permuted copy moe_permute would write."""
+    rng = np.random.default_rng(17)
+    T, k, G, I, K = 37, 4, 6, 40, 64
+    experts = np.stack([rng.permutation(G)[:k] for _ in range(T)])            # [T, k] distinct per token
+    slots = np.arange(T * k)
+    perm_slot = slots[np.argsort(experts.reshape(-1), kind="stable")].astype(np.int32)  # expert-major order
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(experts.reshape(-1), minlength=G))]).astype(np.int32)
+    xe = bf16_bits(rng.standard_normal((T, K)).astype(np.float32))
+    w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
+    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
+    unfused = ops().grouped_gemm_nvfp4(xe[perm_slot // k], packed, scales, gscale, offsets, gated=gated)
+    fused = ops().grouped_gemm_nvfp4(xe, packed, scales, gscale, offsets, gated=gated, gather=perm_slot, gather_div=k)
+    np.testing.assert_array_equal(fused, unfused)
+
+
 def test_grouped_gemm_nvfp4_bad_shapes():
     x = np.zeros((4, 24), dtype=np.uint16)
     with pytest.raises(ValueError, match="multiple of 16"):
         ops().grouped_gemm_nvfp4(x, np.zeros((1, 8, 12), np.uint8), np.zeros((1, 8, 1), np.uint8),
                                  np.ones(1, np.float32), np.array([0, 4], np.int32))
+    with pytest.raises(ValueError, match="outside x"):
+        ops().grouped_gemm_nvfp4(np.zeros((2, 16), np.uint16), np.zeros((1, 8, 8), np.uint8),
+                                 np.zeros((1, 8, 1), np.uint8), np.ones(1, np.float32), np.array([0, 3], np.int32),
+                                 gather=np.array([0, 4, 5], np.int32), gather_div=2)
     with pytest.raises(ValueError, match="even N"):
         ops().grouped_gemm_nvfp4(np.zeros((4, 32), np.uint16), np.zeros((1, 7, 16), np.uint8),
                                  np.zeros((1, 7, 2), np.uint8), np.ones(1, np.float32), np.array([0, 4], np.int32),

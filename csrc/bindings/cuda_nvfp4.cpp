@@ -6,6 +6,8 @@
 #include <string>
 #include <tuple>
 
+#include <pybind11/stl.h>
+
 #include "bindings/cuda_ops.h"
 #include "common/nvfp4_format.h"
 #include "kernels/nvfp4/nvfp4.cuh"
@@ -22,12 +24,20 @@ void check_offsets(const I32Array& offsets, int G, int Mtot) {
   for (int g = 0; g < G; ++g) DG_REQUIRE(o[g] <= o[g + 1], InvalidArgument, "offsets must be non-decreasing");
 }
 
-U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets, bool gated) {
+U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets, bool gated,
+                            std::optional<I32Array> gather, int gather_div) {
   DG_REQUIRE(x.ndim() == 2 && w.ndim() == 3 && w_scale.ndim() == 3 && w_global.ndim() == 1 && offsets.ndim() == 1,
              InvalidArgument, "x must be [Mtot, K], w [G, N, K/2], w_scale [G, N, K/16], w_global [G], offsets [G+1]");
-  const int Mtot = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
+  const int K = static_cast<int>(x.shape(1));
+  const int Mtot = gather ? static_cast<int>(gather->size()) : static_cast<int>(x.shape(0));
   const int G = static_cast<int>(w.shape(0)), N = static_cast<int>(w.shape(1));
   DG_REQUIRE(K % 16 == 0 && K > 0, InvalidArgument, "K must be a positive multiple of 16, got " << K);
+  if (gather) {
+    DG_REQUIRE(gather->ndim() == 1 && gather_div >= 1, InvalidArgument, "gather must be [Mtot] and gather_div >= 1");
+    for (py::ssize_t r = 0; r < gather->size(); ++r)
+      DG_REQUIRE(gather->data()[r] >= 0 && gather->data()[r] / gather_div < x.shape(0), InvalidArgument,
+                 "gather[" << r << "] = " << gather->data()[r] << " is outside x's " << x.shape(0) << " rows");
+  }
   DG_REQUIRE(w.shape(2) == K / 2, InvalidArgument, "w must be [G, N, " << K / 2 << "]");
   DG_REQUIRE(w_scale.shape(0) == G && w_scale.shape(1) == N && w_scale.shape(2) == K / 16, InvalidArgument,
              "w_scale must be [" << G << ", " << N << ", " << K / 16 << "]");
@@ -39,11 +49,14 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
   auto ds = DeviceBuffer<uint8_t>::from(w_scale);
   auto dg = DeviceBuffer<float>::from(w_global);
   auto doff = DeviceBuffer<int32_t>::from(offsets);
+  DeviceBuffer<int32_t> dgather;
+  if (gather) dgather = DeviceBuffer<int32_t>::from(*gather);
   const int Nout = gated ? N / 2 : N;
   DeviceBuffer<__nv_bfloat16> dy(static_cast<size_t>(Mtot) * Nout);
   kernels::GroupedGemmNvfp4Params p;
   p.x = dx.get(), p.w = dw.get(), p.w_scale = ds.get(), p.w_global = dg.get(), p.offsets = doff.get();
   p.y = dy.get(), p.G = G, p.N = N, p.K = K, p.gated = gated;
+  p.gather = gather ? dgather.get() : nullptr, p.gather_div = gather_div;
   if (Mtot > 0) {
     DG_CUDA_CHECK(kernels::grouped_gemm_nvfp4(p, nullptr));
     DG_CUDA_CHECK(cudaDeviceSynchronize());
@@ -199,9 +212,11 @@ U16Array grouped_gemm_nvfp4x4(U8Array a, U8Array a_sf, I32Array a_sf_starts, flo
 
 RegisterCudaOps reg([](py::module_& m) {
   m.def("grouped_gemm_nvfp4", &grouped_gemm_nvfp4, py::arg("x"), py::arg("w"), py::arg("w_scale"),
-        py::arg("w_global"), py::arg("offsets"), py::arg("gated") = false,
+        py::arg("w_global"), py::arg("offsets"), py::arg("gated") = false, py::arg("gather") = py::none(),
+        py::arg("gather_div") = 1,
         "y[o_g:o_g+1] = x[o_g:o_g+1] @ dequant(W_g)^T: NVFP4 weights, bf16 activations (uint16) in and out; "
-        "gated: W is gate_up and y = gelu_tanh(gate) * up [Mtot, N/2]");
+        "gated: W is gate_up and y = gelu_tanh(gate) * up [Mtot, N/2]; gather: row r reads "
+        "x[gather[r] // gather_div]");
   m.def("nvfp4_quantize_host", &quantize_host, py::arg("x"), py::arg("global_scale"),
         "the kernels' NVFP4 block quantization run on the host: (packed [R, K/2], E4M3 codes [R, K/16])");
   m.def("nvfp4_encode_host", &encode_host, py::arg("x"), py::arg("kind"),

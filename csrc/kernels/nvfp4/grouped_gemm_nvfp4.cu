@@ -63,6 +63,15 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_gemm_nvfp4_kernel(Grouped
 
   for (int t0 = m_begin; t0 < m_end; t0 += kTokens) {
     float acc[kTokTiles][4] = {};
+    // The x row behind each of this lane's B-fragment tokens (null past the expert's end): row `tok`
+    // of x, or with `gather` the token's row of the unpermuted input (the permutation fused here).
+    const __nv_bfloat16* xrow[kTokTiles];
+#pragma unroll
+    for (int j = 0; j < kTokTiles; ++j) {
+      const int tok = t0 + j * 8 + gid;
+      const int src = tok < m_end ? (p.gather ? p.gather[tok] / p.gather_div : tok) : -1;
+      xrow[j] = src >= 0 ? p.x + static_cast<size_t>(src) * p.K + 2 * tig : nullptr;
+    }
     for (int k0 = 0; k0 < p.K; k0 += 16) {
       const float sc0 = ok0 ? nvfp4::e4m3_to_float(s0[k0 / 16]) : 0.0f;
       const float sc1 = ok1 ? nvfp4::e4m3_to_float(s1[k0 / 16]) : 0.0f;
@@ -74,12 +83,10 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_gemm_nvfp4_kernel(Grouped
       a[3] = dequant_pair(ok1 ? w1[b + 4] : 0u, sc1);
 #pragma unroll
       for (int j = 0; j < kTokTiles; ++j) {
-        const int tok = t0 + j * 8 + gid;
         uint32_t b0 = 0, b1 = 0;
-        if (tok < m_end) {
-          const __nv_bfloat16* xr = p.x + static_cast<size_t>(tok) * p.K + k0 + 2 * tig;
-          b0 = *reinterpret_cast<const uint32_t*>(xr);
-          b1 = *reinterpret_cast<const uint32_t*>(xr + 8);
+        if (xrow[j]) {
+          b0 = *reinterpret_cast<const uint32_t*>(xrow[j] + k0);
+          b1 = *reinterpret_cast<const uint32_t*>(xrow[j] + k0 + 8);
         }
         mma_bf16_16816(acc[j], a, b0, b1);
       }
@@ -118,6 +125,7 @@ cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t str
       !p.offsets || !p.y)
     return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(p.x) % 4 != 0) return cudaErrorInvalidValue;  // 32-bit loads of bf16 pairs
+  if (p.gather && p.gather_div <= 0) return cudaErrorInvalidValue;
   if (p.gated) {
     if (p.N % 2) return cudaErrorInvalidValue;
     const int per_block = kWarps * 8;

@@ -12,6 +12,9 @@
 //                        gated: W is gate_up [G, 2I, K] (gate rows first) and y [Mtot, I] =
 //                        gelu_tanh(gate) * up, each rounded to bf16 first: bit-identical to the GEMM
 //                        followed by moe_gelu_gate, without writing and re-reading [Mtot, 2I].
+//                        gather: row r of the product reads x[gather[r] / gather_div] instead of x[r]:
+//                        with moe_permute's perm_slot and top-k, x is the unpermuted expert input
+//                        [T, K] and the permuted copy xp [T*k, K] is never written.
 //
 // Needs K % 16 == 0 (one block scale per mma k-step) and sm_80 or newer (cudaErrorInvalidValue /
 // cudaErrorNoKernelImageForDevice otherwise). A first, straightforward kernel: correct by design,
@@ -26,7 +29,7 @@
 namespace dgemma::kernels {
 
 struct GroupedGemmNvfp4Params {
-  const __nv_bfloat16* x = nullptr;  // [Mtot, K]
+  const __nv_bfloat16* x = nullptr;  // [Mtot, K], with gather: [rows, K]
   const uint8_t* w = nullptr;        // [G, N, K/2] packed E2M1
   const uint8_t* w_scale = nullptr;  // [G, N, K/16] E4M3 codes
   const float* w_global = nullptr;   // [G]
@@ -34,6 +37,8 @@ struct GroupedGemmNvfp4Params {
   __nv_bfloat16* y = nullptr;        // [Mtot, N], gated: [Mtot, N/2]
   int G = 0, N = 0, K = 0;
   bool gated = false;                // N even
+  const int32_t* gather = nullptr;   // [Mtot], device: source row (x[gather[r] / gather_div]) of row r
+  int gather_div = 1;
 };
 cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t stream);
 
@@ -48,7 +53,7 @@ cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t str
 cudaError_t act_global_scale_nvfp4(const __nv_bfloat16* x, size_t n, float* global, cudaStream_t stream);
 
 struct QuantizeActNvfp4Params {
-  const __nv_bfloat16* x = nullptr;  // [Mtot, K], 16-byte aligned
+  const __nv_bfloat16* x = nullptr;  // [Mtot, K], with gather: [rows, K], 16-byte aligned
   const int32_t* offsets = nullptr;  // [G + 1], device
   const float* global = nullptr;     // [1], device: a static input_scale or act_global_scale_nvfp4's
   uint8_t* q = nullptr;              // [Mtot, K/2] packed E2M1
