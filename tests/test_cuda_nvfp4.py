@@ -166,6 +166,13 @@ def test_host_block_quantization_matches_numpy(scale):
     np.testing.assert_array_equal(p2, packed)
 
 
+def test_blackwell_arch_query():
+    arch = ops().nvfp4_blackwell_arch()
+    assert arch in (None, "sm_100a", "sm_120a")
+    if dgemma_rt.cuda_device_count() == 0:
+        assert arch is None
+
+
 @pytest.mark.parametrize("rows,K", [(1, 16), (37, 48), (128, 64), (129, 704), (300, 2816)])
 def test_scale_layout_matches_cutlass(rows, K):
     ours = ops().nvfp4_sf_offsets(rows, K)
