@@ -73,3 +73,13 @@ def test_random_checkpoint_bad_arguments(tmp_path):
         presets.write_random_checkpoint(tmp_path, presets.preset("tiny"), quant="int4")
     with pytest.raises(ValueError, match="dense_quant"):
         presets.write_random_checkpoint(tmp_path, presets.preset("tiny"), dense_quant="int8")
+
+
+def test_bench_reads_the_shape_back_from_a_checkpoint(tmp_path):
+    from dgemma_rt import bench
+
+    shape = presets.preset("tiny", 3)
+    d = presets.write_random_checkpoint(tmp_path / "ck", shape)
+    got = bench.checkpoint_shape(d)
+    assert presets.weight_bytes(got)["parameters"] == presets.weight_bytes(shape)["parameters"]
+    assert bench.checkpoint_shape(tmp_path) is None  # no config.json: left to the engine's error

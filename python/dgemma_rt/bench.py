@@ -138,14 +138,18 @@ def checkpoint_shape(ckpt: pathlib.Path) -> Any:
     if not isinstance(text, dict):
         return None
     try:
+        per_layer = [v for v in (text.get("per_layer_config") or {}).values() if isinstance(v, dict)]
+        full = per_layer[0] if per_layer else {}
         return ModelShape(
+            global_head_dim=int(full.get("head_dim", text["head_dim"])),
+            num_global_kv_heads=int(full.get("num_key_value_heads", text["num_key_value_heads"])),
             vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
             intermediate_size=int(text["intermediate_size"]), layer_types=tuple(text["layer_types"]),
             num_heads=int(text["num_attention_heads"]), num_kv_heads=int(text["num_key_value_heads"]),
             head_dim=int(text["head_dim"]), num_experts=int(text["num_experts"]),
             moe_intermediate_size=int(text["moe_intermediate_size"]),
         )  # fmt: skip
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
