@@ -1,5 +1,5 @@
 """CUDA per-layer kernels (csrc/kernels/layer) against float64 numpy ports of the CPU backend
-(CpuBackend::layers / encode / decode, ops.cpp rmsnorm / rope). Skipped without a GPU."""
+(the CPU ops in cpu_backend.cpp, ops.cpp rmsnorm / rope). Skipped without a GPU."""
 
 import numpy as np
 import pytest

@@ -1,8 +1,8 @@
 """CUDA MoE kernels (router, permute, GELU gate, combine, and moe_forward end to end) against numpy.
 
 The router and permute must match numpy exactly (indices, ties broken by the lower expert), the combine
-bit for bit (it adds fp32-rounded weighted rows in ascending expert order, like CpuBackend::moe), and
-moe_forward must be as close to a float64 port of CpuBackend::moe (bf16-rounded weights) as the same
+bit for bit (it adds fp32-rounded weighted rows in ascending expert order, like CpuBackend::moe_experts), and
+moe_forward must be as close to a float64 port of the CPU MoE (moe_router + moe_experts, bf16-rounded weights) as the same
 port is when it rounds to bf16 where the GPU path does. Skipped without a GPU; moe_forward also needs
 sm_90 (its expert GEMMs are the CUTLASS grouped GEMM).
 """
@@ -223,11 +223,11 @@ def test_combine(t, k, e, h, out_bf16):
 
 
 # ---------------------------------------------------------------------------------------------------
-# moe_forward: CpuBackend::moe ported to numpy
+# moe_forward: the CPU MoE (CpuBackend::moe_router + moe_experts) ported to numpy
 
 
 def moe_ref(x, proj_u, expert_map, router_scale, pes, ln2, gate_up, down, k, eps, emulate_bf16):
-    """CpuBackend::moe in float64 with the given (bf16-valued) weights. With emulate_bf16 the expert
+    """The CPU MoE in float64 with the given (bf16-valued) weights. With emulate_bf16 the expert
     input, gate_up output, GELU output and down output are rounded to bf16 where the GPU stores them."""
     t, h = x.shape
     e, i2, _ = gate_up.shape

@@ -1,5 +1,5 @@
 """CUDA denoising sampler (sample_canvas, accept_canvas) against numpy mirrors of the CPU scheduler
-(csrc/runtime/scheduler.cpp: sample_position and the acceptance / stopping code in generate()).
+(csrc/backend/cpu/sample.cpp: sample_position; csrc/runtime/scheduler.cpp: the acceptance / stopping code).
 Skipped without a GPU."""
 
 import numpy as np

@@ -1,31 +1,207 @@
-// The one interface between the runtime (scheduler, KV cache) and a compute backend.
+// A backend is an op set plus the memory its ops run on (the ggml pattern). The model's forward is
+// written once, in model/forward.cpp, as a sequence of these ops on typed tensor views; the CPU
+// backend (backend/cpu) is the reference op set and the ground truth for every other one.
+//
+// Conventions for every op below:
+//   - T is the number of tokens of the pass, H = hidden_size, V = vocab_size, I = intermediate_size.
+//   - "act" is the backend's activation dtype (act_dtype(): f32 on the CPU, bf16 on a GPU). The
+//     residual stream x is always f32 [T, H]. Index tensors are i32.
+//   - Tensors are contiguous and row-major unless an op says otherwise; outputs never alias inputs
+//     unless an op says they may.
+//   - Weights stay inside the backend, in its own format (float32 on the CPU; bf16, NVFP4 or FP8 on
+//     a GPU): ops name them with a WeightRef.
+//   - Index tensors hold host-validated values (token ids in [0, V), slots inside the cache): ops
+//     need not check them again.
+//   - An op a backend does not implement throws Unsupported; supports() says so up front, and the
+//     forward checks it before the first pass.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
-#include <vector>
 
-#include "runtime/kv_cache.h"
+#include "backend/tensor.h"
 
 namespace dgemma {
+
+// The op set. The order is only for naming.
+enum class Op : int {
+  kEmbed,
+  kRmsNorm,
+  kLinear,
+  kCopy,
+  kHeadNormRope,
+  kKvWrite,
+  kAttention,
+  kResidualNormAdd,
+  kMlp,
+  kMoeRouter,
+  kMoeExperts,
+  kFfnCombine,
+  kGatherRows,
+  kScatterAddRows,
+  kLmHeadSample,
+  kLmHeadLogits,
+  kSoftEmbedding,
+  kCount
+};
+const char* op_name(Op op);
+
+// An op the backend does not implement (or not for this model's weights).
+struct Unsupported : Error {
+  using Error::Error;
+};
+
+// The weights ops refer to. Per-layer ones take WeightRef::layer.
+enum class W : uint8_t {
+  kNone,
+  // global
+  kFinalNorm,    // [H]
+  kScPreNorm,    // [H] self-conditioning pre_norm
+  kScMlp,        // the self-conditioning gated MLP (gate/up [I, H], down [H, I])
+  // per layer
+  kInputNorm,    // [H]
+  kPostAttnNorm,
+  kPreFfnNorm,
+  kPreFfnNorm2,
+  kQNorm,        // [head_dim]
+  kKNorm,        // [head_dim]
+  kQProj,        // [heads * head_dim, H]
+  kKProj,        // [kv_heads * head_dim, H]
+  kVProj,        // [kv_heads * head_dim, H] (absent on K=V layers)
+  kOProj,        // [H, heads * head_dim]
+  kMlp,          // the layer's dense gated MLP (gate/up [I, H], down [H, I])
+};
+struct WeightRef {
+  W id = W::kNone;
+  int layer = -1;
+};
+inline WeightRef weight(W id, int layer = -1) { return WeightRef{id, layer}; }
+
+// Attention over one layer for every row of a pass (the CUDA kernel's contract, kernels/attention).
+// Row r owns the new tokens [tok0[r], tok0[r] + count[r]) of q / k_new / v_new / out, at positions
+// cache_len[r] + j. Its keys, in order: its cached positions [cache_start[r], cache_len[r]) read from
+// the paged cache, then its own new tokens (attended from k_new / v_new; the cache does not hold
+// them yet). Decoder (causal = false): every query sees every key of its row. Encoder (causal):
+// key visible iff key_pos <= query_pos and, when window > 0, key_pos > query_pos - window.
+// GQA: query head h reads KV head h / (heads / kv_heads). Scores are q . k * scale, softmax in f32.
+struct AttentionArgs {
+  Tensor q;            // act [T, heads, head_dim] (normed and rotated)
+  Tensor k_new;        // act [T, kv_heads, head_dim]
+  Tensor v_new;        // act [T, kv_heads, head_dim]
+  Tensor out;          // act [T, heads, head_dim]
+  Tensor k_cache;      // kv dtype [num_blocks, block_size, kv_heads, head_dim] (this layer's pool)
+  Tensor v_cache;
+  // i32 [rows, max_blocks]: cached position p of row r lives in block
+  // block_table[r][(p - cache_first_pos[r]) / block_size] at offset (p - cache_first_pos[r]) % block_size.
+  Tensor block_table;
+  Tensor cache_first_pos;  // i32 [rows]
+  Tensor cache_start;      // i32 [rows]
+  Tensor cache_len;        // i32 [rows]
+  Tensor tok0;             // i32 [rows]
+  Tensor count;            // i32 [rows]
+  int max_count = 0;       // host-side bound of count[r]
+  bool causal = false;
+  int window = 0;          // 0: none
+  float scale = 1.0f;
+};
+
+// The decoder's output head fused with the sampler and the next step's self-conditioning input
+// (one pass over the vocabulary per position; no [rows, canvas, vocab] tensor outlives it):
+//   logits    = softcap(x[t] @ E^T)                 (softcap: cap * tanh(logits / cap), f32)
+//   processed = logits / temperature[row]           (row = t / n)
+//   p         = softmax(processed) in f32 (max-subtracted exp, 1 / float(sum in f64))
+//   argmax[t] = first index of the max; entropy[t] = -sum p_v * (processed_v - logsumexp), f64 sum
+//   token[t]  = inverse CDF: the first v with cdf_v > uniform[t] * cdf_{V-1}, cdf = running f64 sum
+//               of the f32 p_v (clamped to V - 1)
+//   soft[soft_index[t], :] = (p @ E) * sqrt(H)      (skipped where soft_index[t] < 0)
+// E is the tied embedding (the LM head). soft holds every row's self-conditioning state.
+struct SampleArgs {
+  Tensor x;            // act [T, H]: final-normed hidden states, T = rows * n
+  int n = 0;           // positions per row
+  Tensor temperature;  // f32 [rows]
+  Tensor uniform;      // f64 [T], each in [0, 1)
+  Tensor token;        // i32 [T] out
+  Tensor argmax;       // i32 [T] out
+  Tensor entropy;      // f32 [T] out
+  Tensor soft;         // act [S, H] out (rows not named by soft_index are left alone)
+  Tensor soft_index;   // i32 [T]: row of soft for position t, or -1
+};
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  virtual bool supports(Op op) const = 0;
 
-  // Encoder pass: appends tokens[r] (at positions cache length ...) to caches[r] for every row,
-  // causal attention with sliding windows on sliding layers. Commits the caches on success and
-  // leaves them untouched if it throws.
-  virtual void encode(const std::vector<SeqCache*>& caches, const std::vector<std::vector<int32_t>>& tokens) = 0;
+  // ---- memory
+  virtual ScalarType act_dtype() const = 0;
+  virtual ScalarType kv_dtype() const = 0;
+  // Persistent memory; contents undefined until written. `what` names it in an out-of-memory error.
+  virtual std::shared_ptr<Buffer> allocate(size_t bytes, const char* what) = 0;
+  // Host <-> backend copies of a contiguous tensor.
+  virtual void upload(const Tensor& dst, const void* src) = 0;
+  virtual void download(void* dst, const Tensor& src) = 0;
 
-  // Decoder pass over n canvas tokens per row: bidirectional attention over each row's cache and
-  // its canvas; the cache is only read. sc_logits: empty, or one pointer per row to that row's
-  // previous-step processed logits [n, vocab], null for a row at its first step (its
-  // self-conditioning signal is then exactly zero), so rows at different steps share a pass.
-  // Writes soft-capped float32 logits [rows, n, vocab].
-  virtual void decode(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
-                      const std::vector<const float*>& sc_logits, float* logits) = 0;
+  // ---- ops (contracts above each)
+
+  // out[t, :] = E[ids[t], :] * sqrt(H) (f32).  ids i32 [T], out f32 [T, H].
+  virtual void embed(const Tensor& ids, const Tensor& out);
+  // out = x * (mean(x^2) + eps)^-0.5 * w per row of D (w: a norm weight [D], or kNone for no scale),
+  // statistics in f32. x, out: [rows, D], f32 or act (may differ, may alias).
+  virtual void rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float eps);
+  // y [T, N] = x [T, K] @ W^T (nn.Linear), act in and out.
+  virtual void linear(WeightRef w, const Tensor& x, const Tensor& y);
+  // dst = src, same dtype and shape.
+  virtual void copy(const Tensor& src, const Tensor& dst);
+  // In place on x act [T, heads, head_dim], per (token, head): RMSNorm with w (kNone: no scale), then
+  // rotate-half RoPE when positions (i32 [T]) is given: angle_i = positions[t] * inv_freq[i]
+  // (f32 [head_dim / 2]; zero frequencies leave their pair unrotated).
+  virtual void head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
+                              float eps);
+  // k_cache[slot[t]] = k[t], v_cache[slot[t]] = v[t] with the caches viewed as
+  // [num_blocks * block_size, kv_heads * head_dim]; slot[t] < 0 skips token t. k, v act [T, kv_heads,
+  // head_dim]; slot i32 [T], distinct where >= 0.
+  virtual void kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
+                        const Tensor& v_cache);
+  virtual void attention(const AttentionArgs& a);
+  // x += rmsnorm(h) * w (post_attention_layernorm and the residual add). x f32 [T, H], h act [T, H]
+  // (clobbered).
+  virtual void residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps);
+  // out = down(gelu_tanh(gate(x)) * up(x)) for mlp = {kMlp, layer} or {kScMlp}. x, out act [T, H];
+  // scratch act [T, 2 * I].
+  virtual void mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch);
+  // The router on the raw residual x f32 [T, H]: RMSNorm without scale, * router_scale * H^-0.5,
+  // linear to the experts, softmax (f32), top-k (ties: lower expert first), renormalised to sum 1,
+  // * per_expert_scale. topk_idx i32 [T, k], topk_w f32 [T, k], slots in descending probability.
+  virtual void moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps);
+  // Bytes of scratch moe_experts needs for T tokens.
+  virtual size_t moe_workspace_bytes(int tokens) const;
+  // out[t] = sum over t's k slots, in ascending expert order, of
+  //          topk_w[t, s] * down_e(gelu_tanh(gate_e(x[t])) * up_e(x[t])),   e = topk_idx[t, s]
+  // (each weighted expert output rounded before the sum). x act [T, H] (pre_feedforward_layernorm_2
+  // of the residual), out act [T, H], workspace >= moe_workspace_bytes(T) bytes (dtype ignored).
+  virtual void moe_experts(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
+                           const Tensor& out, const Tensor& workspace);
+  // The end of a layer: x = (x + rmsnorm(rmsnorm(dense) * w1 + rmsnorm(moe) * w2) * w) * scalar with
+  // w1/w2/w the post_feedforward_layernorm_1/_2/ weights and scalar the layer's encoder or decoder
+  // layer_scalar. x f32 [T, H]; dense, moe act [T, H] (both clobbered).
+  virtual void ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                           float eps);
+  // dst[i, :] = src[index[i], :]. src, dst: [rows, D] of one dtype; index i32 [M].
+  virtual void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst);
+  // dst[index[i], :] += src[i, :]. dst f32 [rows, D], src act [M, D], index i32 [M], distinct.
+  virtual void scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index);
+  virtual void lm_head_sample(const SampleArgs& a);
+  // logits f32 [T, V] = softcap(x @ E^T), x act [T, H]. For denoise_logits and tests.
+  virtual void lm_head_logits(const Tensor& x, const Tensor& logits);
+  // out act [S, H] = softmax(logits) @ E * sqrt(H), logits f32 [S, V] (processed logits from the
+  // caller, for denoise_logits' self-conditioning input; clobbered).
+  virtual void soft_embedding(const Tensor& logits, const Tensor& out);
+
+ protected:
+  [[noreturn]] void unsupported(Op op) const;
 };
 
 }  // namespace dgemma

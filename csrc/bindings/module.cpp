@@ -276,24 +276,15 @@ PYBIND11_MODULE(_core, m) {
         return v;
       })
       .def("layer_kv", [](const CacheSet& c, int layer, int row) {
-        DG_REQUIRE(row >= 0 && row < static_cast<int>(c.rows.size()), InvalidArgument, "row " << row << " out of range");
-        const SeqCache& s = *c.rows[row];
-        DG_REQUIRE(layer >= 0 && layer < s.pool().num_layers(), InvalidArgument, "layer " << layer << " out of range");
-        std::vector<SeqCache::Span> spans;
-        s.spans(layer, spans);
+        std::vector<float> k, v;
         int n = 0;
-        for (const auto& sp : spans) n += sp.count;
-        const size_t tf = s.pool().token_floats(layer);
-        py::array_t<float> k({static_cast<size_t>(n), tf}), v({static_cast<size_t>(n), tf});
-        float* kp = k.mutable_data();
-        float* vp = v.mutable_data();
-        int t = 0;
-        for (const auto& sp : spans)
-          for (int j = 0; j < sp.count; ++j, ++t) {
-            std::memcpy(kp + t * tf, sp.k + j * tf, tf * sizeof(float));
-            std::memcpy(vp + t * tf, sp.v + j * tf, tf * sizeof(float));
-          }
-        return py::make_tuple(k, v);
+        c.layer_kv(layer, row, k, v, n);
+        const auto& L = c.storage->layer(layer);
+        const size_t tf = static_cast<size_t>(L.kv_heads) * L.head_dim;
+        py::array_t<float> ka({static_cast<size_t>(n), tf}), va({static_cast<size_t>(n), tf});
+        std::memcpy(ka.mutable_data(), k.data(), k.size() * sizeof(float));
+        std::memcpy(va.mutable_data(), v.data(), v.size() * sizeof(float));
+        return py::make_tuple(ka, va);
       }, py::arg("layer"), py::arg("row"));
 
   py::class_<PyEngine>(m, "Engine")

@@ -25,6 +25,23 @@ std::vector<SeqCache*> CacheSet::ptrs() const {
   return out;
 }
 
+void CacheSet::layer_kv(int layer, int row, std::vector<float>& k, std::vector<float>& v, int& tokens) const {
+  DG_REQUIRE(row >= 0 && row < static_cast<int>(rows.size()), InvalidArgument, "row " << row << " out of range");
+  const SeqCache& s = *rows[row];
+  DG_REQUIRE(layer >= 0 && layer < s.pool().num_layers(), InvalidArgument, "layer " << layer << " out of range");
+  SeqCache::BlockTable t;
+  const int group = s.pool().group_of(layer);
+  s.table(group, t);
+  std::vector<int32_t> slots;
+  for (int pos = t.start; pos < t.length; ++pos) slots.push_back(s.slot(group, pos));
+  const KvStorage::Layer& L = storage->layer(layer);
+  const size_t tf = static_cast<size_t>(L.kv_heads) * L.head_dim;
+  tokens = static_cast<int>(slots.size());
+  k.resize(slots.size() * tf);
+  v.resize(slots.size() * tf);
+  storage->read(layer, slots, k.data(), v.data());
+}
+
 Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   DG_REQUIRE(opts.device == "cpu", InvalidArgument,
              "device '" << opts.device << "' is not available: this build runs on the CPU only "
@@ -35,16 +52,19 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   gen_ = load_generation_defaults(dir);
   weights_ = ModelWeights::load(dir, cfg_, opts.progress);
   backend_ = std::make_unique<CpuBackend>(cfg_, *weights_);
+  forward_ = std::make_unique<Forward>(cfg_, *backend_, opts.max_batch_size);
   const int B = opts.block_size;
   const int full_blocks = (opts.kv_cache_tokens + B - 1) / B;
   const int window_blocks = (cfg_.sliding_window - 1 + B - 1) / B + 1;
   const int sliding_blocks = opts.max_batch_size * 2 * window_blocks;
   pool_ = std::make_shared<BlockPool>(cfg_, B, full_blocks, sliding_blocks);
-  scheduler_ = std::make_unique<Scheduler>(*backend_, cfg_, pool_, mu_, opts.max_batch_size, opts.num_threads);
+  forward_->allocate_kv(*pool_);
+  scheduler_ = std::make_unique<Scheduler>(*forward_, cfg_, pool_, mu_, opts.max_batch_size, opts.num_threads);
 }
 
 std::shared_ptr<CacheSet> Engine::new_cache(int batch) const {
   auto c = std::make_shared<CacheSet>();
+  c->storage = forward_->kv();
   for (int i = 0; i < batch; ++i) c->rows.push_back(std::make_unique<SeqCache>(pool_));
   return c;
 }
@@ -72,7 +92,7 @@ void Engine::encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& id
     DG_REQUIRE(cache.rows[r]->length() + static_cast<long>(ids[r].size()) <= cfg_.max_position_embeddings,
                InvalidArgument, "row " << r << " would exceed max_position_embeddings " << cfg_.max_position_embeddings);
   std::lock_guard<std::recursive_mutex> lock(mu_);
-  backend_->encode(cache.ptrs(), ids);
+  forward_->encode(cache.ptrs(), ids);
 }
 
 void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, int n, const float* sc_logits,
@@ -93,7 +113,7 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
   if (sc_logits)
     for (size_t r = 0; r < rows.size(); ++r) sc.push_back(sc_logits + r * static_cast<size_t>(n) * cfg_.vocab_size);
   std::lock_guard<std::recursive_mutex> lock(mu_);
-  backend_->decode(rows, canvas.data(), n, sc, logits);
+  forward_->logits(rows, canvas.data(), n, sc, logits);
 }
 
 std::shared_ptr<RequestHandle> Engine::submit(std::shared_ptr<CacheSet> cache,

@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "model/config.h"
+#include "model/forward.h"
 #include "model/weights.h"
 #include "runtime/kv_cache.h"
 #include "runtime/scheduler.h"
@@ -23,10 +24,15 @@ struct EngineOptions {
   ModelWeights::Progress progress;
 };
 
-// A batch of per-row caches (what the Python API calls a KVCache / past_key_values).
+// A batch of per-row caches (what the Python API calls a KVCache / past_key_values): block ids in
+// the engine's pool, and the backend storage they point into.
 struct CacheSet {
   std::vector<std::unique_ptr<SeqCache>> rows;
+  std::shared_ptr<const KvStorage> storage;
   std::vector<SeqCache*> ptrs() const;
+  // K and V of one layer and row as float32 [tokens, kv_heads * head_dim] (copied out of the
+  // backend's storage): every cached token on full layers, the window on sliding layers.
+  void layer_kv(int layer, int row, std::vector<float>& k, std::vector<float>& v, int& tokens) const;
 };
 
 class Engine {
@@ -64,6 +70,7 @@ class Engine {
   GenerationDefaults gen_;
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Forward> forward_;
   std::shared_ptr<BlockPool> pool_;
   std::recursive_mutex mu_;  // one forward at a time per engine
   std::unique_ptr<Scheduler> scheduler_;  // last: stopped before what it uses goes

@@ -9,44 +9,19 @@ namespace dgemma {
 BlockPool::BlockPool(const ModelConfig& cfg, int block_size, int full_blocks, int sliding_blocks)
     : block_size_(block_size), window_(cfg.sliding_window) {
   DG_CHECK(block_size > 0, "block size");
-  groups_[0].num_blocks = full_blocks;
-  groups_[1].num_blocks = sliding_blocks;
+  groups_[kFull].num_blocks = full_blocks;
+  groups_[kSliding].num_blocks = sliding_blocks;
   layer_group_.resize(cfg.num_layers);
-  layer_slot_.resize(cfg.num_layers);
   for (int l = 0; l < cfg.num_layers; ++l) {
-    const LayerSpec& s = cfg.layers[l];
-    const int g = s.sliding ? 1 : 0;
-    Group& G = groups_[g];
+    const int g = cfg.layers[l].sliding ? kSliding : kFull;
     layer_group_[l] = g;
-    layer_slot_[l] = static_cast<int>(G.layers.size());
-    G.layers.push_back(l);
-    const size_t tf = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
-    G.token_floats.push_back(tf);
-    const size_t floats = tf * block_size * static_cast<size_t>(G.num_blocks);
-    G.k.emplace_back(floats);
-    G.v.emplace_back(floats);
+    groups_[g].layers.push_back(l);
   }
   for (Group& G : groups_) {
+    if (G.layers.empty()) G.num_blocks = 0;
     // Hand out low block ids first.
     for (int b = G.num_blocks - 1; b >= 0; --b) G.free_list.push_back(b);
-    if (G.layers.empty()) G.num_blocks = 0, G.free_list.clear();
   }
-}
-
-size_t BlockPool::token_floats(int layer) const {
-  return groups_[layer_group_[layer]].token_floats[layer_slot_[layer]];
-}
-
-float* BlockPool::k_at(int layer, int block, int offset) {
-  Group& G = groups_[layer_group_[layer]];
-  const size_t tf = G.token_floats[layer_slot_[layer]];
-  return G.k[layer_slot_[layer]].data() + (static_cast<size_t>(block) * block_size_ + offset) * tf;
-}
-
-float* BlockPool::v_at(int layer, int block, int offset) {
-  Group& G = groups_[layer_group_[layer]];
-  const size_t tf = G.token_floats[layer_slot_[layer]];
-  return G.v[layer_slot_[layer]].data() + (static_cast<size_t>(block) * block_size_ + offset) * tf;
 }
 
 bool BlockPool::allocate(int group, int count, std::vector<int>& out, int* budget) {
@@ -134,22 +109,25 @@ void SeqCache::clear() {
 
 int SeqCache::sliding_start() const { return std::max(0, length_ - (pool_->sliding_window() - 1)); }
 
-void SeqCache::spans(int layer, std::vector<Span>& out) const {
-  out.clear();
+void SeqCache::table(int group, BlockTable& out) const {
+  const bool sliding = group == BlockPool::kSliding;
+  out.first_pos = sliding ? sliding_first_ : 0;
+  out.start = sliding ? sliding_start() : 0;
+  out.length = length_;
+  out.blocks.clear();
+  if (sliding)
+    out.blocks.assign(sliding_.begin(), sliding_.end());
+  else
+    out.blocks.assign(full_.begin(), full_.end());
+}
+
+int32_t SeqCache::slot(int group, int pos) const {
   const int B = pool_->block_size();
-  BlockPool& pool = *pool_;
-  const bool sliding = pool.group_of(layer) == 1;
-  const int start = sliding ? sliding_start() : 0;
-  const int first = sliding ? sliding_first_ : 0;
-  auto block_at = [&](int idx) { return sliding ? sliding_[idx] : full_[idx]; };
-  for (int pos = start; pos < length_;) {
-    const int idx = (pos - first) / B;
-    const int off = (pos - first) % B;
-    const int n = std::min(B - off, length_ - pos);
-    const int blk = block_at(idx);
-    out.push_back({pool.k_at(layer, blk, off), pool.v_at(layer, blk, off), n, pos});
-    pos += n;
-  }
+  if (pos < 0 || pos >= length_) return -1;
+  if (group == BlockPool::kFull) return full_[pos / B] * B + pos % B;
+  if (pos < sliding_start()) return -1;
+  const int rel = pos - sliding_first_;
+  return sliding_[rel / B] * B + rel % B;
 }
 
 int SeqCache::full_blocks_needed(int new_length) const {
@@ -221,31 +199,18 @@ void SeqCache::prepare(int n) {
   drop_sliding_ = drop;
 }
 
-bool SeqCache::written(int layer, int pos) const {
-  if (pool_->group_of(layer) == 0) return true;
-  const int new_len = length_ + pending_n_;
-  return pos >= new_len - (pool_->sliding_window() - 1);
-}
-
-std::pair<int, int> SeqCache::write_slot(int layer, int pos) const {
+int32_t SeqCache::write_slot(int group, int pos) const {
   const int B = pool_->block_size();
-  if (pool_->group_of(layer) == 0) {
+  const int new_len = length_ + pending_n_;
+  DG_CHECK(pending_n_ > 0 && pos >= length_ && pos < new_len, "position " << pos << " is not pending");
+  if (group == BlockPool::kFull) {
     const int idx = pos / B;
     const int blk = idx < static_cast<int>(full_.size()) ? full_[idx] : new_full_[idx - full_.size()];
-    return {blk, pos % B};
+    return blk * B + pos % B;
   }
+  if (pos < new_len - (pool_->sliding_window() - 1)) return -1;
   const int rel = pos - next_sliding_first_;
-  return {next_sliding_[rel / B], rel % B};
-}
-
-float* SeqCache::write_k(int layer, int pos) {
-  const auto [blk, off] = write_slot(layer, pos);
-  return pool_->k_at(layer, blk, off);
-}
-
-float* SeqCache::write_v(int layer, int pos) {
-  const auto [blk, off] = write_slot(layer, pos);
-  return pool_->v_at(layer, blk, off);
+  return next_sliding_[rel / B] * B + rel % B;
 }
 
 void SeqCache::commit() {

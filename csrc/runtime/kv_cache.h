@@ -1,8 +1,10 @@
-// Block KV cache. Committed K/V live in fixed-size blocks taken from a pool that is allocated once.
-// Full-attention layers and sliding-window layers form two groups with their own pools: a row's
-// full-layer blocks cover every committed token, its sliding-layer blocks only the last
-// sliding_window - 1 tokens (what the reference's sliding cache keeps), and blocks that fall out of
-// the window go straight back to the pool.
+// Block KV cache accounting. Committed K/V live in fixed-size blocks of a pool whose storage the
+// backend owns (model/forward.h, KvStorage: per layer [num_blocks, block_size, kv_heads, head_dim]
+// in the backend's memory and dtype); this file only hands out block ids. Full-attention layers and
+// sliding-window layers form two groups with their own pools: a row's full-layer blocks cover every
+// committed token, its sliding-layer blocks only the last sliding_window - 1 tokens (what the
+// reference's sliding cache keeps), and blocks that fall out of the window go straight back to the
+// pool.
 #pragma once
 
 #include <atomic>
@@ -19,12 +21,10 @@ namespace dgemma {
 
 class BlockPool {
  public:
+  static constexpr int kFull = 0, kSliding = 1;
   struct Group {
     int num_blocks = 0;
-    std::vector<int> layers;        // model layers in this group
-    std::vector<size_t> token_floats;  // per group layer: kv_heads * head_dim
-    // Per group layer: K and V storage [num_blocks, block_size, kv_heads, head_dim].
-    std::vector<std::vector<float>> k, v;
+    std::vector<int> layers;  // model layers in this group
     std::vector<int> free_list;
     int reserved = 0;
   };
@@ -34,14 +34,8 @@ class BlockPool {
   int block_size() const { return block_size_; }
   int sliding_window() const { return window_; }
   int num_layers() const { return static_cast<int>(layer_group_.size()); }
-  // Which group a layer is in (0 full, 1 sliding) and its index inside the group.
+  // Which group a layer is in (kFull or kSliding).
   int group_of(int layer) const { return layer_group_[layer]; }
-  int slot_of(int layer) const { return layer_slot_[layer]; }
-
-  // Pointer to token `offset` (0..block_size) of `block` for `layer`.
-  float* k_at(int layer, int block, int offset);
-  float* v_at(int layer, int block, int offset);
-  size_t token_floats(int layer) const;
 
   // All-or-nothing allocation; returns false (and takes nothing) when too few blocks are free.
   // With a budget (a row's reservation, see reserve()), blocks come out of it first; only the rest
@@ -62,7 +56,7 @@ class BlockPool {
  private:
   int block_size_;
   int window_;
-  std::vector<int> layer_group_, layer_slot_;
+  std::vector<int> layer_group_;
   Group groups_[2];
   mutable std::mutex mu_;
 };
@@ -80,25 +74,27 @@ class SeqCache {
   int sliding_start() const;
   const BlockPool& pool() const { return *pool_; }
 
-  // A contiguous run of cached tokens inside one block: K/V pointers for a layer, token count, first position.
-  struct Span {
-    const float* k;
-    const float* v;
-    int count;
-    int pos;
+  // What a group's layers see of the cache: positions [start, length), position p in block
+  // blocks[(p - first_pos) / block_size] at offset (p - first_pos) % block_size. Full layers see
+  // [0, length), sliding layers [sliding_start, length).
+  struct BlockTable {
+    int first_pos = 0;
+    int start = 0;
+    int length = 0;
+    std::vector<int32_t> blocks;
   };
-  // Spans covering what `layer` sees of the cache: [0, length) on full layers,
-  // [sliding_start, length) on sliding layers.
-  void spans(int layer, std::vector<Span>& out) const;
+  void table(int group, BlockTable& out) const;
+  // Flat slot (block * block_size + offset) of committed position pos in a group, or -1 where the
+  // cache does not hold it.
+  int32_t slot(int group, int pos) const;
 
   // Appending n tokens happens in two phases around the encoder forward: prepare() takes the
   // blocks the new tokens need (throws ResourceError if the pool is short, changing nothing);
-  // the forward writes K/V through write_k/write_v while reading the old spans; commit() makes the
-  // new tokens visible and frees the sliding blocks that fell out of the window. abort() undoes prepare().
+  // the forward writes K/V to write_slot() while reading the old table; commit() makes the new
+  // tokens visible and frees the sliding blocks that fell out of the window. abort() undoes prepare().
   void prepare(int n);
-  bool written(int layer, int pos) const;  // does position pos get stored for this layer in the pending append
-  float* write_k(int layer, int pos);
-  float* write_v(int layer, int pos);
+  // Flat slot that pending position pos is written to in a group, or -1 where it is not kept.
+  int32_t write_slot(int group, int pos) const;
   void commit();
   void abort();
 
@@ -121,8 +117,6 @@ class SeqCache {
   bool claimed() const { return claimed_.load(); }
 
  private:
-  std::pair<int, int> write_slot(int layer, int pos) const;  // (block, offset) in the pending layout
-
   std::shared_ptr<BlockPool> pool_;
   int length_ = 0;
   std::vector<int> full_;    // covers [0, length)

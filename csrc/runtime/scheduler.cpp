@@ -33,44 +33,6 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// What sampling one canvas position yields.
-struct Sampled {
-  int32_t token;
-  int32_t argmax;
-  float entropy;
-};
-
-// raw: soft-capped logits; writes processed = raw / temperature (the next step's self-conditioning
-// input). Inverse-CDF sampling in float64 over float32 probabilities, entropy as
-// torch.distributions.Categorical computes it.
-Sampled sample_position(const float* raw, float* processed, int V, float temperature, double u,
-                        std::vector<float>& ex, std::vector<double>& cdf) {
-  float mx = -INFINITY;
-  int32_t am = 0;
-  for (int v = 0; v < V; ++v) {
-    const float p = raw[v] / temperature;
-    processed[v] = p;
-    if (p > mx) mx = p, am = v;
-  }
-  float* e = ex.data();
-  for (int v = 0; v < V; ++v) e[v] = std::exp(processed[v] - mx);
-  double sum = 0;
-  for (int v = 0; v < V; ++v) sum += e[v];
-  const float inv = 1.0f / static_cast<float>(sum);
-  const float lse = mx + std::log(static_cast<float>(sum));
-  double c = 0, ent = 0;
-  for (int v = 0; v < V; ++v) {
-    const float prob = e[v] * inv;
-    c += prob;
-    cdf[v] = c;
-    ent -= static_cast<double>(prob) * (processed[v] - lse);
-  }
-  const double target = u * cdf[V - 1];
-  int32_t tok = static_cast<int32_t>(std::upper_bound(cdf.begin(), cdf.begin() + V, target) - cdf.begin());
-  tok = std::min(tok, V - 1);
-  return {tok, am, static_cast<float>(ent)};
-}
-
 }  // namespace
 
 void SeededNoise::canvas(int canvas_index, int step, int batch, int length, int32_t* out) {
@@ -175,7 +137,8 @@ struct Scheduler::Job {
   std::vector<int32_t> canvas, argmax, fresh, sample, history;
   std::vector<double> uni;
   std::vector<float> entropy;
-  std::vector<float> sc;  // processed logits per row, kept across steps
+  float temperature = 1.0f;
+  std::vector<int> sc_slots;  // per row, its self-conditioning state in the forward (while admitted)
   GenerateResult res;
 
   Job(GenerateRequest r, const ModelConfig& cfg)
@@ -238,46 +201,49 @@ struct Scheduler::Job {
     phase = Phase::kDenoise;
   }
 
-  // The rows this step denoises.
+  // The rows this step denoises, with the step's temperature and uniforms (drawn before the forward,
+  // in the reference's order: this step's uniforms, then its renoising ids in end_step).
   void begin_step() {
     active.clear();
     for (int r = 0; r < B; ++r) {
       if (!finished_denoise[r] && !finished_seq[r]) passes[r]++, steps_now[r]++;
       if (!finished_denoise[r] && !(skip_finished && finished_seq[r])) active.push_back(r);
     }
-    if (!active.empty() && sc.empty()) sc.resize(static_cast<size_t>(B) * L * V);
-  }
-
-  // Sampling, acceptance and stopping for this step from the active rows' logits [A, L, V];
-  // commits the canvas when it is over. Returns the non-pad tokens committed.
-  long end_step(const float* logits) {
-    const SamplerParams& p = req.params;
-    const int A = static_cast<int>(active.size());
-    if (A > 0) res.decoder_forwards++;
     noise->uniform(c, step, B, L, uni.data());
     for (double u : uni)
       DG_REQUIRE(u >= 0.0 && u < 1.0, InvalidArgument, "noise source returned uniform " << u << " outside [0, 1)");
+    // Temperature in float32 as the reference's LinearTemperatureScheduleLogitsProcessor computes it.
+    const SamplerParams& p = req.params;
+    const float ratio = static_cast<float>(n) / static_cast<float>(N);
+    temperature = static_cast<float>(p.t_min) + static_cast<float>(p.t_max - p.t_min) * ratio;
+  }
+
+  // The decoder inputs of active row r.
+  StepRow step_row(int r) const {
+    StepRow s;
+    s.cache = req.caches[r];
+    s.canvas = canvas.data() + static_cast<size_t>(r) * L;
+    s.temperature = temperature;
+    s.uniform = uni.data() + static_cast<size_t>(r) * L;
+    s.sc_slot = sc_slots.at(r);
+    s.sc_valid = have_sc;
+    s.keep_sc = n > 1;  // the last possible step of a canvas: no later step reads the state
+    return s;
+  }
+
+  // Acceptance and stopping for this step from what the active rows sampled ([A, L] each); commits
+  // the canvas when it is over. Returns the non-pad tokens committed.
+  long end_step(const int32_t* tok, const int32_t* am, const float* ent) {
+    const SamplerParams& p = req.params;
+    const int A = static_cast<int>(active.size());
+    if (A > 0) res.decoder_forwards++;
     noise->canvas(c, step, B, L, fresh.data());
     check_ids(fresh);
-
-    // Temperature in float32 as the reference's LinearTemperatureScheduleLogitsProcessor computes it.
-    const float ratio = static_cast<float>(n) / static_cast<float>(N);
-    const float temperature = static_cast<float>(p.t_min) + static_cast<float>(p.t_max - p.t_min) * ratio;
-    const long positions = static_cast<long>(A) * L;
-#pragma omp parallel if (positions > 1)
-    {
-      std::vector<double> cdf(V);
-      std::vector<float> ex(V);
-#pragma omp for schedule(static)
-      for (long i = 0; i < positions; ++i) {
-        const int a = static_cast<int>(i / L), j = static_cast<int>(i % L), r = active[a];
-        const size_t rj = static_cast<size_t>(r) * L + j;
-        const Sampled s = sample_position(logits + static_cast<size_t>(i) * V, sc.data() + rj * V, V, temperature,
-                                          uni[rj], ex, cdf);
-        sample[rj] = s.token;
-        argmax[rj] = s.argmax;
-        entropy[rj] = s.entropy;
-      }
+    for (int a = 0; a < A; ++a) {
+      const size_t src = static_cast<size_t>(a) * L, dst = static_cast<size_t>(active[a]) * L;
+      std::copy_n(tok + src, L, sample.begin() + dst);
+      std::copy_n(am + src, L, argmax.begin() + dst);
+      std::copy_n(ent + src, L, entropy.begin() + dst);
     }
     for (int r : active) {
       const size_t base = static_cast<size_t>(r) * L;
@@ -372,7 +338,9 @@ struct Scheduler::Job {
     res.total_s = seconds_since(t_submit);
   }
 
-  void release() {
+  void release(Forward& forward) {
+    for (int slot : sc_slots) forward.release_sc(slot);
+    sc_slots.clear();
     for (SeqCache* c : req.caches) {
       c->release_reservation();
       if (!req.keep_cache) c->clear();
@@ -384,11 +352,12 @@ struct Scheduler::Job {
 // ---------------------------------------------------------------------------------------------
 // The scheduler
 
-Scheduler::Scheduler(Backend& backend, const ModelConfig& cfg, std::shared_ptr<BlockPool> pool,
+Scheduler::Scheduler(Forward& forward, const ModelConfig& cfg, std::shared_ptr<BlockPool> pool,
                      std::recursive_mutex& forward_mu, int max_rows, int num_threads)
-    : backend_(backend), cfg_(cfg), pool_(std::move(pool)), forward_mu_(forward_mu), max_rows_(max_rows),
+    : forward_(forward), cfg_(cfg), pool_(std::move(pool)), forward_mu_(forward_mu), max_rows_(max_rows),
       num_threads_(num_threads) {
   DG_REQUIRE(max_rows > 0, InvalidArgument, "max_batch_size must be positive");
+  DG_CHECK(forward.sc_slots() >= max_rows, "fewer self-conditioning slots than rows");
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -446,7 +415,7 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) {
-      job->release();
+      job->release(forward_);
       DG_THROW(Cancelled, "the engine is shutting down");
     }
     handle->id_ = next_id_++;
@@ -463,7 +432,7 @@ SchedulerStats Scheduler::stats() const {
 }
 
 void Scheduler::finish(Job& job, std::exception_ptr error) {
-  job.release();
+  job.release(forward_);
   job.finalize();
   job.phase = Job::Phase::kDone;
   RequestHandle::Status st = RequestHandle::Status::kDone;
@@ -544,6 +513,8 @@ void Scheduler::admit() {
         c.add_reservation(pool_->total_blocks(0) ? c.full_blocks_needed(static_cast<int>(final_len)) : 0,
                           pool_->total_blocks(1) ? std::max(0, c.sliding_blocks_peak() - c.sliding_blocks_held()) : 0);
       }
+      // Rows take their self-conditioning slots (the row bound above guarantees there are enough).
+      for (int r = 0; r < j.B; ++r) j.sc_slots.push_back(forward_.acquire_sc());
       j.t_admit = Clock::now();
       j.res.queue_s = seconds_since(j.t_submit);
       {
@@ -586,7 +557,7 @@ void Scheduler::run_encodes() {
   if (!rows.empty()) {
     try {
       std::lock_guard<std::recursive_mutex> lock(forward_mu_);
-      backend_.encode(rows, toks);
+      forward_.encode(rows, toks);
     } catch (...) {
       for (Job* j : jobs) finish(*j, std::current_exception());
       return;
@@ -611,31 +582,30 @@ void Scheduler::run_encodes() {
 
 void Scheduler::run_step() {
   std::vector<Job*> jobs;
-  std::vector<const SeqCache*> rows;
-  std::vector<int32_t> canvas;
-  std::vector<const float*> sc;
+  std::vector<StepRow> rows;
   std::vector<size_t> offset;
-  const int L = cfg_.canvas_length, V = cfg_.vocab_size;
+  const int L = cfg_.canvas_length;
   for (auto& j : running_) {
     if (j->phase != Job::Phase::kDenoise) continue;
-    j->begin_step();
+    try {
+      j->begin_step();
+    } catch (...) {
+      finish(*j, std::current_exception());
+      continue;
+    }
     jobs.push_back(j.get());
     offset.push_back(rows.size());
-    for (int r : j->active) {
-      rows.push_back(j->req.caches[r]);
-      canvas.insert(canvas.end(), j->canvas.begin() + static_cast<size_t>(r) * L,
-                    j->canvas.begin() + static_cast<size_t>(r + 1) * L);
-      sc.push_back(j->have_sc ? j->sc.data() + static_cast<size_t>(r) * L * V : nullptr);
-    }
+    for (int r : j->active) rows.push_back(j->step_row(r));
   }
   if (jobs.empty()) return;
   const auto t0 = Clock::now();
-  std::vector<float> logits(rows.size() * static_cast<size_t>(L) * V);
+  const size_t P = rows.size() * static_cast<size_t>(L);
+  std::vector<int32_t> token(P), argmax(P);
+  std::vector<float> entropy(P);
   if (!rows.empty()) {
-    if (std::none_of(sc.begin(), sc.end(), [](const float* p) { return p != nullptr; })) sc.clear();
     try {
       std::lock_guard<std::recursive_mutex> lock(forward_mu_);
-      backend_.decode(rows, canvas.data(), L, sc, logits.data());
+      forward_.step(rows, L, StepOutput{token.data(), argmax.data(), entropy.data()});
     } catch (...) {
       for (Job* j : jobs) finish(*j, std::current_exception());
       return;
@@ -651,8 +621,9 @@ void Scheduler::run_step() {
     Job& j = *jobs[i];
     const auto t1 = Clock::now();
     long committed = 0;
+    const size_t at = offset[i] * L;
     try {
-      committed = j.end_step(logits.data() + offset[i] * L * V);
+      committed = j.end_step(token.data() + at, argmax.data() + at, entropy.data() + at);
     } catch (...) {
       finish(j, std::current_exception());
       continue;

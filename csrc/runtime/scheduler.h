@@ -19,8 +19,8 @@
 #include <thread>
 #include <vector>
 
-#include "backend/backend.h"
 #include "model/config.h"
+#include "model/forward.h"
 #include "runtime/kv_cache.h"
 
 namespace dgemma {
@@ -138,10 +138,11 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  // forward_mu is held around every backend forward (the engine's direct encode/decode take it too).
-  // max_rows bounds the rows denoised together; num_threads sets the scheduler thread's OpenMP
-  // threads (0: the process default).
-  Scheduler(Backend& backend, const ModelConfig& cfg, std::shared_ptr<BlockPool> pool, std::recursive_mutex& forward_mu,
+  // forward_mu is held around every forward pass (the engine's direct encode/decode take it too).
+  // max_rows bounds the rows denoised together (each holds one of the forward's self-conditioning
+  // slots while admitted); num_threads sets the scheduler thread's OpenMP threads (0: the process
+  // default).
+  Scheduler(Forward& forward, const ModelConfig& cfg, std::shared_ptr<BlockPool> pool, std::recursive_mutex& forward_mu,
             int max_rows, int num_threads);
   ~Scheduler();  // fails what is still queued or running with Cancelled and joins the thread
   Scheduler(const Scheduler&) = delete;
@@ -165,7 +166,7 @@ class Scheduler {
   void run_step();
   void finish(Job& job, std::exception_ptr error);
 
-  Backend& backend_;
+  Forward& forward_;
   const ModelConfig& cfg_;
   std::shared_ptr<BlockPool> pool_;
   std::recursive_mutex& forward_mu_;

@@ -2,8 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <numeric>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "backend/cpu/ops.h"
 #include "common/check.h"
@@ -12,44 +18,71 @@ namespace dgemma {
 
 using namespace cpu;
 
-// The rows of one forward pass, their tokens laid out back to back in [T, ...] buffers.
-struct CpuBackend::Rows {
-  std::vector<int> tok0;       // first token of each row in the concatenated buffers
-  std::vector<int> count;      // tokens per row
-  std::vector<int> pos0;       // position of each row's first token (its cache length)
-  std::vector<const SeqCache*> read;  // caches read by attention
-  std::vector<SeqCache*> write;       // encoder only: caches written
-  std::vector<int32_t> positions;     // [T]
-  int T = 0;
-};
-
-CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w) : cfg_(cfg), w_(w) {
-  for (const auto& l : cfg.layers)
-    DG_REQUIRE(l.head_dim <= 2048, CheckpointError, "head_dim " << l.head_dim << " is larger than supported (2048)");
-}
-
 namespace {
 
-// One attention head-group over a row: queries q [n, heads, hd] against the cache spans plus
-// the row's own new keys (kn/vn [n, kv, hd]). Encoder mode masks causally and by window.
-struct AttnArgs {
+int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+int thread_count() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Host memory, 64-byte aligned, not zero-filled (untouched pages cost no resident memory).
+class HostBuffer final : public Buffer {
+ public:
+  HostBuffer(void* p, size_t bytes) : Buffer(p, bytes) {}
+  ~HostBuffer() override { std::free(data()); }
+  void read(size_t offset, size_t n, void* dst) const override {
+    check_range(offset, n);
+    std::memcpy(dst, static_cast<const char*>(data()) + offset, n);
+  }
+  void write(size_t offset, size_t n, const void* src) override {
+    check_range(offset, n);
+    std::memcpy(static_cast<char*>(data()) + offset, src, n);
+  }
+};
+
+void check_f32(const Tensor& t, const char* op, const char* what) {
+  DG_CHECK(t.dtype == ScalarType::kF32 && t.contiguous(),
+           op << ": " << what << " must be contiguous f32 (got " << scalar_name(t.dtype) << ")");
+}
+
+void check_i32(const Tensor& t, const char* op, const char* what) {
+  DG_CHECK(t.dtype == ScalarType::kI32 && t.contiguous(),
+           op << ": " << what << " must be contiguous i32 (got " << scalar_name(t.dtype) << ")");
+}
+
+// One row's attention on one layer: queries q [n, heads, hd] against its cached keys (kp/vp: one
+// pointer per cached position, positions cache_start ...) and its own new keys kn/vn [n, kv, hd].
+struct AttnRow {
   const float* q;
   const float* kn;
   const float* vn;
   float* out;  // [n, heads, hd]
   int n;
   int heads, kv_heads, hd;
-  int pos0;
+  int pos0;         // position of the first new token
+  int cache_start;  // position of the first cached key
   bool causal;
   int window;  // 0 = none
-  const std::vector<SeqCache::Span>* spans;
+  float scale;
+  const std::vector<const float*>* kp;
+  const std::vector<const float*>* vp;
 };
 
-void attend_row(const AttnArgs& a) {
+void attend_row(const AttnRow& a) {
   const int group = a.heads / a.kv_heads;
   const size_t kstride = static_cast<size_t>(a.kv_heads) * a.hd;
-  int cached = 0;
-  for (const auto& s : *a.spans) cached += s.count;
+  const int cached = static_cast<int>(a.kp->size());
   const long work = static_cast<long>(a.n) * a.heads;
 #pragma omp parallel
   {
@@ -58,7 +91,7 @@ void attend_row(const AttnArgs& a) {
 #pragma omp for schedule(static)
     for (long w = 0; w < work; ++w) {
       const int i = static_cast<int>(w / a.heads), h = static_cast<int>(w % a.heads);
-      const int g = h / group;
+      const size_t g = static_cast<size_t>(h / group);
       const int qpos = a.pos0 + i;
       const float* qv = a.q + (static_cast<size_t>(i) * a.heads + h) * a.hd;
       auto visible = [&](int kpos) {
@@ -66,31 +99,24 @@ void attend_row(const AttnArgs& a) {
         if (kpos > qpos) return false;
         return a.window <= 0 || kpos > qpos - a.window;
       };
-      // Scores, in key-position order: cache spans first, then the new tokens.
-      int m = 0;
+      auto score = [&](const float* kv) {
+        float sc = 0;
+        for (int d = 0; d < a.hd; ++d) sc += qv[d] * kv[d];
+        return a.scale == 1.0f ? sc : sc * a.scale;
+      };
+      // Scores, in key-position order: the cached keys first, then the new tokens.
       float mx = -INFINITY;
-      for (const auto& s : *a.spans) {
-        for (int j = 0; j < s.count; ++j) {
-          float sc = -INFINITY;
-          if (visible(s.pos + j)) {
-            const float* kv = s.k + j * kstride + static_cast<size_t>(g) * a.hd;
-            sc = 0;
-            for (int d = 0; d < a.hd; ++d) sc += qv[d] * kv[d];
-          }
-          scores[m++] = sc;
-          mx = std::max(mx, sc);
-        }
-      }
-      for (int j = 0; j < a.n; ++j) {
-        float sc = -INFINITY;
-        if (visible(a.pos0 + j)) {
-          const float* kv = a.kn + j * kstride + static_cast<size_t>(g) * a.hd;
-          sc = 0;
-          for (int d = 0; d < a.hd; ++d) sc += qv[d] * kv[d];
-        }
-        scores[m++] = sc;
+      for (int j = 0; j < cached; ++j) {
+        const float sc = visible(a.cache_start + j) ? score((*a.kp)[j] + g * a.hd) : -INFINITY;
+        scores[j] = sc;
         mx = std::max(mx, sc);
       }
+      for (int j = 0; j < a.n; ++j) {
+        const float sc = visible(a.pos0 + j) ? score(a.kn + j * kstride + g * a.hd) : -INFINITY;
+        scores[cached + j] = sc;
+        mx = std::max(mx, sc);
+      }
+      const int m = cached + a.n;
       double sum = 0;
       for (int j = 0; j < m; ++j) {
         scores[j] = scores[j] == -INFINITY ? 0.0f : std::exp(scores[j] - mx);
@@ -98,19 +124,10 @@ void attend_row(const AttnArgs& a) {
       }
       const float inv = 1.0f / static_cast<float>(sum);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      m = 0;
-      for (const auto& s : *a.spans) {
-        for (int j = 0; j < s.count; ++j, ++m) {
-          const float p = scores[m] * inv;
-          if (p == 0.0f) continue;
-          const float* vv = s.v + j * kstride + static_cast<size_t>(g) * a.hd;
-          for (int d = 0; d < a.hd; ++d) acc[d] += p * vv[d];
-        }
-      }
-      for (int j = 0; j < a.n; ++j, ++m) {
-        const float p = scores[m] * inv;
+      for (int j = 0; j < m; ++j) {
+        const float p = scores[j] * inv;
         if (p == 0.0f) continue;
-        const float* vv = a.vn + j * kstride + static_cast<size_t>(g) * a.hd;
+        const float* vv = (j < cached ? (*a.vp)[j] : a.vn + (j - cached) * kstride) + g * a.hd;
         for (int d = 0; d < a.hd; ++d) acc[d] += p * vv[d];
       }
       std::copy(acc.begin(), acc.end(), a.out + (static_cast<size_t>(i) * a.heads + h) * a.hd);
@@ -120,17 +137,217 @@ void attend_row(const AttnArgs& a) {
 
 }  // namespace
 
-void CpuBackend::moe(const LayerWeights& L, const float* x, float* out, int T) {
-  const int H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.top_k_experts, Im = cfg_.moe_intermediate_size;
-  // Router on the raw residual: RMSNorm without scale, * scale * H^-0.5, softmax, top-k, renormalise.
+CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w) : cfg_(cfg), w_(w) {
+  for (const auto& l : cfg.layers)
+    DG_REQUIRE(l.head_dim <= 2048, CheckpointError, "head_dim " << l.head_dim << " is larger than supported (2048)");
+}
+
+// ---- memory
+
+std::shared_ptr<Buffer> CpuBackend::allocate(size_t bytes, const char* what) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  DG_REQUIRE(p, ResourceError, "out of host memory: " << bytes << " bytes for the " << what);
+  return std::make_shared<HostBuffer>(p, bytes);
+}
+
+void CpuBackend::upload(const Tensor& dst, const void* src) {
+  DG_CHECK(dst.contiguous(), "upload to a strided tensor");
+  if (dst.bytes()) std::memcpy(dst.data, src, dst.bytes());
+}
+
+void CpuBackend::download(void* dst, const Tensor& src) {
+  DG_CHECK(src.contiguous(), "download of a strided tensor");
+  if (src.bytes()) std::memcpy(dst, src.data, src.bytes());
+}
+
+// ---- weights
+
+const float* CpuBackend::norm_weight(WeightRef w) const {
+  const LayerWeights* L = w.layer >= 0 ? &w_.layers.at(w.layer) : nullptr;
+  switch (w.id) {
+    case W::kNone: return nullptr;
+    case W::kFinalNorm: return w_.final_norm;
+    case W::kScPreNorm: return w_.sc_pre_norm;
+    case W::kInputNorm: return L->input_layernorm;
+    case W::kPostAttnNorm: return L->post_attention_layernorm;
+    case W::kPreFfnNorm: return L->pre_feedforward_layernorm;
+    case W::kPreFfnNorm2: return L->pre_feedforward_layernorm_2;
+    case W::kQNorm: return L->q_norm;
+    case W::kKNorm: return L->k_norm;
+    default: break;
+  }
+  DG_THROW(Error, "weight " << static_cast<int>(w.id) << " is not a norm");
+}
+
+const float* CpuBackend::matrix(WeightRef w) const {
+  const LayerWeights& L = w_.layers.at(w.layer);
+  switch (w.id) {
+    case W::kQProj: return L.q_proj;
+    case W::kKProj: return L.k_proj;
+    case W::kVProj:
+      DG_CHECK(L.v_proj, "layer " << w.layer << " has no v_proj");
+      return L.v_proj;
+    case W::kOProj: return L.o_proj;
+    default: break;
+  }
+  DG_THROW(Error, "weight " << static_cast<int>(w.id) << " is not a projection");
+}
+
+// ---- ops
+
+void CpuBackend::embed(const Tensor& ids, const Tensor& out) {
+  check_i32(ids, "embed", "ids");
+  check_f32(out, "embed", "out");
+  const int H = cfg_.hidden_size;
+  const int64_t T = ids.numel();
+  DG_CHECK(out.rows() == T && out.cols() == H, "embed: out shape");
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  const int32_t* id = ids.ptr<int32_t>();
+  float* x = out.ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* e = w_.embed_tokens + static_cast<size_t>(id[t]) * H;
+    for (int c = 0; c < H; ++c) x[t * H + c] = e[c] * scale;
+  }
+}
+
+void CpuBackend::rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float eps) {
+  check_f32(x, "rmsnorm", "x");
+  check_f32(out, "rmsnorm", "out");
+  DG_CHECK(x.numel() == out.numel() && x.cols() == out.cols(), "rmsnorm: shapes");
+  cpu::rmsnorm(x.ptr<float>(), norm_weight(w), out.ptr<float>(), static_cast<size_t>(x.rows()),
+               static_cast<int>(x.cols()), eps);
+}
+
+void CpuBackend::linear(WeightRef w, const Tensor& x, const Tensor& y) {
+  check_f32(x, "linear", "x");
+  check_f32(y, "linear", "y");
+  DG_CHECK(x.rows() == y.rows(), "linear: " << x.rows() << " vs " << y.rows() << " rows");
+  cpu::linear(x.ptr<float>(), matrix(w), y.ptr<float>(), static_cast<int>(x.rows()), static_cast<int>(y.cols()),
+              static_cast<int>(x.cols()));
+}
+
+void CpuBackend::copy(const Tensor& src, const Tensor& dst) {
+  DG_CHECK(src.dtype == dst.dtype && src.numel() == dst.numel() && src.contiguous() && dst.contiguous(),
+           "copy: tensors differ");
+  if (src.bytes()) std::memmove(dst.data, src.data, src.bytes());
+}
+
+void CpuBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
+                                float eps) {
+  check_f32(x, "head_norm_rope", "x");
+  DG_CHECK(x.ndim == 3, "head_norm_rope: x must be [tokens, heads, head_dim]");
+  const int T = static_cast<int>(x.dim(0)), heads = static_cast<int>(x.dim(1)), hd = static_cast<int>(x.dim(2));
+  cpu::rmsnorm(x.ptr<float>(), norm_weight(w), x.ptr<float>(), static_cast<size_t>(T) * heads, hd, eps);
+  if (positions.empty()) return;
+  check_i32(positions, "head_norm_rope", "positions");
+  check_f32(inv_freq, "head_norm_rope", "inv_freq");
+  DG_CHECK(positions.numel() == T && inv_freq.numel() == hd / 2, "head_norm_rope: positions / inv_freq shapes");
+  cpu::rope(x.ptr<float>(), T, heads, hd, positions.ptr<int32_t>(), inv_freq.ptr<float>());
+}
+
+void CpuBackend::kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
+                          const Tensor& v_cache) {
+  check_f32(k, "kv_write", "k");
+  check_f32(v, "kv_write", "v");
+  check_i32(slot, "kv_write", "slot");
+  check_f32(k_cache, "kv_write", "k_cache");
+  check_f32(v_cache, "kv_write", "v_cache");
+  const int64_t T = k.dim(0);
+  const size_t tf = static_cast<size_t>(k.numel() / std::max<int64_t>(T, 1));
+  const int64_t slots = k_cache.dim(0) * k_cache.dim(1);
+  DG_CHECK(slot.numel() == T && k_cache.numel() == slots * static_cast<int64_t>(tf), "kv_write: shapes");
+  const int32_t* s = slot.ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    if (s[t] < 0) continue;
+    DG_CHECK(s[t] < slots, "kv_write: slot " << s[t] << " of " << slots);
+    std::memcpy(k_cache.ptr<float>() + s[t] * tf, k.ptr<float>() + t * tf, tf * sizeof(float));
+    std::memcpy(v_cache.ptr<float>() + s[t] * tf, v.ptr<float>() + t * tf, tf * sizeof(float));
+  }
+}
+
+void CpuBackend::attention(const AttentionArgs& a) {
+  for (const Tensor* t : {&a.q, &a.k_new, &a.v_new, &a.out, &a.k_cache, &a.v_cache}) check_f32(*t, "attention", "q/k/v/out/cache");
+  for (const Tensor* t : {&a.block_table, &a.cache_first_pos, &a.cache_start, &a.cache_len, &a.tok0, &a.count})
+    check_i32(*t, "attention", "row tables");
+  const int nh = static_cast<int>(a.q.dim(1)), hd = static_cast<int>(a.q.dim(2)), kvh = static_cast<int>(a.k_new.dim(1));
+  DG_CHECK(a.k_new.dim(2) == hd && nh % kvh == 0 && a.k_cache.dim(2) == kvh && a.k_cache.dim(3) == hd,
+           "attention: head shapes");
+  const int R = static_cast<int>(a.tok0.numel()), B = static_cast<int>(a.k_cache.dim(1));
+  const int maxb = static_cast<int>(a.block_table.dim(1));
+  const size_t qw = static_cast<size_t>(nh) * hd, kw = static_cast<size_t>(kvh) * hd;
+  const int32_t* table = a.block_table.ptr<int32_t>();
+  std::vector<const float*> kp, vp;
+  for (int r = 0; r < R; ++r) {
+    const int first = a.cache_first_pos.ptr<int32_t>()[r], start = a.cache_start.ptr<int32_t>()[r];
+    const int len = a.cache_len.ptr<int32_t>()[r];
+    const size_t t0 = static_cast<size_t>(a.tok0.ptr<int32_t>()[r]);
+    kp.clear();
+    vp.clear();
+    for (int pos = start; pos < len; ++pos) {
+      const int rel = pos - first;
+      DG_CHECK(rel >= 0 && rel / B < maxb, "attention: position " << pos << " outside row " << r << "'s block table");
+      const size_t slot = static_cast<size_t>(table[static_cast<size_t>(r) * maxb + rel / B]) * B + rel % B;
+      kp.push_back(a.k_cache.ptr<float>() + slot * kw);
+      vp.push_back(a.v_cache.ptr<float>() + slot * kw);
+    }
+    AttnRow row{a.q.ptr<float>() + t0 * qw, a.k_new.ptr<float>() + t0 * kw, a.v_new.ptr<float>() + t0 * kw,
+                a.out.ptr<float>() + t0 * qw, a.count.ptr<int32_t>()[r], nh, kvh, hd, len, start, a.causal,
+                a.window, a.scale, &kp, &vp};
+    attend_row(row);
+  }
+}
+
+void CpuBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) {
+  check_f32(x, "residual_norm_add", "x");
+  check_f32(h, "residual_norm_add", "h");
+  DG_CHECK(x.numel() == h.numel(), "residual_norm_add: shapes");
+  float* xp = x.ptr<float>();
+  float* hp = h.ptr<float>();
+  cpu::rmsnorm(hp, norm_weight(w), hp, static_cast<size_t>(h.rows()), static_cast<int>(h.cols()), eps);
+  const size_t n = static_cast<size_t>(x.numel());
+  for (size_t i = 0; i < n; ++i) xp[i] += hp[i];
+}
+
+void CpuBackend::mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch) {
+  check_f32(x, "mlp", "x");
+  check_f32(out, "mlp", "out");
+  check_f32(scratch, "mlp", "scratch");
+  const float *gate_w, *up_w, *down_w;
+  if (mlp.id == W::kScMlp) {
+    gate_w = w_.sc_gate, up_w = w_.sc_up, down_w = w_.sc_down;
+  } else {
+    DG_CHECK(mlp.id == W::kMlp, "mlp: weight " << static_cast<int>(mlp.id));
+    const LayerWeights& L = w_.layers.at(mlp.layer);
+    gate_w = L.mlp_gate, up_w = L.mlp_up, down_w = L.mlp_down;
+  }
+  const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, I = cfg_.intermediate_size;
+  DG_CHECK(x.cols() == H && out.rows() == T && out.cols() == H && scratch.numel() >= 2L * T * I, "mlp: shapes");
+  float* gate = scratch.ptr<float>();
+  float* up = gate + static_cast<size_t>(T) * I;
+  cpu::linear(x.ptr<float>(), gate_w, gate, T, I, H);
+  cpu::linear(x.ptr<float>(), up_w, up, T, I, H);
+  gelu_mul(gate, up, gate, static_cast<size_t>(T) * I);
+  cpu::linear(gate, down_w, out.ptr<float>(), T, H, I);
+}
+
+void CpuBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) {
+  check_f32(x, "moe_router", "x");
+  check_i32(topk_idx, "moe_router", "topk_idx");
+  check_f32(topk_w, "moe_router", "topk_w");
+  const LayerWeights& L = w_.layers.at(layer);
+  const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.top_k_experts;
+  DG_CHECK(x.cols() == H && topk_idx.numel() == static_cast<int64_t>(T) * K && topk_w.numel() == topk_idx.numel(),
+           "moe_router: shapes");
+  // RMSNorm without scale, * scale * H^-0.5, softmax, top-k, renormalise.
   std::vector<float> rx(static_cast<size_t>(T) * H);
-  rmsnorm(x, nullptr, rx.data(), T, H, static_cast<float>(cfg_.rms_norm_eps));
+  cpu::rmsnorm(x.ptr<float>(), nullptr, rx.data(), T, H, eps);
   const float root = static_cast<float>(std::pow(static_cast<double>(H), -0.5));
   for (size_t i = 0; i < rx.size(); ++i) rx[i] = (rx[i] * L.router_scale[i % H]) * root;
   std::vector<float> probs(static_cast<size_t>(T) * E);
-  linear(rx.data(), L.router_proj, probs.data(), T, E, H);
-  std::vector<int> top_idx(static_cast<size_t>(T) * K);
-  std::vector<float> top_w(static_cast<size_t>(T) * K);
+  cpu::linear(rx.data(), L.router_proj, probs.data(), T, E, H);
+  int32_t* idx = topk_idx.ptr<int32_t>();
+  float* wt = topk_w.ptr<float>();
   std::vector<int> order(E);
   for (int t = 0; t < T; ++t) {
     float* p = probs.data() + static_cast<size_t>(t) * E;
@@ -141,16 +358,33 @@ void CpuBackend::moe(const LayerWeights& L, const float* x, float* out, int T) {
     float s = 0;
     for (int k = 0; k < K; ++k) s += p[order[k]];
     for (int k = 0; k < K; ++k) {
-      top_idx[t * K + k] = order[k];
-      top_w[t * K + k] = (p[order[k]] / s) * L.per_expert_scale[order[k]];
+      idx[t * K + k] = order[k];
+      wt[t * K + k] = (p[order[k]] / s) * L.per_expert_scale[order[k]];
     }
   }
-  // Experts on pre_feedforward_layernorm_2(x): gather each expert's tokens, gate_up, GELU gate, down.
-  std::vector<float> xe(static_cast<size_t>(T) * H);
-  rmsnorm(x, L.pre_feedforward_layernorm_2, xe.data(), T, H, static_cast<float>(cfg_.rms_norm_eps));
+}
+
+size_t CpuBackend::moe_workspace_bytes(int tokens) const {
+  // slot_out: every (token, slot)'s weighted expert output, f32 [T * k, H]
+  return static_cast<size_t>(tokens) * cfg_.top_k_experts * cfg_.hidden_size * sizeof(float);
+}
+
+void CpuBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
+                             const Tensor& out, const Tensor& workspace) {
+  check_f32(x, "moe_experts", "x");
+  check_f32(out, "moe_experts", "out");
+  const LayerWeights& L = w_.layers.at(layer);
+  const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.top_k_experts;
+  const int Im = cfg_.moe_intermediate_size;
+  DG_CHECK(x.cols() == H && out.numel() == x.numel() && workspace.bytes() >= moe_workspace_bytes(T),
+           "moe_experts: shapes");
+  const int32_t* top_idx = topk_idx.ptr<int32_t>();
+  const float* top_w = topk_w.ptr<float>();
+  const float* xe = x.ptr<float>();
+  // Gather each expert's tokens, gate_up, GELU gate, down.
   std::vector<std::vector<int>> slots(E);  // (token * K + k) per expert, in token order
   for (int i = 0; i < T * K; ++i) slots[top_idx[i]].push_back(i);
-  std::vector<float> slot_out(static_cast<size_t>(T) * K * H);
+  float* slot_out = static_cast<float*>(workspace.data);
 #pragma omp parallel
   {
     std::vector<float> xg, gu, act, dn;
@@ -164,7 +398,7 @@ void CpuBackend::moe(const LayerWeights& L, const float* x, float* out, int T) {
       act.resize(static_cast<size_t>(n) * Im);
       dn.resize(static_cast<size_t>(n) * H);
       for (int j = 0; j < n; ++j)
-        std::memcpy(&xg[static_cast<size_t>(j) * H], xe.data() + static_cast<size_t>(sl[j] / K) * H, H * sizeof(float));
+        std::memcpy(&xg[static_cast<size_t>(j) * H], xe + static_cast<size_t>(sl[j] / K) * H, H * sizeof(float));
       linear_serial(xg.data(), L.experts_gate_up + static_cast<size_t>(e) * 2 * Im * H, gu.data(), n, 2 * Im, H);
       for (int j = 0; j < n; ++j)
         for (int c = 0; c < Im; ++c)
@@ -173,198 +407,163 @@ void CpuBackend::moe(const LayerWeights& L, const float* x, float* out, int T) {
       linear_serial(act.data(), L.experts_down + static_cast<size_t>(e) * H * Im, dn.data(), n, H, Im);
       for (int j = 0; j < n; ++j) {
         const float wgt = top_w[sl[j]];
-        float* dst = slot_out.data() + static_cast<size_t>(sl[j]) * H;
+        float* dst = slot_out + static_cast<size_t>(sl[j]) * H;
         for (int c = 0; c < H; ++c) dst[c] = dn[static_cast<size_t>(j) * H + c] * wgt;
       }
     }
   }
+  float* o = out.ptr<float>();
+  std::vector<int> ks(K);
   for (int t = 0; t < T; ++t) {
-    float* o = out + static_cast<size_t>(t) * H;
-    std::fill(o, o + H, 0.0f);
+    float* ot = o + static_cast<size_t>(t) * H;
+    std::fill(ot, ot + H, 0.0f);
     // Sum in ascending expert order, as the reference's per-expert index_add does.
-    std::vector<int> ks(K);
     std::iota(ks.begin(), ks.end(), 0);
     std::sort(ks.begin(), ks.end(), [&](int a, int b) { return top_idx[t * K + a] < top_idx[t * K + b]; });
     for (int k : ks) {
-      const float* src = slot_out.data() + (static_cast<size_t>(t) * K + k) * H;
-      for (int c = 0; c < H; ++c) o[c] += src[c];
+      const float* src = slot_out + (static_cast<size_t>(t) * K + k) * H;
+      for (int c = 0; c < H; ++c) ot[c] += src[c];
     }
   }
 }
 
-void CpuBackend::layers(float* x, const Rows& rows, bool encoder) {
-  const int T = rows.T, H = cfg_.hidden_size, nh = cfg_.num_heads, I = cfg_.intermediate_size;
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  const int R = static_cast<int>(rows.count.size());
-  std::vector<float> h(static_cast<size_t>(T) * H), h1(static_cast<size_t>(T) * H), h2(static_cast<size_t>(T) * H);
-  std::vector<float> gate(static_cast<size_t>(T) * I), up(static_cast<size_t>(T) * I);
-  std::vector<SeqCache::Span> spans;
+void CpuBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                             float eps) {
+  check_f32(x, "ffn_combine", "x");
+  check_f32(dense, "ffn_combine", "dense");
+  check_f32(moe, "ffn_combine", "moe");
+  const LayerWeights& L = w_.layers.at(layer);
+  const size_t T = static_cast<size_t>(x.rows()), H = static_cast<size_t>(x.cols());
+  DG_CHECK(dense.numel() == x.numel() && moe.numel() == x.numel(), "ffn_combine: shapes");
+  float* xp = x.ptr<float>();
+  float* h1 = dense.ptr<float>();
+  float* h2 = moe.ptr<float>();
+  cpu::rmsnorm(h1, L.post_feedforward_layernorm_1, h1, T, static_cast<int>(H), eps);
+  cpu::rmsnorm(h2, L.post_feedforward_layernorm_2, h2, T, static_cast<int>(H), eps);
+  for (size_t i = 0; i < T * H; ++i) h1[i] += h2[i];
+  cpu::rmsnorm(h1, L.post_feedforward_layernorm, h1, T, static_cast<int>(H), eps);
+  const float scalar = encoder ? L.encoder_layer_scalar : L.decoder_layer_scalar;
+  for (size_t i = 0; i < T * H; ++i) xp[i] = (xp[i] + h1[i]) * scalar;
+}
 
-  for (int l = 0; l < cfg_.num_layers; ++l) {
-    const LayerSpec& ls = cfg_.layers[l];
-    const LayerWeights& L = w_.layers[l];
-    const int hd = ls.head_dim, kvh = ls.num_kv_heads;
-    const size_t qw = static_cast<size_t>(nh) * hd, kw = static_cast<size_t>(kvh) * hd;
-    const bool last = l == cfg_.num_layers - 1;
+void CpuBackend::gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
+  check_i32(index, "gather_rows", "index");
+  DG_CHECK(src.dtype == dst.dtype && src.contiguous() && dst.contiguous() && src.cols() == dst.cols() &&
+               dst.rows() == index.numel(),
+           "gather_rows: shapes");
+  const size_t row = static_cast<size_t>(src.cols()) * scalar_size(src.dtype);
+  const int32_t* idx = index.ptr<int32_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    DG_CHECK(idx[i] >= 0 && idx[i] < src.rows(), "gather_rows: index " << idx[i] << " of " << src.rows());
+    std::memcpy(static_cast<char*>(dst.data) + i * row, static_cast<const char*>(src.data) + idx[i] * row, row);
+  }
+}
 
-    rmsnorm(x, L.input_layernorm, h.data(), T, H, eps);
-    std::vector<float> k(T * kw), v(T * kw);
-    linear(h.data(), L.k_proj, k.data(), T, static_cast<int>(kw), H);
-    if (ls.k_eq_v)
-      v = k;  // K=V layers: V is v_norm of the same projection
-    else
-      linear(h.data(), L.v_proj, v.data(), T, static_cast<int>(kw), H);
-    rmsnorm(k.data(), L.k_norm, k.data(), static_cast<size_t>(T) * kvh, hd, eps);
-    rope(k.data(), T, kvh, hd, rows.positions.data(), ls.inv_freq.data());
-    rmsnorm(v.data(), nullptr, v.data(), static_cast<size_t>(T) * kvh, hd, eps);
+void CpuBackend::scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index) {
+  check_f32(dst, "scatter_add_rows", "dst");
+  check_f32(src, "scatter_add_rows", "src");
+  check_i32(index, "scatter_add_rows", "index");
+  DG_CHECK(src.cols() == dst.cols() && src.rows() == index.numel(), "scatter_add_rows: shapes");
+  const int64_t D = dst.cols();
+  const int32_t* idx = index.ptr<int32_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    DG_CHECK(idx[i] >= 0 && idx[i] < dst.rows(), "scatter_add_rows: index " << idx[i] << " of " << dst.rows());
+    float* d = dst.ptr<float>() + idx[i] * D;
+    const float* s = src.ptr<float>() + i * D;
+    for (int64_t c = 0; c < D; ++c) d[c] += s[c];
+  }
+}
 
-    const bool need_output = !(encoder && last);  // the encoder's last layer only feeds the cache
-    std::vector<float> q, att;
-    if (need_output) {
-      q.resize(T * qw);
-      att.resize(T * qw);
-      linear(h.data(), L.q_proj, q.data(), T, static_cast<int>(qw), H);
-      rmsnorm(q.data(), L.q_norm, q.data(), static_cast<size_t>(T) * nh, hd, eps);
-      rope(q.data(), T, nh, hd, rows.positions.data(), ls.inv_freq.data());
-      for (int r = 0; r < R; ++r) {
-        rows.read[r]->spans(l, spans);
-        const size_t t0 = rows.tok0[r];
-        AttnArgs a{q.data() + t0 * qw, k.data() + t0 * kw, v.data() + t0 * kw, att.data() + t0 * qw,
-                   rows.count[r], nh, kvh, hd, rows.pos0[r], encoder,
-                   encoder && ls.sliding ? cfg_.sliding_window : 0, &spans};
-        attend_row(a);
-      }
+void CpuBackend::lm_head_sample(const SampleArgs& a) {
+  check_f32(a.x, "lm_head_sample", "x");
+  check_f32(a.temperature, "lm_head_sample", "temperature");
+  check_i32(a.token, "lm_head_sample", "token");
+  check_i32(a.argmax, "lm_head_sample", "argmax");
+  check_f32(a.entropy, "lm_head_sample", "entropy");
+  check_f32(a.soft, "lm_head_sample", "soft");
+  check_i32(a.soft_index, "lm_head_sample", "soft_index");
+  DG_CHECK(a.uniform.dtype == ScalarType::kF64, "lm_head_sample: uniform must be f64");
+  const int T = static_cast<int>(a.x.rows()), H = cfg_.hidden_size, V = cfg_.vocab_size;
+  DG_CHECK(a.x.cols() == H && a.n > 0 && T % a.n == 0 && a.temperature.numel() == T / a.n && a.uniform.numel() == T &&
+               a.token.numel() == T && a.argmax.numel() == T && a.entropy.numel() == T && a.soft_index.numel() == T &&
+               a.soft.cols() == H,
+           "lm_head_sample: shapes");
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  const float* temp = a.temperature.ptr<float>();
+  const double* uni = a.uniform.ptr<double>();
+  const int32_t* sidx = a.soft_index.ptr<int32_t>();
+  for (int t = 0; t < T; ++t)
+    DG_CHECK(sidx[t] < a.soft.rows(), "lm_head_sample: soft_index " << sidx[t] << " of " << a.soft.rows());
+
+  std::lock_guard<std::mutex> lock(head_mu_);
+  head_logits_.resize(static_cast<size_t>(kHeadChunk) * V);
+  const int threads = thread_count();
+  if (static_cast<int>(head_cdf_.size()) < threads) {
+    head_processed_.resize(threads), head_probs_.resize(threads), head_cdf_.resize(threads);
+  }
+  for (int c0 = 0; c0 < T; c0 += kHeadChunk) {
+    const int m = std::min(kHeadChunk, T - c0);
+    float* logits = head_logits_.data();
+    cpu::linear(a.x.ptr<float>() + static_cast<size_t>(c0) * H, w_.lm_head, logits, m, V, H);
+    if (cfg_.final_logit_softcapping) {
+      const float cap = static_cast<float>(*cfg_.final_logit_softcapping);
+      const size_t total = static_cast<size_t>(m) * V;
+#pragma omp parallel for schedule(static)
+      for (size_t i = 0; i < total; ++i) logits[i] = std::tanh(logits[i] / cap) * cap;
     }
-    if (encoder) {
-      for (int r = 0; r < R; ++r) {
-        SeqCache* c = rows.write[r];
-        for (int j = 0; j < rows.count[r]; ++j) {
-          const int pos = rows.pos0[r] + j;
-          if (!c->written(l, pos)) continue;
-          const size_t t = rows.tok0[r] + j;
-          std::memcpy(c->write_k(l, pos), k.data() + t * kw, kw * sizeof(float));
-          std::memcpy(c->write_v(l, pos), v.data() + t * kw, kw * sizeof(float));
+#pragma omp parallel
+    {
+      const int me = thread_index();
+      std::vector<float>& pr = head_processed_[me];
+      std::vector<float>& pb = head_probs_[me];
+      std::vector<double>& cd = head_cdf_[me];
+#pragma omp for schedule(static)
+      for (int i = 0; i < m; ++i) {
+        const int t = c0 + i;
+        pr.resize(V), pb.resize(V), cd.resize(V);
+        const Sampled s = sample_position(logits + static_cast<size_t>(i) * V, V, temp[t / a.n], uni[t], pr.data(),
+                                          pb.data(), cd.data());
+        a.token.ptr<int32_t>()[t] = s.token;
+        a.argmax.ptr<int32_t>()[t] = s.argmax;
+        a.entropy.ptr<float>()[t] = s.entropy;
+        if (sidx[t] >= 0) {
+          // The next step's self-conditioning input: softmax(processed) @ E * sqrt(H).
+          float* soft = a.soft.ptr<float>() + static_cast<size_t>(sidx[t]) * H;
+          matvec_nn_serial(pb.data(), w_.embed_tokens, soft, H, V);
+          for (int c = 0; c < H; ++c) soft[c] *= scale;
         }
       }
     }
-    if (!need_output) break;
-
-    linear(att.data(), L.o_proj, h.data(), T, H, static_cast<int>(qw));
-    rmsnorm(h.data(), L.post_attention_layernorm, h.data(), T, H, eps);
-    for (size_t i = 0; i < static_cast<size_t>(T) * H; ++i) x[i] += h[i];
-
-    // Dense MLP and MoE both read the residual x; their normalised sum is added back.
-    rmsnorm(x, L.pre_feedforward_layernorm, h.data(), T, H, eps);
-    linear(h.data(), L.mlp_gate, gate.data(), T, I, H);
-    linear(h.data(), L.mlp_up, up.data(), T, I, H);
-    gelu_mul(gate.data(), up.data(), gate.data(), static_cast<size_t>(T) * I);
-    linear(gate.data(), L.mlp_down, h1.data(), T, H, I);
-    rmsnorm(h1.data(), L.post_feedforward_layernorm_1, h1.data(), T, H, eps);
-    moe(L, x, h2.data(), T);
-    rmsnorm(h2.data(), L.post_feedforward_layernorm_2, h2.data(), T, H, eps);
-    for (size_t i = 0; i < static_cast<size_t>(T) * H; ++i) h1[i] += h2[i];
-    rmsnorm(h1.data(), L.post_feedforward_layernorm, h1.data(), T, H, eps);
-    const float scalar = encoder ? L.encoder_layer_scalar : L.decoder_layer_scalar;
-    for (size_t i = 0; i < static_cast<size_t>(T) * H; ++i) x[i] = (x[i] + h1[i]) * scalar;
   }
 }
 
-void CpuBackend::encode(const std::vector<SeqCache*>& caches, const std::vector<std::vector<int32_t>>& tokens) {
-  DG_CHECK(caches.size() == tokens.size(), "rows");
-  Rows rows;
-  for (size_t r = 0; r < caches.size(); ++r) {
-    rows.tok0.push_back(rows.T);
-    rows.count.push_back(static_cast<int>(tokens[r].size()));
-    rows.pos0.push_back(caches[r]->length());
-    rows.read.push_back(caches[r]);
-    rows.write.push_back(caches[r]);
-    for (size_t j = 0; j < tokens[r].size(); ++j) rows.positions.push_back(caches[r]->length() + static_cast<int>(j));
-    rows.T += static_cast<int>(tokens[r].size());
-  }
-  const int H = cfg_.hidden_size;
-  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
-  std::vector<float> x(static_cast<size_t>(rows.T) * H);
-  size_t t = 0;
-  for (const auto& row : tokens)
-    for (int32_t id : row) {
-      const float* e = w_.embed_tokens + static_cast<size_t>(id) * H;
-      for (int c = 0; c < H; ++c) x[t * H + c] = e[c] * scale;
-      ++t;
-    }
-
-  size_t prepared = 0;
-  try {
-    for (; prepared < caches.size(); ++prepared) caches[prepared]->prepare(rows.count[prepared]);
-    layers(x.data(), rows, /*encoder=*/true);
-  } catch (...) {
-    for (size_t r = 0; r < prepared; ++r) caches[r]->abort();
-    throw;
-  }
-  for (auto* c : caches) c->commit();
-}
-
-void CpuBackend::decode(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
-                        const std::vector<const float*>& sc_logits, float* logits) {
-  const int R = static_cast<int>(caches.size());
-  const int H = cfg_.hidden_size, V = cfg_.vocab_size, I = cfg_.intermediate_size;
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  Rows rows;
-  for (int r = 0; r < R; ++r) {
-    rows.tok0.push_back(rows.T);
-    rows.count.push_back(n);
-    rows.pos0.push_back(caches[r]->length());
-    rows.read.push_back(caches[r]);
-    for (int j = 0; j < n; ++j) rows.positions.push_back(caches[r]->length() + j);
-    rows.T += n;
-  }
-  const int T = rows.T;
-  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
-  std::vector<float> x(static_cast<size_t>(T) * H);
-  for (int t = 0; t < T; ++t) {
-    const float* e = w_.embed_tokens + static_cast<size_t>(canvas[t]) * H;
-    for (int c = 0; c < H; ++c) x[static_cast<size_t>(t) * H + c] = e[c] * scale;
-  }
-
-  // Self-conditioning: softmax(previous logits) @ E * sqrt(H) -> pre_norm -> gated MLP, added to the
-  // embeddings, then RMSNorm without scale. A row with no previous logits gets exactly zero.
-  DG_CHECK(sc_logits.empty() || static_cast<int>(sc_logits.size()) == R, "one self-conditioning pointer per row");
-  std::vector<int> sc_rows;
-  for (int r = 0; r < static_cast<int>(sc_logits.size()); ++r)
-    if (sc_logits[r]) sc_rows.push_back(r);
-  if (!sc_rows.empty()) {
-    const int S = static_cast<int>(sc_rows.size()) * n;  // tokens that get a signal, packed
-    std::vector<float> probs(static_cast<size_t>(S) * V);
-    for (size_t i = 0; i < sc_rows.size(); ++i)
-      std::copy_n(sc_logits[sc_rows[i]], static_cast<size_t>(n) * V, probs.begin() + i * n * V);
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < S; ++t) softmax_inplace(probs.data() + static_cast<size_t>(t) * V, V);
-    std::vector<float> soft(static_cast<size_t>(S) * H);
-    matmul_nn(probs.data(), w_.embed_tokens, soft.data(), S, H, V);
-    for (auto& s : soft) s *= scale;
-    rmsnorm(soft.data(), w_.sc_pre_norm, soft.data(), S, H, eps);
-    std::vector<float> gate(static_cast<size_t>(S) * I), up(static_cast<size_t>(S) * I), sig(static_cast<size_t>(S) * H);
-    linear(soft.data(), w_.sc_gate, gate.data(), S, I, H);
-    linear(soft.data(), w_.sc_up, up.data(), S, I, H);
-    gelu_mul(gate.data(), up.data(), gate.data(), static_cast<size_t>(S) * I);
-    linear(gate.data(), w_.sc_down, sig.data(), S, H, I);
-    for (size_t i = 0; i < sc_rows.size(); ++i) {
-      float* xr = x.data() + static_cast<size_t>(rows.tok0[sc_rows[i]]) * H;
-      const float* sr = sig.data() + i * n * H;
-      for (size_t k = 0; k < static_cast<size_t>(n) * H; ++k) xr[k] += sr[k];
-    }
-  }
-  rmsnorm(x.data(), nullptr, x.data(), T, H, eps);
-
-  layers(x.data(), rows, /*encoder=*/false);
-
-  rmsnorm(x.data(), w_.final_norm, x.data(), T, H, eps);
-  linear(x.data(), w_.lm_head, logits, T, V, H);
+void CpuBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
+  check_f32(x, "lm_head_logits", "x");
+  check_f32(logits, "lm_head_logits", "logits");
+  const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, V = cfg_.vocab_size;
+  DG_CHECK(x.cols() == H && logits.rows() == T && logits.cols() == V, "lm_head_logits: shapes");
+  float* out = logits.ptr<float>();
+  cpu::linear(x.ptr<float>(), w_.lm_head, out, T, V, H);
   if (cfg_.final_logit_softcapping) {
     const float cap = static_cast<float>(*cfg_.final_logit_softcapping);
     const size_t total = static_cast<size_t>(T) * V;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < total; ++i) logits[i] = std::tanh(logits[i] / cap) * cap;
+    for (size_t i = 0; i < total; ++i) out[i] = std::tanh(out[i] / cap) * cap;
   }
+}
+
+void CpuBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
+  check_f32(logits, "soft_embedding", "logits");
+  check_f32(out, "soft_embedding", "out");
+  const int S = static_cast<int>(logits.rows()), H = cfg_.hidden_size, V = cfg_.vocab_size;
+  DG_CHECK(logits.cols() == V && out.rows() == S && out.cols() == H, "soft_embedding: shapes");
+  float* probs = logits.ptr<float>();  // softmax in place: the contract lets the op clobber its input
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < S; ++t) softmax_inplace(probs + static_cast<size_t>(t) * V, V);
+  float* soft = out.ptr<float>();
+  matmul_nn(probs, w_.embed_tokens, soft, S, H, V);
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  for (size_t i = 0; i < static_cast<size_t>(S) * H; ++i) soft[i] *= scale;
 }
 
 }  // namespace dgemma

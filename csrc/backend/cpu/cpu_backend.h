@@ -1,5 +1,10 @@
-// CPU reference backend: float32 throughout, the ground truth for every other backend.
+// CPU reference backend: float32 activations, KV cache and weights, host memory. The ground truth
+// for every other backend; each op is deterministic (each output element computed by one thread in
+// a fixed order), so results do not depend on the thread count.
 #pragma once
+
+#include <mutex>
+#include <vector>
 
 #include "backend/backend.h"
 #include "model/config.h"
@@ -11,18 +16,52 @@ class CpuBackend final : public Backend {
  public:
   CpuBackend(const ModelConfig& cfg, const ModelWeights& w);
   std::string name() const override { return "cpu"; }
-  void encode(const std::vector<SeqCache*>& caches, const std::vector<std::vector<int32_t>>& tokens) override;
-  void decode(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n, const std::vector<const float*>& sc_logits,
-              float* logits) override;
+  bool supports(Op op) const override { return op != Op::kCount; }
+
+  ScalarType act_dtype() const override { return ScalarType::kF32; }
+  ScalarType kv_dtype() const override { return ScalarType::kF32; }
+  std::shared_ptr<Buffer> allocate(size_t bytes, const char* what) override;
+  void upload(const Tensor& dst, const void* src) override;
+  void download(void* dst, const Tensor& src) override;
+
+  void embed(const Tensor& ids, const Tensor& out) override;
+  void rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float eps) override;
+  void linear(WeightRef w, const Tensor& x, const Tensor& y) override;
+  void copy(const Tensor& src, const Tensor& dst) override;
+  void head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
+                      float eps) override;
+  void kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
+                const Tensor& v_cache) override;
+  void attention(const AttentionArgs& a) override;
+  void residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) override;
+  void mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch) override;
+  void moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) override;
+  size_t moe_workspace_bytes(int tokens) const override;
+  void moe_experts(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& out,
+                   const Tensor& workspace) override;
+  void ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                   float eps) override;
+  void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) override;
+  void scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index) override;
+  // Works through the positions in chunks of kHeadChunk: the chunk's logits [kHeadChunk, V] are the
+  // only vocabulary-sized buffer, so its memory is bounded by the chunk and the threads, not the rows.
+  void lm_head_sample(const SampleArgs& a) override;
+  void lm_head_logits(const Tensor& x, const Tensor& logits) override;
+  void soft_embedding(const Tensor& logits, const Tensor& out) override;
+
+  static constexpr int kHeadChunk = 64;
 
  private:
-  struct Rows;
-  // Runs the layer stack on x [T, H] in place. Encoder mode writes the caches.
-  void layers(float* x, const Rows& rows, bool encoder);
-  void moe(const LayerWeights& L, const float* x, float* out, int T);
+  const float* norm_weight(WeightRef w) const;  // null for kNone
+  const float* matrix(WeightRef w) const;
 
   const ModelConfig& cfg_;
   const ModelWeights& w_;
+  std::mutex head_mu_;              // one head pass at a time: guards the buffers below
+  std::vector<float> head_logits_;  // [kHeadChunk, V]
+  // Per thread, [V] each: processed logits, probabilities, CDF.
+  std::vector<std::vector<float>> head_processed_, head_probs_;
+  std::vector<std::vector<double>> head_cdf_;
 };
 
 }  // namespace dgemma

@@ -107,6 +107,16 @@ void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K) {
   }
 }
 
+void matvec_nn_serial(const float* x, const float* w, float* y, int N, int K) {
+  std::fill(y, y + N, 0.0f);
+  for (int k = 0; k < K; ++k) {
+    const float a = x[k];
+    if (a == 0.0f) continue;
+    const float* wr = w + static_cast<size_t>(k) * N;
+    for (int n = 0; n < N; ++n) y[n] += a * wr[n];
+  }
+}
+
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows * dim > 16384)
   for (size_t r = 0; r < rows; ++r) {

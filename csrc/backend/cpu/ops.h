@@ -13,6 +13,8 @@ void linear(const float* x, const float* w, float* y, int M, int N, int K);
 void linear_serial(const float* x, const float* w, float* y, int M, int N, int K);
 // y[M, N] = x[M, K] @ w[K, N]. Parallel over M.
 void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K);
+// y[N] = x[K] @ w[K, N], single-threaded, the same arithmetic as one row of matmul_nn.
+void matvec_nn_serial(const float* x, const float* w, float* y, int N, int K);
 
 // y = x * (mean(x^2) + eps)^-0.5 [* weight], per row of `dim`. weight may be null. y may alias x.
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps);
@@ -26,5 +28,18 @@ void rope(float* x, int tokens, int heads, int head_dim, const int32_t* position
 
 // Softmax over a row in place, float32 as torch computes it (max-subtracted exp, scaled by 1/sum).
 void softmax_inplace(float* x, int n);
+
+// What sampling one canvas position yields.
+struct Sampled {
+  int32_t token;
+  int32_t argmax;
+  float entropy;
+};
+// The sampler for one position (the rule of SampleArgs in backend/backend.h), rounding as the
+// reference's float32 tensor ops do (sample.cpp is compiled without FMA contraction).
+// raw: soft-capped logits [V]. Scratch and outputs [V]: processed = raw / temperature, probs =
+// softmax(processed) (bit-identical to softmax_inplace(processed)), cdf.
+Sampled sample_position(const float* raw, int V, float temperature, double u, float* processed, float* probs,
+                        double* cdf);
 
 }  // namespace dgemma::cpu

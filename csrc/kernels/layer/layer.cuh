@@ -1,6 +1,6 @@
 // Small per-layer kernels of the CUDA backend (issue #3): token embedding, per-head q/k/v norm + RoPE,
 // paged KV-cache writes, the residual-stream norm-and-add steps of a decoder layer, and the final logit
-// softcap. Each mirrors a piece of CpuBackend::layers / encode / decode (csrc/backend/cpu/cpu_backend.cpp)
+// softcap. Each mirrors a CPU op (csrc/backend/cpu/cpu_backend.cpp) of the forward (csrc/model/forward.cpp)
 // with csrc/backend/cpu/ops.cpp's rmsnorm and rope; all statistics are float32.
 //
 // Layouts (row-major, contiguous):
@@ -92,7 +92,7 @@ struct ResidualNormAddParams {
 template <typename Th>
 cudaError_t residual_norm_add(const ResidualNormAddParams<Th>& p, cudaStream_t stream);
 
-// The FFN tail of a layer, exactly CpuBackend::layers from post_feedforward_layernorm_1 on:
+// The FFN tail of a layer, exactly CpuBackend::ffn_combine:
 //   h1 = rmsnorm(dense[t]) * w1; h2 = rmsnorm(moe[t]) * w2
 //   x[t] = (x[t] + rmsnorm(h1 + h2) * w) * layer_scalar
 template <typename Td, typename Tm>  // each float or __nv_bfloat16

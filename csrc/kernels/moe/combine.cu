@@ -42,7 +42,7 @@ __device__ inline void store1(float* dst, float v) { *dst = v; }
 __device__ inline void store1(__nv_bfloat16* dst, float v) { *dst = __float2bfloat16(v); }
 
 // One block per token. Its slots are visited in ascending expert order; each weighted row is rounded
-// to fp32 before it is added (__fmul_rn/__fadd_rn: no FMA contraction), as in CpuBackend::moe.
+// to fp32 before it is added (__fmul_rn/__fadd_rn: no FMA contraction), as in CpuBackend::moe_experts.
 template <typename To, bool kVec8>
 __global__ void __launch_bounds__(256) combine_kernel(const MoeCombineParams<To> p) {
   __shared__ int rows[kMaxK];

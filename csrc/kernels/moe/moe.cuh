@@ -16,7 +16,7 @@
 //                  topk_w[t, slot] * dn[inv[t*k + slot], :], fp32 accumulation, fp32 or bf16 out.
 //
 // All deterministic (no float atomics, fixed reduction orders); the combine rounds each weighted row
-// before adding it, as the CPU backend (CpuBackend::moe) does. Limits (cudaErrorInvalidValue
+// before adding it, as the CPU backend (CpuBackend::moe_experts) does. Limits (cudaErrorInvalidValue
 // otherwise): 1 <= k <= min(E, 32) for the router and combine; E <= 256 for the permute.
 #pragma once
 

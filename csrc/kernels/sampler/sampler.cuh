@@ -1,5 +1,6 @@
 // DiffusionGemma's denoising sampler on the device, so a step needs no host round trip. Mirrors
-// csrc/runtime/scheduler.cpp (sample_position and the acceptance / stopping code in generate()).
+// csrc/backend/cpu/sample.cpp (sample_position) and csrc/runtime/scheduler.cpp (the acceptance and
+// stopping code of Job::end_step).
 //
 // sample_canvas: one CTA of 512 threads per canvas position (rows * canvas_length positions).
 //   logits     f32  [P, V]  raw (already soft-capped) logits, P = rows * canvas_length

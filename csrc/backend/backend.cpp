@@ -1,0 +1,60 @@
+#include "backend/backend.h"
+
+namespace dgemma {
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::kEmbed: return "embed";
+    case Op::kRmsNorm: return "rmsnorm";
+    case Op::kLinear: return "linear";
+    case Op::kCopy: return "copy";
+    case Op::kHeadNormRope: return "head_norm_rope";
+    case Op::kKvWrite: return "kv_write";
+    case Op::kAttention: return "attention";
+    case Op::kResidualNormAdd: return "residual_norm_add";
+    case Op::kMlp: return "mlp";
+    case Op::kMoeRouter: return "moe_router";
+    case Op::kMoeExperts: return "moe_experts";
+    case Op::kFfnCombine: return "ffn_combine";
+    case Op::kGatherRows: return "gather_rows";
+    case Op::kScatterAddRows: return "scatter_add_rows";
+    case Op::kLmHeadSample: return "lm_head_sample";
+    case Op::kLmHeadLogits: return "lm_head_logits";
+    case Op::kSoftEmbedding: return "soft_embedding";
+    case Op::kCount: break;
+  }
+  return "?";
+}
+
+void Backend::unsupported(Op op) const {
+  DG_THROW(Unsupported, "the " << name() << " backend does not implement the '" << op_name(op) << "' op");
+}
+
+void Backend::embed(const Tensor&, const Tensor&) { unsupported(Op::kEmbed); }
+void Backend::rmsnorm(const Tensor&, WeightRef, const Tensor&, float) { unsupported(Op::kRmsNorm); }
+void Backend::linear(WeightRef, const Tensor&, const Tensor&) { unsupported(Op::kLinear); }
+void Backend::copy(const Tensor&, const Tensor&) { unsupported(Op::kCopy); }
+void Backend::head_norm_rope(const Tensor&, WeightRef, const Tensor&, const Tensor&, float) {
+  unsupported(Op::kHeadNormRope);
+}
+void Backend::kv_write(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  unsupported(Op::kKvWrite);
+}
+void Backend::attention(const AttentionArgs&) { unsupported(Op::kAttention); }
+void Backend::residual_norm_add(const Tensor&, const Tensor&, WeightRef, float) { unsupported(Op::kResidualNormAdd); }
+void Backend::mlp(WeightRef, const Tensor&, const Tensor&, const Tensor&) { unsupported(Op::kMlp); }
+void Backend::moe_router(int, const Tensor&, const Tensor&, const Tensor&, float) { unsupported(Op::kMoeRouter); }
+size_t Backend::moe_workspace_bytes(int) const { return 0; }
+void Backend::moe_experts(int, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  unsupported(Op::kMoeExperts);
+}
+void Backend::ffn_combine(int, bool, const Tensor&, const Tensor&, const Tensor&, float) {
+  unsupported(Op::kFfnCombine);
+}
+void Backend::gather_rows(const Tensor&, const Tensor&, const Tensor&) { unsupported(Op::kGatherRows); }
+void Backend::scatter_add_rows(const Tensor&, const Tensor&, const Tensor&) { unsupported(Op::kScatterAddRows); }
+void Backend::lm_head_sample(const SampleArgs&) { unsupported(Op::kLmHeadSample); }
+void Backend::lm_head_logits(const Tensor&, const Tensor&) { unsupported(Op::kLmHeadLogits); }
+void Backend::soft_embedding(const Tensor&, const Tensor&) { unsupported(Op::kSoftEmbedding); }
+
+}  // namespace dgemma

@@ -1,0 +1,40 @@
+// The CPU sampler. Compiled with -ffp-contract=off (CMakeLists.txt): a multiply-add contracted to an
+// FMA would round differently from the reference's float32 tensor ops.
+#include <algorithm>
+#include <cmath>
+
+#include "backend/cpu/ops.h"
+
+namespace dgemma::cpu {
+
+// Inverse-CDF sampling in float64 over float32 probabilities, entropy as
+// torch.distributions.Categorical computes it.
+Sampled sample_position(const float* raw, int V, float temperature, double u, float* processed, float* probs,
+                        double* cdf) {
+  float mx = -INFINITY;
+  int32_t am = 0;
+  for (int v = 0; v < V; ++v) {
+    const float p = raw[v] / temperature;
+    processed[v] = p;
+    if (p > mx) mx = p, am = v;
+  }
+  for (int v = 0; v < V; ++v) probs[v] = std::exp(processed[v] - mx);
+  double sum = 0;
+  for (int v = 0; v < V; ++v) sum += probs[v];
+  const float inv = 1.0f / static_cast<float>(sum);
+  const float lse = mx + std::log(static_cast<float>(sum));
+  double c = 0, ent = 0;
+  for (int v = 0; v < V; ++v) {
+    const float prob = probs[v] * inv;
+    probs[v] = prob;
+    c += prob;
+    cdf[v] = c;
+    ent -= static_cast<double>(prob) * (processed[v] - lse);
+  }
+  const double target = u * cdf[V - 1];
+  int32_t tok = static_cast<int32_t>(std::upper_bound(cdf, cdf + V, target) - cdf);
+  tok = std::min(tok, V - 1);
+  return {tok, am, static_cast<float>(ent)};
+}
+
+}  // namespace dgemma::cpu

@@ -1,0 +1,452 @@
+#include "model/forward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/check.h"
+
+namespace dgemma {
+namespace {
+
+constexpr size_t kAlign = 256;  // every planned buffer starts on a 256-byte boundary
+
+size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+float bf16_bits_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Lays out a pass's tensors in one workspace: add() them all, then place() them at a base pointer.
+class Planner {
+ public:
+  void add(Tensor& t, ScalarType dtype, std::initializer_list<int64_t> dims) {
+    t = Tensor::of(nullptr, dtype, dims);
+    entries_.push_back({&t, bytes_});
+    bytes_ += round_up(t.bytes());
+  }
+  size_t bytes() const { return bytes_; }
+  void place(void* base) {
+    for (auto& e : entries_) e.t->data = static_cast<char*>(base) + e.offset;
+  }
+
+ private:
+  struct Entry {
+    Tensor* t;
+    size_t offset;
+  };
+  std::vector<Entry> entries_;
+  size_t bytes_ = 0;
+};
+
+// A contiguous view of the first elements of a planned buffer under another shape.
+Tensor prefix(const Tensor& buf, std::initializer_list<int64_t> dims) {
+  Tensor t = Tensor::of(buf.data, buf.dtype, dims);
+  DG_CHECK(t.numel() <= buf.numel(), "a view of " << t.numel() << " elements in a buffer of " << buf.numel());
+  return t;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// KV storage
+
+KvStorage::KvStorage(Backend& backend, const ModelConfig& cfg, const BlockPool& pool)
+    : dtype_(backend.kv_dtype()), block_size_(pool.block_size()) {
+  layers_.resize(cfg.num_layers);
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    Layer& L = layers_[l];
+    L.kv_heads = cfg.layers[l].num_kv_heads;
+    L.head_dim = cfg.layers[l].head_dim;
+    const int64_t blocks = pool.total_blocks(pool.group_of(l));
+    Tensor shape = Tensor::of(nullptr, dtype_, {blocks, block_size_, L.kv_heads, L.head_dim});
+    L.k = backend.allocate(shape.bytes(), "KV cache");
+    L.v = backend.allocate(shape.bytes(), "KV cache");
+    L.k_view = shape;
+    L.k_view.data = L.k->data();
+    L.v_view = shape;
+    L.v_view.data = L.v->data();
+  }
+}
+
+void KvStorage::read(int layer, const std::vector<int32_t>& slots, float* k, float* v) const {
+  const Layer& L = layers_.at(layer);
+  const size_t tf = static_cast<size_t>(L.kv_heads) * L.head_dim;
+  const size_t es = scalar_size(dtype_);
+  std::vector<uint8_t> tmp;
+  // Runs of consecutive slots are one copy each.
+  for (size_t i = 0; i < slots.size();) {
+    size_t j = i + 1;
+    while (j < slots.size() && slots[j] == slots[j - 1] + 1) ++j;
+    const size_t n = (j - i) * tf, off = static_cast<size_t>(slots[i]) * tf * es;
+    for (int which = 0; which < 2; ++which) {
+      const Buffer& buf = which == 0 ? *L.k : *L.v;
+      float* dst = (which == 0 ? k : v) + i * tf;
+      if (dtype_ == ScalarType::kF32) {
+        buf.read(off, n * es, dst);
+      } else {
+        DG_CHECK(dtype_ == ScalarType::kBF16, "KV cache dtype " << scalar_name(dtype_));
+        tmp.resize(n * es);
+        buf.read(off, n * es, tmp.data());
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(tmp.data());
+        for (size_t e = 0; e < n; ++e) dst[e] = bf16_bits_to_f32(src[e]);
+      }
+    }
+    i = j;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One pass: its rows, the host-side index arrays and the planned tensors.
+
+struct Forward::Pass {
+  int T = 0, R = 0, S = 0;
+  int max_count = 0;
+  std::vector<int32_t> ids, positions, tok0, count;
+  struct Group {
+    std::vector<int32_t> table, first_pos, start, len, slot;
+    int max_blocks = 1;
+    Tensor table_t, first_pos_t, start_t, len_t, slot_t;
+  } group[2];
+  Tensor ids_t, positions_t, tok0_t, count_t;
+  Tensor x, h, h1, h2, q, att, k, v, mlp_scratch, topk_idx, topk_w, moe_ws;
+  // decoder step
+  Tensor temperature, uniform, token, argmax, entropy, soft_index, gather, scatter;
+};
+
+Forward::Forward(const ModelConfig& cfg, Backend& backend, int sc_slots)
+    : cfg_(cfg), be_(backend), act_(backend.act_dtype()), sc_slots_(sc_slots) {
+  DG_REQUIRE(sc_slots > 0, InvalidArgument, "max_batch_size must be positive");
+  for (Op op : {Op::kEmbed, Op::kRmsNorm, Op::kLinear, Op::kCopy, Op::kHeadNormRope, Op::kKvWrite, Op::kAttention,
+                Op::kResidualNormAdd, Op::kMlp, Op::kMoeRouter, Op::kMoeExperts, Op::kFfnCombine, Op::kGatherRows,
+                Op::kScatterAddRows, Op::kLmHeadSample})
+    check_supported(op);
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    const std::vector<float>& f = cfg.layers[l].inv_freq;
+    inv_freq_.push_back(be_.allocate(f.size() * sizeof(float), "RoPE frequencies"));
+    be_.upload(Tensor::of(static_cast<float*>(inv_freq_.back()->data()), {static_cast<int64_t>(f.size())}), f.data());
+  }
+  const Tensor sc = Tensor::of(nullptr, act_, {static_cast<int64_t>(sc_slots) * cfg.canvas_length, cfg.hidden_size});
+  sc_state_ = be_.allocate(sc.bytes(), "self-conditioning state");
+  for (int s = sc_slots - 1; s >= 0; --s) sc_free_.push_back(s);
+}
+
+void Forward::check_supported(Op op) const {
+  DG_REQUIRE(be_.supports(op), Unsupported,
+             "the " << be_.name() << " backend cannot run this model: it does not implement the '" << op_name(op)
+                    << "' op");
+}
+
+void Forward::allocate_kv(const BlockPool& pool) {
+  DG_CHECK(!kv_, "KV storage allocated twice");
+  kv_ = std::make_shared<KvStorage>(be_, cfg_, pool);
+}
+
+int Forward::acquire_sc() {
+  std::lock_guard<std::mutex> lock(sc_mu_);
+  DG_REQUIRE(!sc_free_.empty(), ResourceError, "all " << sc_slots_ << " self-conditioning slots are in use");
+  const int s = sc_free_.back();
+  sc_free_.pop_back();
+  return s;
+}
+
+void Forward::release_sc(int slot) {
+  std::lock_guard<std::mutex> lock(sc_mu_);
+  DG_CHECK(slot >= 0 && slot < sc_slots_ && std::find(sc_free_.begin(), sc_free_.end(), slot) == sc_free_.end(),
+           "releasing self-conditioning slot " << slot);
+  sc_free_.push_back(slot);
+}
+
+void* Forward::workspace(size_t bytes) {
+  if (!workspace_ || workspace_->bytes() < bytes) {
+    workspace_.reset();  // give the old one back first
+    workspace_ = be_.allocate(bytes, "forward workspace");
+  }
+  return workspace_->data();
+}
+
+// Builds the rows' index arrays (positions, per-group block tables and, for the encoder, write
+// slots), plans every tensor of the pass in the workspace and uploads the index arrays.
+void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, const std::vector<int>& counts,
+                          const std::vector<SeqCache*>* writes) {
+  const int H = cfg_.hidden_size, I = cfg_.intermediate_size, K = cfg_.top_k_experts;
+  p.R = static_cast<int>(caches.size());
+  p.T = 0;
+  for (int r = 0; r < p.R; ++r) {
+    p.tok0.push_back(p.T);
+    p.count.push_back(counts[r]);
+    p.max_count = std::max(p.max_count, counts[r]);
+    for (int j = 0; j < counts[r]; ++j) p.positions.push_back(caches[r]->length() + j);
+    p.T += counts[r];
+  }
+  SeqCache::BlockTable bt;
+  for (int g = 0; g < 2; ++g) {
+    Pass::Group& G = p.group[g];
+    std::vector<SeqCache::BlockTable> tables(p.R);
+    for (int r = 0; r < p.R; ++r) {
+      caches[r]->table(g, tables[r]);
+      G.max_blocks = std::max(G.max_blocks, static_cast<int>(tables[r].blocks.size()));
+    }
+    G.table.assign(static_cast<size_t>(p.R) * G.max_blocks, 0);
+    for (int r = 0; r < p.R; ++r) {
+      std::copy(tables[r].blocks.begin(), tables[r].blocks.end(), G.table.begin() + static_cast<size_t>(r) * G.max_blocks);
+      G.first_pos.push_back(tables[r].first_pos);
+      G.start.push_back(tables[r].start);
+      G.len.push_back(tables[r].length);
+    }
+    if (writes) {
+      const bool present = std::any_of(cfg_.layers.begin(), cfg_.layers.end(),
+                                       [&](const LayerSpec& s) { return (s.sliding ? 1 : 0) == g; });
+      for (int r = 0; r < p.R; ++r)
+        for (int j = 0; j < counts[r]; ++j)
+          G.slot.push_back(present ? (*writes)[r]->write_slot(g, caches[r]->length() + j) : -1);
+    }
+  }
+
+  int qw = 1, kw = 1;
+  for (const LayerSpec& s : cfg_.layers) {
+    qw = std::max(qw, cfg_.num_heads * s.head_dim);
+    kw = std::max(kw, s.num_kv_heads * s.head_dim);
+  }
+  const int64_t T = p.T, R = p.R;
+  Planner plan;
+  plan.add(p.ids_t, ScalarType::kI32, {T});
+  plan.add(p.positions_t, ScalarType::kI32, {T});
+  plan.add(p.tok0_t, ScalarType::kI32, {R});
+  plan.add(p.count_t, ScalarType::kI32, {R});
+  for (Pass::Group& G : p.group) {
+    plan.add(G.table_t, ScalarType::kI32, {R, G.max_blocks});
+    plan.add(G.first_pos_t, ScalarType::kI32, {R});
+    plan.add(G.start_t, ScalarType::kI32, {R});
+    plan.add(G.len_t, ScalarType::kI32, {R});
+    if (writes) plan.add(G.slot_t, ScalarType::kI32, {T});
+  }
+  plan.add(p.x, ScalarType::kF32, {T, H});
+  plan.add(p.h, act_, {T, H});
+  plan.add(p.h1, act_, {T, H});
+  plan.add(p.h2, act_, {T, H});
+  plan.add(p.q, act_, {T, qw});
+  plan.add(p.att, act_, {T, qw});
+  plan.add(p.k, act_, {T, kw});
+  plan.add(p.v, act_, {T, kw});
+  plan.add(p.mlp_scratch, act_, {T, 2 * static_cast<int64_t>(I)});
+  plan.add(p.topk_idx, ScalarType::kI32, {T, K});
+  plan.add(p.topk_w, ScalarType::kF32, {T, K});
+  plan.add(p.moe_ws, ScalarType::kI32, {static_cast<int64_t>((be_.moe_workspace_bytes(p.T) + 3) / 4)});
+  if (!writes) {  // decoder
+    plan.add(p.temperature, ScalarType::kF32, {R});
+    plan.add(p.uniform, ScalarType::kF64, {T});
+    plan.add(p.token, ScalarType::kI32, {T});
+    plan.add(p.argmax, ScalarType::kI32, {T});
+    plan.add(p.entropy, ScalarType::kF32, {T});
+    plan.add(p.soft_index, ScalarType::kI32, {T});
+    plan.add(p.gather, ScalarType::kI32, {T});
+    plan.add(p.scatter, ScalarType::kI32, {T});
+  }
+  plan.place(workspace(plan.bytes()));
+
+  be_.upload(p.positions_t, p.positions.data());
+  be_.upload(p.tok0_t, p.tok0.data());
+  be_.upload(p.count_t, p.count.data());
+  for (Pass::Group& G : p.group) {
+    be_.upload(G.table_t, G.table.data());
+    be_.upload(G.first_pos_t, G.first_pos.data());
+    be_.upload(G.start_t, G.start.data());
+    be_.upload(G.len_t, G.len.data());
+    if (writes) be_.upload(G.slot_t, G.slot.data());
+  }
+}
+
+void Forward::layers(Pass& p, bool encoder) {
+  const int T = p.T, nh = cfg_.num_heads;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    const LayerSpec& ls = cfg_.layers[l];
+    const int g = ls.sliding ? BlockPool::kSliding : BlockPool::kFull;
+    const int hd = ls.head_dim, kvh = ls.num_kv_heads;
+    const Pass::Group& G = p.group[g];
+    const KvStorage::Layer& kv = kv_->layer(l);
+    const Tensor inv_freq = Tensor::of(static_cast<float*>(inv_freq_[l]->data()), {static_cast<int64_t>(ls.inv_freq.size())});
+    const Tensor k = prefix(p.k, {T, kvh, hd}), v = prefix(p.v, {T, kvh, hd});
+    const Tensor k2 = k.view({T, kvh * hd}), v2 = v.view({T, kvh * hd});
+
+    be_.rmsnorm(p.x, weight(W::kInputNorm, l), p.h, eps);
+    be_.linear(weight(W::kKProj, l), p.h, k2);
+    if (ls.k_eq_v)
+      be_.copy(k2, v2);  // K=V layers: V is v_norm of the raw k projection
+    else
+      be_.linear(weight(W::kVProj, l), p.h, v2);
+    be_.head_norm_rope(k, weight(W::kKNorm, l), p.positions_t, inv_freq, eps);
+    be_.head_norm_rope(v, WeightRef{}, Tensor{}, Tensor{}, eps);
+
+    const bool need_output = !(encoder && l == cfg_.num_layers - 1);  // the encoder's last layer only feeds the cache
+    const Tensor q = prefix(p.q, {T, nh, hd}), att = prefix(p.att, {T, nh, hd});
+    if (need_output) {
+      be_.linear(weight(W::kQProj, l), p.h, q.view({T, nh * hd}));
+      be_.head_norm_rope(q, weight(W::kQNorm, l), p.positions_t, inv_freq, eps);
+      AttentionArgs a;
+      a.q = q, a.k_new = k, a.v_new = v, a.out = att;
+      a.k_cache = kv.k_view, a.v_cache = kv.v_view;
+      a.block_table = G.table_t, a.cache_first_pos = G.first_pos_t, a.cache_start = G.start_t, a.cache_len = G.len_t;
+      a.tok0 = p.tok0_t, a.count = p.count_t, a.max_count = p.max_count;
+      a.causal = encoder;
+      a.window = encoder && ls.sliding ? cfg_.sliding_window : 0;
+      a.scale = 1.0f;
+      be_.attention(a);
+    }
+    if (encoder) be_.kv_write(k, v, G.slot_t, kv.k_view, kv.v_view);
+    if (!need_output) break;
+
+    be_.linear(weight(W::kOProj, l), att.view({T, nh * hd}), p.h);
+    be_.residual_norm_add(p.x, p.h, weight(W::kPostAttnNorm, l), eps);
+    // Dense MLP and MoE both read the residual x; their normalised sum is added back.
+    be_.rmsnorm(p.x, weight(W::kPreFfnNorm, l), p.h, eps);
+    be_.mlp(weight(W::kMlp, l), p.h, p.h1, p.mlp_scratch);
+    be_.moe_router(l, p.x, p.topk_idx, p.topk_w, eps);
+    be_.rmsnorm(p.x, weight(W::kPreFfnNorm2, l), p.h, eps);
+    be_.moe_experts(l, p.h, p.topk_idx, p.topk_w, p.h2, p.moe_ws);
+    be_.ffn_combine(l, encoder, p.x, p.h1, p.h2, eps);
+  }
+}
+
+void Forward::encode(const std::vector<SeqCache*>& caches, const std::vector<std::vector<int32_t>>& tokens) {
+  DG_CHECK(caches.size() == tokens.size(), "rows");
+  DG_CHECK(kv_, "KV storage not allocated");
+  if (caches.empty()) return;
+  std::vector<int> counts;
+  for (const auto& t : tokens) counts.push_back(static_cast<int>(t.size()));
+  size_t prepared = 0;
+  try {
+    for (; prepared < caches.size(); ++prepared) caches[prepared]->prepare(counts[prepared]);
+    Pass p;
+    std::vector<const SeqCache*> read(caches.begin(), caches.end());
+    upload_rows(p, read, counts, &caches);
+    for (const auto& row : tokens) p.ids.insert(p.ids.end(), row.begin(), row.end());
+    be_.upload(p.ids_t, p.ids.data());
+    be_.embed(p.ids_t, p.x);
+    layers(p, /*encoder=*/true);
+  } catch (...) {
+    for (size_t r = 0; r < prepared; ++r) caches[r]->abort();
+    throw;
+  }
+  for (auto* c : caches) c->commit();
+}
+
+// Self-conditioning (decoder input): soft [S, H] holds the soft embeddings of the rows that have a
+// signal (scatter: their tokens in x); pre_norm -> gated MLP -> added to the token embeddings, then
+// RMSNorm without scale. Rows without a signal get exactly zero (nothing is added).
+void Forward::decoder_input(Pass& p, const Tensor& soft, const std::vector<int32_t>& scatter) {
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const int64_t S = static_cast<int64_t>(scatter.size());
+  if (S > 0) {
+    const Tensor idx = p.scatter.slice(0, S);
+    be_.upload(idx, scatter.data());
+    const Tensor sig = p.h2.slice(0, S);
+    be_.rmsnorm(soft, weight(W::kScPreNorm), soft, eps);
+    be_.mlp(weight(W::kScMlp), soft, sig, p.mlp_scratch.slice(0, S));
+    be_.scatter_add_rows(p.x, sig, idx);
+  }
+  be_.rmsnorm(p.x, WeightRef{}, p.x, eps);
+}
+
+void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& out) {
+  DG_CHECK(kv_, "KV storage not allocated");
+  if (rows.empty()) return;
+  const int L = cfg_.canvas_length, H = cfg_.hidden_size;
+  DG_CHECK(n == L, "a step denoises whole canvases (" << n << " vs " << L << ")");
+  std::vector<const SeqCache*> caches;
+  for (const StepRow& r : rows) caches.push_back(r.cache);
+  Pass p;
+  upload_rows(p, caches, std::vector<int>(rows.size(), n), nullptr);
+  std::vector<float> temperature;
+  std::vector<double> uniform;
+  std::vector<int32_t> soft_index, gather, scatter;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const StepRow& row = rows[r];
+    DG_CHECK(row.sc_slot >= 0 && row.sc_slot < sc_slots_, "self-conditioning slot " << row.sc_slot);
+    p.ids.insert(p.ids.end(), row.canvas, row.canvas + n);
+    uniform.insert(uniform.end(), row.uniform, row.uniform + n);
+    temperature.push_back(row.temperature);
+    for (int j = 0; j < n; ++j) {
+      const int32_t state_row = row.sc_slot * L + j;
+      soft_index.push_back(row.keep_sc ? state_row : -1);
+      if (row.sc_valid) {
+        gather.push_back(state_row);
+        scatter.push_back(static_cast<int32_t>(r) * n + j);
+      }
+    }
+  }
+  be_.upload(p.ids_t, p.ids.data());
+  be_.upload(p.temperature, temperature.data());
+  be_.upload(p.uniform, uniform.data());
+  be_.upload(p.soft_index, soft_index.data());
+
+  const Tensor state = Tensor::of(sc_state_->data(), act_, {static_cast<int64_t>(sc_slots_) * L, H});
+  be_.embed(p.ids_t, p.x);
+  const int64_t S = static_cast<int64_t>(gather.size());
+  const Tensor soft = p.h1.slice(0, S);
+  if (S > 0) {
+    const Tensor idx = p.gather.slice(0, S);
+    be_.upload(idx, gather.data());
+    be_.gather_rows(state, idx, soft);
+  }
+  decoder_input(p, soft, scatter);
+  layers(p, /*encoder=*/false);
+  be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
+
+  SampleArgs a;
+  a.x = p.h, a.n = n, a.temperature = p.temperature, a.uniform = p.uniform;
+  a.token = p.token, a.argmax = p.argmax, a.entropy = p.entropy;
+  a.soft = state, a.soft_index = p.soft_index;
+  be_.lm_head_sample(a);
+  be_.download(out.token, p.token);
+  be_.download(out.argmax, p.argmax);
+  be_.download(out.entropy, p.entropy);
+}
+
+void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
+                     const std::vector<const float*>& sc_logits, float* out) {
+  DG_CHECK(kv_, "KV storage not allocated");
+  if (caches.empty()) return;
+  check_supported(Op::kLmHeadLogits);
+  const int R = static_cast<int>(caches.size()), V = cfg_.vocab_size;
+  DG_CHECK(sc_logits.empty() || static_cast<int>(sc_logits.size()) == R, "one self-conditioning pointer per row");
+  Pass p;
+  upload_rows(p, caches, std::vector<int>(R, n), nullptr);
+  p.ids.assign(canvas, canvas + static_cast<size_t>(R) * n);
+  be_.upload(p.ids_t, p.ids.data());
+  be_.embed(p.ids_t, p.x);
+
+  std::vector<int32_t> scatter;
+  for (int r = 0; r < static_cast<int>(sc_logits.size()); ++r)
+    if (sc_logits[r])
+      for (int j = 0; j < n; ++j) scatter.push_back(r * n + j);
+  const int64_t S = static_cast<int64_t>(scatter.size());
+  const Tensor soft = p.h1.slice(0, S);
+  if (S > 0) {
+    check_supported(Op::kSoftEmbedding);
+    // The caller's logits, packed: only the rows that have a signal.
+    auto buf = be_.allocate(static_cast<size_t>(S) * V * sizeof(float), "self-conditioning logits");
+    const Tensor lg = Tensor::of(static_cast<float*>(buf->data()), {S, V});
+    int64_t row = 0;
+    for (int r = 0; r < R; ++r) {
+      if (!sc_logits.empty() && sc_logits[r]) {
+        be_.upload(lg.slice(row, n), sc_logits[r]);
+        row += n;
+      }
+    }
+    be_.soft_embedding(lg, soft);
+  }
+  decoder_input(p, soft, scatter);
+  layers(p, /*encoder=*/false);
+  be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
+  auto buf = be_.allocate(static_cast<size_t>(p.T) * V * sizeof(float), "logits");
+  const Tensor lg = Tensor::of(static_cast<float*>(buf->data()), {static_cast<int64_t>(p.T), V});
+  be_.lm_head_logits(p.h, lg);
+  be_.download(out, lg);
+}
+
+}  // namespace dgemma

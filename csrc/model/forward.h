@@ -1,0 +1,122 @@
+// DiffusionGemma's forward, written once over a backend's op set (backend/backend.h): the encoder
+// pass that extends the KV cache, the decoder step that denoises a canvas and samples it, and the
+// decoder's raw logits (denoise_logits). Every backend runs this same sequence of ops; a backend
+// supplies only the ops and the memory they run on.
+//
+// Memory the forward keeps in the backend:
+//   - KV storage (KvStorage): per layer, K and V [num_blocks, block_size, kv_heads, head_dim] in the
+//     backend's kv dtype for the block pool's blocks (runtime/kv_cache.h does the accounting).
+//   - Self-conditioning state: per batch row slot, the soft embedding softmax(processed logits) @ E
+//     * sqrt(H) of its previous step, act [canvas_length, H]; a row takes a slot when it is admitted
+//     and gives it back when it leaves.
+//   - A workspace holding one pass's activations (the buffer plan in forward.cpp), grown to the
+//     largest pass so far.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/config.h"
+#include "runtime/kv_cache.h"
+
+namespace dgemma {
+
+// The backend memory behind a BlockPool's blocks. Shared by the engine and every KVCache taken from
+// it, so a cache can still be copied out after its engine is gone.
+class KvStorage {
+ public:
+  KvStorage(Backend& backend, const ModelConfig& cfg, const BlockPool& pool);
+
+  struct Layer {
+    std::shared_ptr<Buffer> k, v;
+    Tensor k_view, v_view;  // [num_blocks, block_size, kv_heads, head_dim]
+    int kv_heads = 0, head_dim = 0;
+  };
+  const Layer& layer(int l) const { return layers_[l]; }
+  int block_size() const { return block_size_; }
+  ScalarType dtype() const { return dtype_; }
+  // Copies the given flat slots (block * block_size + offset) of a layer out as float32
+  // [slots, kv_heads * head_dim].
+  void read(int layer, const std::vector<int32_t>& slots, float* k, float* v) const;
+
+ private:
+  ScalarType dtype_;
+  int block_size_;
+  std::vector<Layer> layers_;
+};
+
+// One row of a decoder step.
+struct StepRow {
+  const SeqCache* cache = nullptr;
+  const int32_t* canvas = nullptr;  // [n] token ids (validated)
+  float temperature = 1.0f;
+  const double* uniform = nullptr;  // [n] in [0, 1)
+  int sc_slot = -1;                 // this row's self-conditioning slot (Forward::acquire_sc)
+  bool sc_valid = false;            // false at a canvas's first step: the signal is exactly zero
+  bool keep_sc = true;              // false when no later step will read the state (the last step)
+};
+
+// What a step returns per position, host arrays [rows * n].
+struct StepOutput {
+  int32_t* token = nullptr;
+  int32_t* argmax = nullptr;
+  float* entropy = nullptr;
+};
+
+class Forward {
+ public:
+  // sc_slots: rows that can hold self-conditioning state at once (the scheduler's max rows).
+  Forward(const ModelConfig& cfg, Backend& backend, int sc_slots);
+
+  Backend& backend() { return be_; }
+  const ModelConfig& config() const { return cfg_; }
+
+  // Allocates the KV storage for the pool's blocks (once, before the first pass).
+  void allocate_kv(const BlockPool& pool);
+  std::shared_ptr<const KvStorage> kv() const { return kv_; }
+
+  // Encoder pass: appends tokens[r] (at positions cache length ...) to caches[r] for every row,
+  // causal attention with sliding windows on sliding layers. Commits the caches on success and
+  // leaves them untouched if it throws.
+  void encode(const std::vector<SeqCache*>& caches, const std::vector<std::vector<int32_t>>& tokens);
+
+  // Decoder step over n canvas tokens per row: bidirectional attention over each row's cache and
+  // canvas, then the fused LM head + sampler, which also leaves each row's next self-conditioning
+  // input in its slot. Only sampled token, argmax and entropy come back to the host.
+  void step(const std::vector<StepRow>& rows, int n, const StepOutput& out);
+
+  // The decoder's soft-capped logits [rows, n, vocab] (float32). sc_logits: empty, or per row null
+  // (zero self-conditioning) or that row's processed logits [n, vocab] of a previous step.
+  void logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
+              const std::vector<const float*>& sc_logits, float* out);
+
+  // Self-conditioning slots (thread-safe). acquire_sc throws ResourceError when all are taken.
+  int acquire_sc();
+  void release_sc(int slot);
+  int sc_slots() const { return sc_slots_; }
+
+ private:
+  struct Pass;
+  void check_supported(Op op) const;
+  void upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, const std::vector<int>& counts,
+                   const std::vector<SeqCache*>* writes);
+  void decoder_input(Pass& p, const Tensor& soft, const std::vector<int32_t>& scatter);
+  void layers(Pass& p, bool encoder);
+  void* workspace(size_t bytes);  // the pass workspace, grown to at least bytes
+
+  const ModelConfig& cfg_;
+  Backend& be_;
+  ScalarType act_;
+  std::shared_ptr<const KvStorage> kv_;
+  std::vector<std::shared_ptr<Buffer>> inv_freq_;  // per layer, f32 [head_dim / 2]
+  std::shared_ptr<Buffer> workspace_;
+
+  int sc_slots_;
+  std::shared_ptr<Buffer> sc_state_;  // act [sc_slots * canvas_length, H]
+  std::mutex sc_mu_;
+  std::vector<int> sc_free_;
+};
+
+}  // namespace dgemma
