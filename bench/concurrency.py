@@ -12,12 +12,8 @@ client, from submit to result. Without a checkpoint it uses the cached built-in 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +24,7 @@ import numpy as np
 import dgemma_rt
 from dgemma_rt.bench import random_prompts, tiny_checkpoint
 from dgemma_rt.cli import _positive_int
+from provenance import provenance
 
 
 def _levels(text: str) -> list[int]:
@@ -118,30 +115,6 @@ def run_level(engine, config, clients: int, args, new_tokens: int, desc: str = "
     }
 
 
-def _provenance(argv: list[str]) -> dict:
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True)
-        return r.stdout.strip()
-
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": " ".join(["python", "bench/concurrency.py", *argv]),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": "none",
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -169,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                    "requests_per_client": args.requests_per_client, "max_batch_size": engine.max_batch_size,
                    "threads": args.threads or dgemma_rt._core.max_threads()},
         "levels": rows,
-        **_provenance(argv),
+        **provenance("bench/concurrency.py", argv),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -223,6 +223,7 @@ BENCH_KEYS = {
     "cpu_count", "load_s", "tokens_per_s", "ms_per_step", "ms_per_canvas", "steps_per_canvas",
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
     "decoder_forwards", "encoder_forwards", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
+    "loaded_rss_mib", "generate_peak_rss_mib",
 }  # fmt: skip
 
 
@@ -234,7 +235,8 @@ def test_bench_json(tmp_path):
     result = json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
     assert set(result) == BENCH_KEYS
     assert result["tiny"] is True and result["device"] == "cpu" and result["fixed_steps"] is True
-    for key in ("tokens_per_s", "ms_per_step", "ms_per_canvas", "prefill_ms", "total_ms", "peak_rss_mib"):
+    for key in ("tokens_per_s", "ms_per_step", "ms_per_canvas", "prefill_ms", "total_ms", "peak_rss_mib",
+                "loaded_rss_mib", "generate_peak_rss_mib"):
         assert result[key] > 0, key
     # Fixed steps, EOS ignored: one canvas of exactly two decoder passes.
     assert (result["canvases"], result["decoder_forwards"], result["steps_per_canvas"]) == (1, 2, 2.0)

@@ -4,12 +4,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "backend/cpu/cpu_backend.h"
 #include "common/check.h"
 #include "runtime/engine.h"
 
@@ -217,6 +219,33 @@ void wait_interruptibly(RequestHandle& h) {
   }
 }
 
+// The CPU backend with some ops declared unsupported: what an incomplete backend looks like to the
+// engine (tests of its error messages).
+class CpuBackendWithout final : public CpuBackend {
+ public:
+  CpuBackendWithout(const ModelConfig& cfg, const ModelWeights& w, std::vector<Op> off)
+      : CpuBackend(cfg, w), off_(std::move(off)) {}
+  bool supports(Op op) const override { return !is_off(op) && CpuBackend::supports(op); }
+  void moe_experts(int layer, const Tensor& x, const Tensor& idx, const Tensor& w, const Tensor& out,
+                   const Tensor& ws) override {
+    if (is_off(Op::kMoeExperts)) unsupported(Op::kMoeExperts);
+    CpuBackend::moe_experts(layer, x, idx, w, out, ws);
+  }
+  void lm_head_logits(const Tensor& x, const Tensor& logits) override {
+    if (is_off(Op::kLmHeadLogits)) unsupported(Op::kLmHeadLogits);
+    CpuBackend::lm_head_logits(x, logits);
+  }
+  void soft_embedding(const Tensor& logits, const Tensor& out) override {
+    if (is_off(Op::kSoftEmbedding)) unsupported(Op::kSoftEmbedding);
+    CpuBackend::soft_embedding(logits, out);
+  }
+  static constexpr Op kCanTurnOff[] = {Op::kMoeExperts, Op::kLmHeadLogits, Op::kSoftEmbedding};
+
+ private:
+  bool is_off(Op op) const { return std::find(off_.begin(), off_.end(), op) != off_.end(); }
+  std::vector<Op> off_;
+};
+
 const char* status_name(RequestHandle::Status s) {
   switch (s) {
     case RequestHandle::Status::kQueued: return "queued";
@@ -245,6 +274,8 @@ PYBIND11_MODULE(_core, m) {
       py::set_error(PyExc_ValueError, e.what());
     } catch (const ResourceError& e) {
       py::set_error(PyExc_RuntimeError, e.what());
+    } catch (const Unsupported& e) {
+      py::set_error(PyExc_NotImplementedError, e.what());
     }
   });
 
@@ -412,6 +443,27 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("input_ids"), py::arg("params"), py::arg("noise") = py::none(), py::arg("on_step") = py::none(),
          py::arg("on_block") = py::none(), py::arg("on_done") = py::none(), py::arg("cache") = nullptr,
          py::arg("keep_cache") = true);
+
+  auto testing = m.def_submodule("_testing", "hooks for the test suite");
+  testing.def("cpu_engine_without", [](const std::string& path, const std::vector<std::string>& ops) {
+    std::vector<Op> off;
+    for (const std::string& name : ops) {
+      const Op* hit = nullptr;
+      for (const Op& op : CpuBackendWithout::kCanTurnOff)
+        if (name == op_name(op)) hit = &op;
+      DG_REQUIRE(hit, InvalidArgument, "op '" << name << "' cannot be turned off by this hook");
+      off.push_back(*hit);
+    }
+    EngineOptions o;
+    o.make_backend = [off](const ModelConfig& cfg, const ModelWeights& w) {
+      return std::make_unique<CpuBackendWithout>(cfg, w, off);
+    };
+    auto e = std::make_unique<PyEngine>();
+    py::gil_scoped_release release;
+    e->engine = std::make_unique<Engine>(path, o);
+    return e;
+  }, py::arg("path"), py::arg("ops"),
+     "An engine on the CPU backend with the given ops (moe_experts, lm_head_logits, soft_embedding) unsupported");
 
   py::class_<PyRequest>(m, "Request")
       .def_property_readonly("id", [](const PyRequest& r) { return r.handle->id(); })

@@ -51,7 +51,8 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   cfg_ = load_model_config(dir);
   gen_ = load_generation_defaults(dir);
   weights_ = ModelWeights::load(dir, cfg_, opts.progress);
-  backend_ = std::make_unique<CpuBackend>(cfg_, *weights_);
+  backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : std::make_unique<CpuBackend>(cfg_, *weights_);
+  DG_CHECK(backend_, "make_backend returned no backend");
   forward_ = std::make_unique<Forward>(cfg_, *backend_, opts.max_batch_size);
   const int B = opts.block_size;
   const int full_blocks = (opts.kv_cache_tokens + B - 1) / B;

@@ -1,6 +1,7 @@
 // The engine: a loaded model, its backend and its KV block pool. Usable from C++ without Python.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -22,6 +23,9 @@ struct EngineOptions {
   int block_size = 16;
   int num_threads = 0;          // CPU threads of the scheduler thread (0: all cores / OMP_NUM_THREADS)
   ModelWeights::Progress progress;
+  // Makes the backend (default: the CPU backend for device "cpu"). For embedders and tests that bring
+  // their own op set; the engine checks that it implements every op the forward needs.
+  std::function<std::unique_ptr<Backend>(const ModelConfig&, const ModelWeights&)> make_backend;
 };
 
 // A batch of per-row caches (what the Python API calls a KVCache / past_key_values): block ids in

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="bench random weights at a preset's shape (--preset) instead of a checkpoint; written once "
                         "into the cache, directly in the --quant / --dense-quant formats")
-    p.add_argument("--preset", choices=["26b-a4b", "tiny"], default="26b-a4b",
-                   help="shape for --random-weights (default 26b-a4b, the released model)")
+    p.add_argument("--preset", choices=["26b-a4b", "wide-vocab", "tiny"], default="26b-a4b",
+                   help="shape for --random-weights (default 26b-a4b, the released model; wide-vocab: its "
+                        "vocabulary and canvas on a tiny body)")
     p.add_argument("--num-layers", type=_positive_int, default=None,
                    help="with --random-weights: only the preset's first N layers (default: all)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size (default: fits the run)")
@@ -215,6 +216,27 @@ def peak_rss_mib() -> float | None:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def _status_mib(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Resets the process's RSS high-water mark to its current RSS (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dgemma_rt
 
@@ -287,6 +309,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out, _ = generate(f"warmup {i + 1}/{args.warmup}")
         del out  # hands its KV blocks back before the next run
 
+    # The generate calls' own peak, apart from loading's (which converts weights and can peak higher).
+    loaded_rss = _status_mib("VmRSS")
+    peak_reset = reset_peak_rss()
+
     totals = {"prefill_s": 0.0, "denoise_s": 0.0, "total_s": 0.0, "decoder_forwards": 0, "encoder_forwards": 0}
     wall_s = 0.0
     new_tokens = 0
@@ -347,6 +373,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decoder_forwards": int(totals["decoder_forwards"]),
         "encoder_forwards": int(totals["encoder_forwards"]),
         "peak_rss_mib": peak_rss_mib(),
+        "loaded_rss_mib": loaded_rss,
+        "generate_peak_rss_mib": _status_mib("VmHWM") if peak_reset else None,
     }
 
 
@@ -354,6 +382,8 @@ def format_report(r: dict[str, Any]) -> str:
     mode = "fixed" if r["fixed_steps"] else "adaptive"
     threads = r["threads"] if r["threads"] is not None else "auto"
     rss = f"{r['peak_rss_mib']:.1f} MiB" if r["peak_rss_mib"] is not None else "n/a"
+    if r.get("generate_peak_rss_mib") is not None:
+        rss += f" (while generating {r['generate_peak_rss_mib']:.1f} MiB, after loading {r['loaded_rss_mib']:.1f} MiB)"
     rows = [
         (
             "dgemma_rt",

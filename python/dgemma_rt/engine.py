@@ -340,13 +340,25 @@ class Engine:
                 bar.close()
             if tmp is not None:
                 tmp.cleanup()  # the engine keeps what it mapped; nothing is read from the copy again
+        self._attach(self._native, path, device, quant, dense_quant)
+
+    def _attach(self, native: Any, path: str, device: str, quant: str | None = None,
+                dense_quant: str | None = None) -> None:
+        self._native = native
         self.path = path
         self.device = device
         self.quant = quant
         self.dense_quant = dense_quant
-        self.config: dict[str, Any] = self._native.config
-        self.generation_defaults: dict[str, Any] = self._native.generation_defaults
+        self.config: dict[str, Any] = native.config
+        self.generation_defaults: dict[str, Any] = native.generation_defaults
         self._tokenizer = _UNSET
+
+    @classmethod
+    def _from_native(cls, native: Any, path: str | os.PathLike, device: str = "cpu") -> "Engine":
+        """Wraps a native engine made elsewhere (the test suite's backends without some ops)."""
+        engine = cls.__new__(cls)
+        engine._attach(native, os.fspath(path), device)
+        return engine
 
     # ------------------------------------------------------------------ introspection
     @property

@@ -38,8 +38,17 @@ GEMMA_26B_A4B = ModelShape(
     canvas_length=256, max_position_embeddings=262144,
 )  # fmt: skip
 
-PRESETS: dict[str, ModelShape] = {"tiny": TINY, "26b-a4b": GEMMA_26B_A4B}
-EOS_IDS: dict[str, list[int]] = {"tiny": [1, 5], "26b-a4b": [1, 106, 50]}
+# The released vocabulary and canvas on a tiny body: what scales with vocab x canvas (the LM head, the
+# sampler, the self-conditioning input) at real size, cheap enough for the CPU.
+WIDE_VOCAB = ModelShape(
+    vocab_size=262144, hidden_size=64, intermediate_size=128, layer_types=("sliding_attention", "full_attention"),
+    num_heads=2, num_kv_heads=1, head_dim=32, global_head_dim=64, num_global_kv_heads=1,
+    num_experts=4, top_k_experts=2, moe_intermediate_size=32, sliding_window=64,
+    canvas_length=256, max_position_embeddings=8192,
+)  # fmt: skip
+
+PRESETS: dict[str, ModelShape] = {"tiny": TINY, "26b-a4b": GEMMA_26B_A4B, "wide-vocab": WIDE_VOCAB}
+EOS_IDS: dict[str, list[int]] = {"tiny": [1, 5], "26b-a4b": [1, 106, 50], "wide-vocab": [1, 106, 50]}
 
 
 def preset(name: str, num_layers: int | None = None) -> ModelShape:

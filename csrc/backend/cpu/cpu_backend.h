@@ -12,7 +12,7 @@
 
 namespace dgemma {
 
-class CpuBackend final : public Backend {
+class CpuBackend : public Backend {
  public:
   CpuBackend(const ModelConfig& cfg, const ModelWeights& w);
   std::string name() const override { return "cpu"; }
