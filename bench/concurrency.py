@@ -12,19 +12,17 @@ client, from submit to result. Without a checkpoint it uses the cached built-in 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 import dgemma_rt
 from dgemma_rt.bench import random_prompts, tiny_checkpoint
 from dgemma_rt.cli import _positive_int
-from provenance import provenance
+from provenance import emit, provenance
 
 
 def _levels(text: str) -> list[int]:
@@ -144,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "levels": rows,
         **provenance("bench/concurrency.py", argv),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(args.json, file=sys.stderr)
-    else:
-        print(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 0
 
 

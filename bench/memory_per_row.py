@@ -14,10 +14,9 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from dgemma_rt.cli import _positive_int
-from provenance import provenance
+from provenance import emit, provenance
 
 
 def _batches(text: str) -> list[int]:
@@ -67,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "mib_per_extra_row": round(per_row, 2),
         **provenance("bench/memory_per_row.py", argv),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(args.json, file=sys.stderr)
-    else:
-        print(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import sys
 import platform
 import subprocess
 from pathlib import Path
@@ -39,3 +41,13 @@ def _has(cmd: str) -> bool:
     from shutil import which
 
     return which(cmd) is not None
+
+
+def emit(result: dict, path: str | None) -> None:
+    """Writes the result as JSON to path (and names it on stderr), or prints it."""
+    text = json.dumps(result, indent=2) + "\n"
+    if path:
+        Path(path).write_text(text)
+        print(path, file=sys.stderr)
+    else:
+        sys.stdout.write(text)
