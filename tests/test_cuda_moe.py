@@ -84,6 +84,8 @@ def make_router_inputs(rng, t, h, e, n_unique=None, x_scale=2.0, proj_scale=3.0)
         (1, 7, 5, 5, 5, False),  # k = E, odd H (scalar loads)
         (13, 100, 33, 3, 33, False),  # H not a multiple of 8
         (64, 2816, 128, 8, 128, False),  # the real router
+        (256, 2816, 128, 8, 128, False),  # one real step: 32 token tiles x 4 expert tiles
+        (9, 66, 130, 8, 130, False),  # H % 4 != 0 (scalar loads), E over 5 expert tiles, T over 2 token tiles
         (64, 2816, 128, 8, 128, True),  # bf16 residual
         (37, 256, 32, 8, 11, False),  # 32 experts over 11 distinct rows: ties everywhere
         (5, 64, 16, 4, 1, False),  # every expert identical: top-k = 0..k-1

@@ -1,5 +1,5 @@
 // Test entry points for kernels/moe (bf16 travels as uint16 bit patterns), and moe_forward: the whole
-// routed-expert path of one layer (CpuBackend::moe) chained on the GPU, its GEMMs on the grouped GEMM.
+// routed-expert path of one layer (CpuBackend::moe_router + moe_experts) chained on the GPU, its GEMMs on the grouped GEMM.
 #include <cuda_bf16.h>
 
 #include <initializer_list>
@@ -32,6 +32,13 @@ void require_shape(const A& a, std::initializer_list<py::ssize_t> shape, const c
   }
 }
 
+// The router's scratch, zero-filled as its contract asks.
+DeviceBuffer<unsigned char> router_workspace(int T, int E) {
+  DeviceBuffer<unsigned char> ws(kernels::moe_router_workspace_bytes(T, E));
+  if (ws.size()) DG_CUDA_CHECK(cudaMemset(ws.get(), 0, ws.size()));
+  return ws;
+}
+
 template <typename Tx, typename XArray>
 py::tuple router_impl(const XArray& x, U16Array router_proj, F32Array router_scale, F32Array per_expert_scale,
                       int top_k, float eps) {
@@ -48,10 +55,13 @@ py::tuple router_impl(const XArray& x, U16Array router_proj, F32Array router_sca
   auto dpes = DeviceBuffer<float>::from(per_expert_scale);
   DeviceBuffer<int32_t> didx(static_cast<size_t>(T) * top_k);
   DeviceBuffer<float> dw(static_cast<size_t>(T) * top_k);
+  auto ws = router_workspace(T, E);
   kernels::MoeRouterParams<Tx> p;
   p.x = dx.get(), p.router_proj = dproj.get(), p.router_scale = dscale.get(), p.per_expert_scale = dpes.get();
-  p.topk_idx = didx.get(), p.topk_w = dw.get(), p.T = T, p.H = H, p.E = E, p.k = top_k, p.eps = eps;
-  DG_CUDA_CHECK(kernels::moe_router(p, nullptr));
+  p.topk_idx = didx.get(), p.topk_w = dw.get(), p.workspace = ws.get();
+  p.T = T, p.H = H, p.E = E, p.k = top_k, p.eps = eps;
+  // Twice: the second call checks that the first left the workspace ready (its tile counters reset).
+  for (int call = 0; call < 2; ++call) DG_CUDA_CHECK(kernels::moe_router(p, nullptr));
   DG_CUDA_CHECK(cudaDeviceSynchronize());
   I32Array idx({T, top_k});
   F32Array w({T, top_k});
@@ -181,9 +191,11 @@ F32Array moe_forward(F32Array x, U16Array router_proj, F32Array router_scale, F3
   DeviceBuffer<unsigned char> ws(ws_bytes);
   cudaStream_t stream = nullptr;
 
+  auto rws = router_workspace(T, E);
   kernels::MoeRouterParams<float> rp;
   rp.x = dx.get(), rp.router_proj = dproj.get(), rp.router_scale = dscale.get(), rp.per_expert_scale = dpes.get();
-  rp.topk_idx = didx.get(), rp.topk_w = dw.get(), rp.T = T, rp.H = H, rp.E = E, rp.k = top_k, rp.eps = eps;
+  rp.topk_idx = didx.get(), rp.topk_w = dw.get(), rp.workspace = rws.get();
+  rp.T = T, rp.H = H, rp.E = E, rp.k = top_k, rp.eps = eps;
   DG_CUDA_CHECK(kernels::moe_router(rp, stream));
 
   DG_CUDA_CHECK(kernels::rmsnorm<float>(dx.get(), dln2.get(), dxe.get(), T, H, eps, stream));

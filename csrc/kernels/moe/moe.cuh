@@ -35,9 +35,13 @@ struct MoeRouterParams {
   const float* per_expert_scale = nullptr;       // [E]
   int32_t* topk_idx = nullptr;                   // [T, k] out
   float* topk_w = nullptr;                       // [T, k] out
+  // Device scratch of moe_router_workspace_bytes(T, E) bytes, 256-byte aligned, zero-filled once
+  // before its first use (each call leaves it ready for the next; calls must not overlap).
+  void* workspace = nullptr;
   int T = 0, H = 0, E = 0, k = 0;
   float eps = 1e-6f;
 };
+size_t moe_router_workspace_bytes(int T, int E);
 template <typename Tx>
 cudaError_t moe_router(const MoeRouterParams<Tx>& p, cudaStream_t stream);
 
