@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="prompt and sampling seed (default 0)")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--runs", type=_positive_int, default=1, help="timed runs, results summed (default 1)")
+    p.add_argument("--roofline", action="store_true",
+                   help="print the roofline model of one GPU step at --preset's shape (--batch, --quant, "
+                        "--dense-quant, --gpu, --context) instead of running anything")
+    p.add_argument("--gpu", choices=["h100", "h200"], default="h100", help="with --roofline: the device (default h100)")
+    p.add_argument("--context", type=_positive_int, default=4096,
+                   help="with --roofline: cached tokens per row (default 4096)")
+    p.add_argument("--measured", metavar="JSON", default=None,
+                   help="with --roofline: measured per-op times ({\"per_op_ms\": {op: ms}}) to show beside the model")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: on when stderr is a TTY)")
     return p
@@ -416,6 +424,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def command() -> int:
+        if args.roofline:
+            from dgemma_rt import presets, roofline
+
+            quant = None if args.quant == "none" else args.quant
+            dense_quant = None if args.dense_quant == "none" else args.dense_quant
+            measured = roofline.load_measured(args.measured) if args.measured else None
+            r = roofline.roofline(presets.preset(args.preset, args.num_layers), args.gpu, args.batch, args.context,
+                                  quant, dense_quant, measured)
+            print(json.dumps(r) if args.json else roofline.format_table(r))
+            return 0
         result = run(args)
         print(json.dumps(result) if args.json else format_report(result))
         return 0

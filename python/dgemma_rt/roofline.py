@@ -1,0 +1,246 @@
+"""A roofline model of one denoising step: what each op must move and compute, its floor on a GPU,
+and what the kernel in this tree is expected to reach, with the reason.
+
+``dgemma-bench --roofline [--quant nvfp4] [--dense-quant fp8] [--device h100|h200] [--json]``
+prints it. Every number here is arithmetic on the model's shapes and the device's datasheet rates,
+not a measurement: ``floor`` is max(bytes / HBM bandwidth, FLOPs / tensor-core peak) and
+``expected`` is floor / efficiency, where the efficiency is the design's own estimate (from its tile
+and pipeline plan and the machine-code review in ../shared/docs/PERF.md), one line of reason each.
+``--measured FILE`` puts measured per-op milliseconds (a JSON object ``{"per_op_ms": {op: ms}}``,
+written by a GPU profiling run) beside the model; until a GPU run exists that column is empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from dgemma_rt.tiny import ModelShape
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    hbm_tbps: float      # HBM bandwidth, TB/s
+    bf16_tflops: float   # dense tensor-core peak
+    fp8_tflops: float
+    fp32_tflops: float   # CUDA cores (FFMA)
+    launch_us: float     # a kernel launch without CUDA graphs, back to back on one stream
+
+
+# Issue 13's targets for one step at batch 1, canvas 256, 4,096 cached tokens (ms), by expert/dense format.
+TARGETS_MS = {("h100", "nvfp4", "fp8"): 5.5, ("h200", "nvfp4", "fp8"): 4.5, ("h100", "none", "none"): 18.0}
+
+DEVICES = {
+    "h100": Device("H100 SXM", 3.35, 989.0, 1979.0, 67.0, 2.0),
+    "h200": Device("H200 SXM", 4.8, 989.0, 1979.0, 67.0, 2.0),
+}
+
+# Bytes per weight as stored: NVFP4 = 4-bit codes + one E4M3 scale per 16; FP8 = E4M3 (+ per-channel scales).
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1.0 / 16}
+
+
+@dataclasses.dataclass
+class Op:
+    name: str
+    kernel: str           # where the kernel lives (or what is missing)
+    count: int            # instances per step (layers)
+    bytes: float          # HBM bytes per instance
+    flops: float          # per instance
+    unit: str             # which peak bounds the compute: "bf16", "fp8" or "fp32"
+    efficiency: float     # expected fraction of the floor's rate
+    reason: str
+    launches: int = 1     # kernel launches per instance
+
+    def floor_ms(self, d: Device) -> float:
+        peak = {"bf16": d.bf16_tflops, "fp8": d.fp8_tflops, "fp32": d.fp32_tflops}[self.unit]
+        return self.count * max(self.bytes / (d.hbm_tbps * 1e12), self.flops / (peak * 1e12)) * 1e3
+
+    def expected_ms(self, d: Device) -> float:
+        return self.floor_ms(d) / self.efficiency
+
+    def bound(self, d: Device) -> str:
+        peak = {"bf16": d.bf16_tflops, "fp8": d.fp8_tflops, "fp32": d.fp32_tflops}[self.unit]
+        return "memory" if self.bytes / d.hbm_tbps >= self.flops / peak else "compute"
+
+
+def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str | None = None,
+             dense_quant: str | None = None) -> list[Op]:
+    """The ops of one decoder step over `batch` canvases whose rows have `context` cached tokens."""
+    H, V, I = shape.hidden_size, shape.vocab_size, shape.intermediate_size
+    E, k, Im = shape.num_experts, shape.top_k_experts, shape.moe_intermediate_size
+    L = shape.canvas_length
+    T = batch * L
+    nh = shape.num_heads
+    dense_fmt = dense_quant or "bf16"
+    expert_fmt = quant or "bf16"
+    wb, ab = WEIGHT_BYTES, 2.0  # activations travel as bf16
+    n_full = sum(t == "full_attention" for t in shape.layer_types)
+    n_slide = shape.num_layers - n_full
+    dense_unit = "fp8" if dense_fmt == "fp8" else "bf16"
+
+    def gemm(n: int, kk: int, fmt: str) -> tuple[float, float]:
+        return n * kk * wb[fmt] + T * (kk + n) * ab, 2.0 * T * n * kk
+
+    ops: list[Op] = []
+    gemm_eff, gemm_why = 0.35, ("CUTLASS sm90 64x128 tiles at M = 256: every weight tile re-read by 4 M-tiles "
+                                "through L2 (L2-bound, PERF.md)")
+    if dense_fmt == "fp8":
+        gemm_why = "CUTLASS sm90 FP8 W8A8, same 64x128 tiling: L2-bound at M = 256 as the BF16 GEMM"
+    elif dense_fmt == "nvfp4":
+        gemm_eff, gemm_why = 0.11, "dense NVFP4 layers would run on the W4A16 path: no Hopper kernel for them yet"
+
+    small = 0.5, "one CTA per token row, memory-bound elementwise pass"
+    for kind, n_layers in (("sliding", n_slide), ("full", n_full)):
+        if n_layers == 0:
+            continue
+        hd = shape.head_dim if kind == "sliding" else shape.global_head_dim
+        kvh = shape.num_kv_heads if kind == "sliding" else shape.num_global_kv_heads
+        k_eq_v = kind == "full"
+        qkv_n = nh * hd + kvh * hd * (1 if k_eq_v else 2)
+        b, f = gemm(qkv_n, H, dense_fmt)
+        ops.append(Op(f"{kind}.input_norm", "kernels/norm/rmsnorm.cu", n_layers, T * H * (4 + ab), 3 * T * H, "fp32",
+                      *small))
+        ops.append(Op(f"{kind}.qkv_proj", "kernels/gemm/sm90_gemm_bf16.cu", n_layers, b, f, dense_unit, gemm_eff,
+                      gemm_why, launches=2 if k_eq_v else 3))
+        ops.append(Op(f"{kind}.qk_norm_rope", "kernels/layer/embed_rope.cu", n_layers, 2 * T * qkv_n * ab,
+                      10 * T * qkv_n, "fp32", *small, launches=3))
+        cached = context if kind == "full" else min(context, shape.sliding_window - 1)
+        keys = cached + L
+        kv_bytes = batch * cached * kvh * hd * 2 * ab + T * (2 * nh * hd + 2 * kvh * hd) * ab
+        attn_flops = 4.0 * T * nh * hd * keys
+        if kind == "sliding":
+            eff, why = 0.1, ("mma.sync fed by ldmatrix (half the wgmma peak), 64 CTAs on 132 SMs at batch 1, a "
+                             "runtime division per 16-byte chunk of the paged loop (PERF.md)")
+        else:
+            eff, why = 0.18, ("32 query rows per CTA: each of the CTAs re-streams the whole K/V (~1.1 GB of L2 "
+                              "traffic per layer), mma.sync (PERF.md)")
+        ops.append(Op(f"{kind}.attention", f"kernels/attention/attention_hd{hd}.cu", n_layers, kv_bytes, attn_flops,
+                      "bf16", eff, why))
+        b, f = gemm(H, nh * hd, dense_fmt)
+        ops.append(Op(f"{kind}.o_proj", "kernels/gemm/sm90_gemm_bf16.cu", n_layers, b, f, dense_unit, gemm_eff,
+                      gemm_why))
+        ops.append(Op(f"{kind}.residual_norm_add", "kernels/layer/residual.cu", n_layers, T * H * (8 + ab),
+                      4 * T * H, "fp32", *small))
+
+    layers = shape.num_layers
+    ops.append(Op("pre_ffn_norms", "kernels/norm/rmsnorm.cu", layers, 2 * T * H * (4 + ab), 6 * T * H, "fp32", *small,
+                  launches=2))
+    b1, f1 = gemm(2 * I, H, dense_fmt)
+    b2, f2 = gemm(H, I, dense_fmt)
+    ops.append(Op("dense_mlp", "kernels/gemm/sm90_gemm_bf16.cu + moe_gelu_gate", layers, b1 + b2 + 2 * T * I * ab,
+                  f1 + f2, dense_unit, gemm_eff, gemm_why, launches=3))
+    ops.append(Op("moe_router", "kernels/moe/router.cu", layers, E * H * 2 + T * H * 4 * (E // 32) + T * E * 8,
+                  2.0 * T * E * H, "fp32", 0.4,
+                  "fp32 FFMA (routing needs fp32 logits), 8x32 CTA tiles: 128 CTAs at batch 1, 128 FFMA per 8 "
+                  "conflict-free shared loads; the token tile is re-read once per 32-expert tile"))
+    ops.append(Op("moe_permute", "kernels/moe/permute.cu", layers, T * k * H * (4 + ab) + T * k * 16, T * k * H,
+                  "fp32", 0.3, "sort in one 1024-thread CTA, then a gather of T*k rows", launches=2))
+    hit = E * (1.0 - (1.0 - k / E) ** T)  # experts that receive at least one token
+    expert_weights = hit * 3 * Im * H
+    expert_bytes = expert_weights * wb[expert_fmt] + T * k * (H + 2 * Im + Im + H) * ab
+    expert_flops = 2.0 * T * k * 3 * Im * H
+    if expert_fmt == "nvfp4":
+        eff, why = 0.11, ("W4A16 first kernel: byte loads, arithmetic E2M1 decode, ldexpf scales: ~300 instructions "
+                          "per 4 MMAs, issue-bound (PERF.md)")
+        kernel = "kernels/nvfp4/grouped_gemm_nvfp4.cu"
+    else:
+        eff, why = 0.85, "CUTLASS sm90 grouped GEMM, swap-AB so weights fill the 128-row tile: streams weights"
+        kernel = "kernels/gemm/sm90_grouped_gemm_bf16.cu"
+    ops.append(Op("moe_experts", kernel, layers, expert_bytes, expert_flops, "bf16", eff, why, launches=4))
+    ops.append(Op("moe_combine", "kernels/moe/combine.cu", layers, T * k * H * ab + T * H * ab, 2 * T * k * H, "fp32",
+                  *small))
+    ops.append(Op("ffn_combine", "kernels/layer/residual.cu", layers, T * H * (8 + 2 * ab), 12 * T * H, "fp32", *small))
+
+    # Once per step.
+    ops.append(Op("embed", "kernels/layer/embed_rope.cu", 1, T * H * (2 + 4), T * H, "fp32", *small))
+    b1, f1 = gemm(2 * I, H, "bf16")
+    b2, f2 = gemm(H, I, "bf16")
+    ops.append(Op("self_cond_mlp", "kernels/gemm/sm90_gemm_bf16.cu", 1, b1 + b2, f1 + f2, "bf16", 0.35,
+                  "BF16 (the self-conditioning block stays full precision), CUTLASS sm90 64x128 tiles: L2-bound at "
+                  "M = 256", launches=5))
+    emb = V * H * 2.0
+    ops.append(Op("lm_head", "kernels/gemm/sm90_gemm_bf16.cu", 1, emb + T * V * ab, 2.0 * T * V * H, "bf16", 0.35,
+                  "64x128 tiles over N = 262,144 at M = 256: the embedding streamed with L2 re-reads; bf16 logits "
+                  "written out"))
+    ops.append(Op("softcap_sample", "kernels/layer/residual.cu softcap + kernels/sampler", 1, 4 * T * V * 4,
+                  8.0 * T * V, "fp32", 0.6, "f32 logits written, soft-capped in place, read twice by the sampler "
+                  "(max/sum, CDF); not yet fused into the LM head", launches=2))
+    ops.append(Op("soft_embedding", "sampler probs (bf16 [P, V]) + a GEMM: not written for the GPU yet", 1,
+                  emb + T * V * ab, 2.0 * T * V * H, "bf16", 0.35,
+                  "a separate K = 262,144 GEMM re-reads the embedding; fusing it into the LM head pass reads it "
+                  "once (0 extra bytes)"))
+    ops.append(Op("accept_canvas", "kernels/sampler/accept_canvas.cu", 1, T * 20, T * 16, "fp32", 0.05,
+                  "one CTA per row: latency, not bandwidth"))
+    return ops
+
+
+def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: int = 4096, quant: str | None = None,
+             dense_quant: str | None = None, measured: dict[str, float] | None = None) -> dict[str, Any]:
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    d = DEVICES[device]
+    ops = step_ops(shape, batch, context, quant, dense_quant)
+    measured = measured or {}
+    rows = []
+    for op in ops:
+        rows.append({
+            "op": op.name, "kernel": op.kernel, "instances": op.count,
+            "gbytes": round(op.count * op.bytes / 1e9, 4), "gflop": round(op.count * op.flops / 1e9, 2),
+            "bound": op.bound(d), "floor_ms": round(op.floor_ms(d), 4), "efficiency": op.efficiency,
+            "expected_ms": round(op.expected_ms(d), 4), "measured_ms": measured.get(op.name), "reason": op.reason,
+        })
+    launches = sum(op.count * op.launches for op in ops)
+    launch_ms = launches * d.launch_us / 1e3
+    floor = sum(op.floor_ms(d) for op in ops)
+    expected = sum(op.expected_ms(d) for op in ops)
+    return {
+        "device": d.name, "hbm_tbps": d.hbm_tbps, "batch": batch, "context": context, "canvas": shape.canvas_length,
+        "quant": quant or "none", "dense_quant": dense_quant or "none",
+        "ops": rows,
+        "total": {
+            "gbytes": round(sum(op.count * op.bytes for op in ops) / 1e9, 3),
+            "tflop": round(sum(op.count * op.flops for op in ops) / 1e12, 3),
+            "floor_ms": round(floor, 3),
+            "kernel_launches": launches,
+            "launch_overhead_ms": round(launch_ms, 3),
+            "expected_ms": round(expected + launch_ms, 3),
+            "measured_ms": measured.get("step"),
+        },
+        "target_ms": TARGETS_MS.get((device, quant or "none", dense_quant or "none")),
+        "note": "arithmetic on shapes and datasheet rates, not a measurement; efficiencies are the kernels' "
+                "design estimates (see each reason)",
+    }
+
+
+def load_measured(path: str) -> dict[str, float]:
+    with open(path) as f:
+        data = json.load(f)
+    per_op = data.get("per_op_ms")
+    if not isinstance(per_op, dict):
+        raise ValueError(f"{path} has no per_op_ms object")
+    return {str(k): float(v) for k, v in per_op.items()}
+
+
+def format_table(r: dict[str, Any]) -> str:
+    head = (f"roofline of one step on {r['device']} ({r['hbm_tbps']} TB/s): batch {r['batch']}, canvas "
+            f"{r['canvas']}, context {r['context']}, experts {r['quant']}, dense {r['dense_quant']}")
+    lines = [head, f"{'op':<26}{'x':>4}{'GB':>9}{'GFLOP':>9}  {'bound':<8}{'floor ms':>9}{'eff':>6}"
+             f"{'expected':>10}{'measured':>10}"]
+    for o in r["ops"]:
+        m = f"{o['measured_ms']:.3f}" if o["measured_ms"] is not None else "-"
+        lines.append(f"{o['op']:<26}{o['instances']:>4}{o['gbytes']:>9.3f}{o['gflop']:>9.1f}  {o['bound']:<8}"
+                     f"{o['floor_ms']:>9.3f}{o['efficiency']:>6.2f}{o['expected_ms']:>10.3f}{m:>10}")
+    t = r["total"]
+    lines.append(f"{'launch overhead':<26}{t['kernel_launches']:>4} launches {'':>26}{t['launch_overhead_ms']:>10.3f}")
+    m = f"{t['measured_ms']:.3f}" if t["measured_ms"] is not None else "-"
+    lines.append(f"{'step':<30}{t['gbytes']:>9.2f}{t['tflop'] * 1e3:>9.0f}  {'':<8}{t['floor_ms']:>9.3f}{'':>6}"
+                 f"{t['expected_ms']:>10.3f}{m:>10}")
+    if r.get("target_ms") is not None:
+        verdict = "meets" if t["expected_ms"] <= r["target_ms"] else "misses"
+        lines.append(f"target {r['target_ms']} ms: the model of today's kernels {verdict} it")
+    lines.append("reasons:")
+    lines.extend(f"  {o['op']}: {o['reason']}" for o in r["ops"])
+    lines.append(r["note"])
+    return "\n".join(lines)
