@@ -84,10 +84,11 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
         return n * kk * wb[fmt] + T * (kk + n) * ab, 2.0 * T * n * kk
 
     ops: list[Op] = []
-    gemm_eff, gemm_why = 0.35, ("CUTLASS sm90 64x128 tiles at M = 256: every weight tile re-read by 4 M-tiles "
-                                "through L2 (L2-bound, PERF.md)")
+    tiling = ("128x64 tiles in 2x1 clusters: the weight tile is TMA-multicast to both M tiles of a 256-token "
+              "canvas, so L2 delivers each weight byte once; 2N/64 CTAs (64-128 at these N) keep HBM busy")
+    gemm_eff, gemm_why = 0.7, "CUTLASS sm90 BF16, " + tiling
     if dense_fmt == "fp8":
-        gemm_why = "CUTLASS sm90 FP8 W8A8, same 64x128 tiling: L2-bound at M = 256 as the BF16 GEMM"
+        gemm_why = "CUTLASS sm90 FP8 W8A8, " + tiling
     elif dense_fmt == "nvfp4":
         gemm_eff, gemm_why = 0.11, "dense NVFP4 layers would run on the W4A16 path: no Hopper kernel for them yet"
 
@@ -157,13 +158,12 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     ops.append(Op("embed", "kernels/layer/embed_rope.cu", 1, T * H * (2 + 4), T * H, "fp32", *small))
     b1, f1 = gemm(2 * I, H, "bf16")
     b2, f2 = gemm(H, I, "bf16")
-    ops.append(Op("self_cond_mlp", "kernels/gemm/sm90_gemm_bf16.cu", 1, b1 + b2, f1 + f2, "bf16", 0.35,
-                  "BF16 (the self-conditioning block stays full precision), CUTLASS sm90 64x128 tiles: L2-bound at "
-                  "M = 256", launches=5))
+    ops.append(Op("self_cond_mlp", "kernels/gemm/sm90_gemm_bf16.cu", 1, b1 + b2, f1 + f2, "bf16", 0.7,
+                  "BF16 (the self-conditioning block stays full precision), CUTLASS sm90 " + tiling, launches=5))
     emb = V * H * 2.0
-    ops.append(Op("lm_head", "kernels/gemm/sm90_gemm_bf16.cu", 1, emb + T * V * ab, 2.0 * T * V * H, "bf16", 0.35,
-                  "64x128 tiles over N = 262,144 at M = 256: the embedding streamed with L2 re-reads; bf16 logits "
-                  "written out"))
+    ops.append(Op("lm_head", "kernels/gemm/sm90_gemm_bf16.cu", 1, emb + T * V * ab, 2.0 * T * V * H, "bf16", 0.7,
+                  "the dense GEMM's 128x64 tiles in 2x1 clusters over N = 262,144 (8,192 tiles, persistent): the "
+                  "embedding streamed once; bf16 logits written out"))
     ops.append(Op("softcap_sample", "kernels/layer/residual.cu softcap + kernels/sampler", 1, 4 * T * V * 4,
                   8.0 * T * V, "fp32", 0.6, "f32 logits written, soft-capped in place, read twice by the sampler "
                   "(max/sum, CDF); not yet fused into the LM head", launches=2))

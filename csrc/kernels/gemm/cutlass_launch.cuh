@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cutlass/cluster_launch.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/device_kernel.h>
 #include <cutlass/gemm/gemm.h>
@@ -59,6 +60,27 @@ inline cudaError_t device_sms(int* dev, int* sms) {
 
 inline bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
+// Launches `Arch`'s kernel for prepared params: a plain launch for 1x1x1 clusters, a cluster launch
+// (cudaLaunchKernelEx through CUTLASS's launcher) when the kernel's cluster shape is larger.
+template <class GemmKernel, int Arch>
+cudaError_t launch(const typename GemmKernel::Params& params, cudaStream_t stream) {
+  constexpr int smem = GemmKernel::SharedStorageSize;
+  auto* fn = kernel<GemmKernel, Arch>;
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  using Cluster = typename GemmKernel::DispatchPolicy::ClusterShape;
+  const dim3 cluster(cute::size<0>(Cluster{}), cute::size<1>(Cluster{}), cute::size<2>(Cluster{}));
+  if (cluster.x * cluster.y * cluster.z == 1) {
+    fn<<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem, stream>>>(params);
+    return cudaGetLastError();
+  }
+  const cutlass::ClusterLaunchParams lp{GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), cluster,
+                                        smem, stream};
+  if (cutlass::launch_kernel_on_cluster(lp, reinterpret_cast<const void*>(fn), params) != cutlass::Status::kSuccess)
+    return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
 // A dense TN GEMM whose operand pointers and epilogue arguments the caller has set in `args`: fills
 // the problem shape, the row-major strides and the hardware info, then checks, initialises (no
 // workspace: persistent data-parallel scheduler, TMA epilogue) and launches `Arch`'s kernel.
@@ -88,11 +110,7 @@ cudaError_t launch_dense_tn(typename GemmKernel::Arguments& args, int M, int N, 
   if (GemmKernel::initialize_workspace(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
   const typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, nullptr);
 
-  constexpr int smem = GemmKernel::SharedStorageSize;
-  err = cudaFuncSetAttribute(kernel<GemmKernel, Arch>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<GemmKernel, Arch><<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem, stream>>>(params);
-  return cudaGetLastError();
+  return launch<GemmKernel, Arch>(params, stream);
 }
 
 }  // namespace dgemma::kernels::cutlass_launch

@@ -1,7 +1,14 @@
 // Dense Y = X @ W^T, bf16 in and out, fp32 accumulation: one CUTLASS 3.x instantiation for sm_90a
-// (TMA loads, warp-specialized ping-pong wgmma, TMA-store epilogue, persistent tile scheduler).
-// 64x128x64 tiles: the engine's M is a 256-token canvas (or a prefill chunk), so 64-row tiles keep
-// enough CTAs busy at M = 256 and waste little at M = 1.
+// (TMA loads, warp-specialized cooperative wgmma, TMA-store epilogue, persistent tile scheduler).
+//
+// Tiling for the engine's shapes: M is 256 canvas tokens per row (a prefill chunk in the encoder), N
+// and K 704..8192 (262,144 for the LM head). At M = 256 the GEMM is bound by reading W once. The old
+// 64x128 tiles made 4 M-tiles each read every weight tile through L2 (L2-bound: ~97 us per layer
+// against ~35 us of HBM floor). Now 128x64 tiles in 2x1 clusters: the two CTAs of a cluster cover
+// M = 256 and the weight tile is loaded once and multicast to both by TMA, so L2 delivers each weight
+// byte once per 256 tokens; N = 64 keeps 2 * N / 64 CTAs busy (128 for N = 4096, 88 for 2816) and the
+// persistent scheduler walks the LM head's 8,192 tiles. Expected ~70% of HBM bandwidth at M = 256
+// (the roofline model, dgemma_rt/roofline.py). Not yet run on a GPU.
 #include "kernels/gemm/gemm.cuh"
 
 #include "kernels/gemm/cutlass_launch.cuh"
@@ -23,14 +30,14 @@ using ElementD = cutlass::bfloat16_t;
 using ElementAcc = float;
 constexpr int kAlign = 8;  // 16 bytes of bf16: TMA needs 16-byte aligned rows
 
-using TileShape = Shape<_64, _128, _64>;
-using ClusterShape = Shape<_1, _1, _1>;  // 1x1x1: a plain launch, no cluster attribute needed
+using TileShape = Shape<_128, _64, _64>;
+using ClusterShape = Shape<_2, _1, _1>;  // two M tiles share (multicast) each weight tile
 
 using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
     cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc,
     void, cutlass::layout::RowMajor, kAlign,  // no source C: D = acc
-    ElementD, cutlass::layout::RowMajor, kAlign, cutlass::epilogue::TmaWarpSpecialized>::CollectiveOp;
+    ElementD, cutlass::layout::RowMajor, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
 
 using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -39,7 +46,7 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
     ElementAcc, TileShape, ClusterShape,
     cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
         sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
+    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
 
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                         CollectiveEpilogue>;

@@ -1,10 +1,11 @@
 // Dense Y = (Xq @ Wq^T) * x_scale[m] * w_scale[n] for FP8 dense layers (W8A8): E4M3 activations with
 // one scale per token (kernels/fp8: quantize_rows_fp8) times E4M3 weights with one scale per output
 // channel (dgemma-quantize --dense fp8), bf16 out. One CUTLASS 3.x instantiation for sm_90a: TMA,
-// warp-specialized ping-pong FP8 wgmma with CUTLASS's periodic promotion of the accumulator to fp32
+// warp-specialized cooperative FP8 wgmma with CUTLASS's periodic promotion of the accumulator to fp32
 // (not the "fast accumulation" schedule: K reaches 2816), and both scales applied by an epilogue
-// visitor tree (a column broadcast of x_scale, a row broadcast of w_scale). 64x128x128 tiles, as the
-// BF16 GEMM's, for the engine's 256-token canvases. Compiled in CI; not yet run on a GPU.
+// visitor tree (a column broadcast of x_scale, a row broadcast of w_scale). Tiled as the BF16 GEMM
+// (sm90_gemm_bf16.cu): 128x64x128 tiles in 2x1 clusters, the weight tile multicast to both M tiles
+// of a 256-token canvas, cooperative schedule. Compiled in CI; not yet run on a GPU.
 #include "kernels/gemm/gemm.cuh"
 
 #include "kernels/gemm/cutlass_launch.cuh"
@@ -30,9 +31,9 @@ using ElementAcc = float;
 constexpr int kAlignAB = 16;  // 16 bytes of E4M3
 constexpr int kAlignD = 8;
 
-using TileShape = Shape<_64, _128, _128>;
-using ClusterShape = Shape<_1, _1, _1>;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+using TileShape = Shape<_128, _64, _128>;
+using ClusterShape = Shape<_2, _1, _1>;  // two M tiles share (multicast) each weight tile
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
 
 // D = x_scale[m] * (w_scale[n] * acc), fp32 math, rounded to bf16 once at the end.
@@ -56,7 +57,7 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
     ElementAcc, TileShape, ClusterShape,
     cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
         sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
+    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
 
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                         CollectiveEpilogue>;

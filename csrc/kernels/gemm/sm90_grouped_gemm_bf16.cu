@@ -191,12 +191,7 @@ cudaError_t grouped_gemm_bf16_tn(const GroupedGemmBf16Params& p, cudaStream_t st
   if (GemmKernel::initialize_workspace(args, cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
   const typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, cutlass_ws);
 
-  constexpr int smem = GemmKernel::SharedStorageSize;
-  const auto kernel = cutlass_launch::kernel<GemmKernel, 900>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem, stream>>>(params);
-  return cudaGetLastError();
+  return cutlass_launch::launch<GemmKernel, 900>(params, stream);
 }
 
 }  // namespace dgemma::kernels
