@@ -59,6 +59,11 @@ def _check(lines: list[dict], tiny_dir: str) -> None:
     assert stats["completed"] == REQUESTS and stats["cancelled"] == 1
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]  # every request gave its blocks back
     assert stats["row_steps"] > stats["decoder_passes"]  # the threads' requests were batched
+    infill = next(l for l in lines if "infill" in l)["infill"]
+    want = engine.generate([infill["prompt"]], seed=infill["seed"], max_new_tokens=len(infill["template"]),
+                           max_denoising_steps=STEPS, eos_token_id=None, canvas_template=[infill["template"]])
+    assert infill["new_tokens"] == [int(t) for t in want.sequences[0][len(infill["prompt"]):]]
+    assert infill["new_tokens"][-8:] == infill["template"][-8:] == list(range(8, 16))
 
 
 def test_installed_example(tiny_dir):

@@ -35,6 +35,8 @@ dgemma::SamplerParams to_internal(const SamplingParams& p) {
   s.pad_token_id = p.pad_token_id;
   s.seed = p.seed;
   s.adaptive_stopping = p.adaptive_stopping;
+  static_assert(SamplingParams::kFreePosition == dgemma::SamplerParams::kFree, "one mask value");
+  if (!p.canvas_template.empty()) s.canvas_template = {p.canvas_template};
   return s;
 }
 

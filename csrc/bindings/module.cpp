@@ -178,6 +178,7 @@ SamplerParams sampler_params(const py::dict& p) {
   if (!p["pad_token_id"].is_none()) sp.pad_token_id = p["pad_token_id"].cast<int>();
   sp.seed = p["seed"].cast<uint64_t>();
   sp.adaptive_stopping = p["adaptive_stopping"].cast<bool>();
+  if (p.contains("canvas_template")) sp.canvas_template = p["canvas_template"].cast<std::vector<std::vector<int32_t>>>();
   return sp;
 }
 

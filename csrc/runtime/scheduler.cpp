@@ -138,6 +138,8 @@ struct Scheduler::Job {
   std::vector<double> uni;
   std::vector<float> entropy;
   float temperature = 1.0f;
+  std::vector<int32_t> lock;  // [B, L]: this canvas's locked token per position, kFree where free
+  bool any_lock = false;      // this canvas has locked positions
   std::vector<int> sc_slots;  // per row, its self-conditioning state in the forward (while admitted)
   GenerateResult res;
 
@@ -149,9 +151,10 @@ struct Scheduler::Job {
     thr = req.params.stability_threshold;
     skip_finished = req.params.pad_token_id.has_value();
     finished_seq.assign(B, 0), finished_denoise.assign(B, 0), live_at_start.assign(B, 0);
-    passes.assign(B, 0), steps_now.assign(B, 0), order.resize(L);
+    passes.assign(B, 0), steps_now.assign(B, 0), order.reserve(L);
     const size_t BL = static_cast<size_t>(B) * L;
     canvas.resize(BL), argmax.resize(BL), fresh.resize(BL), sample.resize(BL), uni.resize(BL), entropy.resize(BL);
+    lock.assign(BL, SamplerParams::kFree);
     history.resize(static_cast<size_t>(std::max(thr, 1)) * BL);
     res.new_tokens.resize(B);
     res.steps_per_canvas.resize(B);
@@ -192,6 +195,18 @@ struct Scheduler::Job {
     for (int r = 0; r < B; ++r) live_at_start[r] = !finished_seq[r];
     noise->canvas(c, 0, B, L, canvas.data());
     check_ids(canvas);
+    // The template's locked tokens replace the random ones (the noise stream is drawn as without one).
+    any_lock = false;
+    std::fill(lock.begin(), lock.end(), SamplerParams::kFree);
+    for (int r = 0; r < static_cast<int>(req.params.canvas_template.size()); ++r) {
+      const std::vector<int32_t>& t = req.params.canvas_template[r];
+      for (int j = 0; j < L; ++j) {
+        const size_t at = static_cast<size_t>(c) * L + j;
+        if (at >= t.size() || t[at] == SamplerParams::kFree) continue;
+        lock[static_cast<size_t>(r) * L + j] = canvas[static_cast<size_t>(r) * L + j] = t[at];
+        any_lock = true;
+      }
+    }
     argmax = canvas;
     std::fill(finished_denoise.begin(), finished_denoise.end(), 0);
     std::fill(steps_now.begin(), steps_now.end(), 0);
@@ -245,11 +260,20 @@ struct Scheduler::Job {
       std::copy_n(am + src, L, argmax.begin() + dst);
       std::copy_n(ent + src, L, entropy.begin() + dst);
     }
+    // Locked positions: their token is the sample, the argmax and the next step's input.
+    if (any_lock)
+      for (int r : active)
+        for (size_t i = static_cast<size_t>(r) * L; i < static_cast<size_t>(r + 1) * L; ++i)
+          if (lock[i] != SamplerParams::kFree) sample[i] = argmax[i] = canvas[i] = lock[i];
     for (int r : active) {
       const size_t base = static_cast<size_t>(r) * L;
       // Entropy-bound acceptance: accept the lowest-entropy positions while the sum of the
       // entropies before each stays within the bound (cumsum accumulates in float64 on the CPU).
-      std::iota(order.begin(), order.end(), 0);
+      // Only free positions take part: a locked one is accepted by definition, and its entropy (the
+      // model's uncertainty about a token it is not asked for) must not use up the free ones' budget.
+      order.clear();
+      for (int j = 0; j < L; ++j)
+        if (lock[base + j] == SamplerParams::kFree) order.push_back(j);
       std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return entropy[base + x] < entropy[base + y]; });
       double cum = 0;
       for (int j : order) {
@@ -257,6 +281,10 @@ struct Scheduler::Job {
         cum += e;
         const bool accept = static_cast<float>(cum) - e <= static_cast<float>(p.entropy_bound);
         canvas[base + j] = accept ? sample[base + j] : fresh[base + j];
+      }
+      if (order.empty()) {  // every position locked: nothing to denoise, the canvas is done after one step
+        finished_denoise[r] = 1;
+        continue;
       }
       if (p.adaptive_stopping) {
         bool stable = true;
@@ -269,9 +297,11 @@ struct Scheduler::Job {
                         history.begin() + (static_cast<size_t>(k) * B + r) * L);
           std::copy_n(argmax.begin() + base, L, history.begin() + (static_cast<size_t>(thr - 1) * B + r) * L);
         }
+        // Confidence over the free positions.
+        std::sort(order.begin(), order.end());  // summed in position order, as without a template
         float esum = 0;
-        for (int j = 0; j < L; ++j) esum += entropy[base + j];
-        const bool confident = esum / static_cast<float>(L) < p.confidence_threshold;
+        for (int j : order) esum += entropy[base + j];
+        const bool confident = esum / static_cast<float>(order.size()) < p.confidence_threshold;
         if (stable && confident) finished_denoise[r] = 1;
       }
     }
@@ -391,6 +421,20 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
     DG_REQUIRE(final_len <= cfg_.max_position_embeddings, InvalidArgument,
                "prompt plus " << canvases * L << " new tokens (" << final_len << ") exceeds max_position_embeddings "
                               << cfg_.max_position_embeddings);
+  }
+  if (!req.params.canvas_template.empty()) {
+    DG_REQUIRE(static_cast<int>(req.params.canvas_template.size()) == B, InvalidArgument,
+               "canvas_template has " << req.params.canvas_template.size() << " rows but input_ids has " << B);
+    for (int r = 0; r < B; ++r) {
+      const std::vector<int32_t>& t = req.params.canvas_template[r];
+      DG_REQUIRE(static_cast<long>(t.size()) <= req.params.max_new_tokens, InvalidArgument,
+                 "canvas_template row " << r << " has " << t.size() << " positions, more than max_new_tokens "
+                                        << req.params.max_new_tokens);
+      for (size_t j = 0; j < t.size(); ++j)
+        DG_REQUIRE(t[j] == SamplerParams::kFree || (t[j] >= 0 && t[j] < cfg_.vocab_size), InvalidArgument,
+                   "canvas_template row " << r << " position " << j << " holds " << t[j]
+                                          << ": a token id in [0, " << cfg_.vocab_size << ") or -1 (free)");
+    }
   }
   auto job = std::make_unique<Job>(std::move(req), cfg_);
   job->compute_needs(*pool_);

@@ -37,6 +37,14 @@ struct SamplerParams {
   std::optional<int> pad_token_id;
   uint64_t seed = 0;
   bool adaptive_stopping = true;
+  // Template canvases: empty, or per row a sequence laid over that row's new canvases in order
+  // (position c * canvas_length + j of the sequence is position j of canvas c), kFree where the
+  // position is denoised as usual, a token id where it is locked to that token. A locked position
+  // holds its token from the first step and in the committed canvas, is never renoised, counts as
+  // accepted and is left out of the entropy-bound budget and of the confidence mean (see
+  // Job::end_step). Rows may have templates of different lengths (an empty one: no template).
+  std::vector<std::vector<int32_t>> canvas_template;
+  static constexpr int32_t kFree = -1;
 };
 
 // Throws InvalidArgument for what the reference's validate() rejects (and a bit more).

@@ -161,6 +161,19 @@ int main(int argc, char** argv) {
     std::cout << "{\"stats\":{\"completed\":" << s.completed << ",\"cancelled\":" << s.cancelled
               << ",\"decoder_passes\":" << s.decoder_passes << ",\"row_steps\":" << s.row_steps
               << ",\"kv_blocks_free\":" << s.kv_blocks_free << ",\"kv_blocks_total\":" << s.kv_blocks_total << "}}\n";
+
+    // A template canvas (infilling): the last 8 positions of the canvas locked to a fixed ending, the
+    // rest generated around it. EOS stopping is off so that an early EOS does not pad the ending away.
+    dgemma_rt::SamplingParams ip = engine.default_params();
+    ip.max_new_tokens = info.canvas_length;
+    ip.max_denoising_steps = steps;
+    ip.seed = 99;
+    ip.eos_token_id.clear();
+    ip.canvas_template.assign(info.canvas_length, dgemma_rt::SamplingParams::kFreePosition);
+    for (int j = 0; j < 8; ++j) ip.canvas_template[info.canvas_length - 8 + j] = 8 + j;
+    const dgemma_rt::Result ir = engine.submit(prompts[0], ip).result();
+    std::cout << "{\"infill\":{\"prompt\":" << json_ids(prompts[0]) << ",\"seed\":99,\"template\":"
+              << json_ids(ip.canvas_template) << ",\"new_tokens\":" << json_ids(ir.new_tokens) << "}}\n";
     return 0;
   } catch (const dgemma_rt::Error& e) {
     std::cerr << "error: " << e.what() << "\n";

@@ -1,7 +1,7 @@
 """dgemma_rt: an inference engine for DiffusionGemma (block diffusion on the Gemma 4 backbone)."""
 
 from dgemma_rt._core import CheckpointError, cuda_compiled, cuda_device_count
-from dgemma_rt.engine import Engine, Event, GenerateOutput, KVCache, Request, RequestCancelled
+from dgemma_rt.engine import FREE, Engine, Event, GenerateOutput, KVCache, Request, RequestCancelled
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ def get_library_dir() -> str:
 __all__ = [
     "CheckpointError",
     "Engine",
+    "FREE",
     "Event",
     "GenerateOutput",
     "KVCache",

@@ -26,6 +26,45 @@ _SAMPLER_DEFAULTS = {
 }
 
 
+#: The mask value of a canvas template: a free position, generated as usual.
+FREE = -1
+
+
+def _as_template(template: Any, rows: int, vocab: int, max_new_tokens: int) -> list[list[int]]:
+    """A canvas template as one list per row (empty: no template for that row); [] for none."""
+    if template is None:
+        return []
+    if isinstance(template, np.ndarray) and template.ndim == 2:
+        per_row = list(template)
+    elif isinstance(template, (list, tuple)):
+        per_row = list(template)
+    else:
+        raise ValueError("canvas_template must be a 2-D integer array or a list of per-row sequences")
+    if len(per_row) != rows:
+        raise ValueError(f"canvas_template has {len(per_row)} rows but input_ids has {rows}")
+    out = []
+    for r, row in enumerate(per_row):
+        if row is None:
+            out.append([])
+            continue
+        arr = np.asarray(row)
+        if arr.size == 0:
+            out.append([])
+            continue
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise ValueError(f"canvas_template row {r} must be a 1-D sequence of integers")
+        if arr.size > max_new_tokens:
+            raise ValueError(f"canvas_template row {r} has {arr.size} positions, more than max_new_tokens "
+                             f"{max_new_tokens}")
+        bad = (arr != FREE) & ((arr < 0) | (arr >= vocab))
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"canvas_template row {r} position {j} holds {int(arr[j])}: a token id in [0, {vocab}) "
+                             f"or {FREE} (free)")
+        out.append([int(t) for t in arr])
+    return out if any(out) else []
+
+
 class KVCache:
     """Per-row KV cache of the encoded prefix (the reference's ``past_key_values``).
 
@@ -458,11 +497,14 @@ class Engine:
         them short. ``keep_cache=False`` gives the request's KV blocks back to the pool the moment
         it ends (the output's ``past_key_values`` is then None): what a server wants.
         """
+        template = sampler.pop("canvas_template", None)
         unknown = set(sampler) - set(_SAMPLER_DEFAULTS) - {"eos_token_id", "pad_token_id", "seed", "adaptive_stopping"}
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         rows = _as_rows(input_ids, self.config["vocab_size"])
         params = self._params(sampler)
+        params["canvas_template"] = _as_template(template, len(rows), self.config["vocab_size"],
+                                                 params["max_new_tokens"])
         for name, fn in (("on_step", on_step), ("on_block", on_block), ("noise", noise)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be callable")
@@ -511,6 +553,7 @@ class Engine:
         past_key_values: KVCache | None = None,
         adaptive_stopping: bool = True,
         keep_cache: bool = True,
+        canvas_template: Any = None,
     ) -> GenerateOutput:
         """Block-diffusion generation, token for token what transformers' ``generate`` computes.
 
@@ -524,6 +567,12 @@ class Engine:
         of one call stay in lock step, as in the reference); a call's output does not depend on
         what else is running. Ctrl-C cancels the request. ``keep_cache=False`` frees the KV
         blocks at the end instead of returning them as ``past_key_values``.
+
+        ``canvas_template``: per row a sequence of token ids laid over the new canvases in order, with
+        ``FREE`` (-1) at the positions to generate (a 2-D array, or a list of sequences, empty or
+        None for a row without one). Locked positions hold their token from the first step, are
+        never renoised and are left out of the acceptance budget and the stopping statistics; see
+        the README's "Templates and infilling".
         """
         if self._native.in_callback():
             raise ValueError(
@@ -554,6 +603,7 @@ class Engine:
             keep_cache=keep_cache,
             seed=seed,
             adaptive_stopping=adaptive_stopping,
+            canvas_template=canvas_template,
             **sampler,
         )
         return req.result()
@@ -565,6 +615,55 @@ class Engine:
     @property
     def max_batch_size(self) -> int:
         return self._native.max_batch_size
+
+    def infill(self, prefix: Any, suffix: Any, max_middle_tokens: int = 64, **kwargs: Any) -> str | list[int]:
+        """Generates the middle between ``prefix`` and ``suffix`` (fill in the middle).
+
+        ``prefix`` is text, a chat (list of {"role", "content"} dicts, through the chat template) or
+        token ids; ``suffix`` text or ids likewise. The prefix is the prompt; the new canvases are a
+        template whose locked positions hold the suffix so that it ends the last canvas, and whose
+        free positions (at least ``max_middle_tokens``, up to whole canvases) are the middle. EOS
+        stopping is off while generating (an early EOS must not pad the suffix away); the middle
+        ends at its first EOS or pad token. Returns the middle's text, or its ids when ids were given.
+        Other keyword arguments go to :meth:`generate`.
+        """
+        max_middle_tokens = _check_int("max_middle_tokens", max_middle_tokens)
+        if max_middle_tokens <= 0:
+            raise ValueError(f"max_middle_tokens must be positive, got {max_middle_tokens}")
+        for name in ("canvas_template", "max_new_tokens"):
+            if name in kwargs:
+                raise TypeError(f"infill() builds {name} itself")
+        text = isinstance(prefix, (str, list)) and not (isinstance(prefix, list) and prefix and
+                                                         not isinstance(prefix[0], dict))
+        tok = self.tokenizer if text else None
+        if text:
+            if tok is None:
+                raise ValueError(f"{self.path} has no tokenizer.json: pass token ids to infill() instead")
+            if not isinstance(suffix, str):
+                raise ValueError("with a text prefix the suffix must be text too")
+            prefix_ids = tok.apply_chat_template(prefix) if isinstance(prefix, list) else tok.encode(prefix)
+            suffix_ids = tok.encode(suffix, add_special_tokens=False)
+        else:
+            if isinstance(suffix, str):
+                raise ValueError("with a token-id prefix the suffix must be token ids too")
+            prefix_ids = [int(t) for t in np.asarray(prefix).reshape(-1)]
+            suffix_ids = [int(t) for t in np.asarray(suffix).reshape(-1)]
+        if not prefix_ids:
+            raise ValueError("infill() needs a non-empty prefix")
+        canvas = int(self.config["canvas_length"])
+        total = -(-(max_middle_tokens + len(suffix_ids)) // canvas) * canvas
+        template = [FREE] * (total - len(suffix_ids)) + suffix_ids
+        eos = kwargs.pop("eos_token_id", self.generation_defaults.get("eos_token_id")) or []
+        eos = {eos} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
+        pad = kwargs.get("pad_token_id", self.generation_defaults.get("pad_token_id"))
+        out = self.generate([prefix_ids], max_new_tokens=total, canvas_template=[template], eos_token_id=None,
+                            **kwargs)
+        middle = []
+        for t in out.sequences[0][len(prefix_ids):len(prefix_ids) + total - len(suffix_ids)]:
+            if int(t) in eos or (pad is not None and int(t) == pad):
+                break
+            middle.append(int(t))
+        return tok.decode(middle) if tok is not None else middle
 
     def generate_text(self, prompt: str | list[dict] | list[str] | list[list[dict]], **kwargs: Any) -> str | list[str]:
         """Text in, text out: a string, a chat (list of {"role", "content"} dicts), or a list of either.

@@ -52,6 +52,10 @@ struct SamplingParams {
   std::optional<int> pad_token_id;
   uint64_t seed = 0;
   bool adaptive_stopping = true;  // false: every canvas runs exactly max_denoising_steps steps
+  // Template canvases (infilling, fixed layouts): token ids laid over the new canvases in order,
+  // kFreePosition where the engine generates; a locked position keeps its token (empty: none).
+  std::vector<int32_t> canvas_template;
+  static constexpr int32_t kFreePosition = -1;
 };
 
 struct Draft {

@@ -1,0 +1,193 @@
+"""Template canvases and infilling: generate into the free positions of a fixed layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dgemma_rt
+from dgemma_rt import FREE
+from dgemma_rt.tiny import make_tiny
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return dgemma_rt.Engine(make_tiny(tmp_path_factory.mktemp("tiny_template")), num_threads=2)
+
+
+def _random_template(rng, length, vocab, free_fraction):
+    t = rng.integers(8, vocab, length)
+    t[rng.random(length) < free_fraction] = FREE
+    return t
+
+
+def test_all_free_template_is_plain_generate(engine):
+    L = engine.config["canvas_length"]
+    ids = [[2, 40, 41, 42], [2, 50]]
+    for seed in range(3):
+        a = engine.generate(ids, max_new_tokens=2 * L, max_denoising_steps=STEPS, seed=seed)
+        b = engine.generate(ids, max_new_tokens=2 * L, max_denoising_steps=STEPS, seed=seed,
+                            canvas_template=[[FREE] * (2 * L), [FREE] * L])
+        for x, y in zip(a.sequences, b.sequences):
+            np.testing.assert_array_equal(x, y)
+        assert a.steps_per_canvas == b.steps_per_canvas
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_locked_positions_hold_in_every_draft_and_the_output(engine, case):
+    rng = np.random.default_rng(case)
+    L, V = engine.config["canvas_length"], engine.config["vocab_size"]
+    rows = int(rng.integers(1, 3))
+    length = int(rng.integers(1, 2 * L + 1))
+    templates = [_random_template(rng, length, V, rng.uniform(0.2, 0.9)) for _ in range(rows)]
+    drafts = []
+    out = engine.generate([[2, 100 + r] for r in range(rows)], max_new_tokens=2 * L, max_denoising_steps=STEPS,
+                          seed=case, eos_token_id=None, canvas_template=templates,
+                          on_step=lambda d: drafts.append((len(drafts), d.copy())),
+                          on_block=lambda b: drafts.append(("block", b.copy())))
+    canvas = 0
+    for tag, d in drafts:
+        for r, t in enumerate(templates):
+            lay = t[canvas * L:(canvas + 1) * L]
+            locked = lay != FREE
+            np.testing.assert_array_equal(d[r, :len(lay)][locked], lay[locked])
+        if tag == "block":
+            canvas += 1
+    for r, t in enumerate(templates):
+        new = out.sequences[r][2:]
+        locked = t != FREE
+        np.testing.assert_array_equal(new[:len(t)][locked], t[locked])
+
+
+def test_all_locked_canvas_commits_after_one_step(engine):
+    L = engine.config["canvas_length"]
+    t = list(range(300, 300 + L)) + [FREE] * L  # the first canvas fully locked, the second free
+    out = engine.generate([[2, 7, 8]], max_new_tokens=2 * L, max_denoising_steps=STEPS, eos_token_id=None,
+                          adaptive_stopping=False, canvas_template=[t])
+    np.testing.assert_array_equal(out.sequences[0][3:3 + L], np.arange(300, 300 + L))
+    assert out.steps_per_canvas[0] == [1, STEPS]
+
+
+def _noise(seed, vocab):
+    """noise(kind, shape) for the engine, and the same stream again for the test's own loop."""
+    counters = {"canvas": 0, "uniform": 0}
+
+    def fn(kind, shape):
+        rng = np.random.default_rng([seed, 0 if kind == "canvas" else 1, counters[kind]])
+        counters[kind] += 1
+        return rng.integers(0, vocab, shape) if kind == "canvas" else rng.random(shape)
+
+    return fn
+
+
+def _sample(raw, temperature, u):
+    """The engine's sampler rule (backend.h SampleArgs) in numpy, float32 where it uses float."""
+    processed = raw / np.float32(temperature)
+    mx = processed.max()
+    e = np.exp(processed - mx).astype(np.float32)
+    total = np.cumsum(e.astype(np.float64))[-1]
+    inv = np.float32(1.0) / np.float32(total)
+    probs = (e * inv).astype(np.float32)
+    lse = np.float32(mx + np.log(np.float32(total)))
+    cdf = np.cumsum(probs.astype(np.float64))
+    ent = -np.cumsum(probs.astype(np.float64) * (processed - lse).astype(np.float64))[-1]
+    tok = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), raw.size - 1)
+    return tok, int(np.argmax(processed)), np.float32(ent), processed
+
+
+def _loop(engine, prompt, template, noise, bound, locked_in_budget=False):
+    """One canvas of the documented template rule on the engine's own logits (one row, threshold 1)."""
+    L = engine.config["canvas_length"]
+    state = engine.encode([prompt])
+    lock = np.asarray(template)
+    locked = lock != FREE
+    canvas = np.asarray(noise("canvas", (1, L))[0])
+    canvas[locked] = lock[locked]
+    history, sc, steps = None, None, 0
+    t_min, t_max = 0.4, 0.8
+    for step in range(1, STEPS + 1):
+        n = STEPS - step + 1
+        temp = np.float32(t_min) + np.float32(t_max - t_min) * (np.float32(n) / np.float32(STEPS))
+        u = noise("uniform", (1, L))[0]
+        logits = engine.denoise_logits(state, canvas[None].astype(np.int32), self_conditioning_logits=sc)[0]
+        res = [_sample(logits[j], temp, u[j]) for j in range(L)]
+        sample, argmax = np.array([r[0] for r in res]), np.array([r[1] for r in res])
+        ent = np.array([r[2] for r in res], dtype=np.float32)
+        processed = np.stack([r[3] for r in res])
+        fresh = np.asarray(noise("canvas", (1, L))[0])
+        sample[locked], argmax[locked] = lock[locked], lock[locked]
+        steps += 1
+        budget = np.arange(L) if locked_in_budget else np.flatnonzero(~locked)
+        order = budget[np.argsort(ent[budget], kind="stable")]
+        cum = 0.0
+        new = canvas.copy()
+        for j in order:
+            cum += float(ent[j])
+            new[j] = sample[j] if np.float32(cum) - ent[j] <= np.float32(bound) else fresh[j]
+        new[locked] = lock[locked]
+        canvas = new
+        stable = history is not None and np.array_equal(argmax, history)
+        history = argmax
+        esum = np.float32(0)
+        for j in np.flatnonzero(~locked):
+            esum = np.float32(esum + ent[j])
+        confident = esum / np.float32((~locked).sum()) < 0.005
+        sc = processed[None]
+        if stable and confident:
+            break
+    return argmax, steps
+
+
+def test_acceptance_budget_ignores_locked_positions(engine):
+    """The engine equals the documented rule run on its own logits; counting locked positions in the
+    entropy budget (the rule a template must not follow) changes what gets accepted."""
+    L, V = engine.config["canvas_length"], engine.config["vocab_size"]
+    rng = np.random.default_rng(7)
+    differs = 0
+    for case in range(3):
+        template = _random_template(rng, L, V, 0.5)
+        prompt = [2, 60 + case, 61]
+        bound = 2.0  # wide enough that the locked positions' entropies would matter
+        want, steps = _loop(engine, prompt, template, _noise(case, V), bound)
+        out = engine.generate([prompt], max_new_tokens=L, max_denoising_steps=STEPS, eos_token_id=None,
+                              entropy_bound=bound, noise=_noise(case, V), canvas_template=[template])
+        np.testing.assert_array_equal(out.sequences[0][len(prompt):], want)
+        assert out.steps_per_canvas[0] == [steps]
+        other, _ = _loop(engine, prompt, template, _noise(case, V), bound, locked_in_budget=True)
+        differs += not np.array_equal(other, want)
+    assert differs, "the test cannot tell the two acceptance rules apart"
+
+
+def test_infill_round_trip(engine):
+    prefix, suffix = "The quick brown fox", " over the lazy dog."
+    middle = engine.infill(prefix, suffix, max_middle_tokens=20, max_denoising_steps=STEPS, seed=1)
+    assert isinstance(middle, str)
+    tok = engine.tokenizer
+    ids = tok.encode(prefix)
+    mid = engine.infill(ids, tok.encode(suffix, add_special_tokens=False), max_middle_tokens=20,
+                        max_denoising_steps=STEPS, seed=1)
+    assert tok.decode(mid) == middle  # the same request through ids
+    text = tok.decode(ids + mid + tok.encode(suffix, add_special_tokens=False))
+    assert text.startswith(prefix) and text.endswith(suffix)
+
+
+def test_bad_templates(engine):
+    L, V = engine.config["canvas_length"], engine.config["vocab_size"]
+    with pytest.raises(ValueError, match="more than max_new_tokens"):
+        engine.generate([[2, 3]], max_new_tokens=L, canvas_template=[[FREE] * (L + 1)])
+    with pytest.raises(ValueError, match=r"position 3 holds 2048"):
+        engine.generate([[2, 3]], max_new_tokens=L, canvas_template=[[FREE, FREE, FREE, V]])
+    with pytest.raises(ValueError, match=r"position 0 holds -2"):
+        engine.generate([[2, 3]], max_new_tokens=L, canvas_template=[[-2]])
+    with pytest.raises(ValueError, match="has 1 rows but input_ids has 2"):
+        engine.generate([[2, 3], [2, 4]], canvas_template=[[FREE]])
+    with pytest.raises(ValueError, match="1-D sequence of integers"):
+        engine.generate([[2, 3]], canvas_template=[[0.5]])
+    with pytest.raises(ValueError, match="2-D integer array or a list"):
+        engine.generate([[2, 3]], canvas_template="abc")
+    with pytest.raises(TypeError, match="builds canvas_template itself"):
+        engine.infill("a", "b", canvas_template=[[1]])
+    with pytest.raises(ValueError, match="suffix must be text too"):
+        engine.infill("a", [1, 2])
