@@ -223,7 +223,7 @@ BENCH_KEYS = {
     "cpu_count", "load_s", "tokens_per_s", "ms_per_step", "ms_per_canvas", "steps_per_canvas",
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
     "decoder_forwards", "encoder_forwards", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
-    "loaded_rss_mib", "generate_peak_rss_mib",
+    "loaded_rss_mib", "generate_peak_rss_mib", "template_free_fraction",
 }  # fmt: skip
 
 
@@ -250,6 +250,16 @@ def test_bench_json(tmp_path):
     proc = _run("dgemma_rt.bench", *args, "--warmup", "0", env=env)
     assert proc.returncode == 0, proc.stderr
     assert (ckpt / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_bench_template(tiny_dir):
+    proc = _run("dgemma_rt.bench", str(tiny_dir), "--prompt-len", "8", "--new-tokens", "64", "--steps", "2",
+                "--template", "0.25", "--warmup", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["template_free_fraction"] == 0.25 and r["decoder_forwards"] == 2
+    proc = _run("dgemma_rt.bench", str(tiny_dir), "--template", "0")
+    assert proc.returncode == 2 and "(0, 1]" in proc.stderr
 
 
 def test_bench_quant_nvfp4(tiny_dir):

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="prompt and sampling seed (default 0)")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--runs", type=_positive_int, default=1, help="timed runs, results summed (default 1)")
+    p.add_argument("--template", type=_fraction, default=None, metavar="FREE_FRACTION",
+                   help="generate into a template canvas: each new position free with this probability, the "
+                        "others locked to random tokens (measures steps per canvas and tokens/s with templates)")
     p.add_argument("--roofline", action="store_true",
                    help="print the roofline model of one GPU step at --preset's shape (--batch, --quant, "
                         "--dense-quant, --gpu, --context) instead of running anything")
@@ -79,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: on when stderr is a TTY)")
     return p
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def random_template(config: dict[str, Any], batch: int, length: int, free_fraction: float, seed: int) -> np.ndarray:
+    """[batch, length]: each position free (-1) with probability free_fraction, else a random token id."""
+    rng = np.random.default_rng(seed + 1)
+    vocab = int(config["vocab_size"])
+    t = rng.integers(min(8, vocab - 1), vocab, size=(batch, length))
+    t[rng.random((batch, length)) < free_fraction] = -1
+    return t
 
 
 def cache_root() -> pathlib.Path:
@@ -298,6 +320,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.fixed_steps:
         gen_kwargs["eos_token_id"] = None
+    if args.template is not None:
+        gen_kwargs["canvas_template"] = random_template(config, args.batch, max_canvases * canvas_length, args.template,
+                                                        args.seed)
 
     def generate(desc: str) -> tuple[Any, float]:
         bar = None
@@ -356,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_tokens": kv_tokens,
         "quant": args.quant,
         "dense_quant": args.dense_quant,
+        "template_free_fraction": args.template,
         "random_weights": args.random_weights,
         "preset": args.preset if args.random_weights else None,
         "num_layers": int(engine.config["num_hidden_layers"]),
@@ -404,7 +430,8 @@ def format_report(r: dict[str, Any]) -> str:
             "workload",
             f"batch {r['batch']}, prompt {r['prompt_len']}, new {r['new_tokens']}, "
             f"steps {r['steps']} ({mode}), threads {threads}, seed {r['seed']}, runs {r['runs']}, "
-            f"quant {r.get('quant', 'none')}, dense quant {r.get('dense_quant', 'none')}",
+            f"quant {r.get('quant', 'none')}, dense quant {r.get('dense_quant', 'none')}"
+            + (f", template {r['template_free_fraction']:.0%} free" if r.get("template_free_fraction") else ""),
         ),
         ("throughput", f"{r['tokens_per_s']:.1f} tokens/s ({r['generated_tokens']} tokens)"),
         (
