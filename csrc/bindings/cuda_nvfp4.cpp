@@ -2,14 +2,17 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <pybind11/stl.h>
 
 #include "bindings/cuda_ops.h"
 #include "common/nvfp4_format.h"
+#include "common/nvfp4_w4a16_layout.h"
 #include "kernels/nvfp4/nvfp4.cuh"
 
 namespace py = pybind11;
@@ -22,6 +25,24 @@ void check_offsets(const I32Array& offsets, int G, int Mtot) {
   const int32_t* o = offsets.data();
   DG_REQUIRE(o[0] == 0 && o[G] == Mtot, InvalidArgument, "offsets must start at 0 and end at Mtot");
   for (int g = 0; g < G; ++g) DG_REQUIRE(o[g] <= o[g + 1], InvalidArgument, "offsets must be non-decreasing");
+}
+
+// packed [G, N, K/2] and scales [G, N, K/16] -> the W4A16 kernel's pre-shuffled layout [G, expert_bytes].
+U8Array shuffle_w4a16(const U8Array& w, const U8Array& w_scale, bool gated) {
+  DG_REQUIRE(w.ndim() == 3 && w_scale.ndim() == 3, InvalidArgument, "w must be [G, N, K/2] and w_scale [G, N, K/16]");
+  const int G = static_cast<int>(w.shape(0)), N = static_cast<int>(w.shape(1)), K = static_cast<int>(w.shape(2)) * 2;
+  DG_REQUIRE(K > 0 && K % 16 == 0, InvalidArgument, "K must be a positive multiple of 16, got " << K);
+  DG_REQUIRE(w_scale.shape(0) == G && w_scale.shape(1) == N && w_scale.shape(2) == K / 16, InvalidArgument,
+             "w_scale must be [" << G << ", " << N << ", " << K / 16 << "]");
+  DG_REQUIRE(!gated || N % 2 == 0, InvalidArgument, "gated needs an even N (gate rows, then up rows), got " << N);
+  const size_t bytes = nvfp4::w4a16::expert_bytes(N, K, gated);
+  U8Array out({static_cast<py::ssize_t>(G), static_cast<py::ssize_t>(bytes)});
+  for (int g = 0; g < G; ++g)
+    DG_REQUIRE(nvfp4::w4a16::shuffle_expert(w.data() + static_cast<size_t>(g) * N * (K / 2),
+                                            w_scale.data() + static_cast<size_t>(g) * N * (K / 16), N, K, gated,
+                                            out.mutable_data() + g * bytes),
+               InvalidArgument, "expert " << g << " has a NaN block scale");
+  return out;
 }
 
 U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets, bool gated,
@@ -39,14 +60,12 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
                  "gather[" << r << "] = " << gather->data()[r] << " is outside x's " << x.shape(0) << " rows");
   }
   DG_REQUIRE(w.shape(2) == K / 2, InvalidArgument, "w must be [G, N, " << K / 2 << "]");
-  DG_REQUIRE(w_scale.shape(0) == G && w_scale.shape(1) == N && w_scale.shape(2) == K / 16, InvalidArgument,
-             "w_scale must be [" << G << ", " << N << ", " << K / 16 << "]");
   DG_REQUIRE(w_global.shape(0) == G, InvalidArgument, "w_global must be [G]");
   check_offsets(offsets, G, Mtot);
   DG_REQUIRE(!gated || N % 2 == 0, InvalidArgument, "gated needs an even N (gate rows, then up rows), got " << N);
+  const U8Array shuffled = shuffle_w4a16(w, w_scale, gated);  // what a loader does once, at load
   auto dx = DeviceBuffer<__nv_bfloat16>::from(x);
-  auto dw = DeviceBuffer<uint8_t>::from(w);
-  auto ds = DeviceBuffer<uint8_t>::from(w_scale);
+  auto dw = DeviceBuffer<uint8_t>::from(shuffled);
   auto dg = DeviceBuffer<float>::from(w_global);
   auto doff = DeviceBuffer<int32_t>::from(offsets);
   DeviceBuffer<int32_t> dgather;
@@ -54,7 +73,7 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
   const int Nout = gated ? N / 2 : N;
   DeviceBuffer<__nv_bfloat16> dy(static_cast<size_t>(Mtot) * Nout);
   kernels::GroupedGemmNvfp4Params p;
-  p.x = dx.get(), p.w = dw.get(), p.w_scale = ds.get(), p.w_global = dg.get(), p.offsets = doff.get();
+  p.x = dx.get(), p.w = dw.get(), p.w_global = dg.get(), p.offsets = doff.get();
   p.y = dy.get(), p.G = G, p.N = N, p.K = K, p.gated = gated;
   p.gather = gather ? dgather.get() : nullptr, p.gather_div = gather_div;
   if (Mtot > 0) {
@@ -64,6 +83,60 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
   U16Array y({Mtot, Nout});
   dy.copy_to(y.mutable_data());
   return y;
+}
+
+// The kernel's side of the layout run on the host: for every CTA, stage, warp, lane and k-step, the
+// words and scale bytes it reads (same offsets), the same decode_word / scale_pair, the bf16 product
+// HMUL2.BF16 makes (checked exact), placed by the mma.m16n8k16 A-fragment map and the row map, times
+// 2^7 (the epilogue's factor). Returns W = e2m1 * scale [G, N, K] (no global scale); every element must
+// be written exactly once and every padding element must decode to zero, else it throws.
+py::array_t<float> emulate_w4a16(const U8Array& shuffled, int N, int K, bool gated) {
+  namespace L = nvfp4::w4a16;
+  DG_REQUIRE(shuffled.ndim() == 2 && K > 0 && K % 16 == 0 && N > 0 && (!gated || N % 2 == 0), InvalidArgument,
+             "need shuffled [G, bytes], K % 16 == 0, N > 0 (even when gated)");
+  const size_t bytes = L::expert_bytes(N, K, gated);
+  DG_REQUIRE(static_cast<size_t>(shuffled.shape(1)) == bytes, InvalidArgument, "shuffled must be [G, " << bytes << "]");
+  const int G = static_cast<int>(shuffled.shape(0)), KT = L::k_tiles(K);
+  py::array_t<float> out({G, N, K});
+  float* o = out.mutable_data();
+  std::vector<uint8_t> seen(static_cast<size_t>(G) * N * K, 0);
+  auto bf16 = [](uint32_t bits) { uint32_t f = bits << 16; float v; std::memcpy(&v, &f, 4); return v; };
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < L::groups(N, gated); ++c)
+      for (int t = 0; t < KT; ++t) {
+        const uint8_t* st = shuffled.data() + g * bytes + (static_cast<size_t>(c) * KT + t) * L::kUnitBytes;
+        for (int warp = 0; warp < L::kWarps; ++warp)
+          for (int lane = 0; lane < 32; ++lane) {
+            uint32_t wq[4], sq[2];
+            std::memcpy(wq, st + warp * L::kTileWeightBytes + 16 * lane, 16);                              // LDS.128
+            std::memcpy(sq, st + L::kScaleOffset + warp * L::kTileScaleBytes + 8 * (lane / 4), 8);         // LDS.64
+            for (int j = 0; j < L::kKSteps; ++j) {
+              uint32_t a[4];
+              L::decode_word(wq[j], a);
+              const uint32_t s = L::scale_pair(j < 2 ? sq[0] : sq[1], j);
+              for (int i = 0; i < 4; ++i)
+                for (int h = 0; h < 2; ++h) {
+                  const float v = bf16((a[i] >> (16 * h)) & 0xFFFF), sc = bf16((s >> (16 * (i & 1))) & 0xFFFF);
+                  const float prod = v * sc;  // exact in fp32 (2 x 4 significant bits); must also be a bf16
+                  uint32_t pb;
+                  std::memcpy(&pb, &prod, 4);
+                  DG_REQUIRE((pb & 0xFFFF) == 0, Error, "decoded product is not exact in bf16");
+                  const float w = prod * L::kAccScale;
+                  const int n = L::weight_row(L::kWarps * c + warp, L::frag_row(lane, i), N, gated);
+                  const int k = L::kKTile * t + 16 * j + L::frag_k(lane, i, h);
+                  if (n < 0 || k >= K) {
+                    DG_REQUIRE(w == 0.0f, Error, "padding decodes to " << w << " (expert " << g << ")");
+                    continue;
+                  }
+                  const size_t idx = (static_cast<size_t>(g) * N + n) * K + k;
+                  DG_REQUIRE(!seen[idx]++, Error, "element (" << g << ", " << n << ", " << k << ") read twice");
+                  o[idx] = w;
+                }
+            }
+          }
+      }
+  for (size_t i = 0; i < seen.size(); ++i) DG_REQUIRE(seen[i], Error, "element " << i << " never read");
+  return out;
 }
 
 // ---- host side: the arithmetic and the scale layout the kernels use, checked without a GPU
@@ -217,6 +290,13 @@ RegisterCudaOps reg([](py::module_& m) {
         "y[o_g:o_g+1] = x[o_g:o_g+1] @ dequant(W_g)^T: NVFP4 weights, bf16 activations (uint16) in and out; "
         "gated: W is gate_up and y = gelu_tanh(gate) * up [Mtot, N/2]; gather: row r reads "
         "x[gather[r] // gather_div]");
+  m.def("nvfp4_shuffle_w4a16", &shuffle_w4a16, py::arg("w"), py::arg("w_scale"), py::arg("gated") = false,
+        "the W4A16 kernel's pre-shuffled weight layout [G, bytes] of NVFP4 codes [G, N, K/2] and E4M3 scales "
+        "[G, N, K/16] (common/nvfp4_w4a16_layout.h, run on the host)");
+  m.def("nvfp4_emulate_w4a16", &emulate_w4a16, py::arg("shuffled"), py::arg("N"), py::arg("K"),
+        py::arg("gated") = false,
+        "the W4A16 kernel's reads, decode and fragment map run on the host: e2m1 * scale [G, N, K] as the "
+        "kernel's MMAs see it (times 2^7)");
   m.def("nvfp4_quantize_host", &quantize_host, py::arg("x"), py::arg("global_scale"),
         "the kernels' NVFP4 block quantization run on the host: (packed [R, K/2], E4M3 codes [R, K/16])");
   m.def("nvfp4_encode_host", &encode_host, py::arg("x"), py::arg("kind"),

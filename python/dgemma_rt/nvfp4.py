@@ -216,6 +216,138 @@ def swizzle_scales(scales: np.ndarray) -> np.ndarray:
     return out.reshape(lead + (out.shape[-1],))
 
 
+# ---------------------------------------------------------------------------------------- W4A16 kernel layout
+# The pre-shuffled layout the Hopper W4A16 grouped GEMM reads (csrc/common/nvfp4_w4a16_layout.h holds the
+# full description and the C++ twin of these functions; the two are checked byte for byte). One expert is
+# groups x k_tiles units of 4608 bytes: 8 MMA row blocks of 16 rows x 64 columns, per lane of each warp 4
+# words of 8 E2M1 codes in its mma.m16n8k16 A-fragment order, then the 64 re-encoded block scales.
+W4A16_WARPS = 8
+W4A16_KTILE = 64
+W4A16_UNIT_BYTES = W4A16_WARPS * (512 + 64)
+W4A16_ACC_SCALE = 128.0  # the kernel's decoded products carry 2^-7
+
+
+def w4a16_word_bit(i: int, h: int, b: int) -> int:
+    """Bit of the lane word holding code bit ``b`` (0 = mantissa, 1-2 = exponent, 3 = sign) of A-fragment
+    register ``i`` (a0..a3), half ``h``."""
+    t = 16 * h + (6 + b if b < 3 else 15)
+    if i == 0:
+        return t
+    if i == 1:
+        return (t + 6) % 32 if b == 2 else t - 2
+    if i == 2:
+        return t - 6
+    return (t + 4) % 32
+
+
+def w4a16_sizes(N: int, K: int, gated: bool) -> tuple[int, int, int]:
+    """(groups of 128 MMA rows, k-tiles of 64, bytes of one expert)."""
+    blocks = -(-(N // 2) // 8) if gated else -(-N // 16)
+    groups = -(-blocks // W4A16_WARPS)
+    ktiles = -(-K // W4A16_KTILE)
+    return groups, ktiles, groups * ktiles * W4A16_UNIT_BYTES
+
+
+def _w4a16_mma_rows(N: int, gated: bool) -> np.ndarray:
+    """The weight row behind each MMA row (block-major, 16 per block), -1 for padding."""
+    groups, _, _ = w4a16_sizes(N, 16, gated)
+    m = np.arange(groups * W4A16_WARPS * 16)
+    b, r = m // 16, m % 16
+    if gated:
+        half = N // 2
+        f = 8 * b + (r & 7)
+        return np.where(f < half, np.where(r < 8, f, half + f), -1)
+    return np.where(m < N, m, -1)
+
+
+def w4a16_scale_code(codes: np.ndarray) -> np.ndarray:
+    """Non-negative E4M3 scale codes to the kernel's scale byte ``((e + 22) << 3) | m`` of 2^e * (1 + m/8)."""
+    c = np.asarray(codes, dtype=np.uint8) & 0x7F
+    frac, ex = np.frexp(e4m3_decode(c).astype(np.float64))  # v = frac * 2^ex, frac in [0.5, 1)
+    m = np.rint((2 * frac - 1) * 8).astype(np.int64)
+    u = ((ex - 1 + 22) << 3) | m
+    return np.where(c == 0, 0, u).astype(np.uint8)
+
+
+def w4a16_scale_value(u: np.ndarray) -> np.ndarray:
+    """The scale a kernel scale byte stands for (0 for 0)."""
+    u = np.asarray(u, dtype=np.int64)
+    v = np.ldexp(1.0 + (u & 7) / 8.0, (u >> 3) - 22)
+    return np.where(u == 0, 0.0, v).astype(np.float32)
+
+
+def _w4a16_canonical(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same weights with non-negative scales: a negative scale's sign moves into its 16 values, a zero
+    scale zeroes them, and zero values are +0."""
+    if np.any((scales & 0x7F) == 0x7F):
+        raise ValueError("NVFP4 block scales must not be NaN")
+    per = np.repeat(scales, GROUP, axis=-1)
+    c = np.where((per & 0x80) != 0, codes ^ 8, codes)
+    c = np.where(((per & 0x7F) == 0) | ((codes & 7) == 0), 0, c).astype(np.uint8)
+    return c, (scales & 0x7F).astype(np.uint8)
+
+
+def shuffle_w4a16(packed: np.ndarray, scales: np.ndarray, gated: bool = False) -> np.ndarray:
+    """NVFP4 experts (packed codes ``[G, N, K/2]``, E4M3 block scales ``[G, N, K/16]``) to the W4A16
+    kernel's layout ``uint8 [G, bytes]``. ``gated``: gate_up weights (``N = 2I``, gate rows first), laid
+    out so the kernel pairs each gate row with its up row. Done once, at load."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    scales = np.asarray(scales, dtype=np.uint8)
+    if packed.ndim != 3 or scales.ndim != 3:
+        raise ValueError("packed must be [G, N, K/2] and scales [G, N, K/16]")
+    G, N, K = packed.shape[0], packed.shape[1], packed.shape[2] * 2
+    if K % GROUP or scales.shape != (G, N, K // GROUP) or (gated and N % 2):
+        raise ValueError(f"bad shapes {packed.shape}, {scales.shape} (gated={gated})")
+    codes, sc = _w4a16_canonical(unpack(packed), scales)
+    groups, kt, nbytes = w4a16_sizes(N, K, gated)
+    rows = _w4a16_mma_rows(N, gated)
+    R, Kp = rows.size, kt * W4A16_KTILE
+    cm = np.zeros((G, R, Kp), np.uint8)
+    cm[:, rows >= 0, :K] = codes[:, rows[rows >= 0]]
+    # [G, C, W, rh, gid, KT, J, kh, tig, h] -> [G, C, KT, W, gid, tig, J, kh, rh, h]: register i = 2 kh + rh
+    cm = cm.reshape(G, groups, W4A16_WARPS, 2, 8, kt, 4, 2, 4, 2).transpose(0, 1, 5, 2, 4, 8, 6, 7, 3, 9)
+    cm = cm.reshape(G, groups, kt, W4A16_WARPS, 32, 4, 4, 2).astype(np.uint32)
+    words = np.zeros(cm.shape[:6], np.uint32)
+    for i in range(4):
+        for h in range(2):
+            for b in range(4):
+                words |= ((cm[..., i, h] >> b) & 1) << np.uint32(w4a16_word_bit(i, h, b))
+    um = np.zeros((G, R, kt * 4), np.uint8)
+    um[:, rows >= 0, : K // GROUP] = w4a16_scale_code(sc)[:, rows[rows >= 0]]
+    # [G, C, W, hi, gid, KT, jh, jl] -> [G, C, KT, W, gid, jh, hi, jl]: byte 4 (j // 2) + 2 hi + (j % 2)
+    um = um.reshape(G, groups, W4A16_WARPS, 2, 8, kt, 2, 2).transpose(0, 1, 5, 2, 4, 6, 3, 7)
+    unit = np.concatenate([words.astype("<u4").view(np.uint8).reshape(G, groups, kt, -1),
+                           um.reshape(G, groups, kt, -1)], axis=-1)
+    return np.ascontiguousarray(unit.reshape(G, nbytes))
+
+
+def unshuffle_w4a16(shuffled: np.ndarray, N: int, K: int, gated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of shuffle_w4a16: (packed ``[G, N, K/2]``, scales ``[G, N, K/16]``), canonical (non-negative
+    scales, values of zero-scale blocks zero): the same weights as the tensors that were shuffled."""
+    groups, kt, nbytes = w4a16_sizes(N, K, gated)
+    s = np.asarray(shuffled, dtype=np.uint8)
+    if s.ndim != 2 or s.shape[1] != nbytes:
+        raise ValueError(f"shuffled must be [G, {nbytes}]")
+    G = s.shape[0]
+    unit = s.reshape(G, groups, kt, W4A16_UNIT_BYTES)
+    words = np.ascontiguousarray(unit[..., : W4A16_WARPS * 512]).view("<u4").reshape(G, groups, kt, W4A16_WARPS, 32, 4)
+    cm = np.zeros(words.shape + (4, 2), np.uint8)
+    for i in range(4):
+        for h in range(2):
+            for b in range(4):
+                cm[..., i, h] |= (((words >> np.uint32(w4a16_word_bit(i, h, b))) & 1) << b).astype(np.uint8)
+    cm = cm.reshape(G, groups, kt, W4A16_WARPS, 8, 4, 4, 2, 2, 2).transpose(0, 1, 3, 8, 4, 2, 6, 7, 5, 9)
+    cm = cm.reshape(G, -1, kt * W4A16_KTILE)
+    um = unit[..., W4A16_WARPS * 512 :].reshape(G, groups, kt, W4A16_WARPS, 8, 2, 2, 2).transpose(0, 1, 3, 6, 4, 2, 5, 7)
+    um = um.reshape(G, -1, kt * 4)
+    rows = _w4a16_mma_rows(N, gated)
+    codes = np.zeros((G, N, K), np.uint8)
+    codes[:, rows[rows >= 0]] = cm[:, rows >= 0, :K]
+    u = np.zeros((G, N, K // GROUP), np.uint8)
+    u[:, rows[rows >= 0]] = um[:, rows >= 0, : K // GROUP]
+    return pack(codes), e4m3_encode(w4a16_scale_value(u))
+
+
 # ---------------------------------------------------------------------------------------- safetensors I/O
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (None, 2), "U8": (np.uint8, 1),
            "F8_E4M3": (np.uint8, 1), "I64": (np.int64, 8), "I32": (np.int32, 4)}

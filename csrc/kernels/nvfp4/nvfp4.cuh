@@ -1,37 +1,40 @@
 // NVFP4 weights on the GPU (layout: python/dgemma_rt/nvfp4.py, the reference).
 //
 //   grouped_gemm_nvfp4   y[o_g : o_g+1] = x[o_g : o_g+1] @ W_g^T for every expert g, where
-//                        W_g = (e2m1 * e4m3 block scale) * global_scale[g], W packed [G, N, K/2]
-//                        (even element in the low nibble), block scales [G, N, K/16] (E4M3 codes),
+//                        W_g = (e2m1 * e4m3 block scale) * global_scale[g]: an NVFP4 tensor [G, N, K] (codes
+//                        [G, N, K/2], block scales [G, N, K/16], one global scale per expert) that the host
+//                        pre-shuffled at load into the kernel's layout (common/nvfp4_w4a16_layout.h:
+//                        nvfp4::w4a16::shuffle_expert, or dgemma_rt.nvfp4.shuffle_w4a16): w holds G blocks of
+//                        grouped_gemm_nvfp4_weight_bytes(N, K, gated) bytes, codes and re-encoded scales.
 //                        x bf16 [Mtot, K] in expert-major order (offsets [G+1], on the device),
-//                        y bf16 [Mtot, N]. W4A16: the weights are dequantized in registers to bf16
-//                        (e2m1 x e4m3 is exact in bf16) and fed to mma.sync m16n8k16 with fp32
-//                        accumulation; the global scale multiplies the accumulator at the end. Each
-//                        weight byte is read once per 32-token tile of its expert, which is once per
-//                        step at the real model's ~16 tokens per expert.
-//                        gated: W is gate_up [G, 2I, K] (gate rows first) and y [Mtot, I] =
-//                        gelu_tanh(gate) * up, each rounded to bf16 first: bit-identical to the GEMM
-//                        followed by moe_gelu_gate, without writing and re-reading [Mtot, 2I].
+//                        y bf16 [Mtot, N]. W4A16: the weights are decoded in registers to bf16 by bit tricks
+//                        (e2m1 x e4m3 is exact in bf16) and fed to mma.sync m16n8k16 with fp32 accumulation;
+//                        the global scale multiplies the accumulator at the end. Each weight byte is read
+//                        once per 64-token pass of its expert: once per step at ~16 tokens per expert.
+//                        gated: W is gate_up [G, 2I, K] (gate rows first), shuffled with gated = true (the
+//                        layout pairs gate and up rows), and y [Mtot, I] = gelu_tanh(gate) * up, each
+//                        rounded to bf16 first: bit-identical to the GEMM followed by moe_gelu_gate, without
+//                        writing and re-reading [Mtot, 2I].
 //                        gather: row r of the product reads x[gather[r] / gather_div] instead of x[r]:
 //                        with moe_permute's perm_slot and top-k, x is the unpermuted expert input
 //                        [T, K] and the permuted copy xp [T*k, K] is never written.
 //
-// Needs K % 16 == 0 (one block scale per mma k-step) and sm_80 or newer (cudaErrorInvalidValue /
-// cudaErrorNoKernelImageForDevice otherwise). A first, straightforward kernel: correct by design,
-// its speed not measured yet (no GPU has run it).
+// Needs K % 16 == 0, x and w 16-byte aligned, and sm_80 or newer (cudaErrorInvalidValue /
+// cudaErrorNoKernelImageForDevice otherwise). Design and expected speed: grouped_gemm_nvfp4.cu's header;
+// not yet run on a GPU.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace dgemma::kernels {
 
 struct GroupedGemmNvfp4Params {
   const __nv_bfloat16* x = nullptr;  // [Mtot, K], with gather: [rows, K]
-  const uint8_t* w = nullptr;        // [G, N, K/2] packed E2M1
-  const uint8_t* w_scale = nullptr;  // [G, N, K/16] E4M3 codes
+  const uint8_t* w = nullptr;        // [G, grouped_gemm_nvfp4_weight_bytes(N, K, gated)], pre-shuffled
   const float* w_global = nullptr;   // [G]
   const int32_t* offsets = nullptr;  // [G + 1], device memory, non-decreasing, offsets[0] = 0
   __nv_bfloat16* y = nullptr;        // [Mtot, N], gated: [Mtot, N/2]
@@ -41,6 +44,8 @@ struct GroupedGemmNvfp4Params {
   int gather_div = 1;
 };
 cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t stream);
+// Bytes of one expert's pre-shuffled weights (nvfp4::w4a16::expert_bytes).
+size_t grouped_gemm_nvfp4_weight_bytes(int N, int K, bool gated);
 
 // ---------------------------------------------------------------------------------------------
 // Blackwell (sm_100a, sm_120a): both operands NVFP4 on the block-scaled tensor cores. The
