@@ -35,6 +35,11 @@ def reference(x_bits, packed, scales, gscale, offsets):
     ([0, 1, 70, 0, 33], 72, 48),     # empty experts, one token, M not a multiple of the 32-token tile, N tail
     ([5, 0, 0, 0], 64, 2816),        # the real model's K
     ([0, 0, 129], 200, 16),          # every token on one expert, one k-step
+    # the real down projection (N = 2816, K = 704: 11 k-tiles, fewer than the pipeline's stages twice over)
+    # with 0, 1, 15, 17, 64 and 65 tokens (64 + 1: a second pass) and 130 (three passes)
+    ([0, 1, 15, 17, 64, 65, 130], 2816, 704),
+    ([16, 1, 0, 33], 1408, 2816),    # the real gate_up weights, not gated: 16 = two n8 tiles, 33 = five
+    ([3, 9], 24, 48),                # N not a multiple of 16, K not a multiple of 64 (zero-filled tail)
 ])
 def test_grouped_gemm_nvfp4_matches_reference(counts, N, K):
     rng = np.random.default_rng(sum(counts) + N + K)
@@ -68,7 +73,36 @@ def test_grouped_gemm_nvfp4_small_integers_exact():
 
 
 @needs_gpu
-@pytest.mark.parametrize("counts,I,K", [([0, 1, 70, 0, 33], 36, 48), ([16] * 8, 704, 2816)])
+def test_grouped_gemm_nvfp4_every_code_and_scale_exact():
+    """All 16 E2M1 codes (0.5 included: it passes through HMUL2.BF16 as the bf16 subnormal 2^-127) under
+    subnormal, middle and maximal E4M3 scales and a negative scale; each row keeps to one scale class so
+    every partial sum is exact in fp32 (<= 14 significant bits), and the output is exactly the bf16
+    rounding of the exact product."""
+    rng = np.random.default_rng(5)
+    G, N, K = 2, 48, 64
+    counts = [7, 20]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    codes = rng.integers(0, 16, size=(G, N, K)).astype(np.uint8)
+    codes[0, 0, :16] = np.arange(16)  # every code once in one block
+    classes = [np.arange(1, 8), np.array([0x30, 0x38, 0x3C, 0x40, 0xB8]), np.array([0x78, 0x7D, 0x7E])]
+    scales = np.zeros((G, N, K // 16), np.uint8)
+    for n in range(N):
+        cl = classes[n % 3]
+        scales[:, n] = cl[rng.integers(0, len(cl), size=(G, K // 16))]
+    gscale = np.array([1.0, 0.25], dtype=np.float32)
+    x = bf16_bits(rng.integers(-1, 2, size=(int(offsets[-1]), K)).astype(np.float32))
+    packed = nvfp4.pack(codes)
+    y = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)
+    ref = reference(x, packed, scales, gscale, offsets)
+    assert np.array_equal(ref.astype(np.float32).astype(np.float64), ref)  # the reference is exact in fp32
+    np.testing.assert_array_equal(y, bf16_bits(ref.astype(np.float32)))
+    gated = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=True)
+    np.testing.assert_array_equal(gated, ops().moe_gelu_gate(y))
+
+
+@needs_gpu
+@pytest.mark.parametrize("counts,I,K", [([0, 1, 70, 0, 33], 36, 48), ([16] * 8, 704, 2816),
+                                        ([0, 1, 15, 17, 64, 65], 704, 2816)])
 def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K):
     """The fused gate_up GEMM + gelu_tanh(gate) * up is bit-identical to the GEMM followed by moe_gelu_gate."""
     rng = np.random.default_rng(I + K)
@@ -84,12 +118,12 @@ def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K):
 
 
 @needs_gpu
-@pytest.mark.parametrize("gated", [False, True])
-def test_grouped_gemm_nvfp4_gather_equals_permuted_input(gated):
+@pytest.mark.parametrize("gated,T,k,G,I,K", [(False, 37, 4, 6, 40, 64), (True, 37, 4, 6, 40, 64),
+                                             (True, 256, 8, 16, 704, 2816)])  # a canvas, top-8, real gate_up
+def test_grouped_gemm_nvfp4_gather_equals_permuted_input(gated, T, k, G, I, K):
     """Reading the unpermuted expert input through perm_slot // k is bit-identical to the GEMM on the
     permuted copy moe_permute would write."""
     rng = np.random.default_rng(17)
-    T, k, G, I, K = 37, 4, 6, 40, 64
     experts = np.stack([rng.permutation(G)[:k] for _ in range(T)])            # [T, k] distinct per token
     slots = np.arange(T * k)
     perm_slot = slots[np.argsort(experts.reshape(-1), kind="stable")].astype(np.int32)  # expert-major order
