@@ -225,3 +225,99 @@ def test_cpp_shuffle_refuses_nan_scales():
     scales[0, 5, 0] = 0xFF
     with pytest.raises(ValueError, match="NaN"):
         dgemma_rt._core.cuda_ops.nvfp4_shuffle_w4a16(np.zeros((1, 16, 8), np.uint8), scales)
+
+
+# ---- the whole warp program (activation tiles, ldmatrix addresses, MMAs, epilogue) emulated on the host
+
+def gemm_reference(x_bits, packed, scales, gscale, offsets):
+    from bf16_helpers import bf16_to_f32
+    x = bf16_to_f32(x_bits).astype(np.float64)
+    w = nvfp4.dequantize(packed, scales, gscale).astype(np.float64)
+    y = np.zeros((x.shape[0], w.shape[1]))
+    for g in range(w.shape[0]):
+        y[offsets[g]:offsets[g + 1]] = x[offsets[g]:offsets[g + 1]] @ w[g].T
+    return y
+
+
+def emulate_gemm(x, packed, scales, gscale, offsets, gated=False, gather=None, gather_div=1):
+    ops = dgemma_rt._core.cuda_ops
+    N, K = packed.shape[1], packed.shape[2] * 2
+    return ops.nvfp4_emulate_w4a16_gemm(x, ops.nvfp4_shuffle_w4a16(packed, scales, gated), gscale, offsets, N, K,
+                                        gated, gather, gather_div)
+
+
+@has_cpp
+@pytest.mark.parametrize("counts,N,K", [
+    ([0, 1, 15, 17, 64, 65, 130], 72, 48),  # empty, one token, n8 tile edges, a second and a third pass
+    ([3, 9], 24, 80),                       # N not a multiple of 16, K not a multiple of 64
+    ([5, 33], 2816, 128),                   # the down projection's N
+])
+def test_emulated_gemm_matches_reference(counts, N, K):
+    from bf16_helpers import bf16_bits, bf16_to_f32
+    rng = np.random.default_rng(sum(counts) + N + K)
+    G = len(counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    w = (rng.standard_normal((G, N, K)) * rng.uniform(0.01, 3, size=(G, 1, 1))).astype(np.float32)
+    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
+    x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
+    y = bf16_to_f32(emulate_gemm(x, packed, scales, gscale, offsets)).astype(np.float64)
+    ref = gemm_reference(x, packed, scales, gscale, offsets)
+    tol = 2.0**-8 * np.abs(ref) + 1e-5 * np.sqrt(K) * np.abs(ref).max(initial=1.0)
+    assert np.all(np.abs(y - ref) <= tol)
+
+
+@has_cpp
+def test_emulated_gemm_every_code_and_scale_exact():
+    """The GPU test's inputs (test_cuda_nvfp4.py): every partial sum exact in fp32, so y is exactly the bf16
+    rounding of the exact product."""
+    from bf16_helpers import bf16_bits
+    rng = np.random.default_rng(5)
+    G, N, K = 2, 48, 64
+    offsets = np.array([0, 7, 27], np.int32)
+    codes = rng.integers(0, 16, size=(G, N, K)).astype(np.uint8)
+    codes[0, 0, :16] = np.arange(16)
+    classes = [np.arange(1, 8), np.array([0x30, 0x38, 0x3C, 0x40, 0xB8]), np.array([0x78, 0x7D, 0x7E])]
+    scales = np.zeros((G, N, K // 16), np.uint8)
+    for n in range(N):
+        cl = classes[n % 3]
+        scales[:, n] = cl[rng.integers(0, len(cl), size=(G, K // 16))]
+    gscale = np.array([1.0, 0.25], dtype=np.float32)
+    x = bf16_bits(rng.integers(-1, 2, size=(27, K)).astype(np.float32))
+    packed = nvfp4.pack(codes)
+    ref = gemm_reference(x, packed, scales, gscale, offsets)
+    assert np.array_equal(ref.astype(np.float32).astype(np.float64), ref)
+    np.testing.assert_array_equal(emulate_gemm(x, packed, scales, gscale, offsets), bf16_bits(ref.astype(np.float32)))
+
+
+@has_cpp
+@pytest.mark.parametrize("counts,I,K", [([0, 1, 15, 17, 64, 65], 36, 48), ([16, 40], 704, 64)])
+def test_emulated_gated_gemm_is_gelu_gate_of_the_gemm(counts, I, K):
+    from bf16_helpers import bf16_bits, bf16_to_f32
+    rng = np.random.default_rng(I + K)
+    G = len(counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
+    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
+    x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
+    h = bf16_to_f32(emulate_gemm(x, packed, scales, gscale, offsets)).astype(np.float64)
+    fused = bf16_to_f32(emulate_gemm(x, packed, scales, gscale, offsets, gated=True)).astype(np.float64)
+    gate, up = h[:, :I], h[:, I:]
+    want = 0.5 * gate * (1 + np.tanh(0.7978845608028654 * (gate + 0.044715 * gate**3))) * up
+    np.testing.assert_allclose(fused, want, rtol=2.0**-7, atol=1e-6)
+
+
+@has_cpp
+@pytest.mark.parametrize("gated", [False, True])
+def test_emulated_gather_equals_permuted_input(gated):
+    rng = np.random.default_rng(17)
+    T, k, G, I, K = 37, 4, 6, 40, 64
+    experts = np.stack([rng.permutation(G)[:k] for _ in range(T)])
+    perm_slot = np.arange(T * k)[np.argsort(experts.reshape(-1), kind="stable")].astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(experts.reshape(-1), minlength=G))]).astype(np.int32)
+    from bf16_helpers import bf16_bits
+    xe = bf16_bits(rng.standard_normal((T, K)).astype(np.float32))
+    w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
+    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
+    unfused = emulate_gemm(xe[perm_slot // k], packed, scales, gscale, offsets, gated)
+    fused = emulate_gemm(xe, packed, scales, gscale, offsets, gated, perm_slot, k)
+    np.testing.assert_array_equal(fused, unfused)

@@ -139,6 +139,143 @@ py::array_t<float> emulate_w4a16(const U8Array& shuffled, int N, int K, bool gat
   return out;
 }
 
+namespace {
+float bf16_to_float(uint32_t bits) {
+  const uint32_t f = bits << 16;
+  float v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
+uint16_t float_to_bf16(float v) {  // round to nearest even (finite values)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+uint16_t mul_bf16(uint32_t a, uint32_t b) {  // HMUL2.BF16 on one half; exact for the decode's products
+  return float_to_bf16(bf16_to_float(a) * bf16_to_float(b));
+}
+}  // namespace
+
+// The whole warp program of the W4A16 kernel run on the host, one CTA (c, g) and one 64-token pass at a
+// time, with the kernel's own index functions (nvfp4_w4a16_layout.h): the token rows table (gather), each
+// stage's activation tile written at act_chunk_offset (zero-filled where cp.async's source size is 0,
+// NaN bytes where the kernel never writes), every warp's A fragments (decode_word, scale_pair, HMUL2) and
+// B fragments as ldmatrix returns them from the row addresses ldsm_offset gives (lane l gets row l / 4,
+// bytes 4 (l % 4) of each matrix), the m16n8k16 products assembled from those fragments with fp32 sums in
+// k order, and the epilogue's map (acc_row, acc_col, weight_row, gated pairing, bf16 rounding). Every
+// output must be written exactly once.
+U16Array emulate_w4a16_gemm(U16Array x, U8Array shuffled, F32Array w_global, I32Array offsets, int N, int K, bool gated,
+                            std::optional<I32Array> gather, int gather_div) {
+  namespace L = nvfp4::w4a16;
+  DG_REQUIRE(x.ndim() == 2 && x.shape(1) == K && K % 16 == 0 && shuffled.ndim() == 2 && N > 0 &&
+                 (!gated || N % 2 == 0) && gather_div >= 1,
+             InvalidArgument, "need x [rows, K], K % 16 == 0, shuffled [G, bytes], even N when gated");
+  const int G = static_cast<int>(shuffled.shape(0)), KT = L::k_tiles(K);
+  const size_t bytes = L::expert_bytes(N, K, gated);
+  DG_REQUIRE(static_cast<size_t>(shuffled.shape(1)) == bytes && w_global.shape(0) == G, InvalidArgument,
+             "shuffled must be [G, " << bytes << "] and w_global [G]");
+  const int Mtot = gather ? static_cast<int>(gather->size()) : static_cast<int>(x.shape(0));
+  check_offsets(offsets, G, Mtot);
+  const int Nout = gated ? N / 2 : N;
+  U16Array y({Mtot, Nout});
+  uint16_t* yo = y.mutable_data();
+  std::vector<uint8_t> written(static_cast<size_t>(Mtot) * Nout, 0);
+  const uint16_t* xb = x.data();
+  const int32_t* off = offsets.data();
+  std::vector<uint8_t> act(L::kKTile * 2 * 64);
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < L::groups(N, gated); ++c)
+      for (int t0 = off[g]; t0 < off[g + 1]; t0 += 64) {
+        const int n = off[g + 1] - t0, m_end = off[g + 1];
+        const int NT = n <= 8 ? 1 : n <= 16 ? 2 : n <= 32 ? 4 : 8;
+        int rows[64];
+        for (int i = 0; i < 64; ++i) {
+          const int tok = t0 + i;
+          rows[i] = tok < m_end ? (gather ? gather->data()[tok] / gather_div : tok) : -1;
+        }
+        std::vector<float> acc(static_cast<size_t>(L::kWarps) * 32 * NT * 4, 0.0f);  // [warp][lane][n][i]
+        for (int t = 0; t < KT; ++t) {
+          std::fill(act.begin(), act.end(), 0xFF);  // bf16 NaN: what a wrong ldmatrix address would read
+          for (int q = 0; q < 64 * NT; ++q) {
+            const int row = q / 8, ch = q % 8, col = L::kKTile * t + 8 * ch;
+            const bool ok = rows[row] >= 0 && col < K;
+            uint8_t* d = act.data() + L::act_chunk_offset(row, ch);
+            if (ok) std::memcpy(d, xb + static_cast<size_t>(rows[row]) * K + col, 16);
+            else std::memset(d, 0, 16);
+          }
+          const uint8_t* st = shuffled.data() + g * bytes + (static_cast<size_t>(c) * KT + t) * L::kUnitBytes;
+          for (int warp = 0; warp < L::kWarps; ++warp)
+            for (int j = 0; j < L::kKSteps; ++j) {
+              float A[16][16];
+              for (int lane = 0; lane < 32; ++lane) {
+                uint32_t wq[4], sq[2], a[4];
+                std::memcpy(wq, st + warp * L::kTileWeightBytes + 16 * lane, 16);
+                std::memcpy(sq, st + L::kScaleOffset + warp * L::kTileScaleBytes + 8 * (lane / 4), 8);
+                L::decode_word(wq[j], a);
+                const uint32_t s = L::scale_pair(j < 2 ? sq[0] : sq[1], j);
+                for (int i = 0; i < 4; ++i)
+                  for (int h = 0; h < 2; ++h)
+                    A[L::frag_row(lane, i)][L::frag_k(lane, i, h)] =
+                        bf16_to_float(mul_bf16((a[i] >> (16 * h)) & 0xFFFF, (s >> (16 * (i & 1))) & 0xFFFF));
+              }
+              for (int np = 0; np < (NT + 1) / 2; ++np) {
+                const int mats = NT == 1 ? 2 : 4;  // ldmatrix .x2 or .x4
+                uint32_t reg[32][4];
+                for (int lane = 0; lane < 32; ++lane)
+                  for (int q = 0; q < mats; ++q) {
+                    const int addr = L::ldsm_offset(8 * q + lane / 4, j, np);  // row lane / 4 of matrix q
+                    std::memcpy(&reg[lane][q], act.data() + addr + 4 * (lane % 4), 4);
+                  }
+                for (int half_tile = 0; half_tile < mats / 2; ++half_tile) {
+                  const int nn = 2 * np + half_tile;  // n8 tile
+                  float B[16][8];
+                  for (int lane = 0; lane < 32; ++lane)
+                    for (int h = 0; h < 2; ++h) {  // b0: k = 2 (lane % 4) + h, b1: k + 8; token lane / 4
+                      B[2 * (lane % 4) + h][lane / 4] = bf16_to_float((reg[lane][2 * half_tile] >> (16 * h)) & 0xFFFF);
+                      B[8 + 2 * (lane % 4) + h][lane / 4] = bf16_to_float((reg[lane][2 * half_tile + 1] >> (16 * h)) & 0xFFFF);
+                    }
+                  for (int lane = 0; lane < 32; ++lane)
+                    for (int i = 0; i < 4; ++i) {
+                      float d = 0.0f;
+                      for (int k = 0; k < 16; ++k) d += A[L::acc_row(lane, i)][k] * B[k][L::acc_col(lane, i)];
+                      acc[((static_cast<size_t>(warp) * 32 + lane) * NT + nn) * 4 + i] += d;
+                    }
+                }
+              }
+            }
+        }
+        const float gs = w_global.data()[g] * L::kAccScale;
+        for (int warp = 0; warp < L::kWarps; ++warp)
+          for (int lane = 0; lane < 32; ++lane) {
+            const int b = L::kWarps * c + warp;
+            const float* ac = acc.data() + (static_cast<size_t>(warp) * 32 + lane) * NT * 4;
+            for (int nn = 0; nn < NT; ++nn)
+              for (int i = 0; i < (gated ? 2 : 4); ++i) {
+                const int tok = t0 + 8 * nn + L::acc_col(lane, i);
+                int col;
+                uint16_t v;
+                if (gated) {
+                  col = 8 * b + lane / 4;
+                  if (col >= N / 2 || tok >= m_end) continue;
+                  const float gate = bf16_to_float(float_to_bf16(ac[nn * 4 + i] * gs));
+                  const float up = bf16_to_float(float_to_bf16(ac[nn * 4 + i + 2] * gs));
+                  const float k0 = 0.7978845608028654f;
+                  v = float_to_bf16(0.5f * gate * (1.0f + std::tanh(k0 * (gate + 0.044715f * gate * gate * gate))) * up);
+                } else {
+                  col = L::weight_row(b, L::acc_row(lane, i), N, false);
+                  if (col < 0 || tok >= m_end) continue;
+                  v = float_to_bf16(ac[nn * 4 + i] * gs);
+                }
+                const size_t idx = static_cast<size_t>(tok) * Nout + col;
+                DG_REQUIRE(!written[idx]++, Error, "output (" << tok << ", " << col << ") written twice");
+                yo[idx] = v;
+              }
+          }
+      }
+  for (size_t i = 0; i < written.size(); ++i) DG_REQUIRE(written[i], Error, "output " << i << " never written");
+  return y;
+}
+
 // ---- host side: the arithmetic and the scale layout the kernels use, checked without a GPU
 std::tuple<U8Array, U8Array> quantize_host(F32Array x, float global) {
   DG_REQUIRE(x.ndim() == 2 && x.shape(1) % nvfp4::kGroup == 0, InvalidArgument, "x must be [R, K], K % 16 == 0");
@@ -297,6 +434,11 @@ RegisterCudaOps reg([](py::module_& m) {
         py::arg("gated") = false,
         "the W4A16 kernel's reads, decode and fragment map run on the host: e2m1 * scale [G, N, K] as the "
         "kernel's MMAs see it (times 2^7)");
+  m.def("nvfp4_emulate_w4a16_gemm", &emulate_w4a16_gemm, py::arg("x"), py::arg("shuffled"), py::arg("w_global"),
+        py::arg("offsets"), py::arg("N"), py::arg("K"), py::arg("gated") = false, py::arg("gather") = py::none(),
+        py::arg("gather_div") = 1,
+        "the W4A16 kernel's whole warp program (tiles, fragments, ldmatrix addresses, MMAs, epilogue) run on "
+        "the host with its index functions: bf16 (uint16) y like grouped_gemm_nvfp4's");
   m.def("nvfp4_quantize_host", &quantize_host, py::arg("x"), py::arg("global_scale"),
         "the kernels' NVFP4 block quantization run on the host: (packed [R, K/2], E4M3 codes [R, K/16])");
   m.def("nvfp4_encode_host", &encode_host, py::arg("x"), py::arg("kind"),

@@ -137,6 +137,24 @@ DG_W4A16_FN uint32_t scale_code(uint32_t c) {
   return (static_cast<uint32_t>(e + 22) << 3) | m;
 }
 
+// ---- the activation side (shared memory), also checked on the host by the GEMM emulation
+// A stage's activation tile: 64 tokens x 64 bf16 columns, 128 bytes per token; the 16-byte chunk ch of
+// token row r sits at chunk ch ^ (r % 8), so the 8 rows of an ldmatrix phase hit 8 different bank groups.
+constexpr int kActRowBytes = kKTile * 2;
+DG_W4A16_FN int act_chunk_offset(int row, int ch) { return row * kActRowBytes + ((ch ^ (row & 7)) << 4); }
+
+// The row address lane gives ldmatrix (.x4, or .x2 from lanes 0-15) for k-step j and the 16 tokens
+// 16 np ..: lanes 0-7 / 8-15 / 16-23 / 24-31 address the rows of matrices (tokens 0-7, k 0-7), (0-7, 8-15),
+// (8-15, 0-7), (8-15, 8-15), which come back as b0, b1 of n8 tile 2 np and b0, b1 of tile 2 np + 1.
+DG_W4A16_FN int ldsm_offset(int lane, int j, int np) {
+  const int row = 16 * np + (lane & 7) + ((lane >> 4) << 3);
+  return act_chunk_offset(row, 2 * j + ((lane >> 3) & 1));
+}
+
+// mma.m16n8k16 accumulator: register i of lane holds MMA row acc_row and token acc_col of its n8 tile.
+DG_W4A16_FN int acc_row(int lane, int i) { return lane / 4 + 8 * (i >> 1); }
+DG_W4A16_FN int acc_col(int lane, int i) { return 2 * (lane % 4) + (i & 1); }
+
 #if !defined(__CUDA_ARCH__)
 // Host: one expert's packed codes [N, K/2] and E4M3 scales [N, K/16] to the layout (expert_bytes).
 // Returns false (and leaves `out` partly written) when a scale is NaN.

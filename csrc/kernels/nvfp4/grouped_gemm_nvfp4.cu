@@ -44,7 +44,7 @@ namespace L = nvfp4::w4a16;
 constexpr int kThreads = L::kWarps * 32;
 constexpr int kMaxTokens = 64;                 // tokens per pass: 8 n8 tiles
 constexpr int kStages = 6;
-constexpr int kActRowBytes = L::kKTile * 2;    // 128: one token's 64 bf16 of a stage
+constexpr int kActRowBytes = L::kActRowBytes;   // 128: one token's 64 bf16 of a stage
 constexpr int kActBytes = kMaxTokens * kActRowBytes;
 constexpr int kStageBytes = L::kUnitBytes + kActBytes;  // 12800
 constexpr int kRowsTableBytes = kMaxTokens * 4;
@@ -114,7 +114,7 @@ struct StageLoader {
       const int row = q / 8, ch = q % 8;
       const int srow = q < kChunks ? rows[row] : -1;
       src[i] = p.x + (srow >= 0 ? static_cast<size_t>(srow) * p.K + 8 * ch : 0);
-      dst[i] = row * kActRowBytes + ((ch ^ (row & 7)) << 4);
+      dst[i] = L::act_chunk_offset(row, ch);
       col[i] = srow >= 0 ? 8 * ch : p.K;
     }
   }
@@ -163,7 +163,7 @@ __device__ __forceinline__ void compute_stage(const uint8_t* st, const uint32_t 
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, act + ldsm_off[j] + np * 16 * kActRowBytes);
+        ldmatrix_x4(b, act + ldsm_off[j] + np * 16 * kActRowBytes);  // = ldsm_offset(lane, j, np)
         mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
         mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
       }
@@ -176,14 +176,10 @@ template <bool Gated, int NT>
 __device__ __forceinline__ void run_pass(const GroupedGemmNvfp4Params& p, const uint8_t* w_cta, int ktiles,
                                          uint8_t* stages, const int32_t* rows, int g, int t0, int m_end) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gid = lane / 4, tig = lane % 4;
-  // ldmatrix row addresses: lanes 0-7 / 8-15 / 16-23 / 24-31 give the rows of matrices (tokens 0-7, k 0-7),
-  // (0-7, k 8-15), (8-15, k 0-7), (8-15, k 8-15) of each 16-token pair of n8 tiles.
-  uint32_t ldsm_off[L::kKSteps];
-  const int lrow = (lane & 7) + ((lane >> 4) << 3);
+  const int gid = lane / 4;
+  uint32_t ldsm_off[L::kKSteps];  // per k-step; the next 16 tokens are 16 rows (2048 bytes) further
 #pragma unroll
-  for (int j = 0; j < L::kKSteps; ++j)
-    ldsm_off[j] = lrow * kActRowBytes + ((((2 * j) + ((lane >> 3) & 1)) ^ (lane & 7)) << 4);
+  for (int j = 0; j < L::kKSteps; ++j) ldsm_off[j] = L::ldsm_offset(lane, j, 0);
 
   float acc[NT][4];
 #pragma unroll
@@ -207,33 +203,33 @@ __device__ __forceinline__ void run_pass(const GroupedGemmNvfp4Params& p, const 
   }
   cp_async_wait<0>();
 
-  // acc[n]: d0, d1 = MMA row gid, tokens 8n + 2 tig, +1; d2, d3 = row gid + 8, the same tokens.
+  // acc[n][i]: MMA row acc_row(lane, i) (gid, or gid + 8 for i >= 2), token 8n + acc_col(lane, i).
   const float gs = p.w_global[g] * L::kAccScale;
   const int b = L::kWarps * blockIdx.x + warp;
   if constexpr (Gated) {
-    const int I = p.N / 2, f = 8 * b + gid;
-    if (f >= I) return;
+    // MMA row gid is gate feature f, row gid + 8 its up row: acc[n][i] and acc[n][i + 2] pair up
+    const int f = 8 * b + gid;
+    if (f >= p.N / 2) return;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int tok = t0 + 8 * n + 2 * tig + i;
+        const int tok = t0 + 8 * n + L::acc_col(lane, i);
         if (tok < m_end) {
           // rounded to bf16 first, as the unfused GEMM's output is: bit-identical to moe_gelu_gate
           const float gate = __bfloat162float(__float2bfloat16_rn(acc[n][i] * gs));
           const float up = __bfloat162float(__float2bfloat16_rn(acc[n][i + 2] * gs));
-          p.y[static_cast<size_t>(tok) * I + f] = __float2bfloat16_rn(gelu_tanh(gate) * up);
+          p.y[static_cast<size_t>(tok) * (p.N / 2) + f] = __float2bfloat16_rn(gelu_tanh(gate) * up);
         }
       }
   } else {
-    const int r0 = L::kMmaRows * b + gid, r1 = r0 + 8;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int tok = t0 + 8 * n + 2 * tig + (i & 1);
-        const int row = i < 2 ? r0 : r1;
-        if (tok < m_end && row < p.N) p.y[static_cast<size_t>(tok) * p.N + row] = __float2bfloat16_rn(acc[n][i] * gs);
+        const int tok = t0 + 8 * n + L::acc_col(lane, i);
+        const int row = L::weight_row(b, L::acc_row(lane, i), p.N, false);
+        if (tok < m_end && row >= 0) p.y[static_cast<size_t>(tok) * p.N + row] = __float2bfloat16_rn(acc[n][i] * gs);
       }
   }
 }
