@@ -321,3 +321,17 @@ def test_emulated_gather_equals_permuted_input(gated):
     unfused = emulate_gemm(xe[perm_slot // k], packed, scales, gscale, offsets, gated)
     fused = emulate_gemm(xe, packed, scales, gscale, offsets, gated, perm_slot, k)
     np.testing.assert_array_equal(fused, unfused)
+
+
+@has_cpp
+def test_shared_memory_accesses_are_conflict_free():
+    """cp.async writes (8 consecutive chunks of a token row per 128-byte wavefront) and each ldmatrix phase
+    (8 lanes' 16-byte rows) touch 8 different 16-byte bank groups."""
+    chunks, ldsm = dgemma_rt._core.cuda_ops.nvfp4_w4a16_smem_offsets()
+    assert sorted(chunks.reshape(-1)) == list(range(0, 64 * 128, 16))  # a permutation of the tile's chunks
+    assert all(len(set((chunks[r] // 16) % 8)) == 8 for r in range(64))
+    for j in range(4):
+        for np_ in range(4):
+            for phase in range(4):
+                rows = ldsm[j, np_, 8 * phase: 8 * phase + 8]
+                assert len(set((rows // 16) % 8)) == 8, (j, np_, phase, rows)

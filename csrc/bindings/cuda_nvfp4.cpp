@@ -439,6 +439,17 @@ RegisterCudaOps reg([](py::module_& m) {
         py::arg("gather_div") = 1,
         "the W4A16 kernel's whole warp program (tiles, fragments, ldmatrix addresses, MMAs, epilogue) run on "
         "the host with its index functions: bf16 (uint16) y like grouped_gemm_nvfp4's");
+  m.def("nvfp4_w4a16_smem_offsets", [] {
+    namespace L = nvfp4::w4a16;
+    py::array_t<int32_t> chunks({64, 8}), ldsm({L::kKSteps, 4, 32});
+    for (int r = 0; r < 64; ++r)
+      for (int c = 0; c < 8; ++c) chunks.mutable_data()[r * 8 + c] = L::act_chunk_offset(r, c);
+    for (int j = 0; j < L::kKSteps; ++j)
+      for (int np = 0; np < 4; ++np)
+        for (int l = 0; l < 32; ++l) ldsm.mutable_data()[(j * 4 + np) * 32 + l] = L::ldsm_offset(l, j, np);
+    return py::make_tuple(chunks, ldsm);
+  }, "the W4A16 kernel's activation-tile chunk offsets [64 tokens, 8 chunks] and ldmatrix row addresses "
+     "[k-step, 16-token pair, lane], in bytes");
   m.def("nvfp4_quantize_host", &quantize_host, py::arg("x"), py::arg("global_scale"),
         "the kernels' NVFP4 block quantization run on the host: (packed [R, K/2], E4M3 codes [R, K/16])");
   m.def("nvfp4_encode_host", &encode_host, py::arg("x"), py::arg("kind"),

@@ -23,14 +23,19 @@
 // Why mma.sync and not wgmma on sm_90a: at batch 1 the GEMM is bound by weight bytes (4.5 bits per
 // parameter): one layer reads 285.5 MB (gate_up) + 142.7 MB (down) = 428 MB, 85 + 43 = 128 us at
 // 3.35 TB/s. The tensor work at ~16-24 tokens per expert (padded to n8) is ~25-30 GFLOP per layer, ~45 us
-// at mma.sync's ~2/3 of the wgmma peak, overlapped with the byte stream; the decode, not the MMA,
-// takes the issue slots (~9 integer-pipe ops per 256 weights and warp: ~50 us of the INT pipe per layer).
-// wgmma (A = decoded weights from registers, B = tokens from shared memory) pays off from ~48 tokens
-// per expert (batch >= 3), where mma.sync's tensor rate nears the byte time; the weight layout is the
-// same for it (wgmma's per-warp register A fragment is mma.m16n8k16's), so it can be added as an sm_90a
-// variant without a new load-time format. Expected: ~1.05-1.15x the byte time, 135-150 us per layer at
-// 3.35 TB/s (the byte stream with 16 warps per SM and 5 stages in flight, plus the activation re-reads
-// from L2: tokens x K x 2 bytes per CTA, 0.44x the weight bytes at 16 tokens). Not yet run on a GPU.
+// at mma.sync's ~2/3 of the wgmma peak, overlapped with the byte stream; the issue slots go to the
+// decode, not to the MMA. wgmma (A = decoded weights from registers, B = tokens from shared memory) pays
+// off from ~48 tokens per expert (batch >= 3), where mma.sync's tensor rate nears the byte time; the
+// weight layout stays (wgmma's per-warp register A fragment is mma.m16n8k16's), so it can be added as an
+// sm_90a variant without a new load-time format.
+//
+// Expected speed (from the sm_90a SASS, tests/test_sass_w4a16.py): a warp spends 117 / 121 / 131 / 163
+// instructions per 64-column stage (1024 weights) at 8 / 16 / 32 / 64 tokens, so at ~16 tokens per
+// expert one layer issues ~93 M warp instructions: ~90-100 us on 528 schedulers at 1.75-1.98 GHz, under
+// the 128 us byte time. With 16 warps per SM and 5 stages (~46 KB of weights per SM) in flight the byte
+// stream should set the pace: ~1.1-1.2x the byte time, 140-155 us per layer (4.2-4.6 ms per step for the
+// 30 layers) on an H100 SXM, against 1.0-1.3 ms per layer for the first kernel. The activation re-reads
+// (tokens x K x 2 bytes per CTA, 0.44x the weight bytes at 16 tokens) come from L2. Not yet run on a GPU.
 #include "kernels/nvfp4/nvfp4.cuh"
 
 #include "common/nvfp4_w4a16_layout.h"
