@@ -1,6 +1,8 @@
 """Machine-code budgets of the W4A16 NVFP4 grouped GEMM (csrc/kernels/nvfp4/grouped_gemm_nvfp4.cu),
 checked without a GPU: the file is compiled for sm_90a with CMake's flags and its SASS read with
 cuobjdump. Skips when nvcc or cuobjdump is missing (the test extras install cuobjdump's wheel).
+tests/test_machine_code.py checks every hot kernel of the built module (spills, registers, its tensor-core
+opcode); this test holds the expert GEMM's main loops to the instruction budget of its design.
 
 The budgets come from the design in the kernel's header: per 64-column stage and warp, 4 k-steps of
 decode (5 LOP3 + 2 SHF + 2 IMAD.SHL), scale pair (2), 4 HMUL2.BF16, one ldmatrix per 16 tokens and NT
