@@ -1,10 +1,17 @@
 #include "runtime/kv_cache.h"
 
 #include <algorithm>
+#include <new>
 
 #include "common/check.h"
 
 namespace dgemma {
+
+ZeroedFloats::ZeroedFloats(size_t n) {
+  if (n == 0) return;
+  p_.reset(static_cast<float*>(std::calloc(n, sizeof(float))));
+  if (!p_) throw std::bad_alloc();
+}
 
 BlockPool::BlockPool(const ModelConfig& cfg, int block_size, int full_blocks, int sliding_blocks)
     : block_size_(block_size), window_(cfg.sliding_window) {

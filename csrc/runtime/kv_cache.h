@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -17,6 +18,17 @@
 
 namespace dgemma {
 
+// Pool storage from calloc: the kernel hands out zero pages on first touch, so the pool costs
+// address space at load and resident memory only as blocks are used (a vector would write all of it).
+class ZeroedFloats {
+ public:
+  explicit ZeroedFloats(size_t n);
+  float* data() const { return p_.get(); }
+
+ private:
+  std::unique_ptr<float, decltype(&std::free)> p_{nullptr, &std::free};
+};
+
 class BlockPool {
  public:
   struct Group {
@@ -24,7 +36,7 @@ class BlockPool {
     std::vector<int> layers;        // model layers in this group
     std::vector<size_t> token_floats;  // per group layer: kv_heads * head_dim
     // Per group layer: K and V storage [num_blocks, block_size, kv_heads, head_dim].
-    std::vector<std::vector<float>> k, v;
+    std::vector<ZeroedFloats> k, v;
     std::vector<int> free_list;
     int reserved = 0;
   };
