@@ -50,7 +50,7 @@ class Fields {
     int64_t x = 0;
     if (v.is_number_unsigned()) {
       const uint64_t u = v.get<uint64_t>();
-      in_range = u <= static_cast<uint64_t>(hi);
+      in_range = u <= static_cast<uint64_t>(hi) && (lo <= 0 || u >= static_cast<uint64_t>(lo));
       x = in_range ? static_cast<int64_t>(u) : 0;
     } else {
       x = v.get<int64_t>();

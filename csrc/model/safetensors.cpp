@@ -88,8 +88,9 @@ namespace {
 
 // A JSON integer in [0, max] (no bools, floats or negatives: the header describes byte counts).
 bool exact_uint(const json& v, uint64_t max, uint64_t* out) {
-  if (!v.is_number_unsigned()) return false;  // negative integers are number_integer, not unsigned
-  const uint64_t u = v.get<uint64_t>();
+  if (!v.is_number_integer()) return false;
+  if (!v.is_number_unsigned() && v.get<int64_t>() < 0) return false;  // "-0" parses as a signed 0
+  const uint64_t u = v.is_number_unsigned() ? v.get<uint64_t>() : static_cast<uint64_t>(v.get<int64_t>());
   if (u > max) return false;
   *out = u;
   return true;
