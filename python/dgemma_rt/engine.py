@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -75,6 +77,23 @@ class GenerateOutput:
 
 #: Raised by ``Request.result()`` (and by ``generate`` on Ctrl-C) when a request was cancelled.
 RequestCancelled = _core.RequestCancelled
+
+# Requests that may still run. At interpreter exit they are cancelled and waited for while Python
+# can still run their callbacks: a scheduler thread taking the GIL during finalization aborts the
+# process ("terminate called without an active exception").
+_live_requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
+
+
+@atexit.register
+def _cancel_live_requests() -> None:
+    natives = [n for n in (r._native for r in list(_live_requests)) if n is not None]
+    for n in natives:
+        n.cancel()
+    for n in natives:
+        try:
+            n.wait(10.0)
+        except BaseException:  # noqa: BLE001 - best effort at exit
+            pass
 
 
 def _make_output(
@@ -493,6 +512,7 @@ class Engine:
                                           bool(keep_cache))
         req._id = req._native.id
         req._in_callback = req._native.in_callback
+        _live_requests.add(req)
         return req
 
     def generate(
