@@ -152,7 +152,6 @@ class Request:
         self._output: GenerateOutput | None = None
         self._error: BaseException | None = None
         self._ended = False
-        self._in_callback: Callable[[], bool] = lambda: False  # the native handle's, once submitted
 
     # called on the scheduler thread
     def _on_step(self, draft: np.ndarray) -> None:
@@ -227,7 +226,8 @@ class Request:
     def __iter__(self):
         # Events are handed out once; a second iteration only gets the end.
         while not self._ended:
-            if self._events.empty() and not self.done and self._in_callback():
+            native = self._native  # None once result() let go of it: then the request has ended
+            if self._events.empty() and native is not None and not native.done and native.in_callback():
                 # The events come from the thread this callback runs on: waiting would be forever.
                 raise ValueError(
                     "cannot iterate a request inside an on_step/on_block callback of the same engine "
@@ -511,7 +511,6 @@ class Engine:
         req._native = self._native.submit(rows, params, noise, step_cb, block_cb, req._on_done, native_cache,
                                           bool(keep_cache))
         req._id = req._native.id
-        req._in_callback = req._native.in_callback
         _live_requests.add(req)
         return req
 
