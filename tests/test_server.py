@@ -429,3 +429,168 @@ def test_create_app_rejects_bad_max_running(engine):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_running"):
             create_app(engine, MODEL, max_running=bad)
+
+
+# ------------------------------------------------------------------------------------------ hardening (issue 11)
+# Work that would run for minutes if nothing stopped it: 64 canvases of 200 steps that never stop early
+# (a stability threshold of 200 can never be met in 200 steps).
+ENDLESS = {"model": MODEL, "prompt": "a long story", "max_tokens": 4096, "max_denoising_steps": 200,
+           "stability_threshold": 200}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _raw_post(port: int, path: str, body: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+              % (path.encode(), len(body)) + body)
+    return s
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_non_streaming_disconnect_cancels_and_frees_kv(server, engine, path):
+    metric = 'dgemma_requests_total{outcome="cancelled"}'
+    before = _metric(httpx.get(server.url + "/metrics", timeout=10).text, metric)
+    body = dict(ENDLESS)
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+    s = _raw_post(server.port, path, json.dumps(body).encode())
+    _wait_for(lambda: engine.scheduler_stats()["running_requests"] == 1, 15, "the request to run")
+    s.close()  # the client gives up without reading the answer
+
+    def cancelled() -> bool:
+        m = httpx.get(server.url + "/metrics", timeout=10).text
+        return _metric(m, metric) > before and _metric(m, "dgemma_requests_in_flight") == 0 and _pool_full(engine)
+
+    _wait_for(cancelled, 15, "the request to be cancelled and its KV blocks freed")
+    r = httpx.post(server.url + "/v1/completions", json=OK, timeout=30)
+    assert r.status_code == 200
+
+
+CAPPED = [
+    ("max_tokens over the cap", {**OK, "max_tokens": 8193}, "max_tokens"),
+    ("max_tokens 2**31", {**OK, "max_tokens": 2**31}, "max_tokens"),
+    ("max_tokens 2**64", {**OK, "max_tokens": 2**64}, "max_tokens"),
+    ("steps over the cap", {**OK, "max_denoising_steps": 257}, "max_denoising_steps"),
+    ("steps 2**31-1", {**OK, "max_denoising_steps": 2**31 - 1}, "max_denoising_steps"),
+    ("stability 10**7", {**OK, "stability_threshold": 10**7}, "stability_threshold"),
+    ("stability 2**31-1", {**OK, "stability_threshold": 2**31 - 1}, "stability_threshold"),
+    ("logprobs 0", {**OK, "logprobs": 0}, "logprobs"),
+    ("logprobs 5", {**OK, "logprobs": 5}, "logprobs"),
+    ("logprobs false (completions: a count)", {**OK, "logprobs": False}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", CAPPED, ids=[c[0] for c in CAPPED])
+def test_per_request_work_is_capped(server, name, body, param):
+    err = _error_shape(httpx.post(server.url + "/v1/completions", json=body, timeout=30), 400)
+    assert err["param"] == param, err
+    assert err["code"] != "kv_cache_exhausted", err
+
+
+def test_chat_logprobs(server):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **FAST}
+    for extra, param in [({"logprobs": True}, "logprobs"), ({"top_logprobs": 5}, "top_logprobs"),
+                         ({"logprobs": False, "top_logprobs": 0}, "top_logprobs")]:
+        err = _error_shape(httpx.post(server.url + "/v1/chat/completions", json={**chat, **extra}, timeout=30), 400)
+        assert err["param"] == param, err
+    # false asks for nothing: accepted
+    assert httpx.post(server.url + "/v1/chat/completions", json={**chat, "logprobs": False}, timeout=30).status_code == 200
+
+
+def test_operator_sets_the_caps(engine):
+    srv = _Server(create_app(engine, MODEL, max_request_tokens=64, max_request_steps=4))
+    try:
+        ok = {"model": MODEL, "prompt": "x", "max_tokens": 64, "max_denoising_steps": 4, "stability_threshold": 4}
+        assert httpx.post(srv.url + "/v1/completions", json=ok, timeout=30).status_code == 200
+        for key, value in [("max_tokens", 65), ("max_denoising_steps", 5), ("stability_threshold", 5)]:
+            err = _error_shape(httpx.post(srv.url + "/v1/completions", json={**ok, key: value}, timeout=30), 400)
+            assert err["param"] == key and "limit" in err["message"], err
+        # the checkpoint's default steps (48) are over this server's cap too
+        err = _error_shape(httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4},
+                                      timeout=30), 400)
+        assert err["param"] == "max_denoising_steps", err
+    finally:
+        srv.stop()
+    for bad in (0, -1, 2**31, 1.5, True):
+        with pytest.raises(ValueError, match="max_request_tokens"):
+            create_app(engine, MODEL, max_request_tokens=bad)
+
+
+def test_lone_surrogate_is_a_400(server):
+    # json.dumps writes the surrogate as the escape \ud800: valid JSON, not valid Unicode
+    for path, body, param in [
+        ("/v1/completions", {**OK, "prompt": "x\ud800y"}, "prompt"),
+        ("/v1/completions", {**OK, "prompt": "x\ud800y", "stream": True}, "prompt"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x\udfffy"}], "max_tokens": 4},
+         "messages"),
+    ]:
+        err = _error_shape(httpx.post(server.url + path, content=json.dumps(body).encode(),
+                                      headers={"content-type": "application/json"}, timeout=30), 400)
+        assert err["param"] == param, err
+
+
+def _start_cli_server(tiny_dir, port: int):
+    import os
+    import subprocess
+    import sys
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(dgemma_rt.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma_rt.cli", "serve", str(tiny_dir), "--port", str(port),
+                             "--threads", "1", "--model-name", MODEL],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait_for(up, 60, "the server to start")
+    return proc, url
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_stops_the_server_while_requests_run(tiny_dir, sig):
+    import signal
+
+    proc, url = _start_cli_server(tiny_dir, _free_port())
+    try:
+        results: dict[int, object] = {}
+
+        def post(i: int, stream: bool) -> None:
+            try:
+                r = httpx.post(url + "/v1/completions", json={**ENDLESS, "stream": stream}, timeout=60)
+                results[i] = r.status_code
+            except httpx.HTTPError as e:
+                results[i] = e
+
+        clients = [threading.Thread(target=post, args=(i, i == 2)) for i in range(3)]
+        for c in clients:
+            c.start()
+        _wait_for(lambda: _metric(httpx.get(url + "/metrics", timeout=10).text, "dgemma_requests_running") == 3, 30,
+                  "the requests to run")
+        t0 = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=15)  # raises if the server is still waiting for the requests
+        assert time.monotonic() - t0 < 15
+        for c in clients:
+            c.join(30)
+            assert not c.is_alive()
+        # non-streaming clients are told why; the stream ends (with an error event)
+        assert results[0] == 503 and results[1] == 503, results
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 
 #ifdef _OPENMP
@@ -165,17 +166,31 @@ struct PyRequest {
   std::shared_ptr<CacheSet> cache;
 };
 
+// A Python int in [lo, hi] as an int, or ValueError naming the parameter (never pybind's
+// "Unable to cast" for values that do not fit a C int).
+int int_arg(py::handle v, const char* name, long long lo = INT32_MIN, long long hi = INT32_MAX) {
+  DG_REQUIRE(PyLong_Check(v.ptr()) && !PyBool_Check(v.ptr()), InvalidArgument,
+             name << " must be an integer, got " << printable(py::str(py::type::of(v).attr("__name__")).cast<std::string>()));
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  DG_REQUIRE(overflow == 0 && x >= lo && x <= hi, InvalidArgument,
+             name << " must be in [" << lo << ", " << hi << "], got "
+                  << printable(py::str(v).cast<std::string>(), 40));
+  return static_cast<int>(x);
+}
+
 SamplerParams sampler_params(const py::dict& p) {
   SamplerParams sp;
-  sp.max_new_tokens = p["max_new_tokens"].cast<int>();
-  sp.max_denoising_steps = p["max_denoising_steps"].cast<int>();
+  sp.max_new_tokens = int_arg(p["max_new_tokens"], "max_new_tokens", 1);
+  sp.max_denoising_steps = int_arg(p["max_denoising_steps"], "max_denoising_steps", 1);
   sp.entropy_bound = p["entropy_bound"].cast<double>();
   sp.t_min = p["t_min"].cast<double>();
   sp.t_max = p["t_max"].cast<double>();
-  sp.stability_threshold = p["stability_threshold"].cast<int>();
+  sp.stability_threshold = int_arg(p["stability_threshold"], "stability_threshold", 0);
   sp.confidence_threshold = p["confidence_threshold"].cast<double>();
-  sp.eos_token_id = p["eos_token_id"].cast<std::vector<int>>();
-  if (!p["pad_token_id"].is_none()) sp.pad_token_id = p["pad_token_id"].cast<int>();
+  for (py::handle e : py::list(p["eos_token_id"])) sp.eos_token_id.push_back(int_arg(e, "eos_token_id", 0));
+  if (!p["pad_token_id"].is_none()) sp.pad_token_id = int_arg(p["pad_token_id"], "pad_token_id", 0);
   sp.seed = p["seed"].cast<uint64_t>();
   sp.adaptive_stopping = p["adaptive_stopping"].cast<bool>();
   if (p.contains("canvas_template")) sp.canvas_template = p["canvas_template"].cast<std::vector<std::vector<int32_t>>>();
@@ -265,22 +280,35 @@ PYBIND11_MODULE(_core, m) {
   static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
   static py::exception<Cancelled> cancelled_error(m, "RequestCancelled", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {
+    // Messages may quote bytes from a file: decoded leniently, never a UnicodeDecodeError instead.
+    auto set = [](PyObject* type, const char* msg) {
+      PyObject* text = PyUnicode_DecodeUTF8(msg, static_cast<Py_ssize_t>(std::strlen(msg)), "backslashreplace");
+      if (!text) {
+        PyErr_Clear();
+        text = PyUnicode_FromString("(undecodable message)");
+      }
+      PyErr_SetObject(type, text);
+      Py_XDECREF(text);
+    };
     try {
       if (p) std::rethrow_exception(p);
     } catch (const CheckpointError& e) {
-      py::set_error(checkpoint_error, e.what());
+      set(checkpoint_error.ptr(), e.what());
     } catch (const Cancelled& e) {
-      py::set_error(cancelled_error, e.what());
+      set(cancelled_error.ptr(), e.what());
     } catch (const InvalidArgument& e) {
-      py::set_error(PyExc_ValueError, e.what());
+      set(PyExc_ValueError, e.what());
     } catch (const ResourceError& e) {
-      py::set_error(PyExc_RuntimeError, e.what());
+      set(PyExc_RuntimeError, e.what());
     } catch (const Unsupported& e) {
-      py::set_error(PyExc_NotImplementedError, e.what());
+      set(PyExc_NotImplementedError, e.what());
+    } catch (const Error& e) {
+      set(PyExc_RuntimeError, e.what());
     }
   });
 
   m.def("max_threads", &max_threads, "OpenMP threads available to the CPU backend");
+  m.def("thread_limit", &max_num_threads, "The largest num_threads an Engine accepts");
   m.def("cuda_compiled", []() {
 #ifdef DGEMMA_WITH_CUDA
     return true;
@@ -320,13 +348,14 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("layer"), py::arg("row"));
 
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init([](const std::string& path, const std::string& device, int kv_cache_tokens, int max_batch_size,
-                       int num_threads, py::object progress) {
+      .def(py::init([](const std::string& path, const std::string& device, py::object kv_cache_tokens,
+                       py::object max_batch_size, py::object num_threads, py::object progress) {
              EngineOptions o;
              o.device = device;
-             o.kv_cache_tokens = kv_cache_tokens;
-             o.max_batch_size = max_batch_size;
-             o.num_threads = num_threads;
+             o.kv_cache_tokens = int_arg(kv_cache_tokens, "kv_cache_tokens", 1);
+             o.max_batch_size = int_arg(max_batch_size, "max_batch_size", 1);
+             o.num_threads = int_arg(num_threads, "num_threads", 0);
+             validate(o);  // before set_threads: a refused count must not stay set on this thread
              if (!progress.is_none()) {
                py::function fn = progress;
                o.progress = [fn](int done, int total) {
@@ -335,9 +364,9 @@ PYBIND11_MODULE(_core, m) {
                };
              }
              auto e = std::make_unique<PyEngine>();
-             e->threads = num_threads;
+             e->threads = o.num_threads;
              py::gil_scoped_release release;
-             set_threads(num_threads);
+             set_threads(o.num_threads);
              e->engine = std::make_unique<Engine>(path, o);
              return e;
            }),
@@ -471,6 +500,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("status", [](const PyRequest& r) { return status_name(r.handle->status()); })
       .def_property_readonly("done", [](const PyRequest& r) { return r.handle->finished(); })
       .def("cancel", [](PyRequest& r) { r.handle->cancel(); })
+      .def("in_callback", [](const PyRequest& r) { return r.handle->on_scheduler_thread(); },
+           "True on the scheduler thread of this request's engine (inside any of its callbacks)")
       .def("wait", [](PyRequest& r, py::object timeout) {
         if (timeout.is_none()) {
           wait_interruptibly(*r.handle);

@@ -1,56 +1,123 @@
 #include "model/config.h"
 
 #include <cmath>
-#include <filesystem>
-#include <fstream>
+#include <cstdint>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 
 #include "common/check.h"
+#include "model/files.h"
 
 namespace dgemma {
 namespace {
 
 using json = nlohmann::json;
-namespace fs = std::filesystem;
 
-json read_json(const fs::path& path) {
-  std::ifstream in(path);
-  DG_REQUIRE(in.good(), CheckpointError, "cannot open " << path.string());
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    DG_THROW(CheckpointError, path.string() << " is not valid JSON: " << e.what());
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+// Typed field access. Types are exact (an integer field takes a JSON integer: no bools, no
+// floats, nothing outside int32), ranges are checked, and messages name the file and the key.
+class Fields {
+ public:
+  Fields(const json& obj, std::string where) : obj_(obj), where_(std::move(where)) {}
+
+  // The value, or null when the key is absent or null.
+  const json* find(const char* key) const {
+    auto it = obj_.find(key);
+    return it == obj_.end() || it->is_null() ? nullptr : &*it;
   }
-}
+  bool has(const char* key) const { return find(key) != nullptr; }
 
-// Typed field access with messages that name the file and key.
-template <typename T>
-T get_or(const json& obj, const char* key, T fallback, const char* where) {
-  auto it = obj.find(key);
-  if (it == obj.end() || it->is_null()) return fallback;
-  try {
-    return it->get<T>();
-  } catch (const json::exception&) {
-    DG_THROW(CheckpointError, where << ": field '" << key << "' has the wrong type (" << it->dump() << ")");
+  int integer(const char* key, int64_t lo, int64_t hi) const {
+    const json* v = find(key);
+    DG_REQUIRE(v, CheckpointError, where_ << ": missing field '" << key << "'");
+    return integer_value(*v, key, lo, hi);
   }
-}
+  int integer(const char* key, int64_t lo, int64_t hi, int fallback) const {
+    const json* v = find(key);
+    return v ? integer_value(*v, key, lo, hi) : fallback;
+  }
+  std::optional<int> opt_integer(const char* key, int64_t lo, int64_t hi) const {
+    const json* v = find(key);
+    if (!v) return std::nullopt;
+    return integer_value(*v, key, lo, hi);
+  }
+  int integer_value(const json& v, const std::string& key, int64_t lo, int64_t hi) const {
+    DG_REQUIRE(v.is_number_integer(), CheckpointError,
+               where_ << ": '" << key << "' must be an integer, got " << describe(v));
+    bool in_range;
+    int64_t x = 0;
+    if (v.is_number_unsigned()) {
+      const uint64_t u = v.get<uint64_t>();
+      in_range = u <= static_cast<uint64_t>(hi) && (lo <= 0 || u >= static_cast<uint64_t>(lo));
+      x = in_range ? static_cast<int64_t>(u) : 0;
+    } else {
+      x = v.get<int64_t>();
+      in_range = x >= lo && x <= hi;
+    }
+    DG_REQUIRE(in_range, CheckpointError,
+               where_ << ": '" << key << "' is " << v.dump() << ", outside the supported range [" << lo << ", " << hi
+                      << "]");
+    return static_cast<int>(x);
+  }
 
-template <typename T>
-T require(const json& obj, const char* key, const char* where) {
-  auto it = obj.find(key);
-  DG_REQUIRE(it != obj.end() && !it->is_null(), CheckpointError, where << ": missing field '" << key << "'");
-  return get_or<T>(obj, key, T{}, where);
-}
+  // A finite number (JSON integers are numbers too) with lo < v (or lo <= v when lo_closed), v <= hi.
+  double number(const char* key, double lo, bool lo_closed, double hi, double fallback) const {
+    const json* v = find(key);
+    return v ? number_value(*v, key, lo, lo_closed, hi) : fallback;
+  }
+  std::optional<double> opt_number(const char* key, double lo, bool lo_closed, double hi) const {
+    const json* v = find(key);
+    if (!v) return std::nullopt;
+    return number_value(*v, key, lo, lo_closed, hi);
+  }
+  double number_value(const json& v, const char* key, double lo, bool lo_closed, double hi) const {
+    DG_REQUIRE(v.is_number(), CheckpointError, where_ << ": '" << key << "' must be a number, got " << describe(v));
+    const double x = v.get<double>();
+    const bool ok = std::isfinite(x) && (lo_closed ? x >= lo : x > lo) && x <= hi;
+    DG_REQUIRE(ok, CheckpointError,
+               where_ << ": '" << key << "' is " << v.dump() << "; it must be a finite number in "
+                      << (lo_closed ? "[" : "(") << lo << ", " << hi << "]");
+    return x;
+  }
 
-int positive(int v, const char* key) {
-  DG_REQUIRE(v > 0, CheckpointError, "config.json: '" << key << "' must be positive, got " << v);
-  return v;
-}
+  std::string string(const char* key, const std::string& fallback) const {
+    const json* v = find(key);
+    if (!v) return fallback;
+    DG_REQUIRE(v->is_string(), CheckpointError, where_ << ": '" << key << "' must be a string, got " << describe(*v));
+    return v->get<std::string>();
+  }
+  bool boolean(const char* key, bool fallback) const {
+    const json* v = find(key);
+    if (!v) return fallback;
+    DG_REQUIRE(v->is_boolean(), CheckpointError, where_ << ": '" << key << "' must be true or false, got " << describe(*v));
+    return v->get<bool>();
+  }
+  const std::string& where() const { return where_; }
 
-RopeSpec parse_rope(const json& params, const std::string& layer_type) {
+ private:
+  const json& obj_;
+  std::string where_;
+};
+
+// The supported ranges (README, "Checkpoints: what is accepted"). Sizes that the tensors do not
+// pin down (windows, canvas, positions) also bound the memory the engine sets aside; counts bound
+// the per-layer loops and tables built before any tensor is read.
+constexpr int64_t kMaxVocab = 1 << 24;
+constexpr int64_t kMaxHidden = 1 << 16;
+constexpr int64_t kMaxIntermediate = 1 << 20;
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxHeads = 1024;
+constexpr int64_t kMaxHeadDim = 8192;
+constexpr int64_t kMaxExperts = 4096;
+constexpr int64_t kMaxPositions = 1 << 24;
+constexpr int64_t kMaxCanvas = 1 << 16;
+constexpr size_t kMaxEosIds = 1024;
+
+RopeSpec parse_rope(const json* params, const std::string& layer_type) {
   RopeSpec r;
-  if (params.is_null()) {
+  if (!params) {
     if (layer_type == "full_attention") {
       r.type = "proportional";
       r.theta = 1e6;
@@ -58,14 +125,16 @@ RopeSpec parse_rope(const json& params, const std::string& layer_type) {
     }
     return r;
   }
-  DG_REQUIRE(params.is_object(), CheckpointError, "config.json: rope_parameters['" << layer_type << "'] is not an object");
-  const char* where = "config.json rope_parameters";
-  r.type = get_or<std::string>(params, "rope_type", "default", where);
-  r.theta = get_or<double>(params, "rope_theta", 10000.0, where);
-  r.partial_rotary_factor = get_or<double>(params, "partial_rotary_factor", 1.0, where);
-  r.factor = get_or<double>(params, "factor", 1.0, where);
+  DG_REQUIRE(params->is_object(), CheckpointError,
+             "config.json: rope_parameters['" << layer_type << "'] is not an object (got " << describe(*params) << ")");
+  const Fields f(*params, "config.json rope_parameters['" + layer_type + "']");
+  const double inf = std::numeric_limits<double>::infinity();
+  r.type = f.string("rope_type", "default");
+  r.theta = f.number("rope_theta", 0.0, false, inf, 10000.0);
+  r.partial_rotary_factor = f.number("partial_rotary_factor", 0.0, true, 1.0, 1.0);
+  r.factor = f.number("factor", 0.0, false, inf, 1.0);
   DG_REQUIRE(r.type == "default" || r.type == "proportional", CheckpointError,
-             "config.json: rope_type '" << r.type << "' for " << layer_type
+             "config.json: rope_type '" << printable(r.type, 60) << "' for " << layer_type
                                         << " is not supported (only 'default' and 'proportional')");
   return r;
 }
@@ -93,67 +162,95 @@ std::vector<float> inv_freq_for(const RopeSpec& r, int head_dim, const std::stri
     }
   }
   for (auto& f : inv) f = f / static_cast<float>(r.factor);
+  for (float f : inv)
+    DG_REQUIRE(std::isfinite(f), CheckpointError,
+               "config.json: rope_parameters for " << layer_type << " give non-finite RoPE frequencies");
   return inv;
+}
+
+// "12" -> 12; anything but a short run of decimal digits -> -1.
+int layer_index(const std::string& key) {
+  if (key.empty() || key.size() > 6) return -1;
+  int v = 0;
+  for (char ch : key) {
+    if (ch < '0' || ch > '9') return -1;
+    v = v * 10 + (ch - '0');
+  }
+  return v;
 }
 
 }  // namespace
 
 ModelConfig load_model_config(const std::string& dir) {
-  const fs::path path = fs::path(dir) / "config.json";
-  DG_REQUIRE(fs::is_directory(dir), CheckpointError, "checkpoint directory " << dir << " does not exist");
-  DG_REQUIRE(fs::exists(path), CheckpointError, "no config.json in " << dir);
-  const json root = read_json(path);
-  DG_REQUIRE(root.is_object(), CheckpointError, "config.json: top level is not an object");
-  const std::string model_type = get_or<std::string>(root, "model_type", "", "config.json");
+  require_directory(dir);
+  const std::string path = dir + "/config.json";
+  DG_REQUIRE(path_present(path), CheckpointError, "no config.json in " << printable(dir, 400));
+  const json root = read_json_file(path, kMaxConfigBytes);
+  DG_REQUIRE(root.is_object(), CheckpointError, "config.json: top level is not an object (got " << describe(root) << ")");
+  const Fields top(root, "config.json");
+  const std::string model_type = top.string("model_type", "");
   DG_REQUIRE(model_type == "diffusion_gemma", CheckpointError,
-             "config.json: model_type is '" << model_type << "', expected 'diffusion_gemma'");
-  DG_REQUIRE(root.contains("text_config") && root["text_config"].is_object(), CheckpointError,
-             "config.json: missing text_config");
-  const json& tc = root["text_config"];
-  const char* where = "config.json text_config";
+             "config.json: model_type is '" << printable(model_type, 60) << "', expected 'diffusion_gemma'");
+  const json* tcp = top.find("text_config");
+  DG_REQUIRE(tcp && tcp->is_object(), CheckpointError, "config.json: missing text_config");
+  const json& tc = *tcp;
+  const Fields f(tc, "config.json text_config");
 
   ModelConfig c;
-  c.vocab_size = positive(require<int>(tc, "vocab_size", where), "vocab_size");
-  c.hidden_size = positive(require<int>(tc, "hidden_size", where), "hidden_size");
-  c.intermediate_size = positive(require<int>(tc, "intermediate_size", where), "intermediate_size");
-  c.num_layers = positive(require<int>(tc, "num_hidden_layers", where), "num_hidden_layers");
-  c.num_heads = positive(require<int>(tc, "num_attention_heads", where), "num_attention_heads");
-  const int kv_heads = positive(require<int>(tc, "num_key_value_heads", where), "num_key_value_heads");
-  const int head_dim = positive(get_or<int>(tc, "head_dim", c.hidden_size / c.num_heads, where), "head_dim");
-  c.num_experts = positive(require<int>(tc, "num_experts", where), "num_experts");
-  c.top_k_experts = positive(require<int>(tc, "top_k_experts", where), "top_k_experts");
+  c.vocab_size = f.integer("vocab_size", 1, kMaxVocab);
+  c.hidden_size = f.integer("hidden_size", 1, kMaxHidden);
+  c.intermediate_size = f.integer("intermediate_size", 1, kMaxIntermediate);
+  c.num_layers = f.integer("num_hidden_layers", 1, kMaxLayers);
+  c.num_heads = f.integer("num_attention_heads", 1, kMaxHeads);
+  const int kv_heads = f.integer("num_key_value_heads", 1, c.num_heads);
+  const int head_dim = f.integer("head_dim", 2, kMaxHeadDim, std::max(1, c.hidden_size / c.num_heads));
+  c.num_experts = f.integer("num_experts", 1, kMaxExperts);
+  c.top_k_experts = f.integer("top_k_experts", 1, kMaxExperts);
   DG_REQUIRE(c.top_k_experts <= c.num_experts, CheckpointError,
              "config.json: top_k_experts " << c.top_k_experts << " > num_experts " << c.num_experts);
-  c.moe_intermediate_size = positive(require<int>(tc, "moe_intermediate_size", where), "moe_intermediate_size");
-  c.sliding_window = positive(get_or<int>(tc, "sliding_window", 512, where), "sliding_window");
-  c.max_position_embeddings = positive(get_or<int>(tc, "max_position_embeddings", 131072, where), "max_position_embeddings");
-  c.rms_norm_eps = get_or<double>(tc, "rms_norm_eps", 1e-6, where);
+  c.moe_intermediate_size = f.integer("moe_intermediate_size", 1, kMaxIntermediate);
+  c.max_position_embeddings = f.integer("max_position_embeddings", 1, kMaxPositions, 131072);
+  // A window longer than the context would only reserve cache no row can fill.
+  c.sliding_window = f.integer("sliding_window", 1, kMaxPositions, std::min(512, c.max_position_embeddings));
+  DG_REQUIRE(c.sliding_window <= c.max_position_embeddings, CheckpointError,
+             "config.json text_config: sliding_window " << c.sliding_window << " is longer than max_position_embeddings "
+                                                        << c.max_position_embeddings);
+  c.rms_norm_eps = f.number("rms_norm_eps", 0.0, false, 1.0, 1e-6);
   if (tc.contains("final_logit_softcapping")) {
     if (tc["final_logit_softcapping"].is_null())
       c.final_logit_softcapping.reset();
     else
-      c.final_logit_softcapping = get_or<double>(tc, "final_logit_softcapping", 30.0, where);
+      c.final_logit_softcapping =
+          f.number("final_logit_softcapping", 0.0, false, std::numeric_limits<double>::max(), 30.0);
   }
-  c.tie_word_embeddings = get_or<bool>(root, "tie_word_embeddings", get_or<bool>(tc, "tie_word_embeddings", true, where), "config.json");
-  c.canvas_length = positive(get_or<int>(root, "canvas_length", 256, "config.json"), "canvas_length");
-  if (root.contains("image_token_id") && !root["image_token_id"].is_null())
-    c.image_token_id = get_or<int>(root, "image_token_id", 0, "config.json");
+  c.tie_word_embeddings = top.boolean("tie_word_embeddings", f.boolean("tie_word_embeddings", true));
+  c.canvas_length = top.integer("canvas_length", 1, kMaxCanvas, std::min(256, c.max_position_embeddings));
+  DG_REQUIRE(c.canvas_length <= c.max_position_embeddings, CheckpointError,
+             "config.json: canvas_length " << c.canvas_length << " is longer than max_position_embeddings "
+                                           << c.max_position_embeddings);
+  c.image_token_id = top.opt_integer("image_token_id", 0, kInt32Max);
 
-  const std::string hidden_act = get_or<std::string>(tc, "hidden_activation", "gelu_pytorch_tanh", where);
+  const std::string hidden_act = f.string("hidden_activation", "gelu_pytorch_tanh");
   DG_REQUIRE(hidden_act == "gelu_pytorch_tanh", CheckpointError,
-             "config.json: hidden_activation '" << hidden_act << "' is not supported (gelu_pytorch_tanh only)");
-  DG_REQUIRE(!get_or<bool>(tc, "attention_bias", false, where), CheckpointError,
-             "config.json: attention_bias=true is not supported");
-  const std::string bidir = get_or<std::string>(tc, "use_bidirectional_attention", "", where);
+             "config.json: hidden_activation '" << printable(hidden_act, 60)
+                                                << "' is not supported (gelu_pytorch_tanh only)");
+  DG_REQUIRE(!f.boolean("attention_bias", false), CheckpointError, "config.json: attention_bias=true is not supported");
+  const std::string bidir = f.string("use_bidirectional_attention", "");
   DG_REQUIRE(bidir.empty() || bidir == "vision", CheckpointError,
-             "config.json: use_bidirectional_attention='" << bidir
+             "config.json: use_bidirectional_attention='" << printable(bidir, 60)
                  << "' is not supported (text-only engine: the encoder is causal)");
 
   // Layer types: the reference's default is 5 sliding layers then one full, and the last is always full.
-  if (tc.contains("layer_types") && !tc["layer_types"].is_null()) {
-    c.layer_types = get_or<std::vector<std::string>>(tc, "layer_types", {}, where);
-    DG_REQUIRE(static_cast<int>(c.layer_types.size()) == c.num_layers, CheckpointError,
-               "config.json: layer_types has " << c.layer_types.size() << " entries for " << c.num_layers << " layers");
+  if (const json* lt = f.find("layer_types")) {
+    DG_REQUIRE(lt->is_array(), CheckpointError, "config.json: layer_types must be an array, got " << describe(*lt));
+    DG_REQUIRE(static_cast<int64_t>(lt->size()) == c.num_layers, CheckpointError,
+               "config.json: layer_types has " << lt->size() << " entries for " << c.num_layers << " layers");
+    for (size_t i = 0; i < lt->size(); ++i) {
+      const json& t = (*lt)[i];
+      DG_REQUIRE(t.is_string() && (t == "sliding_attention" || t == "full_attention"), CheckpointError,
+                 "config.json: unknown layer type " << describe(t) << " at layer " << i);
+      c.layer_types.push_back(t.get<std::string>());
+    }
   } else {
     for (int i = 0; i < c.num_layers; ++i)
       c.layer_types.push_back((i + 1) % 6 ? "sliding_attention" : "full_attention");
@@ -162,28 +259,30 @@ ModelConfig load_model_config(const std::string& dir) {
 
   // Per-layer overrides: per_layer_config when saved, else global_head_dim / num_global_key_value_heads.
   std::map<int, std::pair<int, int>> overrides;  // layer -> (head_dim, kv_heads), 0 = not overridden
-  if (tc.contains("per_layer_config") && tc["per_layer_config"].is_object()) {
-    for (const auto& [key, val] : tc["per_layer_config"].items()) {
-      int idx = -1;
-      try {
-        idx = std::stoi(key);
-      } catch (...) {
-        continue;  // keyed by layer type: resolved from the indexed entries
-      }
-      DG_REQUIRE(idx >= 0 && idx < c.num_layers && val.is_object(), CheckpointError,
-                 "config.json: bad per_layer_config entry '" << key << "'");
-      overrides[idx] = {get_or<int>(val, "head_dim", 0, where), get_or<int>(val, "num_key_value_heads", 0, where)};
+  const json* plc = f.find("per_layer_config");
+  if (plc && plc->is_object()) {
+    for (const auto& [key, val] : plc->items()) {
+      const int idx = layer_index(key);
+      if (idx < 0) continue;  // keyed by layer type: resolved from the indexed entries
+      DG_REQUIRE(idx < c.num_layers && val.is_object(), CheckpointError,
+                 "config.json: bad per_layer_config entry '" << printable(key, 60) << "'");
+      const Fields lf(val, "config.json per_layer_config['" + key + "']");
+      overrides[idx] = {lf.integer("head_dim", 0, kMaxHeadDim, 0), lf.integer("num_key_value_heads", 0, kMaxHeads, 0)};
     }
   } else {
-    const int global_hd = get_or<int>(tc, "global_head_dim", 512, where);
-    const int global_kv = get_or<int>(tc, "num_global_key_value_heads", 0, where);
+    const int global_hd = f.integer("global_head_dim", 2, kMaxHeadDim, 512);
+    const int global_kv = f.integer("num_global_key_value_heads", 0, kMaxHeads, 0);
     for (int i = 0; i < c.num_layers; ++i)
       if (c.layer_types[i] == "full_attention") overrides[i] = {global_hd, global_kv};
   }
 
-  json rope_params = tc.contains("rope_parameters") ? tc["rope_parameters"] : json();
+  const json* rope_params = f.find("rope_parameters");
   auto rope_for = [&](const std::string& type) {
-    json p = (rope_params.is_object() && rope_params.contains(type)) ? rope_params[type] : json();
+    const json* p = nullptr;
+    if (rope_params && rope_params->is_object()) {
+      auto it = rope_params->find(type);
+      if (it != rope_params->end() && !it->is_null()) p = &*it;
+    }
     return parse_rope(p, type);
   };
   const RopeSpec rope_sliding = rope_for("sliding_attention");
@@ -191,8 +290,6 @@ ModelConfig load_model_config(const std::string& dir) {
 
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string& t = c.layer_types[i];
-    DG_REQUIRE(t == "sliding_attention" || t == "full_attention", CheckpointError,
-               "config.json: unknown layer type '" << t << "' at layer " << i);
     LayerSpec l;
     l.sliding = t == "sliding_attention";
     l.k_eq_v = !l.sliding;
@@ -213,39 +310,40 @@ ModelConfig load_model_config(const std::string& dir) {
   return c;
 }
 
-GenerationDefaults load_generation_defaults(const std::string& dir) {
+GenerationDefaults load_generation_defaults(const std::string& dir, int vocab_size) {
   GenerationDefaults g;
-  const fs::path path = fs::path(dir) / "generation_config.json";
-  if (!fs::exists(path)) return g;
-  const json root = read_json(path);
-  DG_REQUIRE(root.is_object(), CheckpointError, "generation_config.json: top level is not an object");
-  const char* where = "generation_config.json";
-  auto opt_int = [&](const char* key) -> std::optional<int> {
-    if (!root.contains(key) || root[key].is_null()) return std::nullopt;
-    return get_or<int>(root, key, 0, where);
-  };
-  auto opt_double = [&](const char* key) -> std::optional<double> {
-    if (!root.contains(key) || root[key].is_null()) return std::nullopt;
-    return get_or<double>(root, key, 0.0, where);
-  };
-  if (root.contains("eos_token_id") && !root["eos_token_id"].is_null()) {
-    const json& e = root["eos_token_id"];
-    if (e.is_array())
-      g.eos_token_id = get_or<std::vector<int>>(root, "eos_token_id", {}, where);
-    else
-      g.eos_token_id = std::vector<int>{get_or<int>(root, "eos_token_id", 0, where)};
+  const std::string path = dir + "/generation_config.json";
+  if (!path_present(path)) return g;
+  const json root = read_json_file(path, kMaxConfigBytes);
+  DG_REQUIRE(root.is_object(), CheckpointError,
+             "generation_config.json: top level is not an object (got " << describe(root) << ")");
+  const Fields f(root, "generation_config.json");
+  const double inf = std::numeric_limits<double>::infinity();
+  // Token ids must lie in the vocabulary; the counts and the sampler values in the ranges that
+  // generate() accepts (each on its own: t_max > t_min is checked when both are in use).
+  const int64_t last_id = vocab_size - 1;
+  if (const json* e = f.find("eos_token_id")) {
+    if (e->is_array()) {
+      DG_REQUIRE(e->size() <= kMaxEosIds, CheckpointError,
+                 "generation_config.json: eos_token_id lists " << e->size() << " ids, more than " << kMaxEosIds);
+      std::vector<int> ids;
+      for (size_t i = 0; i < e->size(); ++i)
+        ids.push_back(f.integer_value((*e)[i], "eos_token_id[" + std::to_string(i) + "]", 0, last_id));
+      g.eos_token_id = ids;
+    } else {
+      g.eos_token_id = std::vector<int>{f.integer("eos_token_id", 0, last_id)};
+    }
   }
-  g.pad_token_id = opt_int("pad_token_id");
-  g.bos_token_id = opt_int("bos_token_id");
-  g.max_new_tokens = opt_int("max_new_tokens");
-  g.max_denoising_steps = opt_int("max_denoising_steps");
-  g.t_min = opt_double("t_min");
-  g.t_max = opt_double("t_max");
-  g.stability_threshold = opt_int("stability_threshold");
-  g.confidence_threshold = opt_double("confidence_threshold");
-  if (root.contains("sampler_config") && root["sampler_config"].is_object())
-    if (root["sampler_config"].contains("entropy_bound") && !root["sampler_config"]["entropy_bound"].is_null())
-      g.entropy_bound = get_or<double>(root["sampler_config"], "entropy_bound", 0.1, where);
+  g.pad_token_id = f.opt_integer("pad_token_id", 0, last_id);
+  g.bos_token_id = f.opt_integer("bos_token_id", 0, last_id);
+  g.max_new_tokens = f.opt_integer("max_new_tokens", 1, kInt32Max);
+  g.max_denoising_steps = f.opt_integer("max_denoising_steps", 1, kInt32Max);
+  g.t_min = f.opt_number("t_min", 0.0, true, inf);
+  g.t_max = f.opt_number("t_max", 0.0, true, inf);
+  g.stability_threshold = f.opt_integer("stability_threshold", 0, kInt32Max);
+  g.confidence_threshold = f.opt_number("confidence_threshold", 0.0, false, inf);
+  if (const json* sc = f.find("sampler_config"); sc && sc->is_object())
+    g.entropy_bound = Fields(*sc, "generation_config.json sampler_config").opt_number("entropy_bound", 0.0, false, inf);
   return g;
 }
 

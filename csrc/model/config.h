@@ -59,8 +59,10 @@ struct GenerationDefaults {
   std::optional<double> confidence_threshold;
 };
 
-// Throws CheckpointError with a readable message on anything missing or inconsistent.
+// Throws CheckpointError with a readable message on anything missing, inconsistent, of the wrong
+// JSON type or outside the supported ranges (see config.cpp), before anything is allocated.
 ModelConfig load_model_config(const std::string& dir);
-GenerationDefaults load_generation_defaults(const std::string& dir);
+// Token ids are checked against vocab_size.
+GenerationDefaults load_generation_defaults(const std::string& dir, int vocab_size);
 
 }  // namespace dgemma

@@ -9,12 +9,12 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <map>
 #include <set>
 
 #include "common/check.h"
+#include "model/files.h"
 
 namespace dgemma {
 
@@ -67,19 +67,13 @@ DType parse_dtype(const std::string& s) {
 }  // namespace
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  DG_REQUIRE(fd >= 0, CheckpointError, "cannot open " << path << ": " << std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    DG_THROW(CheckpointError, "cannot stat " << path);
-  }
-  size_ = static_cast<size_t>(st.st_size);
+  const int fd = open_regular_file(path, &size_);
   if (size_ > 0) {
     void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
+      const int err = errno;
       ::close(fd);
-      DG_THROW(CheckpointError, "cannot memory-map " << path << ": " << std::strerror(errno));
+      DG_THROW(CheckpointError, "cannot memory-map " << printable(path, 400) << ": " << std::strerror(err));
     }
     data_ = static_cast<const uint8_t*>(p);
   }
@@ -90,22 +84,37 @@ MappedFile::~MappedFile() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
+namespace {
+
+// A JSON integer in [0, max] (no bools, floats or negatives: the header describes byte counts).
+bool exact_uint(const json& v, uint64_t max, uint64_t* out) {
+  if (!v.is_number_integer()) return false;
+  if (!v.is_number_unsigned() && v.get<int64_t>() < 0) return false;  // "-0" parses as a signed 0
+  const uint64_t u = v.is_number_unsigned() ? v.get<uint64_t>() : static_cast<uint64_t>(v.get<int64_t>());
+  if (u > max) return false;
+  *out = u;
+  return true;
+}
+
+}  // namespace
+
 void Checkpoint::add_file(const std::string& path, const std::vector<std::string>* expected) {
   auto file = std::make_unique<MappedFile>(path);
+  const std::string where = printable(path, 400);
   const size_t size = file->size();
-  DG_REQUIRE(size >= 8, CheckpointError, path << ": file too small to be safetensors (" << size << " bytes)");
+  DG_REQUIRE(size >= 8, CheckpointError, where << ": file too small to be safetensors (" << size << " bytes)");
   uint64_t header_len = 0;
   std::memcpy(&header_len, file->data(), 8);  // little-endian on every platform we build for
-  DG_REQUIRE(header_len <= size - 8 && header_len <= (100u << 20), CheckpointError,
-             path << ": header length " << header_len << " does not fit in the file (" << size
-                  << " bytes): truncated or not a safetensors file");
-  json header;
-  try {
-    header = json::parse(file->data() + 8, file->data() + 8 + header_len);
-  } catch (const json::exception& e) {
-    DG_THROW(CheckpointError, path << ": header is not valid JSON: " << e.what());
-  }
-  DG_REQUIRE(header.is_object(), CheckpointError, path << ": header is not a JSON object");
+  DG_REQUIRE(header_len <= size - 8 && header_len <= kMaxSafetensorsHeaderBytes, CheckpointError,
+             where << ": header length " << header_len << " does not fit in the file (" << size
+                   << " bytes): truncated or not a safetensors file");
+  size_t written_keys = 0;
+  const json header = parse_json(reinterpret_cast<const char*>(file->data()) + 8,
+                                 reinterpret_cast<const char*>(file->data()) + 8 + header_len, where + ": header",
+                                 &written_keys);
+  DG_REQUIRE(header.is_object(), CheckpointError, where << ": header is not a JSON object");
+  DG_REQUIRE(written_keys == header.size(), CheckpointError,
+             where << ": header names a tensor more than once (corrupt file)");
   const uint8_t* base = file->data() + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
 
@@ -113,94 +122,108 @@ void Checkpoint::add_file(const std::string& path, const std::vector<std::string
   std::vector<TensorRef> refs;
   for (const auto& [name, info] : header.items()) {
     if (name == "__metadata__") continue;
+    const std::string tname = printable(name, 200);
     DG_REQUIRE(info.is_object() && info.contains("dtype") && info.contains("shape") && info.contains("data_offsets"),
-               CheckpointError, path << ": tensor '" << name << "' has a malformed header entry");
+               CheckpointError, where << ": tensor '" << tname << "' has a malformed header entry");
     TensorRef t;
     t.name = name;
-    try {
-      t.dtype_str = info["dtype"].get<std::string>();
-      t.shape = info["shape"].get<std::vector<int64_t>>();
-      const auto offs = info["data_offsets"].get<std::vector<uint64_t>>();
-      DG_REQUIRE(offs.size() == 2, CheckpointError, path << ": tensor '" << name << "' data_offsets must have 2 entries");
-      DG_REQUIRE(offs[0] <= offs[1] && offs[1] <= data_size, CheckpointError,
-                 path << ": tensor '" << name << "' data_offsets [" << offs[0] << ", " << offs[1]
-                      << "] fall outside the data section (" << data_size << " bytes): truncated or corrupt file");
-      const size_t elem = safetensors_dtype_bytes(t.dtype_str);
-      DG_REQUIRE(elem > 0, CheckpointError, path << ": tensor '" << name << "' has unknown dtype " << t.dtype_str);
-      uint64_t count = 1;
-      for (int64_t d : t.shape) {
-        DG_REQUIRE(d >= 0, CheckpointError, path << ": tensor '" << name << "' has a negative dimension");
-        DG_REQUIRE(d == 0 || count <= (UINT64_MAX / 16) / static_cast<uint64_t>(d), CheckpointError,
-                   path << ": tensor '" << name << "' shape overflows");
-        count *= static_cast<uint64_t>(d);
-      }
-      DG_REQUIRE(count * elem == offs[1] - offs[0], CheckpointError,
-                 path << ": tensor '" << name << "' holds " << (offs[1] - offs[0]) << " bytes but its shape and dtype "
-                      << t.dtype_str << " need " << count * elem);
-      t.dtype = parse_dtype(t.dtype_str);
-      t.data = base + offs[0];
-      t.nbytes = offs[1] - offs[0];
-      t.file = file.get();
-      ranges.emplace_back(offs[0], offs[1]);
-    } catch (const json::exception& e) {
-      DG_THROW(CheckpointError, path << ": tensor '" << name << "' header entry has the wrong types: " << e.what());
+    const json& dtype = info["dtype"];
+    const json& shape = info["shape"];
+    const json& offs = info["data_offsets"];
+    DG_REQUIRE(dtype.is_string(), CheckpointError,
+               where << ": tensor '" << tname << "' dtype must be a string, got " << describe(dtype));
+    t.dtype_str = dtype.get<std::string>();
+    const size_t elem = safetensors_dtype_bytes(t.dtype_str);
+    DG_REQUIRE(elem > 0, CheckpointError,
+               where << ": tensor '" << tname << "' has unknown dtype " << printable(t.dtype_str, 40));
+    DG_REQUIRE(shape.is_array() && shape.size() <= 16, CheckpointError,
+               where << ": tensor '" << tname << "' shape must be an array of at most 16 sizes, got " << describe(shape));
+    uint64_t count = 1;
+    for (const json& d : shape) {
+      uint64_t n = 0;
+      DG_REQUIRE(exact_uint(d, static_cast<uint64_t>(INT64_MAX), &n), CheckpointError,
+                 where << ": tensor '" << tname << "' has a dimension that is not a non-negative integer: "
+                       << describe(d));
+      DG_REQUIRE(n == 0 || count <= (UINT64_MAX / 16) / n, CheckpointError,
+                 where << ": tensor '" << tname << "' shape overflows");
+      count *= n;
+      t.shape.push_back(static_cast<int64_t>(n));
     }
+    uint64_t begin = 0, end = 0;
+    DG_REQUIRE(offs.is_array() && offs.size() == 2 && exact_uint(offs[0], UINT64_MAX, &begin) &&
+                   exact_uint(offs[1], UINT64_MAX, &end),
+               CheckpointError,
+               where << ": tensor '" << tname << "' data_offsets must be 2 non-negative integers, got " << describe(offs));
+    DG_REQUIRE(begin <= end && end <= data_size, CheckpointError,
+               where << ": tensor '" << tname << "' data_offsets [" << begin << ", " << end
+                     << "] fall outside the data section (" << data_size << " bytes): truncated or corrupt file");
+    DG_REQUIRE(count * elem == end - begin, CheckpointError,
+               where << ": tensor '" << tname << "' holds " << (end - begin) << " bytes but its shape and dtype "
+                     << t.dtype_str << " need " << count * elem);
+    t.dtype = parse_dtype(t.dtype_str);
+    t.data = base + begin;
+    t.nbytes = end - begin;
+    t.file = file.get();
+    ranges.emplace_back(begin, end);
     refs.push_back(std::move(t));
   }
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i)
     DG_REQUIRE(ranges[i].first >= ranges[i - 1].second || ranges[i].first == ranges[i].second ||
                    ranges[i - 1].first == ranges[i - 1].second,
-               CheckpointError, path << ": tensors overlap in the data section (corrupt file)");
+               CheckpointError, where << ": tensors overlap in the data section (corrupt file)");
   if (expected) {
     std::set<std::string> have;
     for (const auto& r : refs) have.insert(r.name);
     for (const auto& n : *expected)
       DG_REQUIRE(have.count(n), CheckpointError,
-                 "model.safetensors.index.json maps '" << n << "' to " << path << ", which does not contain it");
+                 "model.safetensors.index.json maps '" << printable(n, 200) << "' to " << where
+                                                       << ", which does not contain it");
   }
   for (auto& r : refs) {
-    DG_REQUIRE(!tensors_.count(r.name), CheckpointError, "tensor '" << r.name << "' appears in more than one file");
+    DG_REQUIRE(!tensors_.count(r.name), CheckpointError,
+               "tensor '" << printable(r.name, 200) << "' appears in more than one file");
     tensors_.emplace(r.name, std::move(r));
   }
   files_.push_back(std::move(file));
 }
 
 std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir) {
+  require_directory(dir);
   auto ckpt = std::unique_ptr<Checkpoint>(new Checkpoint());
-  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
-  if (fs::exists(index)) {
-    json j;
-    {
-      std::ifstream in(index);
-      try {
-        j = json::parse(in);
-      } catch (const json::exception& e) {
-        DG_THROW(CheckpointError, index.string() << " is not valid JSON: " << e.what());
-      }
-    }
+  const std::string index = dir + "/model.safetensors.index.json";
+  if (path_present(index)) {
+    const std::string where = printable(index, 400);
+    const json j = read_json_file(index, kMaxIndexBytes);
     DG_REQUIRE(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), CheckpointError,
-               index.string() << ": missing weight_map");
+               where << ": missing weight_map");
     std::map<std::string, std::vector<std::string>> by_file;
     for (const auto& [name, file] : j["weight_map"].items()) {
-      DG_REQUIRE(file.is_string(), CheckpointError, index.string() << ": weight_map entry for '" << name << "' is not a string");
+      DG_REQUIRE(file.is_string(), CheckpointError,
+                 where << ": weight_map entry for '" << printable(name, 200) << "' is not a string");
       const std::string f = file.get<std::string>();
-      DG_REQUIRE(f.find('/') == std::string::npos && f.find("..") == std::string::npos, CheckpointError,
-                 index.string() << ": shard name '" << f << "' must be a plain file name");
+      DG_REQUIRE(!f.empty() && f.find('/') == std::string::npos && f.find("..") == std::string::npos &&
+                     f.find('\0') == std::string::npos,
+                 CheckpointError, where << ": shard name '" << printable(f, 200) << "' must be a plain file name");
       by_file[f].push_back(name);
     }
     for (const auto& [f, names] : by_file) {
-      const fs::path p = fs::path(dir) / f;
-      DG_REQUIRE(fs::exists(p), CheckpointError, "shard " << f << " listed in model.safetensors.index.json is missing");
-      ckpt->add_file(p.string(), &names);
+      const std::string p = dir + "/" + f;
+      DG_REQUIRE(path_present(p), CheckpointError,
+                 "shard " << printable(f, 200) << " listed in model.safetensors.index.json is missing");
+      ckpt->add_file(p, &names);
     }
   } else {
     std::vector<std::string> files;
-    if (fs::is_directory(dir))
-      for (const auto& e : fs::directory_iterator(dir))
-        if (e.path().extension() == ".safetensors") files.push_back(e.path().string());
+    std::error_code ec;
+    fs::directory_iterator it(dir, ec), end;
+    DG_REQUIRE(!ec, CheckpointError, "cannot list " << printable(dir, 400) << ": " << ec.message());
+    for (; it != end; it.increment(ec)) {
+      DG_REQUIRE(!ec, CheckpointError, "cannot list " << printable(dir, 400) << ": " << ec.message());
+      if (it->path().extension() == ".safetensors") files.push_back(it->path().string());
+    }
     std::sort(files.begin(), files.end());
-    DG_REQUIRE(!files.empty(), CheckpointError, "no *.safetensors files in " << dir);
+    DG_REQUIRE(!files.empty(), CheckpointError, "no *.safetensors files in " << printable(dir, 400));
     for (const auto& f : files) ckpt->add_file(f, nullptr);
   }
   return ckpt;

@@ -1,11 +1,77 @@
 #include "runtime/engine.h"
 
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "backend/cpu/cpu_backend.h"
 #include "common/check.h"
+#include "runtime/memory_limit.h"
 
 namespace dgemma {
 
 namespace {
+
+// What the KV pools and the per-step buffers of a config and options take, in bytes, computed
+// before any of it is allocated. The workspaces are an estimate of the largest buffers of a
+// decoder pass over every row (logits, self-conditioning logits and probabilities per canvas
+// position, plus the activations of a layer).
+struct MemoryPlan {
+  double full_pool = 0, sliding_pool = 0, workspace = 0;
+  double one_row = 0;  // one row, one canvas of full cache: the least the config needs at all
+  double sliding_one_row = 0, workspace_one_row = 0;
+  long long full_blocks = 0, sliding_blocks = 0;
+  double total() const { return full_pool + sliding_pool + workspace; }
+};
+
+MemoryPlan plan_memory(const ModelConfig& cfg, const EngineOptions& o) {
+  MemoryPlan m;
+  double full_tf = 0, sliding_tf = 0;  // floats per token over each group's layers
+  for (const LayerSpec& l : cfg.layers) (l.sliding ? sliding_tf : full_tf) += double(l.num_kv_heads) * l.head_dim;
+  const double B = o.block_size, L = cfg.canvas_length;
+  const double per_token_full = 2 * 4 * full_tf, per_token_sliding = 2 * 4 * sliding_tf;  // K and V, float32
+  m.full_blocks = (static_cast<long long>(o.kv_cache_tokens) + o.block_size - 1) / o.block_size;
+  const long long window_blocks = (static_cast<long long>(cfg.sliding_window) - 1 + o.block_size - 1) / o.block_size + 1;
+  m.sliding_blocks = sliding_tf > 0 ? static_cast<long long>(o.max_batch_size) * 2 * window_blocks : 0;
+  m.full_pool = double(m.full_blocks) * B * per_token_full;
+  m.sliding_pool = double(m.sliding_blocks) * B * per_token_sliding;
+  int max_hd = 0;
+  for (const LayerSpec& l : cfg.layers) max_hd = std::max(max_hd, l.head_dim);
+  const double per_position = 4.0 * (3.0 * cfg.vocab_size + (2.0 * cfg.top_k_experts + 10) * cfg.hidden_size +
+                                     2.0 * cfg.intermediate_size + 3.0 * cfg.top_k_experts * cfg.moe_intermediate_size +
+                                     2.0 * cfg.num_heads * max_hd);
+  m.workspace_one_row = L * per_position;
+  m.workspace = o.max_batch_size * m.workspace_one_row;
+  m.sliding_one_row = sliding_tf > 0 ? 2.0 * window_blocks * B * per_token_sliding : 0;
+  m.one_row = m.sliding_one_row + std::ceil(L / B) * B * per_token_full + m.workspace_one_row;
+  return m;
+}
+
+void check_memory(const ModelConfig& cfg, const EngineOptions& o) {
+  const MemoryPlan m = plan_memory(cfg, o);
+  const MemoryLimit lim = memory_limit();
+  const double limit = static_cast<double>(lim.bytes);
+  DG_REQUIRE(m.one_row <= limit, CheckpointError,
+             "config.json asks for more memory than this process may use: a single batch row needs "
+                 << format_bytes(m.one_row) << " (sliding-window KV cache for sliding_window " << cfg.sliding_window
+                 << ": " << format_bytes(m.sliding_one_row) << "; step buffers for canvas_length " << cfg.canvas_length
+                 << " x vocab_size " << cfg.vocab_size << ": " << format_bytes(m.workspace_one_row) << ") but "
+                 << lim.source << " allows " << format_bytes(limit));
+  DG_REQUIRE(m.total() <= limit, InvalidArgument,
+             "kv_cache_tokens " << o.kv_cache_tokens << " and max_batch_size " << o.max_batch_size << " need "
+                 << format_bytes(m.total()) << " (full-attention KV pool " << format_bytes(m.full_pool)
+                 << ", sliding-window KV pool " << format_bytes(m.sliding_pool) << " for sliding_window "
+                 << cfg.sliding_window << ", step buffers " << format_bytes(m.workspace) << ") but " << lim.source
+                 << " allows " << format_bytes(limit) << ": lower kv_cache_tokens or max_batch_size");
+  DG_REQUIRE(m.full_blocks <= INT_MAX && m.sliding_blocks <= INT_MAX, InvalidArgument,
+             "kv_cache_tokens " << o.kv_cache_tokens << " / max_batch_size " << o.max_batch_size
+                                << " give more KV blocks than the pool can count");
+}
 
 void check_owner(const CacheSet& cache, const BlockPool* pool) {
   for (const auto& r : cache.rows)
@@ -42,23 +108,41 @@ void CacheSet::layer_kv(int layer, int row, std::vector<float>& k, std::vector<f
   storage->read(layer, slots, k.data(), v.data());
 }
 
-Engine::Engine(const std::string& dir, const EngineOptions& opts) {
+int max_num_threads() {
+#ifdef _OPENMP
+  const int procs = omp_get_num_procs();
+#else
+  const int procs = static_cast<int>(std::thread::hardware_concurrency());
+#endif
+  return std::max(16, 4 * std::max(1, procs));
+}
+
+void validate(const EngineOptions& opts) {
   DG_REQUIRE(opts.device == "cpu", InvalidArgument,
-             "device '" << opts.device << "' is not available: this build runs on the CPU only "
+             "device '" << printable(opts.device, 40) << "' is not available: this build runs on the CPU only "
                         << "(the CUDA backend is not implemented yet)");
-  DG_REQUIRE(opts.kv_cache_tokens > 0, InvalidArgument, "kv_cache_tokens must be positive");
-  DG_REQUIRE(opts.max_batch_size > 0, InvalidArgument, "max_batch_size must be positive");
+  DG_REQUIRE(opts.kv_cache_tokens > 0, InvalidArgument, "kv_cache_tokens must be positive, got " << opts.kv_cache_tokens);
+  DG_REQUIRE(opts.max_batch_size > 0 && opts.max_batch_size <= kMaxBatchSize, InvalidArgument,
+             "max_batch_size must be in [1, " << kMaxBatchSize << "], got " << opts.max_batch_size);
+  DG_REQUIRE(opts.block_size > 0 && opts.block_size <= 4096, InvalidArgument, "block_size must be in [1, 4096]");
+  const int max_threads = max_num_threads();
+  DG_REQUIRE(opts.num_threads >= 0 && opts.num_threads <= max_threads, InvalidArgument,
+             "num_threads must be in [0, " << max_threads << "] (0: all cores; at most 4 per CPU available, at least 16), got "
+                                           << opts.num_threads);
+}
+
+Engine::Engine(const std::string& dir, const EngineOptions& opts) {
+  validate(opts);
   cfg_ = load_model_config(dir);
-  gen_ = load_generation_defaults(dir);
+  gen_ = load_generation_defaults(dir, cfg_.vocab_size);
+  check_memory(cfg_, opts);  // before the weights, the pools and the workspaces take any of it
   weights_ = ModelWeights::load(dir, cfg_, opts.progress);
   backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : std::make_unique<CpuBackend>(cfg_, *weights_);
   DG_CHECK(backend_, "make_backend returned no backend");
   forward_ = std::make_unique<Forward>(cfg_, *backend_, opts.max_batch_size);
-  const int B = opts.block_size;
-  const int full_blocks = (opts.kv_cache_tokens + B - 1) / B;
-  const int window_blocks = (cfg_.sliding_window - 1 + B - 1) / B + 1;
-  const int sliding_blocks = opts.max_batch_size * 2 * window_blocks;
-  pool_ = std::make_shared<BlockPool>(cfg_, B, full_blocks, sliding_blocks);
+  const MemoryPlan plan = plan_memory(cfg_, opts);
+  pool_ = std::make_shared<BlockPool>(cfg_, opts.block_size, static_cast<int>(plan.full_blocks),
+                                      static_cast<int>(plan.sliding_blocks));
   forward_->allocate_kv(*pool_);
   scheduler_ = std::make_unique<Scheduler>(*forward_, cfg_, pool_, mu_, opts.max_batch_size, opts.num_threads);
 }

@@ -28,6 +28,14 @@ struct EngineOptions {
   std::function<std::unique_ptr<Backend>(const ModelConfig&, const ModelWeights&)> make_backend;
 };
 
+// Limits of the options (checked by validate(), before anything is loaded).
+constexpr int kMaxBatchSize = 1024;
+// The most CPU threads an engine may use: 4 per CPU available to the process, at least 16.
+// More only oversubscribes the cores, and thousands can make the OpenMP runtime abort.
+int max_num_threads();
+// Throws InvalidArgument naming the option that is out of range.
+void validate(const EngineOptions& opts);
+
 // A batch of per-row caches (what the Python API calls a KVCache / past_key_values): block ids in
 // the engine's pool, and the backend storage they point into.
 struct CacheSet {

@@ -131,6 +131,7 @@ struct Scheduler::Job {
   int c = 0, step = 1, n = 0;
   Clock::time_point t_submit, t_admit;
   int need_full = 0, need_sliding = 0;  // recomputed at admission
+  bool counted_running = false;  // in stats_.running_requests / active_rows
 
   std::vector<char> finished_seq, finished_denoise, live_at_start;
   std::vector<int> passes, steps_now, active, order;
@@ -148,7 +149,10 @@ struct Scheduler::Job {
     B = static_cast<int>(req.caches.size());
     L = cfg.canvas_length, V = cfg.vocab_size, N = req.params.max_denoising_steps;
     max_canvases = static_cast<int>((static_cast<long>(req.params.max_new_tokens) + L - 1) / L);
-    thr = req.params.stability_threshold;
+    // A canvas runs at most N steps, so its argmax can never have been stable for N or more
+    // earlier steps: any threshold >= N never stops a canvas, exactly as N does. Clamping keeps
+    // the history at most N canvases deep, whatever the caller asked for.
+    thr = std::min(req.params.stability_threshold, N);
     skip_finished = req.params.pad_token_id.has_value();
     finished_seq.assign(B, 0), finished_denoise.assign(B, 0), live_at_start.assign(B, 0);
     passes.assign(B, 0), steps_now.assign(B, 0), order.reserve(L);
@@ -509,6 +513,13 @@ void Scheduler::finish(Job& job, std::exception_ptr error) {
     if (st == RequestHandle::Status::kDone) stats_.completed++;
     if (st == RequestHandle::Status::kFailed) stats_.failed++;
     if (st == RequestHandle::Status::kCancelled) stats_.cancelled++;
+    // Out of the running counts before the handle says it is over, so that stats read after
+    // result() returned never show it running.
+    if (job.counted_running) {
+      stats_.running_requests--;
+      stats_.active_rows -= job.B;
+      job.counted_running = false;
+    }
   }
   RequestHandle& h = *job.handle;
   {
@@ -566,6 +577,7 @@ void Scheduler::admit() {
         j.handle->status_ = RequestHandle::Status::kRunning;
       }
       rows += j.B;
+      j.counted_running = true;
       running_.push_back(std::move(queue_.front()));
       queue_.pop_front();
     }

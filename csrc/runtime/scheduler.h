@@ -122,6 +122,9 @@ class RequestHandle {
   bool wait_for(double seconds) const;  // true once finished
   // Waits, then returns the result or rethrows the request's error (Cancelled when cancelled).
   const GenerateResult& result() const;
+  // True on the scheduler thread of the engine that runs this request (inside its callbacks),
+  // where waiting for any unfinished request of that engine could never end.
+  bool on_scheduler_thread() const { return std::this_thread::get_id() == scheduler_thread_; }
 
  private:
   friend class Scheduler;

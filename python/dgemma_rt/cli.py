@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-size", type=_positive_int, default=8,
                      help="requests denoised together in one batch (default 8)")
     srv.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    srv.add_argument("--max-request-tokens", type=_positive_int, default=8192,
+                     help="largest max_tokens a request may ask for (default 8192; more is a 400)")
+    srv.add_argument("--max-request-steps", type=_positive_int, default=256,
+                     help="largest max_denoising_steps / stability_threshold a request may ask for (default 256)")
     srv.set_defaults(func=_cmd_serve)
     return parser
 
@@ -127,6 +131,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         max_batch_size=args.max_batch_size,
         num_threads=args.threads,
+        max_request_tokens=args.max_request_tokens,
+        max_request_steps=args.max_request_steps,
     )
     return 0
 

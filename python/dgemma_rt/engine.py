@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -114,6 +116,23 @@ class GenerateOutput:
 
 #: Raised by ``Request.result()`` (and by ``generate`` on Ctrl-C) when a request was cancelled.
 RequestCancelled = _core.RequestCancelled
+
+# Requests that may still run. At interpreter exit they are cancelled and waited for while Python
+# can still run their callbacks: a scheduler thread taking the GIL during finalization aborts the
+# process ("terminate called without an active exception").
+_live_requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
+
+
+@atexit.register
+def _cancel_live_requests() -> None:
+    natives = [n for n in (r._native for r in list(_live_requests)) if n is not None]
+    for n in natives:
+        n.cancel()
+    for n in natives:
+        try:
+            n.wait(10.0)
+        except BaseException:  # noqa: BLE001 - best effort at exit
+            pass
 
 
 def _make_output(
@@ -246,6 +265,13 @@ class Request:
     def __iter__(self):
         # Events are handed out once; a second iteration only gets the end.
         while not self._ended:
+            native = self._native  # None once result() let go of it: then the request has ended
+            if self._events.empty() and native is not None and not native.done and native.in_callback():
+                # The events come from the thread this callback runs on: waiting would be forever.
+                raise ValueError(
+                    "cannot iterate a request inside an on_step/on_block callback of the same engine "
+                    "(the callback runs on the thread that would have to produce the events)"
+                )
             ev = self._events.get()
             if ev is None:
                 self._ended = True
@@ -288,10 +314,19 @@ def _as_rows(input_ids: Any, vocab_size: int) -> list[list[int]]:
     return out
 
 
-def _check_int(name: str, value: Any) -> int:
+_INT32_MAX = 2**31 - 1
+
+
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """An exact integer (no bools, no floats) in [lo, hi], or ValueError naming the parameter."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        lo_s = "-inf" if lo is None else str(lo)
+        hi_s = "inf" if hi is None else str(hi)
+        raise ValueError(f"{name} must be in [{lo_s}, {hi_s}], got {value}")
+    return value
 
 
 def _check_float(name: str, value: Any) -> float:
@@ -340,15 +375,10 @@ class Engine:
                 f"device {device!r} is not available: dgemma_rt runs on the CPU only for now "
                 "(the CUDA backend is work in progress)"
             )
-        kv = 16384 if kv_cache_tokens is None else _check_int("kv_cache_tokens", kv_cache_tokens)
-        if kv <= 0:
-            raise ValueError(f"kv_cache_tokens must be positive, got {kv}")
-        mbs = _check_int("max_batch_size", max_batch_size)
-        if mbs <= 0:
-            raise ValueError(f"max_batch_size must be positive, got {mbs}")
-        threads = 0 if num_threads is None else _check_int("num_threads", num_threads)
-        if threads < 0:
-            raise ValueError(f"num_threads must be >= 0, got {threads}")
+        # The native engine checks the same ranges, and what memory the pools would take.
+        kv = 16384 if kv_cache_tokens is None else _check_int("kv_cache_tokens", kv_cache_tokens, 1, _INT32_MAX)
+        mbs = _check_int("max_batch_size", max_batch_size, 1, 1024)
+        threads = 0 if num_threads is None else _check_int("num_threads", num_threads, 0, _core.thread_limit())
 
         bar = None
         callback = None
@@ -452,29 +482,32 @@ class Engine:
                 return value
             return g.get(name) if g.get(name) is not None else _SAMPLER_DEFAULTS[name]
 
+        # stability_threshold counts steps: values above max_denoising_steps can never be met
+        # and behave like it (the engine keeps at most max_denoising_steps of history).
         params = {
-            "max_new_tokens": _check_int("max_new_tokens", pick("max_new_tokens")),
-            "max_denoising_steps": _check_int("max_denoising_steps", pick("max_denoising_steps")),
+            "max_new_tokens": _check_int("max_new_tokens", pick("max_new_tokens"), 1, _INT32_MAX),
+            "max_denoising_steps": _check_int("max_denoising_steps", pick("max_denoising_steps"), 1, _INT32_MAX),
             "entropy_bound": _check_float("entropy_bound", pick("entropy_bound")),
             "t_min": _check_float("t_min", pick("t_min")),
             "t_max": _check_float("t_max", pick("t_max")),
-            "stability_threshold": _check_int("stability_threshold", pick("stability_threshold")),
+            "stability_threshold": _check_int("stability_threshold", pick("stability_threshold"), 0, _INT32_MAX),
             "confidence_threshold": _check_float("confidence_threshold", pick("confidence_threshold")),
-            "seed": _check_int("seed", kw.get("seed", 0)),
+            "seed": _check_int("seed", kw.get("seed", 0), 0, 2**64 - 1),
             "adaptive_stopping": bool(kw.get("adaptive_stopping", True)),
         }
-        if params["seed"] < 0 or params["seed"] >= 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {params['seed']}")
+        vocab = int(self.config["vocab_size"])
         eos = kw.get("eos_token_id", _UNSET)
         eos = g.get("eos_token_id") if eos is _UNSET else eos
         if eos is None:
             eos = []
-        elif isinstance(eos, (int, np.integer)):
+        elif isinstance(eos, (int, np.integer)) and not isinstance(eos, bool):
             eos = [int(eos)]
-        params["eos_token_id"] = [_check_int("eos_token_id", e) for e in eos]
+        elif not isinstance(eos, (list, tuple, np.ndarray)):
+            raise ValueError(f"eos_token_id must be an integer, a list of integers or None, got {eos!r}")
+        params["eos_token_id"] = [_check_int("eos_token_id", e, 0, vocab - 1) for e in eos]
         pad = kw.get("pad_token_id", _UNSET)
         pad = g.get("pad_token_id") if pad is _UNSET else pad
-        params["pad_token_id"] = None if pad is None else _check_int("pad_token_id", pad)
+        params["pad_token_id"] = None if pad is None else _check_int("pad_token_id", pad, 0, vocab - 1)
         return params
 
     def submit(
@@ -532,6 +565,7 @@ class Engine:
         req._native = self._native.submit(rows, params, noise, step_cb, block_cb, req._on_done, native_cache,
                                           bool(keep_cache))
         req._id = req._native.id
+        _live_requests.add(req)
         return req
 
     def generate(

@@ -26,7 +26,13 @@ DiffusionGemma sampler fields ``max_denoising_steps``, ``entropy_bound``, ``t_mi
 ``stability_threshold``, ``confidence_threshold`` (passed to ``Engine.generate``; out-of-range
 values are answered with 400). DiffusionGemma's sampler has its own temperature schedule (``t_min``
 to ``t_max``), so ``temperature`` and ``top_p`` must be absent or null: any other value is a 400.
-``n`` must be 1 (or absent); ``stop`` and ``logprobs`` are not supported (400 when set).
+``n`` must be 1 (or absent); ``stop``, ``logprobs`` and ``top_logprobs`` are not supported (400 when
+set; chat's ``logprobs: false`` is accepted, as it asks for nothing).
+
+Per-request work is capped by the operator (``create_app``/``serve`` arguments, ``dgemma-rt serve``
+flags): ``max_tokens`` at most ``max_request_tokens`` (default 8192), ``max_denoising_steps`` and
+``stability_threshold`` at most ``max_request_steps`` (default 256); larger values get a 400 naming
+the field and the limit. Text the tokenizer cannot take (a lone surrogate such as ``"\\ud800"``) is a 400.
 
 Generation comes in whole canvases: the text is cut to ``max_tokens`` tokens. ``finish_reason`` is
 ``"stop"`` when an EOS id ended the text within ``max_tokens`` tokens, else ``"length"``. ``usage``
@@ -42,12 +48,16 @@ settling. Clients that do not know the field ignore it. The last chunk carries `
 ``usage``; then ``data: [DONE]``. An error after the stream started is sent as
 ``data: {"error": {...}}``.
 
-A client that disconnects cancels its request (``Request.cancel()``): it leaves the batch at the
-next denoising step, or the queue at once, and its KV blocks return to the pool.
+A client that disconnects cancels its request (``Request.cancel()``), streaming or not: it leaves
+the batch at the next denoising step, or the queue at once, and its KV blocks return to the pool.
+
+``serve`` shuts down on SIGINT/SIGTERM within seconds: new requests get 503, running ones are
+cancelled (non-streaming clients get a 503, streams an error event) and the process exits.
 
 Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed
-JSON, wrong types, empty or too long prompts, bad sampler values; 404 for an unknown model; 413 for
-bodies over ``max_body_bytes``; 429 when the queue is full.
+JSON, wrong types, empty or too long prompts, bad sampler values, values over the server's caps; 404
+for an unknown model; 413 for bodies over ``max_body_bytes``; 429 when the queue is full; 503 while
+shutting down.
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ from typing import Any, Literal, Optional, Union
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - depends on the environment
@@ -104,8 +114,10 @@ def _engine_error(e: BaseException) -> APIError:
         msg = str(e)
         code = "context_length_exceeded" if "max_position_embeddings" in msg else None
         return APIError(400, msg, code=code)
-    if isinstance(e, RuntimeError):
-        # The worker runs one request at a time, so a pool that cannot hold it never will.
+    if isinstance(e, _Cancelled):
+        return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    if isinstance(e, RuntimeError) and "KV cache pool" in str(e):
+        # The engine refuses a request only when its pool could never hold it.
         return APIError(400, f"request does not fit the KV cache: {e}", code="kv_cache_exhausted")
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
@@ -182,10 +194,13 @@ class _Job:
         self.queue: asyncio.Queue | None = None
 
     def abort(self) -> None:
-        """Cancels the request wherever it is (any thread)."""
-        with self.lock:
-            self.cancel.set()
-            native = self.native
+        """Cancels the request wherever it is (any thread).
+
+        Takes no lock, so that it is safe wherever it runs: the event is set before ``native`` is
+        read, and ``_generate`` stores ``native`` before it reads the event, so one of the two cancels.
+        """
+        self.cancel.set()
+        native = self.native
         if native is not None:
             native.cancel()
 
@@ -204,6 +219,7 @@ class _Backend:
 
     def __init__(self, engine: Any, max_queue: int, max_running: int):
         self.engine = engine
+        self.shutting_down = False
         self.tok = engine.tokenizer
         self.max_queue = max_queue
         self.stats = _Stats()
@@ -221,6 +237,8 @@ class _Backend:
 
     # -------------------------------------------------------------- admission (event loop)
     def submit(self, job: _Job):
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         with self.stats.lock:
             if self.stats.waiting >= self.max_queue:
                 self.stats.rejected += 1
@@ -374,6 +392,8 @@ class _Backend:
         return (st["decoder_passes"] - prev[1]) / dt, (st["committed_tokens"] - prev[2]) / dt
 
     def shutdown(self) -> None:
+        """Refuses new requests and cancels every accepted one (idempotent; any thread)."""
+        self.shutting_down = True
         for job in list(self.jobs):
             job.abort()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -387,6 +407,14 @@ def _usage(r: dict[str, Any]) -> dict[str, int]:
         "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
         "denoising_steps": r["denoising_steps"],
     }
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _sse(obj: Any) -> str:
@@ -451,11 +479,19 @@ class _BodyLimit:
 
 
 def create_app(
-    engine: Any, model_name: str, max_queue: int = 64, max_body_bytes: int = 1 << 20, max_running: int | None = None
+    engine: Any,
+    model_name: str,
+    max_queue: int = 64,
+    max_body_bytes: int = 1 << 20,
+    max_running: int | None = None,
+    max_request_tokens: int = 8192,
+    max_request_steps: int = 256,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``engine`` under the name ``model_name``.
 
     ``max_running``: requests handed to the engine's batcher at once (default: its ``max_batch_size``).
+    ``max_request_tokens`` caps ``max_tokens``; ``max_request_steps`` caps ``max_denoising_steps``
+    and ``stability_threshold``: the work one client may ask for.
     """
     if engine.tokenizer is None:
         raise ValueError(f"{engine.path} has no tokenizer.json: the server needs one to read and write text")
@@ -467,7 +503,11 @@ def create_app(
         raise ValueError(f"max_running must be a positive integer, got {max_running!r}")
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    for name, value in (("max_request_tokens", max_request_tokens), ("max_request_steps", max_request_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+            raise ValueError(f"{name} must be an integer in [1, 2**31 - 1], got {value!r}")
     backend = _Backend(engine, max_queue, max_running)
+    default_steps = engine.generation_defaults.get("max_denoising_steps") or 48
     started = int(time.time())
 
     @asynccontextmanager
@@ -518,11 +558,24 @@ def create_app(
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
         if req.stop is not None:
             raise APIError(400, "stop sequences are not supported", param="stop", code="unsupported_parameter")
-        if req.logprobs not in (None, False, 0):
+        chat = isinstance(req, ChatRequest)
+        # Chat's logprobs is a flag, and false asks for nothing; completions' is a count, and even 0
+        # asks for the sampled tokens' log probabilities.
+        if req.logprobs is not None and not (chat and req.logprobs is False):
             raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
-        mt = 256 if max_tokens is None else max_tokens
+        if chat and req.top_logprobs is not None:
+            raise APIError(400, "top_logprobs are not supported", param="top_logprobs", code="unsupported_parameter")
+        mt = min(256, max_request_tokens) if max_tokens is None else max_tokens
         if mt <= 0:
             raise APIError(400, f"max_tokens must be a positive integer, got {mt}", param="max_tokens")
+        if mt > max_request_tokens:
+            raise APIError(400, f"max_tokens {mt} exceeds this server's limit of {max_request_tokens} "
+                           "(max_request_tokens)", param="max_tokens", code="limit_exceeded")
+        steps = req.max_denoising_steps if req.max_denoising_steps is not None else default_steps
+        for name, value in (("max_denoising_steps", steps), ("stability_threshold", req.stability_threshold)):
+            if value is not None and value > max_request_steps:
+                raise APIError(400, f"{name} {value} exceeds this server's limit of {max_request_steps} "
+                               "(max_request_steps)", param=name, code="limit_exceeded")
         seed = 0 if req.seed is None else req.seed
         if not 0 <= seed < 2**64:
             raise APIError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
@@ -543,13 +596,21 @@ def create_app(
                            f"model's {backend.max_pos} positions", param="prompt",
                            code="context_length_exceeded")
 
-    async def run(job: _Job, chat: bool):
+    async def run(job: _Job, chat: bool, request: Request):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if not job.stream:
             future = backend.submit(job)
+            pending = asyncio.wrap_future(future)
+            # Nobody may await it (the client left): its exception must not be reported as lost.
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+            gone = asyncio.ensure_future(_client_gone(request))
             try:
-                result = await asyncio.wrap_future(future)
+                await asyncio.wait({pending, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not pending.done():  # the client disconnected: nobody will read the answer
+                    job.abort()
+                    return Response(status_code=499)
+                result = pending.result()
             except APIError:
                 raise
             except BaseException as e:
@@ -557,6 +618,8 @@ def create_app(
                     job.abort()
                     raise
                 raise _engine_error(e) from None
+            finally:
+                gone.cancel()
             usage = _usage(result)
             if chat:
                 return {
@@ -616,7 +679,10 @@ def create_app(
                     yield _sse(_engine_error(event[1]).body())
                     yield "data: [DONE]\n\n"
                     return
-                else:  # cancelled
+                else:  # cancelled: by the client leaving (nobody reads this) or by the shutdown
+                    if backend.shutting_down:
+                        yield _sse(_engine_error(_Cancelled()).body())
+                        yield "data: [DONE]\n\n"
                     return
                 event = await job.queue.get()
 
@@ -635,21 +701,24 @@ def create_app(
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "dgemma_rt"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         max_tokens, seed, kwargs = common(req, req.max_tokens)
         if isinstance(req.prompt, str):
             if not req.prompt:
                 raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
-            ids = backend.tok.encode(req.prompt)
+            try:
+                ids = backend.tok.encode(req.prompt)
+            except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
+                raise APIError(400, f"prompt: {e}", param="prompt", code="invalid_text") from None
         else:
             if not req.prompt:
                 raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
             ids = list(req.prompt)
         check_prompt(ids, max_tokens)
-        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=False)
+        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         max_tokens, seed, kwargs = common(req, req.max_completion_tokens if req.max_tokens is None else req.max_tokens)
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages", code="empty_prompt")
@@ -665,7 +734,7 @@ def create_app(
         if not ids:
             raise APIError(400, "the chat renders to an empty prompt", param="messages", code="empty_prompt")
         check_prompt(ids, max_tokens)
-        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=True)
+        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=True, request=request)
 
     @app.get("/metrics")
     async def metrics():
@@ -741,15 +810,34 @@ def serve(
     max_queue: int = 64,
     max_running: int | None = None,
     max_body_bytes: int = 1 << 20,
+    max_request_tokens: int = 8192,
+    max_request_steps: int = 256,
+    shutdown_timeout: float = 10.0,
     log_level: str = "info",
     **engine_kwargs: Any,
 ) -> None:
-    """Loads ``checkpoint`` into an Engine (``engine_kwargs`` go to ``Engine``) and serves it with uvicorn."""
+    """Loads ``checkpoint`` into an Engine (``engine_kwargs`` go to ``Engine``) and serves it with uvicorn.
+
+    On SIGINT/SIGTERM every accepted request is cancelled at once, so the process exits within a
+    denoising step or so; ``shutdown_timeout`` seconds bound the wait for connections to close.
+    """
     import uvicorn
 
     from dgemma_rt.engine import Engine
 
     engine = Engine(checkpoint, **engine_kwargs)
     name = model_name or os.path.basename(os.path.normpath(os.fspath(checkpoint)))
-    app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes, max_running=max_running)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes, max_running=max_running,
+                     max_request_tokens=max_request_tokens, max_request_steps=max_request_steps)
+    backend = app.state.backend
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # uvicorn waits for open connections before the app's lifespan shutdown runs; requests
+            # still running would keep it waiting, so they are cancelled first.
+            backend.shutdown()
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout)
+    Server(config).run()

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import pathlib
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,59 @@ def _select_template(value: Any) -> str | None:
         template = named.get("default")
         return template if isinstance(template, str) else None
     return None
+
+
+# tokenizer_config.json and chat_template.jinja are a few KB to a few MB; tokenizer.json tens of MB.
+_MAX_TEXT_FILE_BYTES = 64 << 20
+_MAX_TOKENIZER_BYTES = 512 << 20
+
+
+def _checkpoint_error(message: str) -> Exception:
+    from dgemma_rt._core import CheckpointError
+
+    return CheckpointError(message)
+
+
+def _regular_file(path: pathlib.Path, max_bytes: int) -> bool:
+    """False when nothing is at `path`; True for a regular file of at most max_bytes; else CheckpointError.
+
+    A FIFO, device, directory or symlink loop where a tokenizer file should be is refused instead of
+    being read (which could block) or silently ignored.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise _checkpoint_error(f"{path} is a dangling symlink") from None
+        return False
+    except OSError as e:
+        raise _checkpoint_error(f"cannot open {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _checkpoint_error(f"{path} is not a regular file")
+    if st.st_size > max_bytes:
+        raise _checkpoint_error(f"{path} is {st.st_size} bytes, more than the {max_bytes} this file may have")
+    return True
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_TEXT_FILE_BYTES + 1)
+        if len(data) > _MAX_TEXT_FILE_BYTES:
+            raise _checkpoint_error(f"{path} is more than {_MAX_TEXT_FILE_BYTES} bytes")
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _checkpoint_error(f"cannot read {path}: {e}") from e
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """ValueError unless `text` can be encoded as UTF-8 (a lone surrogate such as "\\ud800" cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at position {e.start}"
+        ) from None
 
 
 def _raise_exception(message: str) -> None:
@@ -63,25 +117,25 @@ class Tokenizer:
 
         root = pathlib.Path(path)
         tok_file = root / "tokenizer.json"
-        if not tok_file.is_file():
+        if not _regular_file(tok_file, _MAX_TOKENIZER_BYTES):
             return None
         try:
             tok = _HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"cannot read {tok_file}: {e}") from e
+            raise _checkpoint_error(f"cannot read {tok_file}: {str(e)[:300]}") from e
         config: dict[str, Any] = {}
         cfg_file = root / "tokenizer_config.json"
-        if cfg_file.is_file():
+        if _regular_file(cfg_file, _MAX_TEXT_FILE_BYTES):
             try:
-                loaded = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read {cfg_file}: {e}") from e
+                loaded = json.loads(_read_text(cfg_file))
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+                raise _checkpoint_error(f"cannot read {cfg_file}: {str(e)[:300]}") from None
             if not isinstance(loaded, dict):
-                raise ValueError(f"{cfg_file} does not hold a JSON object")
+                raise _checkpoint_error(f"{cfg_file} does not hold a JSON object")
             config = loaded
         # transformers 5 saves the template as its own file, which wins over the config's copy.
         template_file = root / "chat_template.jinja"
-        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        template = _read_text(template_file) if _regular_file(template_file, _MAX_TEXT_FILE_BYTES) else None
         return cls(tok, config, template)
 
     @property
@@ -107,6 +161,7 @@ class Tokenizer:
         """Token ids of `text`; with add_special_tokens the tokenizer's post-processor adds BOS."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
+        check_text(text)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:

@@ -1,0 +1,355 @@
+"""Regression tests for issue 11 (hardening): one or more per finding, on the built-in tiny checkpoint.
+
+What could crash, hang or take gigabytes is loaded in a child process (checkpoint_fuzz.Runner); the rest
+runs in process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import dgemma_rt
+from checkpoint_fuzz import Runner
+from dgemma_rt.tiny import make_tiny
+
+GEN = {"max_new_tokens": 1, "max_denoising_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    return str(make_tiny(tmp_path_factory.mktemp("hardening") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return dgemma_rt.Engine(tiny_dir, num_threads=2)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = Runner()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_dir):
+    """A copy of the tiny checkpoint to spoil."""
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_dir, path)
+    return path
+
+
+def _edit(path: str, file: str, fn) -> None:
+    p = os.path.join(path, file)
+    with open(p) as f:
+        obj = json.load(f)
+    text = fn(obj)
+    with open(p, "w") as f:
+        f.write(text if isinstance(text, str) else json.dumps(obj))
+
+
+def _set_text_config(**kw):
+    return lambda c: c["text_config"].update(kw)
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# ------------------------------------------------------------------------------------------ 1. deep nesting
+@pytest.mark.parametrize("file,edit", [
+    ("config.json", lambda c: json.dumps(c).replace('"hidden_size": 128', '"hidden_size": ' + _deep(70000))),
+    ("config.json", lambda c: json.dumps(c).replace('"rope_parameters": {', '"rope_parameters": {"x": ' + _deep(300000) + ", ")),
+    ("generation_config.json", lambda c: json.dumps(c).replace('"t_min": 0.4', '"t_min": ' + _deep(70000))),
+], ids=["config_wrong_type", "rope_parameters", "generation_config"])
+def test_deeply_nested_json_is_a_checkpoint_error(runner, ckpt, file, edit):
+    _edit(ckpt, file, edit)
+    res = runner.load(ckpt, kwargs={})
+    assert res["outcome"] == "checkpoint_error", res
+    assert file in res["message"] and "nests deeper" in res["message"]
+
+
+# ------------------------------------------------------------------------------------------ 2. FIFOs
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors", "generation_config.json"])
+def test_fifo_is_refused_without_blocking(runner, ckpt, file):
+    os.remove(os.path.join(ckpt, file))
+    os.mkfifo(os.path.join(ckpt, file))
+    res = runner.load(ckpt, kwargs={}, timeout=10)
+    assert res["outcome"] == "checkpoint_error", res
+    assert file in res["message"] and "named pipe" in res["message"]
+
+
+def test_tokenizer_files_are_refused_without_blocking(ckpt):
+    """tokenizer_config.json as a FIFO, or nested too deep for Python's json: CheckpointError, no hang."""
+    code = ("import dgemma_rt, sys\n"
+            "try:\n"
+            "    dgemma_rt.Engine(sys.argv[1]).tokenizer\n"
+            "except dgemma_rt.CheckpointError as e:\n"
+            "    print('CheckpointError', e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(dgemma_rt.__file__)), os.environ.get("PYTHONPATH")) if p))
+    cfg = os.path.join(ckpt, "tokenizer_config.json")
+    os.remove(cfg)
+    os.mkfifo(cfg)
+    out = subprocess.run([sys.executable, "-c", code, ckpt], capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.startswith("CheckpointError") and "not a regular file" in out.stdout, out
+    os.remove(cfg)
+    with open(cfg, "w") as f:
+        f.write(_deep(100000))
+    out = subprocess.run([sys.executable, "-c", code, ckpt], capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.startswith("CheckpointError"), out
+
+
+# ------------------------------------------------------------------------------------------ 3. memory from config values
+def test_long_sliding_window_costs_no_resident_memory(runner, ckpt):
+    # 3.9 GB of sliding KV pool at max_batch_size 8 (it was zero-filled at load): address space, not RSS.
+    _edit(ckpt, "config.json", _set_text_config(sliding_window=100000, max_position_embeddings=131072))
+    res = runner.load(ckpt, kwargs={"num_threads": 1}, generate={"max_new_tokens": 64, "max_denoising_steps": 2},
+                      memory_cap=6 << 30)
+    assert res["outcome"] == "loaded", res
+    assert res["maxrss"] < 500 << 20, res
+
+
+@pytest.mark.parametrize("edit,words", [
+    (_set_text_config(sliding_window=10**6), ["sliding_window", "max_position_embeddings"]),
+    (_set_text_config(sliding_window=10**6, max_position_embeddings=2**24), ["sliding_window", "single batch row"]),
+    (_set_text_config(head_dim=10**9), ["head_dim"]),
+    (lambda c: (c["text_config"].pop("layer_types"), c["text_config"].update(num_hidden_layers=10**7)),
+     ["num_hidden_layers"]),
+], ids=["window_past_positions", "window_past_memory", "head_dim", "num_hidden_layers"])
+def test_config_values_are_checked_before_allocating(runner, ckpt, edit, words):
+    _edit(ckpt, "config.json", edit)
+    res = runner.load(ckpt, kwargs={})  # under a 1 GB cap: refused before anything large is allocated
+    assert res["outcome"] == "checkpoint_error", res
+    assert all(w in res["message"] for w in words), res
+    assert res["maxrss"] < 300 << 20 and res["seconds"] < 5, res
+
+
+def test_pool_options_are_checked_against_memory(tiny_dir):
+    with pytest.raises(ValueError, match="kv_cache_tokens 2147483647 .* need"):
+        dgemma_rt.Engine(tiny_dir, kv_cache_tokens=2**31 - 1)
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        dgemma_rt.Engine(tiny_dir, kv_cache_tokens=2**31)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        dgemma_rt.Engine(tiny_dir, max_batch_size=10**6)
+
+
+# ------------------------------------------------------------------------------------------ 4. exception types
+def test_checkpoint_file_as_symlink_loop_or_directory(ckpt):
+    os.remove(os.path.join(ckpt, "config.json"))
+    os.mkdir(os.path.join(ckpt, "config.json"))
+    with pytest.raises(dgemma_rt.CheckpointError, match="config.json is a directory"):
+        dgemma_rt.Engine(ckpt)
+    os.rmdir(os.path.join(ckpt, "config.json"))
+    os.symlink("config.json", os.path.join(ckpt, "config.json"))
+    with pytest.raises(dgemma_rt.CheckpointError, match="symbolic links"):
+        dgemma_rt.Engine(ckpt)
+    loop = os.path.join(os.path.dirname(ckpt), "loop")
+    os.symlink("loop", loop)
+    with pytest.raises(dgemma_rt.CheckpointError, match="symbolic links"):
+        dgemma_rt.Engine(loop)
+
+
+def test_undecodable_bytes_in_a_header_give_a_readable_checkpoint_error(ckpt):
+    p = os.path.join(ckpt, "model.safetensors")
+    with open(p, "rb") as f:
+        blob = bytearray(f.read())
+    at = blob.index(b"model.decoder.norm.weight")
+    blob[at + 6 : at + 9] = b"\xff\xc3\x28"  # not UTF-8
+    with open(p, "wb") as f:
+        f.write(blob)
+    with pytest.raises(dgemma_rt.CheckpointError) as info:
+        dgemma_rt.Engine(ckpt)
+    assert "model.safetensors" in str(info.value) and "\\x" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ 5. exact types and ranges
+@pytest.mark.parametrize("key,value,words", [
+    ("hidden_size", 2**32 + 128, "outside the supported range"),
+    ("max_position_embeddings", -(10**18), "outside the supported range"),
+    ("top_k_experts", True, "must be an integer, got true"),
+    ("hidden_size", 128.7, "must be an integer, got 128.7"),
+    ("hidden_size", 128.0, "must be an integer"),
+    ("vocab_size", "2048", "must be an integer"),
+    ("rms_norm_eps", -1e-6, "finite number in (0, 1]"),
+    ("rms_norm_eps", 0, "finite number in (0, 1]"),
+    ("final_logit_softcapping", 0, "final_logit_softcapping"),
+    ("sliding_window", 0, "outside the supported range"),
+])
+def test_config_types_and_ranges(ckpt, key, value, words):
+    _edit(ckpt, "config.json", _set_text_config(**{key: value}))
+    with pytest.raises(dgemma_rt.CheckpointError) as info:
+        dgemma_rt.Engine(ckpt)
+    assert key in str(info.value) and words in str(info.value), info.value
+
+
+@pytest.mark.parametrize("theta", [0, -10000.0])
+def test_rope_theta_must_be_positive(ckpt, theta):
+    _edit(ckpt, "config.json", lambda c: c["text_config"]["rope_parameters"]["sliding_attention"].update(rope_theta=theta))
+    with pytest.raises(dgemma_rt.CheckpointError, match="rope_theta"):
+        dgemma_rt.Engine(ckpt)
+
+
+@pytest.mark.parametrize("key,value", [("eos_token_id", [1, 2048]), ("pad_token_id", 2**31), ("max_denoising_steps", 0),
+                                       ("stability_threshold", -1), ("t_min", "low")])
+def test_generation_config_types_and_ranges(ckpt, key, value):
+    _edit(ckpt, "generation_config.json", lambda c: c.update({key: value}))
+    with pytest.raises(dgemma_rt.CheckpointError, match=key):
+        dgemma_rt.Engine(ckpt)
+
+
+# ------------------------------------------------------------------------------------------ 7. stability_threshold
+def test_huge_stability_threshold_allocates_no_history(runner, tiny_dir):
+    # [threshold, rows, canvas] of history was 2.5 GB at 10**7; now at most max_denoising_steps deep.
+    res = runner.load(tiny_dir, kwargs={"num_threads": 1},
+                      generate={"max_new_tokens": 64, "max_denoising_steps": 3, "stability_threshold": 2**31 - 1})
+    assert res["outcome"] == "loaded", res
+    assert res["maxrss"] < 300 << 20, res
+
+
+def test_stability_threshold_beyond_the_steps_changes_nothing(engine):
+    ids = [[2, 17, 33, 64, 99]]
+    kw = dict(max_new_tokens=128, max_denoising_steps=5, seed=3, confidence_threshold=100.0)
+    outs = [engine.generate(ids, stability_threshold=t, **kw) for t in (5, 6, 10**7, 2**31 - 1)]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o.sequences, outs[0].sequences)
+        assert o.steps_per_canvas == outs[0].steps_per_canvas
+
+
+# ------------------------------------------------------------------------------------------ 8. lone surrogates
+def test_lone_surrogate_is_a_value_error(engine):
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        engine.generate_text("x\ud800y", **GEN)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        engine.generate_text([{"role": "user", "content": "x\udc00y"}], **GEN)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        engine.tokenizer.encode("\ud800")
+
+
+# ------------------------------------------------------------------------------------------ 9. integers >= 2**31
+@pytest.mark.parametrize("name", ["max_new_tokens", "max_denoising_steps", "stability_threshold", "pad_token_id",
+                                  "eos_token_id", "seed"])
+@pytest.mark.parametrize("value", [2**31, 2**64, -(2**63)])
+def test_huge_integer_arguments_are_value_errors_naming_them(engine, name, value):
+    if name == "seed" and value == 2**31:
+        return  # a valid seed
+    with pytest.raises(ValueError, match=name):
+        engine.generate([[2, 3, 4]], **{name: value})
+
+
+def test_native_layer_checks_integers_too(engine):
+    """What the Python layer checks, the native one checks again (for other callers of _core)."""
+    base = engine._params({"max_new_tokens": 1, "max_denoising_steps": 1})
+    for name, value in [("max_new_tokens", 2**31), ("max_denoising_steps", 2**40), ("stability_threshold", -(2**40)),
+                        ("pad_token_id", 2**31), ("max_new_tokens", True)]:
+        with pytest.raises(ValueError, match=name):
+            engine._native.submit([[2, 3, 4]], {**base, name: value})
+    with pytest.raises(ValueError, match="eos_token_id"):
+        engine._native.submit([[2, 3, 4]], {**base, "eos_token_id": [1, 2**33]})
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        dgemma_rt._core.Engine(engine.path, "cpu", 2**31, 8, 0, None)
+
+
+# ------------------------------------------------------------------------------------------ 10. re-entrancy
+def _in_thread(fn, timeout=60):
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "deadlocked"
+    return out
+
+
+def test_iterating_a_request_inside_its_own_callback_is_an_error(engine):
+    seen = []
+
+    def on_step(draft):
+        seen.append(draft)
+        list(req)  # would wait for events only this thread can produce
+
+    def go():
+        nonlocal req
+        req = engine.submit([[2, 3, 4]], on_step=on_step, max_new_tokens=64, max_denoising_steps=3)
+        return req.result()
+
+    req = None
+    out = _in_thread(go)
+    assert isinstance(out.get("error"), ValueError) and "callback" in str(out["error"]), out
+    assert len(seen) == 1
+
+
+def test_waiting_on_another_request_inside_a_callback_is_an_error(engine):
+    errors = []
+    other = engine.submit([[5, 6, 7]], max_new_tokens=64 * 4, max_denoising_steps=20, stability_threshold=20)
+
+    def on_step(draft):
+        for wait in (lambda: list(other), other.result, lambda: other.wait(1.0)):
+            try:
+                wait()
+            except ValueError as e:
+                errors.append(e)
+
+    try:
+        out = _in_thread(lambda: engine.generate([[2, 3, 4]], on_step=on_step, **GEN))
+        assert "error" not in out, out
+        assert len(errors) == 3, errors
+    finally:
+        other.cancel()
+        with pytest.raises(dgemma_rt.RequestCancelled):
+            other.result()
+
+
+# ------------------------------------------------------------------------------------------ 11. smaller
+def test_thread_count_is_capped(tiny_dir):
+    with pytest.raises(ValueError, match="num_threads"):
+        dgemma_rt.Engine(tiny_dir, num_threads=1000)
+    with pytest.raises(ValueError, match="num_threads"):
+        dgemma_rt.Engine(tiny_dir, num_threads=2**31)
+    limit = dgemma_rt._core.thread_limit()
+    assert limit >= 16
+    dgemma_rt.Engine(tiny_dir, num_threads=limit)
+
+
+def test_stats_are_settled_once_result_returned(engine):
+    for i in range(10):
+        req = engine.submit([[2, 3, 4 + i]], **GEN)
+        if i % 3 == 2:
+            req.cancel()
+        try:
+            req.result()
+        except dgemma_rt.RequestCancelled:
+            pass
+        stats = engine.scheduler_stats()
+        assert stats["running_requests"] == 0 and stats["active_rows"] == 0, (i, stats)
+    gc.collect()
+
+
+def test_exit_while_a_request_runs_is_clean(tiny_dir):
+    """Leaving Python with a request (and its Python callback) still running used to abort the process."""
+    code = ("import dgemma_rt, sys, time\n"
+            "e = dgemma_rt.Engine(sys.argv[1], num_threads=1)\n"
+            "r = e.submit([[2, 3, 4]], max_new_tokens=256, max_denoising_steps=20, stability_threshold=20,\n"
+            "             on_step=lambda d: None)\n"
+            "time.sleep(0.3)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(dgemma_rt.__file__)), os.environ.get("PYTHONPATH")) if p))
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code, tiny_dir], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out
