@@ -594,3 +594,51 @@ def test_signal_stops_the_server_while_requests_run(tiny_dir, sig):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+# ------------------------------------------------------------------------------------------ infilling
+def test_suffix_infills_like_the_engine(client, engine, server):
+    prefix, suffix = "the quick brown", " the lazy dog"
+    r = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=20, seed=4, extra_body=FAST)
+    tok = engine.tokenizer
+    middle = engine.infill(tok.encode(prefix), tok.encode(suffix, add_special_tokens=False), max_middle_tokens=20,
+                           seed=4, **FAST)
+    assert r.choices[0].text == tok.decode(middle[:20])
+    assert r.usage.completion_tokens == len(middle[:20])
+    assert r.choices[0].finish_reason == ("stop" if len(middle) <= 20 and len(middle) < 64 - len(
+        tok.encode(suffix, add_special_tokens=False)) else "length")
+    # Streaming: the drafts show only the middle (the suffix is fixed after it), the text matches.
+    chunks = list(client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=20, seed=4,
+                                            stream=True, extra_body=FAST))
+    text = "".join(c.choices[0].text or "" for c in chunks)
+    assert text == r.choices[0].text
+    drafts = [(c.model_extra or {}).get("dgemma_draft") for c in chunks]
+    assert any(drafts)
+    assert all(suffix not in d["text"] for d in drafts if d)
+
+
+def test_canvas_template_extension(server, engine):
+    L = engine.config["canvas_length"]
+    template = [-1] * L
+    template[5:9] = [300, 301, 302, 303]
+    body = {**OK, "prompt": [2, 40, 41], "max_tokens": L, "canvas_template": template, "seed": 2}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = engine.generate([[2, 40, 41]], max_new_tokens=L, seed=2, canvas_template=[template], **FAST)
+    assert list(out.sequences[0][3 + 5:3 + 9]) == [300, 301, 302, 303]
+
+
+BAD_INFILL = [
+    ("template too long", {**OK, "max_tokens": 4, "canvas_template": [-1] * 5}, "canvas_template"),
+    ("template bad id", {**OK, "canvas_template": [10**9]}, "canvas_template"),
+    ("suffix and template", {**OK, "suffix": "x", "canvas_template": [-1]}, "suffix"),
+    ("suffix ids out of range", {**OK, "prompt": [2, 3], "suffix": [10**9]}, "suffix"),
+    ("suffix lone surrogate", {**OK, "suffix": "x\ud800"}, "suffix"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", BAD_INFILL, ids=[b[0] for b in BAD_INFILL])
+def test_bad_infill_requests(server, name, body, param):
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"},
+                   timeout=30)
+    assert _error_shape(r, 400)["param"] == param

@@ -48,6 +48,15 @@ settling. Clients that do not know the field ignore it. The last chunk carries `
 ``usage``; then ``data: [DONE]``. An error after the stream started is sent as
 ``data: {"error": {...}}``.
 
+Infilling: ``/v1/completions`` takes the OpenAI ``suffix`` field (text, or token ids with a token-id
+prompt). The prompt is the prefix; the new canvases are a template whose locked positions hold the
+suffix so that it ends the last canvas, and the free positions before it (at least ``max_tokens``)
+are generated around it. The answer is that middle, cut at its first EOS and to ``max_tokens``
+tokens; EOS does not end generation early (it would pad the suffix away). Streaming drafts show the
+middle settling with the suffix fixed after it. Extension field ``canvas_template`` (both routes):
+token ids over the new tokens, -1 where free, at most ``max_tokens`` long, as
+``Engine.generate(canvas_template=...)``; not together with ``suffix``.
+
 A client that disconnects cancels its request (``Request.cancel()``), streaming or not: it leaves
 the batch at the next denoising step, or the queue at once, and its KV blocks return to the pool.
 
@@ -145,10 +154,12 @@ class _Request(BaseModel):
     t_max: Optional[_Number] = None
     stability_threshold: Optional[StrictInt] = None
     confidence_threshold: Optional[_Number] = None
+    canvas_template: Optional[list[StrictInt]] = None  # extension: see the module docstring
 
 
 class CompletionRequest(_Request):
     prompt: Union[StrictStr, list[StrictInt]]
+    suffix: Optional[Union[StrictStr, list[StrictInt]]] = None
 
 
 class _ContentPart(BaseModel):
@@ -181,9 +192,15 @@ class _Stats:
 
 
 class _Job:
-    def __init__(self, prompt_ids: list[int], max_tokens: int, seed: int, gen_kwargs: dict[str, Any], stream: bool):
+    def __init__(self, prompt_ids: list[int], max_tokens: int, seed: int, gen_kwargs: dict[str, Any], stream: bool,
+                 template: list[int] | None = None, middle: int | None = None):
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
+        # A canvas template over the new tokens; with a suffix (infilling) the answer is its first
+        # `middle` positions (the free ones before the locked suffix), cut at the first EOS there.
+        self.template = template
+        self.middle = middle
+        self.new_tokens = len(template) if middle is not None else max_tokens
         self.seed = seed
         self.gen_kwargs = gen_kwargs
         self.stream = stream
@@ -321,7 +338,10 @@ class _Backend:
             steps += 1
             step_i += 1
             if job.stream and not done:
-                ids, _ = self._cut(draft[0])
+                row = draft[0]
+                if job.middle is not None:  # only the middle's positions of this canvas
+                    row = row[: max(0, job.middle - canvas_i * self.canvas)]
+                ids, _ = self._cut(row)
                 job.push("draft", canvas_i, step_i, tok.decode(ids))
 
         def on_block(block: Any) -> None:
@@ -332,7 +352,10 @@ class _Backend:
             step_i = 0
             if not job.stream or done:
                 return
-            ids, hit = self._cut(block[0])
+            row = block[0]
+            if job.middle is not None:
+                row = row[: max(0, job.middle - (canvas_i - 1) * self.canvas)]
+            ids, hit = self._cut(row)
             new_ids.extend(ids)
             if hit or len(new_ids) >= job.max_tokens:
                 done = True
@@ -346,10 +369,16 @@ class _Backend:
 
         from dgemma_rt.engine import RequestCancelled
 
+        extra: dict[str, Any] = {}
+        if job.template is not None:
+            extra["canvas_template"] = [job.template]
+        if job.middle is not None:
+            extra["eos_token_id"] = None  # an early EOS must not pad the suffix away; the middle is cut below
         native = self.engine.submit(
             [job.prompt_ids],
-            max_new_tokens=job.max_tokens,
+            max_new_tokens=job.new_tokens,
             seed=job.seed,
+            **extra,
             on_step=on_step,
             on_block=on_block,
             keep_cache=False,  # the blocks go back to the pool the moment the request ends
@@ -365,6 +394,8 @@ class _Backend:
         except RequestCancelled:
             raise _Cancelled() from None
         new = out.sequences[0][len(job.prompt_ids) :]
+        if job.middle is not None:
+            new = new[: job.middle]
         steps_total = int(sum(out.steps_per_canvas[0])) if out.steps_per_canvas else steps
         ids, hit = self._cut(new)
         finish = "stop" if hit and len(ids) <= job.max_tokens else "length"
@@ -579,6 +610,15 @@ def create_app(
         seed = 0 if req.seed is None else req.seed
         if not 0 <= seed < 2**64:
             raise APIError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
+        if req.canvas_template is not None:
+            vocab = int(engine.config["vocab_size"])
+            if len(req.canvas_template) > mt:
+                raise APIError(400, f"canvas_template has {len(req.canvas_template)} positions, more than max_tokens "
+                               f"{mt}", param="canvas_template")
+            bad = [t for t in req.canvas_template if t != -1 and not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"canvas_template holds {bad[0]}: a token id in [0, {vocab}) or -1 (free)",
+                               param="canvas_template")
         kwargs = {name: getattr(req, name) for name in _SAMPLER_FIELDS if getattr(req, name) is not None}
         for name, value in kwargs.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -714,8 +754,31 @@ def create_app(
             if not req.prompt:
                 raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
             ids = list(req.prompt)
-        check_prompt(ids, max_tokens)
-        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=False, request=request)
+        template, middle = req.canvas_template, None
+        if req.suffix is not None:
+            if template is not None:
+                raise APIError(400, "give suffix or canvas_template, not both", param="suffix")
+            if isinstance(req.suffix, str):
+                try:
+                    suffix = backend.tok.encode(req.suffix, add_special_tokens=False) if req.suffix else []
+                except ValueError as e:
+                    raise APIError(400, f"suffix: {e}", param="suffix", code="invalid_text") from None
+            else:
+                suffix = list(req.suffix)
+                vocab = int(engine.config["vocab_size"])
+                if any(not 0 <= t < vocab for t in suffix):
+                    raise APIError(400, f"suffix token ids must lie in [0, {vocab})", param="suffix")
+            # The suffix ends the last canvas; the free positions before it (at least max_tokens) are the middle.
+            if max_tokens + len(suffix) > max_request_tokens:
+                raise APIError(400, f"max_tokens plus the suffix ({max_tokens + len(suffix)} tokens) exceeds this "
+                               f"server's limit of {max_request_tokens} (max_request_tokens)", param="suffix",
+                               code="limit_exceeded")
+            total = -(-(max_tokens + len(suffix)) // backend.canvas) * backend.canvas
+            middle = total - len(suffix)
+            template = [-1] * middle + suffix
+        check_prompt(ids, len(template) if middle is not None else max_tokens)
+        job = _Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle)
+        return await run(job, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
@@ -734,7 +797,8 @@ def create_app(
         if not ids:
             raise APIError(400, "the chat renders to an empty prompt", param="messages", code="empty_prompt")
         check_prompt(ids, max_tokens)
-        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream)), chat=True, request=request)
+        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=req.canvas_template),
+                         chat=True, request=request)
 
     @app.get("/metrics")
     async def metrics():
