@@ -82,10 +82,11 @@ def _matching(kernels: dict[str, dict], pattern: str) -> dict[str, dict]:
 
 # (name pattern, register budget per thread from the kernel's occupancy plan, tensor-core opcode it must use)
 HOT_KERNELS = [
-    # 128 threads per CTA, one CTA per (query tile, KV head, row); the fp32 output accumulator of 128 dims per
-    # warp lives in registers: <= 232 keeps one CTA per SM schedulable with room for the compiler.
-    (r"attention_kernel<.*AttnConfig<256,", 232, "HMMA"),
-    (r"attention_kernel<.*AttnConfig<512,", 232, "HMMA"),
+    # Attention: 256 threads, one CTA per SM, so 255 registers is the hard cap; 128 output dims per warp in
+    # registers, plus the per-CTA tile plan (attention_plan.h).
+    (r"sm80_attention_kernel<.*AttnConfig<256,", 240, "HMMA"),
+    (r"sm80_attention_kernel<.*AttnConfig<512,", 248, "HMMA"),
+    (r"attention_combine_kernel<", 64, None),
     # 256 threads, 2 CTAs per SM (90 KB of shared tokens each at H = 2816): <= 128.
     (r"router_kernel<", 128, None),
     # The W4A16 expert GEMM (mma.sync m16n8k16).
