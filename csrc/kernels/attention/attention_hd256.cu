@@ -1,4 +1,5 @@
-// attention_forward for head_dim 256: the mma.sync kernel (Sm80Tiles<256>) and the split-KV combine.
+// attention_forward for head_dim 256: the sm_90a wgmma kernel (Sm90Config<256>), the mma.sync fallback
+// (Sm80Tiles<256>) and the split-KV combine; designs in their headers.
 #include "kernels/attention/attention_launch.cuh"
 
 namespace dgemma::kernels {

@@ -1,4 +1,5 @@
-// attention_forward for head_dim 512: the mma.sync kernel (Sm80Tiles<512>) and the split-KV combine.
+// attention_forward for head_dim 512: the sm_90a wgmma kernel (Sm90Config<512>), the mma.sync fallback
+// (Sm80Tiles<512>) and the split-KV combine; designs in their headers.
 #include "kernels/attention/attention_launch.cuh"
 
 namespace dgemma::kernels {

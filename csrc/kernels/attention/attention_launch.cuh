@@ -1,4 +1,5 @@
-// Host side of attention.cuh: checks, the split-KV plan (attention_plan.h) and the launches. Included only by the
+// Host side of attention.cuh: checks, the choice of kernel (sm90 wgmma on Hopper builds with CuTe,
+// else the mma.sync one), the split-KV plan (attention_plan.h) and the launches. Included only by the
 // attention_hd<D>.cu instantiation files.
 #pragma once
 
@@ -11,8 +12,27 @@
 #include "kernels/attention/attention_combine.cuh"
 #include "kernels/attention/attention_plan.h"
 #include "kernels/attention/sm80_attention_kernel.cuh"
+#include "kernels/attention/sm90_attention_kernel.cuh"
 
 namespace dgemma::kernels::attention_detail {
+
+// Whether this build holds sm_90 code and the current device is exactly 9.0 (the wgmma kernel's
+// body is compiled only for sm_90a, and only with the CuTe headers).
+inline bool sm90_kernel_usable() {
+#if defined(DGEMMA_WITH_CUTLASS)
+  constexpr int kArchList[] = {__CUDA_ARCH_LIST__};
+  bool built = false;
+  for (int arch : kArchList) built = built || arch == 900;
+  if (!built) return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
 
 inline bool valid_params(const AttentionParams& p, int head_dim) {
   if (p.head_dim != head_dim || p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0 ||
@@ -28,8 +48,8 @@ inline bool valid_params(const AttentionParams& p, int head_dim) {
 template <int D>
 cudaError_t plan_launch(const AttentionParams& p, AttentionLaunchPlan* plan) {
   if (!plan || !valid_params(p, D)) return cudaErrorInvalidValue;
-  plan->sm90 = false;
-  const attention_plan::TileShape ts = attention_plan::sm80_tiles(D);
+  plan->sm90 = sm90_kernel_usable();
+  const attention_plan::TileShape ts = plan->sm90 ? attention_plan::sm90_tiles(D) : attention_plan::sm80_tiles(D);
   plan->block_m = ts.block_m;
   plan->block_n = ts.block_n;
   int dev = 0, sms = 0;
@@ -79,7 +99,10 @@ cudaError_t forward(const AttentionParams& p, cudaStream_t stream) {
   const int G = p.num_heads / p.num_kv_heads;
   const unsigned m_tiles = static_cast<unsigned>((static_cast<long long>(p.max_count) * G + plan.block_m - 1) / plan.block_m);
   const dim3 grid(m_tiles, static_cast<unsigned>(p.num_kv_heads * plan.splits), static_cast<unsigned>(p.rows));
-  {
+  if (plan.sm90) {
+    using Cfg = Sm90Config<D>;
+    err = launch_kernel(sm90_attention_kernel<Cfg>, grid, Cfg::kThreads, Cfg::kSmemBytes, a, stream);
+  } else {
     using Cfg = typename Sm80Tiles<D>::Cfg;
     err = launch_kernel(sm80_attention_kernel<Cfg>, grid, Cfg::kThreads, Cfg::kSmemBytes, a, stream);
   }
