@@ -3,154 +3,28 @@
 The reference runs on the bf16 inputs dequantised to float64. The kernel's error is bounded by twice the
 error of rounding the reference output to bf16 plus 1e-3 of the largest visible value (P is rounded to
 bf16 before P V, as in FlashAttention-2). Cache slots a row must not read hold NaN, and the binding fills
-the output with NaN first, so a wrong gather or a token left unwritten fails the test.
+the output and the split-KV workspace with NaN first, so a wrong gather, a token left unwritten or a
+partial the combine reads but no CTA wrote fails the test. On an H100/H200 built with CUTLASS the sm90
+(wgmma) kernel runs, elsewhere the mma.sync one; both go through the split-KV paths below.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 import dgemma_rt
-from bf16_helpers import bf16_bits as to_bf16, bf16_to_f32
-
-
-def from_bf16(b) -> np.ndarray:
-    return bf16_to_f32(b).astype(np.float64)
-
+from attention_cases import Row, check, make_case
 
 pytestmark = pytest.mark.skipif(
     not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
 )
 
 BLOCK = 16
-NAN_BF16 = np.uint16(0x7FC0)
 
 
-@dataclass
-class Row:
-    cache_len: int  # cached tokens end (exclusive); new tokens start here
-    count: int  # new tokens
-    cache_start: int = 0  # first visible cached position (sliding layers: cache_len - (window - 1))
-
-
-@dataclass
-class Case:
-    q: np.ndarray  # uint16 [T, H, D]
-    k_new: np.ndarray  # uint16 [T, KVH, D]
-    v_new: np.ndarray
-    k_cache: np.ndarray  # uint16 [blocks, BLOCK, KVH, D]
-    v_cache: np.ndarray
-    block_table: np.ndarray  # int32 [rows, max_blocks]
-    cache_first_pos: np.ndarray  # int32 [rows]
-    cache_start: np.ndarray
-    cache_len: np.ndarray
-    tok0: np.ndarray
-    count: np.ndarray
-    causal: bool
-    window: int
-    scale: float
-
-    def args(self):
-        return (self.q, self.k_new, self.v_new, self.k_cache, self.v_cache, self.block_table, self.cache_first_pos,
-                self.cache_start, self.cache_len, self.tok0, self.count, self.causal, self.window, self.scale)
-
-
-def make_case(seed, rows, head_dim, heads, kv_heads, causal=False, window=0, scale=1.0, q_std=None,
-              reverse_tokens=False) -> Case:
-    """Random inputs. Scores q.k have a std of about 1.5 by default (q_std = 1.5 / sqrt(head_dim))."""
-    rng = np.random.default_rng(seed)
-    D = head_dim
-    counts = [r.count for r in rows]
-    T = sum(counts)
-    # Rows' tokens back to back; optionally in reverse row order, so tok0 is not a running sum over rows.
-    order = list(reversed(range(len(rows)))) if reverse_tokens else list(range(len(rows)))
-    tok0 = [0] * len(rows)
-    t = 0
-    for r in order:
-        tok0[r] = t
-        t += rows[r].count
-    q_std = 1.5 / np.sqrt(D) if q_std is None else q_std
-    q = to_bf16(rng.standard_normal((T, heads, D)) * q_std)
-    k_new = to_bf16(rng.standard_normal((T, kv_heads, D)))
-    v_new = to_bf16(rng.standard_normal((T, kv_heads, D)))
-
-    # Blocks per row: from the block holding cache_start (cache_first_pos) to cache_len, handed out from a
-    # shuffled pool with a few spare blocks; every slot a row must not see holds NaN.
-    first = [(r.cache_start // BLOCK) * BLOCK for r in rows]
-    nblk = [(r.cache_len - f + BLOCK - 1) // BLOCK if r.cache_len > r.cache_start else 0 for r, f in zip(rows, first)]
-    total = sum(nblk) + 3
-    perm = rng.permutation(total)
-    max_blocks = max(nblk + [1])
-    table = np.full((len(rows), max_blocks), -1, np.int32)
-    k_cache = np.full((total, BLOCK, kv_heads, D), NAN_BF16, np.uint16)
-    v_cache = np.full((total, BLOCK, kv_heads, D), NAN_BF16, np.uint16)
-    used = 0
-    for i, r in enumerate(rows):
-        for b in range(nblk[i]):
-            table[i, b] = perm[used]
-            used += 1
-        for pos in range(r.cache_start, r.cache_len):
-            rel = pos - first[i]
-            blk, off = table[i, rel // BLOCK], rel % BLOCK
-            k_cache[blk, off] = to_bf16(rng.standard_normal((kv_heads, D)))
-            v_cache[blk, off] = to_bf16(rng.standard_normal((kv_heads, D)))
-    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
-    return Case(q, k_new, v_new, k_cache, v_cache, table, i32(first), i32([r.cache_start for r in rows]),
-                i32([r.cache_len for r in rows]), i32(tok0), i32(counts), causal, window, scale)
-
-
-def reference(c: Case):
-    """float64 attention over the dequantised inputs; returns (out [T, H, D], max |V| over visible keys)."""
-    T, H, D = c.q.shape
-    KVH = c.k_new.shape[1]
-    G = H // KVH
-    q, kn, vn = from_bf16(c.q), from_bf16(c.k_new), from_bf16(c.v_new)
-    kc, vc = from_bf16(c.k_cache), from_bf16(c.v_cache)
-    out = np.zeros((T, H, D))
-    vmax = 0.0
-    for r in range(len(c.count)):
-        n, t0 = int(c.count[r]), int(c.tok0[r])
-        if n == 0:
-            continue
-        start, length, first = int(c.cache_start[r]), int(c.cache_len[r]), int(c.cache_first_pos[r])
-        cpos = np.arange(start, length)
-        blk = c.block_table[r, (cpos - first) // BLOCK]
-        off = (cpos - first) % BLOCK
-        K = np.concatenate([kc[blk, off], kn[t0:t0 + n]])  # [L, KVH, D]
-        V = np.concatenate([vc[blk, off], vn[t0:t0 + n]])
-        kpos = np.concatenate([cpos, length + np.arange(n)])
-        qpos = length + np.arange(n)
-        Kh, Vh = np.repeat(K, G, axis=1), np.repeat(V, G, axis=1)  # [L, H, D]: query head h reads KV head h // G
-        s = np.einsum("nhd,lhd->hnl", q[t0:t0 + n], Kh) * c.scale
-        vis = np.ones((n, len(kpos)), bool)
-        if c.causal:
-            vis = kpos[None, :] <= qpos[:, None]
-            if c.window > 0:
-                vis &= kpos[None, :] > qpos[:, None] - c.window
-        s = np.where(vis[None], s, -np.inf)
-        s -= s.max(axis=-1, keepdims=True)
-        p = np.exp(s)
-        p /= p.sum(axis=-1, keepdims=True)
-        out[t0:t0 + n] = np.einsum("hnl,lhd->nhd", p, Vh)
-        vmax = max(vmax, float(np.abs(V).max()))
-    return out, vmax
-
-
-def check(c: Case, got_bits: np.ndarray):
-    ref, vmax = reference(c)
-    assert got_bits.shape == c.q.shape and got_bits.dtype == np.uint16
-    got = from_bf16(got_bits)
-    err = np.max(np.abs(got - ref)) if ref.size else 0.0
-    round_err = np.max(np.abs(from_bf16(to_bf16(ref)) - ref)) if ref.size else 0.0
-    tol = 2 * round_err + 1e-3 * vmax
-    assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g} (bf16 rounding of the reference {round_err:.3g})"
-
-
-def run(c: Case):
-    check(c, dgemma_rt._core.cuda_ops.attention(*c.args()))
+def run(c, splits=0):
+    check(c, dgemma_rt._core.cuda_ops.attention(*c.args(), splits=splits))
 
 
 # (head_dim, heads, kv_heads): GQA ratios 2 and 8 at both head sizes (few heads keeps the reference cheap).
@@ -233,4 +107,67 @@ def test_scale(head_dim):
 def test_unsupported_head_dim():
     c = make_case(0, [Row(0, 4)], 128, 2, 1)
     with pytest.raises(Exception):
+        dgemma_rt._core.cuda_ops.attention(*c.args())
+
+
+def plan(c, splits=0):
+    T, H, D = c.q.shape
+    max_cached = int(max([0] + [int(l - s) for l, s in zip(c.cache_len, c.cache_start)]))
+    return dgemma_rt._core.cuda_ops.attention_launch_plan(len(c.count), D, H, c.k_new.shape[1], int(c.count.max()),
+                                                         max_cached, splits, BLOCK)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"hd{s[0]}-h{s[1]}-kv{s[2]}")
+@pytest.mark.parametrize("splits", [1, 2, 3, 16])
+@pytest.mark.parametrize("causal,window", [(False, 0), (True, 0), (True, 20)])
+def test_split_kv(shape, splits, causal, window):
+    """Forced split counts, including more parts than some CTAs have tiles (empty parts), on ragged rows."""
+    D, H, KVH = shape
+    if causal and window > 0:
+        rows = [Row(133, 50, 133 - (window - 1)), Row(0, 0), Row(0, 9), Row(300, 23, 300 - (window - 1))]
+    else:
+        rows = [Row(133, 50), Row(0, 0), Row(0, 9), Row(300, 23, 60 if not causal else 0)]
+    c = make_case(D + splits + 3 * causal + window, rows, D, H, KVH, causal=causal, window=window,
+                  reverse_tokens=True)
+    assert plan(c, splits)["splits"] == splits
+    run(c, splits)
+
+
+# The real shapes: 16 query heads, a 256-token canvas, the cached contexts that matter (sliding layers see at
+# most window - 1 = 1023 cached keys).
+@pytest.mark.parametrize("head_dim,kv_heads", [(256, 8), (512, 2)], ids=["hd256-kv8", "hd512-kv2"])
+@pytest.mark.parametrize("context", [0, 1, 1023, 1024, 5000])
+@pytest.mark.parametrize("splits", [1, 0])
+def test_real_shapes(head_dim, kv_heads, context, splits):
+    start = max(0, context - 1023) if head_dim == 256 else 0
+    c = make_case(context + head_dim + splits, [Row(context, 256, start)], head_dim, 16, kv_heads)
+    if splits == 0 and dgemma_rt._core.cuda_ops.attention_launch_plan(1, head_dim, 16, kv_heads, 256, 1, 0)["sm90"]:
+        # Batch 1 leaves SMs idle on an H100/H200: the automatic choice splits (attention_plan::choose_splits).
+        assert plan(c)["splits"] > 1
+    run(c, splits)
+
+
+@pytest.mark.parametrize("head_dim,kv_heads", [(256, 8), (512, 2)], ids=["hd256-kv8", "hd512-kv2"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_bitwise_deterministic(head_dim, kv_heads, splits):
+    """Two runs of the same call give the same bits: fixed tiles, fixed split boundaries, fixed-order combine."""
+    c = make_case(11, [Row(2000 if head_dim == 512 else 1023, 256, 0), Row(77, 100)], head_dim, 16, kv_heads)
+    a = dgemma_rt._core.cuda_ops.attention(*c.args(), splits=splits)
+    b = dgemma_rt._core.cuda_ops.attention(*c.args(), splits=splits)
+    assert np.array_equal(a, b)
+    check(c, a)
+
+
+@pytest.mark.parametrize("block", [1, 8, 64, 256])
+def test_block_sizes(block):
+    """Any power-of-two block size: slots come from shifts, tiles span several blocks or share one."""
+    c = make_case(block, [Row(300, 40, 17), Row(90, 7)], 256, 4, 2, block=block)
+    run(c)
+    c = make_case(block + 1, [Row(200, 80, 200 - 39)], 512, 8, 1, causal=True, window=40, block=block)
+    run(c, 3)
+
+
+def test_block_size_must_be_a_power_of_two():
+    c = make_case(0, [Row(30, 4)], 256, 2, 1, block=12)
+    with pytest.raises(Exception, match="power of two"):
         dgemma_rt._core.cuda_ops.attention(*c.args())

@@ -3,8 +3,9 @@
 cuobjdump (the nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels, a test extra) lists the sm_90a
 machine code embedded in dgemma_rt._core. The hot kernels must not touch local memory (no spills, no
 stack arrays: LDL/STL), must keep registers within their occupancy plan, and must use the tensor
-cores their designs name: HGMMA/QGMMA (wgmma) in the CUTLASS GEMMs, HMMA (mma.sync) in attention. A
-regression fails CI. Skipped when the module was built without CUDA or the tool is missing.
+cores their designs name: HGMMA/QGMMA (wgmma) in the CUTLASS GEMMs and the sm90 attention kernel, HMMA
+(mma.sync) in its fallback. A regression fails CI. Skipped when the module was built without CUDA or the
+tool is missing.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def kernels() -> dict[str, dict]:
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             current = usage.setdefault(m.group(1), {"reg": 0, "stack": 0, "shared": 0, "local": 0, "ops": []})
+            current["mnemonics"] = []
             continue
-        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(([A-Z][A-Z0-9_]*)[A-Za-z0-9_.]*)", line)
         if m and current is not None:
-            current["ops"].append(m.group(1))
+            current["ops"].append(m.group(2))
+            current.setdefault("mnemonics", []).append(m.group(1))  # with modifiers: HGMMA.64x64x16.F32.BF16
     names = _demangle(list(usage))
     assert usage, "no sm_90a kernels found in " + so
     return {names[k]: v for k, v in usage.items()}
@@ -82,10 +85,15 @@ def _matching(kernels: dict[str, dict], pattern: str) -> dict[str, dict]:
 
 # (name pattern, register budget per thread from the kernel's occupancy plan, tensor-core opcode it must use)
 HOT_KERNELS = [
-    # 128 threads per CTA, one CTA per (query tile, KV head, row); the fp32 output accumulator of 128 dims per
-    # warp lives in registers: <= 232 keeps one CTA per SM schedulable with room for the compiler.
-    (r"attention_kernel<.*AttnConfig<256,", 232, "HMMA"),
-    (r"attention_kernel<.*AttnConfig<512,", 232, "HMMA"),
+    # Attention (kernels/attention): 256 threads, one CTA per SM (the shared-memory plan: 128 KB for head_dim
+    # 256, 224 KB for 512), so 255 registers is the hard cap. sm90 (wgmma): the fp32 output accumulator is
+    # 64 x 256 per warpgroup = 128 registers per thread plus S (32) and P (16); 512 adds the S exchange.
+    (r"sm90_attention_kernel<.*Sm90Config<256>", 232, "HGMMA"),
+    (r"sm90_attention_kernel<.*Sm90Config<512>", 248, "HGMMA"),
+    # The mma.sync fallback (sm_100a/sm_120a, builds without CuTe): 128 output dims per warp in registers.
+    (r"sm80_attention_kernel<.*AttnConfig<256,", 240, "HMMA"),
+    (r"sm80_attention_kernel<.*AttnConfig<512,", 248, "HMMA"),
+    (r"attention_combine_kernel<", 64, None),
     # 256 threads, 2 CTAs per SM (90 KB of shared tokens each at H = 2816): <= 128.
     (r"router_kernel<", 128, None),
     # The W4A16 expert GEMM (mma.sync m16n8k16).
@@ -127,3 +135,26 @@ def test_router_main_loop_feeds_ffma_from_few_shared_loads(kernels):
         ffma, lds = k["ops"].count("FFMA"), k["ops"].count("LDS")
         assert ffma >= 128, f"{name}: {ffma} FFMA: the 4x8 register tile is gone"
         assert ffma >= 2 * lds, f"{name}: {ffma} FFMA vs {lds} LDS"
+
+
+def test_attention_sm90_main_loop_is_wgmma(kernels):
+    """The sm90 attention kernel's key loop, per warpgroup and tile: S = Q K^T as 16 HGMMA.64x64x16 (K = 256
+    dims of this warpgroup) and O += P V as 4 HGMMA.64x256x16 with P from registers and V transposed from
+    shared memory; cp.async (LDGSTS) gathers made visible to wgmma by a proxy fence."""
+    for name, k in _matching(kernels, r"sm90_attention_kernel<").items():
+        mn = k["mnemonics"]
+        qk = [m for m in mn if m.startswith("HGMMA.64x64x16.F32.BF16")]
+        pv = [m for m in mn if m.startswith("HGMMA.64x256x16.F32.BF16")]
+        assert len(qk) == 16 and len(pv) == 4, f"{name}: {len(qk)} QK and {len(pv)} PV HGMMA"
+        assert mn.count("WARPGROUP.ARRIVE") == 2, name
+        assert any(m.startswith("FENCE.VIEW.ASYNC.S") for m in mn), f"{name}: no proxy fence before wgmma"
+        assert "LDGSTS" in k["ops"] and "HMMA" not in k["ops"], name
+
+
+def test_attention_paged_loop_has_no_division(kernels):
+    """Slots come from shifts of a power-of-two block size (attention_plan.h): the integer divisions left are
+    the CTA setup's token / GQA-group ones (each unsigned division emits one I2F.U32.RP; the old kernel
+    divided by block_size for every 16-byte chunk: 24 in its head_dim-512 code)."""
+    for name, k in _matching(kernels, r"(sm90|sm80)_attention_kernel<").items():
+        divs = k["mnemonics"].count("I2F.U32.RP")
+        assert divs <= 4, f"{name}: {divs} integer divisions"
