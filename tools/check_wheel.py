@@ -203,6 +203,9 @@ def check_cuda(rep: Report, so: str, tmp: str, archs: tuple[str, ...]) -> None:
     rep.check(not extra, f"no other architectures{' (found: ' + ', '.join(extra) + ')' if extra else ''}")
 
     print("CUTLASS GEMM kernels (nvdisasm):")
+    if not cubins:
+        rep.fail("no CUDA code in the module: built without nvcc or with DGEMMA_CUDA=OFF? (--cpu-only for that)")
+        return
     xdir = os.path.join(tmp, "cubins")
     os.makedirs(xdir)
     run([cuobjdump, "-xelf", "all", so], cwd=xdir)
