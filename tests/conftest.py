@@ -13,6 +13,24 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 SEED = 1234
 
+
+def pytest_report_header(config):
+    import dgemma_rt
+
+    return f"dgemma_rt {dgemma_rt.__version__} from {os.path.dirname(dgemma_rt.__file__)} (CUDA compiled: {dgemma_rt.cuda_compiled()})"
+
+
+def pytest_sessionstart(session):
+    # .ci/run tests the installed wheel: DGEMMA_RT_EXPECT_PREFIX is its venv, and a dgemma_rt imported
+    # from anywhere else (the source tree's python/) would make the run test something else.
+    prefix = os.environ.get("DGEMMA_RT_EXPECT_PREFIX")
+    if prefix:
+        import dgemma_rt
+
+        where = os.path.realpath(dgemma_rt.__file__)
+        if not where.startswith(os.path.realpath(prefix) + os.sep):
+            raise pytest.UsageError(f"dgemma_rt imported from {where}, not from the installed package under {prefix}")
+
 # 7 layers, full attention at 3 and 6, different head sizes and KV head counts on sliding and full layers,
 # partial rotary 0.25 of 24 (3 rotated angle pairs), a canvas that is not a power of two.
 DEEP_OVERRIDES = dict(

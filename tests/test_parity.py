@@ -226,7 +226,9 @@ class Case:
 
 
 # max_new_tokens is written in canvases ("3c", "2c+1"). Seeds were checked with `reference.near_tie_free` (run the
-# audit with DGEMMA_RT_AUDIT=1 after changing a case or a fixture): float32-sized logit changes do not alter the run.
+# audit with DGEMMA_RT_AUDIT=1 after changing a case or a fixture): float32-sized logit changes do not alter the run,
+# nor any step's draft. On the deep model self-conditioning amplifies such changes about a thousandfold in ten steps,
+# so most seeds fail there; the two deep cases' seeds pass with the engine built either way (-march=native or not).
 CASES = {
     "batch1_three_canvases": Case("base", 1, 5, dict(max_new_tokens="3c"), 100, ("early",)),
     "max_new_tokens_rounds_up": Case("base", 1, 4, dict(max_new_tokens="2c+1"), 12),
@@ -234,7 +236,7 @@ CASES = {
     "prompt_longer_than_window": Case("base", 2, 21, dict(max_new_tokens="2c"), 14),
     "single_token_prompt": Case("base", 2, 1, dict(max_new_tokens="2c"), 100),
     # Long deep runs meet near-ties (see near_tie_free) too often for an exact comparison with transformers' logits.
-    "deep": Case("deep", 2, 9, dict(max_new_tokens="2c", max_denoising_steps=16), 100),
+    "deep": Case("deep", 2, 9, dict(max_new_tokens="2c", max_denoising_steps=16), 105),
     "deep_long": Case("deep", 2, 9, dict(max_new_tokens="3c"), 26, modes=("hybrid",)),
     "bf16": Case("bf16", 1, 7, dict(max_new_tokens="2c"), 17),
     "few_steps_wide_bound": Case(
@@ -267,7 +269,7 @@ CASES = {
         2,
         5,
         dict(max_new_tokens="2c", max_denoising_steps=16, confidence_threshold=0.4, stability_threshold=0),
-        101,
+        105,
         ("early",),
     ),
     "no_adaptive_stopping": Case(

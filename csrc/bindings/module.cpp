@@ -323,6 +323,13 @@ PYBIND11_MODULE(_core, m) {
     return 0;
 #endif
   }, "Number of CUDA devices visible (0 without a driver or when CUDA was not compiled)");
+  m.def("cuda_status", []() -> std::string {
+#ifdef DGEMMA_WITH_CUDA
+    return cuda::status();
+#else
+    return "this dgemma_rt was built without CUDA (DGEMMA_CUDA=OFF or no nvcc at build time)";
+#endif
+  }, "What CUDA sees, in one line: the driver, the devices, whether this build has code for them");
 #ifdef DGEMMA_WITH_CUDA
   auto ops = m.def_submodule("cuda_ops", "CUDA kernels' test entry points: numpy in, numpy out");
   for (auto bind : dgemma::bindings::cuda_op_binders()) bind(ops);

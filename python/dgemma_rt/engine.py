@@ -373,7 +373,7 @@ class Engine:
         if device != "cpu":
             raise ValueError(
                 f"device {device!r} is not available: dgemma_rt runs on the CPU only for now "
-                "(the CUDA backend is work in progress)"
+                f"(the CUDA backend is work in progress; CUDA here: {_core.cuda_status()})"
             )
         # The native engine checks the same ranges, and what memory the pools would take.
         kv = 16384 if kv_cache_tokens is None else _check_int("kv_cache_tokens", kv_cache_tokens, 1, _INT32_MAX)

@@ -1,0 +1,35 @@
+"""The installed package itself: what the wheel must carry, and what CUDA looks like from it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import dgemma_rt
+from dgemma_rt.tiny import make_tiny
+
+
+def test_embedding_files_are_installed():
+    assert os.path.isfile(os.path.join(dgemma_rt.get_include(), "dgemma_rt", "engine.h"))
+    assert os.path.isfile(os.path.join(dgemma_rt.get_library_dir(), "libdgemma_core.a"))
+    example = os.path.join(os.path.dirname(dgemma_rt.__file__), "bin", "dgemma-embed-example")
+    assert os.access(example, os.X_OK)
+
+
+def test_cuda_status_is_one_readable_line():
+    status = dgemma_rt.cuda_status()
+    assert isinstance(status, str) and status and "\n" not in status
+    if not dgemma_rt.cuda_compiled():
+        assert "without CUDA" in status
+    elif dgemma_rt.cuda_device_count() == 0:
+        assert "driver" in status or "no usable CUDA device" in status
+    else:
+        assert "CUDA device(s)" in status
+
+
+def test_cuda_device_is_refused_with_the_reason(tmp_path):
+    ckpt = make_tiny(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="CPU only for now") as e:
+        dgemma_rt.Engine(ckpt, device="cuda")
+    assert dgemma_rt.cuda_status() in str(e.value)
