@@ -9,6 +9,7 @@ import pytest
 import dgemma_rt
 from bf16_helpers import bf16_bits, bf16_to_f32
 from dgemma_rt import nvfp4
+from nvfp4_cases import every_code_and_scale_case, random_case, reference, tolerance
 
 pytestmark = pytest.mark.skipif(not hasattr(dgemma_rt._core, "cuda_ops"), reason="built without the CUDA sources")
 needs_gpu = pytest.mark.skipif(not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0,
@@ -19,15 +20,6 @@ def ops():
     return dgemma_rt._core.cuda_ops
 
 
-def reference(x_bits, packed, scales, gscale, offsets):
-    """float64 of (dequantized fp32 weights) against the bf16 inputs, per expert."""
-    x = bf16_to_f32(x_bits).astype(np.float64)
-    w = nvfp4.dequantize(packed, scales, gscale).astype(np.float64)
-    y = np.zeros((x.shape[0], w.shape[1]))
-    for g in range(w.shape[0]):
-        a, b = offsets[g], offsets[g + 1]
-        y[a:b] = x[a:b] @ w[g].T
-    return y
 
 
 @needs_gpu
@@ -42,17 +34,10 @@ def reference(x_bits, packed, scales, gscale, offsets):
     ([3, 9], 24, 48),                # N not a multiple of 16, K not a multiple of 64 (zero-filled tail)
 ])
 def test_grouped_gemm_nvfp4_matches_reference(counts, N, K):
-    rng = np.random.default_rng(sum(counts) + N + K)
-    G = len(counts)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    w = (rng.standard_normal((G, N, K)) * rng.uniform(0.01, 3, size=(G, 1, 1))).astype(np.float32)
-    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
-    x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
+    x, packed, scales, gscale, offsets = random_case(counts, N, K)
     y = bf16_to_f32(ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)).astype(np.float64)
     ref = reference(x, packed, scales, gscale, offsets)
-    # bf16 output rounding (2^-8 relative) plus fp32 accumulation in another order
-    tol = 2.0**-8 * np.abs(ref) + 1e-5 * np.sqrt(K) * np.abs(ref).max(initial=1.0)
-    assert np.all(np.abs(y - ref) <= tol)
+    assert np.all(np.abs(y - ref) <= tolerance(ref, K))
 
 
 @needs_gpu
@@ -78,20 +63,7 @@ def test_grouped_gemm_nvfp4_every_code_and_scale_exact():
     subnormal, middle and maximal E4M3 scales and a negative scale; each row keeps to one scale class so
     every partial sum is exact in fp32 (<= 14 significant bits), and the output is exactly the bf16
     rounding of the exact product."""
-    rng = np.random.default_rng(5)
-    G, N, K = 2, 48, 64
-    counts = [7, 20]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    codes = rng.integers(0, 16, size=(G, N, K)).astype(np.uint8)
-    codes[0, 0, :16] = np.arange(16)  # every code once in one block
-    classes = [np.arange(1, 8), np.array([0x30, 0x38, 0x3C, 0x40, 0xB8]), np.array([0x78, 0x7D, 0x7E])]
-    scales = np.zeros((G, N, K // 16), np.uint8)
-    for n in range(N):
-        cl = classes[n % 3]
-        scales[:, n] = cl[rng.integers(0, len(cl), size=(G, K // 16))]
-    gscale = np.array([1.0, 0.25], dtype=np.float32)
-    x = bf16_bits(rng.integers(-1, 2, size=(int(offsets[-1]), K)).astype(np.float32))
-    packed = nvfp4.pack(codes)
+    x, packed, scales, gscale, offsets = every_code_and_scale_case()
     y = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)
     ref = reference(x, packed, scales, gscale, offsets)
     assert np.array_equal(ref.astype(np.float32).astype(np.float64), ref)  # the reference is exact in fp32

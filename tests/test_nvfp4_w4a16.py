@@ -229,14 +229,8 @@ def test_cpp_shuffle_refuses_nan_scales():
 
 # ---- the whole warp program (activation tiles, ldmatrix addresses, MMAs, epilogue) emulated on the host
 
-def gemm_reference(x_bits, packed, scales, gscale, offsets):
-    from bf16_helpers import bf16_to_f32
-    x = bf16_to_f32(x_bits).astype(np.float64)
-    w = nvfp4.dequantize(packed, scales, gscale).astype(np.float64)
-    y = np.zeros((x.shape[0], w.shape[1]))
-    for g in range(w.shape[0]):
-        y[offsets[g]:offsets[g + 1]] = x[offsets[g]:offsets[g + 1]] @ w[g].T
-    return y
+from nvfp4_cases import every_code_and_scale_case, random_case, tolerance  # noqa: E402
+from nvfp4_cases import reference as gemm_reference  # noqa: E402
 
 
 def emulate_gemm(x, packed, scales, gscale, offsets, gated=False, gather=None, gather_div=1):
@@ -253,17 +247,11 @@ def emulate_gemm(x, packed, scales, gscale, offsets, gated=False, gather=None, g
     ([5, 33], 2816, 128),                   # the down projection's N
 ])
 def test_emulated_gemm_matches_reference(counts, N, K):
-    from bf16_helpers import bf16_bits, bf16_to_f32
-    rng = np.random.default_rng(sum(counts) + N + K)
-    G = len(counts)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    w = (rng.standard_normal((G, N, K)) * rng.uniform(0.01, 3, size=(G, 1, 1))).astype(np.float32)
-    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
-    x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
+    from bf16_helpers import bf16_to_f32
+    x, packed, scales, gscale, offsets = random_case(counts, N, K)
     y = bf16_to_f32(emulate_gemm(x, packed, scales, gscale, offsets)).astype(np.float64)
     ref = gemm_reference(x, packed, scales, gscale, offsets)
-    tol = 2.0**-8 * np.abs(ref) + 1e-5 * np.sqrt(K) * np.abs(ref).max(initial=1.0)
-    assert np.all(np.abs(y - ref) <= tol)
+    assert np.all(np.abs(y - ref) <= tolerance(ref, K))
 
 
 @has_cpp
@@ -271,19 +259,7 @@ def test_emulated_gemm_every_code_and_scale_exact():
     """The GPU test's inputs (test_cuda_nvfp4.py): every partial sum exact in fp32, so y is exactly the bf16
     rounding of the exact product."""
     from bf16_helpers import bf16_bits
-    rng = np.random.default_rng(5)
-    G, N, K = 2, 48, 64
-    offsets = np.array([0, 7, 27], np.int32)
-    codes = rng.integers(0, 16, size=(G, N, K)).astype(np.uint8)
-    codes[0, 0, :16] = np.arange(16)
-    classes = [np.arange(1, 8), np.array([0x30, 0x38, 0x3C, 0x40, 0xB8]), np.array([0x78, 0x7D, 0x7E])]
-    scales = np.zeros((G, N, K // 16), np.uint8)
-    for n in range(N):
-        cl = classes[n % 3]
-        scales[:, n] = cl[rng.integers(0, len(cl), size=(G, K // 16))]
-    gscale = np.array([1.0, 0.25], dtype=np.float32)
-    x = bf16_bits(rng.integers(-1, 2, size=(27, K)).astype(np.float32))
-    packed = nvfp4.pack(codes)
+    x, packed, scales, gscale, offsets = every_code_and_scale_case()
     ref = gemm_reference(x, packed, scales, gscale, offsets)
     assert np.array_equal(ref.astype(np.float32).astype(np.float64), ref)
     np.testing.assert_array_equal(emulate_gemm(x, packed, scales, gscale, offsets), bf16_bits(ref.astype(np.float32)))
