@@ -69,8 +69,9 @@ def cluster(tiny_dir):
     if ray.is_initialized():
         pytest.skip("a Ray instance is already running in this process")
     try:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024, log_to_driver=False,
-                 _system_config={"metrics_report_interval_ms": 1000})
+        # address="local": a fresh instance even where RAY_ADDRESS points at a cluster.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
+                 log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
     except Exception as e:  # noqa: BLE001 - any failure to start is a skip, not a failure
         pytest.skip(f"Ray cannot start here: {type(e).__name__}: {e}")
     try:
@@ -193,7 +194,8 @@ def test_bad_requests_get_the_same_answer_as_dgemma_rt_serve(cluster, local_engi
 
     cases = [(path, json.dumps(body)) for _, path, body, _, _ in BAD]
     cases += [("/v1/completions", json.dumps(body)) for _, body, _ in BAD_INFILL]
-    cases += [("/v1/completions", "{not json"), ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x" * 70000}))]
+    too_big = json.dumps({"model": MODEL, "prompt": "x" * 70000})  # over max_body_bytes: 413
+    cases += [("/v1/completions", "{not json"), ("/v1/completions", too_big)]
     headers = {"content-type": "application/json"}
     with TestClient(create_app(local_engine, MODEL, max_body_bytes=64 * 1024)) as alone, \
             httpx.Client(base_url=cluster, timeout=30) as via_ray:

@@ -85,7 +85,7 @@ class _RayMetrics:
         g = lambda name, doc, tags=(): Gauge(name, description=doc, tag_keys=tags)  # noqa: E731
         c = lambda name, doc, tags=(): Counter(name, description=doc, tag_keys=tags)  # noqa: E731
         self.gauges = {
-            "queue_depth": g("dgemma_queue_depth", "Requests waiting: for a worker, or in the engine for a row / KV blocks."),
+            "queue_depth": g("dgemma_queue_depth", "Requests waiting for a worker, a row or KV blocks."),
             "active_rows": g("dgemma_active_rows", "Rows in the engine's batch now."),
             "running": g("dgemma_requests_running", "Requests handed to the engine."),
             "in_flight": g("dgemma_requests_in_flight", "Requests accepted and not finished."),
@@ -135,7 +135,7 @@ class _RayMetrics:
         while not self.stop.wait(self.interval_s):
             try:
                 self.publish()
-            except Exception:  # noqa: BLE001 - metrics must never take the replica down; health checks report a dead engine
+            except Exception:  # noqa: BLE001 - metrics never take the replica down; check_health reports a dead engine
                 pass
 
 
@@ -321,6 +321,8 @@ def run(
     import ray
 
     local = address is None
+    if local and not os.path.isdir(checkpoint):  # on a cluster only the nodes need it
+        raise ValueError(f"checkpoint directory {os.fspath(checkpoint)!r} does not exist")
     if local:
         # Workers of a local instance import the same dgemma_rt as this process (a source checkout too).
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
