@@ -328,14 +328,24 @@ def run(
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         build_kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": pythonpath}})
-        ray.init(include_dashboard=False)
+        # "local" even where RAY_ADDRESS is set: this instance is ours to shut down.
+        ray.init(address="local", include_dashboard=False)
     else:
         ray.init(address=address)
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    serving = False
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+        if not serving:  # still deploying: interrupt serve.run, then clean up below
+            raise KeyboardInterrupt
+
+    # Ray's own SIGTERM handler aborts the process, leaving no chance to remove the application.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build(checkpoint, **build_kwargs), name=app_name, route_prefix="/")
+        serving = True
         print(f"dgemma_rt on Ray Serve: http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         while not stop.wait(1.0):
             pass
