@@ -28,6 +28,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+_RAY_ONLY = ("replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica", "ray_address")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma-rt", description="DiffusionGemma inference engine.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -62,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest max_tokens a request may ask for (default 8192; more is a 400)")
     srv.add_argument("--max-request-steps", type=_positive_int, default=256,
                      help="largest max_denoising_steps / stability_threshold a request may ask for (default 256)")
+    ray = srv.add_argument_group("Ray Serve (pip install 'dgemma_rt[ray]'; see the README's Serving section)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve replicas on Ray Serve (a local Ray instance unless --ray-address)")
+    ray.add_argument("--replicas", type=_positive_int, default=None, help="replicas, one Engine each (default 1)")
+    ray.add_argument("--max-replicas", type=_positive_int, default=None,
+                     help="autoscale on ongoing requests between --replicas and this many")
+    ray.add_argument("--gpus-per-replica", type=_non_negative_float, default=None, help="default 0")
+    ray.add_argument("--cpus-per-replica", type=_non_negative_float, default=None,
+                     help="default 1 (also the engine's threads on CPU replicas unless --threads)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join a running Ray cluster ('auto', or ray://host:10001) instead of starting one")
     srv.set_defaults(func=_cmd_serve)
     return parser
 
@@ -118,6 +142,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        return _cmd_serve_ray(args)
+    given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply with --ray")
     try:
         from dgemma_rt.server import serve
     except ImportError as e:
@@ -130,6 +159,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         kv_cache_tokens=args.kv_cache_tokens,
         max_batch_size=args.max_batch_size,
+        num_threads=args.threads,
+        max_request_tokens=args.max_request_tokens,
+        max_request_steps=args.max_request_steps,
+    )
+    return 0
+
+
+def _cmd_serve_ray(args: argparse.Namespace) -> int:
+    try:
+        from dgemma_rt import ray_serve
+    except ImportError as e:
+        raise ValueError(f"dgemma-rt serve --ray needs Ray Serve: pip install 'dgemma_rt[ray]' ({e})") from None
+    replicas = 1 if args.replicas is None else args.replicas
+    if args.max_replicas is not None and args.max_replicas < replicas:
+        raise ValueError(f"--max-replicas {args.max_replicas} is below --replicas {replicas}")
+    ray_serve.run(
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        address=args.ray_address,
+        model_name=args.model_name,
+        replicas=replicas,
+        max_replicas=args.max_replicas,
+        num_gpus=args.gpus_per_replica or 0,
+        num_cpus=1 if args.cpus_per_replica is None else args.cpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        max_queued_requests=args.max_queue,
+        kv_cache_tokens=args.kv_cache_tokens,
         num_threads=args.threads,
         max_request_tokens=args.max_request_tokens,
         max_request_steps=args.max_request_steps,

@@ -5,7 +5,7 @@ loads a checkpoint and runs it with uvicorn.
 
 Endpoints:
 
-- ``GET /health``: ``{"status": "ok", "model": ...}``.
+- ``GET /health``: ``{"status": "ok", "model": ...}``; 503 while shutting down or when the engine does not answer.
 - ``GET /v1/models``: the one model this server holds.
 - ``POST /v1/completions``: ``prompt`` is a string (tokenized with BOS) or a list of token ids.
 - ``POST /v1/chat/completions``: ``messages`` go through the checkpoint's chat template.
@@ -243,6 +243,7 @@ class _Backend:
         self.executor = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="dgemma-worker")
         self.rate_lock = threading.Lock()
         self.last_sample: tuple[float, int, int] | None = None  # (time, decoder passes, committed tokens)
+        self.last_progress: tuple[tuple[int, ...], float] | None = None  # (scheduler counters, when they last moved)
         self.jobs: set[_Job] = set()
         g = engine.generation_defaults
         eos = g.get("eos_token_id")
@@ -421,6 +422,46 @@ class _Backend:
             return 0.0, 0.0
         dt = now - prev[0]
         return (st["decoder_passes"] - prev[1]) / dt, (st["committed_tokens"] - prev[2]) / dt
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters and gauges behind ``/metrics`` (and Ray's metrics in dgemma_rt.ray_serve), at one moment."""
+        s = self.stats
+        with s.lock:
+            out: dict[str, Any] = {
+                "waiting": s.waiting, "running": s.running, "outcomes": dict(s.outcomes), "rejected": s.rejected,
+                "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+                "denoising_steps": s.denoising_steps,
+            }
+        out["kv"] = self.engine.kv_pool_stats()
+        out["scheduler"] = self.engine.scheduler_stats()
+        return out
+
+    def health_problem(self, stall_timeout_s: float | None = None) -> str | None:
+        """Why this backend cannot serve (None when it can): shutting down, an engine that no longer answers,
+        or, with ``stall_timeout_s``, one that has had work but made no progress (no encoder or decoder pass,
+        no request ended) for that many seconds. Progress is measured between calls, so call it periodically."""
+        if self.shutting_down:
+            return "the server is shutting down"
+        try:
+            st = self.engine.scheduler_stats()
+        except Exception as e:  # noqa: BLE001 - any failure to answer is the problem
+            return f"the engine does not answer: {type(e).__name__}: {e}"
+        if stall_timeout_s is None:
+            return None
+        with self.stats.lock:
+            accepted = self.stats.waiting + self.stats.running
+        busy = accepted > 0 or st["active_rows"] > 0 or st["queued_requests"] > 0
+        progress = (st["decoder_passes"], st["encoder_passes"], st["completed"], st["failed"], st["cancelled"])
+        now = time.monotonic()
+        with self.rate_lock:
+            if not busy or self.last_progress is None or progress != self.last_progress[0]:
+                self.last_progress = (progress, now)
+                return None
+            since = self.last_progress[1]
+        if now - since > stall_timeout_s:
+            return (f"the engine has made no progress for {now - since:.0f} s with {accepted} requests accepted "
+                    f"({st['active_rows']} rows active, {st['queued_requests']} queued in the engine)")
+        return None
 
     def shutdown(self) -> None:
         """Refuses new requests and cancels every accepted one (idempotent; any thread)."""
@@ -734,6 +775,9 @@ def create_app(
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
+        problem = backend.health_problem()
+        if problem is not None:
+            raise APIError(503, problem, type="server_error", code="unhealthy")
         return {"status": "ok", "model": model_name}
 
     @app.get("/v1/models")
@@ -802,13 +846,10 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        s = backend.stats
-        with s.lock:
-            waiting, running = s.waiting, s.running
-            outcomes = dict(s.outcomes)
-            rejected, ptoks, gtoks, steps = s.rejected, s.prompt_tokens, s.generated_tokens, s.denoising_steps
-        kv = engine.kv_pool_stats()
-        sched = engine.scheduler_stats()
+        snap = backend.snapshot()
+        waiting, running, outcomes, rejected = snap["waiting"], snap["running"], snap["outcomes"], snap["rejected"]
+        ptoks, gtoks, steps = snap["prompt_tokens"], snap["generated_tokens"], snap["denoising_steps"]
+        kv, sched = snap["kv"], snap["scheduler"]
         steps_per_s, tokens_per_s = backend.rates()
         lines = [
             "# HELP dgemma_queue_depth Requests waiting: for a worker, or in the engine for a batch row / KV blocks.",
