@@ -28,8 +28,19 @@ def test_cuda_status_is_one_readable_line():
         assert "CUDA device(s)" in status
 
 
-def test_cuda_device_is_refused_with_the_reason(tmp_path):
+@pytest.mark.skipif(dgemma_rt.cuda_device_count() > 0, reason="a GPU is present")
+def test_cuda_device_without_a_gpu_is_refused_with_the_reason(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny")
-    with pytest.raises(ValueError, match="CPU only for now") as e:
+    with pytest.raises(ValueError, match="not available") as e:
         dgemma_rt.Engine(ckpt, device="cuda")
-    assert dgemma_rt.cuda_status() in str(e.value)
+    if dgemma_rt.cuda_compiled():
+        assert dgemma_rt.cuda_status() in str(e.value)  # names what is missing: the driver or a device
+    else:
+        assert "no cuda backend" in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cpu:0", "cuda:x", "cuda:", 3])
+def test_malformed_device_names_are_refused(tmp_path, device):
+    ckpt = make_tiny(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="device"):
+        dgemma_rt.Engine(ckpt, device=device)

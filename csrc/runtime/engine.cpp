@@ -9,7 +9,7 @@
 #include <omp.h>
 #endif
 
-#include "backend/cpu/cpu_backend.h"
+#include "backend/registry.h"
 #include "common/check.h"
 #include "runtime/memory_limit.h"
 
@@ -118,9 +118,7 @@ int max_num_threads() {
 }
 
 void validate(const EngineOptions& opts) {
-  DG_REQUIRE(opts.device == "cpu", InvalidArgument,
-             "device '" << printable(opts.device, 40) << "' is not available: this build runs on the CPU only "
-                        << "(the CUDA backend is not implemented yet)");
+  if (!opts.make_backend) check_device(opts.device);
   DG_REQUIRE(opts.kv_cache_tokens > 0, InvalidArgument, "kv_cache_tokens must be positive, got " << opts.kv_cache_tokens);
   DG_REQUIRE(opts.max_batch_size > 0 && opts.max_batch_size <= kMaxBatchSize, InvalidArgument,
              "max_batch_size must be in [1, " << kMaxBatchSize << "], got " << opts.max_batch_size);
@@ -137,7 +135,7 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   gen_ = load_generation_defaults(dir, cfg_.vocab_size);
   check_memory(cfg_, opts);  // before the weights, the pools and the workspaces take any of it
   weights_ = ModelWeights::load(dir, cfg_, opts.progress);
-  backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : std::make_unique<CpuBackend>(cfg_, *weights_);
+  backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : make_backend(opts.device, cfg_, *weights_);
   DG_CHECK(backend_, "make_backend returned no backend");
   forward_ = std::make_unique<Forward>(cfg_, *backend_, opts.max_batch_size);
   const MemoryPlan plan = plan_memory(cfg_, opts);

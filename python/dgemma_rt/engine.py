@@ -340,7 +340,8 @@ class Engine:
 
     Args:
         path: a Hugging Face DiffusionGemma checkpoint directory.
-        device: ``"cpu"`` (the CUDA backend is not implemented yet).
+        device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` where this build has the CUDA backend and a
+            GPU it has code for (``dgemma_rt.cuda_status()`` says what CUDA sees).
         kv_cache_tokens: size of the full-attention KV pool in tokens, shared by every row and
             every live ``KVCache``.
         max_batch_size: rows whose sliding-window cache fits in the pool at once.
@@ -370,11 +371,8 @@ class Engine:
             raise ValueError(f"quant must be None or 'nvfp4', got {quant!r}")
         if dense_quant not in (None, "nvfp4", "fp8"):
             raise ValueError(f"dense_quant must be None, 'nvfp4' or 'fp8', got {dense_quant!r}")
-        if device != "cpu":
-            raise ValueError(
-                f"device {device!r} is not available: dgemma_rt runs on the CPU only for now "
-                f"(the CUDA backend is work in progress; CUDA here: {_core.cuda_status()})"
-            )
+        if not isinstance(device, str):
+            raise ValueError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {device!r}")
         # The native engine checks the same ranges, and what memory the pools would take.
         kv = 16384 if kv_cache_tokens is None else _check_int("kv_cache_tokens", kv_cache_tokens, 1, _INT32_MAX)
         mbs = _check_int("max_batch_size", max_batch_size, 1, 1024)

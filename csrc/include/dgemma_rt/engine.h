@@ -32,7 +32,7 @@ namespace dgemma_rt {
 using Error = std::runtime_error;
 
 struct EngineOptions {
-  std::string device = "cpu";   // the CPU backend; "cuda" is not available yet
+  std::string device = "cpu";   // "cpu", or "cuda" / "cuda:N" once dgemma::cuda::register_backend() ran
   int kv_cache_tokens = 16384;  // full-attention KV pool, in tokens, shared by all requests
   int max_batch_size = 8;       // requests (rows) denoised together
   int num_threads = 0;          // CPU threads (0: all cores, or OMP_NUM_THREADS)
