@@ -102,6 +102,7 @@ struct AttentionArgs {
   Tensor tok0;             // i32 [rows]
   Tensor count;            // i32 [rows]
   int max_count = 0;       // host-side bound of count[r]
+  int max_cached = 0;      // host-side bound of cache_len[r] - cache_start[r] (steers split-KV only)
   bool causal = false;
   int window = 0;          // 0: none
   float scale = 1.0f;
@@ -127,6 +128,9 @@ struct SampleArgs {
   Tensor entropy;      // f32 [T] out
   Tensor soft;         // act [S, H] out (rows not named by soft_index are left alone)
   Tensor soft_index;   // i32 [T]: row of soft for position t, or -1
+  // Host [rows] or null: keep_soft[r] == 0 promises that every soft_index of row r is -1, so a
+  // backend may skip that row's soft embedding (the last step of a canvas).
+  const uint8_t* keep_soft = nullptr;
 };
 
 class Backend {
@@ -170,7 +174,7 @@ class Backend {
   // (clobbered).
   virtual void residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps);
   // out = down(gelu_tanh(gate(x)) * up(x)) for mlp = {kMlp, layer} or {kScMlp}. x, out act [T, H];
-  // scratch act [T, 2 * I].
+  // scratch act [T, 3 * I] (gate | up, then the activation).
   virtual void mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch);
   // The router on the raw residual x f32 [T, H]: RMSNorm without scale, * router_scale * H^-0.5,
   // linear to the experts, softmax (f32), top-k (ties: lower expert first), renormalised to sum 1,

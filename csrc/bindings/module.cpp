@@ -17,6 +17,7 @@
 #include "runtime/engine.h"
 
 #ifdef DGEMMA_WITH_CUDA
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/device.h"
 #include "bindings/cuda_ops.h"
 
@@ -277,6 +278,9 @@ const char* status_name(RequestHandle::Status s) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dgemma_rt native core";
+#ifdef DGEMMA_WITH_CUDA
+  cuda::register_backend();  // device="cuda" / "cuda:N" (refused with the reason where no GPU can run it)
+#endif
   static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
   static py::exception<Cancelled> cancelled_error(m, "RequestCancelled", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {

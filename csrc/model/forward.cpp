@@ -109,6 +109,7 @@ struct Forward::Pass {
   struct Group {
     std::vector<int32_t> table, first_pos, start, len, slot;
     int max_blocks = 1;
+    int max_cached = 0;
     Tensor table_t, first_pos_t, start_t, len_t, slot_t;
   } group[2];
   Tensor ids_t, positions_t, tok0_t, count_t;
@@ -196,6 +197,7 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
       G.first_pos.push_back(tables[r].first_pos);
       G.start.push_back(tables[r].start);
       G.len.push_back(tables[r].length);
+      G.max_cached = std::max(G.max_cached, tables[r].length - tables[r].start);
     }
     if (writes) {
       const bool present = std::any_of(cfg_.layers.begin(), cfg_.layers.end(),
@@ -232,7 +234,7 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
   plan.add(p.att, act_, {T, qw});
   plan.add(p.k, act_, {T, kw});
   plan.add(p.v, act_, {T, kw});
-  plan.add(p.mlp_scratch, act_, {T, 2 * static_cast<int64_t>(I)});
+  plan.add(p.mlp_scratch, act_, {T, 3 * static_cast<int64_t>(I)});
   plan.add(p.topk_idx, ScalarType::kI32, {T, K});
   plan.add(p.topk_w, ScalarType::kF32, {T, K});
   plan.add(p.moe_ws, ScalarType::kI32, {static_cast<int64_t>((be_.moe_workspace_bytes(p.T) + 3) / 4)});
@@ -291,7 +293,7 @@ void Forward::layers(Pass& p, bool encoder) {
       a.q = q, a.k_new = k, a.v_new = v, a.out = att;
       a.k_cache = kv.k_view, a.v_cache = kv.v_view;
       a.block_table = G.table_t, a.cache_first_pos = G.first_pos_t, a.cache_start = G.start_t, a.cache_len = G.len_t;
-      a.tok0 = p.tok0_t, a.count = p.count_t, a.max_count = p.max_count;
+      a.tok0 = p.tok0_t, a.count = p.count_t, a.max_count = p.max_count, a.max_cached = G.max_cached;
       a.causal = encoder;
       a.window = encoder && ls.sliding ? cfg_.sliding_window : 0;
       a.scale = 1.0f;
@@ -364,8 +366,10 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
   std::vector<float> temperature;
   std::vector<double> uniform;
   std::vector<int32_t> soft_index, gather, scatter;
+  std::vector<uint8_t> keep_soft;
   for (size_t r = 0; r < rows.size(); ++r) {
     const StepRow& row = rows[r];
+    keep_soft.push_back(row.keep_sc ? 1 : 0);
     DG_CHECK(row.sc_slot >= 0 && row.sc_slot < sc_slots_, "self-conditioning slot " << row.sc_slot);
     p.ids.insert(p.ids.end(), row.canvas, row.canvas + n);
     uniform.insert(uniform.end(), row.uniform, row.uniform + n);
@@ -400,7 +404,7 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
   SampleArgs a;
   a.x = p.h, a.n = n, a.temperature = p.temperature, a.uniform = p.uniform;
   a.token = p.token, a.argmax = p.argmax, a.entropy = p.entropy;
-  a.soft = state, a.soft_index = p.soft_index;
+  a.soft = state, a.soft_index = p.soft_index, a.keep_soft = keep_soft.data();
   be_.lm_head_sample(a);
   be_.download(out.token, p.token);
   be_.download(out.argmax, p.argmax);

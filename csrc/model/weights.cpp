@@ -57,8 +57,69 @@ std::string shape_str(const std::vector<int64_t>& s) {
 
 }  // namespace
 
+int64_t WeightSource::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+void WeightSource::to_f32(int64_t begin, int64_t n, float* out) const {
+  DG_CHECK(begin >= 0 && n >= 0 && begin + n <= numel(), "elements [" << begin << ", " << begin + n << ") of '"
+                                                                      << tensor->name << "'");
+  const uint8_t* data = tensor->data;
+  const size_t K = static_cast<size_t>(shape.back());
+  switch (format) {
+    case Format::kFloat:
+      if (tensor->dtype == DType::F32) {
+        std::memcpy(out, data + 4 * begin, 4 * static_cast<size_t>(n));
+      } else {
+        const bool bf = tensor->dtype == DType::BF16;
+        for (int64_t k = 0; k < n; ++k) {
+          uint16_t h;
+          std::memcpy(&h, data + 2 * (begin + k), 2);
+          out[k] = bf ? bf16_to_f32(h) : f16_to_f32(h);
+        }
+      }
+      return;
+    case Format::kFp8: {
+      const size_t sn = scale->nbytes / 4;
+      for (int64_t i = 0; i < n; ++i) {
+        const size_t k = static_cast<size_t>(begin + i);
+        const float v = nvfp4::e4m3_to_float(data[k]);
+        DG_REQUIRE(!std::isnan(v), CheckpointError, "FP8 tensor '" << tensor->name << "' holds NaN");
+        float s;
+        std::memcpy(&s, scale->data + 4 * (sn == 1 ? 0 : k / K), 4);
+        out[i] = v * s;
+      }
+      return;
+    }
+    case Format::kNvfp4: {
+      const size_t gn = global_scale->nbytes / 4;
+      const size_t per_lead = static_cast<size_t>(numel() / shape[0]);
+      for (int64_t i = 0; i < n; ++i) {
+        const size_t k = static_cast<size_t>(begin + i);
+        const uint8_t byte = data[k / 2];
+        const float v = nvfp4::e2m1_to_float((k % 2) ? (byte >> 4) : (byte & 0xF));
+        const size_t row = k / K, col = k % K;
+        const float s = nvfp4::e4m3_to_float(scale->data[row * (K / kNvfp4Group) + col / kNvfp4Group]);
+        DG_REQUIRE(!std::isnan(s), CheckpointError, "NVFP4 block scales '" << scale->name << "' hold NaN");
+        float g;
+        std::memcpy(&g, global_scale->data + 4 * (gn == 1 ? 0 : k / per_lead), 4);
+        out[i] = (v * s) * g;
+      }
+      return;
+    }
+  }
+}
+
+const WeightSource& ModelWeights::source(const std::string& name) const {
+  auto it = sources_.find(name);
+  DG_REQUIRE(it != sources_.end(), CheckpointError, "the model has no weight '" << printable(name) << "'");
+  return it->second;
+}
+
 std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const ModelConfig& cfg,
-                                                  const Progress& progress) {
+                                                  const Progress& progress, bool host_f32) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   w->ckpt_ = Checkpoint::open(dir);
   const Checkpoint& ck = *w->ckpt_;
@@ -180,75 +241,47 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
     refs.push_back(r);
   }
 
+  // Small scale tensors are checked here, once; NaN codes inside the big ones when they are read.
+  for (size_t i = 0; i < todo.size(); ++i) {
+    const TensorRef* checked = quant[i].kind == Quant::Fp8 ? quant[i].scale
+                               : quant[i].kind == Quant::Nvfp4 ? quant[i].global
+                                                               : nullptr;
+    if (!checked) continue;
+    for (size_t k = 0; k < checked->nbytes / 4; ++k) {
+      float v;
+      std::memcpy(&v, checked->data + 4 * k, 4);
+      DG_REQUIRE(std::isfinite(v), CheckpointError,
+                 (quant[i].kind == Quant::Fp8 ? "FP8 scale '" : "NVFP4 global scale '") << checked->name
+                                                                                         << "' is not finite");
+    }
+  }
+
+  w->host_f32_ = host_f32;
   const int total = static_cast<int>(todo.size()) + 2 * cfg.num_layers;
   int done = 0;
   for (size_t i = 0; i < todo.size(); ++i) {
-    const TensorRef& r = *refs[i];
-    if (quant[i].kind == Quant::Fp8) {
-      const size_t n = r.nbytes, K = static_cast<size_t>(todo[i].shape.back());
-      const size_t sn = quant[i].scale->nbytes / 4;
-      std::vector<float> scales(sn);
-      std::memcpy(scales.data(), quant[i].scale->data, sn * 4);
-      for (float v : scales)
-        DG_REQUIRE(std::isfinite(v), CheckpointError, "FP8 scale '" << quant[i].scale->name << "' is not finite");
-      std::unique_ptr<float[]> buf(new float[n]);
-      for (size_t k = 0; k < n; ++k) {
-        const float v = nvfp4::e4m3_to_float(r.data[k]);
-        DG_REQUIRE(!std::isnan(v), CheckpointError, "FP8 tensor '" << r.name << "' holds NaN");
-        buf[k] = v * scales[sn == 1 ? 0 : k / K];
-      }
-      w->num_parameters += n;
-      *todo[i].dst = buf.get();
-      w->owned_.push_back(std::move(buf));
-      if (progress) progress(++done, total);
-      continue;
-    }
-    if (quant[i].kind == Quant::Nvfp4) {
-      const std::vector<int64_t>& shape = todo[i].shape;
-      size_t n = 1;
-      for (int64_t d : shape) n *= static_cast<size_t>(d);
-      const size_t K = static_cast<size_t>(shape.back());
-      const size_t per_lead = n / static_cast<size_t>(shape[0]);
-      const size_t gn = quant[i].global->nbytes / 4;
-      std::vector<float> gs(gn);
-      std::memcpy(gs.data(), quant[i].global->data, gn * 4);
-      for (float v : gs)
-        DG_REQUIRE(std::isfinite(v), CheckpointError, "NVFP4 global scale '" << quant[i].global->name << "' is not finite");
-      const uint8_t* sc = quant[i].scale->data;
-      std::unique_ptr<float[]> buf(new float[n]);
-      for (size_t k = 0; k < n; ++k) {
-        const uint8_t byte = r.data[k / 2];
-        const uint8_t code = (k % 2) ? (byte >> 4) : (byte & 0xF);
-        const float v = nvfp4::e2m1_to_float(code);
-        const size_t row = k / K, col = k % K;
-        const float s = nvfp4::e4m3_to_float(sc[row * (K / kNvfp4Group) + col / kNvfp4Group]);
-        DG_REQUIRE(!std::isnan(s), CheckpointError, "NVFP4 block scales '" << quant[i].scale->name << "' hold NaN");
-        buf[k] = (v * s) * gs[gn == 1 ? 0 : k / per_lead];
-      }
-      w->num_parameters += n;
-      *todo[i].dst = buf.get();
-      w->owned_.push_back(std::move(buf));
-      if (progress) progress(++done, total);
-      continue;
-    }
-    const size_t n = r.nbytes / dtype_size(r.dtype);
-    w->num_parameters += n;
-    if (r.dtype == DType::F32 && reinterpret_cast<uintptr_t>(r.data) % alignof(float) == 0) {
-      *todo[i].dst = reinterpret_cast<const float*>(r.data);  // no copy: the map is the weight
-    } else {
-      std::unique_ptr<float[]> buf(new float[n]);
-      if (r.dtype == DType::F32) {
-        std::memcpy(buf.get(), r.data, r.nbytes);
+    WeightSource src;
+    src.tensor = refs[i];
+    src.format = quant[i].kind == Quant::Nvfp4 ? WeightSource::Format::kNvfp4
+                 : quant[i].kind == Quant::Fp8 ? WeightSource::Format::kFp8
+                                               : WeightSource::Format::kFloat;
+    src.scale = quant[i].scale;
+    src.global_scale = quant[i].global;
+    src.shape = todo[i].shape;
+    const WeightSource& stored = w->sources_[todo[i].name] = std::move(src);
+    const int64_t n = stored.numel();
+    w->num_parameters += static_cast<size_t>(n);
+    if (host_f32) {
+      const TensorRef& r = *refs[i];
+      if (stored.format == WeightSource::Format::kFloat && r.dtype == DType::F32 &&
+          reinterpret_cast<uintptr_t>(r.data) % alignof(float) == 0) {
+        *todo[i].dst = reinterpret_cast<const float*>(r.data);  // no copy: the map is the weight
       } else {
-        const bool bf = r.dtype == DType::BF16;
-        for (size_t k = 0; k < n; ++k) {
-          uint16_t h;
-          std::memcpy(&h, r.data + 2 * k, 2);
-          buf[k] = bf ? bf16_to_f32(h) : f16_to_f32(h);
-        }
+        std::unique_ptr<float[]> buf(new float[static_cast<size_t>(n)]);
+        stored.to_f32(0, n, buf.get());
+        *todo[i].dst = buf.get();
+        w->owned_.push_back(std::move(buf));
       }
-      *todo[i].dst = buf.get();
-      w->owned_.push_back(std::move(buf));
     }
     if (progress) progress(++done, total);
   }

@@ -1,10 +1,14 @@
-// The model's weights as float32 views for the CPU backend. F32 tensors are used in place from the
-// memory map when aligned; BF16/F16 are converted once at load.
+// The model's weights: float32 views for the CPU backend (F32 tensors used in place from the memory
+// map when aligned; BF16/F16 converted once at load; NVFP4/FP8 dequantized), and for every weight
+// its source in the checkpoint, so a backend that keeps weights in its own format (bf16, NVFP4, FP8
+// on a GPU) reads them as stored. Load with host_f32 = false to skip the float32 views (then only
+// the sources and the layer scalars are filled): a 26B-A4B checkpoint is ~101 GB in float32.
 #pragma once
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "model/config.h"
@@ -43,6 +47,19 @@ struct LayerWeights {
   float decoder_layer_scalar = 1.0f;
 };
 
+// Where one weight lives in the checkpoint, validated against the config (shape, dtype, scales).
+struct WeightSource {
+  enum class Format : uint8_t { kFloat, kNvfp4, kFp8 };
+  const TensorRef* tensor = nullptr;        // F32/BF16/F16; NVFP4: U8 codes [.., K/2]; FP8: F8_E4M3
+  Format format = Format::kFloat;
+  const TensorRef* scale = nullptr;         // NVFP4: E4M3 block scales [.., K/16]; FP8: F32, 1 or one per row
+  const TensorRef* global_scale = nullptr;  // NVFP4: F32, 1 or one per expert
+  std::vector<int64_t> shape;               // the logical (unpacked) shape the config implies
+  int64_t numel() const;
+  // The values as float32 (dequantized), elements [begin, begin + n) in row-major order.
+  void to_f32(int64_t begin, int64_t n, float* out) const;
+};
+
 struct ModelWeights {
   const float* embed_tokens = nullptr;  // [V, H]
   const float* lm_head = nullptr;       // [V, H] (tied to embed_tokens by default)
@@ -56,11 +73,23 @@ struct ModelWeights {
 
   // Called with (tensors done, tensors total) while loading.
   using Progress = std::function<void(int, int)>;
-  static std::unique_ptr<ModelWeights> load(const std::string& dir, const ModelConfig& cfg, const Progress& progress);
+  static std::unique_ptr<ModelWeights> load(const std::string& dir, const ModelConfig& cfg, const Progress& progress,
+                                            bool host_f32 = true);
+
+  bool has_host_f32() const { return host_f32_; }
+  // The source of a weight by its checkpoint name, e.g. "model.decoder.layers.3.mlp.up_proj.weight"
+  // (layer_name(3, "mlp.up_proj.weight")); throws CheckpointError for a name the model does not use.
+  const WeightSource& source(const std::string& name) const;
+  static std::string global_name(const std::string& suffix) { return "model.decoder." + suffix; }
+  static std::string layer_name(int layer, const std::string& suffix) {
+    return "model.decoder.layers." + std::to_string(layer) + "." + suffix;
+  }
 
  private:
   std::unique_ptr<Checkpoint> ckpt_;
   std::vector<std::unique_ptr<float[]>> owned_;
+  std::unordered_map<std::string, WeightSource> sources_;
+  bool host_f32_ = true;
 };
 
 }  // namespace dgemma

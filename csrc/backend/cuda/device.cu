@@ -28,6 +28,15 @@ bool built_for(int arch) {
 
 }  // namespace
 
+bool has_code_for(int device) {
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return built_for(p.major * 100 + p.minor * 10);
+}
+
 std::string status() {
   const std::string runtime = "CUDA " + cuda_version(CUDART_VERSION);
   int driver = 0;

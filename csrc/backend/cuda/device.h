@@ -7,6 +7,9 @@ namespace dgemma::cuda {
 
 int device_count();
 
+// Whether this build holds machine code for that device's architecture (false for a bad index).
+bool has_code_for(int device);
+
 // One line for people: no driver, a driver too old for this build's CUDA runtime (linked
 // statically, so the driver is all a machine needs), or the devices and whether this build has
 // machine code for each.

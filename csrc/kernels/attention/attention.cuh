@@ -117,6 +117,11 @@ inline size_t attention_workspace_bytes(const AttentionParams& p) {
   return attention_launch_plan(p, &plan) == cudaSuccess ? plan.workspace_bytes : 0;
 }
 
+// Any even head_dim up to 512 (attention_generic.cu): one warp per (row, token, query head), fp32
+// online softmax over the keys one at a time. For head sizes the tiled kernels below do not cover
+// (small models) and as their device-side reference; ignores the split-KV fields.
+cudaError_t attention_forward_generic(const AttentionParams& p, cudaStream_t stream);
+
 // Dispatch on head_dim; cudaErrorInvalidValue for an unsupported head_dim or inconsistent sizes.
 inline cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
   switch (p.head_dim) {

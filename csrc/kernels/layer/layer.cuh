@@ -111,6 +111,10 @@ struct FfnCombineParams {
 template <typename Td, typename Tm>
 cudaError_t ffn_combine(const FfnCombineParams<Td, Tm>& p, cudaStream_t stream);
 
+cudaError_t gather_rows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t row_bytes, cudaStream_t stream);
+cudaError_t scatter_rows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t row_bytes, cudaStream_t stream);
+cudaError_t scatter_add_rows(float* dst, const __nv_bfloat16* src, const int32_t* index, int64_t m, int64_t d, cudaStream_t stream);
+
 // y = tanhf(y / cap) * cap in place (final_logit_softcapping), float32 [n].
 cudaError_t softcap(float* y, int64_t n, float cap, cudaStream_t stream);
 

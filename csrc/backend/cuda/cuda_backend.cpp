@@ -1,0 +1,811 @@
+#include "backend/cuda/cuda_backend.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <vector>
+
+#include "backend/cuda/device.h"
+#include "backend/registry.h"
+#include "common/check.h"
+#include "kernels/attention/attention.cuh"
+#include "kernels/layer/layer.cuh"
+#include "kernels/matmul/matmul.cuh"
+#include "kernels/moe/moe.cuh"
+#include "kernels/norm/rmsnorm.cuh"
+#include "kernels/sampler/sampler.cuh"
+#ifdef DGEMMA_WITH_CUTLASS
+#include "kernels/gemm/gemm.cuh"
+#endif
+
+namespace dgemma::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+#define DG_CUDA(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
+
+void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  if (e == cudaSuccess) return;
+  cudaGetLastError();  // clear a non-sticky error so the next call does not see it
+  std::ostringstream o;
+  o << "CUDA error in " << what << ": " << cudaGetErrorString(e) << " (" << file << ":" << line << ")";
+  if (e == cudaErrorMemoryAllocation) throw ResourceError(o.str());
+  throw Error(o.str());
+}
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&prev_);
+    if (prev_ != device) DG_CUDA(cudaSetDevice(device));
+    else prev_ = -1;
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+// Device memory. Freed on its device; read/write are synchronous copies (a KV cache copied out after
+// its engine is gone needs no stream).
+class DeviceBuffer final : public Buffer {
+ public:
+  DeviceBuffer(int device, void* p, size_t bytes) : Buffer(p, bytes), device_(device) {}
+  ~DeviceBuffer() override {
+    DeviceGuard g(device_);
+    cudaFree(data());
+  }
+  void read(size_t offset, size_t n, void* dst) const override {
+    check_range(offset, n);
+    DeviceGuard g(device_);
+    DG_CUDA(cudaMemcpy(dst, static_cast<const char*>(data()) + offset, n, cudaMemcpyDeviceToHost));
+  }
+  void write(size_t offset, size_t n, const void* src) override {
+    check_range(offset, n);
+    DeviceGuard g(device_);
+    DG_CUDA(cudaMemcpy(static_cast<char*>(data()) + offset, src, n, cudaMemcpyHostToDevice));
+  }
+
+ private:
+  int device_;
+};
+
+std::string format_gib(double bytes) {
+  std::ostringstream o;
+  o.precision(bytes < 1e9 ? 1 : 2);
+  o << std::fixed << (bytes < 1e9 ? bytes / 1048576.0 : bytes / 1073741824.0) << (bytes < 1e9 ? " MiB" : " GiB");
+  return o.str();
+}
+
+uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+int parse_index(const std::string& device) {
+  const size_t colon = device.find(':');
+  return colon == std::string::npos ? 0 : std::stoi(device.substr(colon + 1));
+}
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T>
+T* as(const Tensor& t) {
+  return static_cast<T*>(t.data);
+}
+
+void expect(const Tensor& t, ScalarType dt, const char* op, const char* what) {
+  DG_CHECK(t.dtype == dt && t.contiguous(), op << ": " << what << " must be contiguous " << scalar_name(dt) << " (got "
+                                               << scalar_name(t.dtype) << ")");
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w);
+  ~CudaBackend() override;
+
+  std::string name() const override { return "cuda"; }
+  bool supports(Op op) const override { return op != Op::kCount; }
+  ScalarType act_dtype() const override { return ScalarType::kBF16; }
+  ScalarType kv_dtype() const override { return ScalarType::kBF16; }
+  std::shared_ptr<Buffer> allocate(size_t bytes, const char* what) override;
+  void upload(const Tensor& dst, const void* src) override;
+  void download(void* dst, const Tensor& src) override;
+
+  void embed(const Tensor& ids, const Tensor& out) override;
+  void rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float eps) override;
+  void linear(WeightRef w, const Tensor& x, const Tensor& y) override;
+  void copy(const Tensor& src, const Tensor& dst) override;
+  void head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
+                      float eps) override;
+  void kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
+                const Tensor& v_cache) override;
+  void attention(const AttentionArgs& a) override;
+  void residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) override;
+  void mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch) override;
+  void moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) override;
+  size_t moe_workspace_bytes(int tokens) const override;
+  void moe_experts(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& out,
+                   const Tensor& workspace) override;
+  void ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                   float eps) override;
+  void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) override;
+  void scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index) override;
+  void lm_head_sample(const SampleArgs& a) override;
+  void lm_head_logits(const Tensor& x, const Tensor& logits) override;
+  void soft_embedding(const Tensor& logits, const Tensor& out) override;
+
+ private:
+  // A weight on the device: bf16 matrices [rows, cols] (experts: [E * rows_per_expert, cols]),
+  // float32 vectors.
+  struct Mat {
+    std::shared_ptr<Buffer> buf;
+    const bf16* p = nullptr;
+    int64_t rows = 0, cols = 0;
+  };
+  struct Vec {
+    std::shared_ptr<Buffer> buf;
+    const float* p = nullptr;
+    int64_t n = 0;
+  };
+  struct Layer {
+    Mat q, k, v, o, mlp_gate_up, mlp_down, router, experts_gate_up, experts_down;
+    Vec q_norm, k_norm, input_norm, post_attn_norm, pre_ffn_norm, pre_ffn_norm2, post_ffn_norm, post_ffn_norm1,
+        post_ffn_norm2, router_scale, per_expert_scale;
+    float encoder_scalar = 1.f, decoder_scalar = 1.f;
+  };
+  // Scratch memory the ops keep between calls, grown on demand (never inside a pass's hot loop once
+  // the largest pass has run).
+  enum Scratch { kAttnWs, kRouterWs, kLogits, kProbs, kSoft, kSplitK, kOnes, kZeros, kDiscard, kGroupedWs, kNumScratch };
+
+  void upload_weights(const ModelWeights& w);
+  Mat upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols);
+  Vec upload_vec(const std::string& name, int64_t n);
+  const Mat& matrix(WeightRef w) const;
+  const float* norm_weight(WeightRef w) const;
+  void* scratch(Scratch s, size_t bytes);
+  void gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f32 = false, float alpha = 1.f,
+            float softcap = 0.f);
+  void grouped_gemm(const Mat& w, int64_t n, int64_t k, const bf16* a, bf16* d, const int32_t* offsets, int64_t m_total,
+                    void* ws, size_t ws_bytes);
+  size_t grouped_ws_bytes() const;
+  void soft_rows(const float* logits_in_place, int64_t rows, bf16* probs, bf16* out, float* temperature,
+                 const double* uniform, int32_t* token, int32_t* argmax, float* entropy, int canvas);
+  void probs_times_embedding(const bf16* probs, int64_t rows, bf16* out);
+
+  int device_;
+  const ModelConfig& cfg_;
+  const ModelWeights* weights_ = nullptr;  // while uploading
+  cudaStream_t stream_ = nullptr;
+  bool cutlass_ = false;  // the CUTLASS sm_90a GEMMs run on this device
+  int max_tokens_ = 0;    // largest pass moe_workspace_bytes was asked for
+  Mat embed_, lm_head_, sc_gate_up_, sc_down_;
+  Vec final_norm_, sc_pre_norm_;
+  std::vector<Layer> layers_;
+  std::shared_ptr<Buffer> scratch_[kNumScratch];
+};
+
+CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w) : device_(device), cfg_(cfg) {
+  DeviceGuard g(device_);
+  DG_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+#ifdef DGEMMA_WITH_CUTLASS
+  cutlass_ = kernels::sm90_gemm_supported();
+#endif
+  upload_weights(w);
+}
+
+CudaBackend::~CudaBackend() {
+  DeviceGuard g(device_);
+  cudaStreamSynchronize(stream_);
+  cudaStreamDestroy(stream_);
+}
+
+std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {
+  DeviceGuard g(device_);
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    DG_THROW(ResourceError, "out of GPU memory: the " << what << " needs " << format_gib(double(bytes)) << " but GPU "
+                                                      << device_ << " has " << format_gib(double(free_b)) << " free of "
+                                                      << format_gib(double(total_b)) << " (" << cudaGetErrorString(e)
+                                                      << ")");
+  }
+  return std::make_shared<DeviceBuffer>(device_, p, bytes);
+}
+
+void CudaBackend::upload(const Tensor& dst, const void* src) {
+  DG_CHECK(dst.contiguous(), "upload into a strided tensor");
+  if (dst.bytes() == 0) return;
+  DeviceGuard g(device_);
+  // From pageable host memory the copy is staged before the call returns, so src may go at once.
+  DG_CUDA(cudaMemcpyAsync(dst.data, src, dst.bytes(), cudaMemcpyHostToDevice, stream_));
+}
+
+void CudaBackend::download(void* dst, const Tensor& src) {
+  DG_CHECK(src.contiguous(), "download of a strided tensor");
+  DeviceGuard g(device_);
+  if (src.bytes() > 0) DG_CUDA(cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, stream_));
+  DG_CUDA(cudaStreamSynchronize(stream_));  // also where a failed kernel of the pass reports
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights
+
+CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols) {
+  Mat m;
+  m.rows = rows, m.cols = cols;
+  m.buf = allocate(static_cast<size_t>(rows * cols) * 2, "weights");
+  m.p = static_cast<const bf16*>(m.buf->data());
+  constexpr int64_t kChunk = int64_t{1} << 22;  // elements per staged copy
+  std::vector<uint16_t> bits;
+  std::vector<float> f32;
+  int64_t offset = 0;
+  for (const std::string& name : names) {
+    const WeightSource& s = weights_->source(name);
+    const int64_t n = s.numel();
+    DG_CHECK(offset + n <= rows * cols, "weight '" << name << "' overflows its device matrix");
+    for (int64_t b = 0; b < n; b += kChunk) {
+      const int64_t c = std::min(kChunk, n - b);
+      const void* src;
+      if (s.format == WeightSource::Format::kFloat && s.tensor->dtype == DType::BF16) {
+        src = s.tensor->data + 2 * b;  // as stored
+      } else {
+        f32.resize(c), bits.resize(c);
+        s.to_f32(b, c, f32.data());
+        for (int64_t i = 0; i < c; ++i) bits[i] = f32_to_bf16_bits(f32[i]);
+        src = bits.data();
+      }
+      m.buf->write(static_cast<size_t>(offset + b) * 2, static_cast<size_t>(c) * 2, src);
+    }
+    offset += n;
+  }
+  DG_CHECK(offset == rows * cols, "device matrix of " << rows << " x " << cols << " filled with " << offset);
+  return m;
+}
+
+CudaBackend::Vec CudaBackend::upload_vec(const std::string& name, int64_t n) {
+  const WeightSource& s = weights_->source(name);
+  DG_CHECK(s.numel() == n, "weight '" << name << "' has " << s.numel() << " values, expected " << n);
+  std::vector<float> f(n);
+  s.to_f32(0, n, f.data());
+  Vec v;
+  v.n = n;
+  v.buf = allocate(static_cast<size_t>(n) * 4, "weights");
+  v.buf->write(0, static_cast<size_t>(n) * 4, f.data());
+  v.p = static_cast<const float*>(v.buf->data());
+  return v;
+}
+
+void CudaBackend::upload_weights(const ModelWeights& w) {
+  weights_ = &w;
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size, I = cfg_.intermediate_size;
+  const int64_t E = cfg_.num_experts, Im = cfg_.moe_intermediate_size, nh = cfg_.num_heads;
+  // Everything the weights take, against what the GPU has free: one clear error instead of an
+  // allocation failing half way.
+  double need = double(V) * H * 2 * (cfg_.tie_word_embeddings ? 1 : 2) + 3.0 * I * H * 2;
+  for (const LayerSpec& ls : cfg_.layers) {
+    const double hd = ls.head_dim, kv = ls.num_kv_heads;
+    need += 2.0 * H * (nh * hd * 2 + kv * hd * (ls.k_eq_v ? 1 : 2)) + 3.0 * I * H * 2 + 2.0 * E * H +
+            3.0 * E * Im * H * 2;
+  }
+  size_t free_b = 0, total_b = 0;
+  DG_CUDA(cudaMemGetInfo(&free_b, &total_b));
+  DG_REQUIRE(need <= double(free_b), ResourceError,
+             "the model's weights need " << format_gib(need) << " in bf16 but GPU " << device_ << " has "
+                                         << format_gib(double(free_b)) << " free of " << format_gib(double(total_b)));
+
+  auto g = [](const char* s) { return ModelWeights::global_name(s); };
+  embed_ = upload_mat({g("embed_tokens.weight")}, V, H);
+  lm_head_ = cfg_.tie_word_embeddings ? embed_ : upload_mat({"lm_head.weight"}, V, H);
+  final_norm_ = upload_vec(g("norm.weight"), H);
+  sc_pre_norm_ = upload_vec(g("self_conditioning.pre_norm.weight"), H);
+  sc_gate_up_ = upload_mat({g("self_conditioning.gate_proj.weight"), g("self_conditioning.up_proj.weight")}, 2 * I, H);
+  sc_down_ = upload_mat({g("self_conditioning.down_proj.weight")}, H, I);
+  layers_.resize(cfg_.num_layers);
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    const LayerSpec& ls = cfg_.layers[l];
+    Layer& L = layers_[l];
+    auto n = [l](const char* s) { return ModelWeights::layer_name(l, s); };
+    const int64_t hd = ls.head_dim, kv = ls.num_kv_heads;
+    L.q = upload_mat({n("self_attn.q_proj.weight")}, nh * hd, H);
+    L.k = upload_mat({n("self_attn.k_proj.weight")}, kv * hd, H);
+    if (!ls.k_eq_v) L.v = upload_mat({n("self_attn.v_proj.weight")}, kv * hd, H);
+    L.o = upload_mat({n("self_attn.o_proj.weight")}, H, nh * hd);
+    L.q_norm = upload_vec(n("self_attn.q_norm.weight"), hd);
+    L.k_norm = upload_vec(n("self_attn.k_norm.weight"), hd);
+    L.input_norm = upload_vec(n("input_layernorm.weight"), H);
+    L.post_attn_norm = upload_vec(n("post_attention_layernorm.weight"), H);
+    L.pre_ffn_norm = upload_vec(n("pre_feedforward_layernorm.weight"), H);
+    L.pre_ffn_norm2 = upload_vec(n("pre_feedforward_layernorm_2.weight"), H);
+    L.post_ffn_norm = upload_vec(n("post_feedforward_layernorm.weight"), H);
+    L.post_ffn_norm1 = upload_vec(n("post_feedforward_layernorm_1.weight"), H);
+    L.post_ffn_norm2 = upload_vec(n("post_feedforward_layernorm_2.weight"), H);
+    L.mlp_gate_up = upload_mat({n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")}, 2 * I, H);
+    L.mlp_down = upload_mat({n("mlp.down_proj.weight")}, H, I);
+    L.router = upload_mat({n("router.proj.weight")}, E, H);
+    L.router_scale = upload_vec(n("router.scale"), H);
+    L.per_expert_scale = upload_vec(n("router.per_expert_scale"), E);
+    L.experts_gate_up = upload_mat({n("experts.gate_up_proj")}, E * 2 * Im, H);
+    L.experts_down = upload_mat({n("experts.down_proj")}, E * H, Im);
+    L.encoder_scalar = w.layers[l].encoder_layer_scalar;
+    L.decoder_scalar = w.layers[l].decoder_layer_scalar;
+  }
+  weights_ = nullptr;  // the checkpoint is not read again
+}
+
+const CudaBackend::Mat& CudaBackend::matrix(WeightRef w) const {
+  switch (w.id) {
+    case W::kQProj: return layers_.at(w.layer).q;
+    case W::kKProj: return layers_.at(w.layer).k;
+    case W::kVProj: {
+      const Mat& m = layers_.at(w.layer).v;
+      DG_CHECK(m.p, "layer " << w.layer << " has no v_proj (K=V layer)");
+      return m;
+    }
+    case W::kOProj: return layers_.at(w.layer).o;
+    default: DG_THROW(Error, "weight " << static_cast<int>(w.id) << " is not a projection matrix");
+  }
+}
+
+const float* CudaBackend::norm_weight(WeightRef w) const {
+  switch (w.id) {
+    case W::kNone: return nullptr;
+    case W::kFinalNorm: return final_norm_.p;
+    case W::kScPreNorm: return sc_pre_norm_.p;
+    case W::kInputNorm: return layers_.at(w.layer).input_norm.p;
+    case W::kPostAttnNorm: return layers_.at(w.layer).post_attn_norm.p;
+    case W::kPreFfnNorm: return layers_.at(w.layer).pre_ffn_norm.p;
+    case W::kPreFfnNorm2: return layers_.at(w.layer).pre_ffn_norm2.p;
+    case W::kQNorm: return layers_.at(w.layer).q_norm.p;
+    case W::kKNorm: return layers_.at(w.layer).k_norm.p;
+    default: DG_THROW(Error, "weight " << static_cast<int>(w.id) << " is not a norm weight");
+  }
+}
+
+void* CudaBackend::scratch(Scratch s, size_t bytes) {
+  std::shared_ptr<Buffer>& b = scratch_[s];
+  if (!b || b->bytes() < bytes) {
+    DG_CUDA(cudaStreamSynchronize(stream_));  // the old buffer may still be in use by queued work
+    b.reset();
+    b = allocate(bytes, "op scratch");
+    if (s == kRouterWs) DG_CUDA(cudaMemsetAsync(b->data(), 0, bytes, stream_));  // the router's contract
+  }
+  return b->data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMMs
+
+void CudaBackend::gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f32, float alpha, float softcap) {
+  if (M == 0) return;
+  const int64_t N = w.rows, K = w.cols;
+#ifdef DGEMMA_WITH_CUTLASS
+  if (cutlass_ && !y_f32 && alpha == 1.f && softcap == 0.f && K % 8 == 0 && N % 8 == 0 && M <= INT_MAX &&
+      aligned16(x) && aligned16(w.p) && aligned16(y)) {
+    kernels::GemmBf16Params p;
+    p.x = x, p.w = w.p, p.y = static_cast<bf16*>(y);
+    p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+    DG_CUDA(kernels::gemm_bf16_tn(p, stream_));
+    return;
+  }
+#endif
+  kernels::MatmulParams p;
+  p.x = x, p.w = w.p, p.y = y, p.y_f32 = y_f32;
+  p.M = M, p.N = N, p.K = K;
+  p.alpha = alpha, p.softcap = softcap;
+  DG_CUDA(kernels::matmul_bf16(p, stream_));
+}
+
+size_t CudaBackend::grouped_ws_bytes() const {
+#ifdef DGEMMA_WITH_CUTLASS
+  if (cutlass_) return align256(kernels::grouped_gemm_bf16_tn_workspace_size(cfg_.num_experts));
+#endif
+  return 0;
+}
+
+// d[o_g : o_g+1] = a[o_g : o_g+1] @ W_g^T for the experts g, W = w viewed as [E, n, k].
+void CudaBackend::grouped_gemm(const Mat& w, int64_t n, int64_t k, const bf16* a, bf16* d, const int32_t* offsets,
+                               int64_t m_total, void* ws, size_t ws_bytes) {
+  const int E = cfg_.num_experts;
+#ifdef DGEMMA_WITH_CUTLASS
+  if (cutlass_ && n % 8 == 0 && k % 8 == 0 && aligned16(a) && aligned16(d)) {
+    kernels::GroupedGemmBf16Params p;
+    p.a = a, p.w = w.p, p.d = d, p.offsets = offsets;
+    p.G = E, p.N = static_cast<int>(n), p.K = static_cast<int>(k);
+    p.workspace = ws, p.workspace_bytes = ws_bytes;
+    DG_CUDA(kernels::grouped_gemm_bf16_tn(p, stream_));
+    return;
+  }
+#endif
+  kernels::MatmulParams p;
+  p.x = a, p.w = w.p, p.y = d;
+  p.M = m_total, p.N = n, p.K = k;
+  p.offsets = offsets, p.G = E;
+  DG_CUDA(kernels::matmul_bf16(p, stream_));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+
+void CudaBackend::embed(const Tensor& ids, const Tensor& out) {
+  expect(ids, ScalarType::kI32, "embed", "ids");
+  expect(out, ScalarType::kF32, "embed", "out");
+  const int H = cfg_.hidden_size;
+  DG_CHECK(out.rows() == ids.numel() && out.cols() == H, "embed: out shape");
+  DeviceGuard g(device_);
+  kernels::EmbedParams<float> p;
+  p.table = embed_.p, p.ids = as<int32_t>(ids), p.out = as<float>(out);
+  p.tokens = static_cast<int>(ids.numel()), p.hidden = H;
+  p.scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  DG_CUDA(kernels::embed_tokens(p, stream_));
+}
+
+void CudaBackend::rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float eps) {
+  DG_CHECK(x.contiguous() && out.contiguous() && x.rows() == out.rows() && x.cols() == out.cols(), "rmsnorm: shapes");
+  const float* wt = norm_weight(w);
+  const int64_t rows = x.rows();
+  const int dim = static_cast<int>(x.cols());
+  DeviceGuard g(device_);
+  const bool xf = x.dtype == ScalarType::kF32, yf = out.dtype == ScalarType::kF32;
+  DG_CHECK((xf || x.dtype == ScalarType::kBF16) && (yf || out.dtype == ScalarType::kBF16), "rmsnorm: dtypes");
+  cudaError_t e;
+  if (xf && yf) e = kernels::rmsnorm_mixed<float, float>(as<float>(x), wt, as<float>(out), rows, dim, eps, stream_);
+  else if (xf) e = kernels::rmsnorm_mixed<float, bf16>(as<float>(x), wt, as<bf16>(out), rows, dim, eps, stream_);
+  else if (yf) e = kernels::rmsnorm_mixed<bf16, float>(as<bf16>(x), wt, as<float>(out), rows, dim, eps, stream_);
+  else e = kernels::rmsnorm_mixed<bf16, bf16>(as<bf16>(x), wt, as<bf16>(out), rows, dim, eps, stream_);
+  DG_CUDA(e);
+}
+
+void CudaBackend::linear(WeightRef w, const Tensor& x, const Tensor& y) {
+  expect(x, ScalarType::kBF16, "linear", "x");
+  expect(y, ScalarType::kBF16, "linear", "y");
+  const Mat& m = matrix(w);
+  DG_CHECK(x.cols() == m.cols && y.cols() == m.rows && x.rows() == y.rows(), "linear: shapes");
+  DeviceGuard g(device_);
+  gemm(m, as<bf16>(x), y.data, x.rows());
+}
+
+void CudaBackend::copy(const Tensor& src, const Tensor& dst) {
+  DG_CHECK(src.dtype == dst.dtype && src.numel() == dst.numel() && src.contiguous() && dst.contiguous(), "copy: shapes");
+  DeviceGuard g(device_);
+  if (src.bytes() > 0) DG_CUDA(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
+}
+
+void CudaBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
+                                 float eps) {
+  expect(x, ScalarType::kBF16, "head_norm_rope", "x");
+  DG_CHECK(x.ndim == 3 && positions.empty() == inv_freq.empty(), "head_norm_rope: shapes");
+  DeviceGuard g(device_);
+  kernels::HeadNormRopeParams p;
+  p.x = as<bf16>(x), p.weight = norm_weight(w);
+  p.positions = positions.empty() ? nullptr : as<int32_t>(positions);
+  p.inv_freq = inv_freq.empty() ? nullptr : as<float>(inv_freq);
+  p.tokens = static_cast<int>(x.dim(0)), p.heads = static_cast<int>(x.dim(1)), p.head_dim = static_cast<int>(x.dim(2));
+  p.eps = eps;
+  DG_CUDA(kernels::head_norm_rope(p, stream_));
+}
+
+void CudaBackend::kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
+                           const Tensor& v_cache) {
+  expect(k, ScalarType::kBF16, "kv_write", "k");
+  expect(v, ScalarType::kBF16, "kv_write", "v");
+  expect(k_cache, ScalarType::kBF16, "kv_write", "k_cache");
+  expect(v_cache, ScalarType::kBF16, "kv_write", "v_cache");
+  expect(slot, ScalarType::kI32, "kv_write", "slot");
+  DG_CHECK(k.ndim == 3 && k_cache.ndim == 4 && slot.numel() == k.dim(0), "kv_write: shapes");
+  DeviceGuard g(device_);
+  kernels::KvCacheWriteParams p;
+  p.k = as<bf16>(k), p.v = as<bf16>(v), p.k_cache = as<bf16>(k_cache), p.v_cache = as<bf16>(v_cache);
+  p.slot = as<int32_t>(slot), p.tokens = static_cast<int>(k.dim(0));
+  p.row_elems = static_cast<int>(k.dim(1) * k.dim(2));
+  p.num_slots = k_cache.dim(0) * k_cache.dim(1);
+  DG_CUDA(kernels::kv_cache_write(p, stream_));
+}
+
+void CudaBackend::attention(const AttentionArgs& a) {
+  expect(a.q, ScalarType::kBF16, "attention", "q");
+  DG_CHECK(a.q.ndim == 3 && a.k_new.ndim == 3 && a.k_cache.ndim == 4, "attention: shapes");
+  DeviceGuard g(device_);
+  kernels::AttentionParams p;
+  p.q = as<bf16>(a.q), p.k_new = as<bf16>(a.k_new), p.v_new = as<bf16>(a.v_new);
+  p.k_cache = as<bf16>(a.k_cache), p.v_cache = as<bf16>(a.v_cache);
+  p.block_table = as<int32_t>(a.block_table), p.cache_first_pos = as<int32_t>(a.cache_first_pos);
+  p.cache_start = as<int32_t>(a.cache_start), p.cache_len = as<int32_t>(a.cache_len);
+  p.tok0 = as<int32_t>(a.tok0), p.count = as<int32_t>(a.count), p.out = as<bf16>(a.out);
+  p.rows = static_cast<int>(a.tok0.numel());
+  p.num_heads = static_cast<int>(a.q.dim(1)), p.num_kv_heads = static_cast<int>(a.k_new.dim(1));
+  p.head_dim = static_cast<int>(a.q.dim(2));
+  p.block_size = static_cast<int>(a.k_cache.dim(1)), p.max_blocks_per_row = static_cast<int>(a.block_table.dim(1));
+  p.max_count = a.max_count, p.max_cached = a.max_cached;
+  p.causal = a.causal, p.window = a.window, p.scale = a.scale;
+  if (p.head_dim == 256 || p.head_dim == 512) {
+    const size_t ws = kernels::attention_workspace_bytes(p);
+    if (ws > 0) p.workspace = scratch(kAttnWs, ws), p.workspace_bytes = ws;
+    DG_CUDA(kernels::attention_forward(p, stream_));
+  } else {
+    DG_CUDA(kernels::attention_forward_generic(p, stream_));
+  }
+}
+
+void CudaBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) {
+  expect(x, ScalarType::kF32, "residual_norm_add", "x");
+  expect(h, ScalarType::kBF16, "residual_norm_add", "h");
+  DG_CHECK(x.rows() == h.rows() && x.cols() == h.cols(), "residual_norm_add: shapes");
+  DeviceGuard g(device_);
+  kernels::ResidualNormAddParams<bf16> p;
+  p.x = as<float>(x), p.h = as<bf16>(h), p.weight = norm_weight(w);
+  p.tokens = static_cast<int>(x.rows()), p.hidden = static_cast<int>(x.cols()), p.eps = eps;
+  DG_CUDA(kernels::residual_norm_add(p, stream_));
+}
+
+void CudaBackend::mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch_t) {
+  expect(x, ScalarType::kBF16, "mlp", "x");
+  expect(out, ScalarType::kBF16, "mlp", "out");
+  expect(scratch_t, ScalarType::kBF16, "mlp", "scratch");
+  const Mat* gate_up;
+  const Mat* down;
+  if (mlp.id == W::kScMlp) {
+    gate_up = &sc_gate_up_, down = &sc_down_;
+  } else {
+    DG_CHECK(mlp.id == W::kMlp, "mlp: weight " << static_cast<int>(mlp.id));
+    gate_up = &layers_.at(mlp.layer).mlp_gate_up, down = &layers_.at(mlp.layer).mlp_down;
+  }
+  const int64_t T = x.rows(), I = cfg_.intermediate_size;
+  DG_CHECK(x.cols() == cfg_.hidden_size && out.rows() == T && scratch_t.numel() >= 3 * T * I, "mlp: shapes");
+  if (T == 0) return;
+  DeviceGuard g(device_);
+  bf16* h = as<bf16>(scratch_t);  // [T, 2I]: gate | up
+  bf16* act = h + 2 * T * I;      // [T, I]
+  gemm(*gate_up, as<bf16>(x), h, T);
+  kernels::MoeGeluGateParams gp;
+  gp.h = h, gp.act = act, gp.M = static_cast<int>(T), gp.I = static_cast<int>(I);
+  DG_CUDA(kernels::moe_gelu_gate(gp, stream_));
+  gemm(*down, act, out.data, T);
+}
+
+void CudaBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) {
+  expect(x, ScalarType::kF32, "moe_router", "x");
+  expect(topk_idx, ScalarType::kI32, "moe_router", "topk_idx");
+  expect(topk_w, ScalarType::kF32, "moe_router", "topk_w");
+  const Layer& L = layers_.at(layer);
+  const int T = static_cast<int>(x.rows()), E = cfg_.num_experts;
+  if (T == 0) return;
+  DeviceGuard g(device_);
+  kernels::MoeRouterParams<float> p;
+  p.x = as<float>(x), p.router_proj = L.router.p, p.router_scale = L.router_scale.p;
+  p.per_expert_scale = L.per_expert_scale.p, p.topk_idx = as<int32_t>(topk_idx), p.topk_w = as<float>(topk_w);
+  p.workspace = scratch(kRouterWs, kernels::moe_router_workspace_bytes(T, E));
+  p.T = T, p.H = cfg_.hidden_size, p.E = E, p.k = cfg_.top_k_experts, p.eps = eps;
+  DG_CUDA(kernels::moe_router(p, stream_));
+}
+
+namespace moe_ws {
+// The MoE workspace's layout for T tokens (offsets in bytes, each 256-aligned).
+struct Layout {
+  size_t counts, offsets, perm_slot, inv, xp, h, act, dn, gemm, total;
+};
+Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws) {
+  Layout o{};
+  const size_t M = static_cast<size_t>(T) * k;
+  size_t at = 0;
+  auto put = [&](size_t bytes) {
+    const size_t here = at;
+    at += align256(bytes);
+    return here;
+  };
+  o.counts = put(4 * static_cast<size_t>(E));
+  o.offsets = put(4 * static_cast<size_t>(E + 1));
+  o.perm_slot = put(4 * M);
+  o.inv = put(4 * M);
+  o.xp = put(2 * M * H);
+  o.h = put(2 * M * 2 * Im);
+  o.act = put(2 * M * Im);
+  o.dn = put(2 * M * H);
+  o.gemm = put(gemm_ws);
+  o.total = at;
+  return o;
+}
+}  // namespace moe_ws
+
+size_t CudaBackend::moe_workspace_bytes(int tokens) const {
+  return moe_ws::layout(tokens, cfg_.num_experts, cfg_.top_k_experts, cfg_.hidden_size, cfg_.moe_intermediate_size,
+                        grouped_ws_bytes())
+             .total +
+         256;  // room to align the base
+}
+
+void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
+                              const Tensor& out, const Tensor& workspace) {
+  expect(x, ScalarType::kBF16, "moe_experts", "x");
+  expect(out, ScalarType::kBF16, "moe_experts", "out");
+  const Layer& L = layers_.at(layer);
+  const int T = static_cast<int>(x.rows()), E = cfg_.num_experts, k = cfg_.top_k_experts, H = cfg_.hidden_size;
+  const int Im = cfg_.moe_intermediate_size;
+  if (T == 0) return;
+  const moe_ws::Layout lo = moe_ws::layout(T, E, k, H, Im, grouped_ws_bytes());
+  DG_CHECK(workspace.bytes() >= lo.total + 256, "moe_experts: workspace of " << workspace.bytes() << " bytes");
+  char* base = reinterpret_cast<char*>(align256(reinterpret_cast<uintptr_t>(workspace.data)));
+  auto i32 = [&](size_t off) { return reinterpret_cast<int32_t*>(base + off); };
+  auto b16 = [&](size_t off) { return reinterpret_cast<bf16*>(base + off); };
+  const int64_t M = static_cast<int64_t>(T) * k;
+  DeviceGuard g(device_);
+
+  kernels::MoePermuteParams<bf16> pp;
+  pp.topk_idx = as<int32_t>(topk_idx), pp.x = as<bf16>(x);
+  pp.expert_counts = i32(lo.counts), pp.expert_offsets = i32(lo.offsets), pp.perm_slot = i32(lo.perm_slot);
+  pp.inv = i32(lo.inv), pp.xp = b16(lo.xp);
+  pp.T = T, pp.H = H, pp.E = E, pp.k = k;
+  DG_CUDA(kernels::moe_permute(pp, stream_));
+
+  grouped_gemm(L.experts_gate_up, 2 * Im, H, b16(lo.xp), b16(lo.h), i32(lo.offsets), M, base + lo.gemm,
+               grouped_ws_bytes());
+  kernels::MoeGeluGateParams gp;
+  gp.h = b16(lo.h), gp.act = b16(lo.act), gp.M = static_cast<int>(M), gp.I = Im;
+  DG_CUDA(kernels::moe_gelu_gate(gp, stream_));
+  grouped_gemm(L.experts_down, H, Im, b16(lo.act), b16(lo.dn), i32(lo.offsets), M, base + lo.gemm,
+               grouped_ws_bytes());
+
+  kernels::MoeCombineParams<bf16> cp;
+  cp.dn = b16(lo.dn), cp.topk_idx = as<int32_t>(topk_idx), cp.topk_w = as<float>(topk_w), cp.inv = i32(lo.inv);
+  cp.out = as<bf16>(out), cp.T = T, cp.H = H, cp.k = k;
+  DG_CUDA(kernels::moe_combine(cp, stream_));
+}
+
+void CudaBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                              float eps) {
+  expect(x, ScalarType::kF32, "ffn_combine", "x");
+  expect(dense, ScalarType::kBF16, "ffn_combine", "dense");
+  expect(moe, ScalarType::kBF16, "ffn_combine", "moe");
+  const Layer& L = layers_.at(layer);
+  DeviceGuard g(device_);
+  kernels::FfnCombineParams<bf16, bf16> p;
+  p.x = as<float>(x), p.dense = as<bf16>(dense), p.moe = as<bf16>(moe);
+  p.w1 = L.post_ffn_norm1.p, p.w2 = L.post_ffn_norm2.p, p.w = L.post_ffn_norm.p;
+  p.tokens = static_cast<int>(x.rows()), p.hidden = static_cast<int>(x.cols()), p.eps = eps;
+  p.layer_scalar = encoder ? L.encoder_scalar : L.decoder_scalar;
+  DG_CUDA(kernels::ffn_combine(p, stream_));
+}
+
+void CudaBackend::gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
+  expect(index, ScalarType::kI32, "gather_rows", "index");
+  DG_CHECK(src.dtype == dst.dtype && src.cols() == dst.cols() && dst.rows() == index.numel(), "gather_rows: shapes");
+  DeviceGuard g(device_);
+  DG_CUDA(kernels::gather_rows(src.data, as<int32_t>(index), dst.data, index.numel(),
+                               static_cast<int64_t>(src.cols() * scalar_size(src.dtype)), stream_));
+}
+
+void CudaBackend::scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index) {
+  expect(dst, ScalarType::kF32, "scatter_add_rows", "dst");
+  expect(src, ScalarType::kBF16, "scatter_add_rows", "src");
+  expect(index, ScalarType::kI32, "scatter_add_rows", "index");
+  DG_CHECK(src.cols() == dst.cols() && src.rows() == index.numel(), "scatter_add_rows: shapes");
+  DeviceGuard g(device_);
+  DG_CUDA(kernels::scatter_add_rows(as<float>(dst), as<bf16>(src), as<int32_t>(index), index.numel(), src.cols(),
+                                    stream_));
+}
+
+// probs [rows, V] bf16 @ E [V, H] * sqrt(H) -> out [rows, H] bf16: K = V is long, so split-K.
+void CudaBackend::probs_times_embedding(const bf16* probs, int64_t rows, bf16* out) {
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  kernels::MatmulParams p;
+  p.x = probs, p.w = embed_.p, p.y = out, p.w_kn = true;
+  p.M = rows, p.N = H, p.K = V;
+  p.alpha = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  p.split_k = kernels::matmul_pick_split_k(rows, H, V);
+  const size_t ws = kernels::matmul_workspace_bytes(p);
+  if (ws > 0) p.workspace = scratch(kSplitK, ws), p.workspace_bytes = ws;
+  DG_CUDA(kernels::matmul_bf16(p, stream_));
+}
+
+void CudaBackend::lm_head_sample(const SampleArgs& a) {
+  expect(a.x, ScalarType::kBF16, "lm_head_sample", "x");
+  expect(a.temperature, ScalarType::kF32, "lm_head_sample", "temperature");
+  expect(a.uniform, ScalarType::kF64, "lm_head_sample", "uniform");
+  expect(a.soft, ScalarType::kBF16, "lm_head_sample", "soft");
+  expect(a.soft_index, ScalarType::kI32, "lm_head_sample", "soft_index");
+  const int64_t T = a.x.rows(), H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int n = a.n;
+  DG_CHECK(a.x.cols() == H && n > 0 && T % n == 0 && a.temperature.numel() == T / n && a.uniform.numel() == T &&
+               a.token.numel() == T && a.argmax.numel() == T && a.entropy.numel() == T && a.soft_index.numel() == T &&
+               a.soft.cols() == H,
+           "lm_head_sample: shapes");
+  DG_REQUIRE(V <= kernels::kSampleMaxVocab, Unsupported,
+             "the cuda backend samples vocabularies up to " << kernels::kSampleMaxVocab << " tokens, not " << V);
+  DeviceGuard g(device_);
+  float* logits = static_cast<float*>(scratch(kLogits, static_cast<size_t>(n) * V * 4));
+  bf16* probs = static_cast<bf16*>(scratch(kProbs, static_cast<size_t>(n) * V * 2));
+  bf16* soft = static_cast<bf16*>(scratch(kSoft, static_cast<size_t>(n) * H * 2));
+  const float cap = cfg_.final_logit_softcapping ? static_cast<float>(*cfg_.final_logit_softcapping) : 0.f;
+  // One row of the pass at a time: the [n, V] buffers are the only vocabulary-sized memory.
+  for (int64_t r = 0; r < T / n; ++r) {
+    const int64_t t0 = r * n;
+    gemm(lm_head_, as<bf16>(a.x) + t0 * H, logits, n, /*y_f32=*/true, 1.f, cap);
+    kernels::SampleCanvasParams sp;
+    sp.logits = logits, sp.processed = logits, sp.probs = probs;
+    sp.temperature = as<float>(a.temperature) + r, sp.uniform = as<double>(a.uniform) + t0;
+    sp.token = as<int32_t>(a.token) + t0, sp.argmax = as<int32_t>(a.argmax) + t0;
+    sp.entropy = as<float>(a.entropy) + t0;
+    sp.rows = 1, sp.canvas_length = n, sp.vocab = static_cast<int>(V);
+    DG_CUDA(kernels::sample_canvas(sp, stream_));
+    if (a.keep_soft && !a.keep_soft[r]) continue;  // no later step reads this row's state
+    probs_times_embedding(probs, n, soft);
+    DG_CUDA(kernels::scatter_rows(soft, as<int32_t>(a.soft_index) + t0, a.soft.data, n, H * 2, stream_));
+  }
+}
+
+void CudaBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
+  expect(x, ScalarType::kBF16, "lm_head_logits", "x");
+  expect(logits, ScalarType::kF32, "lm_head_logits", "logits");
+  DG_CHECK(x.cols() == cfg_.hidden_size && logits.rows() == x.rows() && logits.cols() == cfg_.vocab_size,
+           "lm_head_logits: shapes");
+  DeviceGuard g(device_);
+  const float cap = cfg_.final_logit_softcapping ? static_cast<float>(*cfg_.final_logit_softcapping) : 0.f;
+  gemm(lm_head_, as<bf16>(x), logits.data, x.rows(), /*y_f32=*/true, 1.f, cap);
+}
+
+void CudaBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
+  expect(logits, ScalarType::kF32, "soft_embedding", "logits");
+  expect(out, ScalarType::kBF16, "soft_embedding", "out");
+  const int64_t S = logits.rows(), V = cfg_.vocab_size, H = cfg_.hidden_size;
+  DG_CHECK(logits.cols() == V && out.rows() == S && out.cols() == H, "soft_embedding: shapes");
+  if (S == 0) return;
+  DeviceGuard g(device_);
+  // The sampler kernel's softmax (temperature 1: processed == logits) gives the bf16 probabilities;
+  // its token/argmax/entropy outputs are discarded.
+  float* ones = static_cast<float*>(scratch(kOnes, static_cast<size_t>(S) * 4));
+  std::vector<float> host_ones(S, 1.f);
+  DG_CUDA(cudaMemcpyAsync(ones, host_ones.data(), host_ones.size() * 4, cudaMemcpyHostToDevice, stream_));
+  double* zeros = static_cast<double*>(scratch(kZeros, static_cast<size_t>(S) * 8));
+  DG_CUDA(cudaMemsetAsync(zeros, 0, static_cast<size_t>(S) * 8, stream_));
+  char* discard = static_cast<char*>(scratch(kDiscard, static_cast<size_t>(S) * 12));
+  bf16* probs = static_cast<bf16*>(scratch(kProbs, static_cast<size_t>(S) * V * 2));
+  kernels::SampleCanvasParams sp;
+  sp.logits = as<float>(logits), sp.processed = as<float>(logits), sp.probs = probs;
+  sp.temperature = ones, sp.uniform = zeros;
+  sp.token = reinterpret_cast<int32_t*>(discard), sp.argmax = reinterpret_cast<int32_t*>(discard + 4 * S);
+  sp.entropy = reinterpret_cast<float*>(discard + 8 * S);
+  sp.rows = static_cast<int>(S), sp.canvas_length = 1, sp.vocab = static_cast<int>(V);
+  DG_CUDA(kernels::sample_canvas(sp, stream_));
+  probs_times_embedding(probs, S, as<bf16>(out));
+  DG_CUDA(cudaStreamSynchronize(stream_));  // host_ones must outlive its (pageable, staged) copy
+}
+
+}  // namespace
+
+std::string probe(const std::string& device) {
+  const int n = device_count();
+  if (n == 0) return status();
+  const int index = parse_index(device);
+  if (index >= n)
+    return "there is no CUDA device " + std::to_string(index) + " (" + std::to_string(n) + " visible: " + status() + ")";
+  if (!has_code_for(index)) return "this build has no machine code for that GPU: " + status();
+  return "";
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device, const ModelConfig& cfg, const ModelWeights& w) {
+  const std::string why = probe(device);
+  DG_REQUIRE(why.empty(), InvalidArgument, "device '" << device << "' is not available: " << why);
+  return std::make_unique<CudaBackend>(parse_index(device), cfg, w);
+}
+
+void register_backend() { dgemma::register_backend("cuda", make_backend, probe); }
+
+}  // namespace dgemma::cuda

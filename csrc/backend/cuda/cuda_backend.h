@@ -1,0 +1,44 @@
+// The CUDA backend: the op set of backend/backend.h on one GPU, with bf16 activations and KV cache,
+// the float32 residual stream, bf16 weights (converted from the checkpoint as stored: BF16 tensors
+// are copied as they are, F32/F16 rounded, NVFP4/FP8 dequantized then rounded) and device memory
+// for everything the forward keeps (KV storage, self-conditioning state, workspaces). Each op is a
+// kernel of csrc/kernels on the backend's own stream; only upload/download touch the host, and
+// download is the only synchronisation.
+//
+// Which kernel runs an op:
+//   linear, mlp GEMMs          CUTLASS sm_90a TMA/wgmma GEMM on Hopper builds with CUTLASS, when K and N
+//                              are multiples of 8; else the mma.sync matmul (kernels/matmul), any arch
+//   MoE experts                router -> permute -> grouped GEMM (CUTLASS sm_90a, else grouped matmul)
+//                              -> gated GELU -> grouped GEMM -> combine
+//   attention                  the tiled kernels for head_dim 256 / 512 (wgmma on sm_90a, mma.sync
+//                              elsewhere, split-KV), the generic warp kernel for other head sizes
+//   lm_head_sample             per row of the pass: logits [n, V] f32 (matmul + softcap), the sampler
+//                              kernel (kernels/sampler: exact inverse-CDF rule, argmax, entropy, bf16
+//                              probabilities), then probabilities @ E * sqrt(H) (split-K matmul) into
+//                              the row's self-conditioning slots. Transient memory is one row's
+//                              [n, V] logits and probabilities, whatever the batch (the fused
+//                              single-pass kernel of issue 12 is the next step).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace dgemma::cuda {
+
+// Why `device` ("cuda", "cuda:N") cannot run here, or "" when it can: no driver, a driver too old,
+// no such device, or no machine code in this build for its architecture.
+std::string probe(const std::string& device);
+
+// The backend on that device; throws InvalidArgument with probe()'s reason when it cannot run, and
+// ResourceError when the weights do not fit in its memory.
+std::unique_ptr<Backend> make_backend(const std::string& device, const ModelConfig& cfg, const ModelWeights& w);
+
+// Registers make_backend/probe for the device kind "cuda" (backend/registry.h). The Python module
+// calls it at import; a C++ program that links dgemma_cuda calls it once before making an Engine.
+void register_backend();
+
+}  // namespace dgemma::cuda
