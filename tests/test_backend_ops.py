@@ -711,6 +711,19 @@ def test_lm_head_sample_numpy(ref, weights):
     _close(ref.lm_head_logits(x), np_logits(weights, x), rtol=1e-5)
 
 
+def test_bf16_upload_rounds_to_nearest_even(ref):
+    """The harness's f32 -> bf16 upload and bf16 -> f32 download (the path every act input takes on a GPU),
+    run through the CPU's dtype-blind copy and gather_rows."""
+    rng = rng_for("bf16_path")
+    x = rng.standard_normal((5, 64)).astype(np.float32) * 100
+    # ties to even (0x3F808000 -> 0x3F80, 0x3F818000 -> 0x3F82), infinities, the largest finite float
+    x[0, :5] = np.array([0x3F808000, 0x3F818000, 0x7F800000, 0xFF800000, 0x7F7FFFFF], np.uint32).view(np.float32)
+    np.testing.assert_array_equal(ref.copy(x, dtype="bf16"), rnd(x))
+    np.testing.assert_array_equal(ref.gather_rows(x, np.array([4, 0], np.int32), dtype="bf16"), rnd(x)[[4, 0]])
+    x[1, 0] = np.nan
+    assert np.isnan(ref.copy(x, dtype="bf16")[1, 0])
+
+
 # ------------------------------------------------------------------------------------------ bad calls
 def test_bad_shapes_raise(ref):
     x = np.zeros((3, H), np.float32)
