@@ -778,6 +778,17 @@ def test_bad_shapes_raise(ref):
             pytest.fail(f"bad call #{i} did not raise")
 
 
+def test_constructor_errors(ckpt, tmp_path):
+    for device in ("tpu", "cpu:1", "cuda:x"):
+        with pytest.raises(ValueError, match="device"):
+            BackendOps(ckpt, device)
+    if _cuda_unavailable():
+        with pytest.raises(ValueError, match="not available"):
+            BackendOps(ckpt, "cuda")
+    with pytest.raises(ValueError):  # CheckpointError
+        BackendOps(str(tmp_path), "cpu")
+
+
 def test_bad_attention_raises(ref):
     good = make_attention_case(ref, "decoder_sliding_gqa")
     ref.attention(**good)
