@@ -745,6 +745,10 @@ def test_bad_shapes_raise(ref):
         lambda: ref.head_norm_rope(np.zeros((3, 4, 256), np.float32), w="q_norm", layer=L_FULL),  # hd 512 there
         lambda: ref.head_norm_rope(np.zeros((3, 4, 256), np.float32), positions=np.zeros(2, np.int32), layer=0),
         lambda: ref.head_norm_rope(np.zeros((3, 4, 256), np.float32), inv_freq=np.zeros(128, np.float32)),
+        lambda: ref.head_norm_rope(np.zeros((1, 1, 4096), np.float32), positions=np.zeros(1, np.int32),
+                                   inv_freq=np.zeros(2048, np.float32)),  # past the CPU's RoPE buffer
+        lambda: ref.head_norm_rope(np.zeros((1, 1, 6), np.float32), positions=np.zeros(1, np.int32),
+                                   inv_freq=np.zeros(2, np.float32)),  # inv_freq is [head_dim / 2]
         lambda: ref.kv_write(np.zeros((2, 2, 8), np.float32), np.zeros((2, 2, 8), np.float32),
                              np.array([0, 64], np.int32), np.zeros((4, 16, 2, 8), np.float32),
                              np.zeros((4, 16, 2, 8), np.float32)),  # slot past the cache

@@ -450,7 +450,8 @@ py::array head_norm_rope(BackendOps& o, py::handle x_, py::object w_, int layer,
   DG_REQUIRE(inv_freq_.is_none() || !positions_.is_none(), InvalidArgument, op << ": inv_freq without positions");
   Host pos, inv;
   if (!positions_.is_none()) {
-    DG_REQUIRE(HD % 2 == 0, InvalidArgument, op << ": RoPE needs an even head_dim, got " << HD);
+    DG_REQUIRE(HD % 2 == 0 && HD <= 2048, InvalidArgument,
+               op << ": RoPE needs an even head_dim of at most 2048 (the CPU backend's limit), got " << HD);
     pos = host(positions_, ScalarType::kI32, op, "positions", {T});
     check_index_range(pos, 0, INT32_MAX, op, "positions");
     if (inv_freq_.is_none()) {
