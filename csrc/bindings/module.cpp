@@ -13,6 +13,7 @@
 #endif
 
 #include "backend/cpu/cpu_backend.h"
+#include "bindings/backend_ops.h"
 #include "common/check.h"
 #include "runtime/engine.h"
 
@@ -484,6 +485,8 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("input_ids"), py::arg("params"), py::arg("noise") = py::none(), py::arg("on_step") = py::none(),
          py::arg("on_block") = py::none(), py::arg("on_done") = py::none(), py::arg("cache") = nullptr,
          py::arg("keep_cache") = true);
+
+  dgemma::bindings::bind_backend_ops(m);
 
   auto testing = m.def_submodule("_testing", "hooks for the test suite");
   testing.def("cpu_engine_without", [](const std::string& path, const std::vector<std::string>& ops) {
