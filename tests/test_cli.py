@@ -295,6 +295,26 @@ def test_bench_random_weights(tmp_path, monkeypatch):
     assert proc.returncode != 0 and "--random-weights" in proc.stderr
 
 
+def test_bench_device(tmp_path, tiny_dir):
+    """--device goes to the Engine; a device this build cannot run is refused before a random checkpoint
+    (tens of GB at the released shape) is written."""
+    proc = _run("dgemma_rt.bench", str(tiny_dir), "--device", "cpu", "--prompt-len", "8", "--new-tokens", "8",
+                "--steps", "1", "--warmup", "0", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["device"] == "cpu"
+    env = dict(os.environ, DGEMMA_RT_CACHE=str(tmp_path / "cache"))
+    proc = _run("dgemma_rt.bench", "--random-weights", "--preset", "tiny", "--device", "tpu", env=env)
+    assert proc.returncode != 0 and "unknown device 'tpu'" in proc.stderr
+    import dgemma_rt
+
+    try:
+        dgemma_rt.check_device("cuda")
+    except ValueError as e:  # no CUDA backend or GPU here: refused with the engine's reason, nothing written
+        proc = _run("dgemma_rt.bench", "--random-weights", "--preset", "tiny", "--device", "cuda", env=env)
+        assert proc.returncode != 0 and str(e) in proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 def test_bench_refuses_what_the_cpu_cannot_hold():
     from dgemma_rt import bench, presets
 

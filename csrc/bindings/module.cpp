@@ -14,6 +14,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "bindings/backend_ops.h"
+#include "backend/registry.h"
 #include "common/check.h"
 #include "runtime/engine.h"
 
@@ -335,6 +336,9 @@ PYBIND11_MODULE(_core, m) {
     return "this dgemma_rt was built without CUDA (DGEMMA_CUDA=OFF or no nvcc at build time)";
 #endif
   }, "What CUDA sees, in one line: the driver, the devices, whether this build has code for them");
+  m.def("check_device", [](const std::string& device) { check_device(device); }, py::arg("device"),
+        "Raises ValueError when no backend of this build runs the device name ('cpu', 'cuda', 'cuda:N'): "
+        "the check Engine makes before loading anything, for callers that prepare work first");
 #ifdef DGEMMA_WITH_CUDA
   auto ops = m.def_submodule("cuda_ops", "CUDA kernels' test entry points: numpy in, numpy out");
   for (auto bind : dgemma::bindings::cuda_op_binders()) bind(ops);

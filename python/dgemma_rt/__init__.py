@@ -1,6 +1,6 @@
 """dgemma_rt: an inference engine for DiffusionGemma (block diffusion on the Gemma 4 backbone)."""
 
-from dgemma_rt._core import CheckpointError, cuda_compiled, cuda_device_count, cuda_status
+from dgemma_rt._core import CheckpointError, check_device, cuda_compiled, cuda_device_count, cuda_status
 from dgemma_rt.engine import FREE, Engine, Event, GenerateOutput, KVCache, Request, RequestCancelled
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "KVCache",
     "Request",
     "RequestCancelled",
+    "check_device",
     "cuda_compiled",
     "cuda_device_count",
     "cuda_status",

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="adaptive stopping and the checkpoint's EOS ids, as in real use",
     )
+    p.add_argument("--device", default="cpu",
+                   help="the Engine's device: cpu (default), cuda or cuda:N; checked before any checkpoint is "
+                        "built or loaded")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--quant", choices=["none", "nvfp4"], default="none",
                    help="nvfp4: quantize the MoE experts at load (on the CPU they run dequantized; default none)")
@@ -273,12 +276,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress and sys.stderr.isatty()
     quant = None if args.quant == "none" else args.quant
     dense_quant = None if args.dense_quant == "none" else args.dense_quant
+    # Refuse a device this build cannot run before writing a random checkpoint (tens of GB at 26b-a4b).
+    dgemma_rt.check_device(args.device)
+    on_cpu = args.device == "cpu"
     if args.random_weights:
         if args.checkpoint:
             raise ValueError("give either a checkpoint or --random-weights, not both")
         from dgemma_rt import presets
 
-        check_cpu_memory(presets.preset(args.preset, args.num_layers))
+        if on_cpu:
+            check_cpu_memory(presets.preset(args.preset, args.num_layers))
         ckpt = random_checkpoint(args.preset, args.num_layers, quant, dense_quant, args.seed, progress)
         quant = dense_quant = None  # written in those formats already
     else:
@@ -294,10 +301,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         needed = args.batch * (args.prompt_len + canvases * canvas)
         kv_tokens = max(_DEFAULT_KV_TOKENS, needed)
 
-    check_cpu_memory(checkpoint_shape(ckpt))
+    if on_cpu:  # the CPU backend keeps float32 copies; a GPU backend's weights live on the device
+        check_cpu_memory(checkpoint_shape(ckpt))
     t0 = time.perf_counter()
     engine = dgemma_rt.Engine(
         ckpt,
+        device=args.device,
         num_threads=args.threads,
         kv_cache_tokens=kv_tokens,
         max_batch_size=max(8, args.batch),
@@ -386,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "preset": args.preset if args.random_weights else None,
         "num_layers": int(engine.config["num_hidden_layers"]),
         "weight_bytes": checkpoint_weight_bytes(ckpt),
-        "device": "cpu",
+        "device": args.device,
         "dgemma_rt_version": _version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
