@@ -365,9 +365,20 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init([](const std::string& path, const std::string& device, py::object kv_cache_tokens,
-                       py::object max_batch_size, py::object num_threads, py::object progress) {
+                       py::object max_batch_size, py::object num_threads, py::object progress,
+                       py::object random_weights) {
              EngineOptions o;
              o.device = device;
+             if (!random_weights.is_none()) {
+               DG_REQUIRE(PyLong_Check(random_weights.ptr()) && !PyBool_Check(random_weights.ptr()), InvalidArgument,
+                          "random_weights must be None or an integer seed");
+               const unsigned long long seed = PyLong_AsUnsignedLongLong(random_weights.ptr());
+               if (PyErr_Occurred()) {
+                 PyErr_Clear();
+                 DG_THROW(InvalidArgument, "random_weights must be a seed in [0, 2**64)");
+               }
+               o.random_weights = seed;
+             }
              o.kv_cache_tokens = int_arg(kv_cache_tokens, "kv_cache_tokens", 1);
              o.max_batch_size = int_arg(max_batch_size, "max_batch_size", 1);
              o.num_threads = int_arg(num_threads, "num_threads", 0);
@@ -387,7 +398,8 @@ PYBIND11_MODULE(_core, m) {
              return e;
            }),
            py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384,
-           py::arg("max_batch_size") = 8, py::arg("num_threads") = 0, py::arg("progress") = py::none())
+           py::arg("max_batch_size") = 8, py::arg("num_threads") = 0, py::arg("progress") = py::none(),
+           py::arg("random_weights") = py::none())
       .def_property_readonly("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
       .def_property_readonly("generation_defaults",
                              [](const PyEngine& e) { return defaults_dict(e.engine->generation_defaults()); })

@@ -7,6 +7,7 @@
 
 #include "common/check.h"
 #include "common/nvfp4_format.h"
+#include "common/random_weights.h"
 
 namespace dgemma {
 namespace {
@@ -55,6 +56,62 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return o.str();
 }
 
+// The tensors a config implies: checkpoint name, shape, and the float32 view it fills.
+struct Pending {
+  std::string name;
+  std::vector<int64_t> shape;
+  const float** dst;
+};
+
+std::vector<Pending> wanted(const ModelConfig& cfg, ModelWeights& wr) {
+  ModelWeights* w = &wr;
+  std::vector<Pending> todo;
+  auto want = [&](std::string name, std::vector<int64_t> shape, const float** dst) {
+    todo.push_back({std::move(name), std::move(shape), dst});
+  };
+
+  const int64_t H = cfg.hidden_size, V = cfg.vocab_size, I = cfg.intermediate_size;
+  const int64_t E = cfg.num_experts, Im = cfg.moe_intermediate_size, nh = cfg.num_heads;
+  const std::string p = "model.decoder.";
+  want(p + "embed_tokens.weight", {V, H}, &w->embed_tokens);
+  want(p + "norm.weight", {H}, &w->final_norm);
+  want(p + "self_conditioning.pre_norm.weight", {H}, &w->sc_pre_norm);
+  want(p + "self_conditioning.gate_proj.weight", {I, H}, &w->sc_gate);
+  want(p + "self_conditioning.up_proj.weight", {I, H}, &w->sc_up);
+  want(p + "self_conditioning.down_proj.weight", {H, I}, &w->sc_down);
+  if (!cfg.tie_word_embeddings) want("lm_head.weight", {V, H}, &w->lm_head);
+
+  w->layers.resize(cfg.num_layers);
+  for (int i = 0; i < cfg.num_layers; ++i) {
+    const LayerSpec& ls = cfg.layers[i];
+    LayerWeights& L = w->layers[i];
+    const std::string lp = p + "layers." + std::to_string(i) + ".";
+    const int64_t hd = ls.head_dim, kv = ls.num_kv_heads;
+    want(lp + "self_attn.q_proj.weight", {nh * hd, H}, &L.q_proj);
+    want(lp + "self_attn.k_proj.weight", {kv * hd, H}, &L.k_proj);
+    if (!ls.k_eq_v) want(lp + "self_attn.v_proj.weight", {kv * hd, H}, &L.v_proj);
+    want(lp + "self_attn.o_proj.weight", {H, nh * hd}, &L.o_proj);
+    want(lp + "self_attn.q_norm.weight", {hd}, &L.q_norm);
+    want(lp + "self_attn.k_norm.weight", {hd}, &L.k_norm);
+    want(lp + "input_layernorm.weight", {H}, &L.input_layernorm);
+    want(lp + "post_attention_layernorm.weight", {H}, &L.post_attention_layernorm);
+    want(lp + "pre_feedforward_layernorm.weight", {H}, &L.pre_feedforward_layernorm);
+    want(lp + "post_feedforward_layernorm.weight", {H}, &L.post_feedforward_layernorm);
+    want(lp + "post_feedforward_layernorm_1.weight", {H}, &L.post_feedforward_layernorm_1);
+    want(lp + "post_feedforward_layernorm_2.weight", {H}, &L.post_feedforward_layernorm_2);
+    want(lp + "pre_feedforward_layernorm_2.weight", {H}, &L.pre_feedforward_layernorm_2);
+    want(lp + "mlp.gate_proj.weight", {I, H}, &L.mlp_gate);
+    want(lp + "mlp.up_proj.weight", {I, H}, &L.mlp_up);
+    want(lp + "mlp.down_proj.weight", {H, I}, &L.mlp_down);
+    want(lp + "router.proj.weight", {E, H}, &L.router_proj);
+    want(lp + "router.scale", {H}, &L.router_scale);
+    want(lp + "router.per_expert_scale", {E}, &L.per_expert_scale);
+    want(lp + "experts.gate_up_proj", {E, 2 * Im, H}, &L.experts_gate_up);
+    want(lp + "experts.down_proj", {E, H, Im}, &L.experts_down);
+  }
+  return todo;
+}
+
 }  // namespace
 
 int64_t WeightSource::numel() const {
@@ -64,8 +121,13 @@ int64_t WeightSource::numel() const {
 }
 
 void WeightSource::to_f32(int64_t begin, int64_t n, float* out) const {
-  DG_CHECK(begin >= 0 && n >= 0 && begin + n <= numel(), "elements [" << begin << ", " << begin + n << ") of '"
-                                                                      << tensor->name << "'");
+  DG_CHECK(begin >= 0 && n >= 0 && begin + n <= numel(),
+           "elements [" << begin << ", " << begin + n << ") of a weight of " << numel());
+  if (synthetic()) {
+    for (int64_t i = 0; i < n; ++i)
+      out[i] = random_weights::value(seed, static_cast<uint64_t>(begin + i), amplitude, offset);
+    return;
+  }
   const uint8_t* data = tensor->data;
   const size_t K = static_cast<size_t>(shape.back());
   switch (format) {
@@ -118,61 +180,40 @@ const WeightSource& ModelWeights::source(const std::string& name) const {
   return it->second;
 }
 
+std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint64_t seed, bool host_f32) {
+  auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
+  w->host_f32_ = host_f32;
+  const std::vector<Pending> todo = wanted(cfg, *w);
+  for (const Pending& t : todo) {
+    WeightSource src;
+    src.shape = t.shape;
+    src.seed = random_weights::tensor_seed(seed, t.name.c_str());
+    if (t.shape.size() == 1) {  // norm weights, router scales: near 1
+      src.amplitude = 0.1f, src.offset = 1.0f;
+    } else {  // matrices: variance 1 / fan_in (uniform on [-a, a] has variance a^2 / 3)
+      src.amplitude = static_cast<float>(std::sqrt(3.0 / static_cast<double>(t.shape.back())));
+    }
+    const WeightSource& stored = w->sources_[t.name] = std::move(src);
+    const int64_t n = stored.numel();
+    w->num_parameters += static_cast<size_t>(n);
+    if (host_f32) {
+      std::unique_ptr<float[]> buf(new float[static_cast<size_t>(n)]);
+      stored.to_f32(0, n, buf.get());
+      *t.dst = buf.get();
+      w->owned_.push_back(std::move(buf));
+    }
+  }
+  if (cfg.tie_word_embeddings) w->lm_head = w->embed_tokens;
+  return w;
+}
+
 std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const ModelConfig& cfg,
                                                   const Progress& progress, bool host_f32) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   w->ckpt_ = Checkpoint::open(dir);
   const Checkpoint& ck = *w->ckpt_;
 
-  struct Pending {
-    std::string name;
-    std::vector<int64_t> shape;
-    const float** dst;
-  };
-  std::vector<Pending> todo;
-  auto want = [&](std::string name, std::vector<int64_t> shape, const float** dst) {
-    todo.push_back({std::move(name), std::move(shape), dst});
-  };
-
-  const int64_t H = cfg.hidden_size, V = cfg.vocab_size, I = cfg.intermediate_size;
-  const int64_t E = cfg.num_experts, Im = cfg.moe_intermediate_size, nh = cfg.num_heads;
-  const std::string p = "model.decoder.";
-  want(p + "embed_tokens.weight", {V, H}, &w->embed_tokens);
-  want(p + "norm.weight", {H}, &w->final_norm);
-  want(p + "self_conditioning.pre_norm.weight", {H}, &w->sc_pre_norm);
-  want(p + "self_conditioning.gate_proj.weight", {I, H}, &w->sc_gate);
-  want(p + "self_conditioning.up_proj.weight", {I, H}, &w->sc_up);
-  want(p + "self_conditioning.down_proj.weight", {H, I}, &w->sc_down);
-  if (!cfg.tie_word_embeddings) want("lm_head.weight", {V, H}, &w->lm_head);
-
-  w->layers.resize(cfg.num_layers);
-  for (int i = 0; i < cfg.num_layers; ++i) {
-    const LayerSpec& ls = cfg.layers[i];
-    LayerWeights& L = w->layers[i];
-    const std::string lp = p + "layers." + std::to_string(i) + ".";
-    const int64_t hd = ls.head_dim, kv = ls.num_kv_heads;
-    want(lp + "self_attn.q_proj.weight", {nh * hd, H}, &L.q_proj);
-    want(lp + "self_attn.k_proj.weight", {kv * hd, H}, &L.k_proj);
-    if (!ls.k_eq_v) want(lp + "self_attn.v_proj.weight", {kv * hd, H}, &L.v_proj);
-    want(lp + "self_attn.o_proj.weight", {H, nh * hd}, &L.o_proj);
-    want(lp + "self_attn.q_norm.weight", {hd}, &L.q_norm);
-    want(lp + "self_attn.k_norm.weight", {hd}, &L.k_norm);
-    want(lp + "input_layernorm.weight", {H}, &L.input_layernorm);
-    want(lp + "post_attention_layernorm.weight", {H}, &L.post_attention_layernorm);
-    want(lp + "pre_feedforward_layernorm.weight", {H}, &L.pre_feedforward_layernorm);
-    want(lp + "post_feedforward_layernorm.weight", {H}, &L.post_feedforward_layernorm);
-    want(lp + "post_feedforward_layernorm_1.weight", {H}, &L.post_feedforward_layernorm_1);
-    want(lp + "post_feedforward_layernorm_2.weight", {H}, &L.post_feedforward_layernorm_2);
-    want(lp + "pre_feedforward_layernorm_2.weight", {H}, &L.pre_feedforward_layernorm_2);
-    want(lp + "mlp.gate_proj.weight", {I, H}, &L.mlp_gate);
-    want(lp + "mlp.up_proj.weight", {I, H}, &L.mlp_up);
-    want(lp + "mlp.down_proj.weight", {H, I}, &L.mlp_down);
-    want(lp + "router.proj.weight", {E, H}, &L.router_proj);
-    want(lp + "router.scale", {H}, &L.router_scale);
-    want(lp + "router.per_expert_scale", {E}, &L.per_expert_scale);
-    want(lp + "experts.gate_up_proj", {E, 2 * Im, H}, &L.experts_gate_up);
-    want(lp + "experts.down_proj", {E, H, Im}, &L.experts_down);
-  }
+  std::vector<Pending> todo = wanted(cfg, *w);
 
   // Validate everything before converting anything, so a bad checkpoint fails fast.
   // Quantized tensors are dequantized to float32 here: the CPU backend is the reference that the
@@ -310,7 +351,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
   };
   for (int i = 0; i < cfg.num_layers; ++i) {
     LayerWeights& L = w->layers[i];
-    L.decoder_layer_scalar = scalar(p + "layers." + std::to_string(i) + ".layer_scalar", 1.0f, false);
+    L.decoder_layer_scalar = scalar(layer_name(i, "layer_scalar"), 1.0f, false);
     if (progress) progress(++done, total);
     L.encoder_layer_scalar = scalar("model.encoder.language_model.layers." + std::to_string(i) + ".layer_scalar",
                                     1.0f, false);

@@ -55,6 +55,11 @@ struct WeightSource {
   const TensorRef* scale = nullptr;         // NVFP4: E4M3 block scales [.., K/16]; FP8: F32, 1 or one per row
   const TensorRef* global_scale = nullptr;  // NVFP4: F32, 1 or one per expert
   std::vector<int64_t> shape;               // the logical (unpacked) shape the config implies
+  // Synthetic (ModelWeights::random; tensor is null): value i = common/random_weights.h value(seed, i,
+  // amplitude, offset), the same on the host and on a GPU.
+  uint64_t seed = 0;
+  float amplitude = 0.f, offset = 0.f;
+  bool synthetic() const { return tensor == nullptr; }
   int64_t numel() const;
   // The values as float32 (dequantized), elements [begin, begin + n) in row-major order.
   void to_f32(int64_t begin, int64_t n, float* out) const;
@@ -75,6 +80,11 @@ struct ModelWeights {
   using Progress = std::function<void(int, int)>;
   static std::unique_ptr<ModelWeights> load(const std::string& dir, const ModelConfig& cfg, const Progress& progress,
                                             bool host_f32 = true);
+
+  // Random weights at the config's shape, no checkpoint read (benchmarks at a real shape): matrices
+  // uniform with variance 1 / fan_in, norm weights and scales 1 +- 0.1, layer scalars 1. With
+  // host_f32 the float32 views are filled too (the CPU backend; small models only).
+  static std::unique_ptr<ModelWeights> random(const ModelConfig& cfg, uint64_t seed, bool host_f32 = true);
 
   bool has_host_f32() const { return host_f32_; }
   // The source of a weight by its checkpoint name, e.g. "model.decoder.layers.3.mlp.up_proj.weight"

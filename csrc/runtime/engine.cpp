@@ -137,7 +137,8 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   // Only the CPU backend (and backends brought by the caller) compute on the float32 host views;
   // another backend reads the checkpoint's tensors as stored and keeps its own copy.
   const bool host_f32 = opts.make_backend || device_kind(opts.device) == "cpu";
-  weights_ = ModelWeights::load(dir, cfg_, opts.progress, host_f32);
+  weights_ = opts.random_weights ? ModelWeights::random(cfg_, *opts.random_weights, host_f32)
+                                 : ModelWeights::load(dir, cfg_, opts.progress, host_f32);
   backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : make_backend(opts.device, cfg_, *weights_);
   DG_CHECK(backend_, "make_backend returned no backend");
   forward_ = std::make_unique<Forward>(cfg_, *backend_, opts.max_batch_size);

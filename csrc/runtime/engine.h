@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,9 @@ struct EngineOptions {
   int block_size = 16;
   int num_threads = 0;          // CPU threads of the scheduler thread (0: all cores / OMP_NUM_THREADS)
   ModelWeights::Progress progress;
+  // A seed: random weights at config.json's shape instead of reading any safetensors
+  // (ModelWeights::random; benchmarks at a real shape without a checkpoint on disk).
+  std::optional<uint64_t> random_weights;
   // Makes the backend (default: the CPU backend for device "cpu"). For embedders and tests that bring
   // their own op set; the engine checks that it implements every op the forward needs.
   std::function<std::unique_ptr<Backend>(const ModelConfig&, const ModelWeights&)> make_backend;

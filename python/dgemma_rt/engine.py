@@ -350,6 +350,10 @@ class Engine:
         quant: ``None`` (weights as stored; NVFP4 / FP8 checkpoints from ``dgemma-quantize`` or
             ModelOpt are recognised by their tensors) or ``"nvfp4"``: quantize the MoE experts of a
             full-precision checkpoint at load time (through a temporary quantized copy).
+        random_weights: a seed: no safetensors are read; the weights are random values at
+            ``config.json``'s shape, made where the backend keeps them (on a GPU, in device memory).
+            For benchmarks at a real shape: at a fixed step count the values do not change the speed.
+            The same seed gives the same weights on every backend.
         dense_quant: ``None``, ``"nvfp4"`` or ``"fp8"`` (one scale per output channel): also quantize
             the attention projections and the dense MLP at load time. On the CPU quantized weights
             are dequantized to float32: the reference the GPU kernels are checked against.
@@ -365,12 +369,16 @@ class Engine:
         progress: bool = False,
         quant: str | None = None,
         dense_quant: str | None = None,
+        random_weights: int | None = None,
     ):
         path = os.fspath(path)
         if quant not in (None, "nvfp4"):
             raise ValueError(f"quant must be None or 'nvfp4', got {quant!r}")
         if dense_quant not in (None, "nvfp4", "fp8"):
             raise ValueError(f"dense_quant must be None, 'nvfp4' or 'fp8', got {dense_quant!r}")
+        seed = None if random_weights is None else _check_int("random_weights", random_weights, 0, 2**64 - 1)
+        if seed is not None and (quant is not None or dense_quant is not None):
+            raise ValueError("random_weights makes bf16-style weights; quant and dense_quant need a checkpoint")
         if not isinstance(device, str):
             raise ValueError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {device!r}")
         # The native engine checks the same ranges, and what memory the pools would take.
@@ -401,7 +409,7 @@ class Engine:
                 tmp = tempfile.TemporaryDirectory(prefix="dgemma-quant-")
                 quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4")
                 load_path = tmp.name
-            self._native = _core.Engine(load_path, device, kv, mbs, threads, callback)
+            self._native = _core.Engine(load_path, device, kv, mbs, threads, callback, seed)
         finally:
             if bar is not None:
                 bar.close()

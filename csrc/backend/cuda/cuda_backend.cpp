@@ -14,6 +14,7 @@
 #include "backend/registry.h"
 #include "common/check.h"
 #include "kernels/attention/attention.cuh"
+#include "kernels/init/random_fill.cuh"
 #include "kernels/layer/layer.cuh"
 #include "kernels/matmul/matmul.cuh"
 #include "kernels/moe/moe.cuh"
@@ -262,6 +263,11 @@ CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, 
     const WeightSource& s = weights_->source(name);
     const int64_t n = s.numel();
     DG_CHECK(offset + n <= rows * cols, "weight '" << name << "' overflows its device matrix");
+    if (s.synthetic()) {  // made on the device: the values the host would compute, rounded to bf16
+      DG_CUDA(kernels::fill_random(const_cast<bf16*>(m.p) + offset, n, s.seed, 0, s.amplitude, s.offset, stream_));
+      offset += n;
+      continue;
+    }
     for (int64_t b = 0; b < n; b += kChunk) {
       const int64_t c = std::min(kChunk, n - b);
       const void* src;
@@ -284,13 +290,17 @@ CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, 
 CudaBackend::Vec CudaBackend::upload_vec(const std::string& name, int64_t n) {
   const WeightSource& s = weights_->source(name);
   DG_CHECK(s.numel() == n, "weight '" << name << "' has " << s.numel() << " values, expected " << n);
-  std::vector<float> f(n);
-  s.to_f32(0, n, f.data());
   Vec v;
   v.n = n;
   v.buf = allocate(static_cast<size_t>(n) * 4, "weights");
-  v.buf->write(0, static_cast<size_t>(n) * 4, f.data());
   v.p = static_cast<const float*>(v.buf->data());
+  if (s.synthetic()) {
+    DG_CUDA(kernels::fill_random(const_cast<float*>(v.p), n, s.seed, 0, s.amplitude, s.offset, stream_));
+  } else {
+    std::vector<float> f(n);
+    s.to_f32(0, n, f.data());
+    v.buf->write(0, static_cast<size_t>(n) * 4, f.data());
+  }
   return v;
 }
 
@@ -348,7 +358,8 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
     L.encoder_scalar = w.layers[l].encoder_layer_scalar;
     L.decoder_scalar = w.layers[l].decoder_layer_scalar;
   }
-  weights_ = nullptr;  // the checkpoint is not read again
+  DG_CUDA(cudaStreamSynchronize(stream_));  // the random fills
+  weights_ = nullptr;                          // the checkpoint is not read again
 }
 
 const CudaBackend::Mat& CudaBackend::matrix(WeightRef w) const {

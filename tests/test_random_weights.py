@@ -1,0 +1,56 @@
+"""Engine(random_weights=seed): weights made at config.json's shape without reading a checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import dgemma_rt
+from dgemma_rt.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory):
+    """A directory with the tiny model's config.json and nothing else."""
+    src = make_tiny(tmp_path_factory.mktemp("tiny") / "ckpt")
+    out = tmp_path_factory.mktemp("config-only")
+    shutil.copy(os.path.join(src, "config.json"), out / "config.json")
+    return str(out)
+
+
+def _run(engine):
+    return engine.generate([[5, 6, 7, 8]], max_new_tokens=8, max_denoising_steps=4, seed=1, eos_token_id=None)
+
+
+def test_random_weights_need_no_safetensors(config_only):
+    a = dgemma_rt.Engine(config_only, random_weights=3)
+    assert a.num_parameters > 0
+    out = _run(a)
+    assert out.sequences.shape[1] > 4
+    # The same seed is the same model, in another engine; another seed is another model.
+    np.testing.assert_array_equal(_run(dgemma_rt.Engine(config_only, random_weights=3)).sequences, out.sequences)
+    b = dgemma_rt.Engine(config_only, random_weights=4)
+    state = a.encode([[5, 6, 7, 8]]), b.encode([[5, 6, 7, 8]])
+    canvas = np.arange(a.config["canvas_length"])[None] % 50
+    la = a.denoise_logits(state[0], canvas)
+    lb = b.denoise_logits(state[1], canvas)
+    assert np.isfinite(la).all() and not np.allclose(la, lb)
+
+
+def test_without_random_weights_the_checkpoint_is_required(config_only):
+    with pytest.raises(dgemma_rt.CheckpointError):
+        dgemma_rt.Engine(config_only)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "7"])
+def test_bad_seeds(config_only, seed):
+    with pytest.raises(ValueError, match="random_weights"):
+        dgemma_rt.Engine(config_only, random_weights=seed)
+
+
+def test_quantization_needs_a_checkpoint(config_only):
+    with pytest.raises(ValueError, match="random_weights"):
+        dgemma_rt.Engine(config_only, random_weights=1, quant="nvfp4")
