@@ -54,3 +54,16 @@ def test_bad_seeds(config_only, seed):
 def test_quantization_needs_a_checkpoint(config_only):
     with pytest.raises(ValueError, match="random_weights"):
         dgemma_rt.Engine(config_only, random_weights=1, quant="nvfp4")
+
+
+def test_bench_random_config_is_config_only(tmp_path, monkeypatch):
+    """dgemma-bench --random-weights on a GPU reads no checkpoint: the cached directory holds the
+    preset's config.json and generation_config.json only, and the engine makes the weights."""
+    from dgemma_rt import bench
+
+    monkeypatch.setenv("DGEMMA_RT_CACHE", str(tmp_path))
+    path = bench.random_config("tiny", 2)
+    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json"]
+    engine = dgemma_rt.Engine(path, random_weights=0)
+    assert engine.config["num_hidden_layers"] == 2
+    assert _run(engine).sequences.shape[0] == 1

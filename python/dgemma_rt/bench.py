@@ -163,6 +163,26 @@ def random_checkpoint(name: str, num_layers: int | None, quant: str | None, dens
     return _cached_checkpoint(path, ["config.json", "model.safetensors.index.json"], build)
 
 
+def random_config(name: str, num_layers: int | None) -> pathlib.Path:
+    """A cached directory holding only a preset's config.json and generation_config.json: with
+    Engine(random_weights=seed) the weights are made where the backend keeps them (on a GPU, in device
+    memory, in seconds), so no checkpoint is written."""
+    from dgemma_rt import presets
+
+    shape = presets.preset(name, num_layers)
+    path = cache_root() / f"config-{name}-L{shape.num_layers}-{_version()}-{presets.RANDOM_FORMAT_VERSION}"
+
+    def build(tmp: pathlib.Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(presets.model_config(shape), indent=2, sort_keys=True) + "\n")
+        gen = presets.generation_config()
+        if presets.EOS_IDS.get(name) is not None:
+            gen["eos_token_id"] = list(presets.EOS_IDS[name])
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+
+    return _cached_checkpoint(path, ["config.json", "generation_config.json"], build)
+
+
 def checkpoint_shape(ckpt: pathlib.Path) -> Any:
     """The ModelShape a checkpoint's config.json describes, or None when it cannot be read (the engine
     reports checkpoint problems itself)."""
@@ -279,6 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Refuse a device this build cannot run before writing a random checkpoint (tens of GB at 26b-a4b).
     dgemma_rt.check_device(args.device)
     on_cpu = args.device == "cpu"
+    random_seed = None  # Engine(random_weights=...): weights made by the backend, none read
     if args.random_weights:
         if args.checkpoint:
             raise ValueError("give either a checkpoint or --random-weights, not both")
@@ -286,7 +307,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         if on_cpu:
             check_cpu_memory(presets.preset(args.preset, args.num_layers))
-        ckpt = random_checkpoint(args.preset, args.num_layers, quant, dense_quant, args.seed, progress)
+        if not on_cpu and quant is None and dense_quant is None:
+            # Made on the device from the config alone: no checkpoint on disk.
+            ckpt = random_config(args.preset, args.num_layers)
+            random_seed = args.seed
+        else:
+            ckpt = random_checkpoint(args.preset, args.num_layers, quant, dense_quant, args.seed, progress)
         quant = dense_quant = None  # written in those formats already
     else:
         if args.num_layers is not None:
@@ -306,6 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = dgemma_rt.Engine(
         ckpt,
+        random_weights=random_seed,
         device=args.device,
         num_threads=args.threads,
         kv_cache_tokens=kv_tokens,
