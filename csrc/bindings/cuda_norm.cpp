@@ -43,10 +43,13 @@ py::array rmsnorm_mixed_run(const AX& x, const DeviceBuffer<float>& dw, float ep
   DG_CUDA_CHECK((kernels::rmsnorm_mixed<Tx, Ty>(dx.get(), dw.get(), y, rows, dim, eps, nullptr)));
   DG_CUDA_CHECK(cudaDeviceSynchronize());
   CArray<std::conditional_t<std::is_same_v<Ty, float>, float, uint16_t>> out({rows, static_cast<int64_t>(dim)});
-  if (in_place)
-    dx.copy_to(out.mutable_data());
-  else
-    dy.copy_to(out.mutable_data());
+  if constexpr (std::is_same_v<Tx, Ty>) {
+    if (in_place) {
+      dx.copy_to(out.mutable_data());
+      return std::move(out);
+    }
+  }
+  dy.copy_to(out.mutable_data());
   return std::move(out);
 }
 
