@@ -12,7 +12,10 @@ import pytest
 import dgemma_rt
 from bf16_helpers import bf16_bits, bf16_to_f32
 
-pytestmark = pytest.mark.skipif(
+# The argument checks run wherever the module has CUDA compiled in (they return before touching a
+# device); everything else needs a GPU.
+pytestmark = pytest.mark.skipif(not hasattr(dgemma_rt._core, "cuda_ops"), reason="built without CUDA")
+needs_gpu = pytest.mark.skipif(
     not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
 )
 
@@ -67,6 +70,7 @@ M_SIZES = [1, 7, 33, 256]
 NK_SIZES = [(1, 1), (8, 16), (13, 29), (131, 263), (200, 296), (128, 1000)]
 
 
+@needs_gpu
 @pytest.mark.parametrize("M", M_SIZES)
 @pytest.mark.parametrize("N,K", NK_SIZES)
 @pytest.mark.parametrize("w_kn", [False, True], ids=["TN", "NN"])
@@ -80,6 +84,7 @@ def test_matmul_random(M, N, K, w_kn, y_f32):
     _check(got, y_f32, ref, mag, 0.0, f"M={M} N={N} K={K} w_kn={w_kn}")
 
 
+@needs_gpu
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 13, 29), (33, 131, 263), (256, 136, 512), (5, 40, 4099)])
 @pytest.mark.parametrize("w_kn", [False, True], ids=["TN", "NN"])
 @pytest.mark.parametrize("split_k", [1, 3, 8])
@@ -95,6 +100,7 @@ def test_matmul_small_integers_exact(M, N, K, w_kn, split_k):
     assert np.array_equal(got, bf16_bits(ref.astype(np.float32)))
 
 
+@needs_gpu
 @pytest.mark.parametrize("M,N,K", [(1, 96, 8192), (7, 131, 4099), (33, 200, 2048), (256, 64, 3000)])
 @pytest.mark.parametrize("w_kn", [False, True], ids=["TN", "NN"])
 @pytest.mark.parametrize("split_k", [1, 3, 8])
@@ -109,6 +115,7 @@ def test_matmul_split_k_softcap(M, N, K, w_kn, split_k, softcap, y_f32):
     _check(got, y_f32, ref, mag, softcap, f"split_k={split_k}")
 
 
+@needs_gpu
 def test_matmul_self_conditioning_shape():
     """softmax @ E: K = a vocabulary (here 65536), E [K, N] ("NN"), split-K from the picker or 8."""
     M, N, K = 4, 96, 65536
@@ -123,6 +130,7 @@ def test_matmul_self_conditioning_shape():
         _check(got, True, ref, mag, 0.0, f"split_k={split_k}")
 
 
+@needs_gpu
 def test_matmul_lm_head_softcap():
     """Logits: f32 out, final softcap 30, N not a multiple of the 128-column tile."""
     M, N, K = 33, 1000, 256
@@ -134,6 +142,7 @@ def test_matmul_lm_head_softcap():
     _check(got, True, ref, mag, 30.0)
 
 
+@needs_gpu
 @pytest.mark.parametrize("offsets", [
     [0, 0, 5, 5, 40, 41, 41],          # empty groups first, between and last; small tiles (M <= 32 G)
     [0, 300],                          # one group
@@ -152,6 +161,7 @@ def test_matmul_grouped(offsets, N, K, y_f32):
     _check(got, y_f32, ref, mag, 2.0, f"offsets={offsets}")
 
 
+@needs_gpu
 def test_matmul_grouped_many_groups():
     """More groups than the lookup scans in one pass (256 threads), most of them empty."""
     G, N, K = 1000, 16, 40
@@ -165,6 +175,7 @@ def test_matmul_grouped_many_groups():
     _check(got, True, ref, mag, 0.0)
 
 
+@needs_gpu
 def test_matmul_deterministic():
     rng = np.random.default_rng(10)
     x, _, w, _ = _random(rng, 33, 200, 5000, True)
@@ -173,16 +184,22 @@ def test_matmul_deterministic():
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+@needs_gpu
 def test_matmul_pick_split_k():
     # Output tiles that fill the device, or a short K: no split.
     assert ops().matmul_pick_split_k(4096, 4096, 4096) == 1
     assert ops().matmul_pick_split_k(4, 96, 512) == 1
     s = ops().matmul_pick_split_k(4, 2816, 262144)
     assert 1 < s <= 64
-    assert ops().matmul_workspace_bytes(4, 2816, s) == s * 4 * 2816 * 4
+
+
+def test_matmul_workspace_bytes():  # host arithmetic: runs without a GPU
+    assert ops().matmul_workspace_bytes(4, 2816, 12) == 12 * 4 * 2816 * 4
     assert ops().matmul_workspace_bytes(4, 2816, 1) == 0
+    assert ops().matmul_workspace_bytes(0, 2816, 8) == 0
 
 
+@needs_gpu
 @pytest.mark.parametrize("kw,bad", [
     (dict(M=4, N=8, K=8), False),
     (dict(M=0, N=8, K=8, null_x=True), False),       # empty: a no-op
