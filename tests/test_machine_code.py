@@ -102,6 +102,10 @@ HOT_KERNELS = [
     (r"sample_canvas_kernel", 64, None),
     (r"combine_kernel<", 64, None),
     (r"gather_kernel<", 64, None),
+    # The CUTLASS-free BF16 GEMM (kernels/matmul, mma.sync): BM 128 with 256 threads at 2 CTAs per SM and BM 32
+    # with 128 threads at 4 CTAs per SM both leave 128 registers (64 or 32 of them accumulators).
+    (r"matmul_bf16_kernel<", 128, "HMMA"),
+    (r"splitk_reduce_kernel", 64, None),
 ]
 
 

@@ -111,9 +111,25 @@ struct FfnCombineParams {
 template <typename Td, typename Tm>
 cudaError_t ffn_combine(const FfnCombineParams<Td, Tm>& p, cudaStream_t stream);
 
-cudaError_t gather_rows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t row_bytes, cudaStream_t stream);
-cudaError_t scatter_rows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t row_bytes, cudaStream_t stream);
-cudaError_t scatter_add_rows(float* dst, const __nv_bfloat16* src, const int32_t* index, int64_t m, int64_t d, cudaStream_t stream);
+// Row moves by an index list (kernels/layer/rows.cu): the CUDA backend's token compaction and
+// expansion (e.g. the canvas rows of a batch, the self-conditioning rows). Byte copies, so any dtype;
+// 16-byte vector copies when row_bytes and both base pointers allow, else 4- or 2-byte copies.
+// m == 0 (or row_bytes == 0) is a no-op; m < 0, row_bytes < 0 or odd, or a null pointer (with m > 0):
+// cudaErrorInvalidValue. Indices are trusted (the caller checks them against the row count of the
+// indexed buffer); src and dst must not overlap.
+//
+// dst[i, :] = src[index[i], :] for i < m; rows of row_bytes bytes (row_bytes % 2 == 0). index < 0 leaves
+// dst row i alone.
+cudaError_t gather_rows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t row_bytes,
+                        cudaStream_t stream);
+// dst[index[i], :] = src[i, :] for i < m with index[i] >= 0 (distinct: no two rows race); rows of
+// row_bytes bytes (row_bytes % 2 == 0). index < 0 skips source row i.
+cudaError_t scatter_rows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t row_bytes,
+                         cudaStream_t stream);
+// dst[index[i], :] += float(src[i, :]); dst f32 [*, d], src bf16 [m, d]; indices distinct (no atomics,
+// one f32 add per element, so deterministic); index < 0 skips row i. d == 0 is a no-op, d < 0 invalid.
+cudaError_t scatter_add_rows(float* dst, const __nv_bfloat16* src, const int32_t* index, int64_t m, int64_t d,
+                             cudaStream_t stream);
 
 // y = tanhf(y / cap) * cap in place (final_logit_softcapping), float32 [n].
 cudaError_t softcap(float* y, int64_t n, float cap, cudaStream_t stream);
