@@ -95,3 +95,36 @@ def test_generate_on_the_gpu(engine_for, ckpt):
         drafts[name] = seen[0]
     agree = float((drafts["cpu"] == drafts["gpu"]).mean())
     assert agree > 0.9, agree
+
+
+@pytest.mark.parametrize("quant,dense_quant", [("nvfp4", None), (None, "fp8"), ("nvfp4", "fp8")])
+def test_quantized_weights_match_the_cpu_dequantized(engine_for, base_ckpt, quant, dense_quant):
+    """NVFP4 experts (W4A16 kernel, shuffled on the device at load) and FP8 dense layers (W8A8 GEMM on
+    Hopper, dequantized to bf16 elsewhere) against the CPU backend on the same quantized weights,
+    which it dequantizes to float32: the reference the kernels are checked against."""
+    kw = dict(quant=quant, dense_quant=dense_quant)
+    cpu, gpu = engine_for(base_ckpt, **kw), engine_for(base_ckpt, device="cuda", **kw)
+    ids = _prompt(base_ckpt, 11, seed=4)
+    canvas = np.random.default_rng(4).integers(0, base_ckpt.vocab_size, size=(1, base_ckpt.canvas_length))
+    lc = cpu.denoise_logits(cpu.encode(ids), canvas)
+    lg = gpu.denoise_logits(gpu.encode(ids), canvas)
+    # FP8 activations (one scale per token) add their own rounding on top of bf16's.
+    assert calc_diff(lg, lc) < (2e-2 if dense_quant else MAX_DIFF)
+
+
+def test_random_weights_are_the_same_model_on_both_backends(tmp_path, base_ckpt):
+    """Engine(random_weights=seed) fills the weights in device memory with the hash the host uses for
+    the CPU backend: the same model up to bf16 rounding."""
+    import json
+    import os
+
+    with open(os.path.join(base_ckpt.path, "config.json")) as f:
+        cfg = json.load(f)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    cpu = dgemma_rt.Engine(tmp_path, random_weights=11)
+    gpu = dgemma_rt.Engine(tmp_path, random_weights=11, device="cuda")
+    ids = _prompt(base_ckpt, 7, seed=5)
+    canvas = np.arange(base_ckpt.canvas_length)[None] % base_ckpt.vocab_size
+    lc = cpu.denoise_logits(cpu.encode(ids), canvas)
+    lg = gpu.denoise_logits(gpu.encode(ids), canvas)
+    assert calc_diff(lg, lc) < MAX_DIFF

@@ -23,6 +23,25 @@ def ops():
 
 
 @needs_gpu
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("G,N,K", [(3, 72, 48), (2, 24, 16), (1, 1408, 2816), (2, 2816, 704), (4, 200, 80)])
+def test_device_shuffle_equals_host_shuffle(G, N, K, gated):
+    """The CUDA backend shuffles NVFP4 experts on the device at load: byte for byte the host layout,
+    negative and zero scales included."""
+    if gated and N % 2:
+        pytest.skip("gated needs an even N")
+    rng = np.random.default_rng(G * N + K)
+    w = (rng.standard_normal((G, N, K)) * rng.uniform(0.01, 3, size=(G, 1, 1))).astype(np.float32)
+    packed, scales, _ = nvfp4.quantize(w, per_leading=True)
+    scales = scales.copy()
+    scales.reshape(-1)[::7] |= 0x80  # negative scales: their sign moves into the codes
+    scales.reshape(-1)[::11] = 0     # zero scales: their codes become +0
+    host = ops().nvfp4_shuffle_w4a16(packed, scales, gated)
+    device = ops().nvfp4_shuffle_w4a16_device(packed, scales, gated)
+    np.testing.assert_array_equal(device, host)
+
+
+@needs_gpu
 @pytest.mark.parametrize("counts,N,K", [
     ([0, 1, 70, 0, 33], 72, 48),     # empty experts, one token, M not a multiple of the 32-token tile, N tail
     ([5, 0, 0, 0], 64, 2816),        # the real model's K

@@ -45,6 +45,20 @@ U8Array shuffle_w4a16(const U8Array& w, const U8Array& w_scale, bool gated) {
   return out;
 }
 
+// The same layout made on the device (kernels::shuffle_w4a16, what the CUDA backend runs at load).
+U8Array shuffle_w4a16_device(const U8Array& w, const U8Array& w_scale, bool gated) {
+  const U8Array host = shuffle_w4a16(w, w_scale, gated);  // the argument checks, and NaN scales refused
+  const int G = static_cast<int>(w.shape(0)), N = static_cast<int>(w.shape(1)), K = static_cast<int>(w.shape(2)) * 2;
+  auto dw = DeviceBuffer<uint8_t>::from(w);
+  auto ds = DeviceBuffer<uint8_t>::from(w_scale);
+  DeviceBuffer<uint8_t> dout(static_cast<size_t>(host.size()));
+  DG_CUDA_CHECK(kernels::shuffle_w4a16(dw.get(), ds.get(), G, N, K, gated, dout.get(), nullptr));
+  DG_CUDA_CHECK(cudaDeviceSynchronize());
+  U8Array out({host.shape(0), host.shape(1)});
+  dout.copy_to(out.mutable_data());
+  return out;
+}
+
 U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets, bool gated,
                             std::optional<I32Array> gather, int gather_div) {
   DG_REQUIRE(x.ndim() == 2 && w.ndim() == 3 && w_scale.ndim() == 3 && w_global.ndim() == 1 && offsets.ndim() == 1,
@@ -427,6 +441,8 @@ RegisterCudaOps reg([](py::module_& m) {
         "y[o_g:o_g+1] = x[o_g:o_g+1] @ dequant(W_g)^T: NVFP4 weights, bf16 activations (uint16) in and out; "
         "gated: W is gate_up and y = gelu_tanh(gate) * up [Mtot, N/2]; gather: row r reads "
         "x[gather[r] // gather_div]");
+  m.def("nvfp4_shuffle_w4a16_device", &shuffle_w4a16_device, py::arg("w"), py::arg("w_scale"),
+        py::arg("gated") = false, "nvfp4_shuffle_w4a16 computed by the device kernel (the CUDA backend's load path)");
   m.def("nvfp4_shuffle_w4a16", &shuffle_w4a16, py::arg("w"), py::arg("w_scale"), py::arg("gated") = false,
         "the W4A16 kernel's pre-shuffled weight layout [G, bytes] of NVFP4 codes [G, N, K/2] and E4M3 scales "
         "[G, N, K/16] (common/nvfp4_w4a16_layout.h, run on the host)");

@@ -87,6 +87,7 @@ struct ModelWeights {
   static std::unique_ptr<ModelWeights> random(const ModelConfig& cfg, uint64_t seed, bool host_f32 = true);
 
   bool has_host_f32() const { return host_f32_; }
+  const std::unordered_map<std::string, WeightSource>& sources() const { return sources_; }
   // The source of a weight by its checkpoint name, e.g. "model.decoder.layers.3.mlp.up_proj.weight"
   // (layer_name(3, "mlp.up_proj.weight")); throws CheckpointError for a name the model does not use.
   const WeightSource& source(const std::string& name) const;

@@ -18,6 +18,8 @@
 #include "kernels/layer/layer.cuh"
 #include "kernels/matmul/matmul.cuh"
 #include "kernels/moe/moe.cuh"
+#include "kernels/fp8/fp8.cuh"
+#include "kernels/nvfp4/nvfp4.cuh"
 #include "kernels/norm/rmsnorm.cuh"
 #include "kernels/sampler/sampler.cuh"
 #ifdef DGEMMA_WITH_CUTLASS
@@ -154,36 +156,52 @@ class CudaBackend final : public Backend {
  private:
   // A weight on the device: bf16 matrices [rows, cols] (experts: [E * rows_per_expert, cols]),
   // float32 vectors.
-  struct Mat {
-    std::shared_ptr<Buffer> buf;
-    const bf16* p = nullptr;
-    int64_t rows = 0, cols = 0;
-  };
   struct Vec {
     std::shared_ptr<Buffer> buf;
     const float* p = nullptr;
     int64_t n = 0;
   };
+  struct Mat {
+    std::shared_ptr<Buffer> buf;
+    const bf16* p = nullptr;  // bf16 [rows, cols], or null when FP8
+    const uint8_t* q = nullptr;  // FP8 (W8A8 GEMM): E4M3 codes [rows, cols] ...
+    Vec scale;                   // ... and one scale per row
+    int64_t rows = 0, cols = 0;
+    bool fp8() const { return q != nullptr; }
+  };
+  // One MoE projection of every expert: bf16 [E * n, k], or NVFP4 in the W4A16 GEMM's pre-shuffled
+  // layout [E, grouped_gemm_nvfp4_weight_bytes(n, k, gated)] with one global scale per expert.
+  struct Experts {
+    Mat bf;
+    std::shared_ptr<Buffer> w4;
+    const uint8_t* w4p = nullptr;
+    Vec global;
+    int64_t n = 0, k = 0;
+    bool nvfp4() const { return w4p != nullptr; }
+  };
   struct Layer {
-    Mat q, k, v, o, mlp_gate_up, mlp_down, router, experts_gate_up, experts_down;
+    Mat q, k, v, o, mlp_gate_up, mlp_down, router;
+    Experts experts_gate_up, experts_down;
     Vec q_norm, k_norm, input_norm, post_attn_norm, pre_ffn_norm, pre_ffn_norm2, post_ffn_norm, post_ffn_norm1,
         post_ffn_norm2, router_scale, per_expert_scale;
     float encoder_scalar = 1.f, decoder_scalar = 1.f;
   };
   // Scratch memory the ops keep between calls, grown on demand (never inside a pass's hot loop once
   // the largest pass has run).
-  enum Scratch { kAttnWs, kRouterWs, kLogits, kProbs, kSoft, kSplitK, kOnes, kZeros, kDiscard, kGroupedWs, kNumScratch };
+  enum Scratch { kAttnWs, kRouterWs, kLogits, kProbs, kSoft, kSplitK, kOnes, kZeros, kDiscard, kFp8Act, kNumScratch };
 
   void upload_weights(const ModelWeights& w);
   Mat upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols);
+  Mat upload_fp8(const std::vector<const WeightSource*>& parts, int64_t rows, int64_t cols);
   Vec upload_vec(const std::string& name, int64_t n);
+  Experts upload_experts(const std::string& name, int64_t n, int64_t k, bool gated);
   const Mat& matrix(WeightRef w) const;
   const float* norm_weight(WeightRef w) const;
   void* scratch(Scratch s, size_t bytes);
   void gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f32 = false, float alpha = 1.f,
             float softcap = 0.f);
-  void grouped_gemm(const Mat& w, int64_t n, int64_t k, const bf16* a, bf16* d, const int32_t* offsets, int64_t m_total,
-                    void* ws, size_t ws_bytes);
+  void grouped_gemm(const Experts& w, const bf16* a, bf16* d, const int32_t* offsets, int64_t m_total, void* ws,
+                    size_t ws_bytes);
   size_t grouped_ws_bytes() const;
   void soft_rows(const float* logits_in_place, int64_t rows, bf16* probs, bf16* out, float* temperature,
                  const double* uniform, int32_t* token, int32_t* argmax, float* entropy, int canvas);
@@ -251,6 +269,13 @@ void CudaBackend::download(void* dst, const Tensor& src) {
 // Weights
 
 CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols) {
+  std::vector<const WeightSource*> parts;
+  for (const std::string& name : names) parts.push_back(&weights_->source(name));
+  const bool all_fp8 = std::all_of(parts.begin(), parts.end(), [](const WeightSource* s) {
+    return !s->synthetic() && s->format == WeightSource::Format::kFp8;
+  });
+  // FP8 dense layers run on the W8A8 GEMM (sm_90a, CUTLASS); elsewhere they are dequantized to bf16.
+  if (all_fp8 && cutlass_ && cols % 16 == 0 && rows % 8 == 0) return upload_fp8(parts, rows, cols);
   Mat m;
   m.rows = rows, m.cols = cols;
   m.buf = allocate(static_cast<size_t>(rows * cols) * 2, "weights");
@@ -287,6 +312,78 @@ CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, 
   return m;
 }
 
+// FP8 weights as stored: E4M3 codes (a NaN code is refused, as the CPU loader does) and one scale
+// per output row (a per-tensor scale repeated).
+CudaBackend::Mat CudaBackend::upload_fp8(const std::vector<const WeightSource*>& parts, int64_t rows, int64_t cols) {
+  Mat m;
+  m.rows = rows, m.cols = cols;
+  m.buf = allocate(static_cast<size_t>(rows * cols), "weights");
+  m.q = static_cast<const uint8_t*>(m.buf->data());
+  std::vector<float> scales;
+  size_t offset = 0;
+  for (const WeightSource* s : parts) {
+    const TensorRef& t = *s->tensor;
+    for (size_t i = 0; i < t.nbytes; ++i)
+      DG_REQUIRE((t.data[i] & 0x7F) != 0x7F, CheckpointError, "FP8 tensor '" << t.name << "' holds NaN");
+    m.buf->write(offset, t.nbytes, t.data);
+    offset += t.nbytes;
+    const int64_t part_rows = s->numel() / cols;
+    const size_t sn = s->scale->nbytes / 4;
+    for (int64_t r = 0; r < part_rows; ++r) {
+      float v;
+      std::memcpy(&v, s->scale->data + 4 * (sn == 1 ? 0 : static_cast<size_t>(r)), 4);
+      scales.push_back(v);
+    }
+  }
+  DG_CHECK(static_cast<int64_t>(offset) == rows * cols && static_cast<int64_t>(scales.size()) == rows,
+           "FP8 matrix of " << rows << " x " << cols);
+  m.scale.n = rows;
+  m.scale.buf = allocate(scales.size() * 4, "weights");
+  m.scale.buf->write(0, scales.size() * 4, scales.data());
+  m.scale.p = static_cast<const float*>(m.scale.buf->data());
+  return m;
+}
+
+// MoE experts: NVFP4 as stored goes to the W4A16 layout by a device shuffle (the stored codes and
+// scales pass through device memory once); anything else becomes bf16 [E * n, k].
+CudaBackend::Experts CudaBackend::upload_experts(const std::string& name, int64_t n, int64_t k, bool gated) {
+  const WeightSource& s = weights_->source(name);
+  const int64_t E = cfg_.num_experts;
+  Experts x;
+  x.n = n, x.k = k;
+  if (s.synthetic() || s.format != WeightSource::Format::kNvfp4 || k % 16 != 0) {
+    x.bf = upload_mat({name}, E * n, k);
+    return x;
+  }
+  const TensorRef& codes = *s.tensor;
+  const TensorRef& sc = *s.scale;
+  for (size_t i = 0; i < sc.nbytes; ++i)
+    DG_REQUIRE((sc.data[i] & 0x7F) != 0x7F, CheckpointError, "NVFP4 block scales '" << sc.name << "' hold NaN");
+  const size_t per_expert = kernels::grouped_gemm_nvfp4_weight_bytes(static_cast<int>(n), static_cast<int>(k), gated);
+  x.w4 = allocate(per_expert * E, "weights");
+  x.w4p = static_cast<const uint8_t*>(x.w4->data());
+  {
+    auto packed = allocate(codes.nbytes, "NVFP4 staging");
+    auto scales = allocate(sc.nbytes, "NVFP4 staging");
+    packed->write(0, codes.nbytes, codes.data);
+    scales->write(0, sc.nbytes, sc.data);
+    DG_CUDA(kernels::shuffle_w4a16(static_cast<const uint8_t*>(packed->data()),
+                                   static_cast<const uint8_t*>(scales->data()), static_cast<int>(E),
+                                   static_cast<int>(n), static_cast<int>(k), gated, const_cast<uint8_t*>(x.w4p),
+                                   stream_));
+    DG_CUDA(cudaStreamSynchronize(stream_));  // before the staging buffers go
+  }
+  const size_t gn = s.global_scale->nbytes / 4;
+  std::vector<float> global(E);
+  for (int64_t e = 0; e < E; ++e)
+    std::memcpy(&global[e], s.global_scale->data + 4 * (gn == 1 ? 0 : static_cast<size_t>(e)), 4);
+  x.global.n = E;
+  x.global.buf = allocate(global.size() * 4, "weights");
+  x.global.buf->write(0, global.size() * 4, global.data());
+  x.global.p = static_cast<const float*>(x.global.buf->data());
+  return x;
+}
+
 CudaBackend::Vec CudaBackend::upload_vec(const std::string& name, int64_t n) {
   const WeightSource& s = weights_->source(name);
   DG_CHECK(s.numel() == n, "weight '" << name << "' has " << s.numel() << " values, expected " << n);
@@ -308,18 +405,21 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
   weights_ = &w;
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size, I = cfg_.intermediate_size;
   const int64_t E = cfg_.num_experts, Im = cfg_.moe_intermediate_size, nh = cfg_.num_heads;
-  // Everything the weights take, against what the GPU has free: one clear error instead of an
+  // Everything the weights take in their device formats (NVFP4 experts ~4.5 bits, FP8 codes 1 byte,
+  // the rest bf16, vectors f32), against what the GPU has free: one clear error instead of an
   // allocation failing half way.
-  double need = double(V) * H * 2 * (cfg_.tie_word_embeddings ? 1 : 2) + 3.0 * I * H * 2;
-  for (const LayerSpec& ls : cfg_.layers) {
-    const double hd = ls.head_dim, kv = ls.num_kv_heads;
-    need += 2.0 * H * (nh * hd * 2 + kv * hd * (ls.k_eq_v ? 1 : 2)) + 3.0 * I * H * 2 + 2.0 * E * H +
-            3.0 * E * Im * H * 2;
+  double need = 0;
+  for (const auto& [name, src] : w.sources()) {
+    const double n = static_cast<double>(src.numel());
+    if (src.shape.size() == 1) need += 4 * n;
+    else if (!src.synthetic() && src.format == WeightSource::Format::kNvfp4) need += n * (0.5 + 1.0 / 16);
+    else if (!src.synthetic() && src.format == WeightSource::Format::kFp8 && cutlass_) need += n;
+    else need += 2 * n;
   }
   size_t free_b = 0, total_b = 0;
   DG_CUDA(cudaMemGetInfo(&free_b, &total_b));
   DG_REQUIRE(need <= double(free_b), ResourceError,
-             "the model's weights need " << format_gib(need) << " in bf16 but GPU " << device_ << " has "
+             "the model's weights need " << format_gib(need) << " on the GPU but GPU " << device_ << " has "
                                          << format_gib(double(free_b)) << " free of " << format_gib(double(total_b)));
 
   auto g = [](const char* s) { return ModelWeights::global_name(s); };
@@ -353,8 +453,8 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
     L.router = upload_mat({n("router.proj.weight")}, E, H);
     L.router_scale = upload_vec(n("router.scale"), H);
     L.per_expert_scale = upload_vec(n("router.per_expert_scale"), E);
-    L.experts_gate_up = upload_mat({n("experts.gate_up_proj")}, E * 2 * Im, H);
-    L.experts_down = upload_mat({n("experts.down_proj")}, E * H, Im);
+    L.experts_gate_up = upload_experts(n("experts.gate_up_proj"), 2 * Im, H, /*gated=*/true);
+    L.experts_down = upload_experts(n("experts.down_proj"), H, Im, /*gated=*/false);
     L.encoder_scalar = w.layers[l].encoder_layer_scalar;
     L.decoder_scalar = w.layers[l].decoder_layer_scalar;
   }
@@ -409,6 +509,21 @@ void CudaBackend::gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f
   if (M == 0) return;
   const int64_t N = w.rows, K = w.cols;
 #ifdef DGEMMA_WITH_CUTLASS
+  if (w.fp8()) {  // W8A8: the activations quantized per token, then the FP8 GEMM with both scales
+    DG_CHECK(!y_f32 && alpha == 1.f && softcap == 0.f && M <= INT_MAX, "FP8 GEMM with a float32 epilogue");
+    uint8_t* xq = static_cast<uint8_t*>(scratch(kFp8Act, align256(static_cast<size_t>(M * K)) + 4 * M));
+    float* xs = reinterpret_cast<float*>(xq + align256(static_cast<size_t>(M * K)));
+    kernels::QuantizeRowsFp8Params qp;
+    qp.x = x, qp.q = xq, qp.scale = xs, qp.M = static_cast<int>(M), qp.K = static_cast<int>(K);
+    DG_CUDA(kernels::quantize_rows_fp8(qp, stream_));
+    kernels::GemmFp8Params p;
+    p.x = xq, p.x_scale = xs, p.w = w.q, p.w_scale = w.scale.p, p.y = static_cast<bf16*>(y);
+    p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+    DG_CUDA(kernels::gemm_fp8_tn(p, stream_));
+    return;
+  }
+#endif
+#ifdef DGEMMA_WITH_CUTLASS
   if (cutlass_ && !y_f32 && alpha == 1.f && softcap == 0.f && K % 8 == 0 && N % 8 == 0 && M <= INT_MAX &&
       aligned16(x) && aligned16(w.p) && aligned16(y)) {
     kernels::GemmBf16Params p;
@@ -432,14 +547,16 @@ size_t CudaBackend::grouped_ws_bytes() const {
   return 0;
 }
 
-// d[o_g : o_g+1] = a[o_g : o_g+1] @ W_g^T for the experts g, W = w viewed as [E, n, k].
-void CudaBackend::grouped_gemm(const Mat& w, int64_t n, int64_t k, const bf16* a, bf16* d, const int32_t* offsets,
-                               int64_t m_total, void* ws, size_t ws_bytes) {
+// d[o_g : o_g+1] = a[o_g : o_g+1] @ W_g^T for the experts g (bf16 experts; NVFP4 ones go through
+// moe_experts' fused W4A16 calls).
+void CudaBackend::grouped_gemm(const Experts& w, const bf16* a, bf16* d, const int32_t* offsets, int64_t m_total,
+                               void* ws, size_t ws_bytes) {
   const int E = cfg_.num_experts;
+  const int64_t n = w.n, k = w.k;
 #ifdef DGEMMA_WITH_CUTLASS
   if (cutlass_ && n % 8 == 0 && k % 8 == 0 && aligned16(a) && aligned16(d)) {
     kernels::GroupedGemmBf16Params p;
-    p.a = a, p.w = w.p, p.d = d, p.offsets = offsets;
+    p.a = a, p.w = w.bf.p, p.d = d, p.offsets = offsets;
     p.G = E, p.N = static_cast<int>(n), p.K = static_cast<int>(k);
     p.workspace = ws, p.workspace_bytes = ws_bytes;
     DG_CUDA(kernels::grouped_gemm_bf16_tn(p, stream_));
@@ -447,7 +564,7 @@ void CudaBackend::grouped_gemm(const Mat& w, int64_t n, int64_t k, const bf16* a
   }
 #endif
   kernels::MatmulParams p;
-  p.x = a, p.w = w.p, p.y = d;
+  p.x = a, p.w = w.bf.p, p.y = d;
   p.M = m_total, p.N = n, p.K = k;
   p.offsets = offsets, p.G = E;
   DG_CUDA(kernels::matmul_bf16(p, stream_));
@@ -666,13 +783,30 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
   pp.T = T, pp.H = H, pp.E = E, pp.k = k;
   DG_CUDA(kernels::moe_permute(pp, stream_));
 
-  grouped_gemm(L.experts_gate_up, 2 * Im, H, b16(lo.xp), b16(lo.h), i32(lo.offsets), M, base + lo.gemm,
-               grouped_ws_bytes());
-  kernels::MoeGeluGateParams gp;
-  gp.h = b16(lo.h), gp.act = b16(lo.act), gp.M = static_cast<int>(M), gp.I = Im;
-  DG_CUDA(kernels::moe_gelu_gate(gp, stream_));
-  grouped_gemm(L.experts_down, H, Im, b16(lo.act), b16(lo.dn), i32(lo.offsets), M, base + lo.gemm,
-               grouped_ws_bytes());
+  if (L.experts_gate_up.nvfp4()) {
+    // W4A16: the gate_up GEMM gathers its rows from x through perm_slot (xp is not read) and finishes
+    // gelu_tanh(gate) * up in registers; then the down GEMM.
+    kernels::GroupedGemmNvfp4Params g1;
+    g1.x = as<bf16>(x), g1.w = L.experts_gate_up.w4p, g1.w_global = L.experts_gate_up.global.p;
+    g1.offsets = i32(lo.offsets), g1.y = b16(lo.act);
+    g1.G = E, g1.N = 2 * Im, g1.K = H, g1.gated = true;
+    g1.gather = i32(lo.perm_slot), g1.gather_div = k;
+    DG_CUDA(kernels::grouped_gemm_nvfp4(g1, stream_));
+  } else {
+    grouped_gemm(L.experts_gate_up, b16(lo.xp), b16(lo.h), i32(lo.offsets), M, base + lo.gemm, grouped_ws_bytes());
+    kernels::MoeGeluGateParams gp;
+    gp.h = b16(lo.h), gp.act = b16(lo.act), gp.M = static_cast<int>(M), gp.I = Im;
+    DG_CUDA(kernels::moe_gelu_gate(gp, stream_));
+  }
+  if (L.experts_down.nvfp4()) {
+    kernels::GroupedGemmNvfp4Params g2;
+    g2.x = b16(lo.act), g2.w = L.experts_down.w4p, g2.w_global = L.experts_down.global.p;
+    g2.offsets = i32(lo.offsets), g2.y = b16(lo.dn);
+    g2.G = E, g2.N = H, g2.K = Im;
+    DG_CUDA(kernels::grouped_gemm_nvfp4(g2, stream_));
+  } else {
+    grouped_gemm(L.experts_down, b16(lo.act), b16(lo.dn), i32(lo.offsets), M, base + lo.gemm, grouped_ws_bytes());
+  }
 
   kernels::MoeCombineParams<bf16> cp;
   cp.dn = b16(lo.dn), cp.topk_idx = as<int32_t>(topk_idx), cp.topk_w = as<float>(topk_w), cp.inv = i32(lo.inv);

@@ -10,9 +10,6 @@
 
 namespace dgemma::kernels {
 
-template <typename Tx, typename Ty>
-cudaError_t rmsnorm_mixed(const Tx* x, const float* weight, Ty* y, int64_t rows, int dim, float eps, cudaStream_t stream);
-
 template <typename T>
 cudaError_t rmsnorm(const T* x, const T* weight, T* y, int rows, int dim, float eps, cudaStream_t stream);
 

@@ -46,6 +46,11 @@ struct GroupedGemmNvfp4Params {
 cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t stream);
 // Bytes of one expert's pre-shuffled weights (nvfp4::w4a16::expert_bytes).
 size_t grouped_gemm_nvfp4_weight_bytes(int N, int K, bool gated);
+// The pre-shuffled layout from the stored form, on the device (shuffle_w4a16.cu): packed E2M1 codes
+// [G, N, K/2] and E4M3 block scales [G, N, K/16] (no NaN: check on the host) -> out [G,
+// grouped_gemm_nvfp4_weight_bytes(N, K, gated)], byte for byte nvfp4::w4a16::shuffle_expert's.
+cudaError_t shuffle_w4a16(const uint8_t* packed, const uint8_t* scales, int G, int N, int K, bool gated, uint8_t* out,
+                          cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Blackwell (sm_100a, sm_120a): both operands NVFP4 on the block-scaled tensor cores. The
