@@ -116,6 +116,7 @@ struct Forward::Pass {
   Tensor x, h, h1, h2, q, att, k, v, mlp_scratch, topk_idx, topk_w, moe_ws;
   // decoder step
   Tensor temperature, uniform, token, argmax, entropy, soft_index, gather, scatter;
+  Tensor step_out;  // i32 [3, T]: token | argmax | entropy (f32 bits), one download per step
 };
 
 Forward::Forward(const ModelConfig& cfg, Backend& backend, int sc_slots)
@@ -241,14 +242,18 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
   if (!writes) {  // decoder
     plan.add(p.temperature, ScalarType::kF32, {R});
     plan.add(p.uniform, ScalarType::kF64, {T});
-    plan.add(p.token, ScalarType::kI32, {T});
-    plan.add(p.argmax, ScalarType::kI32, {T});
-    plan.add(p.entropy, ScalarType::kF32, {T});
+    plan.add(p.step_out, ScalarType::kI32, {3, T});
     plan.add(p.soft_index, ScalarType::kI32, {T});
     plan.add(p.gather, ScalarType::kI32, {T});
     plan.add(p.scatter, ScalarType::kI32, {T});
   }
   plan.place(workspace(plan.bytes()));
+  if (!writes) {
+    int32_t* out = static_cast<int32_t*>(p.step_out.data);
+    p.token = Tensor::of(out, {T});
+    p.argmax = Tensor::of(out + T, {T});
+    p.entropy = Tensor::of(reinterpret_cast<float*>(out + 2 * T), {T});
+  }
 
   be_.upload(p.positions_t, p.positions.data());
   be_.upload(p.tok0_t, p.tok0.data());
@@ -406,9 +411,12 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
   a.token = p.token, a.argmax = p.argmax, a.entropy = p.entropy;
   a.soft = state, a.soft_index = p.soft_index, a.keep_soft = keep_soft.data();
   be_.lm_head_sample(a);
-  be_.download(out.token, p.token);
-  be_.download(out.argmax, p.argmax);
-  be_.download(out.entropy, p.entropy);
+  // One download, so a step waits on the backend once.
+  std::vector<int32_t> host(static_cast<size_t>(3) * p.T);
+  be_.download(host.data(), p.step_out);
+  std::memcpy(out.token, host.data(), sizeof(int32_t) * p.T);
+  std::memcpy(out.argmax, host.data() + p.T, sizeof(int32_t) * p.T);
+  std::memcpy(out.entropy, host.data() + 2 * p.T, sizeof(float) * p.T);
 }
 
 void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,

@@ -211,6 +211,8 @@ class CudaBackend final : public Backend {
   const ModelConfig& cfg_;
   const ModelWeights* weights_ = nullptr;  // while uploading
   cudaStream_t stream_ = nullptr;
+  void* staging_ = nullptr;  // pinned host memory for uploads
+  size_t staging_bytes_ = 0, staged_ = 0;
   bool cutlass_ = false;  // the CUTLASS sm_90a GEMMs run on this device
   int max_tokens_ = 0;    // largest pass moe_workspace_bytes was asked for
   Mat embed_, lm_head_, sc_gate_up_, sc_down_;
@@ -232,6 +234,7 @@ CudaBackend::~CudaBackend() {
   DeviceGuard g(device_);
   cudaStreamSynchronize(stream_);
   cudaStreamDestroy(stream_);
+  if (staging_) cudaFreeHost(staging_);
 }
 
 std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {
@@ -250,12 +253,29 @@ std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {
   return std::make_shared<DeviceBuffer>(device_, p, bytes);
 }
 
+// Uploads go through a pinned staging buffer, so each is a truly asynchronous copy queued behind the
+// pass's kernels (a copy from pageable memory would make the host wait). The staging space is reused
+// after every download, which synchronises the stream: every copy staged before it has run.
 void CudaBackend::upload(const Tensor& dst, const void* src) {
   DG_CHECK(dst.contiguous(), "upload into a strided tensor");
-  if (dst.bytes() == 0) return;
+  const size_t n = dst.bytes();
+  if (n == 0) return;
   DeviceGuard g(device_);
-  // From pageable host memory the copy is staged before the call returns, so src may go at once.
-  DG_CUDA(cudaMemcpyAsync(dst.data, src, dst.bytes(), cudaMemcpyHostToDevice, stream_));
+  const size_t need = align256(n);
+  if (staged_ + need > staging_bytes_) {
+    DG_CUDA(cudaStreamSynchronize(stream_));  // what was staged has been copied
+    staged_ = 0;
+    if (need > staging_bytes_) {
+      if (staging_) cudaFreeHost(staging_);
+      staging_ = nullptr;
+      staging_bytes_ = std::max<size_t>(need, size_t{4} << 20);
+      DG_CUDA(cudaMallocHost(&staging_, staging_bytes_));
+    }
+  }
+  char* at = static_cast<char*>(staging_) + staged_;
+  std::memcpy(at, src, n);
+  staged_ += need;
+  DG_CUDA(cudaMemcpyAsync(dst.data, at, n, cudaMemcpyHostToDevice, stream_));
 }
 
 void CudaBackend::download(void* dst, const Tensor& src) {
@@ -263,6 +283,7 @@ void CudaBackend::download(void* dst, const Tensor& src) {
   DeviceGuard g(device_);
   if (src.bytes() > 0) DG_CUDA(cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, stream_));
   DG_CUDA(cudaStreamSynchronize(stream_));  // also where a failed kernel of the pass reports
+  staged_ = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -916,8 +937,8 @@ void CudaBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
   // The sampler kernel's softmax (temperature 1: processed == logits) gives the bf16 probabilities;
   // its token/argmax/entropy outputs are discarded.
   float* ones = static_cast<float*>(scratch(kOnes, static_cast<size_t>(S) * 4));
-  std::vector<float> host_ones(S, 1.f);
-  DG_CUDA(cudaMemcpyAsync(ones, host_ones.data(), host_ones.size() * 4, cudaMemcpyHostToDevice, stream_));
+  const std::vector<float> host_ones(S, 1.f);
+  upload(Tensor::of(ones, {S}), host_ones.data());
   double* zeros = static_cast<double*>(scratch(kZeros, static_cast<size_t>(S) * 8));
   DG_CUDA(cudaMemsetAsync(zeros, 0, static_cast<size_t>(S) * 8, stream_));
   char* discard = static_cast<char*>(scratch(kDiscard, static_cast<size_t>(S) * 12));
@@ -930,7 +951,6 @@ void CudaBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
   sp.rows = static_cast<int>(S), sp.canvas_length = 1, sp.vocab = static_cast<int>(V);
   DG_CUDA(kernels::sample_canvas(sp, stream_));
   probs_times_embedding(probs, S, as<bf16>(out));
-  DG_CUDA(cudaStreamSynchronize(stream_));  // host_ones must outlive its (pageable, staged) copy
 }
 
 }  // namespace
