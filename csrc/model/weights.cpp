@@ -59,6 +59,13 @@ std::string shape_str(const std::vector<int64_t>& s) {
 
 std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const ModelConfig& cfg,
                                                   const Progress& progress) {
+  return load_impl(dir, cfg, progress, false);
+}
+
+void ModelWeights::check(const std::string& dir, const ModelConfig& cfg) { load_impl(dir, cfg, {}, true); }
+
+std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, const ModelConfig& cfg,
+                                                       const Progress& progress, bool check_only) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   w->ckpt_ = Checkpoint::open(dir);
   const Checkpoint& ck = *w->ckpt_;
@@ -179,6 +186,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
     }
     refs.push_back(r);
   }
+  if (check_only) return nullptr;
 
   const int total = static_cast<int>(todo.size()) + 2 * cfg.num_layers;
   int done = 0;

@@ -57,6 +57,16 @@ struct ModelWeights {
   // Called with (tensors done, tensors total) while loading.
   using Progress = std::function<void(int, int)>;
   static std::unique_ptr<ModelWeights> load(const std::string& dir, const ModelConfig& cfg, const Progress& progress);
+  // Everything load() checks before it converts a tensor: the files are regular, every safetensors
+  // header is valid, and every tensor the config implies is present with its dtype and shape.
+  // Reads the headers only (the data is mapped, never touched). Throws CheckpointError.
+  static void check(const std::string& dir, const ModelConfig& cfg);
+
+ private:
+  static std::unique_ptr<ModelWeights> load_impl(const std::string& dir, const ModelConfig& cfg,
+                                                 const Progress& progress, bool check_only);
+
+ public:
 
  private:
   std::unique_ptr<Checkpoint> ckpt_;

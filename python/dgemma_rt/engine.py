@@ -91,6 +91,8 @@ class KVCache:
 
         Full-attention layers hold every token; sliding layers the last ``sliding_window - 1``.
         """
+        layer = _check_int("layer", layer, 0, len(self._config["head_dims"]) - 1)
+        row = _check_int("row", row, 0, self.batch_size - 1)
         k, v = self._native.layer_kv(layer, row)
         kvh = self._config["num_key_value_heads"][layer]
         hd = self._config["head_dims"][layer]
@@ -398,8 +400,14 @@ class Engine:
 
                 from dgemma_rt.nvfp4 import quantize_checkpoint
 
+                # What the native constructor checks (options, configs, memory, headers, tensors) before
+                # the quantizer reads a byte of data: the same CheckpointError as without quant.
+                def check(p: str) -> None:
+                    _core.check_checkpoint(p, device, kv, mbs, threads)
+
                 tmp = tempfile.TemporaryDirectory(prefix="dgemma-quant-")
-                quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4")
+                quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4",
+                                    check=check)
                 load_path = tmp.name
             self._native = _core.Engine(load_path, device, kv, mbs, threads, callback)
         finally:
