@@ -599,7 +599,8 @@ class Engine:
 
         ``input_ids`` are the tokens not yet in ``past_key_values``. New tokens come in whole
         canvases of ``canvas_length``; after the first EOS of a row its tokens become
-        ``pad_token_id``. ``eos_token_id`` / ``pad_token_id`` default to the checkpoint's
+        ``pad_token_id`` (except a ``canvas_template``'s locked positions, which keep their tokens).
+        ``eos_token_id`` / ``pad_token_id`` default to the checkpoint's
         generation config. ``adaptive_stopping=False`` runs every canvas for exactly
         ``max_denoising_steps`` steps (for benchmarks).
 
@@ -611,8 +612,10 @@ class Engine:
         ``canvas_template``: per row a sequence of token ids laid over the new canvases in order, with
         ``FREE`` (-1) at the positions to generate (a 2-D array, or a list of sequences, empty or
         None for a row without one). Locked positions hold their token from the first step, are
-        never renoised and are left out of the acceptance budget and the stopping statistics; see
-        the README's "Templates and infilling".
+        never renoised and are left out of the acceptance budget and the stopping statistics. EOS
+        stopping never pads them: after a row's first EOS its free positions are pad and its locked
+        ones keep their tokens, in every canvas the template reaches (committed without denoising once
+        every row has ended). See the README's "Templates and infilling".
         """
         if self._native.in_callback():
             raise ValueError(

@@ -53,7 +53,9 @@ struct SamplingParams {
   uint64_t seed = 0;
   bool adaptive_stopping = true;  // false: every canvas runs exactly max_denoising_steps steps
   // Template canvases (infilling, fixed layouts): token ids laid over the new canvases in order,
-  // kFreePosition where the engine generates; a locked position keeps its token (empty: none).
+  // kFreePosition where the engine generates; a locked position keeps its token (empty: none), even
+  // after an EOS: then the free positions become pad and the locked ones stay, up to the last canvas
+  // the template reaches (README "Templates and infilling").
   std::vector<int32_t> canvas_template;
   static constexpr int32_t kFreePosition = -1;
 };
