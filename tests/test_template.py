@@ -245,6 +245,50 @@ def test_infill_round_trip(engine):
     assert text.startswith(prefix) and text.endswith(suffix)
 
 
+def test_infill_output_ends_in_the_suffix(engine):
+    """The committed canvases themselves (not the middle with the suffix appended by the test) end in the
+    suffix's ids, the middle is what comes before it, cut at its first EOS or pad."""
+    L = engine.config["canvas_length"]
+    tok = engine.tokenizer
+    g = engine.generation_defaults
+    stop = set(g["eos_token_id"]) | {g["pad_token_id"]}
+    for prefix, suffix, n in [("def area(r):\n", "\n    return a\n", 20), ("The quick brown fox", " over the lazy dog.", 70)]:
+        suffix_ids = tok.encode(suffix, add_special_tokens=False)
+        blocks = []
+        middle = engine.infill(tok.encode(prefix), suffix_ids, max_middle_tokens=n, max_denoising_steps=STEPS, seed=3,
+                               on_block=lambda b: blocks.append(b[0].copy()))
+        generated = [int(t) for t in np.concatenate(blocks)]
+        assert len(generated) == -(-(n + len(suffix_ids)) // L) * L
+        assert generated[-len(suffix_ids):] == suffix_ids
+        assert generated[:len(middle)] == middle
+        rest = generated[len(middle):len(generated) - len(suffix_ids)]
+        assert not rest or rest[0] in stop  # the middle ends at an EOS/pad, or fills every free position
+        # The text route too: the committed canvases end in the suffix's ids.
+        blocks.clear()
+        engine.infill(prefix, suffix, max_middle_tokens=n, max_denoising_steps=STEPS, seed=3,
+                      on_block=lambda b: blocks.append(b[0].copy()))
+        assert [int(t) for t in np.concatenate(blocks)[-len(suffix_ids):]] == suffix_ids
+
+
+def test_native_submit_checks_templates(engine):
+    """The C++ scheduler checks templates itself (for the C++ API and other callers of _core), with the
+    same messages as the Python layer."""
+    L, V = engine.config["canvas_length"], engine.config["vocab_size"]
+    base = engine._params({"max_new_tokens": L, "max_denoising_steps": 1})
+    for template, words in [
+        ([[FREE] * (L + 1)], f"row 0 has {L + 1} positions, more than max_new_tokens {L}"),
+        ([[FREE, FREE, FREE, V]], f"row 0 position 3 holds {V}: a token id in \\[0, {V}\\) or -1"),
+        ([[-2]], "row 0 position 0 holds -2"),
+        ([[FREE], [FREE]], "canvas_template has 2 rows but input_ids has 1"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            engine._native.submit([[2, 3, 4]], {**base, "canvas_template": template})
+    # and a good one goes through
+    req = engine._native.submit([[2, 3, 4]], {**base, "canvas_template": [[FREE, 9]]})
+    assert req.wait(60)
+    assert req.result()["new_tokens"][0][1] == 9
+
+
 def test_bad_templates(engine):
     L, V = engine.config["canvas_length"], engine.config["vocab_size"]
     with pytest.raises(ValueError, match="more than max_new_tokens"):

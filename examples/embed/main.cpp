@@ -174,6 +174,16 @@ int main(int argc, char** argv) {
     const dgemma_rt::Result ir = engine.submit(prompts[0], ip).result();
     std::cout << "{\"infill\":{\"prompt\":" << json_ids(prompts[0]) << ",\"seed\":99,\"template\":"
               << json_ids(ip.canvas_template) << ",\"new_tokens\":" << json_ids(ir.new_tokens) << "}}\n";
+
+    // A bad template is refused by submit() with a clear error: a locked id outside the vocabulary.
+    ip.canvas_template[3] = info.vocab_size;
+    std::string bad_template;
+    try {
+      engine.submit(prompts[0], ip);
+    } catch (const dgemma_rt::Error& e) {
+      bad_template = e.what();
+    }
+    std::cout << "{\"bad_template\":" << json_str(bad_template) << "}\n";
     return 0;
   } catch (const dgemma_rt::Error& e) {
     std::cerr << "error: " << e.what() << "\n";
