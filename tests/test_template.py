@@ -270,6 +270,26 @@ def test_infill_output_ends_in_the_suffix(engine):
         assert [int(t) for t in np.concatenate(blocks)[-len(suffix_ids):]] == suffix_ids
 
 
+def test_infill_text_prefix_is_raw_text_a_chat_goes_through_the_template(engine, monkeypatch):
+    """The tiny checkpoint has a chat template: a plain-text prefix is still encoded as it is; a chat is
+    rendered with the generation prompt."""
+    tok = engine.tokenizer
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) != tok.encode("x")
+    prompts = []
+    generate = engine.generate
+
+    def spy(input_ids, **kw):
+        prompts.append([int(t) for t in input_ids[0]])
+        return generate(input_ids, **kw)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    kw = dict(max_middle_tokens=8, max_denoising_steps=2, seed=0)
+    engine.infill("def f(x):", "\n    return y", **kw)
+    chat = [{"role": "user", "content": "def f(x):"}]
+    engine.infill(chat, "\n    return y", **kw)
+    assert prompts == [tok.encode("def f(x):"), tok.apply_chat_template(chat)]
+
+
 def test_native_submit_checks_templates(engine):
     """The C++ scheduler checks templates itself (for the C++ API and other callers of _core), with the
     same messages as the Python layer."""

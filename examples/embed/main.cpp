@@ -163,7 +163,8 @@ int main(int argc, char** argv) {
               << ",\"kv_blocks_free\":" << s.kv_blocks_free << ",\"kv_blocks_total\":" << s.kv_blocks_total << "}}\n";
 
     // A template canvas (infilling): the last 8 positions of the canvas locked to a fixed ending, the
-    // rest generated around it. EOS stopping is off so that an early EOS does not pad the ending away.
+    // rest generated around it. EOS stopping is off so that the whole middle is denoised (with it on, an
+    // early EOS would pad the free positions after it, but never the locked ending).
     dgemma_rt::SamplingParams ip = engine.default_params();
     ip.max_new_tokens = info.canvas_length;
     ip.max_denoising_steps = steps;

@@ -663,11 +663,14 @@ class Engine:
         """Generates the middle between ``prefix`` and ``suffix`` (fill in the middle).
 
         ``prefix`` is text, a chat (list of {"role", "content"} dicts, through the chat template) or
-        token ids; ``suffix`` text or ids likewise. The prefix is the prompt; the new canvases are a
-        template whose locked positions hold the suffix so that it ends the last canvas, and whose
-        free positions (at least ``max_middle_tokens``, up to whole canvases) are the middle. EOS
-        stopping is off while generating (an early EOS must not pad the suffix away); the middle
-        ends at its first EOS or pad token. Returns the middle's text, or its ids when ids were given.
+        token ids; ``suffix`` text or ids likewise. Plain text is raw text: it is encoded as it is
+        (with the tokenizer's BOS), not through the chat template, even where the checkpoint has one
+        (infilling continues a document; pass a chat to fill the middle of a chat reply, whose
+        rendering with the generation prompt is then the prefix). The prefix is the prompt; the new
+        canvases are a template whose locked positions hold the suffix so that it ends the last
+        canvas, and whose free positions (at least ``max_middle_tokens``, up to whole canvases) are
+        the middle. EOS stopping is off while generating (every free position is denoised around the
+        suffix); the middle ends at its first EOS or pad token. Returns the middle's text, or its ids when ids were given.
         Other keyword arguments go to :meth:`generate`.
         """
         max_middle_tokens = _check_int("max_middle_tokens", max_middle_tokens)

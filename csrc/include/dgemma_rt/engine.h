@@ -68,13 +68,13 @@ struct Draft {
 
 struct Block {
   int canvas;
-  std::vector<int32_t> tokens;  // the committed canvas (after the first EOS: pad)
+  std::vector<int32_t> tokens;  // the committed canvas (after the first EOS: pad, but template-locked tokens stay)
 };
 
 enum class Status { kQueued, kRunning, kDone, kFailed, kCancelled };
 
 struct Result {
-  std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS)
+  std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS, locked tokens kept)
   std::vector<int32_t> text_tokens;  // new tokens up to the first EOS/pad, cut at max_new_tokens
   std::string finish_reason;         // "stop" (EOS within max_new_tokens) or "length"
   std::vector<int> steps_per_canvas;  // decoder passes spent on each canvas
