@@ -64,6 +64,8 @@ def _check(lines: list[dict], tiny_dir: str) -> None:
                            max_denoising_steps=STEPS, eos_token_id=None, canvas_template=[infill["template"]])
     assert infill["new_tokens"] == [int(t) for t in want.sequences[0][len(infill["prompt"]):]]
     assert infill["new_tokens"][-8:] == infill["template"][-8:] == list(range(8, 16))
+    bad = next(l for l in lines if "bad_template" in l)["bad_template"]  # checked by the C++ submit path
+    assert f"canvas_template row 0 position 3 holds {engine.config['vocab_size']}" in bad, bad
 
 
 def test_installed_example(tiny_dir):

@@ -30,6 +30,7 @@ from checkpoint_fuzz import (
 SEED = 20240611
 ST = "model.safetensors"
 GEN = {"max_new_tokens": 1, "max_denoising_steps": 1}
+QUANT_STRIDE = 6  # every 6th case also runs with load-time quantization
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def _file_is_valid(path: str, required: dict[str, Any]) -> bool:
     return header_is_valid(blob[8 : 8 + n], len(blob) - 8 - n, required)
 
 
-def _run_cases(runner: Runner, root: str, base_dir: str, required: dict[str, Any], cases: list[Case]) -> None:
+def _run_cases(runner: Runner, root: str, base_dir: str, required: dict[str, Any], cases: list[Case],
+               kwargs: dict[str, Any] | None = None) -> None:
     failures, outcomes = [], {}
     for i, case in enumerate(cases):
         d = os.path.join(root, f"{i:04d}")
@@ -73,10 +75,14 @@ def _run_cases(runner: Runner, root: str, base_dir: str, required: dict[str, Any
         expect = case.expect
         if expect == "oracle":
             expect = "load" if _file_is_valid(os.path.join(d, ST), required) else "error"
-        res = runner.load(d, generate=GEN if case.generate and expect == "load" else None)
+        res = runner.load(d, kwargs=kwargs, generate=GEN if case.generate and expect == "load" else None)
         got = res["outcome"]
         outcomes[got] = outcomes.get(got, 0) + 1
         ok = (got == "checkpoint_error" and expect == "error") or (got == "loaded" and expect == "load")
+        # A valid file whose weights hold NaN or Inf (bytes shifted under the header) loads as it is, but
+        # cannot be quantized: with load-time quantization that is a CheckpointError saying so.
+        quantizing = bool(kwargs) and ("quant" in kwargs or "dense_quant" in kwargs)
+        ok |= quantizing and expect == "load" and got == "checkpoint_error" and "cannot be quantized" in res["message"]
         if not ok or res.get("maxrss", 0) > MEMORY_CAP_BYTES:
             failures.append(f"{case.name}: expected {expect}, got {got} ({res.get('type', '')}: {res['message'][:300]}; "
                             f"maxrss {res.get('maxrss', 0) >> 20} MB)")
@@ -475,6 +481,27 @@ def test_fuzz_checkpoint_path(tmp_path, base, runner):
         assert res["outcome"] == "checkpoint_error", (path, res)
     os.symlink(base_dir, tmp_path / "link")
     assert runner.load(str(tmp_path / "link"), generate=GEN)["outcome"] == "loaded"
+
+
+def test_fuzz_load_time_quantization(tmp_path, base, runner):
+    """A deterministic slice of the cases above loaded with quant="nvfp4" (and dense_quant="fp8"): the quantizer
+    reads the checkpoint in Python, after the native loader's checks, so every case ends the same way as without
+    quantization: CheckpointError, or a checkpoint that loads. Bounded to well under 30 s."""
+    import time
+
+    from checkpoint_fuzz import LOAD_KWARGS
+
+    base_dir, required = base
+    t0 = time.monotonic()
+    st, cfg = safetensors_cases(base_dir, required), config_cases(base_dir)
+    sharded = str(tmp_path / "sharded-base")
+    shutil.copytree(base_dir, sharded)
+    _make_sharded(sharded)
+    _run_cases(runner, str(tmp_path / "st"), base_dir, required, st[::QUANT_STRIDE], {**LOAD_KWARGS, "quant": "nvfp4"})
+    _run_cases(runner, str(tmp_path / "cfg"), base_dir, required, cfg[::QUANT_STRIDE],
+               {**LOAD_KWARGS, "quant": "nvfp4", "dense_quant": "fp8"})
+    _run_cases(runner, str(tmp_path / "sh"), sharded, required, sharded_cases()[::2], {**LOAD_KWARGS, "quant": "nvfp4"})
+    assert time.monotonic() - t0 < 30
 
 
 def test_the_oracle_knows_a_valid_file(base):

@@ -353,3 +353,118 @@ def test_exit_while_a_request_runs_is_clean(tiny_dir):
     for _ in range(3):
         out = subprocess.run([sys.executable, "-c", code, tiny_dir], capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0, out
+
+
+# ------------------------------------------------------------------------------------------ load-time quantization
+# Engine(path, quant=...) and dgemma-quantize read the checkpoint in Python (nvfp4.quantize_checkpoint): they
+# go through the native loader's checks first and raise the same CheckpointError, naming the file.
+QUANT = [{"quant": "nvfp4"}, {"dense_quant": "fp8"}]
+
+
+def _quantize_cli(src: str, dst: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(dgemma_rt.__file__)), os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", src, dst], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors", "generation_config.json"])
+@pytest.mark.parametrize("quant", QUANT, ids=["quant", "dense_quant"])
+def test_fifo_is_refused_by_load_time_quantization(runner, ckpt, file, quant):
+    os.remove(os.path.join(ckpt, file))
+    os.mkfifo(os.path.join(ckpt, file))
+    res = runner.load(ckpt, kwargs={"num_threads": 1, **quant}, timeout=10)
+    assert res["outcome"] == "checkpoint_error", res
+    assert file in res["message"] and "named pipe" in res["message"], res
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors"])
+def test_fifo_is_refused_by_dgemma_quantize(ckpt, tmp_path, file):
+    os.remove(os.path.join(ckpt, file))
+    os.mkfifo(os.path.join(ckpt, file))
+    r = _quantize_cli(ckpt, str(tmp_path / "out"))  # the 60 s timeout would raise if it blocked
+    assert r.returncode == 2 and file in r.stderr and "named pipe" in r.stderr, r
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def _corrupt_header(ckpt: str, how: str) -> None:
+    p = os.path.join(ckpt, "model.safetensors")
+    with open(p, "rb") as f:
+        blob = bytearray(f.read())
+    n = int.from_bytes(blob[:8], "little")
+    if how == "utf8":
+        at = blob.index(b"model.decoder.norm.weight")
+        blob[at + 6 : at + 9] = b"\xff\xc3\x28"
+    elif how == "key":  # a tensor entry without "dtype"
+        at = blob.index(b'"dtype"', 8)
+        blob[at + 1 : at + 6] = b"xtype"
+    elif how == "deep":  # nested 100000 levels deep, where Python's json would recurse
+        deep = b'{"x":' + b"[" * 100000 + b"]" * 100000 + b","
+        blob = blob[:8] + deep + blob[9 : 8 + n] + blob[8 + n :]
+        blob[:8] = (n + len(deep) - 1).to_bytes(8, "little")
+    elif how == "length":
+        blob[:8] = (2**63).to_bytes(8, "little")
+    with open(p, "wb") as f:
+        f.write(blob)
+
+
+CORRUPT = ["utf8", "key", "deep", "length"]
+
+
+@pytest.mark.parametrize("how", CORRUPT)
+def test_corrupt_header_under_load_time_quantization(ckpt, how):
+    _corrupt_header(ckpt, how)
+    for quant in QUANT:
+        with pytest.raises(dgemma_rt.CheckpointError, match="model.safetensors"):
+            dgemma_rt.Engine(ckpt, num_threads=1, **quant)
+
+
+@pytest.mark.parametrize("how", CORRUPT)
+def test_corrupt_header_in_dgemma_quantize(ckpt, tmp_path, how):
+    _corrupt_header(ckpt, how)
+    r = _quantize_cli(ckpt, str(tmp_path / "out"))
+    assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr, r
+
+
+def test_python_safetensors_reader_follows_the_loader_rules(ckpt, tmp_path):
+    """nvfp4.read_safetensors on its own (no native check first): CheckpointError for every bad file."""
+    from dgemma_rt import nvfp4
+
+    p = os.path.join(ckpt, "model.safetensors")
+    tensors, _ = nvfp4.read_safetensors(p)
+    assert tensors
+    for how in CORRUPT:
+        d = tmp_path / how
+        d.mkdir()
+        shutil.copy(p, d / "model.safetensors")
+        _corrupt_header(str(d), how)
+        with pytest.raises(dgemma_rt.CheckpointError, match="model.safetensors"):
+            nvfp4.read_safetensors(d / "model.safetensors")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    with pytest.raises(dgemma_rt.CheckpointError, match="not a regular file"):
+        nvfp4.read_safetensors(tmp_path / "fifo.safetensors")
+    with pytest.raises(dgemma_rt.CheckpointError, match="JSON nested deeper"):
+        (tmp_path / "deep.json").write_text(_deep(100))
+        nvfp4.read_json_file(tmp_path / "deep.json")
+
+
+def test_quantization_checks_memory_before_reading(runner, ckpt):
+    _edit(ckpt, "config.json", _set_text_config(sliding_window=10**6, max_position_embeddings=2**24))
+    res = runner.load(ckpt, kwargs={"quant": "nvfp4"})
+    assert res["outcome"] == "checkpoint_error" and "single batch row" in res["message"], res
+    assert res["seconds"] < 5, res
+
+
+# ------------------------------------------------------------------------------------------ KVCache.layer_kv
+def test_layer_kv_checks_its_arguments(engine):
+    state = engine.encode([[2, 3, 4]])
+    layers = engine.config["num_hidden_layers"]
+    k, v = state.layer_kv(layers - 1, 0)
+    assert k.shape[1] == 3 and v.shape == k.shape
+    for layer, row, name in [(layers, 0, "layer"), (-1, 0, "layer"), (2**31, 0, "layer"), (0, 1, "row"),
+                             (0, -1, "row"), (0, 2**40, "row"), (True, 0, "layer"), (0, 0.0, "row"),
+                             (np.int64(0), "0", "row")]:
+        with pytest.raises(ValueError, match=name):
+            state.layer_kv(layer, row)
+    np.testing.assert_array_equal(state.layer_kv(np.int64(0), np.int32(0))[0], state.layer_kv(0, 0)[0])

@@ -607,14 +607,24 @@ def test_suffix_infills_like_the_engine(client, engine, server):
     assert r.usage.completion_tokens == len(middle[:20])
     assert r.choices[0].finish_reason == ("stop" if len(middle) <= 20 and len(middle) < 64 - len(
         tok.encode(suffix, add_special_tokens=False)) else "length")
-    # Streaming: the drafts show only the middle (the suffix is fixed after it), the text matches.
+    # Streaming: each draft is the middle settling before the fixed suffix; the text matches.
     chunks = list(client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=20, seed=4,
                                             stream=True, extra_body=FAST))
     text = "".join(c.choices[0].text or "" for c in chunks)
     assert text == r.choices[0].text
-    drafts = [(c.model_extra or {}).get("dgemma_draft") for c in chunks]
-    assert any(drafts)
-    assert all(suffix not in d["text"] for d in drafts if d)
+    drafts = [d for d in ((c.model_extra or {}).get("dgemma_draft") for c in chunks) if d]
+    assert drafts and [d["step"] for d in drafts] == list(range(1, len(drafts) + 1))  # one canvas here
+    assert all(d["text"].endswith(suffix) for d in drafts)
+    last_middle = drafts[-1]["text"][: -len(suffix)]
+    assert last_middle == tok.decode(middle)  # the last step's draft is what was committed (uncut)
+    assert last_middle.startswith(r.choices[0].text)
+    # Token-id suffixes get the decoded suffix after the draft.
+    ids = tok.encode(prefix)
+    suffix_ids = tok.encode(suffix, add_special_tokens=False)
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, suffix=suffix_ids, max_tokens=20, seed=4,
+                                            stream=True, extra_body=FAST))
+    drafts = [d for d in ((c.model_extra or {}).get("dgemma_draft") for c in chunks) if d]
+    assert drafts and all(d["text"].endswith(tok.decode(suffix_ids)) for d in drafts)
 
 
 def test_canvas_template_extension(server, engine):

@@ -61,6 +61,78 @@ def test_locked_positions_hold_in_every_draft_and_the_output(engine, case):
         np.testing.assert_array_equal(new[:len(t)][locked], t[locked])
 
 
+def _with_eos_rule(free_run, templates, eos, pad, L, canvases):
+    """What EOS stopping makes of the EOS-off output: after a row's first EOS (locked or free) its free
+    positions are pad and its locked ones keep their token, in that canvas and every later one; the call
+    ends when every row has ended, but not before the last canvas its templates lock a position in."""
+    rows, ends = [], []
+    for x, t in zip(free_run, templates):
+        lay = np.full(canvases * L, FREE)
+        lay[:len(t)] = t
+        hits = np.flatnonzero(np.isin(x, list(eos)))
+        end = int(hits[0]) if hits.size else None
+        y = np.array(x)
+        if end is not None:
+            after = np.arange(y.size) > end
+            y[after] = np.where(lay[after] != FREE, lay[after], pad)
+        rows.append(y)
+        ends.append(None if end is None else end // L)
+    last_lock = max((int(np.flatnonzero(np.asarray(t) != FREE).max()) // L for t in templates
+                     if (np.asarray(t) != FREE).any()), default=0)
+    n = canvases if None in ends else min(canvases, max(max(ends), last_lock) + 1)
+    return [y[: n * L] for y in rows]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_eos_stopping_never_pads_locked_positions(engine, case):
+    """EOS on (the default): a row that samples EOS in a free position still commits its template's locked
+    tokens, in that canvas and in the later canvases the template reaches (which then need no denoising)."""
+    rng = np.random.default_rng(100 + case)
+    L, V = engine.config["canvas_length"], engine.config["vocab_size"]
+    pad = engine.generation_defaults["pad_token_id"]
+    rows, canvases = int(rng.integers(1, 3)), 2
+    # Many EOS ids, so that the random tiny model ends rows early, in different canvases.
+    eos = sorted({int(t) for t in rng.choice(np.arange(8, V), int(rng.integers(5, 200)), replace=False)})
+    templates = [_random_template(rng, int(rng.integers(L + 1, canvases * L + 1)), V, rng.uniform(0.5, 0.95))
+                 for _ in range(rows)]
+    for t in templates:  # locked ids outside the EOS set: the free positions end the rows here
+        t[np.isin(t, eos)] = FREE
+        t[-1] = 7  # a locked position in the last canvas the template reaches
+    prompts = [[2, 100 + r] for r in range(rows)]
+    kw = dict(max_new_tokens=canvases * L, max_denoising_steps=STEPS, seed=case, canvas_template=templates,
+              pad_token_id=pad)
+    free_run = engine.generate(prompts, eos_token_id=None, **kw)
+    blocks = []
+    out = engine.generate(prompts, eos_token_id=eos, on_block=lambda b: blocks.append(b.copy()), **kw)
+    want = _with_eos_rule([s[2:] for s in free_run.sequences], templates, set(eos), pad, L, canvases)
+    got = [s[2:] for s in out.sequences]
+    for r in range(rows):
+        np.testing.assert_array_equal(got[r], want[r])
+        locked = templates[r] != FREE
+        np.testing.assert_array_equal(got[r][:len(templates[r])][locked], templates[r][locked])
+        np.testing.assert_array_equal(np.concatenate([b[r] for b in blocks]), got[r])  # on_block saw the same
+    ended = [bool(np.isin(g, eos).any()) for g in got]
+    assert any(ended), "no row hit EOS: the case tests nothing"
+    for r in range(rows):  # steps only for canvases the row was still generating in
+        first = int(np.flatnonzero(np.isin(got[r], eos))[0]) // L if ended[r] else len(got[r]) // L - 1
+        assert len(out.steps_per_canvas[r]) == first + 1
+
+
+def test_eos_stopping_without_a_template_is_unchanged(engine):
+    """The same rule with no template: everything after the first EOS is pad and the call ends when every
+    row has (the reference's semantics)."""
+    L = engine.config["canvas_length"]
+    pad = engine.generation_defaults["pad_token_id"]
+    eos = list(range(8, 208))
+    prompts = [[2, 31], [2, 32]]
+    kw = dict(max_new_tokens=2 * L, max_denoising_steps=STEPS, seed=3, pad_token_id=pad)
+    free_run = engine.generate(prompts, eos_token_id=None, **kw)
+    out = engine.generate(prompts, eos_token_id=eos, **kw)
+    want = _with_eos_rule([s[2:] for s in free_run.sequences], [[], []], set(eos), pad, L, 2)
+    for g, w in zip(out.sequences, want):
+        np.testing.assert_array_equal(g[2:], w)
+
+
 def test_all_locked_canvas_commits_after_one_step(engine):
     L = engine.config["canvas_length"]
     t = list(range(300, 300 + L)) + [FREE] * L  # the first canvas fully locked, the second free
@@ -171,6 +243,70 @@ def test_infill_round_trip(engine):
     assert tok.decode(mid) == middle  # the same request through ids
     text = tok.decode(ids + mid + tok.encode(suffix, add_special_tokens=False))
     assert text.startswith(prefix) and text.endswith(suffix)
+
+
+def test_infill_output_ends_in_the_suffix(engine):
+    """The committed canvases themselves (not the middle with the suffix appended by the test) end in the
+    suffix's ids, the middle is what comes before it, cut at its first EOS or pad."""
+    L = engine.config["canvas_length"]
+    tok = engine.tokenizer
+    g = engine.generation_defaults
+    stop = set(g["eos_token_id"]) | {g["pad_token_id"]}
+    for prefix, suffix, n in [("def area(r):\n", "\n    return a\n", 20), ("The quick brown fox", " over the lazy dog.", 70)]:
+        suffix_ids = tok.encode(suffix, add_special_tokens=False)
+        blocks = []
+        middle = engine.infill(tok.encode(prefix), suffix_ids, max_middle_tokens=n, max_denoising_steps=STEPS, seed=3,
+                               on_block=lambda b: blocks.append(b[0].copy()))
+        generated = [int(t) for t in np.concatenate(blocks)]
+        assert len(generated) == -(-(n + len(suffix_ids)) // L) * L
+        assert generated[-len(suffix_ids):] == suffix_ids
+        assert generated[:len(middle)] == middle
+        rest = generated[len(middle):len(generated) - len(suffix_ids)]
+        assert not rest or rest[0] in stop  # the middle ends at an EOS/pad, or fills every free position
+        # The text route too: the committed canvases end in the suffix's ids.
+        blocks.clear()
+        engine.infill(prefix, suffix, max_middle_tokens=n, max_denoising_steps=STEPS, seed=3,
+                      on_block=lambda b: blocks.append(b[0].copy()))
+        assert [int(t) for t in np.concatenate(blocks)[-len(suffix_ids):]] == suffix_ids
+
+
+def test_infill_text_prefix_is_raw_text_a_chat_goes_through_the_template(engine, monkeypatch):
+    """The tiny checkpoint has a chat template: a plain-text prefix is still encoded as it is; a chat is
+    rendered with the generation prompt."""
+    tok = engine.tokenizer
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) != tok.encode("x")
+    prompts = []
+    generate = engine.generate
+
+    def spy(input_ids, **kw):
+        prompts.append([int(t) for t in input_ids[0]])
+        return generate(input_ids, **kw)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    kw = dict(max_middle_tokens=8, max_denoising_steps=2, seed=0)
+    engine.infill("def f(x):", "\n    return y", **kw)
+    chat = [{"role": "user", "content": "def f(x):"}]
+    engine.infill(chat, "\n    return y", **kw)
+    assert prompts == [tok.encode("def f(x):"), tok.apply_chat_template(chat)]
+
+
+def test_native_submit_checks_templates(engine):
+    """The C++ scheduler checks templates itself (for the C++ API and other callers of _core), with the
+    same messages as the Python layer."""
+    L, V = engine.config["canvas_length"], engine.config["vocab_size"]
+    base = engine._params({"max_new_tokens": L, "max_denoising_steps": 1})
+    for template, words in [
+        ([[FREE] * (L + 1)], f"row 0 has {L + 1} positions, more than max_new_tokens {L}"),
+        ([[FREE, FREE, FREE, V]], f"row 0 position 3 holds {V}: a token id in \\[0, {V}\\) or -1"),
+        ([[-2]], "row 0 position 0 holds -2"),
+        ([[FREE], [FREE]], "canvas_template has 2 rows but input_ids has 1"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            engine._native.submit([[2, 3, 4]], {**base, "canvas_template": template})
+    # and a good one goes through
+    req = engine._native.submit([[2, 3, 4]], {**base, "canvas_template": [[FREE, 9]]})
+    assert req.wait(60)
+    assert req.result()["new_tokens"][0][1] == 9
 
 
 def test_bad_templates(engine):

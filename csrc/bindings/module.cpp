@@ -313,6 +313,19 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
+  m.def("check_checkpoint", [](const std::string& path, const std::string& device, py::object kv_cache_tokens,
+                               py::object max_batch_size, py::object num_threads) {
+    EngineOptions o;
+    o.device = device;
+    o.kv_cache_tokens = int_arg(kv_cache_tokens, "kv_cache_tokens", 1);
+    o.max_batch_size = int_arg(max_batch_size, "max_batch_size", 1);
+    o.num_threads = int_arg(num_threads, "num_threads", 0);
+    py::gil_scoped_release release;
+    check_checkpoint(path, o);
+  }, py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384, py::arg("max_batch_size") = 8,
+     py::arg("num_threads") = 0,
+     "Everything Engine(path, ...) checks before it reads a weight (config, generation config, memory, "
+     "safetensors headers, tensor names, dtypes and shapes), loading nothing. Raises CheckpointError.");
   m.def("max_threads", &max_threads, "OpenMP threads available to the CPU backend");
   m.def("thread_limit", &max_num_threads, "The largest num_threads an Engine accepts");
   m.def("cuda_compiled", []() {

@@ -209,6 +209,13 @@ std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint6
 
 std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const ModelConfig& cfg,
                                                   const Progress& progress, bool host_f32) {
+  return load_impl(dir, cfg, progress, host_f32, false);
+}
+
+void ModelWeights::check(const std::string& dir, const ModelConfig& cfg) { load_impl(dir, cfg, {}, true, true); }
+
+std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, const ModelConfig& cfg,
+                                                       const Progress& progress, bool host_f32, bool check_only) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   w->ckpt_ = Checkpoint::open(dir);
   const Checkpoint& ck = *w->ckpt_;
@@ -281,6 +288,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const M
     }
     refs.push_back(r);
   }
+  if (check_only) return nullptr;
 
   // Small scale tensors are checked here, once; NaN codes inside the big ones when they are read.
   for (size_t i = 0; i < todo.size(); ++i) {

@@ -80,6 +80,10 @@ struct ModelWeights {
   using Progress = std::function<void(int, int)>;
   static std::unique_ptr<ModelWeights> load(const std::string& dir, const ModelConfig& cfg, const Progress& progress,
                                             bool host_f32 = true);
+  // Everything load() checks before it converts a tensor: the files are regular, every safetensors
+  // header is valid, and every tensor the config implies is present with its dtype and shape.
+  // Reads the headers only (the data is mapped, never touched). Throws CheckpointError.
+  static void check(const std::string& dir, const ModelConfig& cfg);
 
   // Random weights at the config's shape, no checkpoint read (benchmarks at a real shape): matrices
   // uniform with variance 1 / fan_in, norm weights and scales 1 +- 0.1, layer scalars 1. With
@@ -97,6 +101,9 @@ struct ModelWeights {
   }
 
  private:
+  static std::unique_ptr<ModelWeights> load_impl(const std::string& dir, const ModelConfig& cfg,
+                                                 const Progress& progress, bool host_f32, bool check_only);
+
   std::unique_ptr<Checkpoint> ckpt_;
   std::vector<std::unique_ptr<float[]>> owned_;
   std::unordered_map<std::string, WeightSource> sources_;

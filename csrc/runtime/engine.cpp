@@ -129,6 +129,14 @@ void validate(const EngineOptions& opts) {
                                            << opts.num_threads);
 }
 
+void check_checkpoint(const std::string& dir, const EngineOptions& opts) {
+  validate(opts);
+  const ModelConfig cfg = load_model_config(dir);
+  load_generation_defaults(dir, cfg.vocab_size);
+  check_memory(cfg, opts);
+  ModelWeights::check(dir, cfg);
+}
+
 Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   validate(opts);
   cfg_ = load_model_config(dir);

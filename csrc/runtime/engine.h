@@ -39,6 +39,12 @@ constexpr int kMaxBatchSize = 1024;
 int max_num_threads();
 // Throws InvalidArgument naming the option that is out of range.
 void validate(const EngineOptions& opts);
+// What the Engine constructor checks before it reads a weight, without loading anything: the
+// options, config.json and generation_config.json, the memory the config and the options imply,
+// the safetensors headers, and every tensor's presence, dtype and shape. Throws what the
+// constructor would (CheckpointError for the checkpoint, InvalidArgument for the options). For
+// tools that read a checkpoint another way first (load-time quantization).
+void check_checkpoint(const std::string& dir, const EngineOptions& opts);
 
 // A batch of per-row caches (what the Python API calls a KVCache / past_key_values): block ids in
 // the engine's pool, and the backend storage they point into.

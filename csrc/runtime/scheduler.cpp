@@ -341,6 +341,13 @@ struct Scheduler::Job {
             seen |= e;
           }
         }
+        // A template's locked tokens are never padded away: after a row's EOS its free positions
+        // become pad, its locked ones keep their token (without a template nothing changes).
+        if (any_lock)
+          for (int j = 0; j < L; ++j) {
+            const int32_t t = lock[static_cast<size_t>(r) * L + j];
+            if (t != SamplerParams::kFree) row[j] = t;
+          }
         committed += std::count_if(row, row + L, [&](int32_t t) { return t != pad; });
       } else {
         committed += L;
@@ -351,11 +358,46 @@ struct Scheduler::Job {
     }
     if (req.callbacks.on_block) req.callbacks.on_block(block.data(), B, L);
     const bool all_done = std::all_of(finished_seq.begin(), finished_seq.end(), [](char f) { return f != 0; });
+    if (all_done) committed += commit_template_tail();
     if (all_done || c + 1 >= max_canvases) {
       phase = Phase::kDone;
     } else {
       ++c;
       phase = Phase::kEncode;
+    }
+    return committed;
+  }
+
+  // Every row has ended at EOS (with a pad token) but the template still locks positions in later
+  // canvases: those canvases are committed without denoising, pad at the free positions and the
+  // locked tokens in place, up to the last canvas the template reaches (within max_new_tokens).
+  // Returns the non-pad tokens committed. Without a template it commits nothing.
+  long commit_template_tail() {
+    const SamplerParams& p = req.params;
+    if (!p.pad_token_id || p.canvas_template.empty()) return 0;
+    int last = c;  // the last canvas holding a locked position
+    for (const std::vector<int32_t>& t : p.canvas_template)
+      for (size_t at = static_cast<size_t>(c + 1) * L; at < t.size(); ++at)
+        if (t[at] != SamplerParams::kFree) last = std::max(last, static_cast<int>(at / L));
+    last = std::min(last, max_canvases - 1);
+    long committed = 0;
+    std::vector<int32_t> block(static_cast<size_t>(B) * L);
+    for (int cc = c + 1; cc <= last; ++cc) {
+      std::fill(block.begin(), block.end(), *p.pad_token_id);
+      for (int r = 0; r < static_cast<int>(p.canvas_template.size()); ++r) {
+        const std::vector<int32_t>& t = p.canvas_template[r];
+        for (int j = 0; j < L; ++j) {
+          const size_t at = static_cast<size_t>(cc) * L + j;
+          if (at < t.size() && t[at] != SamplerParams::kFree) block[static_cast<size_t>(r) * L + j] = t[at];
+        }
+      }
+      for (int r = 0; r < B; ++r) {
+        const int32_t* row = block.data() + static_cast<size_t>(r) * L;
+        committed += std::count_if(row, row + L, [&](int32_t t) { return t != *p.pad_token_id; });
+        res.new_tokens[r].insert(res.new_tokens[r].end(), row, row + L);
+      }
+      c = cc;
+      if (req.callbacks.on_block) req.callbacks.on_block(block.data(), B, L);
     }
     return committed;
   }

@@ -43,6 +43,9 @@ struct SamplerParams {
   // holds its token from the first step and in the committed canvas, is never renoised, counts as
   // accepted and is left out of the entropy-bound budget and of the confidence mean (see
   // Job::end_step). Rows may have templates of different lengths (an empty one: no template).
+  // EOS stopping never pads a locked position: after a row's first EOS its free positions become
+  // pad and its locked ones keep their tokens, and the canvases the template reaches are committed
+  // even when every row has ended (without denoising; Job::commit_canvas, commit_template_tail).
   std::vector<std::vector<int32_t>> canvas_template;
   static constexpr int32_t kFree = -1;
 };

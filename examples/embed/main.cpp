@@ -163,7 +163,8 @@ int main(int argc, char** argv) {
               << ",\"kv_blocks_free\":" << s.kv_blocks_free << ",\"kv_blocks_total\":" << s.kv_blocks_total << "}}\n";
 
     // A template canvas (infilling): the last 8 positions of the canvas locked to a fixed ending, the
-    // rest generated around it. EOS stopping is off so that an early EOS does not pad the ending away.
+    // rest generated around it. EOS stopping is off so that the whole middle is denoised (with it on, an
+    // early EOS would pad the free positions after it, but never the locked ending).
     dgemma_rt::SamplingParams ip = engine.default_params();
     ip.max_new_tokens = info.canvas_length;
     ip.max_denoising_steps = steps;
@@ -174,6 +175,16 @@ int main(int argc, char** argv) {
     const dgemma_rt::Result ir = engine.submit(prompts[0], ip).result();
     std::cout << "{\"infill\":{\"prompt\":" << json_ids(prompts[0]) << ",\"seed\":99,\"template\":"
               << json_ids(ip.canvas_template) << ",\"new_tokens\":" << json_ids(ir.new_tokens) << "}}\n";
+
+    // A bad template is refused by submit() with a clear error: a locked id outside the vocabulary.
+    ip.canvas_template[3] = info.vocab_size;
+    std::string bad_template;
+    try {
+      engine.submit(prompts[0], ip);
+    } catch (const dgemma_rt::Error& e) {
+      bad_template = e.what();
+    }
+    std::cout << "{\"bad_template\":" << json_str(bad_template) << "}\n";
     return 0;
   } catch (const dgemma_rt::Error& e) {
     std::cerr << "error: " << e.what() << "\n";

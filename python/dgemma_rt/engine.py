@@ -91,6 +91,8 @@ class KVCache:
 
         Full-attention layers hold every token; sliding layers the last ``sliding_window - 1``.
         """
+        layer = _check_int("layer", layer, 0, len(self._config["head_dims"]) - 1)
+        row = _check_int("row", row, 0, self.batch_size - 1)
         k, v = self._native.layer_kv(layer, row)
         kvh = self._config["num_key_value_heads"][layer]
         hd = self._config["head_dims"][layer]
@@ -406,8 +408,14 @@ class Engine:
 
                 from dgemma_rt.nvfp4 import quantize_checkpoint
 
+                # What the native constructor checks (options, configs, memory, headers, tensors) before
+                # the quantizer reads a byte of data: the same CheckpointError as without quant.
+                def check(p: str) -> None:
+                    _core.check_checkpoint(p, device, kv, mbs, threads)
+
                 tmp = tempfile.TemporaryDirectory(prefix="dgemma-quant-")
-                quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4")
+                quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4",
+                                    check=check)
                 load_path = tmp.name
             self._native = _core.Engine(load_path, device, kv, mbs, threads, callback, seed)
         finally:
@@ -599,7 +607,8 @@ class Engine:
 
         ``input_ids`` are the tokens not yet in ``past_key_values``. New tokens come in whole
         canvases of ``canvas_length``; after the first EOS of a row its tokens become
-        ``pad_token_id``. ``eos_token_id`` / ``pad_token_id`` default to the checkpoint's
+        ``pad_token_id`` (except a ``canvas_template``'s locked positions, which keep their tokens).
+        ``eos_token_id`` / ``pad_token_id`` default to the checkpoint's
         generation config. ``adaptive_stopping=False`` runs every canvas for exactly
         ``max_denoising_steps`` steps (for benchmarks).
 
@@ -611,8 +620,10 @@ class Engine:
         ``canvas_template``: per row a sequence of token ids laid over the new canvases in order, with
         ``FREE`` (-1) at the positions to generate (a 2-D array, or a list of sequences, empty or
         None for a row without one). Locked positions hold their token from the first step, are
-        never renoised and are left out of the acceptance budget and the stopping statistics; see
-        the README's "Templates and infilling".
+        never renoised and are left out of the acceptance budget and the stopping statistics. EOS
+        stopping never pads them: after a row's first EOS its free positions are pad and its locked
+        ones keep their tokens, in every canvas the template reaches (committed without denoising once
+        every row has ended). See the README's "Templates and infilling".
         """
         if self._native.in_callback():
             raise ValueError(
@@ -660,11 +671,14 @@ class Engine:
         """Generates the middle between ``prefix`` and ``suffix`` (fill in the middle).
 
         ``prefix`` is text, a chat (list of {"role", "content"} dicts, through the chat template) or
-        token ids; ``suffix`` text or ids likewise. The prefix is the prompt; the new canvases are a
-        template whose locked positions hold the suffix so that it ends the last canvas, and whose
-        free positions (at least ``max_middle_tokens``, up to whole canvases) are the middle. EOS
-        stopping is off while generating (an early EOS must not pad the suffix away); the middle
-        ends at its first EOS or pad token. Returns the middle's text, or its ids when ids were given.
+        token ids; ``suffix`` text or ids likewise. Plain text is raw text: it is encoded as it is
+        (with the tokenizer's BOS), not through the chat template, even where the checkpoint has one
+        (infilling continues a document; pass a chat to fill the middle of a chat reply, whose
+        rendering with the generation prompt is then the prefix). The prefix is the prompt; the new
+        canvases are a template whose locked positions hold the suffix so that it ends the last
+        canvas, and whose free positions (at least ``max_middle_tokens``, up to whole canvases) are
+        the middle. EOS stopping is off while generating (every free position is denoised around the
+        suffix); the middle ends at its first EOS or pad token. Returns the middle's text, or its ids when ids were given.
         Other keyword arguments go to :meth:`generate`.
         """
         max_middle_tokens = _check_int("max_middle_tokens", max_middle_tokens)

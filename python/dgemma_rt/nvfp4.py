@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import mmap
 import shutil
+import stat
 import struct
 import sys
 from collections.abc import Sequence
@@ -349,31 +351,164 @@ def unshuffle_w4a16(shuffled: np.ndarray, N: int, K: int, gated: bool = False) -
 
 
 # ---------------------------------------------------------------------------------------- safetensors I/O
+# Every dtype the format defines (tensors the engine does not read are copied as they are); the
+# 8-bit float and BOOL tensors as their raw bytes.
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (None, 2), "U8": (np.uint8, 1),
-           "F8_E4M3": (np.uint8, 1), "I64": (np.int64, 8), "I32": (np.int32, 4)}
+           "F8_E4M3": (np.uint8, 1), "F8_E5M2": (np.uint8, 1), "F8_E8M0": (np.uint8, 1), "BOOL": (np.uint8, 1),
+           "I8": (np.int8, 1), "I16": (np.int16, 2), "U16": (np.uint16, 2), "I32": (np.int32, 4),
+           "U32": (np.uint32, 4), "I64": (np.int64, 8), "U64": (np.uint64, 8), "F64": (np.float64, 8),
+           "C64": (np.complex64, 8)}
+
+
+# The native loader's limits (csrc/model/files.h), for the files this module reads itself.
+MAX_JSON_BYTES = 16 << 20           # config.json
+MAX_INDEX_BYTES = 64 << 20          # model.safetensors.index.json
+MAX_HEADER_BYTES = 100 << 20        # a safetensors header
+MAX_JSON_DEPTH = 64
+
+
+def _checkpoint_error(path: Any, reason: str) -> Exception:
+    from dgemma_rt._core import CheckpointError
+
+    return CheckpointError(f"{os.fspath(path)}: {reason}")
+
+
+def _open_regular(path: str | os.PathLike) -> tuple[int, int]:
+    """A read-only descriptor of a regular file and its size; anything else (a FIFO, device, socket,
+    directory, missing file or symlink loop) is a CheckpointError, and opening never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _checkpoint_error(path, f"cannot open: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _checkpoint_error(path, "not a regular file")
+        return fd, st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _json_depth_ok(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """False when brackets outside strings nest deeper than ``limit`` (checked before parsing)."""
+    depth, in_str, esc = 0, False, False
+    # Fast path: a text without that many opening brackets cannot nest that deep.
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return True
+    for c in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:  # backslash
+                esc = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def _parse_json(text: bytes, what: Any) -> Any:
+    if not _json_depth_ok(text):
+        raise _checkpoint_error(what, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _checkpoint_error(what, f"not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise _checkpoint_error(what, "JSON nested too deeply") from None
+    except ValueError as e:
+        raise _checkpoint_error(what, f"invalid JSON: {e}") from None
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A checkpoint's JSON file under the native loader's rules (regular file, bounded size and depth)."""
+    fd, size = _open_regular(path)
+    try:
+        if size > max_bytes:
+            raise _checkpoint_error(path, f"{size} bytes, more than the {max_bytes} allowed")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            text = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    return _parse_json(text, path)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
-    """name -> (dtype string, array; BF16 as float32, F8_E4M3 as raw codes), and the metadata."""
-    data = Path(path).read_bytes()
-    if len(data) < 8:
-        raise ValueError(f"{path}: not a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        dt, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-        if dt not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {dt}")
-        raw = data[base + a : base + b]
-        if dt == "BF16":
-            arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = np.frombuffer(raw, dtype=_DTYPES[dt][0])
-        out[name] = (dt, arr.reshape(shape).copy())
-    return out, meta
+    """name -> (dtype string, array; BF16 as float32, F8_E4M3 as raw codes), and the metadata.
+
+    The file must be a regular file with a valid header (sizes, dtypes, shapes and offsets inside
+    the data, as the native loader requires); anything else is a CheckpointError naming the file
+    and the reason. The data is memory-mapped, not read as a whole.
+    """
+    fd, size = _open_regular(path)
+    try:
+        if size < 8:
+            raise _checkpoint_error(path, f"not a safetensors file ({size} bytes)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise _checkpoint_error(path, f"header length {n} is larger than the file ({size} bytes) "
+                                              f"or the {MAX_HEADER_BYTES}-byte limit")
+            raw_header = f.read(n)
+        header = _parse_json(raw_header, f"{os.fspath(path)}: header")
+        if not isinstance(header, dict):
+            raise _checkpoint_error(path, "the header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise _checkpoint_error(path, "__metadata__ is not a JSON object")
+        base, data_len = 8 + n, size - 8 - n
+        entries = []
+        spans = []
+        for name, info in header.items():
+            where = f"tensor {name!r}"
+            if not isinstance(info, dict):
+                raise _checkpoint_error(path, f"{where}: not a JSON object")
+            dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if not isinstance(dt, str) or dt not in _DTYPES:
+                raise _checkpoint_error(path, f"{where} has unsupported dtype {str(dt)[:32]!r}")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise _checkpoint_error(path, f"{where}: shape must be a list of non-negative integers")
+            if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs)
+                    or offs[0] > offs[1] or offs[1] > data_len):
+                raise _checkpoint_error(path, f"{where}: data_offsets must be [begin, end] inside the "
+                                              f"{data_len} bytes of data")
+            count = 1
+            for d in shape:
+                count *= d
+            if count * _DTYPES[dt][1] != offs[1] - offs[0]:
+                raise _checkpoint_error(path, f"{where}: shape {shape} of {dt} needs {count * _DTYPES[dt][1]} "
+                                              f"bytes but data_offsets span {offs[1] - offs[0]}")
+            entries.append((name, dt, shape, offs))
+            if offs[1] > offs[0]:
+                spans.append((offs[0], offs[1], name))
+        spans.sort()
+        for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise _checkpoint_error(path, f"tensors {an!r} and {bn!r} overlap")
+        out = {}
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if data_len else None
+        try:
+            for name, dt, shape, (a, b) in entries:
+                raw = mm[base + a : base + b] if mm is not None else b""
+                if dt == "BF16":
+                    arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+                else:
+                    arr = np.frombuffer(raw, dtype=_DTYPES[dt][0]).copy()
+                out[name] = (dt, arr.reshape(shape))
+        finally:
+            if mm is not None:
+                mm.close()
+        return out, meta
+    finally:
+        os.close(fd)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, tuple[str, np.ndarray]],
@@ -413,10 +548,15 @@ def is_dense_weight(name: str) -> bool:
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = False,
-                        dense: bool | str | None = None, experts: bool = True) -> list[str]:
+                        dense: bool | str | None = None, experts: bool = True,
+                        check: Any = None) -> list[str]:
     """Writes a quantized copy of ``src`` to ``dst``: the MoE experts in NVFP4 (unless ``experts`` is
     false) and, with ``dense`` (``"nvfp4"``, ``"fp8"``; ``True`` means ``"nvfp4"``), the attention
     projections and the dense MLP too; everything else as it was.
+
+    Before anything is read, ``src`` goes through the native loader's checks (``check(path)`` if
+    given, else ``_core.check_checkpoint`` with one batch row): anything wrong with the checkpoint
+    is a ``dgemma_rt.CheckpointError`` naming the file and the reason, as ``Engine(src)`` would raise.
 
     Returns the names of the quantized tensors.
     """
@@ -426,13 +566,26 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     if not experts and dense is None:
         raise ValueError("nothing to quantize: experts=False and no dense format")
     src, dst = Path(src), Path(dst)
-    if not (src / "config.json").is_file():
-        raise ValueError(f"{src} is not a checkpoint directory (no config.json)")
+    # The native loader's checks first, reading headers only: files that are not regular files,
+    # corrupt or oversized headers and JSON, and configs that imply more memory than this process
+    # may use fail here with a CheckpointError, before anything is read or written.
+    from dgemma_rt import _core
+
+    if check is not None:
+        check(os.fspath(src))
+    else:
+        _core.check_checkpoint(os.fspath(src), "cpu", 1, 1, 0)
     if src.resolve() == dst.resolve():
         raise ValueError("the destination must differ from the source")
-    files = sorted(src.glob("*.safetensors"))
+    # The files the engine reads: those the index names, else every *.safetensors.
+    index_path = src / "model.safetensors.index.json"
+    src_index = read_json_file(index_path, MAX_INDEX_BYTES) if os.path.lexists(index_path) else None
+    if src_index is not None:
+        files = sorted({src / f for f in src_index["weight_map"].values()})
+    else:
+        files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{src} holds no *.safetensors files")
+        raise _checkpoint_error(src, "holds no *.safetensors files")
     dst.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
@@ -445,8 +598,11 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         tensors, meta = read_safetensors(f)
         out: dict[str, tuple[str, np.ndarray]] = {}
         for name, (dt, arr) in tensors.items():
-            expert = experts and is_expert_weight(name) and arr.ndim == 3
-            linear = dense is not None and is_dense_weight(name) and arr.ndim == 2
+            floating = dt in ("F32", "BF16", "F16")  # tensors stored quantized already stay as they are
+            expert = floating and experts and is_expert_weight(name) and arr.ndim == 3
+            linear = floating and dense is not None and is_dense_weight(name) and arr.ndim == 2
+            if (expert or linear) and not np.all(np.isfinite(arr)):
+                raise _checkpoint_error(f, f"tensor {name!r} holds NaN or Inf: it cannot be quantized")
             if linear and dense == "fp8":
                 codes, scale = quantize_fp8(arr)
                 out[name] = ("F8_E4M3", codes)
@@ -467,13 +623,13 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     if bar is not None:
         bar.close()
     for other in src.iterdir():
+        # Regular files only (is_file() follows symlinks and is False for FIFOs and devices).
         if other.is_file() and other.suffix != ".safetensors" and other.name != "model.safetensors.index.json":
             shutil.copy2(other, dst / other.name)
-    if (src / "model.safetensors.index.json").is_file():
-        idx = json.loads((src / "model.safetensors.index.json").read_text())
-        idx["weight_map"] = index
-        (dst / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2) + "\n")
-    cfg = json.loads((dst / "config.json").read_text())
+    if src_index is not None:
+        src_index["weight_map"] = index
+        (dst / "model.safetensors.index.json").write_text(json.dumps(src_index, indent=2) + "\n")
+    cfg = read_json_file(src / "config.json")
     parts = (["moe_experts"] if experts else []) + ([f"dense_{dense}"] if dense else [])
     cfg["quantization_config"] = {"quant_method": "nvfp4" if experts or dense == "nvfp4" else "fp8",
                                   "group_size": GROUP, "quantized": "+".join(parts),

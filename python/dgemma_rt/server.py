@@ -52,9 +52,11 @@ Infilling: ``/v1/completions`` takes the OpenAI ``suffix`` field (text, or token
 prompt). The prompt is the prefix; the new canvases are a template whose locked positions hold the
 suffix so that it ends the last canvas, and the free positions before it (at least ``max_tokens``)
 are generated around it. The answer is that middle, cut at its first EOS and to ``max_tokens``
-tokens; EOS does not end generation early (it would pad the suffix away). Streaming drafts show the
-middle settling with the suffix fixed after it. Extension field ``canvas_template`` (both routes):
-token ids over the new tokens, -1 where free, at most ``max_tokens`` long, as
+tokens; EOS stopping is off (every free position is denoised around the suffix). Streaming drafts
+show the middle settling before the suffix: their ``text`` is the canvas's middle draft (cut at its
+first EOS/pad) followed by the suffix text, so the committed text so far plus the latest draft reads
+prefix, middle, suffix as it settles. Extension field ``canvas_template`` (both routes): token ids
+over the new tokens, -1 where free, at most ``max_tokens`` long, as
 ``Engine.generate(canvas_template=...)``; not together with ``suffix``.
 
 A client that disconnects cancels its request (``Request.cancel()``), streaming or not: it leaves
@@ -201,6 +203,7 @@ class _Job:
         self.template = template
         self.middle = middle
         self.new_tokens = len(template) if middle is not None else max_tokens
+        self.suffix_text = ""  # infilling: the fixed text after the middle, appended to every draft
         self.seed = seed
         self.gen_kwargs = gen_kwargs
         self.stream = stream
@@ -340,10 +343,10 @@ class _Backend:
             step_i += 1
             if job.stream and not done:
                 row = draft[0]
-                if job.middle is not None:  # only the middle's positions of this canvas
+                if job.middle is not None:  # only the middle's positions of this canvas, then the fixed suffix
                     row = row[: max(0, job.middle - canvas_i * self.canvas)]
                 ids, _ = self._cut(row)
-                job.push("draft", canvas_i, step_i, tok.decode(ids))
+                job.push("draft", canvas_i, step_i, tok.decode(ids) + job.suffix_text)
 
         def on_block(block: Any) -> None:
             nonlocal canvas_i, step_i, done, emitted
@@ -374,7 +377,7 @@ class _Backend:
         if job.template is not None:
             extra["canvas_template"] = [job.template]
         if job.middle is not None:
-            extra["eos_token_id"] = None  # an early EOS must not pad the suffix away; the middle is cut below
+            extra["eos_token_id"] = None  # denoise the whole middle, as Engine.infill does; it is cut below
         native = self.engine.submit(
             [job.prompt_ids],
             max_new_tokens=job.new_tokens,
@@ -822,6 +825,8 @@ def create_app(
             template = [-1] * middle + suffix
         check_prompt(ids, len(template) if middle is not None else max_tokens)
         job = _Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle)
+        if req.suffix is not None and req.stream:  # the drafts show the middle settling before it
+            job.suffix_text = req.suffix if isinstance(req.suffix, str) else backend.tok.decode(suffix)
         return await run(job, chat=False, request=request)
 
     @app.post("/v1/chat/completions")

@@ -53,7 +53,9 @@ struct SamplingParams {
   uint64_t seed = 0;
   bool adaptive_stopping = true;  // false: every canvas runs exactly max_denoising_steps steps
   // Template canvases (infilling, fixed layouts): token ids laid over the new canvases in order,
-  // kFreePosition where the engine generates; a locked position keeps its token (empty: none).
+  // kFreePosition where the engine generates; a locked position keeps its token (empty: none), even
+  // after an EOS: then the free positions become pad and the locked ones stay, up to the last canvas
+  // the template reaches (README "Templates and infilling").
   std::vector<int32_t> canvas_template;
   static constexpr int32_t kFreePosition = -1;
 };
@@ -66,13 +68,13 @@ struct Draft {
 
 struct Block {
   int canvas;
-  std::vector<int32_t> tokens;  // the committed canvas (after the first EOS: pad)
+  std::vector<int32_t> tokens;  // the committed canvas (after the first EOS: pad, but template-locked tokens stay)
 };
 
 enum class Status { kQueued, kRunning, kDone, kFailed, kCancelled };
 
 struct Result {
-  std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS)
+  std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS, locked tokens kept)
   std::vector<int32_t> text_tokens;  // new tokens up to the first EOS/pad, cut at max_new_tokens
   std::string finish_reason;         // "stop" (EOS within max_new_tokens) or "length"
   std::vector<int> steps_per_canvas;  // decoder passes spent on each canvas
