@@ -425,7 +425,7 @@ struct Merged {
   double sum, ent;
 };
 
-__device__ Merged merge_splits(const SplitStat* st, int S, int P, int pos) {
+__device__ __forceinline__ Merged merge_splits(const SplitStat* st, int S, int P, int pos) {
   Merged r;
   float M = -INFINITY;
   int am = INT_MAX;
@@ -453,14 +453,14 @@ __device__ Merged merge_splits(const SplitStat* st, int S, int P, int pos) {
   r.sum = sum;
   const float sumf = static_cast<float>(sum);
   r.inv = 1.0f / sumf;
-  r.ent = sum > 0 ? log(static_cast<double>(sumf)) - mom / sum : 0.0;
+  r.ent = sum > 0 ? log(static_cast<double>(sumf)) - mom * __drcp_rn(sum) : 0.0;
   return r;
 }
 
 // Exact q_v of chunk c for one position, via the same arithmetic as the first kernel; warp w
 // computes H slice w. Writes q [kVTile] into shared memory.
 template <int HC>
-__device__ void chunk_q(const LmHeadSampleParams& p, int pos, int c, float M, float inv, float* part /*[8][64]*/,
+__device__ __forceinline__ void chunk_q(const LmHeadSampleParams& p, int pos, int c, float M, float inv, float* part /*[8][64]*/,
                         uint64_t* q) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
   float lg[8][4];
@@ -526,7 +526,7 @@ __global__ void __launch_bounds__(kThreads) lm_head_resolve_kernel(const LmHeadS
         s_w[s] = ms == -INFINITY ? 0.f : static_cast<float>(exp(static_cast<double>(ms) - m.M));
       }
       __syncthreads();
-      const float scale = static_cast<float>(static_cast<double>(p.soft_scale) / m.sum);
+      const float scale = static_cast<float>(static_cast<double>(p.soft_scale) * __drcp_rn(m.sum));
       const float* sp = reinterpret_cast<const float*>(ws + lay.soft_off);
       for (int h = tid; h < H; h += kThreads) {
         float a = 0.f;
