@@ -223,7 +223,7 @@ BENCH_KEYS = {
     "cpu_count", "load_s", "tokens_per_s", "ms_per_step", "ms_per_canvas", "steps_per_canvas",
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
     "decoder_forwards", "encoder_forwards", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
-    "loaded_rss_mib", "generate_peak_rss_mib", "template_free_fraction",
+    "loaded_rss_mib", "generate_peak_rss_mib", "template_free_fraction", "peer",
 }  # fmt: skip
 
 

@@ -8,6 +8,8 @@ each run does the same work: batch rows x ceil(new_tokens / canvas_length) canva
 from __future__ import annotations
 
 import argparse
+import gc
+import copy
 import json
 import math
 import os
@@ -51,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="adaptive stopping and the checkpoint's EOS ids, as in real use",
     )
-    p.add_argument("--device", default="cpu",
-                   help="the Engine's device: cpu (default), cuda or cuda:N; checked before any checkpoint is "
-                        "built or loaded")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="cpu",
+                   help="where the engine (and --peer) runs: cpu, or cuda / cuda:N where built with CUDA (default cpu); "
+                        "checked before any checkpoint is built or loaded")
+    p.add_argument("--peer", choices=["transformers"], default=None,
+                   help="also time transformers' DiffusionGemmaForBlockDiffusion (eager; float32 on the CPU, bf16 on "
+                        "a GPU; same checkpoint, prompts, new tokens, fixed steps and thread count), alternating "
+                        "run by run with the engine, and report the ratio (needs torch and transformers)")
     p.add_argument("--quant", choices=["none", "nvfp4"], default="none",
                    help="nvfp4: quantize the MoE experts at load (on the CPU they run dequantized; default none)")
     p.add_argument("--dense-quant", choices=["none", "nvfp4", "fp8"], default="none",
@@ -62,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="bench random weights at a preset's shape (--preset) instead of a checkpoint; written once "
                         "into the cache, directly in the --quant / --dense-quant formats")
-    p.add_argument("--preset", choices=["26b-a4b", "wide-vocab", "tiny"], default="26b-a4b",
+    p.add_argument("--preset", choices=["26b-a4b", "wide-vocab", "tiny", "cpu-small", "cpu-medium"], default="26b-a4b",
                    help="shape for --random-weights (default 26b-a4b, the released model; wide-vocab: its "
-                        "vocabulary and canvas on a tiny body)")
+                        "vocabulary and canvas on a tiny body; cpu-small / cpu-medium: the CPU benchmark shapes)")
     p.add_argument("--num-layers", type=_positive_int, default=None,
                    help="with --random-weights: only the preset's first N layers (default: all)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size (default: fits the run)")
@@ -290,6 +296,82 @@ def reset_peak_rss() -> bool:
         return False
 
 
+class TransformersPeer:
+    """transformers' DiffusionGemmaForBlockDiffusion on the same checkpoint and prompts, for --peer: eager
+    attention and experts (sdpa crashes in 5.23.0's encoder), float32 on the CPU with the engine's thread
+    count, bf16 on a GPU; every canvas runs exactly ``steps`` steps and EOS is ignored, as the engine's
+    fixed-step runs do."""
+
+    def __init__(self, ckpt: pathlib.Path, device: str, threads: int | None, prompts: np.ndarray, new_tokens: int,
+                 steps: int):
+        try:
+            import torch
+            import transformers
+            from transformers import DiffusionGemmaForBlockDiffusion
+        except ImportError as e:
+            raise ValueError(f"--peer transformers needs torch and transformers ({e})") from None
+        self.torch = torch
+        self.version = transformers.__version__
+        on_gpu = device != "cpu"
+        self.dtype = "bfloat16" if on_gpu else "float32"
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # random checkpoints have no vision tower: not worth a report
+        try:
+            if any(ckpt.glob("*.safetensors")):
+                model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+                    str(ckpt), dtype=getattr(torch, self.dtype), attn_implementation="eager",
+                    experts_implementation="eager")
+            else:  # a config-only directory (--random-weights on a GPU): random init, on the device
+                config = transformers.AutoConfig.from_pretrained(str(ckpt))
+                config._attn_implementation = "eager"
+                config.text_config._attn_implementation = "eager"
+                with torch.device(device):
+                    model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=getattr(torch, self.dtype))
+                gen_path = ckpt / "generation_config.json"
+                if gen_path.is_file():
+                    model.generation_config = type(model.generation_config).from_pretrained(str(ckpt))
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        model.config._attn_implementation = "eager"
+        model.config.text_config._attn_implementation = "eager"
+        self.model = model.to(device).eval()
+        self.device = device
+        self.input_ids = torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64)).to(device)
+        gc = copy.deepcopy(model.generation_config)
+        gc.max_new_tokens = new_tokens
+        gc.max_denoising_steps = steps
+        gc.eos_token_id = None
+        gc.stability_threshold = None
+        gc.confidence_threshold = None
+        gc.return_dict_in_generate = True
+        self.generation_config = gc
+        self.steps = steps
+        self.new_tokens = new_tokens
+        self.runs_s: list[float] = []
+        self.steps_per_canvas: float | None = None
+
+    def run(self, record: bool) -> float:
+        torch = self.torch
+        with torch.no_grad():
+            if self.device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = self.model.generate(self.input_ids, generation_config=self.generation_config)
+            if self.device != "cpu":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+        # Same work as the engine's fixed-step run: every canvas ran `steps` decoder passes.
+        tpf = float(out.tokens_per_forward.float().mean())
+        new = out.sequences.shape[1] - self.input_ids.shape[1]
+        canvas = self.model.config.canvas_length
+        self.steps_per_canvas = (new / tpf) / math.ceil(new / canvas) if tpf > 0 else None
+        if record:
+            self.runs_s.append(elapsed)
+        return elapsed
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dgemma_rt
 
@@ -374,9 +456,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if bar is not None:
                 bar.close()
 
+    peer = None
+    # On the CPU the two alternate run by run, so both see the same machine load. A GPU is not shared,
+    # and the engine and the peer may not fit in its memory together (two bf16 copies of the 26B-A4B
+    # are ~100 GB): there the peer is made and timed after the engine is gone.
+    peer_after = args.peer is not None and args.device != "cpu"
+    if args.peer:
+        if not args.fixed_steps or args.template is not None:
+            raise ValueError("--peer times fixed-step runs without templates (drop --adaptive / --template)")
+        if not peer_after:
+            peer = TransformersPeer(ckpt, args.device, args.threads, prompts, args.new_tokens, args.steps)
+
     for i in range(args.warmup):
         out, _ = generate(f"warmup {i + 1}/{args.warmup}")
         del out  # hands its KV blocks back before the next run
+        if peer is not None:
+            peer.run(record=False)
 
     # The generate calls' own peak, apart from loading's (which converts weights and can peak higher).
     loaded_rss = _status_mib("VmRSS")
@@ -388,9 +483,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     canvases = 0
     steps: list[int] = []
     tpf: list[float] = []
+    engine_runs_s: list[float] = []
     for i in range(args.runs):
         out, wall = generate(f"run {i + 1}/{args.runs}")
         wall_s += wall
+        engine_runs_s.append(wall)
+        if peer is not None:  # alternately, so both see the same machine load
+            peer.run(record=True)
         for key in totals:
             totals[key] += out.timings[key]
         for row, seq in enumerate(out.sequences):
@@ -401,8 +500,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tpf.extend(float(x) for x in out.tokens_per_forward)
         del out
 
+    num_layers = int(engine.config["num_hidden_layers"])
+    if peer_after:
+        del engine
+        gc.collect()  # the engine's device memory goes back before the peer takes its own
+        peer = TransformersPeer(ckpt, args.device, args.threads, prompts, args.new_tokens, args.steps)
+        for _ in range(args.warmup):
+            peer.run(record=False)
+        for _ in range(args.runs):
+            peer.run(record=True)
+
     forwards = max(int(totals["decoder_forwards"]), 1)
+    peer_fields: dict[str, Any] = {"peer": args.peer}
+    if peer is not None:
+        engine_ms = 1000.0 * float(np.median(engine_runs_s))
+        peer_ms = 1000.0 * float(np.median(peer.runs_s))
+        peer_fields.update({
+            "peer_version": peer.version,
+            "peer_dtype": peer.dtype,
+            "peer_threads": peer.threads,
+            "peer_steps_per_canvas": peer.steps_per_canvas,
+            "engine_runs_ms": [1000.0 * t for t in engine_runs_s],
+            "peer_runs_ms": [1000.0 * t for t in peer.runs_s],
+            "engine_median_ms": engine_ms,
+            "peer_median_ms": peer_ms,
+            "speedup_vs_peer": peer_ms / engine_ms if engine_ms > 0 else None,
+        })
     return {
+        **peer_fields,
         "checkpoint": str(ckpt),
         "tiny": args.checkpoint is None and not args.random_weights,
         "batch": args.batch,
@@ -420,7 +545,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "template_free_fraction": args.template,
         "random_weights": args.random_weights,
         "preset": args.preset if args.random_weights else None,
-        "num_layers": int(engine.config["num_hidden_layers"]),
+        "num_layers": num_layers,
         "weight_bytes": checkpoint_weight_bytes(ckpt),
         "device": args.device,
         "dgemma_rt_version": _version(),
@@ -479,6 +604,13 @@ def format_report(r: dict[str, Any]) -> str:
         ("total", f"{r['total_ms']:.1f} ms (wall {r['wall_ms']:.1f} ms)"),
         ("peak RSS", rss),
     ]
+    if r.get("peer"):
+        rows.append((
+            "vs " + r["peer"],
+            f"{r['speedup_vs_peer']:.2f}x: engine {r['engine_median_ms']:.1f} ms, {r['peer']} {r['peer_version']} "
+            f"({r['peer_dtype']}, {r['peer_threads']} threads) {r['peer_median_ms']:.1f} ms per generate call "
+            f"(medians of {r['runs']} alternating runs)",
+        ))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -47,8 +47,20 @@ WIDE_VOCAB = ModelShape(
     canvas_length=256, max_position_embeddings=8192,
 )  # fmt: skip
 
-PRESETS: dict[str, ModelShape] = {"tiny": TINY, "26b-a4b": GEMMA_26B_A4B, "wide-vocab": WIDE_VOCAB}
-EOS_IDS: dict[str, list[int]] = {"tiny": [1, 5], "26b-a4b": [1, 106, 50], "wide-vocab": [1, 106, 50]}
+# The CPU benchmark shapes of issue 14 (dgemma-bench --peer transformers): a small model whose step is
+# dominated by per-op overheads, and a medium one whose step is dominated by the GEMMs and the head.
+CPU_SMALL = ModelShape(
+    vocab_size=4096, hidden_size=256, intermediate_size=512, layer_types=_layer_types(6),
+    num_heads=4, num_kv_heads=2, head_dim=64, global_head_dim=128, num_global_kv_heads=1,
+    num_experts=16, top_k_experts=4, moe_intermediate_size=128, sliding_window=64,
+    canvas_length=64, max_position_embeddings=8192,
+)  # fmt: skip
+CPU_MEDIUM = dataclasses.replace(CPU_SMALL, hidden_size=1024, vocab_size=32768, canvas_length=256)
+
+PRESETS: dict[str, ModelShape] = {"tiny": TINY, "26b-a4b": GEMMA_26B_A4B, "wide-vocab": WIDE_VOCAB,
+                                  "cpu-small": CPU_SMALL, "cpu-medium": CPU_MEDIUM}
+EOS_IDS: dict[str, list[int]] = {"tiny": [1, 5], "26b-a4b": [1, 106, 50], "wide-vocab": [1, 106, 50],
+                                 "cpu-small": [1, 106, 50], "cpu-medium": [1, 106, 50]}
 
 
 def preset(name: str, num_layers: int | None = None) -> ModelShape:

@@ -79,58 +79,76 @@ struct AttnRow {
   const std::vector<const float*>* vp;
 };
 
+// One query head of one token: scores against its visible keys (the cached ones first, then the row's
+// new tokens), softmax in f32, weighted sum of the values into out [hd]. keys/vals: one pointer per key,
+// already offset to the query's KV head; visible[j] == 0 masks key j. The dot products keep 16 partial
+// sums in a fixed order (vectorisable and deterministic); the clones differ only in vector width and
+// FMA contraction (DG_CPU_CLONES, ops.h).
+DG_CPU_CLONES
+void attend_head(const float* __restrict q, const float* const* keys, const float* const* vals, const uint8_t* visible,
+                 int m, int hd, float scale, float* __restrict scores, float* __restrict out) {
+  constexpr int L = 16;
+  float mx = -INFINITY;
+  for (int j = 0; j < m; ++j) {
+    float sc = -INFINITY;
+    if (visible[j]) {
+      const float* __restrict k = keys[j];
+      float acc[L] = {};
+      int d = 0;
+      for (; d + L <= hd; d += L)
+        for (int l = 0; l < L; ++l) acc[l] += q[d + l] * k[d + l];
+      float s = 0;
+      for (int l = 0; l < L; ++l) s += acc[l];
+      for (; d < hd; ++d) s += q[d] * k[d];
+      sc = scale == 1.0f ? s : s * scale;
+    }
+    scores[j] = sc;
+    mx = std::max(mx, sc);
+  }
+  double sum = 0;
+  for (int j = 0; j < m; ++j) {
+    scores[j] = scores[j] == -INFINITY ? 0.0f : std::exp(scores[j] - mx);
+    sum += scores[j];
+  }
+  const float inv = 1.0f / static_cast<float>(sum);
+  for (int d = 0; d < hd; ++d) out[d] = 0.0f;
+  for (int j = 0; j < m; ++j) {
+    const float p = scores[j] * inv;
+    if (p == 0.0f) continue;
+    const float* __restrict v = vals[j];
+    for (int d = 0; d < hd; ++d) out[d] += p * v[d];
+  }
+}
+
 void attend_row(const AttnRow& a) {
   const int group = a.heads / a.kv_heads;
   const size_t kstride = static_cast<size_t>(a.kv_heads) * a.hd;
   const int cached = static_cast<int>(a.kp->size());
+  const int m = cached + a.n;
   const long work = static_cast<long>(a.n) * a.heads;
 #pragma omp parallel
   {
-    std::vector<float> scores(cached + a.n);
-    std::vector<float> acc(a.hd);
+    std::vector<float> scores(m);
+    std::vector<const float*> keys(m), vals(m);
+    std::vector<uint8_t> visible(m);
+    int have_g = -1;
 #pragma omp for schedule(static)
     for (long w = 0; w < work; ++w) {
       const int i = static_cast<int>(w / a.heads), h = static_cast<int>(w % a.heads);
-      const size_t g = static_cast<size_t>(h / group);
+      const int g = h / group;
+      if (g != have_g) {  // this KV head's key and value pointers
+        for (int j = 0; j < cached; ++j) keys[j] = (*a.kp)[j] + g * a.hd, vals[j] = (*a.vp)[j] + g * a.hd;
+        for (int j = 0; j < a.n; ++j)
+          keys[cached + j] = a.kn + j * kstride + g * a.hd, vals[cached + j] = a.vn + j * kstride + g * a.hd;
+        have_g = g;
+      }
       const int qpos = a.pos0 + i;
-      const float* qv = a.q + (static_cast<size_t>(i) * a.heads + h) * a.hd;
-      auto visible = [&](int kpos) {
-        if (!a.causal) return true;
-        if (kpos > qpos) return false;
-        return a.window <= 0 || kpos > qpos - a.window;
-      };
-      auto score = [&](const float* kv) {
-        float sc = 0;
-        for (int d = 0; d < a.hd; ++d) sc += qv[d] * kv[d];
-        return a.scale == 1.0f ? sc : sc * a.scale;
-      };
-      // Scores, in key-position order: the cached keys first, then the new tokens.
-      float mx = -INFINITY;
-      for (int j = 0; j < cached; ++j) {
-        const float sc = visible(a.cache_start + j) ? score((*a.kp)[j] + g * a.hd) : -INFINITY;
-        scores[j] = sc;
-        mx = std::max(mx, sc);
-      }
-      for (int j = 0; j < a.n; ++j) {
-        const float sc = visible(a.pos0 + j) ? score(a.kn + j * kstride + g * a.hd) : -INFINITY;
-        scores[cached + j] = sc;
-        mx = std::max(mx, sc);
-      }
-      const int m = cached + a.n;
-      double sum = 0;
       for (int j = 0; j < m; ++j) {
-        scores[j] = scores[j] == -INFINITY ? 0.0f : std::exp(scores[j] - mx);
-        sum += scores[j];
+        const int kpos = j < cached ? a.cache_start + j : a.pos0 + (j - cached);
+        visible[j] = !a.causal || (kpos <= qpos && (a.window <= 0 || kpos > qpos - a.window));
       }
-      const float inv = 1.0f / static_cast<float>(sum);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int j = 0; j < m; ++j) {
-        const float p = scores[j] * inv;
-        if (p == 0.0f) continue;
-        const float* vv = (j < cached ? (*a.vp)[j] : a.vn + (j - cached) * kstride) + g * a.hd;
-        for (int d = 0; d < a.hd; ++d) acc[d] += p * vv[d];
-      }
-      std::copy(acc.begin(), acc.end(), a.out + (static_cast<size_t>(i) * a.heads + h) * a.hd);
+      attend_head(a.q + (static_cast<size_t>(i) * a.heads + h) * a.hd, keys.data(), vals.data(), visible.data(), m,
+                  a.hd, a.scale, scores.data(), a.out + (static_cast<size_t>(i) * a.heads + h) * a.hd);
     }
   }
 }
@@ -497,13 +515,14 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
 
   std::lock_guard<std::mutex> lock(head_mu_);
   head_logits_.resize(static_cast<size_t>(kHeadChunk) * V);
+  head_probs_.resize(static_cast<size_t>(kHeadChunk) * V);
+  head_soft_.resize(static_cast<size_t>(kHeadChunk) * H);
   const int threads = thread_count();
-  if (static_cast<int>(head_cdf_.size()) < threads) {
-    head_processed_.resize(threads), head_probs_.resize(threads), head_cdf_.resize(threads);
-  }
+  if (static_cast<int>(head_cdf_.size()) < threads) head_processed_.resize(threads), head_cdf_.resize(threads);
   for (int c0 = 0; c0 < T; c0 += kHeadChunk) {
     const int m = std::min(kHeadChunk, T - c0);
     float* logits = head_logits_.data();
+    float* probs = head_probs_.data();
     cpu::linear(a.x.ptr<float>() + static_cast<size_t>(c0) * H, w_.lm_head, logits, m, V, H);
     if (cfg_.final_logit_softcapping) {
       const float cap = static_cast<float>(*cfg_.final_logit_softcapping);
@@ -511,28 +530,32 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
 #pragma omp parallel for schedule(static)
       for (size_t i = 0; i < total; ++i) logits[i] = std::tanh(logits[i] / cap) * cap;
     }
-#pragma omp parallel
+    int soft_rows = 0;
+#pragma omp parallel reduction(+ : soft_rows)
     {
       const int me = thread_index();
       std::vector<float>& pr = head_processed_[me];
-      std::vector<float>& pb = head_probs_[me];
       std::vector<double>& cd = head_cdf_[me];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
       for (int i = 0; i < m; ++i) {
         const int t = c0 + i;
-        pr.resize(V), pb.resize(V), cd.resize(V);
+        pr.resize(V), cd.resize(V);
         const Sampled s = sample_position(logits + static_cast<size_t>(i) * V, V, temp[t / a.n], uni[t], pr.data(),
-                                          pb.data(), cd.data());
+                                          probs + static_cast<size_t>(i) * V, cd.data());
         a.token.ptr<int32_t>()[t] = s.token;
         a.argmax.ptr<int32_t>()[t] = s.argmax;
         a.entropy.ptr<float>()[t] = s.entropy;
-        if (sidx[t] >= 0) {
-          // The next step's self-conditioning input: softmax(processed) @ E * sqrt(H).
-          float* soft = a.soft.ptr<float>() + static_cast<size_t>(sidx[t]) * H;
-          matvec_nn_serial(pb.data(), w_.embed_tokens, soft, H, V);
-          for (int c = 0; c < H; ++c) soft[c] *= scale;
-        }
+        soft_rows += sidx[t] >= 0;
       }
+    }
+    if (soft_rows == 0) continue;
+    // The next step's self-conditioning input: softmax(processed) @ E * sqrt(H), one GEMM for the chunk.
+    cpu::matmul_nn(probs, w_.embed_tokens, head_soft_.data(), m, H, V);
+    for (int i = 0; i < m; ++i) {
+      if (sidx[c0 + i] < 0) continue;
+      const float* src = head_soft_.data() + static_cast<size_t>(i) * H;
+      float* soft = a.soft.ptr<float>() + static_cast<size_t>(sidx[c0 + i]) * H;
+      for (int c = 0; c < H; ++c) soft[c] = src[c] * scale;
     }
   }
 }

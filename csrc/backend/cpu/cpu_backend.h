@@ -59,8 +59,10 @@ class CpuBackend : public Backend {
   const ModelWeights& w_;
   std::mutex head_mu_;              // one head pass at a time: guards the buffers below
   std::vector<float> head_logits_;  // [kHeadChunk, V]
-  // Per thread, [V] each: processed logits, probabilities, CDF.
-  std::vector<std::vector<float>> head_processed_, head_probs_;
+  std::vector<float> head_probs_;   // [kHeadChunk, V]
+  std::vector<float> head_soft_;    // [kHeadChunk, H]
+  // Per thread, [V] each: processed logits, CDF.
+  std::vector<std::vector<float>> head_processed_;
   std::vector<std::vector<double>> head_cdf_;
 };
 

@@ -2,120 +2,90 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+// scipy-openblas32's header: its symbols are prefixed scipy_, so they cannot
+// clash with another BLAS in the process (numpy's, torch's).
+#include <cblas.h>
 
 namespace dgemma::cpu {
 namespace {
 
-constexpr int kLanes = 16;
-
-// Four dot products of x against w0..w3, with kLanes independent accumulators each so the
-// compiler vectorises the inner loop.
-inline void dot4(const float* __restrict x, const float* __restrict w0, const float* __restrict w1,
-                 const float* __restrict w2, const float* __restrict w3, int K, float* out) {
-  float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
-  int k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float xv = x[k + j];
-      a0[j] += xv * w0[k + j];
-      a1[j] += xv * w1[k + j];
-      a2[j] += xv * w2[k + j];
-      a3[j] += xv * w3[k + j];
-    }
-  }
-  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    s0 += a0[j];
-    s1 += a1[j];
-    s2 += a2[j];
-    s3 += a3[j];
-  }
-  for (; k < K; ++k) {
-    s0 += x[k] * w0[k];
-    s1 += x[k] * w1[k];
-    s2 += x[k] * w2[k];
-    s3 += x[k] * w3[k];
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+// Weight rows per BLAS call of an x @ W^T: about 128 KiB of weights (stays in L2 while row tiles
+// stream), a multiple of 16. A function of the weight's shape only.
+int col_block_nt(int N, int K) {
+  int nb = static_cast<int>((128 * 1024 / sizeof(float)) / static_cast<size_t>(std::max(K, 1)));
+  nb = std::max(16, std::min(256, nb / 16 * 16));
+  return std::min(nb, N);
 }
 
-inline float dot1(const float* __restrict x, const float* __restrict w, int K) {
-  float a[kLanes] = {};
-  int k = 0;
-  for (; k + kLanes <= K; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) a[j] += x[k + j] * w[k + j];
-  float s = 0;
-  for (int j = 0; j < kLanes; ++j) s += a[j];
-  for (; k < K; ++k) s += x[k] * w[k];
-  return s;
-}
-
-// Rows [m0, m1) x column block nb (4 columns of y).
-inline void linear_tile(const float* x, const float* w, float* y, int m0, int m1, int n0, int N, int K) {
-  if (n0 + 4 <= N) {
-    const float* w0 = w + static_cast<size_t>(n0) * K;
-    float r[4];
-    for (int m = m0; m < m1; ++m) {
-      dot4(x + static_cast<size_t>(m) * K, w0, w0 + K, w0 + 2 * K, w0 + 3 * K, K, r);
-      float* yr = y + static_cast<size_t>(m) * N + n0;
-      yr[0] = r[0];
-      yr[1] = r[1];
-      yr[2] = r[2];
-      yr[3] = r[3];
+// y[M, N] = x[M, K] @ (nt ? w[N, K]^T : w[K, N]) as (row tile, column block) BLAS calls of one shape
+// (see ops.h). Each call computes the tile transposed, C[kRowTile, cols] column-major: the tile's rows
+// then run along BLAS's M, the dimension its micro-kernels vectorise, where every row of a full
+// micro-tile goes through the same instructions (along N, OpenBLAS's Haswell kernel rounds columns
+// 6-11 of its 12 differently). The last partial row tile goes through a zero-padded copy.
+void gemm(const float* x, const float* w, float* y, int M, int N, int K, bool nt, bool parallel) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    std::fill(y, y + static_cast<size_t>(M) * N, 0.0f);
+    return;
+  }
+  blas_single_threaded();
+  const int nb = nt ? col_block_nt(N, K) : std::min(N, 64);
+  const int tiles = (M + kRowTile - 1) / kRowTile, blocks = (N + nb - 1) / nb;
+  const int full = M / kRowTile, tail = M - full * kRowTile;
+  std::vector<float> apad;
+  if (tail) {
+    apad.assign(static_cast<size_t>(kRowTile) * K, 0.0f);
+    std::memcpy(apad.data(), x + static_cast<size_t>(full) * kRowTile * K, static_cast<size_t>(tail) * K * sizeof(float));
+  }
+  auto task = [&](long t, std::vector<float>& ct) {
+    const int tile = static_cast<int>(t / blocks), n0 = static_cast<int>(t % blocks) * nb;
+    const int cols = std::min(nb, N - n0);
+    const float* a = tile == full ? apad.data() : x + static_cast<size_t>(tile) * kRowTile * K;
+    ct.resize(static_cast<size_t>(kRowTile) * nb);
+    float* c = ct.data();
+    if (nt)  // C = x_tile[kRowTile, K] @ W[n0:n0+cols, :]^T
+      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, kRowTile, cols, K, 1.0f, a, K,
+                        w + static_cast<size_t>(n0) * K, K, 0.0f, c, kRowTile);
+    else  // C = x_tile[kRowTile, K] @ W[:, n0:n0+cols]
+      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasTrans, kRowTile, cols, K, 1.0f, a, K, w + n0, N, 0.0f, c,
+                        kRowTile);
+    const int rows = tile == full ? tail : kRowTile;
+    float* yt = y + static_cast<size_t>(tile) * kRowTile * N + n0;
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < cols; ++j) yt[static_cast<size_t>(r) * N + j] = c[static_cast<size_t>(j) * kRowTile + r];
+  };
+  const long n = static_cast<long>(tiles) * blocks;
+  if (parallel && n > 1) {
+#pragma omp parallel
+    {
+      std::vector<float> ct;
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < n; ++t) task(t, ct);
     }
   } else {
-    for (int n = n0; n < N; ++n)
-      for (int m = m0; m < m1; ++m)
-        y[static_cast<size_t>(m) * N + n] = dot1(x + static_cast<size_t>(m) * K, w + static_cast<size_t>(n) * K, K);
+    std::vector<float> ct;
+    for (long t = 0; t < n; ++t) task(t, ct);
   }
 }
 
 }  // namespace
 
-void linear(const float* x, const float* w, float* y, int M, int N, int K) {
-  // Tiles of 4 weight rows x up to 64 input rows keep the weight rows in L1/L2 while x streams.
-  const int nb = (N + 3) / 4;
-  const int mt = 64;
-  const int mb = (M + mt - 1) / mt;
-  const long tiles = static_cast<long>(nb) * mb;
-#pragma omp parallel for schedule(static)
-  for (long t = 0; t < tiles; ++t) {
-    const int bn = static_cast<int>(t % nb), bm = static_cast<int>(t / nb);
-    linear_tile(x, w, y, bm * mt, std::min(M, (bm + 1) * mt), bn * 4, N, K);
-  }
+void blas_single_threaded() {
+  static std::once_flag once;
+  std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
 }
+
+void linear(const float* x, const float* w, float* y, int M, int N, int K) { gemm(x, w, y, M, N, K, true, true); }
 
 void linear_serial(const float* x, const float* w, float* y, int M, int N, int K) {
-  for (int n0 = 0; n0 < N; n0 += 4) linear_tile(x, w, y, 0, M, n0, N, K);
+  gemm(x, w, y, M, N, K, true, false);
 }
 
-void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K) {
-#pragma omp parallel for schedule(static)
-  for (int m = 0; m < M; ++m) {
-    float* yr = y + static_cast<size_t>(m) * N;
-    std::fill(yr, yr + N, 0.0f);
-    const float* xr = x + static_cast<size_t>(m) * K;
-    for (int k = 0; k < K; ++k) {
-      const float a = xr[k];
-      if (a == 0.0f) continue;
-      const float* wr = w + static_cast<size_t>(k) * N;
-      for (int n = 0; n < N; ++n) yr[n] += a * wr[n];
-    }
-  }
-}
-
-void matvec_nn_serial(const float* x, const float* w, float* y, int N, int K) {
-  std::fill(y, y + N, 0.0f);
-  for (int k = 0; k < K; ++k) {
-    const float a = x[k];
-    if (a == 0.0f) continue;
-    const float* wr = w + static_cast<size_t>(k) * N;
-    for (int n = 0; n < N; ++n) y[n] += a * wr[n];
-  }
-}
+void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K) { gemm(x, w, y, M, N, K, false, true); }
 
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows * dim > 16384)

@@ -1,20 +1,40 @@
 // Float32 building blocks of the CPU reference backend. All are deterministic: each output element
-// is computed by one thread in a fixed order, so results do not depend on the thread count.
+// is computed by one thread in a fixed order, so results do not depend on the thread count, nor on
+// which other rows share the call.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+// Runtime dispatch for our own hot loops (the GEMMs dispatch inside OpenBLAS): GCC/Clang build an
+// x86-64-v4 (AVX-512), an x86-64-v3 (AVX2 + FMA) and a baseline copy of the function and pick one
+// at load time, so a portable build still uses the wide units where the CPU has them. The copies
+// round alike but for FMA contraction. Off with DGEMMA_NATIVE_ARCH (already built for this CPU).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(DGEMMA_NATIVE_ARCH_BUILD) && !defined(__clang__)
+#define DG_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DG_CPU_CLONES
+#endif
+
 namespace dgemma::cpu {
 
-// y[M, N] = x[M, K] @ w[N, K]^T  (nn.Linear layout). Parallel over N and M.
+// The GEMMs run on OpenBLAS (single-threaded calls; the parallelism is ours). Every call has the
+// same shape for a given weight: rows in tiles of kRowTile (a last partial tile is zero-padded),
+// columns in blocks that depend only on the weight's shape. So each output element comes out of the
+// same BLAS code path whatever the thread count, the batch composition or the row's place in it
+// (OpenBLAS picks its small-matrix and GEMV paths by shape, and they round differently). 16 rows: the
+// widest tile whose rows all round alike in OpenBLAS's Haswell, SkylakeX, Sandybridge and Prescott
+// kernels (tests/test_batching.py checks the batch invariance end to end).
+constexpr int kRowTile = 16;
+
+// y[M, N] = x[M, K] @ w[N, K]^T  (nn.Linear layout). Tiles spread over the OpenMP threads.
 void linear(const float* x, const float* w, float* y, int M, int N, int K);
-// Same, single-threaded (for use inside an outer parallel loop).
+// Same, single-threaded (for use inside an outer parallel loop), same results.
 void linear_serial(const float* x, const float* w, float* y, int M, int N, int K);
-// y[M, N] = x[M, K] @ w[K, N]. Parallel over M.
+// y[M, N] = x[M, K] @ w[K, N]. Tiles spread over the OpenMP threads.
 void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K);
-// y[N] = x[K] @ w[K, N], single-threaded, the same arithmetic as one row of matmul_nn.
-void matvec_nn_serial(const float* x, const float* w, float* y, int N, int K);
+// Makes OpenBLAS run each call on the calling thread only (idempotent, cheap after the first call).
+void blas_single_threaded();
 
 // y = x * (mean(x^2) + eps)^-0.5 [* weight], per row of `dim`. weight may be null. y may alias x.
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps);
