@@ -101,7 +101,8 @@ if [ "$MODE" = dry ]; then
   vpy="$tmp/venv/bin/python"
   "$PY" "$LIB" stubs "$ROOT/tools/gpu_machine.txt" "$tmp/stubs" && pass "stub wheels for what the GPU machine has (tools/gpu_machine.txt)"
   target=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
-          --platform manylinux2014_x86_64 --platform manylinux_2_35_x86_64)
+          --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+          --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64)
   if "${pipenv[@]}" "$vpy" -m pip install -q --dry-run --ignore-installed --target "$tmp/t312" "${target[@]}" \
        --find-links "$WHEELS" --find-links "$tmp/stubs" --report "$tmp/report.json" $SPECS >"$tmp/resolve.log" 2>&1 \
      && "${pipenv[@]}" "$vpy" -m pip install -q --dry-run --ignore-installed --target "$tmp/t312c" "${target[@]}" \
