@@ -36,6 +36,7 @@
 // stream should set the pace: ~1.1-1.2x the byte time, 140-155 us per layer (4.2-4.6 ms per step for the
 // 30 layers) on an H100 SXM, against 1.0-1.3 ms per layer for the first kernel. The activation re-reads
 // (tokens x K x 2 bytes per CTA, 0.44x the weight bytes at 16 tokens) come from L2. Not yet run on a GPU.
+#include "kernels/common/ptx.cuh"
 #include "kernels/nvfp4/nvfp4.cuh"
 
 #include "common/nvfp4_w4a16_layout.h"
@@ -57,36 +58,19 @@ constexpr int kSmemBytes = kStages * kStageBytes + kRowsTableBytes;  // 77056: 2
 static_assert(L::kUnitBytes == kThreads * 16 + 32 * 16, "a stage's weights: one 16-byte chunk per thread + the scales");
 static_assert(L::kUnitBytes % 128 == 0 && kStageBytes % 128 == 0, "stages keep 128-byte alignment");
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
+using ptx::cp_async16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::mma_bf16_16816;
+using ptx::smem_u32;
 __device__ __forceinline__ void cp_async16_evict_first(uint32_t dst, const void* src, uint64_t policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(policy));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
 }
 __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // a * (the low or high half of s, broadcast): HMUL2.BF16 with an operand selector, no extra instruction.
 template <int Half>
