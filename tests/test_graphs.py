@@ -39,8 +39,9 @@ def assert_same(a, b):
 
 def assert_every_step_counted(engine, counters):
     """Each decoder pass either ran its ops directly or replayed a capture, and nothing else happened."""
-    n = counters.as_dict()
-    assert n["direct_steps"] + n["replays"] == engine.scheduler_stats()["decoder_passes"], n
+    n, st = counters.as_dict(), engine.scheduler_stats()
+    assert n["direct_steps"] + n["replays"] == st["decoder_passes"], (n, st)
+    assert (st["captured_passes"], st["replayed_passes"]) == (n["captures"], n["replays"]), (n, st)
     assert n["aborted"] == 0 and n["held"] <= 16, n
     return n
 
@@ -175,3 +176,10 @@ def test_denoise_logits_is_never_captured(deep_ckpt, engine_for):
         np.testing.assert_array_equal(engine.denoise_logits(engine.encode(ids), canvas, self_conditioning_logits=sc),
                                       plain.denoise_logits(plain.encode(ids), canvas, self_conditioning_logits=sc))
     assert counters.as_dict()["captures"] == 0
+
+
+def test_plain_cpu_backend_never_captures(deep_ckpt, engine_for):
+    engine = engine_for(deep_ckpt)
+    engine.generate([prompt(deep_ckpt, 4, 13)], max_new_tokens=deep_ckpt.canvas_length, max_denoising_steps=6, **FIXED)
+    st = engine.scheduler_stats()
+    assert st["decoder_passes"] > 0 and st["captured_passes"] == st["replayed_passes"] == 0

@@ -481,6 +481,8 @@ PYBIND11_MODULE(_core, m) {
         d["completed"] = st.completed;
         d["failed"] = st.failed;
         d["cancelled"] = st.cancelled;
+        d["captured_passes"] = st.captured_passes;
+        d["replayed_passes"] = st.replayed_passes;
         return d;
       })
       .def("submit", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, py::dict p, py::object noise,

@@ -467,7 +467,10 @@ void Forward::run_ops(const std::vector<int64_t>& sig, const std::function<void(
     g.ran = true;
     return;
   }
-  if (be_.replay(g.key)) return;
+  if (be_.replay(g.key)) {
+    replayed_++;
+    return;
+  }
   be_.begin_capture();
   try {
     ops();
@@ -476,7 +479,9 @@ void Forward::run_ops(const std::vector<int64_t>& sig, const std::function<void(
     throw;
   }
   be_.end_capture(g.key);
+  captured_++;
   DG_CHECK(be_.replay(g.key), "the " << be_.name() << " backend lost a capture it had just made");
+  replayed_++;
 }
 
 void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,

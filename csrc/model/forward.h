@@ -28,6 +28,7 @@
 // never captured.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -113,6 +114,12 @@ class Forward {
   void logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
               const std::vector<const float*>& sc_logits, float* out);
 
+  // Decoder steps captured, and run from a capture (the capturing step included). Thread-safe.
+  struct GraphStats {
+    long long captured = 0, replayed = 0;
+  };
+  GraphStats graph_stats() const { return {captured_.load(), replayed_.load()}; }
+
   // Self-conditioning slots (thread-safe). acquire_sc throws ResourceError when all are taken.
   int acquire_sc();
   void release_sc(int slot);
@@ -146,6 +153,7 @@ class Forward {
   bool capture_ = false;  // the backend can capture
   std::map<std::vector<int64_t>, Graph> graphs_;  // by signature
   uint64_t next_graph_key_ = 1, graph_clock_ = 0;
+  std::atomic<long long> captured_{0}, replayed_{0};
 
   int sc_slots_;
   std::shared_ptr<Buffer> sc_state_;  // act [sc_slots * canvas_length, H]
