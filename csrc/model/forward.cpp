@@ -471,14 +471,18 @@ void Forward::run_ops(const std::vector<int64_t>& sig, const std::function<void(
     replayed_++;
     return;
   }
+  // A capture that fails is a bug (something in the sequence would allocate, synchronise or touch
+  // the host): this step fails with the error, and later steps run uncaptured rather than fail too.
   be_.begin_capture();
   try {
     ops();
+    be_.end_capture(g.key);
   } catch (...) {
     be_.abort_capture();
+    capture_ = false;
+    drop_graphs();
     throw;
   }
-  be_.end_capture(g.key);
   captured_++;
   DG_CHECK(be_.replay(g.key), "the " << be_.name() << " backend lost a capture it had just made");
   replayed_++;

@@ -24,8 +24,9 @@
 // change, so one capture serves all of its steps after the second. Nothing may upload, download
 // or allocate inside that sequence; new host-side inputs go into the signature or into backend
 // memory uploaded before it. At most kMaxGraphs captures are kept (least recently used dropped);
-// all are dropped when the workspace grows and when the Forward goes. encode() and logits() are
-// never captured.
+// all are dropped when the workspace grows and when the Forward goes. A capture that throws fails
+// its step with that error and turns capture off for this Forward. encode() and logits() are never
+// captured.
 #pragma once
 
 #include <atomic>
