@@ -30,6 +30,9 @@ void Backend::unsupported(Op op) const {
   DG_THROW(Unsupported, "the " << name() << " backend does not implement the '" << op_name(op) << "' op");
 }
 
+void Backend::begin_capture() { DG_THROW(Unsupported, "the " << name() << " backend cannot capture op sequences"); }
+void Backend::end_capture(uint64_t) { DG_THROW(Error, "end_capture on the " << name() << " backend, which cannot capture"); }
+
 void Backend::embed(const Tensor&, const Tensor&) { unsupported(Op::kEmbed); }
 void Backend::rmsnorm(const Tensor&, WeightRef, const Tensor&, float) { unsupported(Op::kRmsNorm); }
 void Backend::linear(WeightRef, const Tensor&, const Tensor&) { unsupported(Op::kLinear); }

@@ -204,6 +204,40 @@ class Backend {
   // caller, for denoise_logits' self-conditioning input; clobbered).
   virtual void soft_embedding(const Tensor& logits, const Tensor& out);
 
+  // ---- capture and replay (CUDA graphs; optional)
+  //
+  // A backend that can record a sequence of op calls and run it again later says so in
+  // can_capture(). Between begin_capture() and end_capture(key) the ops are recorded, not run: a
+  // replay(key) later runs exactly those calls again with the arguments they were recorded with,
+  // the same pointers and shapes and the same host-side scalars and host arrays (AttentionArgs'
+  // max_count / max_cached, SampleArgs' keep_soft, n, eps ...), reading whatever the memory behind
+  // the pointers holds at replay time. So, while capturing:
+  //   - only ops may be called: no upload, download or allocate (they would not be recorded, or
+  //     would be recorded as copies from host memory that is gone by the replay); a backend throws
+  //     Error when one is called;
+  //   - every op's inputs must already be in backend memory at fixed addresses, and the caller
+  //     must rewrite that memory (upload) before each replay rather than pass new host values;
+  //   - an op must not need memory the backend does not hold yet: the same op sequence (the same
+  //     shapes and host-side values) must have run uncaptured at least once since the backend's
+  //     scratch last grew, so that every scratch buffer it uses is already large enough. A
+  //     backend throws Error instead of growing scratch during a capture.
+  // Everything a recorded sequence points at must outlive its replays: the caller drops the
+  // captures (drop_capture / drop_captures) before it frees or moves memory a capture reads; a
+  // backend drops its own captures when it reallocates its own scratch (replay then returns false
+  // and the caller captures again). Captures and replays run on the backend's one stream, so work
+  // queued before a replay (uploads) is ordered before it, and a download after it waits for it.
+  virtual bool can_capture() const { return false; }
+  // Starts recording (throws Unsupported where can_capture() is false).
+  virtual void begin_capture();
+  // Ends the recording and keeps it under key (replacing any capture held under that key).
+  virtual void end_capture(uint64_t key);
+  // Ends a recording without keeping it (an op threw while capturing); a no-op when none runs.
+  virtual void abort_capture() {}
+  // Runs the capture held under key and returns true, or returns false when there is none.
+  virtual bool replay(uint64_t) { return false; }
+  virtual void drop_capture(uint64_t) {}
+  virtual void drop_captures() {}
+
  protected:
   [[noreturn]] void unsupported(Op op) const;
 };

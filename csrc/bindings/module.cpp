@@ -14,6 +14,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "bindings/backend_ops.h"
+#include "bindings/graph_recording_backend.h"
 #include "backend/registry.h"
 #include "common/check.h"
 #include "runtime/engine.h"
@@ -480,6 +481,8 @@ PYBIND11_MODULE(_core, m) {
         d["completed"] = st.completed;
         d["failed"] = st.failed;
         d["cancelled"] = st.cancelled;
+        d["captured_passes"] = st.captured_passes;
+        d["replayed_passes"] = st.replayed_passes;
         return d;
       })
       .def("submit", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, py::dict p, py::object noise,
@@ -537,6 +540,84 @@ PYBIND11_MODULE(_core, m) {
     return e;
   }, py::arg("path"), py::arg("ops"),
      "An engine on the CPU backend with the given ops (moe_experts, lm_head_logits, soft_embedding) unsupported");
+
+  // Captured decoder steps on the CPU (bindings/graph_recording_backend.h): an engine whose backend
+  // records and replays op sequences as a CUDA graph would, and its counters.
+  py::class_<bindings::GraphCounters, std::shared_ptr<bindings::GraphCounters>>(testing, "GraphCounters")
+      .def("as_dict", [](const bindings::GraphCounters& c) {
+        py::dict d;
+        d["captures"] = c.captures.load();
+        d["aborted"] = c.aborted.load();
+        d["replays"] = c.replays.load();
+        d["replay_misses"] = c.replay_misses.load();
+        d["replayed_ops"] = c.replayed_ops.load();
+        d["direct_steps"] = c.direct_steps.load();
+        d["dropped"] = c.dropped.load();
+        d["held"] = c.held.load();
+        return d;
+      });
+  testing.def("cpu_graph_engine", [](const std::string& path, py::object max_batch_size, py::object kv_cache_tokens,
+                                     py::object num_threads) {
+    EngineOptions o;
+    o.max_batch_size = int_arg(max_batch_size, "max_batch_size", 1);
+    o.kv_cache_tokens = int_arg(kv_cache_tokens, "kv_cache_tokens", 1);
+    o.num_threads = int_arg(num_threads, "num_threads", 0);
+    validate(o);
+    auto counters = std::make_shared<bindings::GraphCounters>();
+    o.make_backend = [counters](const ModelConfig& cfg, const ModelWeights& w) {
+      return std::make_unique<bindings::GraphRecordingBackend>(cfg, w, counters);
+    };
+    auto e = std::make_unique<PyEngine>();
+    e->threads = o.num_threads;
+    {
+      py::gil_scoped_release release;
+      e->engine = std::make_unique<Engine>(path, o);
+    }
+    return py::make_tuple(py::cast(std::move(e)), counters);
+  }, py::arg("path"), py::arg("max_batch_size") = 8, py::arg("kv_cache_tokens") = 16384, py::arg("num_threads") = 0,
+     "(engine, counters): an engine on the CPU backend whose decoder steps are captured and replayed with CUDA "
+     "graph semantics (recorded op calls re-run on new memory contents)");
+  testing.def("graph_recording_selftest", [](const std::string& path) {
+    // The recording backend on its own: what it refuses while capturing, and that a capture replays
+    // its calls on the memory's contents at replay time.
+    const ModelConfig cfg = load_model_config(path);
+    const std::unique_ptr<ModelWeights> w = ModelWeights::load(path, cfg, {});
+    auto counters = std::make_shared<bindings::GraphCounters>();
+    bindings::GraphRecordingBackend be(cfg, *w, counters);
+    py::dict out;
+    auto src = be.allocate(4 * sizeof(float), "test");
+    auto dst = be.allocate(4 * sizeof(float), "test");
+    const Tensor ts = Tensor::of(static_cast<float*>(src->data()), {4});
+    const Tensor td = Tensor::of(static_cast<float*>(dst->data()), {4});
+    const float a[4] = {1, 2, 3, 4}, b[4] = {5, 6, 7, 8}, zero[4] = {0, 0, 0, 0};
+    be.upload(ts, a);
+    be.upload(td, zero);
+    be.begin_capture();
+    be.copy(ts, td);
+    float got[4];
+    dst->read(0, sizeof got, got);
+    out["ran_while_capturing"] = got[0] != 0.f;
+    auto refused = [&](const char* what, const std::function<void()>& f) {
+      try {
+        f();
+        out[what] = py::none();
+      } catch (const Error& e) {
+        out[what] = std::string(e.what());
+      }
+    };
+    refused("upload", [&] { be.upload(ts, b); });
+    refused("download", [&] { be.download(got, ts); });
+    refused("allocate", [&] { be.allocate(16, "test"); });
+    be.end_capture(7);
+    be.upload(ts, b);
+    out["replayed"] = be.replay(7);
+    be.download(got, td);
+    out["after_replay"] = std::vector<float>(got, got + 4);
+    out["replay_unknown_key"] = be.replay(8);
+    be.drop_captures();
+    out["replay_after_drop"] = be.replay(7);
+    return out;
+  }, py::arg("path"));
 
   py::class_<PyRequest>(m, "Request")
       .def_property_readonly("id", [](const PyRequest& r) { return r.handle->id(); })

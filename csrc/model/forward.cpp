@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <cstdint>
 
 #include "common/check.h"
 
@@ -134,6 +135,7 @@ Forward::Forward(const ModelConfig& cfg, Backend& backend, int sc_slots)
   const Tensor sc = Tensor::of(nullptr, act_, {static_cast<int64_t>(sc_slots) * cfg.canvas_length, cfg.hidden_size});
   sc_state_ = be_.allocate(sc.bytes(), "self-conditioning state");
   for (int s = sc_slots - 1; s >= 0; --s) sc_free_.push_back(s);
+  capture_ = be_.can_capture();
 }
 
 void Forward::check_supported(Op op) const {
@@ -162,8 +164,17 @@ void Forward::release_sc(int slot) {
   sc_free_.push_back(slot);
 }
 
+Forward::~Forward() { drop_graphs(); }
+
+void Forward::drop_graphs() {
+  if (graphs_.empty()) return;
+  graphs_.clear();
+  be_.drop_captures();
+}
+
 void* Forward::workspace(size_t bytes) {
   if (!workspace_ || workspace_->bytes() < bytes) {
+    drop_graphs();       // they point into the old workspace
     workspace_.reset();  // give the old one back first
     workspace_ = be_.allocate(bytes, "forward workspace");
   }
@@ -343,22 +354,25 @@ void Forward::encode(const std::vector<SeqCache*>& caches, const std::vector<std
 }
 
 // Self-conditioning (decoder input): soft [S, H] holds the soft embeddings of the rows that have a
-// signal (scatter: their tokens in x); pre_norm -> gated MLP -> added to the token embeddings, then
-// RMSNorm without scale. Rows without a signal get exactly zero (nothing is added).
-void Forward::decoder_input(Pass& p, const Tensor& soft, const std::vector<int32_t>& scatter) {
+// signal (p.scatter[:S], uploaded before: their tokens in x); pre_norm -> gated MLP -> added to the
+// token embeddings, then RMSNorm without scale. Rows without a signal get exactly zero (nothing is
+// added). Ops only: it may run inside a capture.
+void Forward::decoder_input(Pass& p, const Tensor& soft) {
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  const int64_t S = static_cast<int64_t>(scatter.size());
+  const int64_t S = soft.dim(0);
   if (S > 0) {
-    const Tensor idx = p.scatter.slice(0, S);
-    be_.upload(idx, scatter.data());
     const Tensor sig = p.h2.slice(0, S);
     be_.rmsnorm(soft, weight(W::kScPreNorm), soft, eps);
     be_.mlp(weight(W::kScMlp), soft, sig, p.mlp_scratch.slice(0, S));
-    be_.scatter_add_rows(p.x, sig, idx);
+    be_.scatter_add_rows(p.x, sig, p.scatter.slice(0, S));
   }
   be_.rmsnorm(p.x, WeightRef{}, p.x, eps);
 }
 
+// The decoder step in two halves: everything that touches the host (index arrays built, planned and
+// uploaded; the results downloaded) around an op sequence that reads only backend memory at
+// addresses fixed by the step's signature, so that a backend may capture the sequence once and
+// replay it on later steps of the same shape (run_ops).
 void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& out) {
   DG_CHECK(kv_, "KV storage not allocated");
   if (rows.empty()) return;
@@ -388,35 +402,90 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
       }
     }
   }
+  const int64_t S = static_cast<int64_t>(gather.size());
   be_.upload(p.ids_t, p.ids.data());
   be_.upload(p.temperature, temperature.data());
   be_.upload(p.uniform, uniform.data());
   be_.upload(p.soft_index, soft_index.data());
+  be_.upload(p.gather.slice(0, S), gather.data());
+  be_.upload(p.scatter.slice(0, S), scatter.data());
+
+  // What the op sequence below bakes in besides the contents of backend memory: every shape (R, n,
+  // T, S and each group's table width), the host-side bounds and flags ops read while they are
+  // recorded (max_count, max_cached, keep_soft) and the addresses (the plan's base, the
+  // self-conditioning state, the KV storage). Equal signatures give the same op calls.
+  std::vector<int64_t> sig = {p.R, n, p.T, S, p.max_count};
+  for (const Pass::Group& G : p.group) sig.insert(sig.end(), {G.max_blocks, G.max_cached});
+  sig.insert(sig.end(), keep_soft.begin(), keep_soft.end());
+  for (const void* a : {p.ids_t.data, sc_state_->data(), kv_->layer(0).k_view.data})
+    sig.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(a)));
 
   const Tensor state = Tensor::of(sc_state_->data(), act_, {static_cast<int64_t>(sc_slots_) * L, H});
-  be_.embed(p.ids_t, p.x);
-  const int64_t S = static_cast<int64_t>(gather.size());
-  const Tensor soft = p.h1.slice(0, S);
-  if (S > 0) {
-    const Tensor idx = p.gather.slice(0, S);
-    be_.upload(idx, gather.data());
-    be_.gather_rows(state, idx, soft);
-  }
-  decoder_input(p, soft, scatter);
-  layers(p, /*encoder=*/false);
-  be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
-
-  SampleArgs a;
-  a.x = p.h, a.n = n, a.temperature = p.temperature, a.uniform = p.uniform;
-  a.token = p.token, a.argmax = p.argmax, a.entropy = p.entropy;
-  a.soft = state, a.soft_index = p.soft_index, a.keep_soft = keep_soft.data();
-  be_.lm_head_sample(a);
+  run_ops(sig, [&] {
+    be_.embed(p.ids_t, p.x);
+    const Tensor soft = p.h1.slice(0, S);
+    if (S > 0) be_.gather_rows(state, p.gather.slice(0, S), soft);
+    decoder_input(p, soft);
+    layers(p, /*encoder=*/false);
+    be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
+    SampleArgs a;
+    a.x = p.h, a.n = n, a.temperature = p.temperature, a.uniform = p.uniform;
+    a.token = p.token, a.argmax = p.argmax, a.entropy = p.entropy;
+    a.soft = state, a.soft_index = p.soft_index, a.keep_soft = keep_soft.data();
+    be_.lm_head_sample(a);
+  });
   // One download, so a step waits on the backend once.
   std::vector<int32_t> host(static_cast<size_t>(3) * p.T);
   be_.download(host.data(), p.step_out);
   std::memcpy(out.token, host.data(), sizeof(int32_t) * p.T);
   std::memcpy(out.argmax, host.data() + p.T, sizeof(int32_t) * p.T);
   std::memcpy(out.entropy, host.data() + 2 * p.T, sizeof(float) * p.T);
+}
+
+// First sight of a signature: the ops run as they are (sizing every scratch buffer the backend
+// needs for them). Second: they are captured, then replayed. Later: replayed. A backend that
+// dropped the capture (its scratch grew) gets it captured again.
+void Forward::run_ops(const std::vector<int64_t>& sig, const std::function<void()>& ops) {
+  if (!capture_) {
+    ops();
+    return;
+  }
+  auto it = graphs_.find(sig);
+  if (it == graphs_.end()) {
+    if (graphs_.size() >= kMaxGraphs) {
+      auto lru = std::min_element(graphs_.begin(), graphs_.end(),
+                                  [](const auto& a, const auto& b) { return a.second.last_use < b.second.last_use; });
+      be_.drop_capture(lru->second.key);
+      graphs_.erase(lru);
+    }
+    it = graphs_.emplace(sig, Graph{next_graph_key_++, false, 0}).first;
+  }
+  Graph& g = it->second;
+  g.last_use = ++graph_clock_;
+  if (!g.ran) {
+    ops();
+    g.ran = true;
+    return;
+  }
+  if (be_.replay(g.key)) {
+    replayed_++;
+    return;
+  }
+  // A capture that fails is a bug (something in the sequence would allocate, synchronise or touch
+  // the host): this step fails with the error, and later steps run uncaptured rather than fail too.
+  be_.begin_capture();
+  try {
+    ops();
+    be_.end_capture(g.key);
+  } catch (...) {
+    be_.abort_capture();
+    capture_ = false;
+    drop_graphs();
+    throw;
+  }
+  captured_++;
+  DG_CHECK(be_.replay(g.key), "the " << be_.name() << " backend lost a capture it had just made");
+  replayed_++;
 }
 
 void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
@@ -430,13 +499,14 @@ void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* 
   upload_rows(p, caches, std::vector<int>(R, n), nullptr);
   p.ids.assign(canvas, canvas + static_cast<size_t>(R) * n);
   be_.upload(p.ids_t, p.ids.data());
-  be_.embed(p.ids_t, p.x);
-
   std::vector<int32_t> scatter;
   for (int r = 0; r < static_cast<int>(sc_logits.size()); ++r)
     if (sc_logits[r])
       for (int j = 0; j < n; ++j) scatter.push_back(r * n + j);
   const int64_t S = static_cast<int64_t>(scatter.size());
+  be_.upload(p.scatter.slice(0, S), scatter.data());
+  be_.embed(p.ids_t, p.x);
+
   const Tensor soft = p.h1.slice(0, S);
   if (S > 0) {
     check_supported(Op::kSoftEmbedding);
@@ -452,7 +522,7 @@ void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* 
     }
     be_.soft_embedding(lg, soft);
   }
-  decoder_input(p, soft, scatter);
+  decoder_input(p, soft);
   layers(p, /*encoder=*/false);
   be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
   auto buf = be_.allocate(static_cast<size_t>(p.T) * V * sizeof(float), "logits");

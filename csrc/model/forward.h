@@ -11,8 +11,28 @@
 //     and gives it back when it leaves.
 //   - A workspace holding one pass's activations (the buffer plan in forward.cpp), grown to the
 //     largest pass so far.
+//
+// Captured decoder steps (CUDA graphs, backend.h "capture and replay"): step() first uploads every
+// host array of the pass (token ids, positions, block tables, cache bounds, temperatures,
+// uniforms, self-conditioning gather/scatter/soft indices), then runs an op sequence that reads
+// only backend memory at addresses the step's signature fixes, then downloads the results. The
+// signature holds everything that sequence bakes in besides memory contents: rows R, n, tokens T,
+// the self-conditioning count S, max_count, each group's max_blocks and max_cached, the rows'
+// keep_soft flags, and the workspace, self-conditioning and KV addresses. On a backend that can
+// capture, a signature's first step runs the ops directly (sizing the backend's scratch), its
+// second captures and replays them, later ones replay. Within a canvas the cached lengths do not
+// change, so one capture serves all of its steps after the second. Nothing may upload, download
+// or allocate inside that sequence; new host-side inputs go into the signature or into backend
+// memory uploaded before it. At most kMaxGraphs captures are kept (least recently used dropped);
+// all are dropped when the workspace grows and when the Forward goes. A capture that throws fails
+// its step with that error and turns capture off for this Forward. encode() and logits() are never
+// captured.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -69,6 +89,9 @@ class Forward {
  public:
   // sc_slots: rows that can hold self-conditioning state at once (the scheduler's max rows).
   Forward(const ModelConfig& cfg, Backend& backend, int sc_slots);
+  ~Forward();
+  Forward(const Forward&) = delete;
+  Forward& operator=(const Forward&) = delete;
 
   Backend& backend() { return be_; }
   const ModelConfig& config() const { return cfg_; }
@@ -92,6 +115,12 @@ class Forward {
   void logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
               const std::vector<const float*>& sc_logits, float* out);
 
+  // Decoder steps captured, and run from a capture (the capturing step included). Thread-safe.
+  struct GraphStats {
+    long long captured = 0, replayed = 0;
+  };
+  GraphStats graph_stats() const { return {captured_.load(), replayed_.load()}; }
+
   // Self-conditioning slots (thread-safe). acquire_sc throws ResourceError when all are taken.
   int acquire_sc();
   void release_sc(int slot);
@@ -102,9 +131,12 @@ class Forward {
   void check_supported(Op op) const;
   void upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, const std::vector<int>& counts,
                    const std::vector<SeqCache*>* writes);
-  void decoder_input(Pass& p, const Tensor& soft, const std::vector<int32_t>& scatter);
+  void decoder_input(Pass& p, const Tensor& soft);
   void layers(Pass& p, bool encoder);
   void* workspace(size_t bytes);  // the pass workspace, grown to at least bytes
+  // Runs ops (backend ops only) directly, or captured and replayed under sig (see the top).
+  void run_ops(const std::vector<int64_t>& sig, const std::function<void()>& ops);
+  void drop_graphs();
 
   const ModelConfig& cfg_;
   Backend& be_;
@@ -112,6 +144,17 @@ class Forward {
   std::shared_ptr<const KvStorage> kv_;
   std::vector<std::shared_ptr<Buffer>> inv_freq_;  // per layer, f32 [head_dim / 2]
   std::shared_ptr<Buffer> workspace_;
+
+  static constexpr size_t kMaxGraphs = 16;
+  struct Graph {
+    uint64_t key = 0;        // the backend's name for the capture (unique per Forward)
+    bool ran = false;        // ran directly once: the backend's scratch fits it
+    uint64_t last_use = 0;
+  };
+  bool capture_ = false;  // the backend can capture
+  std::map<std::vector<int64_t>, Graph> graphs_;  // by signature
+  uint64_t next_graph_key_ = 1, graph_clock_ = 0;
+  std::atomic<long long> captured_{0}, replayed_{0};
 
   int sc_slots_;
   std::shared_ptr<Buffer> sc_state_;  // act [sc_slots * canvas_length, H]

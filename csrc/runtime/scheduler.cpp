@@ -517,8 +517,14 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
 }
 
 SchedulerStats Scheduler::stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
+  SchedulerStats st;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    st = stats_;
+  }
+  const Forward::GraphStats g = forward_.graph_stats();
+  st.captured_passes = g.captured, st.replayed_passes = g.replayed;
+  return st;
 }
 
 void Scheduler::finish(Job& job, std::exception_ptr error) {

@@ -148,6 +148,9 @@ struct SchedulerStats {
   long long row_steps = 0;                           // rows denoised, summed over passes
   long long committed_tokens = 0;                    // non-pad tokens committed
   long long completed = 0, failed = 0, cancelled = 0;
+  // Decoder passes captured as a graph, and run from one (the capturing pass included): the rest
+  // launched their ops one by one (model/forward.h; 0 on a backend that cannot capture).
+  long long captured_passes = 0, replayed_passes = 0;
 };
 
 class Scheduler {

@@ -484,6 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps: list[int] = []
     tpf: list[float] = []
     engine_runs_s: list[float] = []
+    graphs_before = engine.scheduler_stats()
     for i in range(args.runs):
         out, wall = generate(f"run {i + 1}/{args.runs}")
         wall_s += wall
@@ -501,6 +502,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del out
 
     num_layers = int(engine.config["num_hidden_layers"])
+    graphs_after = engine.scheduler_stats()
+    # Decoder passes of the measured runs captured as / replayed from a CUDA graph (0 on the CPU).
+    graph_fields = {k: int(graphs_after[k] - graphs_before[k]) for k in ("captured_passes", "replayed_passes")}
     if peer_after:
         del engine
         gc.collect()  # the engine's device memory goes back before the peer takes its own
@@ -567,6 +571,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "canvases": canvases,
         "decoder_forwards": int(totals["decoder_forwards"]),
         "encoder_forwards": int(totals["encoder_forwards"]),
+        **graph_fields,
         "peak_rss_mib": peak_rss_mib(),
         "loaded_rss_mib": loaded_rss,
         "generate_peak_rss_mib": _status_mib("VmHWM") if peak_reset else None,

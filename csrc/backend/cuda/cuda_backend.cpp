@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <sstream>
 #include <vector>
 
@@ -153,6 +155,16 @@ class CudaBackend final : public Backend {
   void lm_head_logits(const Tensor& x, const Tensor& logits) override;
   void soft_embedding(const Tensor& logits, const Tensor& out) override;
 
+  // CUDA graphs: stream capture (thread-local mode, so another thread's CUDA calls are neither
+  // captured nor refused) into one executable graph per key, launched on the stream.
+  bool can_capture() const override { return graphs_enabled_; }
+  void begin_capture() override;
+  void end_capture(uint64_t key) override;
+  void abort_capture() override;
+  bool replay(uint64_t key) override;
+  void drop_capture(uint64_t key) override;
+  void drop_captures() override;
+
  private:
   // A weight on the device: bf16 matrices [rows, cols] (experts: [E * rows_per_expert, cols]),
   // float32 vectors.
@@ -219,11 +231,16 @@ class CudaBackend final : public Backend {
   Vec final_norm_, sc_pre_norm_;
   std::vector<Layer> layers_;
   std::shared_ptr<Buffer> scratch_[kNumScratch];
+  bool graphs_enabled_ = true;  // DGEMMA_CUDA_GRAPHS=0 turns capture off (debugging)
+  bool capturing_ = false;
+  std::map<uint64_t, cudaGraphExec_t> graphs_;
 };
 
 CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w) : device_(device), cfg_(cfg) {
   DeviceGuard g(device_);
   DG_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  const char* graphs = std::getenv("DGEMMA_CUDA_GRAPHS");
+  graphs_enabled_ = !(graphs && std::string(graphs) == "0");
 #ifdef DGEMMA_WITH_CUTLASS
   cutlass_ = kernels::sm90_gemm_supported();
 #endif
@@ -232,12 +249,15 @@ CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights&
 
 CudaBackend::~CudaBackend() {
   DeviceGuard g(device_);
+  abort_capture();
   cudaStreamSynchronize(stream_);
+  for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
   cudaStreamDestroy(stream_);
   if (staging_) cudaFreeHost(staging_);
 }
 
 std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {
+  DG_CHECK(!capturing_, "internal error: allocating the " << what << " while capturing a CUDA graph");
   DeviceGuard g(device_);
   void* p = nullptr;
   const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
@@ -257,6 +277,8 @@ std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {
 // pass's kernels (a copy from pageable memory would make the host wait). The staging space is reused
 // after every download, which synchronises the stream: every copy staged before it has run.
 void CudaBackend::upload(const Tensor& dst, const void* src) {
+  // Captured, the copy would read the staging buffer again at every replay, long after it was reused.
+  DG_CHECK(!capturing_, "internal error: upload while capturing a CUDA graph");
   DG_CHECK(dst.contiguous(), "upload into a strided tensor");
   const size_t n = dst.bytes();
   if (n == 0) return;
@@ -279,11 +301,70 @@ void CudaBackend::upload(const Tensor& dst, const void* src) {
 }
 
 void CudaBackend::download(void* dst, const Tensor& src) {
+  DG_CHECK(!capturing_, "internal error: download while capturing a CUDA graph");
   DG_CHECK(src.contiguous(), "download of a strided tensor");
   DeviceGuard g(device_);
   if (src.bytes() > 0) DG_CUDA(cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, stream_));
   DG_CUDA(cudaStreamSynchronize(stream_));  // also where a failed kernel of the pass reports
   staged_ = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA graphs
+
+void CudaBackend::begin_capture() {
+  DG_CHECK(graphs_enabled_ && !capturing_, "internal error: begin_capture " << (capturing_ ? "twice" : "with graphs off"));
+  DeviceGuard g(device_);
+  DG_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+}
+
+void CudaBackend::end_capture(uint64_t key) {
+  DG_CHECK(capturing_, "internal error: end_capture without begin_capture");
+  DeviceGuard g(device_);
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  DG_CUDA(cudaStreamEndCapture(stream_, &graph));  // fails when a captured call was invalid
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  DG_CUDA(e);
+  drop_capture(key);
+  graphs_[key] = exec;
+}
+
+void CudaBackend::abort_capture() {
+  if (!capturing_) return;
+  DeviceGuard g(device_);
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  cudaStreamEndCapture(stream_, &graph);  // an invalidated capture returns an error and no graph
+  if (graph) cudaGraphDestroy(graph);
+  cudaGetLastError();
+}
+
+bool CudaBackend::replay(uint64_t key) {
+  DG_CHECK(!capturing_, "internal error: replay while capturing a CUDA graph");
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) return false;
+  DeviceGuard g(device_);
+  DG_CUDA(cudaGraphLaunch(it->second, stream_));
+  return true;
+}
+
+// An executable graph still running is freed when it completes (cudaGraphExecDestroy).
+void CudaBackend::drop_capture(uint64_t key) {
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) return;
+  DeviceGuard g(device_);
+  cudaGraphExecDestroy(it->second);
+  graphs_.erase(it);
+}
+
+void CudaBackend::drop_captures() {
+  DeviceGuard g(device_);
+  for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+  graphs_.clear();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,7 +596,13 @@ const float* CudaBackend::norm_weight(WeightRef w) const {
 void* CudaBackend::scratch(Scratch s, size_t bytes) {
   std::shared_ptr<Buffer>& b = scratch_[s];
   if (!b || b->bytes() < bytes) {
+    // A capture cannot allocate, and its graph would point at the buffer this frees: the forward runs
+    // every op sequence uncaptured before it captures it, and that run grows scratch.
+    DG_CHECK(!capturing_, "internal error: op scratch " << static_cast<int>(s) << " would grow from "
+                                                        << (b ? b->bytes() : 0) << " to " << bytes
+                                                        << " bytes while capturing a CUDA graph");
     DG_CUDA(cudaStreamSynchronize(stream_));  // the old buffer may still be in use by queued work
+    if (b) drop_captures();                   // they point at the old buffer
     b.reset();
     b = allocate(bytes, "op scratch");
     if (s == kRouterWs) DG_CUDA(cudaMemsetAsync(b->data(), 0, bytes, stream_));  // the router's contract

@@ -5,6 +5,12 @@
 // kernel of csrc/kernels on the backend's own stream; only upload/download touch the host, and
 // download is the only synchronisation.
 //
+// CUDA graphs (backend.h "capture and replay"): the forward's decoder step is captured with
+// cudaStreamBeginCapture (thread-local mode) on that stream and replayed with cudaGraphLaunch, one
+// executable graph per key. While capturing, upload/download/allocate and any growth of op scratch
+// throw an internal error; growing scratch outside a capture drops every graph (they point at the
+// old buffer) and the forward captures again. DGEMMA_CUDA_GRAPHS=0 turns capture off.
+//
 // Which kernel runs an op:
 //   linear, mlp GEMMs          CUTLASS sm_90a TMA/wgmma GEMM on Hopper builds with CUTLASS, when K and N
 //                              are multiples of 8; else the mma.sync matmul (kernels/matmul), any arch
