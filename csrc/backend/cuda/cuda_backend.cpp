@@ -23,6 +23,7 @@
 #include "kernels/fp8/fp8.cuh"
 #include "kernels/nvfp4/nvfp4.cuh"
 #include "kernels/norm/rmsnorm.cuh"
+#include "kernels/sampler/lm_head_fused.cuh"
 #include "kernels/sampler/sampler.cuh"
 #ifdef DGEMMA_WITH_CUTLASS
 #include "kernels/gemm/gemm.cuh"
@@ -200,7 +201,7 @@ class CudaBackend final : public Backend {
   };
   // Scratch memory the ops keep between calls, grown on demand (never inside a pass's hot loop once
   // the largest pass has run).
-  enum Scratch { kAttnWs, kRouterWs, kLogits, kProbs, kSoft, kSplitK, kOnes, kZeros, kDiscard, kFp8Act, kNumScratch };
+  enum Scratch { kAttnWs, kRouterWs, kLogits, kProbs, kSoft, kSplitK, kOnes, kZeros, kDiscard, kFp8Act, kFusedHead, kNumScratch };
 
   void upload_weights(const ModelWeights& w);
   Mat upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols);
@@ -226,7 +227,11 @@ class CudaBackend final : public Backend {
   void* staging_ = nullptr;  // pinned host memory for uploads
   size_t staging_bytes_ = 0, staged_ = 0;
   bool cutlass_ = false;  // the CUTLASS sm_90a GEMMs run on this device
-  int max_tokens_ = 0;    // largest pass moe_workspace_bytes was asked for
+  // The fused LM head + sampler + self-conditioning pass (one read of the tied embedding per step).
+  // Opt-in with DGEMMA_CUDA_FUSED_LM_HEAD=1 until a GPU run has checked it against the per-row path
+  // (tests/test_cuda_lm_head.py, tests/test_cuda_backend.py); Hopper and Blackwell datacenter only
+  // (it needs 166 KB of shared memory per CTA, more than sm_120 has).
+  bool fused_head_ = false;
   Mat embed_, lm_head_, sc_gate_up_, sc_down_;
   Vec final_norm_, sc_pre_norm_;
   std::vector<Layer> layers_;
@@ -244,6 +249,10 @@ CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights&
 #ifdef DGEMMA_WITH_CUTLASS
   cutlass_ = kernels::sm90_gemm_supported();
 #endif
+  const char* fused = std::getenv("DGEMMA_CUDA_FUSED_LM_HEAD");
+  cudaDeviceProp prop{};
+  DG_CUDA(cudaGetDeviceProperties(&prop, device_));
+  fused_head_ = fused && std::string(fused) == "1" && cfg_.tie_word_embeddings && (prop.major == 9 || prop.major == 10);
   upload_weights(w);
 }
 
@@ -983,10 +992,24 @@ void CudaBackend::lm_head_sample(const SampleArgs& a) {
   DG_REQUIRE(V <= kernels::kSampleMaxVocab, Unsupported,
              "the cuda backend samples vocabularies up to " << kernels::kSampleMaxVocab << " tokens, not " << V);
   DeviceGuard g(device_);
+  const float cap = cfg_.final_logit_softcapping ? static_cast<float>(*cfg_.final_logit_softcapping) : 0.f;
+  if (fused_head_ && T <= 3072 && H % 8 == 0 && H <= kernels::kLmHeadMaxHidden) {
+    // One pass over the tied embedding for every row of the pass (kernels/sampler/lm_head_fused.cuh).
+    kernels::LmHeadSampleParams fp;
+    fp.x = as<bf16>(a.x), fp.emb = embed_.p;
+    fp.P = static_cast<int>(T), fp.H = static_cast<int>(H), fp.V = static_cast<int>(V), fp.n = n;
+    fp.softcap = cap, fp.temperature = as<float>(a.temperature), fp.uniform = as<double>(a.uniform);
+    fp.token = as<int32_t>(a.token), fp.argmax = as<int32_t>(a.argmax), fp.entropy = as<float>(a.entropy);
+    fp.soft = as<bf16>(a.soft), fp.soft_index = as<int32_t>(a.soft_index);
+    fp.soft_scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+    fp.workspace_bytes = kernels::lm_head_sample_workspace_bytes(fp.P, fp.H, fp.V);
+    fp.workspace = scratch(kFusedHead, fp.workspace_bytes);
+    DG_CUDA(kernels::lm_head_sample_fused(fp, stream_));
+    return;
+  }
   float* logits = static_cast<float*>(scratch(kLogits, static_cast<size_t>(n) * V * 4));
   bf16* probs = static_cast<bf16*>(scratch(kProbs, static_cast<size_t>(n) * V * 2));
   bf16* soft = static_cast<bf16*>(scratch(kSoft, static_cast<size_t>(n) * H * 2));
-  const float cap = cfg_.final_logit_softcapping ? static_cast<float>(*cfg_.final_logit_softcapping) : 0.f;
   // One row of the pass at a time: the [n, V] buffers are the only vocabulary-sized memory.
   for (int64_t r = 0; r < T / n; ++r) {
     const int64_t t0 = r * n;
