@@ -45,12 +45,22 @@ void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
   throw Error(o.str());
 }
 
+// Makes `device` current for a scope. In destructors pass nothrow = true: freeing memory at exit
+// (driver shutting down) must not throw out of a destructor.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&prev_);
-    if (prev_ != device) DG_CUDA(cudaSetDevice(device));
-    else prev_ = -1;
+  explicit DeviceGuard(int device, bool nothrow = false) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) {
+      cudaGetLastError();
+      prev_ = -1;
+    }
+    if (prev_ == device) {
+      prev_ = -1;
+    } else if (nothrow) {
+      if (cudaSetDevice(device) != cudaSuccess) cudaGetLastError();
+    } else {
+      DG_CUDA(cudaSetDevice(device));
+    }
   }
   ~DeviceGuard() {
     if (prev_ >= 0) cudaSetDevice(prev_);
@@ -68,7 +78,7 @@ class DeviceBuffer final : public Buffer {
  public:
   DeviceBuffer(int device, void* p, size_t bytes) : Buffer(p, bytes), device_(device) {}
   ~DeviceBuffer() override {
-    DeviceGuard g(device_);
+    DeviceGuard g(device_, /*nothrow=*/true);
     cudaFree(data());
   }
   void read(size_t offset, size_t n, void* dst) const override {
@@ -257,7 +267,7 @@ CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights&
 }
 
 CudaBackend::~CudaBackend() {
-  DeviceGuard g(device_);
+  DeviceGuard g(device_, /*nothrow=*/true);
   abort_capture();
   cudaStreamSynchronize(stream_);
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
