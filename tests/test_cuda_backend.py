@@ -121,13 +121,14 @@ def test_random_weights_are_the_same_model_on_both_backends(tmp_path, base_ckpt)
     with open(os.path.join(base_ckpt.path, "config.json")) as f:
         cfg = json.load(f)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    cpu = dgemma_rt.Engine(tmp_path, random_weights=11)
-    gpu = dgemma_rt.Engine(tmp_path, random_weights=11, device="cuda")
-    ids = _prompt(base_ckpt, 7, seed=5)
-    canvas = np.arange(base_ckpt.canvas_length)[None] % base_ckpt.vocab_size
-    lc = cpu.denoise_logits(cpu.encode(ids), canvas)
-    lg = gpu.denoise_logits(gpu.encode(ids), canvas)
-    assert calc_diff(lg, lc) < MAX_DIFF
+    for quant in (None, "nvfp4"):  # NVFP4 experts: filled in the stored form, shuffled on the device
+        cpu = dgemma_rt.Engine(tmp_path, random_weights=11, quant=quant)
+        gpu = dgemma_rt.Engine(tmp_path, random_weights=11, device="cuda", quant=quant)
+        ids = _prompt(base_ckpt, 7, seed=5)
+        canvas = np.arange(base_ckpt.canvas_length)[None] % base_ckpt.vocab_size
+        lc = cpu.denoise_logits(cpu.encode(ids), canvas)
+        lg = gpu.denoise_logits(gpu.encode(ids), canvas)
+        assert calc_diff(lg, lc) < MAX_DIFF, quant
 
 
 def test_cuda_graphs_replay_what_launching_op_by_op_computes(base_ckpt, deep_ckpt, monkeypatch):

@@ -380,7 +380,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyEngine>(m, "Engine")
       .def(py::init([](const std::string& path, const std::string& device, py::object kv_cache_tokens,
                        py::object max_batch_size, py::object num_threads, py::object progress,
-                       py::object random_weights) {
+                       py::object random_weights, bool random_nvfp4_experts) {
              EngineOptions o;
              o.device = device;
              if (!random_weights.is_none()) {
@@ -393,6 +393,9 @@ PYBIND11_MODULE(_core, m) {
                }
                o.random_weights = seed;
              }
+             DG_REQUIRE(!random_nvfp4_experts || o.random_weights, InvalidArgument,
+                        "random_nvfp4_experts goes with random_weights");
+             o.random_nvfp4_experts = random_nvfp4_experts;
              o.kv_cache_tokens = int_arg(kv_cache_tokens, "kv_cache_tokens", 1);
              o.max_batch_size = int_arg(max_batch_size, "max_batch_size", 1);
              o.num_threads = int_arg(num_threads, "num_threads", 0);
@@ -413,7 +416,7 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384,
            py::arg("max_batch_size") = 8, py::arg("num_threads") = 0, py::arg("progress") = py::none(),
-           py::arg("random_weights") = py::none())
+           py::arg("random_weights") = py::none(), py::arg("random_nvfp4_experts") = false)
       .def_property_readonly("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
       .def_property_readonly("generation_defaults",
                              [](const PyEngine& e) { return defaults_dict(e.engine->generation_defaults()); })

@@ -33,6 +33,16 @@ DG_HOST_DEVICE inline float value(uint64_t seed, uint64_t i, float amplitude, fl
 #endif
 }
 
+// Synthetic NVFP4 (random experts in the stored format): E2M1 code of element i (all 16 codes), and
+// the E4M3 block scale of block j: 0x30 + 0..7, i.e. 0.5 .. 0.875 (never zero or NaN). The value is
+// e2m1(code) * e4m3(scale) * global, global = amplitude / 6 (so |value| stays under ~amplitude).
+DG_HOST_DEVICE inline uint32_t nvfp4_code(uint64_t seed, uint64_t i) {
+  return static_cast<uint32_t>(splitmix64(seed + i * 0x9e3779b97f4a7c15ull) >> 60);
+}
+DG_HOST_DEVICE inline uint32_t nvfp4_scale(uint64_t seed, uint64_t j) {
+  return 0x30u + static_cast<uint32_t>(splitmix64(~seed + j * 0x9e3779b97f4a7c15ull) >> 61);
+}
+
 // The seed of one tensor: FNV-1a of its name, mixed with the model's seed.
 inline uint64_t tensor_seed(uint64_t model_seed, const char* name) {
   uint64_t h = 0xcbf29ce484222325ull;

@@ -124,6 +124,16 @@ void WeightSource::to_f32(int64_t begin, int64_t n, float* out) const {
   DG_CHECK(begin >= 0 && n >= 0 && begin + n <= numel(),
            "elements [" << begin << ", " << begin + n << ") of a weight of " << numel());
   if (synthetic()) {
+    if (format == Format::kNvfp4) {
+      const float global = amplitude / 6.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint64_t k = static_cast<uint64_t>(begin + i);
+        out[i] = (nvfp4::e2m1_to_float(random_weights::nvfp4_code(seed, k)) *
+                  nvfp4::e4m3_to_float(random_weights::nvfp4_scale(seed, k / kNvfp4Group))) *
+                 global;
+      }
+      return;
+    }
     for (int64_t i = 0; i < n; ++i)
       out[i] = random_weights::value(seed, static_cast<uint64_t>(begin + i), amplitude, offset);
     return;
@@ -180,7 +190,8 @@ const WeightSource& ModelWeights::source(const std::string& name) const {
   return it->second;
 }
 
-std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint64_t seed, bool host_f32) {
+std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint64_t seed, bool host_f32,
+                                                    bool nvfp4_experts) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   w->host_f32_ = host_f32;
   const std::vector<Pending> todo = wanted(cfg, *w);
@@ -193,6 +204,8 @@ std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint6
     } else {  // matrices: variance 1 / fan_in (uniform on [-a, a] has variance a^2 / 3)
       src.amplitude = static_cast<float>(std::sqrt(3.0 / static_cast<double>(t.shape.back())));
     }
+    const bool expert = t.name.find(".experts.") != std::string::npos;
+    if (nvfp4_experts && expert && t.shape.back() % kNvfp4Group == 0) src.format = WeightSource::Format::kNvfp4;
     const WeightSource& stored = w->sources_[t.name] = std::move(src);
     const int64_t n = stored.numel();
     w->num_parameters += static_cast<size_t>(n);

@@ -56,7 +56,8 @@ struct WeightSource {
   const TensorRef* global_scale = nullptr;  // NVFP4: F32, 1 or one per expert
   std::vector<int64_t> shape;               // the logical (unpacked) shape the config implies
   // Synthetic (ModelWeights::random; tensor is null): value i = common/random_weights.h value(seed, i,
-  // amplitude, offset), the same on the host and on a GPU.
+  // amplitude, offset), the same on the host and on a GPU; with format kNvfp4, e2m1(nvfp4_code(seed,
+  // i)) * e4m3(nvfp4_scale(seed, i / 16)) * amplitude / 6.
   uint64_t seed = 0;
   float amplitude = 0.f, offset = 0.f;
   bool synthetic() const { return tensor == nullptr; }
@@ -88,7 +89,10 @@ struct ModelWeights {
   // Random weights at the config's shape, no checkpoint read (benchmarks at a real shape): matrices
   // uniform with variance 1 / fan_in, norm weights and scales 1 +- 0.1, layer scalars 1. With
   // host_f32 the float32 views are filled too (the CPU backend; small models only).
-  static std::unique_ptr<ModelWeights> random(const ModelConfig& cfg, uint64_t seed, bool host_f32 = true);
+  // nvfp4_experts: the MoE experts are synthetic NVFP4 (codes, block scales and a global scale per
+  // expert, common/random_weights.h), as a quantized checkpoint stores them.
+  static std::unique_ptr<ModelWeights> random(const ModelConfig& cfg, uint64_t seed, bool host_f32 = true,
+                                              bool nvfp4_experts = false);
 
   bool has_host_f32() const { return host_f32_; }
   const std::unordered_map<std::string, WeightSource>& sources() const { return sources_; }

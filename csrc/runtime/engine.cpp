@@ -145,7 +145,7 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   // Only the CPU backend (and backends brought by the caller) compute on the float32 host views;
   // another backend reads the checkpoint's tensors as stored and keeps its own copy.
   const bool host_f32 = opts.make_backend || device_kind(opts.device) == "cpu";
-  weights_ = opts.random_weights ? ModelWeights::random(cfg_, *opts.random_weights, host_f32)
+  weights_ = opts.random_weights ? ModelWeights::random(cfg_, *opts.random_weights, host_f32, opts.random_nvfp4_experts)
                                  : ModelWeights::load(dir, cfg_, opts.progress, host_f32);
   backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : make_backend(opts.device, cfg_, *weights_);
   DG_CHECK(backend_, "make_backend returned no backend");

@@ -27,6 +27,7 @@ struct EngineOptions {
   // A seed: random weights at config.json's shape instead of reading any safetensors
   // (ModelWeights::random; benchmarks at a real shape without a checkpoint on disk).
   std::optional<uint64_t> random_weights;
+  bool random_nvfp4_experts = false;  // with random_weights: the MoE experts in synthetic NVFP4
   // Makes the backend (default: the CPU backend for device "cpu"). For embedders and tests that bring
   // their own op set; the engine checks that it implements every op the forward needs.
   std::function<std::unique_ptr<Backend>(const ModelConfig&, const ModelWeights&)> make_backend;

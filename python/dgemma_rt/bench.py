@@ -389,13 +389,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         if on_cpu:
             check_cpu_memory(presets.preset(args.preset, args.num_layers))
-        if not on_cpu and quant is None and dense_quant is None:
-            # Made on the device from the config alone: no checkpoint on disk.
+        if not on_cpu and dense_quant is None:
+            # Made on the device from the config alone (NVFP4 experts too): no checkpoint on disk.
             ckpt = random_config(args.preset, args.num_layers)
             random_seed = args.seed
         else:
             ckpt = random_checkpoint(args.preset, args.num_layers, quant, dense_quant, args.seed, progress)
-        quant = dense_quant = None  # written in those formats already
+            quant = dense_quant = None  # written in those formats already
     else:
         if args.num_layers is not None:
             raise ValueError("--num-layers goes with --random-weights")

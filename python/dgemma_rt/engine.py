@@ -355,7 +355,9 @@ class Engine:
         random_weights: a seed: no safetensors are read; the weights are random values at
             ``config.json``'s shape, made where the backend keeps them (on a GPU, in device memory).
             For benchmarks at a real shape: at a fixed step count the values do not change the speed.
-            The same seed gives the same weights on every backend.
+            The same seed gives the same weights on every backend. With ``quant="nvfp4"`` the MoE
+            experts are random NVFP4 (codes, block scales, global scales) as a quantized checkpoint
+            stores them.
         dense_quant: ``None``, ``"nvfp4"`` or ``"fp8"`` (one scale per output channel): also quantize
             the attention projections and the dense MLP at load time. On the CPU quantized weights
             are dequantized to float32: the reference the GPU kernels are checked against.
@@ -379,8 +381,9 @@ class Engine:
         if dense_quant not in (None, "nvfp4", "fp8"):
             raise ValueError(f"dense_quant must be None, 'nvfp4' or 'fp8', got {dense_quant!r}")
         seed = None if random_weights is None else _check_int("random_weights", random_weights, 0, 2**64 - 1)
-        if seed is not None and (quant is not None or dense_quant is not None):
-            raise ValueError("random_weights makes bf16-style weights; quant and dense_quant need a checkpoint")
+        if seed is not None and dense_quant is not None:
+            raise ValueError("random_weights makes float (or, with quant='nvfp4', NVFP4 expert) weights; "
+                             "dense_quant needs a checkpoint")
         if not isinstance(device, str):
             raise ValueError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {device!r}")
         # The native engine checks the same ranges, and what memory the pools would take.
@@ -403,7 +406,7 @@ class Engine:
         tmp = None
         try:
             load_path = path
-            if quant is not None or dense_quant is not None:
+            if seed is None and (quant is not None or dense_quant is not None):
                 import tempfile
 
                 from dgemma_rt.nvfp4 import quantize_checkpoint
@@ -417,7 +420,8 @@ class Engine:
                 quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4",
                                     check=check)
                 load_path = tmp.name
-            self._native = _core.Engine(load_path, device, kv, mbs, threads, callback, seed)
+            self._native = _core.Engine(load_path, device, kv, mbs, threads, callback, seed,
+                                        seed is not None and quant == "nvfp4")
         finally:
             if bar is not None:
                 bar.close()

@@ -472,32 +472,41 @@ CudaBackend::Experts CudaBackend::upload_experts(const std::string& name, int64_
   const int64_t E = cfg_.num_experts;
   Experts x;
   x.n = n, x.k = k;
-  if (s.synthetic() || s.format != WeightSource::Format::kNvfp4 || k % 16 != 0) {
+  if (s.format != WeightSource::Format::kNvfp4 || k % 16 != 0) {
     x.bf = upload_mat({name}, E * n, k);
     return x;
   }
-  const TensorRef& codes = *s.tensor;
-  const TensorRef& sc = *s.scale;
-  for (size_t i = 0; i < sc.nbytes; ++i)
-    DG_REQUIRE((sc.data[i] & 0x7F) != 0x7F, CheckpointError, "NVFP4 block scales '" << sc.name << "' hold NaN");
+  const size_t code_bytes = static_cast<size_t>(E * n * k / 2), scale_bytes = static_cast<size_t>(E * n * k / 16);
+  if (!s.synthetic()) {
+    const TensorRef& sc = *s.scale;
+    for (size_t i = 0; i < sc.nbytes; ++i)
+      DG_REQUIRE((sc.data[i] & 0x7F) != 0x7F, CheckpointError, "NVFP4 block scales '" << sc.name << "' hold NaN");
+  }
   const size_t per_expert = kernels::grouped_gemm_nvfp4_weight_bytes(static_cast<int>(n), static_cast<int>(k), gated);
   x.w4 = allocate(per_expert * E, "weights");
   x.w4p = static_cast<const uint8_t*>(x.w4->data());
   {
-    auto packed = allocate(codes.nbytes, "NVFP4 staging");
-    auto scales = allocate(sc.nbytes, "NVFP4 staging");
-    packed->write(0, codes.nbytes, codes.data);
-    scales->write(0, sc.nbytes, sc.data);
+    auto packed = allocate(code_bytes, "NVFP4 staging");
+    auto scales = allocate(scale_bytes, "NVFP4 staging");
+    if (s.synthetic()) {  // random experts made on the device, in the stored form
+      DG_CUDA(kernels::fill_random_nvfp4(static_cast<uint8_t*>(packed->data()), static_cast<uint8_t*>(scales->data()),
+                                         E * n * k, s.seed, stream_));
+    } else {
+      packed->write(0, code_bytes, s.tensor->data);
+      scales->write(0, scale_bytes, s.scale->data);
+    }
     DG_CUDA(kernels::shuffle_w4a16(static_cast<const uint8_t*>(packed->data()),
                                    static_cast<const uint8_t*>(scales->data()), static_cast<int>(E),
                                    static_cast<int>(n), static_cast<int>(k), gated, const_cast<uint8_t*>(x.w4p),
                                    stream_));
     DG_CUDA(cudaStreamSynchronize(stream_));  // before the staging buffers go
   }
-  const size_t gn = s.global_scale->nbytes / 4;
-  std::vector<float> global(E);
-  for (int64_t e = 0; e < E; ++e)
-    std::memcpy(&global[e], s.global_scale->data + 4 * (gn == 1 ? 0 : static_cast<size_t>(e)), 4);
+  std::vector<float> global(E, s.amplitude / 6.0f);  // synthetic: common/random_weights.h
+  if (!s.synthetic()) {
+    const size_t gn = s.global_scale->nbytes / 4;
+    for (int64_t e = 0; e < E; ++e)
+      std::memcpy(&global[e], s.global_scale->data + 4 * (gn == 1 ? 0 : static_cast<size_t>(e)), 4);
+  }
   x.global.n = E;
   x.global.buf = allocate(global.size() * 4, "weights");
   x.global.buf->write(0, global.size() * 4, global.data());
@@ -533,7 +542,7 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
   for (const auto& [name, src] : w.sources()) {
     const double n = static_cast<double>(src.numel());
     if (src.shape.size() == 1) need += 4 * n;
-    else if (!src.synthetic() && src.format == WeightSource::Format::kNvfp4) need += n * (0.5 + 1.0 / 16);
+    else if (src.format == WeightSource::Format::kNvfp4) need += n * (0.5 + 1.0 / 16);
     else if (!src.synthetic() && src.format == WeightSource::Format::kFp8 && cutlass_) need += n;
     else need += 2 * n;
   }

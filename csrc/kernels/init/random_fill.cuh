@@ -14,4 +14,9 @@ template <typename T>  // float or __nv_bfloat16
 cudaError_t fill_random(T* dst, int64_t n, uint64_t seed, uint64_t first, float amplitude, float offset,
                         cudaStream_t stream);
 
+// Synthetic NVFP4 in the stored form: packed[b] = code(2b) | code(2b + 1) << 4 for b < n / 2 and
+// scales[j] = nvfp4_scale(seed, j) for j < n / 16 (common/random_weights.h), n % 16 == 0; the layout
+// the W4A16 shuffle (shuffle_w4a16) then takes.
+cudaError_t fill_random_nvfp4(uint8_t* packed, uint8_t* scales, int64_t n, uint64_t seed, cudaStream_t stream);
+
 }  // namespace dgemma::kernels
