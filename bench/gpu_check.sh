@@ -45,7 +45,7 @@ CUTLASS_SPEC=$(grep -v '^\s*#' "$ROOT/tools/gpu_wheels.txt" | awk '$1 ~ /^nvidia
 CUTLASS_WHEEL="$WHEELS/nvidia_cutlass-${CUTLASS_SPEC#*==}-py3-none-any.whl"
 CUTLASS_DIR="$ROOT/build/gpu-check-cutlass"
 CUTLASS_INC="$CUTLASS_DIR/cutlass_library/source/include"
-CACHE=${DGEMMA_RT_CACHE:-$ROOT/build/gpu-check-cache}   # random checkpoints: 52 GB BF16, 15 GB NVFP4
+CACHE=${DGEMMA_RT_CACHE:-$ROOT/build/gpu-check-cache}   # config-only: the weights are made on the device
 BENCH_SHAPE="--random-weights --preset 26b-a4b --device cuda --batch 1 --prompt-len 4096 --new-tokens 512 --steps 16 --fixed-steps --warmup 1 --runs 1 --json --no-progress"
 # Options of dgemma-bench the steps use (must exist), and those that may not exist yet (the step then
 # fails and says so; the dry run reports them as pending).
