@@ -60,14 +60,15 @@ struct MoePermuteParams {
   int32_t* inv = nullptr;             // [T*k] out
   __nv_bfloat16* xp = nullptr;        // [T*k, H] out, or nullptr: skip the gather (x is then not read)
   // Device scratch of moe_permute_workspace_bytes(T, E, k) bytes for the multi-block path, no
-  // initialisation needed (calls on one workspace must not overlap). nullptr: single-block only.
+  // initialisation needed (calls on one workspace must not overlap). nullptr: single-block only
+  // (and E <= 256); may be nullptr for T = 0 on either path.
   void* workspace = nullptr;
   int T = 0, H = 0, E = 0, k = 0;
 };
 // Ids outside [0, E) are dropped in both paths: not counted, their inv entries and the rows past
 // offsets[E] are left unwritten.
 size_t moe_permute_workspace_bytes(int T, int E, int k);
-// Single-block from T*k below a threshold (or without a workspace), multi-block above it or for E > 256.
+// Multi-block for E > 256, or with a workspace from a T*k threshold on; single-block otherwise.
 template <typename Tx>
 cudaError_t moe_permute(const MoePermuteParams<Tx>& p, cudaStream_t stream);
 // The two paths by name (tests, benchmarks): single_block ignores the workspace; multi_block needs it.

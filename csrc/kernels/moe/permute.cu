@@ -283,9 +283,10 @@ cudaError_t moe_permute_single_block(const MoePermuteParams<Tx>& p, cudaStream_t
 
 template <typename Tx>
 cudaError_t moe_permute_multi_block(const MoePermuteParams<Tx>& p, cudaStream_t stream) {
-  if (p.T < 0 || p.E <= 0 || p.E > kMbMaxExperts || p.k < 1 || p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (p.T < 0 || p.E <= 0 || p.E > kMbMaxExperts || p.k < 1) return cudaErrorInvalidValue;
   if (p.xp != nullptr && p.H <= 0) return cudaErrorInvalidValue;
   const long long n = static_cast<long long>(p.T) * p.k;
+  if (n > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;  // T = 0 needs 0 bytes
   const long long B = mb_blocks(n);
   if (n > (1ll << 30) || B * p.E > (1ll << 30)) return cudaErrorInvalidValue;  // int indices into tbl
   int32_t* tbl = static_cast<int32_t*>(p.workspace);
@@ -308,7 +309,7 @@ cudaError_t moe_permute_multi_block(const MoePermuteParams<Tx>& p, cudaStream_t 
 template <typename Tx>
 cudaError_t moe_permute(const MoePermuteParams<Tx>& p, cudaStream_t stream) {
   const long long n = static_cast<long long>(p.T) * p.k;
-  if (p.workspace != nullptr && (p.E > kMaxExperts || n >= kMultiBlockMinSlots)) return moe_permute_multi_block(p, stream);
+  if (p.E > kMaxExperts || (p.workspace != nullptr && n >= kMultiBlockMinSlots)) return moe_permute_multi_block(p, stream);
   return moe_permute_single_block(p, stream);
 }
 
