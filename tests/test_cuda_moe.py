@@ -151,23 +151,62 @@ def permute_ref(idx, x_bits, k, e):
         (1000, 8, 128, 24, "distinct", False),  # 8000 slots: several 1024-slot chunks
         (300, 1, 256, 16, "one", False),  # every token on expert 7
         (77, 4, 16, 40, "any", True),  # repeats inside a token are allowed here
+        (2000, 8, 128, 24, "distinct", True),  # 16,000 slots: 'auto' takes the multi-block sort
+        (150, 3, 4096, 8, "any", False),  # E past the single-block limit
     ],
 )
-def test_permute(t, k, e, h, kind, x_bf16):
+@pytest.mark.parametrize("path", ["auto", "single", "multi"])
+def test_permute(t, k, e, h, kind, x_bf16, path):
+    if path == "single" and e > 256:
+        pytest.skip("the single-block sort takes E <= 256")
     rng = np.random.default_rng(t * 31 + k * 7 + e + h)
-    if kind == "distinct":
-        idx = np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
-    elif kind == "one":
-        idx = np.full((t, k), 7, np.int32)
-    else:
-        idx = rng.integers(0, e, size=(t, k)).astype(np.int32)
+    idx = permute_routing(rng, t, k, e, kind)
     x = rng.standard_normal((t, h)).astype(np.float32)
     xb = bf16_bits(x)
-    counts, offsets, perm, inv, xp = ops().moe_permute(idx, xb if x_bf16 else x, e)
+    counts, offsets, perm, inv, xp = ops().moe_permute(idx, xb if x_bf16 else x, e, path)
     want = permute_ref(idx, xb, k, e)
     for name, g, w in zip(["counts", "offsets", "perm_slot", "inv", "xp"], [counts, offsets, perm, inv, xp], want):
         assert g.shape == w.shape, name
         np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+def permute_routing(rng, t, k, e, kind):
+    if kind == "distinct":
+        return np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
+    if kind == "one":
+        return np.full((t, k), min(7, e - 1), np.int32)
+    if kind == "few":  # most experts empty
+        return rng.choice(np.array([0, e // 2, e - 1]), size=(t, k)).astype(np.int32)
+    if kind == "skewed":  # runs of one expert longer than a warp and a chunk
+        return np.minimum(rng.geometric(0.3, size=(t, k)) - 1, e - 1).astype(np.int32)
+    return rng.integers(0, e, size=(t, k)).astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    "t,k",
+    [(1, 1), (1, 8), (3, 1), (33, 1), (128, 8), (129, 8), (257, 4), (1023, 1), (1025, 1), (997, 7), (4096, 1),
+     (1031, 8), (5000, 8), (40000, 1), (4999, 8)],
+)
+@pytest.mark.parametrize("e", [4, 128, 256])
+@pytest.mark.parametrize("kind", ["any", "few", "one", "skewed"])
+def test_permute_multi_block_matches_single_block(t, k, e, kind):
+    """The two sorts bit for bit, without the gather (xp None), T*k from 1 to 40,000."""
+    rng = np.random.default_rng(t * 17 + k * 5 + e + len(kind))
+    idx = permute_routing(rng, t, k, e, kind)
+    x = np.zeros((t, 1), np.float32)  # not read without the gather
+    single = ops().moe_permute(idx, x, e, "single", False)
+    multi = ops().moe_permute(idx, x, e, "multi", False)
+    assert single[4] is None and multi[4] is None
+    want = permute_ref(idx, bf16_bits(x), k, e)
+    for name, s, m, w in zip(["counts", "offsets", "perm_slot", "inv"], single[:4], multi[:4], want[:4]):
+        np.testing.assert_array_equal(m, s, err_msg=name)
+        np.testing.assert_array_equal(m, w, err_msg=name)
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+def test_permute_no_tokens(path):
+    counts, offsets, perm, inv, xp = ops().moe_permute(np.zeros((0, 8), np.int32), np.zeros((0, 16), np.float32), 128, path)
+    assert (counts == 0).all() and (offsets == 0).all() and perm.size == 0 and inv.size == 0 and xp.shape == (0, 16)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -102,6 +102,12 @@ HOT_KERNELS = [
     (r"sample_canvas_kernel", 64, None),
     (r"combine_kernel<", 64, None),
     (r"gather_kernel<", 64, None),
+    # moe_permute: the 1024-thread sort and scan only launch with <= 64 registers; the multi-block
+    # histogram and rank kernels (256 threads) keep several CTAs per SM with the same budget.
+    (r"::sort_kernel\(", 64, None),
+    (r"::mb_scan_kernel\(", 64, None),
+    (r"::mb_histogram_kernel\(", 64, None),
+    (r"::mb_rank_kernel\(", 64, None),
     # The CUTLASS-free BF16 GEMM (kernels/matmul, mma.sync): BM 128 with 256 threads at 2 CTAs per SM and BM 32
     # with 128 threads at 4 CTAs per SM both leave 128 registers (64 or 32 of them accumulators).
     (r"matmul_bf16_kernel<", 128, "HMMA"),

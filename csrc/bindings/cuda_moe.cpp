@@ -4,6 +4,7 @@
 
 #include <initializer_list>
 #include <sstream>
+#include <string>
 
 #include "bindings/cuda_ops.h"
 #include "kernels/moe/moe.cuh"
@@ -77,12 +78,16 @@ py::tuple moe_router(py::array x, U16Array router_proj, F32Array router_scale, F
 }
 
 template <typename Tx, typename XArray>
-py::tuple permute_impl(I32Array topk_idx, const XArray& x, int num_experts) {
+py::tuple permute_impl(I32Array topk_idx, const XArray& x, int num_experts, const std::string& path, bool gather) {
   DG_REQUIRE(topk_idx.ndim() == 2, InvalidArgument, "topk_idx must be [T, k]");
   const int T = static_cast<int>(topk_idx.shape(0)), k = static_cast<int>(topk_idx.shape(1));
   DG_REQUIRE(x.ndim() == 2 && x.shape(0) == T, InvalidArgument, "x must be [T, H] with T = " << T);
+  DG_REQUIRE(path == "auto" || path == "single" || path == "multi", InvalidArgument,
+             "path must be 'auto', 'single' or 'multi'");
   const int H = static_cast<int>(x.shape(1)), E = num_experts;
-  DG_REQUIRE(k >= 1 && E >= 1 && E <= 256 && H >= 1, InvalidArgument, "need k >= 1, 1 <= num_experts <= 256, H >= 1");
+  const int max_e = path == "single" ? 256 : 4096;
+  DG_REQUIRE(k >= 1 && E >= 1 && E <= max_e && H >= 1, InvalidArgument,
+             "need k >= 1, 1 <= num_experts <= " << max_e << ", H >= 1");
   const int32_t* id = topk_idx.data();
   for (py::ssize_t i = 0; i < topk_idx.size(); ++i)
     DG_REQUIRE(id[i] >= 0 && id[i] < E, InvalidArgument, "expert id " << id[i] << " out of [0, " << E << ")");
@@ -90,25 +95,36 @@ py::tuple permute_impl(I32Array topk_idx, const XArray& x, int num_experts) {
   auto didx = DeviceBuffer<int32_t>::from(topk_idx);
   auto dx = DeviceBuffer<Tx>::from(x);
   DeviceBuffer<int32_t> dcounts(E), doffsets(E + 1), dperm(n), dinv(n);
-  DeviceBuffer<__nv_bfloat16> dxp(n * H);
+  DeviceBuffer<__nv_bfloat16> dxp(gather ? n * H : 0);
+  // Filled with a pattern: the multi-block path must not depend on its workspace's contents.
+  DeviceBuffer<unsigned char> ws(path == "single" ? 0 : kernels::moe_permute_workspace_bytes(T, E, k));
+  if (ws.size()) DG_CUDA_CHECK(cudaMemset(ws.get(), 0xA5, ws.size()));
   kernels::MoePermuteParams<Tx> p;
   p.topk_idx = didx.get(), p.x = dx.get(), p.expert_counts = dcounts.get(), p.expert_offsets = doffsets.get();
-  p.perm_slot = dperm.get(), p.inv = dinv.get(), p.xp = dxp.get(), p.T = T, p.H = H, p.E = E, p.k = k;
-  DG_CUDA_CHECK(kernels::moe_permute(p, nullptr));
+  p.perm_slot = dperm.get(), p.inv = dinv.get(), p.xp = gather ? dxp.get() : nullptr;
+  p.workspace = ws.get();  // nullptr for 'single' and for T = 0
+  p.T = T, p.H = H, p.E = E, p.k = k;
+  if (path == "single")
+    DG_CUDA_CHECK(kernels::moe_permute_single_block(p, nullptr));
+  else if (path == "multi")
+    DG_CUDA_CHECK(kernels::moe_permute_multi_block(p, nullptr));
+  else
+    DG_CUDA_CHECK(kernels::moe_permute(p, nullptr));
   DG_CUDA_CHECK(cudaDeviceSynchronize());
   I32Array counts(E), offsets(E + 1), perm(static_cast<py::ssize_t>(n)), inv(static_cast<py::ssize_t>(n));
-  U16Array xp({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(H)});
   dcounts.copy_to(counts.mutable_data());
   doffsets.copy_to(offsets.mutable_data());
   dperm.copy_to(perm.mutable_data());
   dinv.copy_to(inv.mutable_data());
+  if (!gather) return py::make_tuple(counts, offsets, perm, inv, py::none());
+  U16Array xp({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(H)});
   dxp.copy_to(xp.mutable_data());
   return py::make_tuple(counts, offsets, perm, inv, xp);
 }
 
-py::tuple moe_permute(I32Array topk_idx, py::array x, int num_experts) {
-  if (is_u16(x)) return permute_impl<__nv_bfloat16>(topk_idx, U16Array::ensure(x), num_experts);
-  return permute_impl<float>(topk_idx, F32Array::ensure(x), num_experts);
+py::tuple moe_permute(I32Array topk_idx, py::array x, int num_experts, const std::string& path, bool gather) {
+  if (is_u16(x)) return permute_impl<__nv_bfloat16>(topk_idx, U16Array::ensure(x), num_experts, path, gather);
+  return permute_impl<float>(topk_idx, F32Array::ensure(x), num_experts, path, gather);
 }
 
 U16Array moe_gelu_gate(U16Array h) {
@@ -200,9 +216,11 @@ F32Array moe_forward(F32Array x, U16Array router_proj, F32Array router_scale, F3
 
   DG_CUDA_CHECK(kernels::rmsnorm<float>(dx.get(), dln2.get(), dxe.get(), T, H, eps, stream));
 
+  DeviceBuffer<unsigned char> pws(kernels::moe_permute_workspace_bytes(T, E, top_k));
   kernels::MoePermuteParams<float> pp;
   pp.topk_idx = didx.get(), pp.x = dxe.get(), pp.expert_counts = dcounts.get(), pp.expert_offsets = doffsets.get();
-  pp.perm_slot = dperm.get(), pp.inv = dinv.get(), pp.xp = dxp.get(), pp.T = T, pp.H = H, pp.E = E, pp.k = top_k;
+  pp.perm_slot = dperm.get(), pp.inv = dinv.get(), pp.xp = dxp.get(), pp.workspace = pws.get();
+  pp.T = T, pp.H = H, pp.E = E, pp.k = top_k;
   DG_CUDA_CHECK(kernels::moe_permute(pp, stream));
 
   kernels::GroupedGemmBf16Params g1;
@@ -236,7 +254,9 @@ RegisterCudaOps reg([](py::module_& m) {
         py::arg("per_expert_scale"), py::arg("top_k"), py::arg("eps") = 1e-6f,
         "x f32 or bf16-as-uint16 [T, H], router_proj uint16 [E, H] -> (topk_idx int32 [T, k], topk_w f32 [T, k])");
   m.def("moe_permute", &moe_permute, py::arg("topk_idx"), py::arg("x"), py::arg("num_experts"),
-        "-> (expert_counts [E], expert_offsets [E+1], perm_slot [T*k], inv [T*k], xp uint16 [T*k, H])");
+        py::arg("path") = "auto", py::arg("gather") = true,
+        "-> (expert_counts [E], expert_offsets [E+1], perm_slot [T*k], inv [T*k], xp uint16 [T*k, H] or None "
+        "without gather); path 'single' / 'multi' forces one sort, 'auto' lets moe_permute pick");
   m.def("moe_gelu_gate", &moe_gelu_gate, py::arg("h"), "uint16 [M, 2I] -> uint16 [M, I]");
   m.def("moe_combine", &moe_combine, py::arg("dn"), py::arg("topk_idx"), py::arg("topk_w"), py::arg("inv"),
         py::arg("out_bf16") = false, "-> f32 [T, H] (or uint16 with out_bf16)");

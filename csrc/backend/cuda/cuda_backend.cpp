@@ -864,7 +864,7 @@ void CudaBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx,
 namespace moe_ws {
 // The MoE workspace's layout for T tokens (offsets in bytes, each 256-aligned).
 struct Layout {
-  size_t counts, offsets, perm_slot, inv, xp, h, act, dn, gemm, total;
+  size_t counts, offsets, perm_slot, inv, permute, xp, h, act, dn, gemm, total;
 };
 Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws) {
   Layout o{};
@@ -879,6 +879,7 @@ Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws) {
   o.offsets = put(4 * static_cast<size_t>(E + 1));
   o.perm_slot = put(4 * M);
   o.inv = put(4 * M);
+  o.permute = put(kernels::moe_permute_workspace_bytes(T, E, k));  // the multi-block sort's [E, blocks] table
   o.xp = put(2 * M * H);
   o.h = put(2 * M * 2 * Im);
   o.act = put(2 * M * Im);
@@ -915,7 +916,8 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
   kernels::MoePermuteParams<bf16> pp;
   pp.topk_idx = as<int32_t>(topk_idx), pp.x = as<bf16>(x);
   pp.expert_counts = i32(lo.counts), pp.expert_offsets = i32(lo.offsets), pp.perm_slot = i32(lo.perm_slot);
-  pp.inv = i32(lo.inv), pp.xp = b16(lo.xp);
+  // The W4A16 gate_up GEMM gathers its rows through perm_slot itself: no xp then.
+  pp.inv = i32(lo.inv), pp.xp = L.experts_gate_up.nvfp4() ? nullptr : b16(lo.xp), pp.workspace = base + lo.permute;
   pp.T = T, pp.H = H, pp.E = E, pp.k = k;
   DG_CUDA(kernels::moe_permute(pp, stream_));
 

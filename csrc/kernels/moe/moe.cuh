@@ -9,6 +9,10 @@
 //                    expert_counts [E], expert_offsets [E+1] (offsets[0] = 0, offsets[E] = T*k),
 //                    perm_slot [T*k]: permuted row -> token*k + slot (rows of an expert in (token, slot) order),
 //                    inv [T*k]: token*k + slot -> permuted row.
+//                  xp is optional (nullptr: no gather; the W4A16 GEMM gathers through perm_slot itself).
+//                  Two implementations with the same outputs bit for bit: one block (E <= 256, no scratch;
+//                  serial over the slots, right for a decoder step) and a multi-block one (E <= 4096, needs
+//                  moe_permute_workspace_bytes of scratch; for prefill). moe_permute picks by T*k.
 //   (grouped GEMM  xp @ gate_up[e]^T -> h [T*k, 2I] bf16, gate columns first, then up)
 //   moe_gelu_gate  h [M, 2I] -> act [M, I] = gelu_tanh(h[:, :I]) * h[:, I:], bf16 in/out, fp32 math
 //   (grouped GEMM  act @ down[e]^T -> dn [T*k, H] bf16)
@@ -17,7 +21,8 @@
 //
 // All deterministic (no float atomics, fixed reduction orders); the combine rounds each weighted row
 // before adding it, as the CPU backend (CpuBackend::moe_experts) does. Limits (cudaErrorInvalidValue
-// otherwise): 1 <= k <= min(E, 32) for the router and combine; E <= 256 for the permute.
+// otherwise): 1 <= k <= min(E, 32) for the router and combine; E <= 256 for the single-block permute,
+// E <= 4096 for the multi-block one.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,11 +58,24 @@ struct MoePermuteParams {
   int32_t* expert_offsets = nullptr;  // [E + 1] out
   int32_t* perm_slot = nullptr;       // [T*k] out
   int32_t* inv = nullptr;             // [T*k] out
-  __nv_bfloat16* xp = nullptr;        // [T*k, H] out
+  __nv_bfloat16* xp = nullptr;        // [T*k, H] out, or nullptr: skip the gather (x is then not read)
+  // Device scratch of moe_permute_workspace_bytes(T, E, k) bytes for the multi-block path, no
+  // initialisation needed (calls on one workspace must not overlap). nullptr: single-block only
+  // (and E <= 256); may be nullptr for T = 0 on either path.
+  void* workspace = nullptr;
   int T = 0, H = 0, E = 0, k = 0;
 };
+// Ids outside [0, E) are dropped in both paths: not counted, their inv entries and the rows past
+// offsets[E] are left unwritten.
+size_t moe_permute_workspace_bytes(int T, int E, int k);
+// Multi-block for E > 256, or with a workspace from a T*k threshold on; single-block otherwise.
 template <typename Tx>
 cudaError_t moe_permute(const MoePermuteParams<Tx>& p, cudaStream_t stream);
+// The two paths by name (tests, benchmarks): single_block ignores the workspace; multi_block needs it.
+template <typename Tx>
+cudaError_t moe_permute_single_block(const MoePermuteParams<Tx>& p, cudaStream_t stream);
+template <typename Tx>
+cudaError_t moe_permute_multi_block(const MoePermuteParams<Tx>& p, cudaStream_t stream);
 
 struct MoeGeluGateParams {
   const __nv_bfloat16* h = nullptr;  // [M, 2I]: gate | up
