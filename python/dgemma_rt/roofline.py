@@ -210,7 +210,7 @@ BACKEND_OP_ROWS: dict[str, tuple[list[str] | None, str | None]] = {
     "lm_head_sample": (["lm_head", "softcap_sample", "soft_embedding"],
                        "approximate: the soft embedding is skipped on a canvas's last step"),
     "lm_head_logits": (None, "denoise_logits only, not a decoder step"),
-    "soft_embedding": (None, "denoise_logits only, not a decoder step (the step's soft embedding is in lm_head_sample)"),
+    "soft_embedding": (None, "denoise_logits only (a decoder step's soft embedding is part of lm_head_sample)"),
 }
 # Rows no backend op runs: the engine accepts a canvas's tokens on the host.
 HOST_ROWS = ["accept_canvas"]
