@@ -224,6 +224,7 @@ BENCH_KEYS = {
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
     "decoder_forwards", "encoder_forwards", "captured_passes", "replayed_passes", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
     "loaded_rss_mib", "generate_peak_rss_mib", "template_free_fraction", "peer",
+    "peak_device_memory_mib", "live_device_memory_mib", "device_memory_is_host",
 }  # fmt: skip
 
 
@@ -233,7 +234,8 @@ def test_bench_json(tmp_path):
     proc = _run("dgemma_rt.bench", *args, env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
-    assert set(result) == BENCH_KEYS
+    assert set(result) == BENCH_KEYS  # op_profile only with --profile (tests/test_profile.py)
+    assert result["peak_device_memory_mib"] >= result["live_device_memory_mib"] > 0
     assert result["tiny"] is True and result["device"] == "cpu" and result["fixed_steps"] is True
     for key in ("tokens_per_s", "ms_per_step", "ms_per_canvas", "prefill_ms", "total_ms", "peak_rss_mib",
                 "loaded_rss_mib", "generate_peak_rss_mib"):

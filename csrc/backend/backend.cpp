@@ -33,6 +33,10 @@ void Backend::unsupported(Op op) const {
 void Backend::begin_capture() { DG_THROW(Unsupported, "the " << name() << " backend cannot capture op sequences"); }
 void Backend::end_capture(uint64_t) { DG_THROW(Error, "end_capture on the " << name() << " backend, which cannot capture"); }
 
+void Backend::set_profiling(bool on) {
+  DG_REQUIRE(!on, Unsupported, "the " << name() << " backend cannot profile its ops");
+}
+
 void Backend::embed(const Tensor&, const Tensor&) { unsupported(Op::kEmbed); }
 void Backend::rmsnorm(const Tensor&, WeightRef, const Tensor&, float) { unsupported(Op::kRmsNorm); }
 void Backend::linear(WeightRef, const Tensor&, const Tensor&) { unsupported(Op::kLinear); }

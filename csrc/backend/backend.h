@@ -16,10 +16,14 @@
 //     forward checks it before the first pass.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "backend/tensor.h"
 
@@ -133,6 +137,74 @@ struct SampleArgs {
   const uint8_t* keep_soft = nullptr;
 };
 
+// ---- profiling and memory accounting (optional features of a backend; see Backend below)
+
+// One op's time over the calls a profile saw.
+struct OpTime {
+  Op op = Op::kCount;
+  long long calls = 0;
+  double seconds = 0;
+};
+
+// Per-op totals, filled by a backend while it profiles and handed out by take(). Thread-safe.
+class OpProfile {
+ public:
+  void add(Op op, double seconds) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& t = totals_[static_cast<int>(op)];
+    t.calls++;
+    t.seconds += seconds;
+  }
+  // The ops called since the last take, in Op order; resets the totals.
+  std::vector<OpTime> take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<OpTime> out;
+    for (int i = 0; i < static_cast<int>(Op::kCount); ++i)
+      if (totals_[i].calls) out.push_back({static_cast<Op>(i), totals_[i].calls, totals_[i].seconds});
+    totals_ = {};
+    return out;
+  }
+
+ private:
+  struct Total {
+    long long calls = 0;
+    double seconds = 0;
+  };
+  std::mutex mu_;
+  std::array<Total, static_cast<size_t>(Op::kCount)> totals_{};
+};
+
+// The memory a backend has allocated (allocate()), live and at its peak, in bytes. device_free /
+// device_total: what the device itself reports (all processes; 0 where the backend has no device).
+struct MemoryStats {
+  size_t live_bytes = 0, peak_bytes = 0;
+  long long allocations = 0;  // allocate() calls so far
+  size_t device_free = 0, device_total = 0;
+};
+
+// Counts a backend's allocations. Its buffers hold it by shared_ptr and give their bytes back when
+// they go, which may be after the backend (a KV cache copied out after its engine is gone).
+class MemoryCounter {
+ public:
+  void add(size_t bytes) {
+    allocations_++;
+    const size_t live = live_.fetch_add(bytes) + bytes;
+    size_t peak = peak_.load();
+    while (live > peak && !peak_.compare_exchange_weak(peak, live)) {
+    }
+  }
+  void sub(size_t bytes) { live_.fetch_sub(bytes); }
+  MemoryStats stats() const {
+    MemoryStats s;
+    s.live_bytes = live_.load(), s.peak_bytes = peak_.load(), s.allocations = allocations_.load();
+    return s;
+  }
+
+ private:
+  std::atomic<size_t> live_{0}, peak_{0};
+  std::atomic<long long> allocations_{0};
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -237,6 +309,28 @@ class Backend {
   virtual bool replay(uint64_t) { return false; }
   virtual void drop_capture(uint64_t) {}
   virtual void drop_captures() {}
+
+  // ---- per-op profiling (optional)
+  //
+  // A backend that can time its ops says so in can_profile(). While set_profiling(true) holds, every
+  // op call it runs adds its time to per-op totals (OpProfile) that take_profile() hands out and
+  // resets: on the CPU the host time of the call; on a GPU the device time between events recorded
+  // on the backend's stream before and after the op's kernels, read back at the next point where
+  // the host waits for the stream anyway (a download) or in take_profile(), never by a wait per op.
+  // Profiling off costs nothing but a flag test per op. Captures and profiles do not mix: the
+  // Forward neither captures nor replays while its backend profiles (a replayed graph would give one
+  // time for the whole step), and a backend need not time ops it records into a capture.
+  // set_profiling(false) is a no-op on a backend that cannot profile; set_profiling(true) throws
+  // Unsupported there. Ops time only their own work: no op calls another op.
+  virtual bool can_profile() const { return false; }
+  virtual void set_profiling(bool on);
+  virtual bool profiling() const { return false; }
+  // Totals per op since the last take (ops never called are left out), in Op order.
+  virtual std::vector<OpTime> take_profile() { return {}; }
+
+  // ---- memory accounting: what allocate() handed out, live and at its peak (all zero where a
+  // backend does not count).
+  virtual MemoryStats memory_stats() const { return {}; }
 
  protected:
   [[noreturn]] void unsupported(Op op) const;

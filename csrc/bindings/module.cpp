@@ -401,10 +401,12 @@ PYBIND11_MODULE(_core, m) {
              o.num_threads = int_arg(num_threads, "num_threads", 0);
              validate(o);  // before set_threads: a refused count must not stay set on this thread
              if (!progress.is_none()) {
-               py::function fn = progress;
-               o.progress = [fn](int done, int total) {
+               // Called as progress(phase, done, total), phase "read" (the checkpoint) or "upload"
+               // (the weights to the backend's device). Held so the last copy goes with the GIL.
+               PyRef fn = hold(progress);
+               o.progress = [fn](ModelWeights::Phase phase, int done, int total) {
                  py::gil_scoped_acquire gil;
-                 fn(done, total);
+                 (*fn)(phase == ModelWeights::Phase::kUpload ? "upload" : "read", done, total);
                };
              }
              auto e = std::make_unique<PyEngine>();
@@ -486,6 +488,38 @@ PYBIND11_MODULE(_core, m) {
         d["cancelled"] = st.cancelled;
         d["captured_passes"] = st.captured_passes;
         d["replayed_passes"] = st.replayed_passes;
+        return d;
+      })
+      .def("set_profiling", [](PyEngine& e, bool decoder, bool encoder) {
+        py::gil_scoped_release release;
+        e.engine->set_profiling(decoder, encoder);
+      }, py::arg("decoder"), py::arg("encoder") = false)
+      .def("take_profile", [](PyEngine& e) {
+        std::vector<OpTime> prof;
+        {
+          py::gil_scoped_release release;
+          prof = e.engine->take_profile();
+        }
+        py::list out;
+        for (const OpTime& t : prof) {
+          py::dict d;
+          d["op"] = op_name(t.op);
+          d["calls"] = t.calls;
+          d["seconds"] = t.seconds;
+          out.append(d);
+        }
+        return out;
+      })
+      .def("memory_stats", [](const PyEngine& e) {
+        const MemoryStats m = e.engine->memory_stats();
+        py::dict d;
+        d["live_bytes"] = m.live_bytes;
+        d["peak_bytes"] = m.peak_bytes;
+        d["allocations"] = m.allocations;
+        if (m.device_total) {
+          d["device_free_bytes"] = m.device_free;
+          d["device_total_bytes"] = m.device_total;
+        }
         return d;
       })
       .def("submit", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, py::dict p, py::object noise,

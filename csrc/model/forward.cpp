@@ -144,6 +144,13 @@ void Forward::check_supported(Op op) const {
                     << "' op");
 }
 
+void Forward::set_profiling(bool decoder, bool encoder) {
+  if (decoder || encoder)
+    DG_REQUIRE(be_.can_profile(), Unsupported, "the " << be_.name() << " backend cannot profile its ops");
+  profile_decoder_ = decoder, profile_encoder_ = encoder;
+  if (!decoder && !encoder) be_.set_profiling(false);
+}
+
 void Forward::allocate_kv(const BlockPool& pool) {
   DG_CHECK(!kv_, "KV storage allocated twice");
   kv_ = std::make_shared<KvStorage>(be_, cfg_, pool);
@@ -334,6 +341,7 @@ void Forward::encode(const std::vector<SeqCache*>& caches, const std::vector<std
   DG_CHECK(caches.size() == tokens.size(), "rows");
   DG_CHECK(kv_, "KV storage not allocated");
   if (caches.empty()) return;
+  be_.set_profiling(profile_encoder_);
   std::vector<int> counts;
   for (const auto& t : tokens) counts.push_back(static_cast<int>(t.size()));
   size_t prepared = 0;
@@ -376,6 +384,7 @@ void Forward::decoder_input(Pass& p, const Tensor& soft) {
 void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& out) {
   DG_CHECK(kv_, "KV storage not allocated");
   if (rows.empty()) return;
+  be_.set_profiling(profile_decoder_);
   const int L = cfg_.canvas_length, H = cfg_.hidden_size;
   DG_CHECK(n == L, "a step denoises whole canvases (" << n << " vs " << L << ")");
   std::vector<const SeqCache*> caches;
@@ -446,7 +455,7 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
 // needs for them). Second: they are captured, then replayed. Later: replayed. A backend that
 // dropped the capture (its scratch grew) gets it captured again.
 void Forward::run_ops(const std::vector<int64_t>& sig, const std::function<void()>& ops) {
-  if (!capture_) {
+  if (!capture_ || be_.profiling()) {  // a replayed step would not be timed op by op
     ops();
     return;
   }
@@ -493,6 +502,7 @@ void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* 
   DG_CHECK(kv_, "KV storage not allocated");
   if (caches.empty()) return;
   check_supported(Op::kLmHeadLogits);
+  be_.set_profiling(profile_decoder_);
   const int R = static_cast<int>(caches.size()), V = cfg_.vocab_size;
   DG_CHECK(sc_logits.empty() || static_cast<int>(sc_logits.size()) == R, "one self-conditioning pointer per row");
   Pass p;

@@ -27,6 +27,11 @@
 // all are dropped when the workspace grows and when the Forward goes. A capture that throws fails
 // its step with that error and turns capture off for this Forward. encode() and logits() are never
 // captured.
+//
+// Profiling (backend.h "per-op profiling"): set_profiling picks the passes whose ops the backend
+// times (decoder steps and denoise_logits, encoder passes, or both); the Forward switches the
+// backend's profiling on and off at the start of each pass accordingly, and runs a profiled step's
+// ops directly: no capture is made or replayed while the backend profiles.
 #pragma once
 
 #include <atomic>
@@ -121,6 +126,10 @@ class Forward {
   };
   GraphStats graph_stats() const { return {captured_.load(), replayed_.load()}; }
 
+  // Which passes the backend times from the next pass on (Unsupported when the backend cannot
+  // profile and either is true). Call between passes (the engine holds its forward lock).
+  void set_profiling(bool decoder, bool encoder);
+
   // Self-conditioning slots (thread-safe). acquire_sc throws ResourceError when all are taken.
   int acquire_sc();
   void release_sc(int slot);
@@ -155,6 +164,7 @@ class Forward {
   std::map<std::vector<int64_t>, Graph> graphs_;  // by signature
   uint64_t next_graph_key_ = 1, graph_clock_ = 0;
   std::atomic<long long> captured_{0}, replayed_{0};
+  bool profile_decoder_ = false, profile_encoder_ = false;
 
   int sc_slots_;
   std::shared_ptr<Buffer> sc_state_;  // act [sc_slots * canvas_length, H]

@@ -345,7 +345,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
         w->owned_.push_back(std::move(buf));
       }
     }
-    if (progress) progress(++done, total);
+    if (progress) progress(Phase::kRead, ++done, total);
   }
   if (cfg.tie_word_embeddings) w->lm_head = w->embed_tokens;
 
@@ -373,10 +373,10 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
   for (int i = 0; i < cfg.num_layers; ++i) {
     LayerWeights& L = w->layers[i];
     L.decoder_layer_scalar = scalar(layer_name(i, "layer_scalar"), 1.0f, false);
-    if (progress) progress(++done, total);
+    if (progress) progress(Phase::kRead, ++done, total);
     L.encoder_layer_scalar = scalar("model.encoder.language_model.layers." + std::to_string(i) + ".layer_scalar",
                                     1.0f, false);
-    if (progress) progress(++done, total);
+    if (progress) progress(Phase::kRead, ++done, total);
   }
   return w;
 }

@@ -77,8 +77,12 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
   size_t num_parameters = 0;
 
-  // Called with (tensors done, tensors total) while loading.
-  using Progress = std::function<void(int, int)>;
+  // Called with (phase, tensors done, tensors total) while loading: kRead while load() reads the
+  // checkpoint, then kUpload while a backend that keeps its own copy (a GPU) uploads the weights.
+  enum class Phase { kRead, kUpload };
+  using Progress = std::function<void(Phase, int, int)>;
+  // The engine's callback while its backend is made (for the upload phase; null otherwise).
+  Progress progress;
   static std::unique_ptr<ModelWeights> load(const std::string& dir, const ModelConfig& cfg, const Progress& progress,
                                             bool host_f32 = true);
   // Everything load() checks before it converts a tensor: the files are regular, every safetensors

@@ -147,7 +147,9 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   const bool host_f32 = opts.make_backend || device_kind(opts.device) == "cpu";
   weights_ = opts.random_weights ? ModelWeights::random(cfg_, *opts.random_weights, host_f32, opts.random_nvfp4_experts)
                                  : ModelWeights::load(dir, cfg_, opts.progress, host_f32);
+  weights_->progress = opts.progress;  // for the backend's upload phase
   backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : make_backend(opts.device, cfg_, *weights_);
+  weights_->progress = nullptr;        // not called again: the engine outlives the caller's callback
   DG_CHECK(backend_, "make_backend returned no backend");
   forward_ = std::make_unique<Forward>(cfg_, *backend_, opts.max_batch_size);
   const MemoryPlan plan = plan_memory(cfg_, opts);
@@ -155,6 +157,16 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
                                       static_cast<int>(plan.sliding_blocks));
   forward_->allocate_kv(*pool_);
   scheduler_ = std::make_unique<Scheduler>(*forward_, cfg_, pool_, mu_, opts.max_batch_size, opts.num_threads);
+}
+
+void Engine::set_profiling(bool decoder, bool encoder) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);  // between passes
+  forward_->set_profiling(decoder, encoder);
+}
+
+std::vector<OpTime> Engine::take_profile() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return backend_->take_profile();
 }
 
 std::shared_ptr<CacheSet> Engine::new_cache(int batch) const {

@@ -86,6 +86,14 @@ class Engine {
                           GenerateCallbacks callbacks = {});
   SchedulerStats scheduler_stats() const { return scheduler_->stats(); }
   int max_batch_size() const { return scheduler_->max_rows(); }
+
+  // Per-op profiling (backend.h): from the next pass on, the backend times the ops of decoder steps
+  // (decoder) and of encoder passes (encoder); take_profile() hands out the totals since the last
+  // take. Throws Unsupported when the backend cannot profile. Profiled steps run without CUDA graphs.
+  void set_profiling(bool decoder, bool encoder = false);
+  std::vector<OpTime> take_profile();
+  // What the backend has allocated (weights on a GPU, KV cache, workspaces), live and at its peak.
+  MemoryStats memory_stats() const { return backend_->memory_stats(); }
   bool on_scheduler_thread() const { return scheduler_->on_scheduler_thread(); }
 
  private:

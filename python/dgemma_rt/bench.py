@@ -83,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roofline", action="store_true",
                    help="print the roofline model of one GPU step at --preset's shape (--batch, --quant, "
                         "--dense-quant, --gpu, --context) instead of running anything")
-    p.add_argument("--gpu", choices=["h100", "h200"], default="h100", help="with --roofline: the device (default h100)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, one more run with per-op profiling of its decoder steps (CUDA events "
+                        "on a GPU, the host clock on the CPU; no CUDA graphs): op_profile in the JSON, each op's ms "
+                        "per step, share of the step and achieved bandwidth against the roofline's bytes")
+    p.add_argument("--gpu", choices=["h100", "h200"], default="h100",
+                   help="with --roofline: the device; with --profile on cuda: whose HBM bandwidth the achieved "
+                        "bandwidth is a fraction of (default h100)")
     p.add_argument("--context", type=_positive_int, default=4096,
                    help="with --roofline: cached tokens per row (default 4096)")
     p.add_argument("--measured", metavar="JSON", default=None,
@@ -503,6 +509,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     num_layers = int(engine.config["num_hidden_layers"])
     graphs_after = engine.scheduler_stats()
+    op_profile = None
+    if args.profile:
+        engine.profile(True)  # decoder steps only: the per-step breakdown
+        out, _ = generate("profiled run")
+        engine.profile(False)
+        op_profile = profile_report(engine.take_profile(), out.timings, engine.config, args)
+        del out
+    memory_fields = memory_report(engine.memory_stats(), on_cpu)
     # Decoder passes of the measured runs captured as / replayed from a CUDA graph (0 on the CPU).
     graph_fields = {k: int(graphs_after[k] - graphs_before[k]) for k in ("captured_passes", "replayed_passes")}
     if peer_after:
@@ -572,9 +586,100 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decoder_forwards": int(totals["decoder_forwards"]),
         "encoder_forwards": int(totals["encoder_forwards"]),
         **graph_fields,
+        **memory_fields,
+        **({"op_profile": op_profile} if op_profile is not None else {}),
         "peak_rss_mib": peak_rss_mib(),
         "loaded_rss_mib": loaded_rss,
         "generate_peak_rss_mib": _status_mib("VmHWM") if peak_reset else None,
+    }
+
+
+def memory_report(stats: dict[str, int], on_cpu: bool) -> dict[str, Any]:
+    """The backend's allocations (Engine.memory_stats) for the JSON: on a GPU its device memory (weights,
+    KV cache, workspaces) and what cudaMemGetInfo says the whole device uses; on the CPU its host
+    allocations (KV cache, workspaces; the float32 weights are the loader's and not counted)."""
+    mib = 1024.0 * 1024.0
+    fields: dict[str, Any] = {
+        "peak_device_memory_mib": stats["peak_bytes"] / mib,
+        "live_device_memory_mib": stats["live_bytes"] / mib,
+        "device_memory_is_host": on_cpu,
+    }
+    if "device_total_bytes" in stats:
+        fields["device_used_mib"] = (stats["device_total_bytes"] - stats["device_free_bytes"]) / mib
+        fields["device_total_mib"] = stats["device_total_bytes"] / mib
+    return fields
+
+
+def _roofline_shape(config: dict[str, Any]) -> Any:
+    """The roofline's ModelShape of the engine's model (its config as the engine read it)."""
+    from dgemma_rt.tiny import ModelShape
+
+    types = tuple(config["layer_types"])
+    hd, kvh = list(config["head_dims"]), list(config["num_key_value_heads"])
+    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    s, f = (sliding or full)[0], (full or sliding)[0]
+    return ModelShape(
+        vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]), layer_types=types,
+        num_heads=int(config["num_attention_heads"]), num_kv_heads=kvh[s], head_dim=hd[s],
+        global_head_dim=hd[f], num_global_kv_heads=kvh[f], num_experts=int(config["num_experts"]),
+        top_k_experts=int(config["top_k_experts"]), moe_intermediate_size=int(config["moe_intermediate_size"]),
+        sliding_window=int(config["sliding_window"]), canvas_length=int(config["canvas_length"]),
+        max_position_embeddings=int(config["max_position_embeddings"]),
+    )  # fmt: skip
+
+
+def profile_report(profile: list[dict[str, Any]], timings: dict[str, Any], config: dict[str, Any],
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """op_profile: the profiled run's per-op time per decoder step beside the roofline's bytes for the
+    bench's shape, batch, mean context and precision (float32 everywhere on the CPU)."""
+    from dgemma_rt import roofline
+
+    on_cpu = args.device == "cpu"
+    steps = max(int(timings["decoder_forwards"]), 1)
+    step_ms = 1000.0 * float(timings["denoise_s"]) / steps
+    canvas = int(config["canvas_length"])
+    canvases = math.ceil(args.new_tokens / canvas)
+    # Cached tokens per row, averaged over the canvases (attention's bytes grow linearly with it).
+    context = int(round(args.prompt_len + canvas * (canvases - 1) / 2))
+    quant = None if args.quant == "none" else args.quant
+    dense_quant = None if args.dense_quant == "none" else args.dense_quant
+    rows = roofline.step_ops(_roofline_shape(config), args.batch, context, quant, dense_quant, host_f32=on_cpu)
+    device = None if on_cpu else roofline.DEVICES[args.gpu]
+    ops = []
+    for p in profile:
+        ms = 1000.0 * float(p["seconds"]) / steps
+        nbytes, names, note = roofline.backend_op_bytes(rows, p["op"])
+        entry: dict[str, Any] = {
+            "op": p["op"], "calls_per_step": p["calls"] / steps, "ms_per_step": ms,
+            "share_of_step": ms / step_ms if step_ms > 0 else None, "roofline_rows": names,
+            "gbytes_per_step": None if nbytes is None else nbytes / 1e9, "achieved_gbps": None,
+            "bandwidth_fraction": None,
+        }
+        if nbytes is not None and ms > 0:
+            entry["achieved_gbps"] = nbytes / (ms / 1000.0) / 1e9
+            entry["bandwidth_fraction"] = ("n/a" if device is None
+                                           else entry["achieved_gbps"] / (device.hbm_tbps * 1000.0))
+        if note:
+            entry["note"] = note
+        ops.append(entry)
+    ops_ms = sum(o["ms_per_step"] for o in ops)
+    return {
+        "run": "one run after the timed ones; its decoder steps profiled, without CUDA graphs",
+        "timer": "host clock per op" if on_cpu else "CUDA events around each op on the backend's stream",
+        "decoder_steps": steps,
+        "ms_per_step": step_ms,
+        "ops_ms_per_step": ops_ms,
+        # Host work of the step (uploads, the download, bookkeeping) and, on a GPU, launch gaps.
+        "unattributed_ms_per_step": step_ms - ops_ms,
+        "roofline_context": context,
+        "roofline_precision": "float32 weights, activations and KV (the CPU backend)" if on_cpu
+                              else f"experts {args.quant}, dense {args.dense_quant}, bf16 activations and KV",
+        "bandwidth_device": None if device is None else device.name,
+        "bandwidth_tbps": None if device is None else device.hbm_tbps,
+        "roofline_rows_without_op": roofline.HOST_ROWS,
+        "ops": ops,
     }
 
 
@@ -608,7 +713,22 @@ def format_report(r: dict[str, Any]) -> str:
         ("prefill", f"{r['prefill_ms']:.2f} ms"),
         ("total", f"{r['total_ms']:.1f} ms (wall {r['wall_ms']:.1f} ms)"),
         ("peak RSS", rss),
+        ("backend memory", f"peak {r['peak_device_memory_mib']:.1f} MiB, live {r['live_device_memory_mib']:.1f} MiB"
+                           + (" (host)" if r.get("device_memory_is_host") else "")
+                           + (f"; device uses {r['device_used_mib']:.0f} of {r['device_total_mib']:.0f} MiB"
+                              if r.get("device_used_mib") is not None else "")),
     ]
+    prof = r.get("op_profile")
+    if prof:
+        rows.append(("profiled step", f"{prof['ms_per_step']:.2f} ms, ops {prof['ops_ms_per_step']:.2f} ms "
+                                      f"({prof['timer']})"))
+        for o in sorted(prof["ops"], key=lambda o: -o["ms_per_step"]):
+            bw = ""
+            if o["achieved_gbps"] is not None:
+                frac = o["bandwidth_fraction"]
+                bw = f", {o['achieved_gbps']:.1f} GB/s" + (f" ({frac:.0%} of peak)" if isinstance(frac, float) else "")
+            share = o["share_of_step"] or 0.0
+            rows.append((f"  {o['op']}", f"{o['ms_per_step']:.3f} ms/step, {share:.0%}{bw}"))
     if r.get("peer"):
         rows.append((
             "vs " + r["peer"],

@@ -337,6 +337,36 @@ def _check_float(name: str, value: Any) -> float:
     return float(value)
 
 
+class _LoadBar:
+    """The progress bar of Engine(progress=True): the native loader calls ``update(phase, done, total)``,
+    phase ``"read"`` while the checkpoint is read, then ``"upload"`` while a GPU backend copies the
+    weights to its device (the CPU backend computes on what was read: no upload phase)."""
+
+    DESCRIPTIONS = {"read": "loading weights", "upload": "uploading weights to {device}"}
+
+    def __init__(self, device: str, bar: Any = None):
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=self.DESCRIPTIONS["read"], unit="tensor", leave=False)
+        self.bar = bar
+        self.device = device
+        self.phase = "read"
+        self.phases: list[str] = []  # in the order they began
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if not self.phases or phase != self.phase:
+            self.phase = phase
+            self.phases.append(phase)
+            self.bar.set_description(self.DESCRIPTIONS.get(phase, phase).format(device=self.device), refresh=False)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Engine:
     """A DiffusionGemma model loaded for inference.
 
@@ -348,7 +378,7 @@ class Engine:
             every live ``KVCache``.
         max_batch_size: rows whose sliding-window cache fits in the pool at once.
         num_threads: CPU threads (default: all cores, or ``OMP_NUM_THREADS``).
-        progress: show a progress bar while loading weights.
+        progress: show a progress bar while loading weights (and, on a GPU, while uploading them).
         quant: ``None`` (weights as stored; NVFP4 / FP8 checkpoints from ``dgemma-quantize`` or
             ModelOpt are recognised by their tensors) or ``"nvfp4"``: quantize the MoE experts of a
             full-precision checkpoint at load time (through a temporary quantized copy).
@@ -394,14 +424,8 @@ class Engine:
         bar = None
         callback = None
         if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc="loading weights", unit="tensor", leave=False)
-
-            def callback(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
+            bar = _LoadBar(device)
+            callback = bar.update
 
         tmp = None
         try:
@@ -662,6 +686,27 @@ class Engine:
             **sampler,
         )
         return req.result()
+
+    def profile(self, enabled: bool = True, encoder: bool = False) -> None:
+        """Per-op profiling from the next forward pass on: the backend times every op of the decoder
+        steps (and of encoder passes, prompt prefill and canvas commits, with ``encoder=True``); on a
+        GPU by CUDA events on its stream, read back when the step's results are, on the CPU by the
+        host clock. Profiled steps run without CUDA graphs, so they are slower than unprofiled ones.
+        ``take_profile()`` returns the totals. Raises where the backend cannot profile."""
+        self._native.set_profiling(bool(enabled), bool(enabled) and bool(encoder))
+
+    def take_profile(self) -> list[dict[str, Any]]:
+        """Per-op totals since the last call, and resets them: ``[{"op", "calls", "seconds"}]`` in the
+        backend's op order (``op``: the backend op's name, e.g. ``"moe_experts"``; ops not called left out)."""
+        return [dict(d) for d in self._native.take_profile()]
+
+    def memory_stats(self) -> dict[str, int]:
+        """Memory the backend has allocated (weights on a GPU, KV cache, workspaces, scratch):
+        ``live_bytes``, ``peak_bytes`` (the high-water mark since the engine was made) and
+        ``allocations``; on a GPU also ``device_free_bytes`` / ``device_total_bytes`` (cudaMemGetInfo:
+        the whole device, every process). The CPU backend's float32 weights are host memory the
+        checkpoint loader owns and are not counted."""
+        return dict(self._native.memory_stats())
 
     def scheduler_stats(self) -> dict[str, int]:
         """Queue depth, running requests, active rows and counters of the continuous batcher."""

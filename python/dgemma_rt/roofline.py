@@ -66,8 +66,10 @@ class Op:
 
 
 def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str | None = None,
-             dense_quant: str | None = None) -> list[Op]:
-    """The ops of one decoder step over `batch` canvases whose rows have `context` cached tokens."""
+             dense_quant: str | None = None, host_f32: bool = False) -> list[Op]:
+    """The ops of one decoder step over `batch` canvases whose rows have `context` cached tokens.
+    host_f32: the bytes the CPU backend moves instead, every weight (quantized ones dequantized at load),
+    activation and KV entry float32; the kernels, efficiencies and reasons stay the GPU's."""
     H, V, I = shape.hidden_size, shape.vocab_size, shape.intermediate_size
     E, k, Im = shape.num_experts, shape.top_k_experts, shape.moe_intermediate_size
     L = shape.canvas_length
@@ -76,6 +78,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     dense_fmt = dense_quant or "bf16"
     expert_fmt = quant or "bf16"
     wb, ab = WEIGHT_BYTES, 2.0  # activations travel as bf16
+    if host_f32:
+        wb, ab = {fmt: 4.0 for fmt in WEIGHT_BYTES}, 4.0
     n_full = sum(t == "full_attention" for t in shape.layer_types)
     n_slide = shape.num_layers - n_full
     dense_unit = "fp8" if dense_fmt == "fp8" else "bf16"
@@ -136,7 +140,7 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     b2, f2 = gemm(H, I, dense_fmt)
     ops.append(Op("dense_mlp", "kernels/gemm/sm90_gemm_bf16.cu + moe_gelu_gate", layers, b1 + b2 + 2 * T * I * ab,
                   f1 + f2, dense_unit, gemm_eff, gemm_why, launches=3))
-    ops.append(Op("moe_router", "kernels/moe/router.cu", layers, E * H * 2 + T * H * 4 * (E // 32) + T * E * 8,
+    ops.append(Op("moe_router", "kernels/moe/router.cu", layers, E * H * wb["bf16"] + T * H * 4 * (E // 32) + T * E * 8,
                   2.0 * T * E * H, "fp32", 0.4,
                   "fp32 FFMA (routing needs fp32 logits), 8x32 CTA tiles: 128 CTAs at batch 1, 128 FFMA per 8 "
                   "conflict-free shared loads; the token tile is re-read once per 32-expert tile"))
@@ -161,12 +165,12 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     ops.append(Op("ffn_combine", "kernels/layer/residual.cu", layers, T * H * (8 + 2 * ab), 12 * T * H, "fp32", *small))
 
     # Once per step.
-    ops.append(Op("embed", "kernels/layer/embed_rope.cu", 1, T * H * (2 + 4), T * H, "fp32", *small))
+    ops.append(Op("embed", "kernels/layer/embed_rope.cu", 1, T * H * (wb["bf16"] + 4), T * H, "fp32", *small))
     b1, f1 = gemm(2 * I, H, "bf16")
     b2, f2 = gemm(H, I, "bf16")
     ops.append(Op("self_cond_mlp", "kernels/gemm/sm90_gemm_bf16.cu", 1, b1 + b2, f1 + f2, "bf16", 0.7,
                   "BF16 (the self-conditioning block stays full precision), CUTLASS sm90 " + tiling, launches=5))
-    emb = V * H * 2.0
+    emb = V * H * wb["bf16"]
     ops.append(Op("lm_head", "kernels/gemm/sm90_gemm_bf16.cu", 1, emb + T * V * ab, 2.0 * T * V * H, "bf16", 0.7,
                   "the dense GEMM's 128x64 tiles in 2x1 clusters over N = 262,144 (8,192 tiles, persistent): the "
                   "embedding streamed once; bf16 logits written out"))
@@ -180,6 +184,49 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     ops.append(Op("accept_canvas", "kernels/sampler/accept_canvas.cu", 1, T * 20, T * 16, "fp32", 0.05,
                   "one CTA per row: latency, not bandwidth"))
     return ops
+
+
+# The backend's ops (backend.h; the names Engine.take_profile() reports) -> the rows of step_ops() that
+# model the work one op does in a decoder step ("{kind}." rows: every attention kind the model has), and
+# what the rows leave out. None: no row models the op; the reason says why.
+BACKEND_OP_ROWS: dict[str, tuple[list[str] | None, str | None]] = {
+    "embed": (["embed"], None),
+    "rmsnorm": (["{kind}.input_norm", "pre_ffn_norms"],
+                "approximate: the rows leave out the step's final norm, self-conditioning pre_norm and decoder-input "
+                "norm (3 of its 3 * layers + 3 calls, each [T, H])"),
+    "linear": (["{kind}.qkv_proj", "{kind}.o_proj"], None),
+    "copy": (None, "K=V layers copy K into V: not in the roofline"),
+    "head_norm_rope": (["{kind}.qk_norm_rope"], None),
+    "kv_write": (None, "encoder passes only"),
+    "attention": (["{kind}.attention"], None),
+    "residual_norm_add": (["{kind}.residual_norm_add"], None),
+    "mlp": (["dense_mlp", "self_cond_mlp"],
+            "approximate: self_cond_mlp runs only on steps with a self-conditioning signal (not a canvas's first)"),
+    "moe_router": (["moe_router"], None),
+    "moe_experts": (["moe_permute", "moe_experts", "moe_combine"], None),
+    "ffn_combine": (["ffn_combine"], None),
+    "gather_rows": (None, "the self-conditioning state's gather: not in the roofline"),
+    "scatter_add_rows": (None, "the self-conditioning signal's scatter-add: not in the roofline"),
+    "lm_head_sample": (["lm_head", "softcap_sample", "soft_embedding"],
+                       "approximate: the soft embedding is skipped on a canvas's last step"),
+    "lm_head_logits": (None, "denoise_logits only, not a decoder step"),
+    "soft_embedding": (None, "denoise_logits only (a decoder step's soft embedding is part of lm_head_sample)"),
+}
+# Rows no backend op runs: the engine accepts a canvas's tokens on the host.
+HOST_ROWS = ["accept_canvas"]
+
+
+def backend_op_bytes(ops: list[Op], backend_op: str) -> tuple[float | None, list[str], str | None]:
+    """(HBM bytes per step, the rows summed, note) for a backend op; bytes None where no row models it."""
+    rows, note = BACKEND_OP_ROWS.get(backend_op, (None, "unknown op: not in the roofline"))
+    if rows is None:
+        return None, [], note
+    by_name = {op.name: op for op in ops}
+    names = [r.replace("{kind}", kind) for r in rows for kind in (("sliding", "full") if "{kind}" in r else ("",))]
+    names = [n for n in names if n in by_name]
+    if not names:
+        return None, [], "the model has none of its rows"
+    return sum(by_name[n].count * by_name[n].bytes for n in names), names, note
 
 
 def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: int = 4096, quant: str | None = None,

@@ -1,6 +1,7 @@
 #include "backend/cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -39,8 +40,14 @@ int thread_count() {
 // Host memory, 64-byte aligned, not zero-filled (untouched pages cost no resident memory).
 class HostBuffer final : public Buffer {
  public:
-  HostBuffer(void* p, size_t bytes) : Buffer(p, bytes) {}
-  ~HostBuffer() override { std::free(data()); }
+  HostBuffer(void* p, size_t bytes, size_t held, std::shared_ptr<MemoryCounter> counter)
+      : Buffer(p, bytes), held_(held), counter_(std::move(counter)) {
+    counter_->add(held_);
+  }
+  ~HostBuffer() override {
+    std::free(data());
+    counter_->sub(held_);
+  }
   void read(size_t offset, size_t n, void* dst) const override {
     check_range(offset, n);
     std::memcpy(dst, static_cast<const char*>(data()) + offset, n);
@@ -49,6 +56,10 @@ class HostBuffer final : public Buffer {
     check_range(offset, n);
     std::memcpy(static_cast<char*>(data()) + offset, src, n);
   }
+
+ private:
+  size_t held_;  // bytes taken from the allocator (rounded up)
+  std::shared_ptr<MemoryCounter> counter_;
 };
 
 void check_f32(const Tensor& t, const char* op, const char* what) {
@@ -155,6 +166,23 @@ void attend_row(const AttnRow& a) {
 
 }  // namespace
 
+class CpuBackend::OpTimer {
+ public:
+  OpTimer(CpuBackend& be, Op op) : be_(be.profiling_ ? &be : nullptr), op_(op) {
+    if (be_) start_ = std::chrono::steady_clock::now();
+  }
+  ~OpTimer() {
+    if (be_) be_->profile_.add(op_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+  }
+  OpTimer(const OpTimer&) = delete;
+  OpTimer& operator=(const OpTimer&) = delete;
+
+ private:
+  CpuBackend* be_;
+  Op op_;
+  std::chrono::steady_clock::time_point start_;
+};
+
 CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w) : cfg_(cfg), w_(w) {
   for (const auto& l : cfg.layers)
     DG_REQUIRE(l.head_dim <= 2048, CheckpointError, "head_dim " << l.head_dim << " is larger than supported (2048)");
@@ -166,7 +194,7 @@ std::shared_ptr<Buffer> CpuBackend::allocate(size_t bytes, const char* what) {
   const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded);
   DG_REQUIRE(p, ResourceError, "out of host memory: " << bytes << " bytes for the " << what);
-  return std::make_shared<HostBuffer>(p, bytes);
+  return std::make_shared<HostBuffer>(p, bytes, rounded, memory_);
 }
 
 void CpuBackend::upload(const Tensor& dst, const void* src) {
@@ -215,6 +243,7 @@ const float* CpuBackend::matrix(WeightRef w) const {
 // ---- ops
 
 void CpuBackend::embed(const Tensor& ids, const Tensor& out) {
+  const OpTimer timer(*this, Op::kEmbed);
   check_i32(ids, "embed", "ids");
   check_f32(out, "embed", "out");
   const int H = cfg_.hidden_size;
@@ -230,6 +259,7 @@ void CpuBackend::embed(const Tensor& ids, const Tensor& out) {
 }
 
 void CpuBackend::rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float eps) {
+  const OpTimer timer(*this, Op::kRmsNorm);
   check_f32(x, "rmsnorm", "x");
   check_f32(out, "rmsnorm", "out");
   DG_CHECK(x.numel() == out.numel() && x.cols() == out.cols(), "rmsnorm: shapes");
@@ -238,6 +268,7 @@ void CpuBackend::rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float 
 }
 
 void CpuBackend::linear(WeightRef w, const Tensor& x, const Tensor& y) {
+  const OpTimer timer(*this, Op::kLinear);
   check_f32(x, "linear", "x");
   check_f32(y, "linear", "y");
   DG_CHECK(x.rows() == y.rows(), "linear: " << x.rows() << " vs " << y.rows() << " rows");
@@ -246,6 +277,7 @@ void CpuBackend::linear(WeightRef w, const Tensor& x, const Tensor& y) {
 }
 
 void CpuBackend::copy(const Tensor& src, const Tensor& dst) {
+  const OpTimer timer(*this, Op::kCopy);
   DG_CHECK(src.dtype == dst.dtype && src.numel() == dst.numel() && src.contiguous() && dst.contiguous(),
            "copy: tensors differ");
   if (src.bytes()) std::memmove(dst.data, src.data, src.bytes());
@@ -253,6 +285,7 @@ void CpuBackend::copy(const Tensor& src, const Tensor& dst) {
 
 void CpuBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
                                 float eps) {
+  const OpTimer timer(*this, Op::kHeadNormRope);
   check_f32(x, "head_norm_rope", "x");
   DG_CHECK(x.ndim == 3, "head_norm_rope: x must be [tokens, heads, head_dim]");
   const int T = static_cast<int>(x.dim(0)), heads = static_cast<int>(x.dim(1)), hd = static_cast<int>(x.dim(2));
@@ -266,6 +299,7 @@ void CpuBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& posi
 
 void CpuBackend::kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
                           const Tensor& v_cache) {
+  const OpTimer timer(*this, Op::kKvWrite);
   check_f32(k, "kv_write", "k");
   check_f32(v, "kv_write", "v");
   check_i32(slot, "kv_write", "slot");
@@ -285,6 +319,7 @@ void CpuBackend::kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, 
 }
 
 void CpuBackend::attention(const AttentionArgs& a) {
+  const OpTimer timer(*this, Op::kAttention);
   for (const Tensor* t : {&a.q, &a.k_new, &a.v_new, &a.out, &a.k_cache, &a.v_cache}) check_f32(*t, "attention", "q/k/v/out/cache");
   for (const Tensor* t : {&a.block_table, &a.cache_first_pos, &a.cache_start, &a.cache_len, &a.tok0, &a.count})
     check_i32(*t, "attention", "row tables");
@@ -317,6 +352,7 @@ void CpuBackend::attention(const AttentionArgs& a) {
 }
 
 void CpuBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) {
+  const OpTimer timer(*this, Op::kResidualNormAdd);
   check_f32(x, "residual_norm_add", "x");
   check_f32(h, "residual_norm_add", "h");
   DG_CHECK(x.numel() == h.numel(), "residual_norm_add: shapes");
@@ -328,6 +364,7 @@ void CpuBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w
 }
 
 void CpuBackend::mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch) {
+  const OpTimer timer(*this, Op::kMlp);
   check_f32(x, "mlp", "x");
   check_f32(out, "mlp", "out");
   check_f32(scratch, "mlp", "scratch");
@@ -350,6 +387,7 @@ void CpuBackend::mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Te
 }
 
 void CpuBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) {
+  const OpTimer timer(*this, Op::kMoeRouter);
   check_f32(x, "moe_router", "x");
   check_i32(topk_idx, "moe_router", "topk_idx");
   check_f32(topk_w, "moe_router", "topk_w");
@@ -389,6 +427,7 @@ size_t CpuBackend::moe_workspace_bytes(int tokens) const {
 
 void CpuBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                              const Tensor& out, const Tensor& workspace) {
+  const OpTimer timer(*this, Op::kMoeExperts);
   check_f32(x, "moe_experts", "x");
   check_f32(out, "moe_experts", "out");
   const LayerWeights& L = w_.layers.at(layer);
@@ -447,6 +486,7 @@ void CpuBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx,
 
 void CpuBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
                              float eps) {
+  const OpTimer timer(*this, Op::kFfnCombine);
   check_f32(x, "ffn_combine", "x");
   check_f32(dense, "ffn_combine", "dense");
   check_f32(moe, "ffn_combine", "moe");
@@ -465,6 +505,7 @@ void CpuBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Ten
 }
 
 void CpuBackend::gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
+  const OpTimer timer(*this, Op::kGatherRows);
   check_i32(index, "gather_rows", "index");
   DG_CHECK(src.dtype == dst.dtype && src.contiguous() && dst.contiguous() && src.cols() == dst.cols() &&
                dst.rows() == index.numel(),
@@ -478,6 +519,7 @@ void CpuBackend::gather_rows(const Tensor& src, const Tensor& index, const Tenso
 }
 
 void CpuBackend::scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index) {
+  const OpTimer timer(*this, Op::kScatterAddRows);
   check_f32(dst, "scatter_add_rows", "dst");
   check_f32(src, "scatter_add_rows", "src");
   check_i32(index, "scatter_add_rows", "index");
@@ -493,6 +535,7 @@ void CpuBackend::scatter_add_rows(const Tensor& dst, const Tensor& src, const Te
 }
 
 void CpuBackend::lm_head_sample(const SampleArgs& a) {
+  const OpTimer timer(*this, Op::kLmHeadSample);
   check_f32(a.x, "lm_head_sample", "x");
   check_f32(a.temperature, "lm_head_sample", "temperature");
   check_i32(a.token, "lm_head_sample", "token");
@@ -561,6 +604,7 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
 }
 
 void CpuBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
+  const OpTimer timer(*this, Op::kLmHeadLogits);
   check_f32(x, "lm_head_logits", "x");
   check_f32(logits, "lm_head_logits", "logits");
   const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, V = cfg_.vocab_size;
@@ -576,6 +620,7 @@ void CpuBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
 }
 
 void CpuBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
+  const OpTimer timer(*this, Op::kSoftEmbedding);
   check_f32(logits, "soft_embedding", "logits");
   check_f32(out, "soft_embedding", "out");
   const int S = static_cast<int>(logits.rows()), H = cfg_.hidden_size, V = cfg_.vocab_size;

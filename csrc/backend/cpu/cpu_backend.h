@@ -3,6 +3,8 @@
 // a fixed order), so results do not depend on the thread count.
 #pragma once
 
+#include <atomic>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -49,7 +51,19 @@ class CpuBackend : public Backend {
   void lm_head_logits(const Tensor& x, const Tensor& logits) override;
   void soft_embedding(const Tensor& logits, const Tensor& out) override;
 
+  // Profiling: the host time of each op call (steady_clock around the call).
+  bool can_profile() const override { return true; }
+  void set_profiling(bool on) override { profiling_ = on; }
+  bool profiling() const override { return profiling_; }
+  std::vector<OpTime> take_profile() override { return profile_.take(); }
+  // Host memory from allocate() (KV cache, workspaces); the float32 weights belong to ModelWeights.
+  MemoryStats memory_stats() const override { return memory_->stats(); }
+
   static constexpr int kHeadChunk = 64;
+
+ protected:
+  // Times one op call while profiling (a local at the top of each op).
+  class OpTimer;
 
  private:
   const float* norm_weight(WeightRef w) const;  // null for kNone
@@ -64,6 +78,9 @@ class CpuBackend : public Backend {
   // Per thread, [V] each: processed logits, CDF.
   std::vector<std::vector<float>> head_processed_;
   std::vector<std::vector<double>> head_cdf_;
+  std::atomic<bool> profiling_{false};
+  OpProfile profile_;
+  std::shared_ptr<MemoryCounter> memory_ = std::make_shared<MemoryCounter>();
 };
 
 }  // namespace dgemma

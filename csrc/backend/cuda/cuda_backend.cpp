@@ -76,10 +76,14 @@ class DeviceGuard {
 // its engine is gone needs no stream).
 class DeviceBuffer final : public Buffer {
  public:
-  DeviceBuffer(int device, void* p, size_t bytes) : Buffer(p, bytes), device_(device) {}
+  DeviceBuffer(int device, void* p, size_t bytes, std::shared_ptr<MemoryCounter> counter)
+      : Buffer(p, bytes), device_(device), counter_(std::move(counter)) {
+    counter_->add(bytes);
+  }
   ~DeviceBuffer() override {
     DeviceGuard g(device_, /*nothrow=*/true);
     cudaFree(data());
+    counter_->sub(bytes());
   }
   void read(size_t offset, size_t n, void* dst) const override {
     check_range(offset, n);
@@ -94,6 +98,7 @@ class DeviceBuffer final : public Buffer {
 
  private:
   int device_;
+  std::shared_ptr<MemoryCounter> counter_;
 };
 
 std::string format_gib(double bytes) {
@@ -176,7 +181,18 @@ class CudaBackend final : public Backend {
   void drop_capture(uint64_t key) override;
   void drop_captures() override;
 
+  // Profiling: a pooled cudaEvent pair recorded on the stream around each op (not while capturing),
+  // resolved to elapsed times at the next download or take_profile, which wait for the stream anyway.
+  bool can_profile() const override { return true; }
+  void set_profiling(bool on) override { profiling_ = on; }
+  bool profiling() const override { return profiling_; }
+  std::vector<OpTime> take_profile() override;
+  MemoryStats memory_stats() const override;
+
  private:
+  class OpTimer;
+  cudaEvent_t take_event();
+  void resolve_profile();  // the stream has been synchronised: every pending pair has completed
   // A weight on the device: bf16 matrices [rows, cols] (experts: [E * rows_per_expert, cols]),
   // float32 vectors.
   struct Vec {
@@ -249,7 +265,102 @@ class CudaBackend final : public Backend {
   bool graphs_enabled_ = true;  // DGEMMA_CUDA_GRAPHS=0 turns capture off (debugging)
   bool capturing_ = false;
   std::map<uint64_t, cudaGraphExec_t> graphs_;
+  std::shared_ptr<MemoryCounter> memory_ = std::make_shared<MemoryCounter>();
+  // Upload progress (ModelWeights::progress): tensors uploaded of the checkpoint's total.
+  int uploaded_ = 0, upload_total_ = 0;
+  void report_upload(int tensors);
+  bool profiling_ = false;
+  struct Timed {
+    Op op;
+    cudaEvent_t begin, end;
+  };
+  std::vector<Timed> timed_;          // recorded, not yet read back
+  std::vector<cudaEvent_t> events_;  // free events
+  OpProfile profile_;
+  // Pending pairs past this many are read back at once (a wait in the middle of a long pass, e.g.
+  // an encoder pass that downloads nothing): bounds the events held.
+  static constexpr size_t kMaxPendingOps = 4096;
 };
+
+// Records the op's begin event when constructed and its end event when it goes, on the backend's
+// stream; inert (one flag test) when not profiling or while capturing.
+class CudaBackend::OpTimer {
+ public:
+  OpTimer(CudaBackend& be, Op op) : be_(be.profiling_ && !be.capturing_ ? &be : nullptr), op_(op) {
+    if (!be_) return;
+    DeviceGuard g(be_->device_);
+    begin_ = be_->take_event();
+    DG_CUDA(cudaEventRecord(begin_, be_->stream_));
+  }
+  ~OpTimer() {
+    if (!be_) return;
+    try {  // a failure here loses one sample; the op's own errors surface on their own
+      DeviceGuard g(be_->device_);
+      cudaEvent_t end = be_->take_event();
+      be_->timed_.push_back({op_, begin_, end});
+      DG_CUDA(cudaEventRecord(end, be_->stream_));
+      if (be_->timed_.size() >= kMaxPendingOps) {
+        DG_CUDA(cudaStreamSynchronize(be_->stream_));
+        be_->resolve_profile();
+      }
+    } catch (...) {
+    }
+  }
+  OpTimer(const OpTimer&) = delete;
+  OpTimer& operator=(const OpTimer&) = delete;
+
+ private:
+  CudaBackend* be_;
+  Op op_;
+  cudaEvent_t begin_ = nullptr;
+};
+
+cudaEvent_t CudaBackend::take_event() {
+  if (!events_.empty()) {
+    cudaEvent_t e = events_.back();
+    events_.pop_back();
+    return e;
+  }
+  cudaEvent_t e = nullptr;
+  DG_CUDA(cudaEventCreate(&e));  // timing enabled
+  return e;
+}
+
+void CudaBackend::resolve_profile() {
+  for (const Timed& t : timed_) {
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, t.begin, t.end) == cudaSuccess) profile_.add(t.op, ms * 1e-3);
+    else cudaGetLastError();
+    events_.push_back(t.begin), events_.push_back(t.end);
+  }
+  timed_.clear();
+}
+
+std::vector<OpTime> CudaBackend::take_profile() {
+  DG_CHECK(!capturing_, "internal error: take_profile while capturing a CUDA graph");
+  if (!timed_.empty()) {
+    DeviceGuard g(device_);
+    DG_CUDA(cudaStreamSynchronize(stream_));
+    resolve_profile();
+  }
+  return profile_.take();
+}
+
+MemoryStats CudaBackend::memory_stats() const {
+  MemoryStats m = memory_->stats();
+  DeviceGuard g(device_);
+  if (cudaMemGetInfo(&m.device_free, &m.device_total) != cudaSuccess) {
+    cudaGetLastError();
+    m.device_free = m.device_total = 0;
+  }
+  return m;
+}
+
+void CudaBackend::report_upload(int tensors) {
+  uploaded_ += tensors;
+  if (weights_ && weights_->progress)
+    weights_->progress(ModelWeights::Phase::kUpload, std::min(uploaded_, upload_total_), upload_total_);
+}
 
 CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w) : device_(device), cfg_(cfg) {
   DeviceGuard g(device_);
@@ -271,6 +382,8 @@ CudaBackend::~CudaBackend() {
   abort_capture();
   cudaStreamSynchronize(stream_);
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+  for (const Timed& t : timed_) cudaEventDestroy(t.begin), cudaEventDestroy(t.end);
+  for (cudaEvent_t e : events_) cudaEventDestroy(e);
   cudaStreamDestroy(stream_);
   if (staging_) cudaFreeHost(staging_);
 }
@@ -289,7 +402,7 @@ std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {
                                                       << format_gib(double(total_b)) << " (" << cudaGetErrorString(e)
                                                       << ")");
   }
-  return std::make_shared<DeviceBuffer>(device_, p, bytes);
+  return std::make_shared<DeviceBuffer>(device_, p, bytes, memory_);
 }
 
 // Uploads go through a pinned staging buffer, so each is a truly asynchronous copy queued behind the
@@ -326,6 +439,7 @@ void CudaBackend::download(void* dst, const Tensor& src) {
   if (src.bytes() > 0) DG_CUDA(cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, stream_));
   DG_CUDA(cudaStreamSynchronize(stream_));  // also where a failed kernel of the pass reports
   staged_ = 0;
+  if (!timed_.empty()) resolve_profile();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,11 +506,16 @@ void CudaBackend::drop_captures() {
 CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols) {
   std::vector<const WeightSource*> parts;
   for (const std::string& name : names) parts.push_back(&weights_->source(name));
+
   const bool all_fp8 = std::all_of(parts.begin(), parts.end(), [](const WeightSource* s) {
     return !s->synthetic() && s->format == WeightSource::Format::kFp8;
   });
   // FP8 dense layers run on the W8A8 GEMM (sm_90a, CUTLASS); elsewhere they are dequantized to bf16.
-  if (all_fp8 && cutlass_ && cols % 16 == 0 && rows % 8 == 0) return upload_fp8(parts, rows, cols);
+  if (all_fp8 && cutlass_ && cols % 16 == 0 && rows % 8 == 0) {
+    Mat m = upload_fp8(parts, rows, cols);
+    report_upload(static_cast<int>(names.size()));
+    return m;
+  }
   Mat m;
   m.rows = rows, m.cols = cols;
   m.buf = allocate(static_cast<size_t>(rows * cols) * 2, "weights");
@@ -430,6 +549,7 @@ CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, 
     offset += n;
   }
   DG_CHECK(offset == rows * cols, "device matrix of " << rows << " x " << cols << " filled with " << offset);
+  report_upload(static_cast<int>(names.size()));
   return m;
 }
 
@@ -511,6 +631,7 @@ CudaBackend::Experts CudaBackend::upload_experts(const std::string& name, int64_
   x.global.buf = allocate(global.size() * 4, "weights");
   x.global.buf->write(0, global.size() * 4, global.data());
   x.global.p = static_cast<const float*>(x.global.buf->data());
+  report_upload(1);
   return x;
 }
 
@@ -528,6 +649,7 @@ CudaBackend::Vec CudaBackend::upload_vec(const std::string& name, int64_t n) {
     s.to_f32(0, n, f.data());
     v.buf->write(0, static_cast<size_t>(n) * 4, f.data());
   }
+  report_upload(1);
   return v;
 }
 
@@ -552,6 +674,8 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
              "the model's weights need " << format_gib(need) << " on the GPU but GPU " << device_ << " has "
                                          << format_gib(double(free_b)) << " free of " << format_gib(double(total_b)));
 
+  uploaded_ = 0;
+  upload_total_ = static_cast<int>(w.sources().size());
   auto g = [](const char* s) { return ModelWeights::global_name(s); };
   embed_ = upload_mat({g("embed_tokens.weight")}, V, H);
   lm_head_ = cfg_.tie_word_embeddings ? embed_ : upload_mat({"lm_head.weight"}, V, H);
@@ -589,6 +713,8 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
     L.decoder_scalar = w.layers[l].decoder_layer_scalar;
   }
   DG_CUDA(cudaStreamSynchronize(stream_));  // the random fills
+  uploaded_ = upload_total_;  // sources uploaded as another's copy (a tied LM head) count as done
+  report_upload(0);
   weights_ = nullptr;                          // the checkpoint is not read again
 }
 
@@ -710,6 +836,7 @@ void CudaBackend::grouped_gemm(const Experts& w, const bf16* a, bf16* d, const i
 // Ops
 
 void CudaBackend::embed(const Tensor& ids, const Tensor& out) {
+  const OpTimer timer(*this, Op::kEmbed);
   expect(ids, ScalarType::kI32, "embed", "ids");
   expect(out, ScalarType::kF32, "embed", "out");
   const int H = cfg_.hidden_size;
@@ -723,6 +850,7 @@ void CudaBackend::embed(const Tensor& ids, const Tensor& out) {
 }
 
 void CudaBackend::rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float eps) {
+  const OpTimer timer(*this, Op::kRmsNorm);
   DG_CHECK(x.contiguous() && out.contiguous() && x.rows() == out.rows() && x.cols() == out.cols(), "rmsnorm: shapes");
   const float* wt = norm_weight(w);
   const int64_t rows = x.rows();
@@ -739,6 +867,7 @@ void CudaBackend::rmsnorm(const Tensor& x, WeightRef w, const Tensor& out, float
 }
 
 void CudaBackend::linear(WeightRef w, const Tensor& x, const Tensor& y) {
+  const OpTimer timer(*this, Op::kLinear);
   expect(x, ScalarType::kBF16, "linear", "x");
   expect(y, ScalarType::kBF16, "linear", "y");
   const Mat& m = matrix(w);
@@ -748,6 +877,7 @@ void CudaBackend::linear(WeightRef w, const Tensor& x, const Tensor& y) {
 }
 
 void CudaBackend::copy(const Tensor& src, const Tensor& dst) {
+  const OpTimer timer(*this, Op::kCopy);
   DG_CHECK(src.dtype == dst.dtype && src.numel() == dst.numel() && src.contiguous() && dst.contiguous(), "copy: shapes");
   DeviceGuard g(device_);
   if (src.bytes() > 0) DG_CUDA(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
@@ -755,6 +885,7 @@ void CudaBackend::copy(const Tensor& src, const Tensor& dst) {
 
 void CudaBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
                                  float eps) {
+  const OpTimer timer(*this, Op::kHeadNormRope);
   expect(x, ScalarType::kBF16, "head_norm_rope", "x");
   DG_CHECK(x.ndim == 3 && positions.empty() == inv_freq.empty(), "head_norm_rope: shapes");
   DeviceGuard g(device_);
@@ -769,6 +900,7 @@ void CudaBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& pos
 
 void CudaBackend::kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
                            const Tensor& v_cache) {
+  const OpTimer timer(*this, Op::kKvWrite);
   expect(k, ScalarType::kBF16, "kv_write", "k");
   expect(v, ScalarType::kBF16, "kv_write", "v");
   expect(k_cache, ScalarType::kBF16, "kv_write", "k_cache");
@@ -785,6 +917,7 @@ void CudaBackend::kv_write(const Tensor& k, const Tensor& v, const Tensor& slot,
 }
 
 void CudaBackend::attention(const AttentionArgs& a) {
+  const OpTimer timer(*this, Op::kAttention);
   expect(a.q, ScalarType::kBF16, "attention", "q");
   DG_CHECK(a.q.ndim == 3 && a.k_new.ndim == 3 && a.k_cache.ndim == 4, "attention: shapes");
   DeviceGuard g(device_);
@@ -810,6 +943,7 @@ void CudaBackend::attention(const AttentionArgs& a) {
 }
 
 void CudaBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) {
+  const OpTimer timer(*this, Op::kResidualNormAdd);
   expect(x, ScalarType::kF32, "residual_norm_add", "x");
   expect(h, ScalarType::kBF16, "residual_norm_add", "h");
   DG_CHECK(x.rows() == h.rows() && x.cols() == h.cols(), "residual_norm_add: shapes");
@@ -821,6 +955,7 @@ void CudaBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef 
 }
 
 void CudaBackend::mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch_t) {
+  const OpTimer timer(*this, Op::kMlp);
   expect(x, ScalarType::kBF16, "mlp", "x");
   expect(out, ScalarType::kBF16, "mlp", "out");
   expect(scratch_t, ScalarType::kBF16, "mlp", "scratch");
@@ -846,6 +981,7 @@ void CudaBackend::mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const T
 }
 
 void CudaBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) {
+  const OpTimer timer(*this, Op::kMoeRouter);
   expect(x, ScalarType::kF32, "moe_router", "x");
   expect(topk_idx, ScalarType::kI32, "moe_router", "topk_idx");
   expect(topk_w, ScalarType::kF32, "moe_router", "topk_w");
@@ -899,6 +1035,7 @@ size_t CudaBackend::moe_workspace_bytes(int tokens) const {
 
 void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                               const Tensor& out, const Tensor& workspace) {
+  const OpTimer timer(*this, Op::kMoeExperts);
   expect(x, ScalarType::kBF16, "moe_experts", "x");
   expect(out, ScalarType::kBF16, "moe_experts", "out");
   const Layer& L = layers_.at(layer);
@@ -954,6 +1091,7 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
 
 void CudaBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
                               float eps) {
+  const OpTimer timer(*this, Op::kFfnCombine);
   expect(x, ScalarType::kF32, "ffn_combine", "x");
   expect(dense, ScalarType::kBF16, "ffn_combine", "dense");
   expect(moe, ScalarType::kBF16, "ffn_combine", "moe");
@@ -968,6 +1106,7 @@ void CudaBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Te
 }
 
 void CudaBackend::gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
+  const OpTimer timer(*this, Op::kGatherRows);
   expect(index, ScalarType::kI32, "gather_rows", "index");
   DG_CHECK(src.dtype == dst.dtype && src.cols() == dst.cols() && dst.rows() == index.numel(), "gather_rows: shapes");
   DeviceGuard g(device_);
@@ -976,6 +1115,7 @@ void CudaBackend::gather_rows(const Tensor& src, const Tensor& index, const Tens
 }
 
 void CudaBackend::scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index) {
+  const OpTimer timer(*this, Op::kScatterAddRows);
   expect(dst, ScalarType::kF32, "scatter_add_rows", "dst");
   expect(src, ScalarType::kBF16, "scatter_add_rows", "src");
   expect(index, ScalarType::kI32, "scatter_add_rows", "index");
@@ -999,6 +1139,7 @@ void CudaBackend::probs_times_embedding(const bf16* probs, int64_t rows, bf16* o
 }
 
 void CudaBackend::lm_head_sample(const SampleArgs& a) {
+  const OpTimer timer(*this, Op::kLmHeadSample);
   expect(a.x, ScalarType::kBF16, "lm_head_sample", "x");
   expect(a.temperature, ScalarType::kF32, "lm_head_sample", "temperature");
   expect(a.uniform, ScalarType::kF64, "lm_head_sample", "uniform");
@@ -1049,6 +1190,7 @@ void CudaBackend::lm_head_sample(const SampleArgs& a) {
 }
 
 void CudaBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
+  const OpTimer timer(*this, Op::kLmHeadLogits);
   expect(x, ScalarType::kBF16, "lm_head_logits", "x");
   expect(logits, ScalarType::kF32, "lm_head_logits", "logits");
   DG_CHECK(x.cols() == cfg_.hidden_size && logits.rows() == x.rows() && logits.cols() == cfg_.vocab_size,
@@ -1059,6 +1201,7 @@ void CudaBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
 }
 
 void CudaBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
+  const OpTimer timer(*this, Op::kSoftEmbedding);
   expect(logits, ScalarType::kF32, "soft_embedding", "logits");
   expect(out, ScalarType::kBF16, "soft_embedding", "out");
   const int64_t S = logits.rows(), V = cfg_.vocab_size, H = cfg_.hidden_size;
