@@ -192,10 +192,19 @@ void WeightSource::to_f32(int64_t begin, int64_t n, float* out) const {
         DG_REQUIRE(!std::isnan(s), CheckpointError, "NVFP4 block scales '" << scale->name << "' hold NaN");
         float g;
         std::memcpy(&g, global_scale->data + 4 * (gn == 1 ? 0 : k / per_lead), 4);
-        for (int64_t j = 0; j < run; ++j) {
-          const size_t kk = k + static_cast<size_t>(j);
-          const uint8_t byte = data[kk / 2];
-          out[i + j] = (e2m1[(kk % 2) ? (byte >> 4) : (byte & 0xF)] * s) * g;
+        if (run == kNvfp4Group) {  // a whole block: 8 bytes, low nibble first
+          const uint8_t* b = data + k / 2;
+          float* o = out + i;
+          for (int j = 0; j < kNvfp4Group / 2; ++j) {
+            o[2 * j] = (e2m1[b[j] & 0xF] * s) * g;
+            o[2 * j + 1] = (e2m1[b[j] >> 4] * s) * g;
+          }
+        } else {
+          for (int64_t j = 0; j < run; ++j) {
+            const size_t kk = k + static_cast<size_t>(j);
+            const uint8_t byte = data[kk / 2];
+            out[i + j] = (e2m1[(kk % 2) ? (byte >> 4) : (byte & 0xF)] * s) * g;
+          }
         }
         i += run;
       }
