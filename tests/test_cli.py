@@ -321,9 +321,13 @@ def test_bench_device(tmp_path, tiny_dir):
 def test_bench_refuses_what_the_cpu_cannot_hold():
     from dgemma_rt import bench, presets
 
+    # Weights as stored: 26B-A4B in BF16 is ~50 GB, with NVFP4 experts ~17.7 GB.
     with pytest.raises(ValueError, match="--num-layers"):
         bench.check_cpu_memory(presets.preset("26b-a4b"), avail=24 * 2**30)
-    bench.check_cpu_memory(presets.preset("26b-a4b", 1), avail=24 * 2**30)  # ~6 GB: fits
+    bench.check_cpu_memory(presets.preset("26b-a4b"), avail=24 * 2**30, quant="nvfp4")
+    bench.check_cpu_memory(presets.preset("26b-a4b", 1), avail=24 * 2**30)  # ~2.9 GB: fits
+    with pytest.raises(ValueError, match="as stored"):
+        bench.check_cpu_memory(presets.preset("26b-a4b", 1), avail=2**30, stored_bytes=2 * 2**30)
 
 
 def test_bench_table(tiny_dir):

@@ -71,6 +71,20 @@ def test_bf16_checkpoint(engine_for, base_ckpt, bf16_ckpt):
     assert np.max(np.abs(got - base)) > 1e-3
 
 
+def test_bf16_weights_as_stored_match_float32_mode(engine_for, bf16_ckpt):
+    """The CPU backend reads BF16 matrices from the map and converts them per tile inside the GEMMs
+    (cpu_weights="stored", the default); "float32" expands them at load. Same BLAS calls, same bits."""
+    stored, _ = decoder_logits(engine_for(bf16_ckpt), bf16_ckpt)
+    expanded, _ = decoder_logits(engine_for(bf16_ckpt, cpu_weights="float32"), bf16_ckpt)
+    np.testing.assert_array_equal(stored, expanded)
+    kw = dict(max_new_tokens=2 * bf16_ckpt.canvas_length, max_denoising_steps=4, seed=3)
+    a = engine_for(bf16_ckpt).generate([[5, 6, 7]], **kw).sequences
+    b = engine_for(bf16_ckpt, cpu_weights="float32").generate([[5, 6, 7]], **kw).sequences
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="cpu_weights"):
+        engine_for(bf16_ckpt, cpu_weights="bf16")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # corrupt checkpoints: CheckpointError naming what is wrong, never a crash
 

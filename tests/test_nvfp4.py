@@ -283,6 +283,29 @@ def fp8_dense(tiny_pair, tmp_path_factory):
     return dst, nvfp4.quantize_checkpoint(base, dst, dense="fp8", experts=False)
 
 
+@pytest.mark.parametrize("kind", ["experts", "fp8_dense", "nvfp4_dense"])
+def test_quantized_weights_as_stored_match_float32_mode(tiny_pair, fp8_dense, tmp_path, kind):
+    """On the CPU, NVFP4 and FP8 weights stay packed in the map and are dequantized per tile inside the
+    GEMMs (cpu_weights="stored"); "float32" dequantizes them at load. Same values, same BLAS calls."""
+    base, quant, _ = tiny_pair
+    if kind == "experts":
+        path = quant
+    elif kind == "fp8_dense":
+        path = fp8_dense[0]
+    else:
+        path = tmp_path / "nvfp4_dense"
+        nvfp4.quantize_checkpoint(base, path, dense="nvfp4")
+    ids = [[40, 41, 42, 43], [7, 8]]
+    canvas = np.random.default_rng(0).integers(8, 2048, size=(2, 64)).astype(np.int32)
+    out = []
+    for mode in ("stored", "float32"):
+        e = dgemma_rt.Engine(path, num_threads=2, cpu_weights=mode)
+        out.append((e.denoise_logits(e.encode(ids), canvas),
+                    e.generate([[40, 41, 42]], max_new_tokens=64, max_denoising_steps=4, seed=1).sequences))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+
+
 def test_fp8_dense_checkpoint_loads_exactly_like_the_reference(tiny_pair, fp8_dense, tmp_path):
     base, _, _ = tiny_pair
     dst, names = fp8_dense

@@ -380,9 +380,13 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyEngine>(m, "Engine")
       .def(py::init([](const std::string& path, const std::string& device, py::object kv_cache_tokens,
                        py::object max_batch_size, py::object num_threads, py::object progress,
-                       py::object random_weights, bool random_nvfp4_experts) {
+                       py::object random_weights, bool random_nvfp4_experts,
+                       const std::string& cpu_weights) {
              EngineOptions o;
              o.device = device;
+             DG_REQUIRE(cpu_weights == "stored" || cpu_weights == "float32", InvalidArgument,
+                        "cpu_weights must be 'stored' or 'float32', got '" << printable(cpu_weights) << "'");
+             o.cpu_weights = cpu_weights == "float32" ? CpuWeights::kFloat32 : CpuWeights::kAsStored;
              if (!random_weights.is_none()) {
                DG_REQUIRE(PyLong_Check(random_weights.ptr()) && !PyBool_Check(random_weights.ptr()), InvalidArgument,
                           "random_weights must be None or an integer seed");
@@ -418,7 +422,8 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384,
            py::arg("max_batch_size") = 8, py::arg("num_threads") = 0, py::arg("progress") = py::none(),
-           py::arg("random_weights") = py::none(), py::arg("random_nvfp4_experts") = false)
+           py::arg("random_weights") = py::none(), py::arg("random_nvfp4_experts") = false,
+           py::arg("cpu_weights") = "stored")
       .def_property_readonly("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
       .def_property_readonly("generation_defaults",
                              [](const PyEngine& e) { return defaults_dict(e.engine->generation_defaults()); })

@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -138,46 +140,83 @@ void WeightSource::to_f32(int64_t begin, int64_t n, float* out) const {
       out[i] = random_weights::value(seed, static_cast<uint64_t>(begin + i), amplitude, offset);
     return;
   }
+  // Called per GEMM tile by the CPU backend: the loops below are kept simple enough to vectorise.
   const uint8_t* data = tensor->data;
   const size_t K = static_cast<size_t>(shape.back());
   switch (format) {
     case Format::kFloat:
       if (tensor->dtype == DType::F32) {
         std::memcpy(out, data + 4 * begin, 4 * static_cast<size_t>(n));
+      } else if (tensor->dtype == DType::BF16) {
+        const uint8_t* p = data + 2 * begin;
+        for (int64_t k = 0; k < n; ++k) {
+          uint16_t h;
+          std::memcpy(&h, p + 2 * k, 2);
+          const uint32_t bits = static_cast<uint32_t>(h) << 16;
+          std::memcpy(out + k, &bits, 4);
+        }
       } else {
-        const bool bf = tensor->dtype == DType::BF16;
         for (int64_t k = 0; k < n; ++k) {
           uint16_t h;
           std::memcpy(&h, data + 2 * (begin + k), 2);
-          out[k] = bf ? bf16_to_f32(h) : f16_to_f32(h);
+          out[k] = f16_to_f32(h);
         }
       }
       return;
     case Format::kFp8: {
+      static const std::array<float, 256> lut = [] {
+        std::array<float, 256> t{};
+        for (int c = 0; c < 256; ++c) t[c] = nvfp4::e4m3_to_float(static_cast<uint32_t>(c));
+        return t;
+      }();
       const size_t sn = scale->nbytes / 4;
-      for (int64_t i = 0; i < n; ++i) {
+      bool nan = false;
+      for (int64_t i = 0; i < n;) {  // one scale per row (or one in all): a row segment at a time
         const size_t k = static_cast<size_t>(begin + i);
-        const float v = nvfp4::e4m3_to_float(data[k]);
-        DG_REQUIRE(!std::isnan(v), CheckpointError, "FP8 tensor '" << tensor->name << "' holds NaN");
+        const int64_t run = std::min<int64_t>(n - i, static_cast<int64_t>(K - k % K));
         float s;
         std::memcpy(&s, scale->data + 4 * (sn == 1 ? 0 : k / K), 4);
-        out[i] = v * s;
+        for (int64_t j = 0; j < run; ++j) {
+          const float v = lut[data[k + j]];
+          nan |= std::isnan(v);
+          out[i + j] = v * s;
+        }
+        i += run;
       }
+      DG_REQUIRE(!nan, CheckpointError, "FP8 tensor '" << tensor->name << "' holds NaN");
       return;
     }
     case Format::kNvfp4: {
+      static const std::array<float, 16> e2m1 = [] {
+        std::array<float, 16> t{};
+        for (int c = 0; c < 16; ++c) t[c] = nvfp4::e2m1_to_float(static_cast<uint32_t>(c));
+        return t;
+      }();
       const size_t gn = global_scale->nbytes / 4;
       const size_t per_lead = static_cast<size_t>(numel() / shape[0]);
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = 0; i < n;) {  // a (part of a) block of 16 at a time: one block scale, one global
         const size_t k = static_cast<size_t>(begin + i);
-        const uint8_t byte = data[k / 2];
-        const float v = nvfp4::e2m1_to_float((k % 2) ? (byte >> 4) : (byte & 0xF));
         const size_t row = k / K, col = k % K;
+        const int64_t run = std::min<int64_t>(n - i, static_cast<int64_t>(kNvfp4Group - col % kNvfp4Group));
         const float s = nvfp4::e4m3_to_float(scale->data[row * (K / kNvfp4Group) + col / kNvfp4Group]);
         DG_REQUIRE(!std::isnan(s), CheckpointError, "NVFP4 block scales '" << scale->name << "' hold NaN");
         float g;
         std::memcpy(&g, global_scale->data + 4 * (gn == 1 ? 0 : k / per_lead), 4);
-        out[i] = (v * s) * g;
+        if (run == kNvfp4Group) {  // a whole block: 8 bytes, low nibble first
+          const uint8_t* b = data + k / 2;
+          float* o = out + i;
+          for (int j = 0; j < kNvfp4Group / 2; ++j) {
+            o[2 * j] = (e2m1[b[j] & 0xF] * s) * g;
+            o[2 * j + 1] = (e2m1[b[j] >> 4] * s) * g;
+          }
+        } else {
+          for (int64_t j = 0; j < run; ++j) {
+            const size_t kk = k + static_cast<size_t>(j);
+            const uint8_t byte = data[kk / 2];
+            out[i + j] = (e2m1[(kk % 2) ? (byte >> 4) : (byte & 0xF)] * s) * g;
+          }
+        }
+        i += run;
       }
       return;
     }
@@ -190,10 +229,11 @@ const WeightSource& ModelWeights::source(const std::string& name) const {
   return it->second;
 }
 
-std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint64_t seed, bool host_f32,
+std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint64_t seed, HostF32 host,
                                                     bool nvfp4_experts) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
-  w->host_f32_ = host_f32;
+  const bool host_f32 = host != HostF32::kNone;
+  w->host_f32_ = host_f32 ? HostF32::kAll : HostF32::kNone;
   const std::vector<Pending> todo = wanted(cfg, *w);
   for (const Pending& t : todo) {
     WeightSource src;
@@ -221,14 +261,16 @@ std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint6
 }
 
 std::unique_ptr<ModelWeights> ModelWeights::load(const std::string& dir, const ModelConfig& cfg,
-                                                  const Progress& progress, bool host_f32) {
-  return load_impl(dir, cfg, progress, host_f32, false);
+                                                  const Progress& progress, HostF32 host) {
+  return load_impl(dir, cfg, progress, host, false);
 }
 
-void ModelWeights::check(const std::string& dir, const ModelConfig& cfg) { load_impl(dir, cfg, {}, true, true); }
+void ModelWeights::check(const std::string& dir, const ModelConfig& cfg) {
+  load_impl(dir, cfg, {}, HostF32::kNone, true);
+}
 
 std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, const ModelConfig& cfg,
-                                                       const Progress& progress, bool host_f32, bool check_only) {
+                                                       const Progress& progress, HostF32 host, bool check_only) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   w->ckpt_ = Checkpoint::open(dir);
   const Checkpoint& ck = *w->ckpt_;
@@ -318,7 +360,24 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
     }
   }
 
-  w->host_f32_ = host_f32;
+  // Weights read as stored are converted inside the CPU GEMMs, where nothing may throw: their NaN
+  // codes are looked for here (NaN is 0x7F / 0xFF in E4M3).
+  if (host == HostF32::kWhereFree) {
+    auto has_nan = [](const TensorRef& t) {
+      bool nan = false;
+      for (size_t k = 0; k < t.nbytes; ++k) nan |= (t.data[k] & 0x7F) == 0x7F;
+      return nan;
+    };
+    for (size_t i = 0; i < todo.size(); ++i) {
+      if (quant[i].kind == Quant::Nvfp4)
+        DG_REQUIRE(!has_nan(*quant[i].scale), CheckpointError,
+                   "NVFP4 block scales '" << quant[i].scale->name << "' hold NaN");
+      if (quant[i].kind == Quant::Fp8)
+        DG_REQUIRE(!has_nan(*refs[i]), CheckpointError, "FP8 tensor '" << refs[i]->name << "' holds NaN");
+    }
+  }
+
+  w->host_f32_ = host;
   const int total = static_cast<int>(todo.size()) + 2 * cfg.num_layers;
   int done = 0;
   for (size_t i = 0; i < todo.size(); ++i) {
@@ -333,12 +392,12 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
     const WeightSource& stored = w->sources_[todo[i].name] = std::move(src);
     const int64_t n = stored.numel();
     w->num_parameters += static_cast<size_t>(n);
-    if (host_f32) {
+    if (host != HostF32::kNone) {
       const TensorRef& r = *refs[i];
       if (stored.format == WeightSource::Format::kFloat && r.dtype == DType::F32 &&
           reinterpret_cast<uintptr_t>(r.data) % alignof(float) == 0) {
         *todo[i].dst = reinterpret_cast<const float*>(r.data);  // no copy: the map is the weight
-      } else {
+      } else if (host == HostF32::kAll || stored.shape.size() == 1) {
         std::unique_ptr<float[]> buf(new float[static_cast<size_t>(n)]);
         stored.to_f32(0, n, buf.get());
         *todo[i].dst = buf.get();

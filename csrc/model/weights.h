@@ -1,8 +1,7 @@
-// The model's weights: float32 views for the CPU backend (F32 tensors used in place from the memory
-// map when aligned; BF16/F16 converted once at load; NVFP4/FP8 dequantized), and for every weight
-// its source in the checkpoint, so a backend that keeps weights in its own format (bf16, NVFP4, FP8
-// on a GPU) reads them as stored. Load with host_f32 = false to skip the float32 views (then only
-// the sources and the layer scalars are filled): a 26B-A4B checkpoint is ~101 GB in float32.
+// The model's weights: for every weight its source in the checkpoint (read as stored: bf16, NVFP4,
+// FP8 on a GPU; converted per tile inside the CPU GEMMs), and float32 host views where asked for
+// (HostF32): F32 tensors are used in place from the memory map when aligned, others converted once
+// at load (NVFP4/FP8 dequantized). A 26B-A4B checkpoint is ~101 GB in float32, ~17.7 GB as stored.
 #pragma once
 
 #include <functional>
@@ -66,6 +65,14 @@ struct WeightSource {
   void to_f32(int64_t begin, int64_t n, float* out) const;
 };
 
+// Which float32 host views load() fills (the sources and the layer scalars are always filled).
+enum class HostF32 : uint8_t {
+  kNone,       // none (a GPU backend keeps its own copy)
+  kWhereFree,  // F32 tensors in place from the map, and the 1-D ones (norms, scales: small); every
+               // other matrix stays null and is read through its source as stored (the CPU backend)
+  kAll,        // every tensor (the CPU backend's float32 mode: BF16 and quantized weights expanded)
+};
+
 struct ModelWeights {
   const float* embed_tokens = nullptr;  // [V, H]
   const float* lm_head = nullptr;       // [V, H] (tied to embed_tokens by default)
@@ -84,21 +91,21 @@ struct ModelWeights {
   // The engine's callback while its backend is made (for the upload phase; null otherwise).
   Progress progress;
   static std::unique_ptr<ModelWeights> load(const std::string& dir, const ModelConfig& cfg, const Progress& progress,
-                                            bool host_f32 = true);
+                                            HostF32 host = HostF32::kAll);
   // Everything load() checks before it converts a tensor: the files are regular, every safetensors
   // header is valid, and every tensor the config implies is present with its dtype and shape.
   // Reads the headers only (the data is mapped, never touched). Throws CheckpointError.
   static void check(const std::string& dir, const ModelConfig& cfg);
 
   // Random weights at the config's shape, no checkpoint read (benchmarks at a real shape): matrices
-  // uniform with variance 1 / fan_in, norm weights and scales 1 +- 0.1, layer scalars 1. With
-  // host_f32 the float32 views are filled too (the CPU backend; small models only).
+  // uniform with variance 1 / fan_in, norm weights and scales 1 +- 0.1, layer scalars 1. With any
+  // host mode but kNone every float32 view is filled (made once: a synthetic source is slow to read).
   // nvfp4_experts: the MoE experts are synthetic NVFP4 (codes, block scales and a global scale per
   // expert, common/random_weights.h), as a quantized checkpoint stores them.
-  static std::unique_ptr<ModelWeights> random(const ModelConfig& cfg, uint64_t seed, bool host_f32 = true,
+  static std::unique_ptr<ModelWeights> random(const ModelConfig& cfg, uint64_t seed, HostF32 host = HostF32::kAll,
                                               bool nvfp4_experts = false);
 
-  bool has_host_f32() const { return host_f32_; }
+  HostF32 host_f32() const { return host_f32_; }
   const std::unordered_map<std::string, WeightSource>& sources() const { return sources_; }
   // The source of a weight by its checkpoint name, e.g. "model.decoder.layers.3.mlp.up_proj.weight"
   // (layer_name(3, "mlp.up_proj.weight")); throws CheckpointError for a name the model does not use.
@@ -110,12 +117,12 @@ struct ModelWeights {
 
  private:
   static std::unique_ptr<ModelWeights> load_impl(const std::string& dir, const ModelConfig& cfg,
-                                                 const Progress& progress, bool host_f32, bool check_only);
+                                                 const Progress& progress, HostF32 host, bool check_only);
 
   std::unique_ptr<Checkpoint> ckpt_;
   std::vector<std::unique_ptr<float[]>> owned_;
   std::unordered_map<std::string, WeightSource> sources_;
-  bool host_f32_ = true;
+  HostF32 host_f32_ = HostF32::kAll;
 };
 
 }  // namespace dgemma

@@ -142,11 +142,14 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   cfg_ = load_model_config(dir);
   gen_ = load_generation_defaults(dir, cfg_.vocab_size);
   check_memory(cfg_, opts);  // before the weights, the pools and the workspaces take any of it
-  // Only the CPU backend (and backends brought by the caller) compute on the float32 host views;
-  // another backend reads the checkpoint's tensors as stored and keeps its own copy.
-  const bool host_f32 = opts.make_backend || device_kind(opts.device) == "cpu";
-  weights_ = opts.random_weights ? ModelWeights::random(cfg_, *opts.random_weights, host_f32, opts.random_nvfp4_experts)
-                                 : ModelWeights::load(dir, cfg_, opts.progress, host_f32);
+  // Only the CPU backend (and backends brought by the caller) compute on the host views; another
+  // backend reads the checkpoint's tensors as stored and keeps its own copy.
+  const bool on_host = opts.make_backend || device_kind(opts.device) == "cpu";
+  const HostF32 host = !on_host ? HostF32::kNone
+                       : opts.cpu_weights == CpuWeights::kFloat32 ? HostF32::kAll
+                                                                  : HostF32::kWhereFree;
+  weights_ = opts.random_weights ? ModelWeights::random(cfg_, *opts.random_weights, host, opts.random_nvfp4_experts)
+                                 : ModelWeights::load(dir, cfg_, opts.progress, host);
   weights_->progress = opts.progress;  // for the backend's upload phase
   backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : make_backend(opts.device, cfg_, *weights_);
   weights_->progress = nullptr;        // not called again: the engine outlives the caller's callback

@@ -17,8 +17,16 @@
 
 namespace dgemma {
 
+// How the CPU backend keeps the weight matrices. kAsStored: as the checkpoint stores them, read from its
+// memory map and converted to float32 per tile inside the GEMMs (a BF16 checkpoint takes half the
+// memory of float32, NVFP4 experts about a seventh). kFloat32: expanded to float32 once at load (more
+// memory, no per-call conversion). Both give the same results; F32 checkpoints are used in place from
+// the map either way. Other backends ignore it.
+enum class CpuWeights : uint8_t { kAsStored, kFloat32 };
+
 struct EngineOptions {
   std::string device = "cpu";
+  CpuWeights cpu_weights = CpuWeights::kAsStored;
   int kv_cache_tokens = 16384;  // full-attention cache, in tokens, shared by all rows and live caches
   int max_batch_size = 8;       // rows whose sliding-window cache fits at once
   int block_size = 16;

@@ -227,19 +227,24 @@ def available_memory() -> int | None:
         return None
 
 
-def check_cpu_memory(shape: Any, avail: int | None = None) -> None:
-    """Refuses, before anything is written or loaded, a model the CPU backend cannot hold: it keeps every
-    weight as float32. ``avail``: bytes of memory available (default: the system's MemAvailable)."""
+def check_cpu_memory(shape: Any, avail: int | None = None, quant: str | None = None, dense_quant: str | None = None,
+                     stored_bytes: int | None = None) -> None:
+    """Refuses, before anything is written or loaded, a model the CPU backend cannot hold. It keeps the
+    weights as the checkpoint stores them (Engine(cpu_weights="stored"): the memory map's pages, BF16 or
+    NVFP4 / FP8 in the --quant / --dense-quant formats) and converts them per tile, so it needs about the
+    checkpoint's tensor bytes (``stored_bytes`` when the checkpoint exists, else the preset's plan).
+    ``avail``: bytes of memory available (default: the system's MemAvailable)."""
     from dgemma_rt import presets
 
     avail = available_memory() if avail is None else avail
     if shape is None or avail is None:
         return
-    need = 4 * presets.weight_bytes(shape)["parameters"]
+    need = stored_bytes if stored_bytes is not None else presets.weight_bytes(shape, quant, dense_quant)["total"]
     if need > 0.9 * avail:
         raise ValueError(
-            f"the CPU backend keeps weights as float32: this model needs ~{need / 1e9:.1f} GB and "
-            f"{avail / 1e9:.1f} GB are available (bench fewer layers: --random-weights --num-layers N)")
+            f"the CPU backend keeps the weights as stored: this model needs ~{need / 1e9:.1f} GB and "
+            f"{avail / 1e9:.1f} GB are available (bench fewer layers: --random-weights --num-layers N, "
+            f"or --quant nvfp4)")
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -394,7 +399,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from dgemma_rt import presets
 
         if on_cpu:
-            check_cpu_memory(presets.preset(args.preset, args.num_layers))
+            check_cpu_memory(presets.preset(args.preset, args.num_layers), quant=quant, dense_quant=dense_quant)
         if not on_cpu and dense_quant is None:
             # Made on the device from the config alone (NVFP4 experts too): no checkpoint on disk.
             ckpt = random_config(args.preset, args.num_layers)
@@ -415,8 +420,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         needed = args.batch * (args.prompt_len + canvases * canvas)
         kv_tokens = max(_DEFAULT_KV_TOKENS, needed)
 
-    if on_cpu:  # the CPU backend keeps float32 copies; a GPU backend's weights live on the device
-        check_cpu_memory(checkpoint_shape(ckpt))
+    if on_cpu:  # the CPU backend reads the weights from the map as stored; a GPU's live on the device
+        check_cpu_memory(checkpoint_shape(ckpt), stored_bytes=None if (quant or dense_quant) else
+                         checkpoint_weight_bytes(ckpt), quant=quant, dense_quant=dense_quant)
     t0 = time.perf_counter()
     engine = dgemma_rt.Engine(
         ckpt,

@@ -390,7 +390,13 @@ class Engine:
             stores them.
         dense_quant: ``None``, ``"nvfp4"`` or ``"fp8"`` (one scale per output channel): also quantize
             the attention projections and the dense MLP at load time. On the CPU quantized weights
-            are dequantized to float32: the reference the GPU kernels are checked against.
+            are dequantized to float32 (per tile, inside the GEMMs): the reference the GPU kernels
+            are checked against.
+        cpu_weights: how the CPU backend keeps the weight matrices: ``"stored"`` (default) as the
+            checkpoint stores them (BF16, NVFP4, FP8), read from its memory map and converted to
+            float32 per tile inside the GEMMs; ``"float32"``: expanded to float32 at load (twice the
+            memory of a BF16 checkpoint, no per-call conversion). Same results; F32 checkpoints are
+            used in place from the map either way. Other devices ignore it.
     """
 
     def __init__(
@@ -404,8 +410,11 @@ class Engine:
         quant: str | None = None,
         dense_quant: str | None = None,
         random_weights: int | None = None,
+        cpu_weights: str = "stored",
     ):
         path = os.fspath(path)
+        if cpu_weights not in ("stored", "float32"):
+            raise ValueError(f"cpu_weights must be 'stored' or 'float32', got {cpu_weights!r}")
         if quant not in (None, "nvfp4"):
             raise ValueError(f"quant must be None or 'nvfp4', got {quant!r}")
         if dense_quant not in (None, "nvfp4", "fp8"):
@@ -445,7 +454,7 @@ class Engine:
                                     check=check)
                 load_path = tmp.name
             self._native = _core.Engine(load_path, device, kv, mbs, threads, callback, seed,
-                                        seed is not None and quant == "nvfp4")
+                                        seed is not None and quant == "nvfp4", cpu_weights)
         finally:
             if bar is not None:
                 bar.close()

@@ -186,6 +186,33 @@ class CpuBackend::OpTimer {
 CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w) : cfg_(cfg), w_(w) {
   for (const auto& l : cfg.layers)
     DG_REQUIRE(l.head_dim <= 2048, CheckpointError, "head_dim " << l.head_dim << " is larger than supported (2048)");
+  DG_CHECK(w.host_f32() != HostF32::kNone, "the CPU backend needs the weights loaded with host views");
+  // A matrix without a float32 view is read through its source, as stored.
+  auto mat = [&](const float* f32, const std::string& name) {
+    return f32 ? WeightMat{f32, nullptr, 0} : WeightMat{nullptr, &w.source(name), 0};
+  };
+  auto g = [](const char* s) { return ModelWeights::global_name(s); };
+  embed_ = mat(w.embed_tokens, g("embed_tokens.weight"));
+  lm_head_ = cfg.tie_word_embeddings ? embed_ : mat(w.lm_head, "lm_head.weight");
+  sc_gate_ = mat(w.sc_gate, g("self_conditioning.gate_proj.weight"));
+  sc_up_ = mat(w.sc_up, g("self_conditioning.up_proj.weight"));
+  sc_down_ = mat(w.sc_down, g("self_conditioning.down_proj.weight"));
+  for (int i = 0; i < cfg.num_layers; ++i) {
+    const LayerWeights& L = w.layers.at(i);
+    auto n = [&](const char* s) { return ModelWeights::layer_name(i, s); };
+    LayerMats m;
+    m.q = mat(L.q_proj, n("self_attn.q_proj.weight"));
+    m.k = mat(L.k_proj, n("self_attn.k_proj.weight"));
+    if (!cfg.layers[i].k_eq_v) m.v = mat(L.v_proj, n("self_attn.v_proj.weight"));
+    m.o = mat(L.o_proj, n("self_attn.o_proj.weight"));
+    m.mlp_gate = mat(L.mlp_gate, n("mlp.gate_proj.weight"));
+    m.mlp_up = mat(L.mlp_up, n("mlp.up_proj.weight"));
+    m.mlp_down = mat(L.mlp_down, n("mlp.down_proj.weight"));
+    m.router = mat(L.router_proj, n("router.proj.weight"));
+    m.experts_gate_up = mat(L.experts_gate_up, n("experts.gate_up_proj"));
+    m.experts_down = mat(L.experts_down, n("experts.down_proj"));
+    mats_.push_back(m);
+  }
 }
 
 // ---- memory
@@ -226,15 +253,15 @@ const float* CpuBackend::norm_weight(WeightRef w) const {
   DG_THROW(Error, "weight " << static_cast<int>(w.id) << " is not a norm");
 }
 
-const float* CpuBackend::matrix(WeightRef w) const {
-  const LayerWeights& L = w_.layers.at(w.layer);
+const WeightMat& CpuBackend::matrix(WeightRef w) const {
+  const LayerMats& L = mats_.at(w.layer);
   switch (w.id) {
-    case W::kQProj: return L.q_proj;
-    case W::kKProj: return L.k_proj;
+    case W::kQProj: return L.q;
+    case W::kKProj: return L.k;
     case W::kVProj:
-      DG_CHECK(L.v_proj, "layer " << w.layer << " has no v_proj");
-      return L.v_proj;
-    case W::kOProj: return L.o_proj;
+      DG_CHECK(L.v.f32 || L.v.src, "layer " << w.layer << " has no v_proj");
+      return L.v;
+    case W::kOProj: return L.o;
     default: break;
   }
   DG_THROW(Error, "weight " << static_cast<int>(w.id) << " is not a projection");
@@ -253,8 +280,9 @@ void CpuBackend::embed(const Tensor& ids, const Tensor& out) {
   const int32_t* id = ids.ptr<int32_t>();
   float* x = out.ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
-    const float* e = w_.embed_tokens + static_cast<size_t>(id[t]) * H;
-    for (int c = 0; c < H; ++c) x[t * H + c] = e[c] * scale;
+    float* xt = x + t * H;
+    embed_.to_f32(static_cast<int64_t>(id[t]) * H, H, xt);
+    for (int c = 0; c < H; ++c) xt[c] *= scale;
   }
 }
 
@@ -368,22 +396,22 @@ void CpuBackend::mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Te
   check_f32(x, "mlp", "x");
   check_f32(out, "mlp", "out");
   check_f32(scratch, "mlp", "scratch");
-  const float *gate_w, *up_w, *down_w;
+  const WeightMat *gate_w, *up_w, *down_w;
   if (mlp.id == W::kScMlp) {
-    gate_w = w_.sc_gate, up_w = w_.sc_up, down_w = w_.sc_down;
+    gate_w = &sc_gate_, up_w = &sc_up_, down_w = &sc_down_;
   } else {
     DG_CHECK(mlp.id == W::kMlp, "mlp: weight " << static_cast<int>(mlp.id));
-    const LayerWeights& L = w_.layers.at(mlp.layer);
-    gate_w = L.mlp_gate, up_w = L.mlp_up, down_w = L.mlp_down;
+    const LayerMats& L = mats_.at(mlp.layer);
+    gate_w = &L.mlp_gate, up_w = &L.mlp_up, down_w = &L.mlp_down;
   }
   const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, I = cfg_.intermediate_size;
   DG_CHECK(x.cols() == H && out.rows() == T && out.cols() == H && scratch.numel() >= 2L * T * I, "mlp: shapes");
   float* gate = scratch.ptr<float>();
   float* up = gate + static_cast<size_t>(T) * I;
-  cpu::linear(x.ptr<float>(), gate_w, gate, T, I, H);
-  cpu::linear(x.ptr<float>(), up_w, up, T, I, H);
+  cpu::linear(x.ptr<float>(), *gate_w, gate, T, I, H);
+  cpu::linear(x.ptr<float>(), *up_w, up, T, I, H);
   gelu_mul(gate, up, gate, static_cast<size_t>(T) * I);
-  cpu::linear(gate, down_w, out.ptr<float>(), T, H, I);
+  cpu::linear(gate, *down_w, out.ptr<float>(), T, H, I);
 }
 
 void CpuBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) {
@@ -401,7 +429,7 @@ void CpuBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx, 
   const float root = static_cast<float>(std::pow(static_cast<double>(H), -0.5));
   for (size_t i = 0; i < rx.size(); ++i) rx[i] = (rx[i] * L.router_scale[i % H]) * root;
   std::vector<float> probs(static_cast<size_t>(T) * E);
-  cpu::linear(rx.data(), L.router_proj, probs.data(), T, E, H);
+  cpu::linear(rx.data(), mats_.at(layer).router, probs.data(), T, E, H);
   int32_t* idx = topk_idx.ptr<int32_t>();
   float* wt = topk_w.ptr<float>();
   std::vector<int> order(E);
@@ -430,7 +458,7 @@ void CpuBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx,
   const OpTimer timer(*this, Op::kMoeExperts);
   check_f32(x, "moe_experts", "x");
   check_f32(out, "moe_experts", "out");
-  const LayerWeights& L = w_.layers.at(layer);
+  const LayerMats& L = mats_.at(layer);
   const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.top_k_experts;
   const int Im = cfg_.moe_intermediate_size;
   DG_CHECK(x.cols() == H && out.numel() == x.numel() && workspace.bytes() >= moe_workspace_bytes(T),
@@ -456,12 +484,12 @@ void CpuBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx,
       dn.resize(static_cast<size_t>(n) * H);
       for (int j = 0; j < n; ++j)
         std::memcpy(&xg[static_cast<size_t>(j) * H], xe + static_cast<size_t>(sl[j] / K) * H, H * sizeof(float));
-      linear_serial(xg.data(), L.experts_gate_up + static_cast<size_t>(e) * 2 * Im * H, gu.data(), n, 2 * Im, H);
+      linear_serial(xg.data(), L.experts_gate_up.at(static_cast<int64_t>(e) * 2 * Im * H), gu.data(), n, 2 * Im, H);
       for (int j = 0; j < n; ++j)
         for (int c = 0; c < Im; ++c)
           act[static_cast<size_t>(j) * Im + c] =
               gelu_tanh(gu[static_cast<size_t>(j) * 2 * Im + c]) * gu[static_cast<size_t>(j) * 2 * Im + Im + c];
-      linear_serial(act.data(), L.experts_down + static_cast<size_t>(e) * H * Im, dn.data(), n, H, Im);
+      linear_serial(act.data(), L.experts_down.at(static_cast<int64_t>(e) * H * Im), dn.data(), n, H, Im);
       for (int j = 0; j < n; ++j) {
         const float wgt = top_w[sl[j]];
         float* dst = slot_out + static_cast<size_t>(sl[j]) * H;
@@ -566,7 +594,7 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
     const int m = std::min(kHeadChunk, T - c0);
     float* logits = head_logits_.data();
     float* probs = head_probs_.data();
-    cpu::linear(a.x.ptr<float>() + static_cast<size_t>(c0) * H, w_.lm_head, logits, m, V, H);
+    cpu::linear(a.x.ptr<float>() + static_cast<size_t>(c0) * H, lm_head_, logits, m, V, H);
     if (cfg_.final_logit_softcapping) {
       const float cap = static_cast<float>(*cfg_.final_logit_softcapping);
       const size_t total = static_cast<size_t>(m) * V;
@@ -593,7 +621,7 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
     }
     if (soft_rows == 0) continue;
     // The next step's self-conditioning input: softmax(processed) @ E * sqrt(H), one GEMM for the chunk.
-    cpu::matmul_nn(probs, w_.embed_tokens, head_soft_.data(), m, H, V);
+    cpu::matmul_nn(probs, embed_, head_soft_.data(), m, H, V);
     for (int i = 0; i < m; ++i) {
       if (sidx[c0 + i] < 0) continue;
       const float* src = head_soft_.data() + static_cast<size_t>(i) * H;
@@ -610,7 +638,7 @@ void CpuBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
   const int T = static_cast<int>(x.rows()), H = cfg_.hidden_size, V = cfg_.vocab_size;
   DG_CHECK(x.cols() == H && logits.rows() == T && logits.cols() == V, "lm_head_logits: shapes");
   float* out = logits.ptr<float>();
-  cpu::linear(x.ptr<float>(), w_.lm_head, out, T, V, H);
+  cpu::linear(x.ptr<float>(), lm_head_, out, T, V, H);
   if (cfg_.final_logit_softcapping) {
     const float cap = static_cast<float>(*cfg_.final_logit_softcapping);
     const size_t total = static_cast<size_t>(T) * V;
@@ -629,7 +657,7 @@ void CpuBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < S; ++t) softmax_inplace(probs + static_cast<size_t>(t) * V, V);
   float* soft = out.ptr<float>();
-  matmul_nn(probs, w_.embed_tokens, soft, S, H, V);
+  matmul_nn(probs, embed_, soft, S, H, V);
   const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
   for (size_t i = 0; i < static_cast<size_t>(S) * H; ++i) soft[i] *= scale;
 }

@@ -1,6 +1,8 @@
-// CPU reference backend: float32 activations, KV cache and weights, host memory. The ground truth
+// CPU reference backend: float32 activations, KV cache and arithmetic, host memory. The ground truth
 // for every other backend; each op is deterministic (each output element computed by one thread in
-// a fixed order), so results do not depend on the thread count.
+// a fixed order), so results do not depend on the thread count. Weight matrices are read from the
+// float32 host views where ModelWeights has them, else as stored in the checkpoint's memory map
+// (BF16/F16, NVFP4, FP8), converted per tile inside the GEMMs (cpu::WeightMat): the same results.
 #pragma once
 
 #include <atomic>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/ops.h"
 #include "model/config.h"
 #include "model/weights.h"
 
@@ -67,10 +70,16 @@ class CpuBackend : public Backend {
 
  private:
   const float* norm_weight(WeightRef w) const;  // null for kNone
-  const float* matrix(WeightRef w) const;
+  const cpu::WeightMat& matrix(WeightRef w) const;
+
+  struct LayerMats {
+    cpu::WeightMat q, k, v, o, mlp_gate, mlp_up, mlp_down, router, experts_gate_up, experts_down;
+  };
 
   const ModelConfig& cfg_;
   const ModelWeights& w_;
+  cpu::WeightMat embed_, lm_head_, sc_gate_, sc_up_, sc_down_;
+  std::vector<LayerMats> mats_;
   std::mutex head_mu_;              // one head pass at a time: guards the buffers below
   std::vector<float> head_logits_;  // [kHeadChunk, V]
   std::vector<float> head_probs_;   // [kHeadChunk, V]

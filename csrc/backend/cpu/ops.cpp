@@ -26,7 +26,9 @@ int col_block_nt(int N, int K) {
 // then run along BLAS's M, the dimension its micro-kernels vectorise, where every row of a full
 // micro-tile goes through the same instructions (along N, OpenBLAS's Haswell kernel rounds columns
 // 6-11 of its 12 differently). The last partial row tile goes through a zero-padded copy.
-void gemm(const float* x, const float* w, float* y, int M, int N, int K, bool nt, bool parallel) {
+// A weight read as stored is converted a column block at a time (the block's rows of W for x @ W^T,
+// its [K, cols] strip for x @ W), once per call: a task is then a column block and all row tiles.
+void gemm(const float* x, const WeightMat& w, float* y, int M, int N, int K, bool nt, bool parallel) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     std::fill(y, y + static_cast<size_t>(M) * N, 0.0f);
@@ -41,34 +43,51 @@ void gemm(const float* x, const float* w, float* y, int M, int N, int K, bool nt
     apad.assign(static_cast<size_t>(kRowTile) * K, 0.0f);
     std::memcpy(apad.data(), x + static_cast<size_t>(full) * kRowTile * K, static_cast<size_t>(tail) * K * sizeof(float));
   }
-  auto task = [&](long t, std::vector<float>& ct) {
-    const int tile = static_cast<int>(t / blocks), n0 = static_cast<int>(t % blocks) * nb;
-    const int cols = std::min(nb, N - n0);
+  const bool stored = w.f32 == nullptr;
+  // One BLAS call: row tile `tile` against the block at column n0 whose weights are at wb (leading
+  // dimension ldb: K for x @ W^T, N or cols for x @ W).
+  auto call = [&](int tile, int n0, int cols, const float* wb, int ldb, std::vector<float>& ct) {
     const float* a = tile == full ? apad.data() : x + static_cast<size_t>(tile) * kRowTile * K;
     ct.resize(static_cast<size_t>(kRowTile) * nb);
     float* c = ct.data();
     if (nt)  // C = x_tile[kRowTile, K] @ W[n0:n0+cols, :]^T
-      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, kRowTile, cols, K, 1.0f, a, K,
-                        w + static_cast<size_t>(n0) * K, K, 0.0f, c, kRowTile);
+      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, kRowTile, cols, K, 1.0f, a, K, wb, ldb, 0.0f, c,
+                        kRowTile);
     else  // C = x_tile[kRowTile, K] @ W[:, n0:n0+cols]
-      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasTrans, kRowTile, cols, K, 1.0f, a, K, w + n0, N, 0.0f, c,
+      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasTrans, kRowTile, cols, K, 1.0f, a, K, wb, ldb, 0.0f, c,
                         kRowTile);
     const int rows = tile == full ? tail : kRowTile;
     float* yt = y + static_cast<size_t>(tile) * kRowTile * N + n0;
     for (int r = 0; r < rows; ++r)
       for (int j = 0; j < cols; ++j) yt[static_cast<size_t>(r) * N + j] = c[static_cast<size_t>(j) * kRowTile + r];
   };
-  const long n = static_cast<long>(tiles) * blocks;
+  auto task = [&](long t, std::vector<float>& ct, std::vector<float>& wt) {
+    if (!stored) {
+      const int tile = static_cast<int>(t / blocks), n0 = static_cast<int>(t % blocks) * nb;
+      const int cols = std::min(nb, N - n0);
+      call(tile, n0, cols, nt ? w.f32 + static_cast<size_t>(n0) * K : w.f32 + n0, nt ? K : N, ct);
+      return;
+    }
+    const int n0 = static_cast<int>(t) * nb, cols = std::min(nb, N - n0);
+    wt.resize(static_cast<size_t>(K) * cols);
+    if (nt) {
+      w.to_f32(static_cast<int64_t>(n0) * K, static_cast<int64_t>(cols) * K, wt.data());
+    } else {
+      for (int k = 0; k < K; ++k) w.to_f32(static_cast<int64_t>(k) * N + n0, cols, wt.data() + static_cast<size_t>(k) * cols);
+    }
+    for (int tile = 0; tile < tiles; ++tile) call(tile, n0, cols, wt.data(), nt ? K : cols, ct);
+  };
+  const long n = stored ? blocks : static_cast<long>(tiles) * blocks;
   if (parallel && n > 1) {
 #pragma omp parallel
     {
-      std::vector<float> ct;
+      std::vector<float> ct, wt;
 #pragma omp for schedule(dynamic, 1)
-      for (long t = 0; t < n; ++t) task(t, ct);
+      for (long t = 0; t < n; ++t) task(t, ct, wt);
     }
   } else {
-    std::vector<float> ct;
-    for (long t = 0; t < n; ++t) task(t, ct);
+    std::vector<float> ct, wt;
+    for (long t = 0; t < n; ++t) task(t, ct, wt);
   }
 }
 
@@ -79,13 +98,22 @@ void blas_single_threaded() {
   std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
 }
 
-void linear(const float* x, const float* w, float* y, int M, int N, int K) { gemm(x, w, y, M, N, K, true, true); }
+void WeightMat::to_f32(int64_t i, int64_t n, float* out) const {
+  if (f32)
+    std::memcpy(out, f32 + i, static_cast<size_t>(n) * sizeof(float));
+  else
+    src->to_f32(begin + i, n, out);
+}
 
-void linear_serial(const float* x, const float* w, float* y, int M, int N, int K) {
+void linear(const float* x, const WeightMat& w, float* y, int M, int N, int K) { gemm(x, w, y, M, N, K, true, true); }
+
+void linear_serial(const float* x, const WeightMat& w, float* y, int M, int N, int K) {
   gemm(x, w, y, M, N, K, true, false);
 }
 
-void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K) { gemm(x, w, y, M, N, K, false, true); }
+void matmul_nn(const float* x, const WeightMat& w, float* y, int M, int N, int K) {
+  gemm(x, w, y, M, N, K, false, true);
+}
 
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows * dim > 16384)

@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "model/weights.h"
+
 // Runtime dispatch for our own hot loops (the GEMMs dispatch inside OpenBLAS): GCC/Clang build an
 // x86-64-v4 (AVX-512), an x86-64-v3 (AVX2 + FMA) and a baseline copy of the function and pick one
 // at load time, so a portable build still uses the wide units where the CPU has them. The copies
@@ -27,12 +29,29 @@ namespace dgemma::cpu {
 // kernels (tests/test_batching.py checks the batch invariance end to end).
 constexpr int kRowTile = 16;
 
+// A weight matrix as the GEMMs read it: float32 in memory, or a checkpoint tensor as stored (BF16, F16,
+// NVFP4, FP8, elements [begin, begin + rows * cols) of src in row-major order) that the GEMM converts
+// to float32 one column block at a time into a per-thread scratch: about 128 KiB for x @ W^T, K x 64
+// floats for x @ W. Both kinds give the same bits: the BLAS calls keep their shapes and see the same
+// float32 values (the conversion is exact for BF16/F16, and is WeightSource::to_f32 for NVFP4/FP8).
+// OpenBLAS (scipy-openblas32) has no bf16 GEMM (sbgemm is not built in), so BF16 units go unused.
+struct WeightMat {
+  const float* f32 = nullptr;         // row-major float32, or null: read src
+  const WeightSource* src = nullptr;
+  int64_t begin = 0;                  // first element in src (an expert's slice of a stacked tensor)
+  // The matrix at element offset `elems` (an expert of a stacked tensor).
+  WeightMat at(int64_t elems) const { return f32 ? WeightMat{f32 + elems, nullptr, 0} : WeightMat{nullptr, src, begin + elems}; }
+  // Elements [i, i + n) as float32 (copied or converted).
+  void to_f32(int64_t i, int64_t n, float* out) const;
+};
+
 // y[M, N] = x[M, K] @ w[N, K]^T  (nn.Linear layout). Tiles spread over the OpenMP threads.
-void linear(const float* x, const float* w, float* y, int M, int N, int K);
+void linear(const float* x, const WeightMat& w, float* y, int M, int N, int K);
 // Same, single-threaded (for use inside an outer parallel loop), same results.
-void linear_serial(const float* x, const float* w, float* y, int M, int N, int K);
+void linear_serial(const float* x, const WeightMat& w, float* y, int M, int N, int K);
 // y[M, N] = x[M, K] @ w[K, N]. Tiles spread over the OpenMP threads.
-void matmul_nn(const float* x, const float* w, float* y, int M, int N, int K);
+void matmul_nn(const float* x, const WeightMat& w, float* y, int M, int N, int K);
+inline void linear(const float* x, const float* w, float* y, int M, int N, int K) { linear(x, WeightMat{w}, y, M, N, K); }
 // Makes OpenBLAS run each call on the calling thread only (idempotent, cheap after the first call).
 void blas_single_threaded();
 
