@@ -1027,6 +1027,7 @@ Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws) {
 }  // namespace moe_ws
 
 size_t CudaBackend::moe_workspace_bytes(int tokens) const {
+  DeviceGuard g(device_);  // the grouped GEMM's workspace depends on this device's SM count
   return moe_ws::layout(tokens, cfg_.num_experts, cfg_.top_k_experts, cfg_.hidden_size, cfg_.moe_intermediate_size,
                         grouped_ws_bytes())
              .total +
