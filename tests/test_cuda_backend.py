@@ -112,6 +112,57 @@ def test_quantized_weights_match_the_cpu_dequantized(engine_for, base_ckpt, quan
     assert calc_diff(lg, lc) < (2e-2 if dense_quant else MAX_DIFF)
 
 
+def _blackwell_nvfp4_arch():
+    ops = getattr(dgemma_rt._core, "cuda_ops", None)
+    if ops is None or dgemma_rt.cuda_device_count() == 0 or not hasattr(ops, "grouped_gemm_nvfp4x4"):
+        return None
+    return ops.nvfp4_blackwell_arch()
+
+
+@pytest.fixture(scope="module")
+def moe32_ckpt(tmp_path_factory):
+    # base with moe_intermediate_size 32: both expert projections (K = 64 and K = 32) suit the block-scaled
+    # GEMMs' 16-byte TMA rows (K % 32); base's 24 would leave its down projection on the W4A16 kernel.
+    from conftest import _build
+
+    return _build(tmp_path_factory, "moe32", moe_intermediate_size=32)
+
+
+@pytest.mark.skipif(_blackwell_nvfp4_arch() is None,
+                    reason="needs a compute capability 10.0 / 12.0 GPU and a build with the sm_100a / sm_120a NVFP4 GEMM")
+def test_blackwell_nvfp4_experts_match_the_cpu_dequantized(engine_for, moe32_ckpt, monkeypatch, capfd):
+    """On Blackwell, NVFP4 experts run as NVFP4 x NVFP4 (activations quantized per call, block scales
+    swizzled on the device at load) against the CPU backend on the same dequantized weights, and the W4A16
+    path (DGEMMA_CUDA_NVFP4=w4a16) on the same GPU as a control.
+
+    The bound: quantizing a GEMM's activations to NVFP4 (E2M1 values, one E4M3 scale per 16) costs a
+    calc_diff of ~5e-3 by itself (numpy, Gaussian or uniform inputs, any K); here two such GEMMs per layer
+    over 6 layers feed the logits through the residual stream, so a few 1e-3 to 1e-2 is expected and 5e-2
+    is the bound (the W4A16 control stays within bf16's 2e-3). A wrong scale layout or operand is caught
+    first by the backend's load-time check (calc_diff < 2e-2 against W4A16 per GEMM, else a stderr line
+    and W4A16), which this test requires not to have fired."""
+    ckpt = moe32_ckpt
+    ids = _prompt(ckpt, 11, seed=4)
+    canvas = np.random.default_rng(4).integers(0, ckpt.vocab_size, size=(1, ckpt.canvas_length))
+    cpu = engine_for(ckpt, quant="nvfp4")
+    monkeypatch.setenv("DGEMMA_CUDA_NVFP4", "w4a16")
+    w4a16 = dgemma_rt.Engine(ckpt.path, device="cuda", quant="nvfp4")
+    monkeypatch.delenv("DGEMMA_CUDA_NVFP4")
+    capfd.readouterr()
+    native = dgemma_rt.Engine(ckpt.path, device="cuda", quant="nvfp4")
+    assert "fall back" not in capfd.readouterr().err
+    lc = cpu.denoise_logits(cpu.encode(ids), canvas)
+    lw = w4a16.denoise_logits(w4a16.encode(ids), canvas)
+    ln = native.denoise_logits(native.encode(ids), canvas)
+    assert np.isfinite(ln).all()
+    assert calc_diff(lw, lc) < MAX_DIFF
+    assert calc_diff(ln, lc) < 5e-2
+    assert calc_diff(ln, lw) > 0  # the native path ran: NVFP4 activations round differently from bf16 ones
+    # captured as CUDA graphs and replayed: the same tokens as a second run
+    kw = dict(max_new_tokens=2 * ckpt.canvas_length, max_denoising_steps=6, seed=7)
+    np.testing.assert_array_equal(native.generate(ids, **kw).sequences, native.generate(ids, **kw).sequences)
+
+
 def test_random_weights_are_the_same_model_on_both_backends(tmp_path, base_ckpt):
     """Engine(random_weights=seed) fills the weights in device memory with the hash the host uses for
     the CPU backend: the same model up to bf16 rounding."""

@@ -208,6 +208,29 @@ def test_scale_layout_matches_cutlass(rows, K):
     assert len(np.unique(ours)) == ours.size and ours.max() < nvfp4.sf_bytes(rows, K // 16)
 
 
+def _weight_scales(G, rows, kb, seed):
+    # nonzero codes, so a zero in the output is padding; 0x80 (-0) and large codes included
+    return np.random.default_rng(seed).integers(1, 256, size=(G, rows, kb)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("G,rows,kb", [(1, 1, 1), (2, 37, 3), (3, 128, 4), (2, 129, 44), (1, 1408, 176),
+                                       (2, 2816, 44)])
+def test_swizzle_scales_step_matches_numpy(G, rows, kb):
+    """The device swizzle kernel's per-thread step (nvfp4::swizzle_scale) run on the host over every
+    thread index: each writes a distinct byte (checked inside), and the result is swizzle_scales'."""
+    scales = _weight_scales(G, rows, kb, G * rows + kb)
+    np.testing.assert_array_equal(ops().nvfp4_swizzle_scales(scales), nvfp4.swizzle_scales(scales))
+
+
+@needs_gpu
+@pytest.mark.parametrize("G,rows,kb", [(2, 37, 3), (3, 129, 44), (4, 1408, 176), (3, 2816, 44)])
+def test_device_swizzle_scales_equals_numpy(G, rows, kb):
+    """The CUDA backend puts NVFP4 expert scales into the MMA layout on the device at load (Blackwell):
+    byte for byte dgemma_rt.nvfp4.swizzle_scales, padding included (the output starts as 0xAB)."""
+    scales = _weight_scales(G, rows, kb, rows)
+    np.testing.assert_array_equal(ops().nvfp4_swizzle_scales(scales, device=True), nvfp4.swizzle_scales(scales))
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: activation quantization (any GPU) and the NVFP4 x NVFP4 grouped GEMM (sm_100a / sm_120a).
 
@@ -248,6 +271,23 @@ def test_quantize_act_matches_reference(counts, K):
     q2, _, _, g2 = ops().quantize_act_nvfp4(x, offsets, global_scale=g * 2)
     assert g2 == np.float32(g * 2)
     np.testing.assert_array_equal(q2, act_reference(x, offsets, np.float32(g * 2))[0])
+
+
+@needs_gpu
+@pytest.mark.parametrize("T,k,G,K", [(37, 4, 6, 64), (256, 8, 16, 2816)])
+def test_quantize_act_gather_equals_permuted_input(T, k, G, K):
+    """The backend's gate_up input: x [T, K] quantized through perm_slot // k equals quantizing the
+    permuted copy, and the global scale from x is the permuted copy's (its rows are x's)."""
+    rng = np.random.default_rng(T)
+    experts = np.stack([rng.permutation(G)[:k] for _ in range(T)])
+    perm_slot = np.arange(T * k)[np.argsort(experts.reshape(-1), kind="stable")].astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(experts.reshape(-1), minlength=G))]).astype(np.int32)
+    x = bf16_bits(rng.standard_normal((T, K)).astype(np.float32) * 3)
+    want = ops().quantize_act_nvfp4(x[perm_slot // k], offsets)
+    got = ops().quantize_act_nvfp4(x, offsets, gather=perm_slot, gather_div=k)
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+    assert got[3] == want[3]
 
 
 needs_blackwell = pytest.mark.skipif(

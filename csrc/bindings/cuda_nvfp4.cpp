@@ -343,17 +343,61 @@ py::array_t<int64_t> sf_offsets(int rows, int K, bool cutlass_layout) {
   return out;
 }
 
+// Row-major block scales [G, rows, kblocks] -> [G, sf_bytes] in the MMA layout, by the device kernel's
+// per-thread step (nvfp4::swizzle_scale) run on the host for every t of every matrix, or by the kernel.
+U8Array swizzle_scales(const U8Array& scales, bool device) {
+  DG_REQUIRE(scales.ndim() == 3 && scales.shape(2) > 0, InvalidArgument, "scales must be [G, rows, K/16]");
+  const int G = static_cast<int>(scales.shape(0)), rows = static_cast<int>(scales.shape(1));
+  const int kb = static_cast<int>(scales.shape(2));
+  const size_t per = nvfp4::sf_bytes(rows, kb);
+  U8Array out({static_cast<py::ssize_t>(G), static_cast<py::ssize_t>(per)});
+  if (device) {
+    auto ds = DeviceBuffer<uint8_t>::from(scales);
+    DeviceBuffer<uint8_t> dout(static_cast<size_t>(G) * per);
+    if (dout.size()) DG_CUDA_CHECK(cudaMemset(dout.get(), 0xAB, dout.size()));  // bytes never written show up
+    DG_CUDA_CHECK(kernels::swizzle_scales_nvfp4(ds.get(), G, rows, kb, dout.get(), nullptr));
+    DG_CUDA_CHECK(cudaDeviceSynchronize());
+    dout.copy_to(out.mutable_data());
+    return out;
+  }
+  std::vector<uint8_t> seen(per);
+  for (int g = 0; g < G; ++g) {
+    std::fill(seen.begin(), seen.end(), 0);
+    uint8_t* o = out.mutable_data() + static_cast<size_t>(g) * per;
+    const uint8_t* in = scales.data() + static_cast<size_t>(g) * rows * kb;
+    for (size_t t = 0; t < per; ++t) {
+      const size_t at = nvfp4::sf_offset(static_cast<int>(t / nvfp4::sf_padded_kblocks(kb)),
+                                         static_cast<int>(t % nvfp4::sf_padded_kblocks(kb)), kb);
+      DG_REQUIRE(at < per && !seen[at]++, Error, "step " << t << " writes byte " << at << " twice or out of range");
+      nvfp4::swizzle_scale(in, rows, kb, t, o);
+    }
+  }
+  return out;
+}
+
 // ---- GPU: activation quantization and the Blackwell NVFP4 x NVFP4 grouped GEMM
 // -> (packed [Mtot, K/2], scales in the MMA layout (bytes), sf_starts [G + 1], global scale)
-std::tuple<U8Array, U8Array, I32Array, float> quantize_act(U16Array x, I32Array offsets, std::optional<float> global) {
+// gather: row r quantizes x[gather[r] // gather_div] (the backend's gate_up input); the global scale
+// from the data is then x's (the gathered rows are copies of its rows).
+std::tuple<U8Array, U8Array, I32Array, float> quantize_act(U16Array x, I32Array offsets, std::optional<float> global,
+                                                           std::optional<I32Array> gather, int gather_div) {
   DG_REQUIRE(x.ndim() == 2 && x.shape(1) > 0 && x.shape(1) % nvfp4::kGroup == 0, InvalidArgument,
              "x must be [Mtot, K], K a positive multiple of 16");
-  const int Mtot = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
+  const int Mtot = gather ? static_cast<int>(gather->size()) : static_cast<int>(x.shape(0));
+  const int K = static_cast<int>(x.shape(1));
   const int G = static_cast<int>(offsets.shape(0)) - 1;
   DG_REQUIRE(G >= 1, InvalidArgument, "offsets must be [G + 1], G >= 1");
   check_offsets(offsets, G, Mtot);
+  if (gather) {
+    DG_REQUIRE(gather->ndim() == 1 && gather_div >= 1, InvalidArgument, "gather must be [Mtot] and gather_div >= 1");
+    for (py::ssize_t r = 0; r < gather->size(); ++r)
+      DG_REQUIRE(gather->data()[r] >= 0 && gather->data()[r] / gather_div < x.shape(0), InvalidArgument,
+                 "gather[" << r << "] = " << gather->data()[r] << " is outside x's " << x.shape(0) << " rows");
+  }
   auto dx = DeviceBuffer<__nv_bfloat16>::from(x);
   auto doff = DeviceBuffer<int32_t>::from(offsets);
+  DeviceBuffer<int32_t> dgather;
+  if (gather) dgather = DeviceBuffer<int32_t>::from(*gather);
   DeviceBuffer<float> dglobal(1);
   if (global) {
     DG_REQUIRE(std::isfinite(*global) && *global > 0, InvalidArgument, "global scale must be finite and > 0");
@@ -368,6 +412,7 @@ std::tuple<U8Array, U8Array, I32Array, float> quantize_act(U16Array x, I32Array 
   kernels::QuantizeActNvfp4Params p;
   p.x = dx.get(), p.offsets = doff.get(), p.global = dglobal.get(), p.q = dq.get(), p.sf = dsf.get();
   p.sf_starts = dstarts.get(), p.Mtot = Mtot, p.G = G, p.K = K;
+  p.gather = gather ? dgather.get() : nullptr, p.gather_div = gather_div;
   DG_CUDA_CHECK(kernels::quantize_act_nvfp4(p, nullptr));
   DG_CUDA_CHECK(cudaDeviceSynchronize());
   U8Array q({Mtot, K / 2}), sf({static_cast<py::ssize_t>(sf_n)});
@@ -475,8 +520,13 @@ RegisterCudaOps reg([](py::module_& m) {
         "byte offsets [rows, K/16] of the block scales in the MMA layout: the kernels' formula, or CUTLASS's "
         "layout evaluated by CuTe (cutlass_layout=True)");
   m.def("quantize_act_nvfp4", &quantize_act, py::arg("x"), py::arg("offsets"), py::arg("global_scale") = py::none(),
+        py::arg("gather") = py::none(), py::arg("gather_div") = 1,
         "bf16 activations (uint16) [Mtot, K] to NVFP4 on the GPU: (packed, scales in the MMA layout, "
-        "per-group first scale tile [G + 1], global scale); the global scale from the data when None");
+        "per-group first scale tile [G + 1], global scale); the global scale from the data when None; "
+        "gather: row r is x[gather[r] // gather_div]");
+  m.def("nvfp4_swizzle_scales", &swizzle_scales, py::arg("scales"), py::arg("device") = false,
+        "row-major E4M3 block scales [G, rows, K/16] to the MMA layout [G, sf_bytes]: the device kernel "
+        "swizzle_scales_nvfp4 (device=True, the CUDA backend's load path) or its per-thread step run on the host");
   m.def("nvfp4_blackwell_arch", &blackwell_arch,
         "'sm_100a' / 'sm_120a' when the NVFP4 x NVFP4 grouped GEMM runs on this device, else None");
 #if defined(DGEMMA_WITH_CUTLASS)

@@ -124,6 +124,18 @@ DG_NVFP4_FN size_t sf_offset(int row, int kblock, int kblocks) {
   return atom * 512 + static_cast<size_t>((row % 32) * 16 + ((row % 128) / 32) * 4 + kblock % 4);
 }
 
+// Byte t of one matrix's scales in the MMA layout, t over the padded grid (t < sf_bytes(rows, kblocks),
+// row = t / sf_padded_kblocks, kblock = t % sf_padded_kblocks): the row-major scale in[row * kblocks +
+// kblock], or a zero for the padding, stored at sf_offset. sf_offset is a bijection of that grid, so
+// every t writes a distinct byte and all of them get written (dgemma_rt.nvfp4.swizzle_scales; the
+// device kernel swizzle_scales_nvfp4 runs this per thread).
+DG_NVFP4_FN void swizzle_scale(const uint8_t* in, int rows, int kblocks, size_t t, uint8_t* out) {
+  const size_t kpad = static_cast<size_t>(sf_padded_kblocks(kblocks));
+  const int row = static_cast<int>(t / kpad), kb = static_cast<int>(t % kpad);
+  out[sf_offset(row, kb, kblocks)] =
+      row < rows && kb < kblocks ? in[static_cast<size_t>(row) * static_cast<size_t>(kblocks) + kb] : uint8_t{0};
+}
+
 }  // namespace dgemma::nvfp4
 
 #undef DG_NVFP4_FN

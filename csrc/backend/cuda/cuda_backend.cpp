@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -15,6 +16,7 @@
 #include "backend/cuda/device.h"
 #include "backend/registry.h"
 #include "common/check.h"
+#include "common/nvfp4_format.h"
 #include "kernels/attention/attention.cuh"
 #include "kernels/init/random_fill.cuh"
 #include "kernels/layer/layer.cuh"
@@ -208,15 +210,28 @@ class CudaBackend final : public Backend {
     int64_t rows = 0, cols = 0;
     bool fp8() const { return q != nullptr; }
   };
-  // One MoE projection of every expert: bf16 [E * n, k], or NVFP4 in the W4A16 GEMM's pre-shuffled
-  // layout [E, grouped_gemm_nvfp4_weight_bytes(n, k, gated)] with one global scale per expert.
+  // One MoE projection of every expert: bf16 [E * n, k], or NVFP4 with one global scale per expert,
+  // either in the W4A16 GEMM's pre-shuffled layout [E, grouped_gemm_nvfp4_weight_bytes(n, k, gated)]
+  // or, native (Blackwell block-scaled GEMM), as stored: codes [E, n, k/2] and the E4M3 block scales
+  // in the MMA layout [E, nvfp4::sf_bytes(n, k/16)].
   struct Experts {
     Mat bf;
-    std::shared_ptr<Buffer> w4;
-    const uint8_t* w4p = nullptr;
+    std::shared_ptr<Buffer> w4, sf;
+    const uint8_t* w4p = nullptr;  // W4A16: pre-shuffled; native: codes
+    const uint8_t* sfp = nullptr;  // native only
     Vec global;
     int64_t n = 0, k = 0;
+    bool native = false;
     bool nvfp4() const { return w4p != nullptr; }
+  };
+  // The MoE workspace's regions the native NVFP4 path quantizes the activations into.
+  struct Nvfp4x4Scratch {
+    uint8_t* q = nullptr;        // packed E2M1 [M, k/2]
+    uint8_t* sf = nullptr;       // block scales in the MMA layout (quantize_act_nvfp4_sf_bytes)
+    int32_t* starts = nullptr;   // [E + 1]
+    float* global = nullptr;     // [1]
+    void* ws = nullptr;          // the GEMM's workspace
+    size_t ws_bytes = 0;
   };
   struct Layer {
     Mat q, k, v, o, mlp_gate_up, mlp_down, router;
@@ -234,6 +249,11 @@ class CudaBackend final : public Backend {
   Mat upload_fp8(const std::vector<const WeightSource*>& parts, int64_t rows, int64_t cols);
   Vec upload_vec(const std::string& name, int64_t n);
   Experts upload_experts(const std::string& name, int64_t n, int64_t k, bool gated);
+  bool use_nvfp4x4(int64_t n, int64_t k);
+  std::string check_nvfp4x4(int n, int k);
+  cudaError_t launch_nvfp4x4(const kernels::GroupedGemmNvfp4x4Params& p);
+  void gemm_nvfp4x4(const Experts& w, const bf16* x, size_t x_elems, const int32_t* gather, int gather_div,
+                    const int32_t* offsets, int64_t m_total, bf16* y, const Nvfp4x4Scratch& s, int G);
   const Mat& matrix(WeightRef w) const;
   const float* norm_weight(WeightRef w) const;
   void* scratch(Scratch s, size_t bytes);
@@ -253,6 +273,13 @@ class CudaBackend final : public Backend {
   void* staging_ = nullptr;  // pinned host memory for uploads
   size_t staging_bytes_ = 0, staged_ = 0;
   bool cutlass_ = false;  // the CUTLASS sm_90a GEMMs run on this device
+  // NVFP4 experts on Blackwell: the block-scaled NVFP4 x NVFP4 grouped GEMM of this device (sm_100a on
+  // compute capability 10.0, sm_120a on 12.0, builds with CUTLASS), else kNone and the W4A16 kernel.
+  // Checked once at the first NVFP4 upload (check_nvfp4x4); a failure turns it off for good.
+  enum class Nvfp4x4 { kNone, kSm100, kSm120 };
+  Nvfp4x4 nvfp4x4_ = Nvfp4x4::kNone;
+  bool nvfp4x4_checked_ = false, nvfp4x4_used_ = false;
+  size_t nvfp4x4_ws_ = 0;  // the GEMM's workspace for E experts
   // The fused LM head + sampler + self-conditioning pass (one read of the tied embedding per step).
   // Opt-in with DGEMMA_CUDA_FUSED_LM_HEAD=1 until a GPU run has checked it against the per-row path
   // (tests/test_cuda_lm_head.py, tests/test_cuda_backend.py); Hopper and Blackwell datacenter only
@@ -369,6 +396,12 @@ CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights&
   graphs_enabled_ = !(graphs && std::string(graphs) == "0");
 #ifdef DGEMMA_WITH_CUTLASS
   cutlass_ = kernels::sm90_gemm_supported();
+  // DGEMMA_CUDA_NVFP4=w4a16 keeps NVFP4 experts on the W4A16 kernel on Blackwell too (debugging, tests).
+  const char* nvfp4_path = std::getenv("DGEMMA_CUDA_NVFP4");
+  if (!(nvfp4_path && std::string(nvfp4_path) == "w4a16")) {
+    if (kernels::sm100_nvfp4_supported()) nvfp4x4_ = Nvfp4x4::kSm100;
+    else if (kernels::sm120_nvfp4_supported()) nvfp4x4_ = Nvfp4x4::kSm120;
+  }
 #endif
   const char* fused = std::getenv("DGEMMA_CUDA_FUSED_LM_HEAD");
   cudaDeviceProp prop{};
@@ -585,8 +618,9 @@ CudaBackend::Mat CudaBackend::upload_fp8(const std::vector<const WeightSource*>&
   return m;
 }
 
-// MoE experts: NVFP4 as stored goes to the W4A16 layout by a device shuffle (the stored codes and
-// scales pass through device memory once); anything else becomes bf16 [E * n, k].
+// MoE experts: NVFP4 as stored either stays as stored with its block scales put into the MMA layout
+// on the device (Blackwell, use_nvfp4x4), or goes to the W4A16 layout by a device shuffle; the stored
+// codes and scales pass through device memory once. Anything else becomes bf16 [E * n, k].
 CudaBackend::Experts CudaBackend::upload_experts(const std::string& name, int64_t n, int64_t k, bool gated) {
   const WeightSource& s = weights_->source(name);
   const int64_t E = cfg_.num_experts;
@@ -597,30 +631,47 @@ CudaBackend::Experts CudaBackend::upload_experts(const std::string& name, int64_
     return x;
   }
   const size_t code_bytes = static_cast<size_t>(E * n * k / 2), scale_bytes = static_cast<size_t>(E * n * k / 16);
+  bool unsigned_scales = true;  // the block-scaled MMAs read UE4M3: a negative scale needs the W4A16 kernel
   if (!s.synthetic()) {
     const TensorRef& sc = *s.scale;
-    for (size_t i = 0; i < sc.nbytes; ++i)
+    for (size_t i = 0; i < sc.nbytes; ++i) {
       DG_REQUIRE((sc.data[i] & 0x7F) != 0x7F, CheckpointError, "NVFP4 block scales '" << sc.name << "' hold NaN");
-  }
-  const size_t per_expert = kernels::grouped_gemm_nvfp4_weight_bytes(static_cast<int>(n), static_cast<int>(k), gated);
-  x.w4 = allocate(per_expert * E, "weights");
-  x.w4p = static_cast<const uint8_t*>(x.w4->data());
-  {
-    auto packed = allocate(code_bytes, "NVFP4 staging");
-    auto scales = allocate(scale_bytes, "NVFP4 staging");
-    if (s.synthetic()) {  // random experts made on the device, in the stored form
-      DG_CUDA(kernels::fill_random_nvfp4(static_cast<uint8_t*>(packed->data()), static_cast<uint8_t*>(scales->data()),
-                                         E * n * k, s.seed, stream_));
-    } else {
-      packed->write(0, code_bytes, s.tensor->data);
-      scales->write(0, scale_bytes, s.scale->data);
+      if (sc.data[i] & 0x80) unsigned_scales = false;
     }
+  }
+  x.native = unsigned_scales && use_nvfp4x4(n, k);
+  auto scales = allocate(scale_bytes, "NVFP4 staging");
+  std::shared_ptr<Buffer> packed;
+  if (x.native) {
+    x.w4 = allocate(code_bytes, "weights");  // the codes stay as stored
+    packed = x.w4;
+    x.sf = allocate(nvfp4::sf_bytes(static_cast<int>(n), static_cast<int>(k / 16)) * E, "weights");
+    x.sfp = static_cast<const uint8_t*>(x.sf->data());
+  } else {
+    x.w4 = allocate(kernels::grouped_gemm_nvfp4_weight_bytes(static_cast<int>(n), static_cast<int>(k), gated) * E,
+                    "weights");
+    packed = allocate(code_bytes, "NVFP4 staging");
+  }
+  x.w4p = static_cast<const uint8_t*>(x.w4->data());
+  if (s.synthetic()) {  // random experts made on the device, in the stored form
+    DG_CUDA(kernels::fill_random_nvfp4(static_cast<uint8_t*>(packed->data()), static_cast<uint8_t*>(scales->data()),
+                                       E * n * k, s.seed, stream_));
+  } else {
+    packed->write(0, code_bytes, s.tensor->data);
+    scales->write(0, scale_bytes, s.scale->data);
+  }
+  if (x.native) {
+    DG_CUDA(kernels::swizzle_scales_nvfp4(static_cast<const uint8_t*>(scales->data()), static_cast<int>(E),
+                                          static_cast<int>(n), static_cast<int>(k / 16), const_cast<uint8_t*>(x.sfp),
+                                          stream_));
+    nvfp4x4_used_ = true;
+  } else {
     DG_CUDA(kernels::shuffle_w4a16(static_cast<const uint8_t*>(packed->data()),
                                    static_cast<const uint8_t*>(scales->data()), static_cast<int>(E),
                                    static_cast<int>(n), static_cast<int>(k), gated, const_cast<uint8_t*>(x.w4p),
                                    stream_));
-    DG_CUDA(cudaStreamSynchronize(stream_));  // before the staging buffers go
   }
+  DG_CUDA(cudaStreamSynchronize(stream_));  // before the staging buffers go
   std::vector<float> global(E, s.amplitude / 6.0f);  // synthetic: common/random_weights.h
   if (!s.synthetic()) {
     const size_t gn = s.global_scale->nbytes / 4;
@@ -633,6 +684,144 @@ CudaBackend::Experts CudaBackend::upload_experts(const std::string& name, int64_
   x.global.p = static_cast<const float*>(x.global.buf->data());
   report_upload(1);
   return x;
+}
+
+// Whether an NVFP4 projection [E, n, k] runs on the block-scaled GEMM: this device has one, the shape
+// suits its TMA rows (k % 32, n % 8; the released model's 2816 / 704 / 1408 do), and the load-time
+// check of both MoE shapes passed. The check runs once; if a launch fails or its result is off, it
+// says so on stderr and every projection of this backend takes the W4A16 kernel.
+bool CudaBackend::use_nvfp4x4(int64_t n, int64_t k) {
+  auto fits = [](int64_t n_, int64_t k_) { return n_ > 0 && k_ > 0 && k_ % 32 == 0 && n_ % 8 == 0; };
+  if (nvfp4x4_ == Nvfp4x4::kNone || !fits(n, k)) return false;
+  if (!nvfp4x4_checked_) {
+    nvfp4x4_checked_ = true;
+    const int64_t H = cfg_.hidden_size, Im = cfg_.moe_intermediate_size;
+    std::string why;
+    for (const auto& [cn, ck] : {std::pair<int64_t, int64_t>{2 * Im, H}, {H, Im}})  // gate_up, down
+      if (why.empty() && fits(cn, ck)) why = check_nvfp4x4(static_cast<int>(cn), static_cast<int>(ck));
+#ifdef DGEMMA_WITH_CUTLASS
+    if (why.empty()) {
+      nvfp4x4_ws_ = align256(nvfp4x4_ == Nvfp4x4::kSm100 ? kernels::grouped_gemm_nvfp4_sm100_workspace_size(cfg_.num_experts)
+                                                         : kernels::grouped_gemm_nvfp4_sm120_workspace_size(cfg_.num_experts));
+    }
+#endif
+    if (!why.empty()) {
+      std::fprintf(stderr, "dgemma_rt: NVFP4 experts fall back to the W4A16 kernel on GPU %d: the %s block-scaled "
+                           "NVFP4 GEMM failed its load-time check (%s)\n",
+                   device_, nvfp4x4_ == Nvfp4x4::kSm100 ? "sm_100a" : "sm_120a", why.c_str());
+      nvfp4x4_ = Nvfp4x4::kNone;
+      return false;
+    }
+  }
+  return true;
+}
+
+cudaError_t CudaBackend::launch_nvfp4x4(const kernels::GroupedGemmNvfp4x4Params& p) {
+#ifdef DGEMMA_WITH_CUTLASS
+  if (nvfp4x4_ == Nvfp4x4::kSm100) return kernels::grouped_gemm_nvfp4_sm100(p, stream_);
+  if (nvfp4x4_ == Nvfp4x4::kSm120) return kernels::grouped_gemm_nvfp4_sm120(p, stream_);
+#endif
+  return cudaErrorNotSupported;
+}
+
+// The block-scaled GEMM of shape [n, k] on 2 random experts (1 and 130 tokens: an empty tail, a second
+// 128-row scale tile) against the W4A16 kernel on the same weights: "" when it launches and agrees
+// within what NVFP4 activations explain, else why not. calc_diff of a GEMM with NVFP4-quantized
+// activations is ~5e-3 (numpy, any K); a wrong scale layout or operand gives ~1.
+std::string CudaBackend::check_nvfp4x4(int n, int k) {
+  constexpr int G = 2, M = 131;
+  const int32_t offsets_h[G + 1] = {0, 1, M};
+  const float global_h[G] = {1.0f, 0.5f};
+  const int kb = k / 16;
+  std::vector<uint16_t> x_h(static_cast<size_t>(M) * k);
+  uint64_t st = 0x9E3779B97F4A7C15ull;
+  for (uint16_t& v : x_h) {  // uniform in [-1, 1)
+    st = st * 6364136223846793005ull + 1442695040888963407ull;
+    v = f32_to_bf16_bits(static_cast<float>(st >> 40) / 8388608.0f - 1.0f);
+  }
+  auto buf = [&](size_t bytes) { return allocate(bytes, "NVFP4 GEMM check"); };
+  auto u8 = [](const std::shared_ptr<Buffer>& b) { return static_cast<uint8_t*>(b->data()); };
+  auto packed = buf(static_cast<size_t>(G) * n * k / 2), scales = buf(static_cast<size_t>(G) * n * kb);
+  auto sf = buf(nvfp4::sf_bytes(n, kb) * G), w4 = buf(kernels::grouped_gemm_nvfp4_weight_bytes(n, k, false) * G);
+  auto global = buf(sizeof(global_h)), offsets = buf(sizeof(offsets_h)), x = buf(x_h.size() * 2);
+  auto y_ref = buf(static_cast<size_t>(M) * n * 2), y = buf(static_cast<size_t>(M) * n * 2);
+  auto q = buf(static_cast<size_t>(M) * k / 2), q_sf = buf(kernels::quantize_act_nvfp4_sf_bytes(M, G, k));
+  auto starts = buf(4 * (G + 1)), a_global = buf(4);
+  size_t ws_bytes = 0;
+#ifdef DGEMMA_WITH_CUTLASS
+  ws_bytes = nvfp4x4_ == Nvfp4x4::kSm100 ? kernels::grouped_gemm_nvfp4_sm100_workspace_size(G)
+                                         : kernels::grouped_gemm_nvfp4_sm120_workspace_size(G);
+#endif
+  auto ws = buf(ws_bytes);
+  global->write(0, sizeof(global_h), global_h);
+  offsets->write(0, sizeof(offsets_h), offsets_h);
+  x->write(0, x_h.size() * 2, x_h.data());
+  DG_CUDA(kernels::fill_random_nvfp4(u8(packed), u8(scales), static_cast<int64_t>(G) * n * k, 12, stream_));
+  DG_CUDA(kernels::shuffle_w4a16(u8(packed), u8(scales), G, n, k, false, u8(w4), stream_));
+  DG_CUDA(kernels::swizzle_scales_nvfp4(u8(scales), G, n, kb, u8(sf), stream_));
+  kernels::GroupedGemmNvfp4Params r;
+  r.x = static_cast<const bf16*>(x->data()), r.w = u8(w4), r.w_global = static_cast<const float*>(global->data());
+  r.offsets = static_cast<const int32_t*>(offsets->data()), r.y = static_cast<bf16*>(y_ref->data());
+  r.G = G, r.N = n, r.K = k;
+  DG_CUDA(kernels::grouped_gemm_nvfp4(r, stream_));
+  DG_CUDA(cudaStreamSynchronize(stream_));
+
+  Nvfp4x4Scratch scr;
+  scr.q = u8(q), scr.sf = u8(q_sf), scr.starts = static_cast<int32_t*>(starts->data());
+  scr.global = static_cast<float*>(a_global->data()), scr.ws = ws->data(), scr.ws_bytes = ws_bytes;
+  Experts w;
+  w.w4p = u8(packed), w.sfp = u8(sf), w.global.p = static_cast<const float*>(global->data()), w.n = n, w.k = k;
+  std::string why;
+  try {
+    gemm_nvfp4x4(w, r.x, x_h.size(), nullptr, 1, r.offsets, M, static_cast<bf16*>(y->data()), scr, G);
+    DG_CUDA(cudaStreamSynchronize(stream_));
+  } catch (const Error& e) {
+    why = e.what();
+  }
+  if (!why.empty()) {
+    // An error the context survives (a refused launch) leaves the GPU usable; a fault inside a kernel
+    // does not, and nothing can run after it.
+    if (cudaDeviceSynchronize() != cudaSuccess)
+      DG_THROW(Error, "the NVFP4 block-scaled GEMM's load-time check broke the CUDA context: " << why);
+    return why;
+  }
+  std::vector<uint16_t> a(static_cast<size_t>(M) * n), b(a.size());
+  y_ref->read(0, a.size() * 2, a.data());
+  y->read(0, b.size() * 2, b.data());
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    uint32_t ua = static_cast<uint32_t>(a[i]) << 16, ub = static_cast<uint32_t>(b[i]) << 16;
+    float fa, fb;
+    std::memcpy(&fa, &ua, 4);
+    std::memcpy(&fb, &ub, 4);
+    ab += double(fa) * fb, aa += double(fa) * fa, bb += double(fb) * fb;
+  }
+  const double diff = aa + bb > 0 ? 1 - 2 * ab / (aa + bb) : 0.0;
+  if (!(diff < 2e-2)) {
+    std::ostringstream o;
+    o << "n = " << n << ", k = " << k << ": calc_diff " << diff << " against the W4A16 kernel, expected < 2e-2";
+    return o.str();
+  }
+  return "";
+}
+
+// y = x @ W_g^T with both operands NVFP4 (Blackwell): the activations' global scale from x itself (the
+// gathered rows are copies of x's rows, so x's amax is theirs), x quantized into the activation scale
+// layout (through gather when given), then the block-scaled grouped GEMM. G experts (E by default).
+void CudaBackend::gemm_nvfp4x4(const Experts& w, const bf16* x, size_t x_elems, const int32_t* gather, int gather_div,
+                               const int32_t* offsets, int64_t m_total, bf16* y, const Nvfp4x4Scratch& s, int G) {
+  DG_CUDA(kernels::act_global_scale_nvfp4(x, x_elems, s.global, stream_));
+  kernels::QuantizeActNvfp4Params qp;
+  qp.x = x, qp.offsets = offsets, qp.global = s.global, qp.q = s.q, qp.sf = s.sf, qp.sf_starts = s.starts;
+  qp.Mtot = static_cast<int>(m_total), qp.G = G, qp.K = static_cast<int>(w.k);
+  qp.gather = gather, qp.gather_div = gather_div;
+  DG_CUDA(kernels::quantize_act_nvfp4(qp, stream_));
+  kernels::GroupedGemmNvfp4x4Params p;
+  p.a = s.q, p.a_sf = s.sf, p.a_sf_starts = s.starts, p.a_global = s.global;
+  p.w = w.w4p, p.w_sf = w.sfp, p.w_global = w.global.p, p.offsets = offsets, p.y = y;
+  p.G = G, p.N = static_cast<int>(w.n), p.K = static_cast<int>(w.k);
+  p.workspace = s.ws, p.workspace_bytes = s.ws_bytes;
+  DG_CUDA(launch_nvfp4x4(p));
 }
 
 CudaBackend::Vec CudaBackend::upload_vec(const std::string& name, int64_t n) {
@@ -802,11 +991,13 @@ void CudaBackend::gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f
   DG_CUDA(kernels::matmul_bf16(p, stream_));
 }
 
+// The grouped GEMMs' workspace: the bf16 one's (Hopper) or the NVFP4 block-scaled one's (Blackwell).
 size_t CudaBackend::grouped_ws_bytes() const {
+  size_t bytes = nvfp4x4_used_ ? nvfp4x4_ws_ : 0;
 #ifdef DGEMMA_WITH_CUTLASS
-  if (cutlass_) return align256(kernels::grouped_gemm_bf16_tn_workspace_size(cfg_.num_experts));
+  if (cutlass_) bytes = std::max(bytes, align256(kernels::grouped_gemm_bf16_tn_workspace_size(cfg_.num_experts)));
 #endif
-  return 0;
+  return bytes;
 }
 
 // d[o_g : o_g+1] = a[o_g : o_g+1] @ W_g^T for the experts g (bf16 experts; NVFP4 ones go through
@@ -998,11 +1189,13 @@ void CudaBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx,
 }
 
 namespace moe_ws {
-// The MoE workspace's layout for T tokens (offsets in bytes, each 256-aligned).
+// The MoE workspace's layout for T tokens (offsets in bytes, each 256-aligned). nvfp4x4: room for the
+// native NVFP4 path's quantized activations (gate_up's and then down's input, one after the other in
+// the same regions), their scales, per-expert first scale tiles and global scale.
 struct Layout {
-  size_t counts, offsets, perm_slot, inv, permute, xp, h, act, dn, gemm, total;
+  size_t counts, offsets, perm_slot, inv, permute, xp, h, act, dn, gemm, q, q_sf, q_starts, q_global, total;
 };
-Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws) {
+Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws, bool nvfp4x4) {
   Layout o{};
   const size_t M = static_cast<size_t>(T) * k;
   size_t at = 0;
@@ -1021,6 +1214,11 @@ Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws) {
   o.act = put(2 * M * Im);
   o.dn = put(2 * M * H);
   o.gemm = put(gemm_ws);
+  const int kmax = std::max(H, Im);
+  o.q = put(nvfp4x4 ? M * static_cast<size_t>(kmax) / 2 : 0);
+  o.q_sf = put(nvfp4x4 ? kernels::quantize_act_nvfp4_sf_bytes(static_cast<int>(M), E, kmax) : 0);
+  o.q_starts = put(nvfp4x4 ? 4 * static_cast<size_t>(E + 1) : 0);
+  o.q_global = put(nvfp4x4 ? 4 : 0);
   o.total = at;
   return o;
 }
@@ -1029,7 +1227,7 @@ Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws) {
 size_t CudaBackend::moe_workspace_bytes(int tokens) const {
   DeviceGuard g(device_);  // the grouped GEMM's workspace depends on this device's SM count
   return moe_ws::layout(tokens, cfg_.num_experts, cfg_.top_k_experts, cfg_.hidden_size, cfg_.moe_intermediate_size,
-                        grouped_ws_bytes())
+                        grouped_ws_bytes(), nvfp4x4_used_)
              .total +
          256;  // room to align the base
 }
@@ -1043,7 +1241,7 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
   const int T = static_cast<int>(x.rows()), E = cfg_.num_experts, k = cfg_.top_k_experts, H = cfg_.hidden_size;
   const int Im = cfg_.moe_intermediate_size;
   if (T == 0) return;
-  const moe_ws::Layout lo = moe_ws::layout(T, E, k, H, Im, grouped_ws_bytes());
+  const moe_ws::Layout lo = moe_ws::layout(T, E, k, H, Im, grouped_ws_bytes(), nvfp4x4_used_);
   DG_CHECK(workspace.bytes() >= lo.total + 256, "moe_experts: workspace of " << workspace.bytes() << " bytes");
   char* base = reinterpret_cast<char*>(align256(reinterpret_cast<uintptr_t>(workspace.data)));
   auto i32 = [&](size_t off) { return reinterpret_cast<int32_t*>(base + off); };
@@ -1051,19 +1249,34 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
   const int64_t M = static_cast<int64_t>(T) * k;
   DeviceGuard g(device_);
 
+  const Experts& gate_up = L.experts_gate_up;
+  const Experts& down = L.experts_down;
   kernels::MoePermuteParams<bf16> pp;
   pp.topk_idx = as<int32_t>(topk_idx), pp.x = as<bf16>(x);
   pp.expert_counts = i32(lo.counts), pp.expert_offsets = i32(lo.offsets), pp.perm_slot = i32(lo.perm_slot);
-  // The W4A16 gate_up GEMM gathers its rows through perm_slot itself: no xp then.
-  pp.inv = i32(lo.inv), pp.xp = L.experts_gate_up.nvfp4() ? nullptr : b16(lo.xp), pp.workspace = base + lo.permute;
+  // The NVFP4 gate_up paths (W4A16 GEMM, native activation quantizer) gather their rows through
+  // perm_slot themselves: no xp then.
+  pp.inv = i32(lo.inv), pp.xp = gate_up.nvfp4() ? nullptr : b16(lo.xp), pp.workspace = base + lo.permute;
   pp.T = T, pp.H = H, pp.E = E, pp.k = k;
   DG_CUDA(kernels::moe_permute(pp, stream_));
 
-  if (L.experts_gate_up.nvfp4()) {
+  Nvfp4x4Scratch nq;
+  nq.q = reinterpret_cast<uint8_t*>(base + lo.q), nq.sf = reinterpret_cast<uint8_t*>(base + lo.q_sf);
+  nq.starts = i32(lo.q_starts), nq.global = reinterpret_cast<float*>(base + lo.q_global);
+  nq.ws = base + lo.gemm, nq.ws_bytes = grouped_ws_bytes();
+  if (gate_up.native) {
+    // Blackwell: x quantized to NVFP4 through perm_slot, the block-scaled GEMM into h [M, 2 Im] (it is
+    // not gated), then gelu_tanh(gate) * up.
+    gemm_nvfp4x4(gate_up, as<bf16>(x), static_cast<size_t>(T) * H, i32(lo.perm_slot), k, i32(lo.offsets), M, b16(lo.h),
+                 nq, E);
+    kernels::MoeGeluGateParams gp;
+    gp.h = b16(lo.h), gp.act = b16(lo.act), gp.M = static_cast<int>(M), gp.I = Im;
+    DG_CUDA(kernels::moe_gelu_gate(gp, stream_));
+  } else if (gate_up.nvfp4()) {
     // W4A16: the gate_up GEMM gathers its rows from x through perm_slot (xp is not read) and finishes
     // gelu_tanh(gate) * up in registers; then the down GEMM.
     kernels::GroupedGemmNvfp4Params g1;
-    g1.x = as<bf16>(x), g1.w = L.experts_gate_up.w4p, g1.w_global = L.experts_gate_up.global.p;
+    g1.x = as<bf16>(x), g1.w = gate_up.w4p, g1.w_global = gate_up.global.p;
     g1.offsets = i32(lo.offsets), g1.y = b16(lo.act);
     g1.G = E, g1.N = 2 * Im, g1.K = H, g1.gated = true;
     g1.gather = i32(lo.perm_slot), g1.gather_div = k;
@@ -1074,9 +1287,11 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
     gp.h = b16(lo.h), gp.act = b16(lo.act), gp.M = static_cast<int>(M), gp.I = Im;
     DG_CUDA(kernels::moe_gelu_gate(gp, stream_));
   }
-  if (L.experts_down.nvfp4()) {
+  if (down.native) {
+    gemm_nvfp4x4(down, b16(lo.act), static_cast<size_t>(M) * Im, nullptr, 1, i32(lo.offsets), M, b16(lo.dn), nq, E);
+  } else if (down.nvfp4()) {
     kernels::GroupedGemmNvfp4Params g2;
-    g2.x = b16(lo.act), g2.w = L.experts_down.w4p, g2.w_global = L.experts_down.global.p;
+    g2.x = b16(lo.act), g2.w = down.w4p, g2.w_global = down.global.p;
     g2.offsets = i32(lo.offsets), g2.y = b16(lo.dn);
     g2.G = E, g2.N = H, g2.K = Im;
     DG_CUDA(kernels::grouped_gemm_nvfp4(g2, stream_));

@@ -15,7 +15,11 @@
 //   linear, mlp GEMMs          CUTLASS sm_90a TMA/wgmma GEMM on Hopper builds with CUTLASS, when K and N
 //                              are multiples of 8; else the mma.sync matmul (kernels/matmul), any arch
 //   MoE experts                router -> permute -> grouped GEMM (CUTLASS sm_90a, else grouped matmul)
-//                              -> gated GELU -> grouped GEMM -> combine
+//                              -> gated GELU -> grouped GEMM -> combine. NVFP4 experts: the W4A16
+//                              grouped GEMM (gated GELU fused), or on compute capability 10.0 / 12.0
+//                              (sm_100a / sm_120a builds with CUTLASS) activations quantized to NVFP4
+//                              and the block-scaled NVFP4 x NVFP4 grouped GEMMs; DGEMMA_CUDA_NVFP4=w4a16
+//                              keeps W4A16 there too
 //   attention                  the tiled kernels for head_dim 256 / 512 (wgmma on sm_90a, mma.sync
 //                              elsewhere, split-KV), the generic warp kernel for other head sizes
 //   lm_head_sample             per row of the pass: logits [n, V] f32 (matmul + softcap), the sampler

@@ -70,6 +70,10 @@ struct QuantizeActNvfp4Params {
   uint8_t* sf = nullptr;             // >= quantize_act_nvfp4_sf_bytes(Mtot, G, K): block scales
   int32_t* sf_starts = nullptr;      // [G + 1], device, written: first 128-row scale tile of group g
   int Mtot = 0, G = 0, K = 0;
+  // gather: row r is x[gather[r] / gather_div] (moe_permute's perm_slot and top-k: the unpermuted
+  // expert input [T, K], so the permuted bf16 copy is never written); null: row r is x[r].
+  const int32_t* gather = nullptr;   // [Mtot], device
+  int gather_div = 1;
 };
 // Scale bytes for Mtot rows in G groups: every group rounded up to 128 rows (an upper bound).
 size_t quantize_act_nvfp4_sf_bytes(int Mtot, int G, int K);
@@ -98,6 +102,12 @@ size_t grouped_gemm_nvfp4_sm100_workspace_size(int G);
 size_t grouped_gemm_nvfp4_sm120_workspace_size(int G);
 cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
 cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
+// Row-major E4M3 block scales [G, rows, kblocks] -> [G, sf_bytes(rows, kblocks)] in the MMA layout,
+// padding zero (swizzle_scales.cu): the weights' w_sf of the GEMMs above, made at load; byte for byte
+// dgemma_rt.nvfp4.swizzle_scales (index math: nvfp4::swizzle_scale). Any architecture.
+cudaError_t swizzle_scales_nvfp4(const uint8_t* scales, int G, int rows, int kblocks, uint8_t* out,
+                                 cudaStream_t stream);
+
 // The block-scale byte offsets CUTLASS's Sm1xxBlockScaledConfig layout gives a rows x K matrix
 // (out[r * K/16 + kb]), evaluated on the host: the check of nvfp4::sf_offset.
 void cutlass_nvfp4_sf_offsets(int rows, int K, int64_t* out);

@@ -49,7 +49,8 @@ __global__ void quantize_kernel(QuantizeActNvfp4Params p) {
     sf[nvfp4::sf_offset(local, kb, kblocks)] = 0;
     return;
   }
-  const uint4* src = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(row) * p.K + kb * nvfp4::kGroup);
+  const int src_row = p.gather ? p.gather[row] / p.gather_div : row;
+  const uint4* src = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(src_row) * p.K + kb * nvfp4::kGroup);
   uint4 raw[2] = {src[0], src[1]};
   const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(raw);
   float v[nvfp4::kGroup];
@@ -86,7 +87,7 @@ size_t quantize_act_nvfp4_sf_bytes(int Mtot, int G, int K) {
 
 cudaError_t quantize_act_nvfp4(const QuantizeActNvfp4Params& p, cudaStream_t stream) {
   if (p.Mtot < 0 || p.G <= 0 || p.K <= 0 || p.K % nvfp4::kGroup) return cudaErrorInvalidValue;
-  if (!p.offsets || !p.global || !p.sf_starts || (p.Mtot > 0 && (!p.x || !p.q || !p.sf)))
+  if (!p.offsets || !p.global || !p.sf_starts || (p.Mtot > 0 && (!p.x || !p.q || !p.sf)) || p.gather_div < 1)
     return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(p.x) % 16 || reinterpret_cast<uintptr_t>(p.q) % 8) return cudaErrorInvalidValue;
   sf_starts_kernel<<<1, 1, 0, stream>>>(p.offsets, p.G, p.sf_starts);
