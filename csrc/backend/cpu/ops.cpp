@@ -14,6 +14,9 @@
 #include <omp.h>
 #endif
 
+// The GEMM's 16-lane vectors live in registers of inlined code only; no ABI crosses them.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace dgemma::cpu {
 namespace {
 
@@ -25,6 +28,7 @@ namespace {
 // between K chunks as float32 and come back unchanged. So the results depend on neither the thread
 // count, nor the batch, nor a row's place in it, nor the blocking below.
 typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned loads, stores
 
 // Rows of C per micro-tile (MR) and 16-float vectors per row (NV): C[MR, 16 * NV] stays in registers
 // (16 zmm on AVX-512, 12 ymm on AVX2), the packed weights stream through 16 * NV floats per k.
@@ -35,11 +39,11 @@ template <int MR, int NV>
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) std::memcpy(&acc[m][v], c + m * ldc + v * 16, sizeof(v16f));
+    for (int v = 0; v < NV; ++v) acc[m][v] = *reinterpret_cast<const v16f_u*>(c + m * ldc + v * 16);
   for (int k = 0; k < kc; ++k) {
     v16f bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + (static_cast<size_t>(k) * NV + v) * 16, sizeof(v16f));
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const v16f_u*>(b + (static_cast<size_t>(k) * NV + v) * 16);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const float a = x[m * ldx + k];
@@ -50,7 +54,7 @@ template <int MR, int NV>
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) std::memcpy(c + m * ldc + v * 16, &acc[m][v], sizeof(v16f));
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<v16f_u*>(c + m * ldc + v * 16) = acc[m][v];
 }
 
 struct GemmArgs {
@@ -132,8 +136,6 @@ struct GemmIsa {
 };
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(DGEMMA_NATIVE_ARCH_BUILD)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
 __attribute__((target("arch=x86-64-v4"))) void gemm_task_v4(const GemmArgs& g, int m0, int m1, int n0, int n1,
                                                              GemmScratch& s) {
   gemm_task_impl<8, 2>(g, m0, m1, n0, n1, s);
@@ -145,7 +147,6 @@ __attribute__((target("arch=x86-64-v3"))) void gemm_task_v3(const GemmArgs& g, i
 void gemm_task_base(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
   gemm_task_impl<4, 1>(g, m0, m1, n0, n1, s);
 }
-#pragma GCC diagnostic pop
 GemmIsa gemm_isa() {
   static const GemmIsa isa = [] {
     __builtin_cpu_init();
@@ -156,8 +157,6 @@ GemmIsa gemm_isa() {
   return isa;
 }
 #else
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
 #if defined(__AVX512F__)
 void gemm_task_native(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) { gemm_task_impl<8, 2>(g, m0, m1, n0, n1, s); }
 GemmIsa gemm_isa() { return {gemm_task_native, 8, 32}; }
@@ -165,7 +164,6 @@ GemmIsa gemm_isa() { return {gemm_task_native, 8, 32}; }
 void gemm_task_native(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) { gemm_task_impl<6, 1>(g, m0, m1, n0, n1, s); }
 GemmIsa gemm_isa() { return {gemm_task_native, 6, 16}; }
 #endif
-#pragma GCC diagnostic pop
 #endif
 
 // y[M, N] = x[M, K] @ (nt ? w[N, K]^T : w[K, N]) as tasks of (row group, column block), each packing its

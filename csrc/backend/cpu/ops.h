@@ -65,6 +65,10 @@ void gelu_mul(const float* gate, const float* up, float* out, size_t n);
 // Rotate-half RoPE in place on x[tokens, heads, head_dim] with per-token positions.
 void rope(float* x, int tokens, int heads, int head_dim, const int32_t* positions, const float* inv_freq);
 
+// x[i] = tanh(x[i] / cap) * cap (the final logit soft-cap), with a vectorised tanhf within a few ulp of
+// libm's that rounds alike on every CPU (sample.cpp).
+void softcap_inplace(float* x, size_t n, float cap);
+
 // Softmax over a row in place, float32 as torch computes it (max-subtracted exp, scaled by 1/sum).
 void softmax_inplace(float* x, int n);
 
