@@ -135,36 +135,26 @@ struct GemmIsa {
   int mr, nr;
 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(DGEMMA_NATIVE_ARCH_BUILD)
-__attribute__((target("arch=x86-64-v4"))) void gemm_task_v4(const GemmArgs& g, int m0, int m1, int n0, int n1,
-                                                             GemmScratch& s) {
+// Two tile shapes, each in DG_CPU_CLONES copies: 8 x 32 for AVX-512's 32 zmm registers, 6 x 16 for
+// AVX2's 16 ymm (and the baseline).
+DG_CPU_CLONES
+void gemm_task_8x32(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
   gemm_task_impl<8, 2>(g, m0, m1, n0, n1, s);
 }
-__attribute__((target("arch=x86-64-v3"))) void gemm_task_v3(const GemmArgs& g, int m0, int m1, int n0, int n1,
-                                                             GemmScratch& s) {
+DG_CPU_CLONES
+void gemm_task_6x16(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
   gemm_task_impl<6, 1>(g, m0, m1, n0, n1, s);
-}
-void gemm_task_base(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
-  gemm_task_impl<4, 1>(g, m0, m1, n0, n1, s);
 }
 GemmIsa gemm_isa() {
   static const GemmIsa isa = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return GemmIsa{gemm_task_v4, 8, 32};
-    if (__builtin_cpu_supports("x86-64-v3")) return GemmIsa{gemm_task_v3, 6, 16};
-    return GemmIsa{gemm_task_base, 4, 16};
+    if (__builtin_cpu_supports("avx512f")) return GemmIsa{gemm_task_8x32, 8, 32};
+#endif
+    return GemmIsa{gemm_task_6x16, 6, 16};
   }();
   return isa;
 }
-#else
-#if defined(__AVX512F__)
-void gemm_task_native(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) { gemm_task_impl<8, 2>(g, m0, m1, n0, n1, s); }
-GemmIsa gemm_isa() { return {gemm_task_native, 8, 32}; }
-#else
-void gemm_task_native(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) { gemm_task_impl<6, 1>(g, m0, m1, n0, n1, s); }
-GemmIsa gemm_isa() { return {gemm_task_native, 6, 16}; }
-#endif
-#endif
 
 // y[M, N] = x[M, K] @ (nt ? w[N, K]^T : w[K, N]) as tasks of (row group, column block), each packing its
 // block once for all its rows. The split only balances the threads: it changes no result (see above).
