@@ -597,9 +597,8 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
     cpu::linear(a.x.ptr<float>() + static_cast<size_t>(c0) * H, lm_head_, logits, m, V, H);
     if (cfg_.final_logit_softcapping) {
       const float cap = static_cast<float>(*cfg_.final_logit_softcapping);
-      const size_t total = static_cast<size_t>(m) * V;
 #pragma omp parallel for schedule(static)
-      for (size_t i = 0; i < total; ++i) logits[i] = std::tanh(logits[i] / cap) * cap;
+      for (int i = 0; i < m; ++i) softcap_inplace(logits + static_cast<size_t>(i) * V, static_cast<size_t>(V), cap);
     }
     int soft_rows = 0;
 #pragma omp parallel reduction(+ : soft_rows)
@@ -641,9 +640,8 @@ void CpuBackend::lm_head_logits(const Tensor& x, const Tensor& logits) {
   cpu::linear(x.ptr<float>(), lm_head_, out, T, V, H);
   if (cfg_.final_logit_softcapping) {
     const float cap = static_cast<float>(*cfg_.final_logit_softcapping);
-    const size_t total = static_cast<size_t>(T) * V;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < total; ++i) out[i] = std::tanh(out[i] / cap) * cap;
+    for (int i = 0; i < T; ++i) softcap_inplace(out + static_cast<size_t>(i) * V, static_cast<size_t>(V), cap);
   }
 }
 

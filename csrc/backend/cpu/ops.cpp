@@ -10,84 +10,191 @@
 // clash with another BLAS in the process (numpy's, torch's).
 #include <cblas.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// The GEMM's 16-lane vectors live in registers of inlined code only; no ABI crosses them.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace dgemma::cpu {
 namespace {
 
-// Weight rows per BLAS call of an x @ W^T: about 128 KiB of weights (stays in L2 while row tiles
-// stream), a multiple of 16. A function of the weight's shape only.
-int col_block_nt(int N, int K) {
-  int nb = static_cast<int>((128 * 1024 / sizeof(float)) / static_cast<size_t>(std::max(K, 1)));
-  nb = std::max(16, std::min(256, nb / 16 * 16));
-  return std::min(nb, N);
+// The GEMMs (see ops.h): our own packed micro-kernel. OpenBLAS repacked its B operand (our weights)
+// on every call of a 16-row tile, which was most of the time on the LM head and the self-conditioning
+// product over the tied embedding; here a task converts and packs a block of the weight once, for all
+// the rows it serves. Every output element is one FMA (or multiply-add) chain over k = 0 .. K-1 in
+// order, in one vector lane, whatever the tile, block, row or thread: the accumulators go to memory
+// between K chunks as float32 and come back unchanged. So the results depend on neither the thread
+// count, nor the batch, nor a row's place in it, nor the blocking below.
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned loads, stores
+
+// Rows of C per micro-tile (MR) and 16-float vectors per row (NV): C[MR, 16 * NV] stays in registers
+// (16 zmm on AVX-512, 12 ymm on AVX2), the packed weights stream through 16 * NV floats per k.
+template <int MR, int NV>
+[[gnu::always_inline]] inline void micro_tile(const float* __restrict x, size_t ldx, const float* __restrict b, int kc,
+                                              float* __restrict c, size_t ldc) {
+  v16f acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = *reinterpret_cast<const v16f_u*>(c + m * ldc + v * 16);
+  for (int k = 0; k < kc; ++k) {
+    v16f bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const v16f_u*>(b + (static_cast<size_t>(k) * NV + v) * 16);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const float a = x[m * ldx + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] += a * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<v16f_u*>(c + m * ldc + v * 16) = acc[m][v];
 }
 
-// y[M, N] = x[M, K] @ (nt ? w[N, K]^T : w[K, N]) as (row tile, column block) BLAS calls of one shape
-// (see ops.h). Each call computes the tile transposed, C[kRowTile, cols] column-major: the tile's rows
-// then run along BLAS's M, the dimension its micro-kernels vectorise, where every row of a full
-// micro-tile goes through the same instructions (along N, OpenBLAS's Haswell kernel rounds columns
-// 6-11 of its 12 differently). The last partial row tile goes through a zero-padded copy.
-// A weight read as stored is converted a column block at a time (the block's rows of W for x @ W^T,
-// its [K, cols] strip for x @ W), once per call: a task is then a column block and all row tiles.
+struct GemmArgs {
+  const float* x;
+  const WeightMat* w;
+  float* y;
+  int M, N, K;
+  bool nt;
+};
+
+struct GemmScratch {
+  std::vector<float> pack, c, row, xpad;
+};
+
+constexpr int kKChunk = 256;  // k per packed block: [kKChunk, cols] floats stay in L2
+
+// Packs W's block (columns [n0, n0 + cols), k in [k0, k0 + kc)) as panels of NR columns, [kc][NR] each,
+// the columns past `cols` zero.
+void pack_block(const GemmArgs& g, int n0, int cols, int k0, int kc, int NR, GemmScratch& s) {
+  const int panels = (cols + NR - 1) / NR;
+  float* pk = s.pack.data();
+  if (cols % NR) std::fill(pk + static_cast<size_t>(panels - 1) * kc * NR, pk + static_cast<size_t>(panels) * kc * NR, 0.0f);
+  if (g.nt) {  // W [N, K]: a row of W is a column of the panel
+    s.row.resize(kc);
+    for (int j = 0; j < cols; ++j) {
+      g.w->to_f32(static_cast<int64_t>(n0 + j) * g.K + k0, kc, s.row.data());
+      float* dst = pk + static_cast<size_t>(j / NR) * kc * NR + j % NR;
+      for (int k = 0; k < kc; ++k) dst[static_cast<size_t>(k) * NR] = s.row[k];
+    }
+  } else {  // W [K, N]: a row of W is a row of the panels
+    s.row.resize(cols);
+    for (int k = 0; k < kc; ++k) {
+      g.w->to_f32(static_cast<int64_t>(k0 + k) * g.N + n0, cols, s.row.data());
+      for (int p = 0; p < panels; ++p) {
+        const int n = std::min(NR, cols - p * NR);
+        std::memcpy(pk + (static_cast<size_t>(p) * kc + k) * NR, s.row.data() + p * NR, n * sizeof(float));
+      }
+    }
+  }
+}
+
+// y[m0:m1, n0:n1] of the product.
+template <int MR, int NV>
+[[gnu::always_inline]] inline void gemm_task_impl(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
+  constexpr int NR = 16 * NV;
+  const int cols = n1 - n0, rows = m1 - m0, panels = (cols + NR - 1) / NR;
+  const int rows_pad = (rows + MR - 1) / MR * MR;
+  const size_t ldc = static_cast<size_t>(panels) * NR;
+  s.c.assign(static_cast<size_t>(rows_pad) * ldc, 0.0f);
+  s.pack.resize(static_cast<size_t>(std::min(kKChunk, g.K)) * ldc);
+  s.xpad.resize(static_cast<size_t>(MR) * kKChunk);
+  for (int k0 = 0; k0 < g.K; k0 += kKChunk) {
+    const int kc = std::min(kKChunk, g.K - k0);
+    pack_block(g, n0, cols, k0, kc, NR, s);
+    for (int mt = 0; mt < rows; mt += MR) {
+      const float* xa = g.x + static_cast<size_t>(m0 + mt) * g.K + k0;
+      size_t ldx = g.K;
+      if (mt + MR > rows) {  // the last partial micro-tile: its rows padded with zeros
+        std::fill(s.xpad.begin(), s.xpad.end(), 0.0f);
+        for (int r = 0; r < rows - mt; ++r)
+          std::memcpy(s.xpad.data() + static_cast<size_t>(r) * kc, xa + static_cast<size_t>(r) * g.K, kc * sizeof(float));
+        xa = s.xpad.data(), ldx = kc;
+      }
+      for (int p = 0; p < panels; ++p)
+        micro_tile<MR, NV>(xa, ldx, s.pack.data() + static_cast<size_t>(p) * kc * NR, kc,
+                           s.c.data() + static_cast<size_t>(mt) * ldc + p * NR, ldc);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    std::memcpy(g.y + static_cast<size_t>(m0 + r) * g.N + n0, s.c.data() + static_cast<size_t>(r) * ldc,
+                cols * sizeof(float));
+}
+
+// One copy per instruction set, picked at run time (the tile shape follows the register file).
+using GemmTask = void (*)(const GemmArgs&, int, int, int, int, GemmScratch&);
+struct GemmIsa {
+  GemmTask task;
+  int mr, nr;
+};
+
+// Two tile shapes, each in DG_CPU_CLONES copies: 8 x 32 for AVX-512's 32 zmm registers, 6 x 16 for
+// AVX2's 16 ymm (and the baseline).
+DG_CPU_CLONES
+void gemm_task_8x32(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
+  gemm_task_impl<8, 2>(g, m0, m1, n0, n1, s);
+}
+DG_CPU_CLONES
+void gemm_task_6x16(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
+  gemm_task_impl<6, 1>(g, m0, m1, n0, n1, s);
+}
+GemmIsa gemm_isa() {
+  static const GemmIsa isa = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return GemmIsa{gemm_task_8x32, 8, 32};
+#endif
+    return GemmIsa{gemm_task_6x16, 6, 16};
+  }();
+  return isa;
+}
+
+// y[M, N] = x[M, K] @ (nt ? w[N, K]^T : w[K, N]) as tasks of (row group, column block), each packing its
+// block once for all its rows. The split only balances the threads: it changes no result (see above).
 void gemm(const float* x, const WeightMat& w, float* y, int M, int N, int K, bool nt, bool parallel) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     std::fill(y, y + static_cast<size_t>(M) * N, 0.0f);
     return;
   }
-  blas_single_threaded();
-  const int nb = nt ? col_block_nt(N, K) : std::min(N, 64);
-  const int tiles = (M + kRowTile - 1) / kRowTile, blocks = (N + nb - 1) / nb;
-  const int full = M / kRowTile, tail = M - full * kRowTile;
-  std::vector<float> apad;
-  if (tail) {
-    apad.assign(static_cast<size_t>(kRowTile) * K, 0.0f);
-    std::memcpy(apad.data(), x + static_cast<size_t>(full) * kRowTile * K, static_cast<size_t>(tail) * K * sizeof(float));
-  }
-  const bool stored = w.f32 == nullptr;
-  // One BLAS call: row tile `tile` against the block at column n0 whose weights are at wb (leading
-  // dimension ldb: K for x @ W^T, N or cols for x @ W).
-  auto call = [&](int tile, int n0, int cols, const float* wb, int ldb, std::vector<float>& ct) {
-    const float* a = tile == full ? apad.data() : x + static_cast<size_t>(tile) * kRowTile * K;
-    ct.resize(static_cast<size_t>(kRowTile) * nb);
-    float* c = ct.data();
-    if (nt)  // C = x_tile[kRowTile, K] @ W[n0:n0+cols, :]^T
-      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasNoTrans, kRowTile, cols, K, 1.0f, a, K, wb, ldb, 0.0f, c,
-                        kRowTile);
-    else  // C = x_tile[kRowTile, K] @ W[:, n0:n0+cols]
-      scipy_cblas_sgemm(CblasColMajor, CblasTrans, CblasTrans, kRowTile, cols, K, 1.0f, a, K, wb, ldb, 0.0f, c,
-                        kRowTile);
-    const int rows = tile == full ? tail : kRowTile;
-    float* yt = y + static_cast<size_t>(tile) * kRowTile * N + n0;
-    for (int r = 0; r < rows; ++r)
-      for (int j = 0; j < cols; ++j) yt[static_cast<size_t>(r) * N + j] = c[static_cast<size_t>(j) * kRowTile + r];
+  const GemmIsa isa = gemm_isa();
+  int threads = 1;
+#ifdef _OPENMP
+  if (parallel) threads = omp_get_max_threads();
+#endif
+  // Columns: blocks of up to 128 (the C block of a task stays in L2), narrower when there would be too
+  // few tasks for the threads. Rows: all in one group (packing amortised over them) unless that still
+  // leaves threads idle, or there are over 256 of them.
+  auto round_up = [](int v, int m) { return (v + m - 1) / m * m; };
+  int nb = std::min(round_up(N, isa.nr), 128);
+  if (threads > 1) nb = std::min(nb, std::max(isa.nr, round_up((N + 2 * threads - 1) / (2 * threads), isa.nr)));
+  const int blocks = (N + nb - 1) / nb;
+  int rg = std::min(M, 256);
+  if (blocks < threads) rg = std::min(rg, std::max(isa.mr, round_up((M + threads - 1) / threads, isa.mr)));
+  const int groups = (M + rg - 1) / rg;
+  const GemmArgs g{x, &w, y, M, N, K, nt};
+  const long n = static_cast<long>(groups) * blocks;
+  auto task = [&](long t, GemmScratch& s) {
+    const int gi = static_cast<int>(t / blocks), bi = static_cast<int>(t % blocks);
+    isa.task(g, gi * rg, std::min(M, (gi + 1) * rg), bi * nb, std::min(N, (bi + 1) * nb), s);
   };
-  auto task = [&](long t, std::vector<float>& ct, std::vector<float>& wt) {
-    if (!stored) {
-      const int tile = static_cast<int>(t / blocks), n0 = static_cast<int>(t % blocks) * nb;
-      const int cols = std::min(nb, N - n0);
-      call(tile, n0, cols, nt ? w.f32 + static_cast<size_t>(n0) * K : w.f32 + n0, nt ? K : N, ct);
-      return;
-    }
-    const int n0 = static_cast<int>(t) * nb, cols = std::min(nb, N - n0);
-    wt.resize(static_cast<size_t>(K) * cols);
-    if (nt) {
-      w.to_f32(static_cast<int64_t>(n0) * K, static_cast<int64_t>(cols) * K, wt.data());
-    } else {
-      for (int k = 0; k < K; ++k) w.to_f32(static_cast<int64_t>(k) * N + n0, cols, wt.data() + static_cast<size_t>(k) * cols);
-    }
-    for (int tile = 0; tile < tiles; ++tile) call(tile, n0, cols, wt.data(), nt ? K : cols, ct);
-  };
-  const long n = stored ? blocks : static_cast<long>(tiles) * blocks;
-  if (parallel && n > 1) {
+  if (threads > 1 && n > 1) {
 #pragma omp parallel
     {
-      std::vector<float> ct, wt;
+      GemmScratch s;
 #pragma omp for schedule(dynamic, 1)
-      for (long t = 0; t < n; ++t) task(t, ct, wt);
+      for (long t = 0; t < n; ++t) task(t, s);
     }
   } else {
-    std::vector<float> ct, wt;
-    for (long t = 0; t < n; ++t) task(t, ct, wt);
+    static thread_local GemmScratch s;
+    for (long t = 0; t < n; ++t) task(t, s);
   }
 }
 

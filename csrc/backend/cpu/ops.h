@@ -8,7 +8,7 @@
 
 #include "model/weights.h"
 
-// Runtime dispatch for our own hot loops (the GEMMs dispatch inside OpenBLAS): GCC/Clang build an
+// Runtime dispatch for our own hot loops (GEMM micro-kernel, attention, soft-cap): GCC/Clang build an
 // x86-64-v4 (AVX-512), an x86-64-v3 (AVX2 + FMA) and a baseline copy of the function and pick one
 // at load time, so a portable build still uses the wide units where the CPU has them. The copies
 // round alike but for FMA contraction. Off with DGEMMA_NATIVE_ARCH (already built for this CPU).
@@ -20,21 +20,17 @@
 
 namespace dgemma::cpu {
 
-// The GEMMs run on OpenBLAS (single-threaded calls; the parallelism is ours). Every call has the
-// same shape for a given weight: rows in tiles of kRowTile (a last partial tile is zero-padded),
-// columns in blocks that depend only on the weight's shape. So each output element comes out of the
-// same BLAS code path whatever the thread count, the batch composition or the row's place in it
-// (OpenBLAS picks its small-matrix and GEMV paths by shape, and they round differently). 16 rows: the
-// widest tile whose rows all round alike in OpenBLAS's Haswell, SkylakeX, Sandybridge and Prescott
-// kernels (tests/test_batching.py checks the batch invariance end to end).
-constexpr int kRowTile = 16;
+// The GEMMs are our own packed micro-kernel (ops.cpp; x86-64-v4/v3/baseline copies picked at load
+// time): each output element is one multiply-add chain over k = 0 .. K-1 in order, in one vector lane,
+// whatever the thread count, the batch composition, the row's place in it or the blocking (tests/
+// test_batching.py checks the batch invariance end to end). A task converts and packs a block of the
+// weight once for all the rows it serves (OpenBLAS repacked it for every 16-row call).
 
 // A weight matrix as the GEMMs read it: float32 in memory, or a checkpoint tensor as stored (BF16, F16,
 // NVFP4, FP8, elements [begin, begin + rows * cols) of src in row-major order) that the GEMM converts
-// to float32 one column block at a time into a per-thread scratch: about 128 KiB for x @ W^T, K x 64
-// floats for x @ W. Both kinds give the same bits: the BLAS calls keep their shapes and see the same
-// float32 values (the conversion is exact for BF16/F16, and is WeightSource::to_f32 for NVFP4/FP8).
-// OpenBLAS (scipy-openblas32) has no bf16 GEMM (sbgemm is not built in), so BF16 units go unused.
+// to float32 one block (up to 256 k x 128 columns) at a time into a per-thread scratch. Both kinds give
+// the same bits: the kernel sees the same float32 values (the conversion is exact for BF16/F16, and is
+// WeightSource::to_f32 for NVFP4/FP8).
 struct WeightMat {
   const float* f32 = nullptr;         // row-major float32, or null: read src
   const WeightSource* src = nullptr;
@@ -64,6 +60,10 @@ void gelu_mul(const float* gate, const float* up, float* out, size_t n);
 
 // Rotate-half RoPE in place on x[tokens, heads, head_dim] with per-token positions.
 void rope(float* x, int tokens, int heads, int head_dim, const int32_t* positions, const float* inv_freq);
+
+// x[i] = tanh(x[i] / cap) * cap (the final logit soft-cap), with a vectorised tanhf within a few ulp of
+// libm's that rounds alike on every CPU (sample.cpp).
+void softcap_inplace(float* x, size_t n, float cap);
 
 // Softmax over a row in place, float32 as torch computes it (max-subtracted exp, scaled by 1/sum).
 void softmax_inplace(float* x, int n);
