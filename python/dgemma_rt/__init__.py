@@ -30,8 +30,7 @@ def get_include() -> str:
 
 
 def get_library_dir() -> str:
-    """Directory holding ``libdgemma_core.a`` (link with ``-L<dir> -ldgemma_core``, OpenBLAS from the
-    scipy-openblas32 package: ``-L<scipy_openblas32.get_lib_dir()> -lscipy_openblas``, and ``-fopenmp -pthread``)."""
+    """Directory holding ``libdgemma_core.a`` (link with ``-L<dir> -ldgemma_core -fopenmp -pthread``)."""
     import os
 
     return os.path.join(os.path.dirname(__file__), "lib")

@@ -3,12 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <mutex>
 #include <vector>
-
-// scipy-openblas32's header: its symbols are prefixed scipy_, so they cannot
-// clash with another BLAS in the process (numpy's, torch's).
-#include <cblas.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -20,9 +15,10 @@
 namespace dgemma::cpu {
 namespace {
 
-// The GEMMs (see ops.h): our own packed micro-kernel. OpenBLAS repacked its B operand (our weights)
-// on every call of a 16-row tile, which was most of the time on the LM head and the self-conditioning
-// product over the tied embedding; here a task converts and packs a block of the weight once, for all
+// The GEMMs (see ops.h): our own packed micro-kernel. A BLAS library (OpenBLAS, tried first) can only
+// be batch-invariant here when every call has one fixed shape, so it ran on 16-row tiles and repacked
+// its B operand (our weights) on every call: most of the time of the LM head and the self-conditioning
+// product over the tied embedding. Here a task converts and packs a block of the weight once, for all
 // the rows it serves. Every output element is one FMA (or multiply-add) chain over k = 0 .. K-1 in
 // order, in one vector lane, whatever the tile, block, row or thread: the accumulators go to memory
 // between K chunks as float32 and come back unchanged. So the results depend on neither the thread
@@ -199,11 +195,6 @@ void gemm(const float* x, const WeightMat& w, float* y, int M, int N, int K, boo
 }
 
 }  // namespace
-
-void blas_single_threaded() {
-  static std::once_flag once;
-  std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
-}
 
 void WeightMat::to_f32(int64_t i, int64_t n, float* out) const {
   if (f32)

@@ -24,7 +24,9 @@ namespace dgemma::cpu {
 // time): each output element is one multiply-add chain over k = 0 .. K-1 in order, in one vector lane,
 // whatever the thread count, the batch composition, the row's place in it or the blocking (tests/
 // test_batching.py checks the batch invariance end to end). A task converts and packs a block of the
-// weight once for all the rows it serves (OpenBLAS repacked it for every 16-row call).
+// weight once for all the rows it serves. Not a BLAS library: batch invariance needs one fixed call
+// shape, and OpenBLAS (which ran here before) then repacked each weight for every 16-row call, having
+// no pre-packed GEMM API: twice slower on the medium model (bench/results/cpu-peer-*.json).
 
 // A weight matrix as the GEMMs read it: float32 in memory, or a checkpoint tensor as stored (BF16, F16,
 // NVFP4, FP8, elements [begin, begin + rows * cols) of src in row-major order) that the GEMM converts
@@ -48,8 +50,6 @@ void linear_serial(const float* x, const WeightMat& w, float* y, int M, int N, i
 // y[M, N] = x[M, K] @ w[K, N]. Tiles spread over the OpenMP threads.
 void matmul_nn(const float* x, const WeightMat& w, float* y, int M, int N, int K);
 inline void linear(const float* x, const float* w, float* y, int M, int N, int K) { linear(x, WeightMat{w}, y, M, N, K); }
-// Makes OpenBLAS run each call on the calling thread only (idempotent, cheap after the first call).
-void blas_single_threaded();
 
 // y = x * (mean(x^2) + eps)^-0.5 [* weight], per row of `dim`. weight may be null. y may alias x.
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps);
