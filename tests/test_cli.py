@@ -330,6 +330,19 @@ def test_bench_refuses_what_the_cpu_cannot_hold():
         bench.check_cpu_memory(presets.preset("26b-a4b", 1), avail=2**30, stored_bytes=2 * 2**30)
 
 
+def test_bench_roofline_lm_head_variants():
+    # The model only (no checkpoint, no run): the default is the per-row LM head path the backend runs by
+    # default; --fused-lm-head models DGEMMA_CUDA_FUSED_LM_HEAD=1.
+    runs = {}
+    for extra in ((), ("--fused-lm-head",)):
+        proc = _run("dgemma_rt.bench", "--roofline", "--quant", "nvfp4", "--dense-quant", "fp8", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[bool(extra)] = json.loads(proc.stdout)
+    assert runs[False]["lm_head"] == "per-row" and runs[True]["lm_head"] == "fused"
+    assert {o["op"] for o in runs[True]["ops"]} & {"lm_head", "sample_canvas", "soft_embedding"} == set()
+    assert runs[True]["total"]["expected_ms"] < runs[False]["total"]["expected_ms"]
+
+
 def test_bench_table(tiny_dir):
     proc = _run("dgemma_rt.bench", str(tiny_dir), "--prompt-len", "8", "--new-tokens", "8", "--steps", "1",
                 "--warmup", "0", "--adaptive")  # fmt: skip

@@ -65,6 +65,91 @@ def test_cli_prints_it_with_measured_times(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["device"] == "H200 SXM" and r["quant"] == "nvfp4" and r["dense_quant"] == "fp8"
+    assert r["lm_head"] == "per-row" and r["graphs"]["steps_per_canvas"] == 16  # the defaults
     assert _op(r, "moe_router")["measured_ms"] == 0.25 and r["total"]["measured_ms"] == 12.5
     table = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "moe_experts" in table.stdout and "target 4.5 ms" in table.stdout
+    fused = subprocess.run(cmd + ["--fused-lm-head", "--steps", "12"], capture_output=True, text=True, timeout=120)
+    assert fused.returncode == 0, fused.stderr
+    f = json.loads(fused.stdout)
+    assert f["lm_head"] == "fused" and f["graphs"]["replayed_steps"] == 8
+    assert f["total"]["expected_ms"] < r["total"]["expected_ms"]
+
+
+def test_totals_are_sums_of_rows():
+    for quant, dense, fused in ((None, None, False), ("nvfp4", "fp8", False), ("nvfp4", "fp8", True)):
+        r = roofline.roofline(SHAPE, "h100", quant=quant, dense_quant=dense, fused_lm_head=fused)
+        t, ops = r["total"], r["ops"]
+        assert t["gbytes"] == pytest.approx(sum(o["gbytes"] for o in ops), abs=2e-3)
+        assert t["floor_ms"] == pytest.approx(sum(o["floor_ms"] for o in ops), abs=2e-3)
+        assert t["kernel_launches"] == sum(o["launches"] for o in ops)
+        assert t["expected_ms"] == pytest.approx(sum(o["expected_ms"] for o in ops) + t["launch_overhead_ms"],
+                                                 abs=2e-3)
+
+
+def test_graphs_remove_most_launch_time():
+    d = roofline.DEVICES["h100"]
+    r = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8")  # --steps 16, the bench's default
+    t, g = r["total"], r["graphs"]
+    # Steps 1, 2, 3 (the capture) and 16 (keep_soft off) launch from the host; 4..15 are replays.
+    assert (g["steps_per_canvas"], g["host_launched_steps"], g["replayed_steps"]) == (16, 4, 12)
+    assert t["launch_overhead_without_graphs_ms"] == pytest.approx(t["kernel_launches"] * d.launch_us / 1e3, abs=1e-3)
+    per_launch_us = (4 * d.launch_us + 12 * d.graph_node_us) / 16
+    assert t["launch_overhead_ms"] == pytest.approx(t["kernel_launches"] * per_launch_us / 1e3, abs=1e-3)
+    assert t["launch_overhead_ms"] < 0.5 * t["launch_overhead_without_graphs_ms"]
+    assert 0 < t["launch_overhead_ms"]  # a residual stays: the host-launched steps and the nodes' gaps
+    # A canvas too short to replay anything pays every launch; a long one tends to the nodes' gaps.
+    short = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", steps=4)["total"]
+    assert short["launch_overhead_ms"] == pytest.approx(short["launch_overhead_without_graphs_ms"], abs=1e-3)
+    long = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", steps=48)["total"]
+    assert long["launch_overhead_ms"] < t["launch_overhead_ms"]
+    with pytest.raises(ValueError, match="steps"):
+        roofline.roofline(SHAPE, "h100", steps=0)
+
+
+def test_fused_lm_head_is_cheaper_than_the_per_row_path():
+    per_row = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8")
+    fused = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", fused_lm_head=True)
+    assert per_row["lm_head"] == "per-row" and fused["lm_head"] == "fused"
+    head_rows = ("lm_head", "sample_canvas", "soft_embedding")
+    assert [o["op"] for o in per_row["ops"] if o["op"] in head_rows + ("lm_head_fused",)] == list(head_rows)
+    assert [o["op"] for o in fused["ops"] if o["op"] in head_rows + ("lm_head_fused",)] == ["lm_head_fused"]
+    emb_gb = SHAPE.vocab_size * SHAPE.hidden_size * 2 / 1e9
+    f = _op(fused, "lm_head_fused")
+    # One read of E (plus ~55 MB of workspace), the FLOPs of both products: compute-bound.
+    assert emb_gb < f["gbytes"] < emb_gb * 1.05 and f["bound"] == "compute"
+    both = _op(per_row, "lm_head")["gflop"] + _op(per_row, "soft_embedding")["gflop"]
+    assert f["gflop"] == pytest.approx(both, abs=0.1)
+    # The header's estimate: 1.3-1.6 ms at 256 positions on an H100.
+    assert 1.3 <= f["expected_ms"] <= 1.6
+    # The per-row path reads E twice (logits GEMM, probs @ E) and the f32 logits three more times.
+    per_row_head = sum(_op(per_row, n)["expected_ms"] for n in head_rows)
+    assert sum(_op(per_row, n)["gbytes"] for n in head_rows) > 2 * emb_gb + 1.0
+    assert f["expected_ms"] < per_row_head
+    assert fused["total"]["expected_ms"] < per_row["total"]["expected_ms"]
+    assert fused["total"]["gbytes"] < per_row["total"]["gbytes"]
+    # Per row of the batch: the per-row path repeats per canvas; the fused pass reads E once for all rows,
+    # up to 3,072 positions (12 canvases), then the backend takes the per-row path.
+    b4 = roofline.roofline(SHAPE, "h100", batch=4)
+    assert _op(b4, "lm_head")["instances"] == 4
+    b4f = roofline.roofline(SHAPE, "h100", batch=4, fused_lm_head=True)
+    assert _op(b4f, "lm_head_fused")["gbytes"] < emb_gb * 1.2
+    b13 = roofline.roofline(SHAPE, "h100", batch=13, fused_lm_head=True)
+    assert b13["lm_head"] == "per-row" and _op(b13, "lm_head")["instances"] == 13
+
+
+def test_nvfp4_experts_write_no_permuted_copy():
+    bf16 = roofline.roofline(SHAPE, "h100")
+    fp4 = roofline.roofline(SHAPE, "h100", quant="nvfp4")
+    T, H, k = SHAPE.canvas_length, SHAPE.hidden_size, SHAPE.top_k_experts
+    xp_gb = SHAPE.num_layers * T * k * H * 2 / 1e9
+    # BF16: the gather reads x and writes xp; NVFP4 (W4A16): the sort only, the GEMM gathers through perm_slot.
+    assert _op(bf16, "moe_permute")["gbytes"] >= 2 * xp_gb
+    assert _op(fp4, "moe_permute")["gbytes"] < 0.01 * xp_gb
+    assert _op(fp4, "moe_permute")["launches"] == SHAPE.num_layers
+    assert _op(bf16, "moe_permute")["launches"] == 2 * SHAPE.num_layers
+    planned = presets.weight_bytes(SHAPE, "nvfp4")["expert"] / 1e9
+    # Activations: x once from HBM (its k re-reads per row from L2), act written and read, dn written.
+    Im = SHAPE.moe_intermediate_size
+    acts_gb = SHAPE.num_layers * (T * H + T * k * (2 * Im + H)) * 2 / 1e9
+    assert _op(fp4, "moe_experts")["gbytes"] == pytest.approx(planned + acts_gb, rel=1e-3)

@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "others locked to random tokens (measures steps per canvas and tokens/s with templates)")
     p.add_argument("--roofline", action="store_true",
                    help="print the roofline model of one GPU step at --preset's shape (--batch, --quant, "
-                        "--dense-quant, --gpu, --context) instead of running anything")
+                        "--dense-quant, --gpu, --context, --fused-lm-head; launch overhead averaged over a canvas "
+                        "of --steps steps, CUDA graphs replaying the middle ones) instead of running anything")
+    p.add_argument("--fused-lm-head", action="store_true",
+                   help="with --roofline: model the fused LM head + sampler + self-conditioning pass "
+                        "(DGEMMA_CUDA_FUSED_LM_HEAD=1) instead of the backend's default per-row path")
     p.add_argument("--profile", action="store_true",
                    help="after the timed runs, one more run with per-op profiling of its decoder steps (CUDA events "
                         "on a GPU, the host clock on the CPU; no CUDA graphs): op_profile in the JSON, each op's ms "
@@ -651,7 +655,10 @@ def profile_report(profile: list[dict[str, Any]], timings: dict[str, Any], confi
     context = int(round(args.prompt_len + canvas * (canvases - 1) / 2))
     quant = None if args.quant == "none" else args.quant
     dense_quant = None if args.dense_quant == "none" else args.dense_quant
-    rows = roofline.step_ops(_roofline_shape(config), args.batch, context, quant, dense_quant, host_f32=on_cpu)
+    # The CUDA backend takes the fused LM head pass only when DGEMMA_CUDA_FUSED_LM_HEAD=1 (and the GPU allows it).
+    fused = not on_cpu and os.environ.get("DGEMMA_CUDA_FUSED_LM_HEAD") == "1"
+    rows = roofline.step_ops(_roofline_shape(config), args.batch, context, quant, dense_quant, host_f32=on_cpu,
+                             fused_lm_head=fused)
     device = None if on_cpu else roofline.DEVICES[args.gpu]
     ops = []
     for p in profile:
@@ -757,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dense_quant = None if args.dense_quant == "none" else args.dense_quant
             measured = roofline.load_measured(args.measured) if args.measured else None
             r = roofline.roofline(presets.preset(args.preset, args.num_layers), args.gpu, args.batch, args.context,
-                                  quant, dense_quant, measured)
+                                  quant, dense_quant, measured, fused_lm_head=args.fused_lm_head, steps=args.steps)
             print(json.dumps(r) if args.json else roofline.format_table(r))
             return 0
         result = run(args)

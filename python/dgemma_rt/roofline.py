@@ -1,13 +1,21 @@
 """A roofline model of one denoising step: what each op must move and compute, its floor on a GPU,
 and what the kernel in this tree is expected to reach, with the reason.
 
-``dgemma-bench --roofline [--quant nvfp4] [--dense-quant fp8] [--device h100|h200] [--json]``
-prints it. Every number here is arithmetic on the model's shapes and the device's datasheet rates,
+``dgemma-bench --roofline [--quant nvfp4] [--dense-quant fp8] [--gpu h100|h200] [--fused-lm-head] [--steps N]
+[--json]`` prints it. Every number here is arithmetic on the model's shapes and the device's datasheet rates,
 not a measurement: ``floor`` is max(bytes / HBM bandwidth, FLOPs / tensor-core peak) and
-``expected`` is floor / efficiency, where the efficiency is the design's own estimate (from its tile
-and pipeline plan and the machine-code review in ../shared/docs/PERF.md), one line of reason each.
+``expected`` is floor / efficiency (or, for a one-CTA op, its latency if that is longer), where the
+efficiency is the design's own estimate (from its tile and pipeline plan, the kernel headers and the
+machine-code review in ../shared/docs/PERF.md), one line of reason each.
 ``--measured FILE`` puts measured per-op milliseconds (a JSON object ``{"per_op_ms": {op: ms}}``,
 written by a GPU profiling run) beside the model; until a GPU run exists that column is empty.
+
+Two variants of the LM head + sampler + self-conditioning product, as the CUDA backend has them: the
+per-row path it runs by default (per canvas row: the logits GEMM with the softcap fused into f32 [n, V],
+sample_canvas over them writing bf16 probabilities, the split-K product probs @ E) and the fused pass
+(DGEMMA_CUDA_FUSED_LM_HEAD=1, kernels/sampler/lm_head_fused.cuh: one read of E; ``fused_lm_head=True``).
+Kernel launches: decoder steps are CUDA graphs replayed from the third step of a canvas (the first steps of
+each signature run directly, model/forward.h), so the launch overhead is averaged over a canvas of ``steps``.
 """
 
 from __future__ import annotations
@@ -27,15 +35,21 @@ class Device:
     fp8_tflops: float
     fp32_tflops: float   # CUDA cores (FFMA)
     launch_us: float     # a kernel launch without CUDA graphs, back to back on one stream
+    graph_node_us: float  # a kernel node of a replayed CUDA graph: no host call, the GPU's drain-and-ramp gap
+    #                       between dependent kernels (an assumption, like launch_us: nothing measured yet)
 
 
 # Issue 13's targets for one step at batch 1, canvas 256, 4,096 cached tokens (ms), by expert/dense format.
 TARGETS_MS = {("h100", "nvfp4", "fp8"): 5.5, ("h200", "nvfp4", "fp8"): 4.5, ("h100", "none", "none"): 18.0}
 
 DEVICES = {
-    "h100": Device("H100 SXM", 3.35, 989.0, 1979.0, 67.0, 2.0),
-    "h200": Device("H200 SXM", 4.8, 989.0, 1979.0, 67.0, 2.0),
+    "h100": Device("H100 SXM", 3.35, 989.0, 1979.0, 67.0, 2.0, 0.5),
+    "h200": Device("H200 SXM", 4.8, 989.0, 1979.0, 67.0, 2.0, 0.5),
 }
+SMS = 132  # both devices: what matmul_pick_split_k sizes its split-K for
+
+# The fused LM head pass serves at most this many positions (the fallback's position list is in shared memory).
+FUSED_LM_HEAD_MAX_POSITIONS = 3072
 
 # Bytes per weight as stored: NVFP4 = 4-bit codes + one E4M3 scale per 16; FP8 = E4M3 (+ per-channel scales).
 WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1.0 / 16}
@@ -52,24 +66,38 @@ class Op:
     efficiency: float     # expected fraction of the floor's rate
     reason: str
     launches: int = 1     # kernel launches per instance
+    latency_us: float = 0.0  # least time per instance whatever its bytes (one CTA's serial phases)
 
     def floor_ms(self, d: Device) -> float:
         peak = {"bf16": d.bf16_tflops, "fp8": d.fp8_tflops, "fp32": d.fp32_tflops}[self.unit]
         return self.count * max(self.bytes / (d.hbm_tbps * 1e12), self.flops / (peak * 1e12)) * 1e3
 
     def expected_ms(self, d: Device) -> float:
-        return self.floor_ms(d) / self.efficiency
+        return max(self.floor_ms(d) / self.efficiency, self.count * self.latency_us / 1e3)
 
     def bound(self, d: Device) -> str:
         peak = {"bf16": d.bf16_tflops, "fp8": d.fp8_tflops, "fp32": d.fp32_tflops}[self.unit]
         return "memory" if self.bytes / d.hbm_tbps >= self.flops / peak else "compute"
 
 
+def pick_split_k(m: int, n: int, k: int, sms: int = SMS) -> int:
+    """kernels/matmul/matmul.cu matmul_pick_split_k: parts of K for about one wave of 2 CTAs per SM."""
+    bm = 32 if m <= 32 else 128
+    tiles = -(-m // bm) * -(-n // 128)
+    target = 2 * sms
+    if tiles >= target:
+        return 1
+    return max(1, min(-(-target // tiles), k // 1024, 64))
+
+
 def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str | None = None,
-             dense_quant: str | None = None, host_f32: bool = False) -> list[Op]:
+             dense_quant: str | None = None, host_f32: bool = False, fused_lm_head: bool = False) -> list[Op]:
     """The ops of one decoder step over `batch` canvases whose rows have `context` cached tokens.
     host_f32: the bytes the CPU backend moves instead, every weight (quantized ones dequantized at load),
-    activation and KV entry float32; the kernels, efficiencies and reasons stay the GPU's."""
+    activation and KV entry float32; the kernels, efficiencies and reasons stay the GPU's.
+    fused_lm_head: the fused LM head + sampler + self-conditioning pass (DGEMMA_CUDA_FUSED_LM_HEAD=1) instead
+    of the backend's default per-row path; it serves at most FUSED_LM_HEAD_MAX_POSITIONS positions, past
+    which the backend (and this model) takes the per-row path."""
     H, V, I = shape.hidden_size, shape.vocab_size, shape.intermediate_size
     E, k, Im = shape.num_experts, shape.top_k_experts, shape.moe_intermediate_size
     L = shape.canvas_length
@@ -85,7 +113,13 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     dense_unit = "fp8" if dense_fmt == "fp8" else "bf16"
 
     def gemm(n: int, kk: int, fmt: str) -> tuple[float, float]:
-        return n * kk * wb[fmt] + T * (kk + n) * ab, 2.0 * T * n * kk
+        b = n * kk * wb[fmt] + T * (kk + n) * ab
+        if fmt == "fp8" and not host_f32:
+            b += 2 * T * kk  # W8A8: quantize_rows_fp8 writes the e4m3 activations, the GEMM reads them
+        return b, 2.0 * T * n * kk
+
+    # FP8 dense GEMMs are two launches each: quantize_rows_fp8, then the CUTLASS FP8 GEMM (cuda_backend gemm()).
+    gl = 2 if dense_fmt == "fp8" else 1
 
     ops: list[Op] = []
     tiling = ("128x64 tiles in 2x1 clusters: the weight tile is TMA-multicast to both M tiles of a 256-token "
@@ -107,8 +141,9 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
         b, f = gemm(qkv_n, H, dense_fmt)
         ops.append(Op(f"{kind}.input_norm", "kernels/norm/rmsnorm.cu", n_layers, T * H * (4 + ab), 3 * T * H, "fp32",
                       *small))
+        # K=V layers: k and q GEMMs plus the copy of K into V (a cudaMemcpyAsync node); else k, v and q GEMMs.
         ops.append(Op(f"{kind}.qkv_proj", "kernels/gemm/sm90_gemm_bf16.cu", n_layers, b, f, dense_unit, gemm_eff,
-                      gemm_why, launches=2 if k_eq_v else 3))
+                      gemm_why, launches=2 * gl + 1 if k_eq_v else 3 * gl))
         ops.append(Op(f"{kind}.qk_norm_rope", "kernels/layer/embed_rope.cu", n_layers, 2 * T * qkv_n * ab,
                       10 * T * qkv_n, "fp32", *small, launches=3))
         cached = context if kind == "full" else min(context, shape.sliding_window - 1)
@@ -129,7 +164,7 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       "bf16", eff, why, launches=2))
         b, f = gemm(H, nh * hd, dense_fmt)
         ops.append(Op(f"{kind}.o_proj", "kernels/gemm/sm90_gemm_bf16.cu", n_layers, b, f, dense_unit, gemm_eff,
-                      gemm_why))
+                      gemm_why, launches=gl))
         ops.append(Op(f"{kind}.residual_norm_add", "kernels/layer/residual.cu", n_layers, T * H * (8 + ab),
                       4 * T * H, "fp32", *small))
 
@@ -139,50 +174,93 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     b1, f1 = gemm(2 * I, H, dense_fmt)
     b2, f2 = gemm(H, I, dense_fmt)
     ops.append(Op("dense_mlp", "kernels/gemm/sm90_gemm_bf16.cu + moe_gelu_gate", layers, b1 + b2 + 2 * T * I * ab,
-                  f1 + f2, dense_unit, gemm_eff, gemm_why, launches=3))
+                  f1 + f2, dense_unit, gemm_eff, gemm_why, launches=2 * gl + 1))
     ops.append(Op("moe_router", "kernels/moe/router.cu", layers, E * H * wb["bf16"] + T * H * 4 * (E // 32) + T * E * 8,
                   2.0 * T * E * H, "fp32", 0.4,
                   "fp32 FFMA (routing needs fp32 logits), 8x32 CTA tiles: 128 CTAs at batch 1, 128 FFMA per 8 "
                   "conflict-free shared loads; the token tile is re-read once per 32-expert tile"))
-    ops.append(Op("moe_permute", "kernels/moe/permute.cu", layers, T * k * H * (4 + ab) + T * k * 16, T * k * H,
-                  "fp32", 0.3, "sort in one 1024-thread CTA, then a gather of T*k rows", launches=2))
     hit = E * (1.0 - (1.0 - k / E) ** T)  # experts that receive at least one token
     expert_weights = hit * 3 * Im * H
-    expert_bytes = expert_weights * wb[expert_fmt] + T * k * (H + 2 * Im + Im + H) * ab
     expert_flops = 2.0 * T * k * 3 * Im * H
+    slots = T * k
+    sort_bytes = slots * (4 + 4 + 4) + E * 8  # topk ids in; perm_slot, inv out; counts, offsets
+    sort_why = ("counting sort of T*k slots in one 1024-thread CTA (permute.cu: the multi-block sort starts at "
+                "8,192 slots, prefill sizes; a decoder step's 2,048 stay on one block): latency, ~4 us of "
+                "barrier-separated phases")
     if expert_fmt == "nvfp4":
+        # W4A16 (Hopper): gate_up gathers its rows from x through perm_slot and finishes gelu(gate) * up in
+        # registers: no xp copy written or read, no h [T*k, 2*Im] round trip. x (T*H, 1.4 MB at batch 1) is
+        # read from HBM once; its k re-reads per row come from L2.
+        ops.append(Op("moe_permute", "kernels/moe/permute.cu", layers, sort_bytes, slots, "fp32", 0.3,
+                      sort_why + "; no gather (xp is not written on the NVFP4 path)", launches=1, latency_us=4.0))
+        expert_bytes = expert_weights * wb[expert_fmt] + T * H * ab + slots * (Im + Im + H) * ab
         eff, why = 0.87, ("W4A16, weights pre-shuffled at load into mma.m16n8k16 fragment order: 16-byte loads, "
                           "E2M1 decode by 5 LOP3 + 2 SHF + 2 IMAD.SHL per 8 weights, 6-stage cp.async, 2 CTAs/SM: "
                           "~121 instructions per 1024 weights and warp (its SASS), ~0.75x the byte time of issue, "
-                          "so the weight stream sets the pace; activations re-read from L2")
-        kernel = "kernels/nvfp4/grouped_gemm_nvfp4.cu"
+                          "so the weight stream sets the pace; token rows gathered from x through perm_slot "
+                          "(no xp), re-read from L2; gelu-gate in the gate_up epilogue (Blackwell takes the "
+                          "block-scaled NVFP4 GEMMs instead: not modelled)")
+        kernel, expert_launches = "kernels/nvfp4/grouped_gemm_nvfp4.cu", 2
     else:
-        eff, why = 0.85, "CUTLASS sm90 grouped GEMM, swap-AB so weights fill the 128-row tile: streams weights"
-        kernel = "kernels/gemm/sm90_grouped_gemm_bf16.cu"
-    ops.append(Op("moe_experts", kernel, layers, expert_bytes, expert_flops, "bf16", eff, why, launches=4))
+        # Sort, then the gather of T*k bf16 rows into xp (read x, write xp).
+        ops.append(Op("moe_permute", "kernels/moe/permute.cu", layers, sort_bytes + slots * H * 2 * ab, slots * H,
+                      "fp32", 0.3, sort_why + ", then a gather of T*k rows into xp", launches=2, latency_us=4.0))
+        # xp read, h [T*k, 2 Im] written and read by moe_gelu_gate, act written and read, dn written.
+        expert_bytes = expert_weights * wb[expert_fmt] + slots * (H + 2 * Im + 2 * Im + Im + Im + H) * ab
+        eff, why = 0.85, ("CUTLASS sm90 grouped GEMM, swap-AB so weights fill the 128-row tile: streams weights; "
+                          "gate_up, moe_gelu_gate, down (each grouped GEMM launches its setup kernel too)")
+        kernel, expert_launches = "kernels/gemm/sm90_grouped_gemm_bf16.cu", 5
+    ops.append(Op("moe_experts", kernel, layers, expert_bytes, expert_flops, "bf16", eff, why,
+                  launches=expert_launches))
     ops.append(Op("moe_combine", "kernels/moe/combine.cu", layers, T * k * H * ab + T * H * ab, 2 * T * k * H, "fp32",
                   *small))
     ops.append(Op("ffn_combine", "kernels/layer/residual.cu", layers, T * H * (8 + 2 * ab), 12 * T * H, "fp32", *small))
 
-    # Once per step.
-    ops.append(Op("embed", "kernels/layer/embed_rope.cu", 1, T * H * (wb["bf16"] + 4), T * H, "fp32", *small))
+    # Once per step. The embed row also carries the final norm's launch.
+    ops.append(Op("embed", "kernels/layer/embed_rope.cu", 1, T * H * (wb["bf16"] + 4), T * H, "fp32", *small,
+                  launches=2))
     b1, f1 = gemm(2 * I, H, "bf16")
     b2, f2 = gemm(H, I, "bf16")
+    # gather_rows, the pre-norm, gate_up, moe_gelu_gate, down, scatter_add_rows, the decoder-input norm.
     ops.append(Op("self_cond_mlp", "kernels/gemm/sm90_gemm_bf16.cu", 1, b1 + b2, f1 + f2, "bf16", 0.7,
-                  "BF16 (the self-conditioning block stays full precision), CUTLASS sm90 " + tiling, launches=5))
+                  "BF16 (the self-conditioning block stays full precision), CUTLASS sm90 " + tiling, launches=7))
     emb = V * H * wb["bf16"]
-    ops.append(Op("lm_head", "kernels/gemm/sm90_gemm_bf16.cu", 1, emb + T * V * ab, 2.0 * T * V * H, "bf16", 0.7,
-                  "the dense GEMM's 128x64 tiles in 2x1 clusters over N = 262,144 (8,192 tiles, persistent): the "
-                  "embedding streamed once; bf16 logits written out"))
-    ops.append(Op("softcap_sample", "kernels/layer/residual.cu softcap + kernels/sampler", 1, 4 * T * V * 4,
-                  8.0 * T * V, "fp32", 0.6, "f32 logits written, soft-capped in place, read twice by the sampler "
-                  "(max/sum, CDF); not yet fused into the LM head", launches=2))
-    ops.append(Op("soft_embedding", "sampler probs (bf16 [P, V]) + a GEMM: not written for the GPU yet", 1,
-                  emb + T * V * ab, 2.0 * T * V * H, "bf16", 0.35,
-                  "a separate K = 262,144 GEMM re-reads the embedding; fusing it into the LM head pass reads it "
-                  "once (0 extra bytes)"))
-    ops.append(Op("accept_canvas", "kernels/sampler/accept_canvas.cu", 1, T * 20, T * 16, "fp32", 0.05,
-                  "one CTA per row: latency, not bandwidth"))
+    if fused_lm_head and T <= FUSED_LM_HEAD_MAX_POSITIONS:
+        # lm_head_fused.cuh: E streamed once for every position; the workspace holds S splits' soft partials
+        # [S, T, H] f32 and per-64-entry chunk statistics [T, V/64] (16 bytes), written and read back.
+        splits = max(1, 16 // max(1, T // 64))
+        ws = splits * T * H * 4 + T * (V // 64) * 16
+        ops.append(Op("lm_head_fused", "kernels/sampler/lm_head_fused.cu", 1, emb + T * H * ab + 2 * ws + T * 12,
+                      4.0 * T * V * H, "bf16", 0.53,
+                      "one pass over E in 8-CTA clusters: each 64-entry E tile loaded to shared memory once and used "
+                      "for the logits and for probs @ E, no [T, V] tensor; compute-bound (2 GEMMs' FLOPs), mma.sync "
+                      "at ~65% of peak plus two cluster barriers per tile: the header's 1.3-1.6 ms at 256 "
+                      "positions on an H100 (+ resolve ~10 us; exact-mass fallback only for flagged positions)",
+                      launches=4))
+    else:
+        rows, n = batch, L
+        ops.append(Op("lm_head", "kernels/matmul/matmul.cu (mma.sync)", rows, emb + n * H * ab + n * V * 4,
+                      2.0 * n * V * H, "bf16", 0.55,
+                      "per canvas row, the backend's own mma.sync GEMM (the CUTLASS one has no f32 + softcap "
+                      "epilogue): 128x128x32 tiles, 3-stage cp.async, 2 CTAs/SM, softcap fused, f32 logits "
+                      "[n, V] out; 4,096 CTAs pull 1.44 MB of x and E tiles each, 5.9 GB from L2 (~6.5 TB/s): "
+                      "~0.9 ms, above the HBM and FLOP floors"))
+        ops.append(Op("sample_canvas", "kernels/sampler/sample_canvas.cu", rows, n * V * (4 + 4 + 4 + 4 + 2),
+                      10.0 * n * V, "fp32", 0.6,
+                      "one 512-thread CTA per position over its 1 MB f32 row, 3 passes (logits / T in place; exp "
+                      "sum; probabilities, entropy and bf16 probs out): ~256 MB of rows in flight > 50 MB L2, so "
+                      "each pass goes to HBM; block barriers between passes, one wave of 256 CTAs",
+                      launches=1))
+        split = pick_split_k(n, H, V)
+        ops.append(Op("soft_embedding", "kernels/matmul/matmul.cu split-K + layer/rows.cu scatter", rows,
+                      emb + n * V * ab + 2 * split * n * H * 4 + 2 * n * H * ab, 2.0 * n * V * H, "bf16", 0.5,
+                      f"probs (bf16 [n, V]) @ E * sqrt(H) as a split-K GEMM (K = V in {split} parts at n = {n}: "
+                      f"one wave of 2 CTAs per SM, f32 partials summed in order): E read again from HBM, 5.9 GB "
+                      f"of L2 tile traffic bounds it near 0.9 ms on an H100; skipped on a canvas's last step",
+                      launches=3))
+    ops.append(Op("accept_canvas", "host (runtime/scheduler.cpp end_step): no kernel in the step", 1, T * 20, T * 16,
+                  "fp32", 0.05, "the engine accepts a canvas's tokens on the host after the step's one download",
+                  launches=0))
     return ops
 
 
@@ -190,7 +268,7 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
 # model the work one op does in a decoder step ("{kind}." rows: every attention kind the model has), and
 # what the rows leave out. None: no row models the op; the reason says why.
 BACKEND_OP_ROWS: dict[str, tuple[list[str] | None, str | None]] = {
-    "embed": (["embed"], None),
+    "embed": (["embed"], "approximate: the row also counts the final norm's launch (not its bytes)"),
     "rmsnorm": (["{kind}.input_norm", "pre_ffn_norms"],
                 "approximate: the rows leave out the step's final norm, self-conditioning pre_norm and decoder-input "
                 "norm (3 of its 3 * layers + 3 calls, each [T, H])"),
@@ -207,7 +285,7 @@ BACKEND_OP_ROWS: dict[str, tuple[list[str] | None, str | None]] = {
     "ffn_combine": (["ffn_combine"], None),
     "gather_rows": (None, "the self-conditioning state's gather: not in the roofline"),
     "scatter_add_rows": (None, "the self-conditioning signal's scatter-add: not in the roofline"),
-    "lm_head_sample": (["lm_head", "softcap_sample", "soft_embedding"],
+    "lm_head_sample": (["lm_head", "sample_canvas", "soft_embedding", "lm_head_fused"],
                        "approximate: the soft embedding is skipped on a canvas's last step"),
     "lm_head_logits": (None, "denoise_logits only, not a decoder step"),
     "soft_embedding": (None, "denoise_logits only (a decoder step's soft embedding is part of lm_head_sample)"),
@@ -229,28 +307,46 @@ def backend_op_bytes(ops: list[Op], backend_op: str) -> tuple[float | None, list
     return sum(by_name[n].count * by_name[n].bytes for n in names), names, note
 
 
+def graph_steps(steps: int) -> tuple[int, int]:
+    """(steps that launch their kernels from the host, steps only replayed) of a canvas of `steps` fixed
+    steps (model/forward.h): the first step (no self-conditioning signal: its own op sequence) and the second
+    (first sight of the steps-with-a-signal signature, run directly to size the scratch) run directly, the
+    third is recorded into a graph (every launch made on the host while the GPU waits) and replayed, the last
+    (keep_soft off: its own signature) runs directly; the steps between are replayed."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, not {steps}")
+    host = min(steps, 4)
+    return host, steps - host
+
+
 def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: int = 4096, quant: str | None = None,
-             dense_quant: str | None = None, measured: dict[str, float] | None = None) -> dict[str, Any]:
+             dense_quant: str | None = None, measured: dict[str, float] | None = None, fused_lm_head: bool = False,
+             steps: int = 16) -> dict[str, Any]:
+    """The model of one decoder step; launch overhead averaged over a canvas of `steps` steps (CUDA graphs)."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     d = DEVICES[device]
-    ops = step_ops(shape, batch, context, quant, dense_quant)
+    ops = step_ops(shape, batch, context, quant, dense_quant, fused_lm_head=fused_lm_head)
     measured = measured or {}
     rows = []
     for op in ops:
         rows.append({
-            "op": op.name, "kernel": op.kernel, "instances": op.count,
+            "op": op.name, "kernel": op.kernel, "instances": op.count, "launches": op.count * op.launches,
             "gbytes": round(op.count * op.bytes / 1e9, 4), "gflop": round(op.count * op.flops / 1e9, 2),
             "bound": op.bound(d), "floor_ms": round(op.floor_ms(d), 4), "efficiency": op.efficiency,
             "expected_ms": round(op.expected_ms(d), 4), "measured_ms": measured.get(op.name), "reason": op.reason,
         })
     launches = sum(op.count * op.launches for op in ops)
-    launch_ms = launches * d.launch_us / 1e3
+    host_steps, replayed = graph_steps(steps)
+    ungraphed_ms = launches * d.launch_us / 1e3
+    launch_ms = launches * (host_steps * d.launch_us + replayed * d.graph_node_us) / steps / 1e3
+    fused = fused_lm_head and batch * shape.canvas_length <= FUSED_LM_HEAD_MAX_POSITIONS
     floor = sum(op.floor_ms(d) for op in ops)
     expected = sum(op.expected_ms(d) for op in ops)
     return {
         "device": d.name, "hbm_tbps": d.hbm_tbps, "batch": batch, "context": context, "canvas": shape.canvas_length,
         "quant": quant or "none", "dense_quant": dense_quant or "none",
+        "lm_head": "fused" if fused else "per-row",
         "ops": rows,
         "total": {
             "gbytes": round(sum(op.count * op.bytes for op in ops) / 1e9, 3),
@@ -258,8 +354,18 @@ def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: i
             "floor_ms": round(floor, 3),
             "kernel_launches": launches,
             "launch_overhead_ms": round(launch_ms, 3),
+            "launch_overhead_without_graphs_ms": round(ungraphed_ms, 3),
             "expected_ms": round(expected + launch_ms, 3),
             "measured_ms": measured.get("step"),
+        },
+        "graphs": {
+            "steps_per_canvas": steps, "host_launched_steps": host_steps, "replayed_steps": replayed,
+            "launch_us": d.launch_us, "graph_node_us": d.graph_node_us,
+            "reason": "decoder steps are CUDA graphs replayed from the third step of a canvas (model/forward.h); "
+                      "left: the steps launched from the host (the first, with no self-conditioning signal; the "
+                      "second, a signature's first sight; the third, recorded while the GPU waits; the last, "
+                      "keep_soft off) and, in a replay, the GPU's gap between dependent kernel nodes "
+                      f"(assumed {d.graph_node_us} us)",
         },
         "target_ms": TARGETS_MS.get((device, quant or "none", dense_quant or "none")),
         "note": "arithmetic on shapes and datasheet rates, not a measurement; efficiencies are the kernels' "
@@ -278,7 +384,8 @@ def load_measured(path: str) -> dict[str, float]:
 
 def format_table(r: dict[str, Any]) -> str:
     head = (f"roofline of one step on {r['device']} ({r['hbm_tbps']} TB/s): batch {r['batch']}, canvas "
-            f"{r['canvas']}, context {r['context']}, experts {r['quant']}, dense {r['dense_quant']}")
+            f"{r['canvas']}, context {r['context']}, experts {r['quant']}, dense {r['dense_quant']}, "
+            f"LM head {r['lm_head']}")
     lines = [head, f"{'op':<26}{'x':>4}{'GB':>9}{'GFLOP':>9}  {'bound':<8}{'floor ms':>9}{'eff':>6}"
              f"{'expected':>10}{'measured':>10}"]
     for o in r["ops"]:
@@ -286,7 +393,10 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"{o['op']:<26}{o['instances']:>4}{o['gbytes']:>9.3f}{o['gflop']:>9.1f}  {o['bound']:<8}"
                      f"{o['floor_ms']:>9.3f}{o['efficiency']:>6.2f}{o['expected_ms']:>10.3f}{m:>10}")
     t = r["total"]
-    lines.append(f"{'launch overhead':<26}{t['kernel_launches']:>4} launches {'':>26}{t['launch_overhead_ms']:>10.3f}")
+    g = r["graphs"]
+    lines.append(f"{'launch overhead':<26}{t['kernel_launches']:>4} launches {'':>26}{t['launch_overhead_ms']:>10.3f}"
+                 f"  ({g['replayed_steps']} of {g['steps_per_canvas']} steps replayed as CUDA graphs; "
+                 f"{t['launch_overhead_without_graphs_ms']:.3f} ms without)")
     m = f"{t['measured_ms']:.3f}" if t["measured_ms"] is not None else "-"
     lines.append(f"{'step':<30}{t['gbytes']:>9.2f}{t['tflop'] * 1e3:>9.0f}  {'':<8}{t['floor_ms']:>9.3f}{'':>6}"
                  f"{t['expected_ms']:>10.3f}{m:>10}")
@@ -295,5 +405,6 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"target {r['target_ms']} ms: the model of today's kernels {verdict} it")
     lines.append("reasons:")
     lines.extend(f"  {o['op']}: {o['reason']}" for o in r["ops"])
+    lines.append(f"  launch overhead: {g['reason']}")
     lines.append(r["note"])
     return "\n".join(lines)
