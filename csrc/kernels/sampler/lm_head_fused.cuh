@@ -50,8 +50,8 @@
 // T <= 0.8; ~5-10 % for flat random-weight logits) positions whose draw lands within the radius of
 // a token boundary. Every step is deterministic: fixed merge orders, integer CDFs, no float atomics.
 //
-// Cost (P = 256, H100 SXM): bytes = E once from HBM (0.74 GB, 0.22 ms at 3.35 TB/s; each split's
-// tiles are read by P/64 = 4 clusters at the same time, from L2) + x (1.4 MB) + workspace
+// Cost (P = 256, H100 SXM): bytes = E once from HBM (bf16 262144 x 2816: 1.48 GB, 0.44 ms at
+// 3.35 TB/s; each split's tiles are read by P/64 = 4 clusters at the same time, from L2) + x (1.4 MB) + workspace
 // (~11.5 MB soft partials, 16 MB chunk statistics). FLOPs = 2 P V H (logits) + 2 P V H (soft)
 // = 0.76 TFLOP: compute-bound, 0.77 ms at the 989 TFLOP/s bf16 peak; mma.sync at ~65 % of peak
 // plus two cluster barriers per 64-entry tile: ~1.3-1.6 ms expected (today: LM head 1.1-1.4 ms +
