@@ -152,8 +152,7 @@ void WeightSource::to_f32(int64_t begin, int64_t n, float* out) const {
         for (int64_t k = 0; k < n; ++k) {
           uint16_t h;
           std::memcpy(&h, p + 2 * k, 2);
-          const uint32_t bits = static_cast<uint32_t>(h) << 16;
-          std::memcpy(out + k, &bits, 4);
+          out[k] = bf16_to_f32(h);
         }
       } else {
         for (int64_t k = 0; k < n; ++k) {
@@ -360,9 +359,10 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
     }
   }
 
-  // Weights read as stored are converted inside the CPU GEMMs, where nothing may throw: their NaN
-  // codes are looked for here (NaN is 0x7F / 0xFF in E4M3).
-  if (host == HostF32::kWhereFree) {
+  // Weights not converted here are read as stored: inside the CPU GEMMs, where nothing may throw, or
+  // by a GPU backend in its own format. Their NaN codes are looked for here, once for every backend
+  // (NaN is 0x7F / 0xFF in E4M3); to_f32 finds them in what is converted at load.
+  if (host != HostF32::kAll) {
     auto has_nan = [](const TensorRef& t) {
       bool nan = false;
       for (size_t k = 0; k < t.nbytes; ++k) nan |= (t.data[k] & 0x7F) == 0x7F;
