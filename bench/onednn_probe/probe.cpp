@@ -120,18 +120,20 @@ int main(int argc, char** argv) {
     std::printf("== %s N=%d K=%d\n", sh.name, N, K);
     std::vector<float> wf(w.size());
     src.to_f32(0, static_cast<int64_t>(w.size()), wf.data());
-    for (int variant = 0; variant < 4; ++variant) {
+    for (int variant = 0; variant < 5; ++variant) {
+      if (std::getenv("PROBE_OURS") && variant != 0 && variant != 4 && variant != 2) continue;
       // 0: ours; 1: oneDNN f32 x bf16; 2: oneDNN bf16 x bf16 (x rounded); 3: oneDNN f32 x f32 (w widened)
       std::vector<std::vector<float>> outs;
       std::vector<uint16_t> xb;
       const char* vname = variant == 0   ? "ours f32(bf16 w)"
                           : variant == 1 ? "dnnl f32 x bf16"
                           : variant == 2 ? "dnnl bf16 x bf16"
+                          : variant == 4 ? "ours bf16 dot"
                                          : "dnnl f32 x f32";
       for (int M : Ms) {
         std::vector<float> y(static_cast<size_t>(M) * N);
         DnnlGemm g;
-        if (variant) {
+        if (variant && variant != 4) {
           g = make(d, M, N, K, variant == 2, w, variant == 3 ? &wf : nullptr);
           if (!g.ok) {
             std::printf("  %-18s M=%3d %s\n", vname, M, g.impl.c_str());
@@ -139,8 +141,11 @@ int main(int argc, char** argv) {
           }
         }
         auto call = [&] {
-          if (variant == 0)
-            dgemma::cpu::linear(x.data(), wm, y.data(), M, N, K);
+          if (variant == 0 || variant == 4) {
+            WeightMat wv = wm;
+            wv.bf16_dot = variant == 4;
+            dgemma::cpu::linear(x.data(), wv, y.data(), M, N, K);
+          }
           else
             run(d, g, x.data(), xb, y.data(), M, N, K);
         };
@@ -153,7 +158,7 @@ int main(int argc, char** argv) {
         }
         const double gflops = 2.0 * M * N * K / best / 1e9;
         std::printf("  %-18s M=%3d %9.3f ms %7.1f GFLOP/s  %s\n", vname, M, best * 1e3, gflops,
-                    variant ? g.impl.c_str() : "");
+                    variant && variant != 4 ? g.impl.c_str() : "");
         uint64_t h = 1469598103934665603ull;  // FNV-1a of the output bits: compare across thread counts
         for (size_t i = 0; i < y.size() * 4; ++i) h = (h ^ reinterpret_cast<const uint8_t*>(y.data())[i]) * 1099511628211ull;
         if (std::getenv("PROBE_HASH")) std::printf("    hash %s N=%d K=%d M=%d %016llx\n", vname, N, K, M, (unsigned long long)h);
