@@ -146,8 +146,9 @@ def short(mangled: str) -> str:
 
 
 # The copies GCC's target_clones makes (DG_CPU_CLONES in csrc/backend/cpu/ops.h): called through an
-# ifunc resolver only on CPUs that have their instructions, so they may use them.
-_CLONE = re.compile(r"\.arch_x86_64_v[34]\b")
+# ifunc resolver only on CPUs that have their instructions, so they may use them; and the AVX512-BF16
+# functions of ops.cpp (named *_avx512bf16), called only where __builtin_cpu_supports says so.
+_CLONE = re.compile(r"\.arch_x86_64_v[34]\b|_avx512bf16")
 
 
 def wide_register_uses(asm: str) -> tuple[int, int]:

@@ -66,10 +66,11 @@ void check_device(const std::string& device) {
   DG_REQUIRE(why.empty(), InvalidArgument, "device '" << printable(device, 40) << "' is not available: " << why);
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& device, const ModelConfig& cfg, const ModelWeights& w) {
+std::unique_ptr<Backend> make_backend(const std::string& device, const ModelConfig& cfg, const ModelWeights& w,
+                                      bool cpu_bf16_dot) {
   check_device(device);
   const std::string kind = device_kind(device);
-  if (kind == "cpu") return std::make_unique<CpuBackend>(cfg, w);
+  if (kind == "cpu") return std::make_unique<CpuBackend>(cfg, w, cpu_bf16_dot);
   BackendFactory f;
   {
     std::lock_guard<std::mutex> lock(registry_mu());

@@ -36,6 +36,7 @@ void check_device(const std::string& device);
 
 // Makes the backend for a device name; what the backend's constructor throws (no GPU, out of
 // memory) passes through.
-std::unique_ptr<Backend> make_backend(const std::string& device, const ModelConfig& cfg, const ModelWeights& w);
+std::unique_ptr<Backend> make_backend(const std::string& device, const ModelConfig& cfg, const ModelWeights& w,
+                                      bool cpu_bf16_dot = false);
 
 }  // namespace dgemma

@@ -243,11 +243,16 @@ std::vector<std::string> op_names() {
 
 class BackendOps {
  public:
-  BackendOps(const std::string& dir, const std::string& device) : device_(device) {
+  // cpu_weights (the CPU backend only): "float32" (default: every matrix expanded at load), "stored"
+  // or "bf16", as Engine(cpu_weights=...).
+  BackendOps(const std::string& dir, const std::string& device, const std::string& cpu_weights = "float32")
+      : device_(device) {
     check_device(device);  // before loading anything
+    DG_REQUIRE(cpu_weights == "stored" || cpu_weights == "float32" || cpu_weights == "bf16", InvalidArgument,
+               "cpu_weights must be 'stored', 'float32' or 'bf16', got '" << cpu_weights << "'");
     cfg_ = load_model_config(dir);
-    w_ = ModelWeights::load(dir, cfg_, {});
-    be_ = make_backend(device, cfg_, *w_);
+    w_ = ModelWeights::load(dir, cfg_, {}, cpu_weights == "float32" ? HostF32::kAll : HostF32::kWhereFree);
+    be_ = make_backend(device, cfg_, *w_, cpu_weights == "bf16");
   }
 
   static std::string unavailable(const std::string& device) {
@@ -754,7 +759,8 @@ void bind_backend_ops(py::module_& m) {
   py::class_<BackendOps>(m, "BackendOps",
                          "A backend's ops on numpy arrays (backend/backend.h): inputs are uploaded in the dtype the "
                          "op's contract names, float outputs come back as float32 (bf16 widened), indices as int32")
-      .def(py::init<const std::string&, const std::string&>(), arg("checkpoint_dir"), arg("device") = "cpu")
+      .def(py::init<const std::string&, const std::string&, const std::string&>(), arg("checkpoint_dir"),
+           arg("device") = "cpu", arg("cpu_weights") = "float32")
       .def_static("unavailable", &BackendOps::unavailable, arg("device"),
                   "Why no backend runs this device name here, or '' when one does")
       .def_static("op_names", &op_names, "Every op of backend.h, in its order")

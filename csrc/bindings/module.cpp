@@ -13,6 +13,7 @@
 #endif
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/ops.h"
 #include "bindings/backend_ops.h"
 #include "bindings/graph_recording_backend.h"
 #include "backend/registry.h"
@@ -343,6 +344,8 @@ PYBIND11_MODULE(_core, m) {
     return 0;
 #endif
   }, "Number of CUDA devices visible (0 without a driver or when CUDA was not compiled)");
+  m.def("cpu_has_bf16_dot", &cpu::has_bf16_dot,
+        "Whether this CPU runs Engine(cpu_weights='bf16')'s BF16 dot products (AVX512-BF16); else 'stored'.");
   m.def("cuda_status", []() -> std::string {
 #ifdef DGEMMA_WITH_CUDA
     return cuda::status();
@@ -384,9 +387,11 @@ PYBIND11_MODULE(_core, m) {
                        const std::string& cpu_weights) {
              EngineOptions o;
              o.device = device;
-             DG_REQUIRE(cpu_weights == "stored" || cpu_weights == "float32", InvalidArgument,
-                        "cpu_weights must be 'stored' or 'float32', got '" << printable(cpu_weights) << "'");
-             o.cpu_weights = cpu_weights == "float32" ? CpuWeights::kFloat32 : CpuWeights::kAsStored;
+             DG_REQUIRE(cpu_weights == "stored" || cpu_weights == "float32" || cpu_weights == "bf16", InvalidArgument,
+                        "cpu_weights must be 'stored', 'float32' or 'bf16', got '" << printable(cpu_weights) << "'");
+             o.cpu_weights = cpu_weights == "float32" ? CpuWeights::kFloat32
+                             : cpu_weights == "bf16"  ? CpuWeights::kBf16Dot
+                                                      : CpuWeights::kAsStored;
              if (!random_weights.is_none()) {
                DG_REQUIRE(PyLong_Check(random_weights.ptr()) && !PyBool_Check(random_weights.ptr()), InvalidArgument,
                           "random_weights must be None or an integer seed");

@@ -151,7 +151,8 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   weights_ = opts.random_weights ? ModelWeights::random(cfg_, *opts.random_weights, host, opts.random_nvfp4_experts)
                                  : ModelWeights::load(dir, cfg_, opts.progress, host);
   weights_->progress = opts.progress;  // for the backend's upload phase
-  backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : make_backend(opts.device, cfg_, *weights_);
+  backend_ = opts.make_backend ? opts.make_backend(cfg_, *weights_) : make_backend(opts.device, cfg_, *weights_,
+                                                                                opts.cpu_weights == CpuWeights::kBf16Dot);
   weights_->progress = nullptr;        // not called again: the engine outlives the caller's callback
   DG_CHECK(backend_, "make_backend returned no backend");
   forward_ = std::make_unique<Forward>(cfg_, *backend_, opts.max_batch_size);

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nvfp4: quantize the MoE experts at load (on the CPU they run dequantized; default none)")
     p.add_argument("--dense-quant", choices=["none", "nvfp4", "fp8"], default="none",
                    help="also quantize the attention projections and dense MLP at load (default none)")
+    p.add_argument("--cpu-weights", choices=["stored", "float32", "bf16"], default="stored",
+                   help="Engine(cpu_weights=...) on the CPU: stored (default), float32, or bf16 (BF16 dot products "
+                        "where the CPU has AVX512-BF16)")
     p.add_argument("--random-weights", action="store_true",
                    help="bench random weights at a preset's shape (--preset) instead of a checkpoint; written once "
                         "into the cache, directly in the --quant / --dense-quant formats")
@@ -438,6 +441,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=progress,
         quant=quant,
         dense_quant=dense_quant,
+        cpu_weights=args.cpu_weights,
     )
     load_s = time.perf_counter() - t0
 
@@ -576,6 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_layers": num_layers,
         "weight_bytes": checkpoint_weight_bytes(ckpt),
         "device": args.device,
+        "cpu_weights": args.cpu_weights,
         "dgemma_rt_version": _version(),
         "python": platform.python_version(),
         "platform": platform.platform(),

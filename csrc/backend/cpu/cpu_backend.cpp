@@ -183,13 +183,13 @@ class CpuBackend::OpTimer {
   std::chrono::steady_clock::time_point start_;
 };
 
-CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w) : cfg_(cfg), w_(w) {
+CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w, bool bf16_dot) : cfg_(cfg), w_(w) {
   for (const auto& l : cfg.layers)
     DG_REQUIRE(l.head_dim <= 2048, CheckpointError, "head_dim " << l.head_dim << " is larger than supported (2048)");
   DG_CHECK(w.host_f32() != HostF32::kNone, "the CPU backend needs the weights loaded with host views");
   // A matrix without a float32 view is read through its source, as stored.
   auto mat = [&](const float* f32, const std::string& name) {
-    return f32 ? WeightMat{f32, nullptr, 0} : WeightMat{nullptr, &w.source(name), 0};
+    return f32 ? WeightMat{f32, nullptr, 0} : WeightMat{nullptr, &w.source(name), 0, bf16_dot};
   };
   auto g = [](const char* s) { return ModelWeights::global_name(s); };
   embed_ = mat(w.embed_tokens, g("embed_tokens.weight"));
@@ -209,6 +209,7 @@ CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w) : cfg_(cfg
     m.mlp_up = mat(L.mlp_up, n("mlp.up_proj.weight"));
     m.mlp_down = mat(L.mlp_down, n("mlp.down_proj.weight"));
     m.router = mat(L.router_proj, n("router.proj.weight"));
+    m.router.bf16_dot = false;  // float32: the top-k choice stays the reference's
     m.experts_gate_up = mat(L.experts_gate_up, n("experts.gate_up_proj"));
     m.experts_down = mat(L.experts_down, n("experts.down_proj"));
     mats_.push_back(m);

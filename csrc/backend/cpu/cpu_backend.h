@@ -19,7 +19,9 @@ namespace dgemma {
 
 class CpuBackend : public Backend {
  public:
-  CpuBackend(const ModelConfig& cfg, const ModelWeights& w);
+  // bf16_dot: BF16 matrices read in place (not the router's) multiply with BF16 dot products where the
+  // CPU has them (cpu::WeightMat::bf16_dot).
+  CpuBackend(const ModelConfig& cfg, const ModelWeights& w, bool bf16_dot = false);
   std::string name() const override { return "cpu"; }
   bool supports(Op op) const override { return op != Op::kCount; }
 

@@ -9,6 +9,16 @@
 #include <omp.h>
 #endif
 
+#include "model/safetensors.h"
+
+// The BF16 dot-product GEMM (WeightMat::bf16_dot): compiled for AVX512-BF16 only, called only where
+// the CPU has it (tools/check_wheel.py allows wide registers in functions named *_avx512bf16).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define DG_BF16_DOT 1
+#define DG_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+#endif
+
 // The GEMM's 16-lane vectors live in registers of inlined code only; no ABI crosses them.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -59,10 +69,12 @@ struct GemmArgs {
   float* y;
   int M, N, K;
   bool nt;
+  const uint32_t* xb = nullptr;  // bf16_dot: x rounded to bf16, as pairs (k, k + 1), [M, (K + 1) / 2]
 };
 
 struct GemmScratch {
   std::vector<float> pack, c, row, xpad;
+  std::vector<uint32_t> pack2, xpad2;  // bf16_dot: packed weight pairs, padded activation pairs
 };
 
 constexpr int kKChunk = 256;  // k per packed block: [kKChunk, cols] floats stay in L2
@@ -124,6 +136,103 @@ template <int MR, int NV>
                 cols * sizeof(float));
 }
 
+#ifdef DG_BF16_DOT
+// The bf16_dot micro-tile: C[MR, 16 * NV] += X[MR, 2 * kp] @ B, with X and B as bf16 pairs (k, k + 1) in
+// 32-bit words; B packed [kp][16 * NV] pairs. vdpbf16ps adds both products of a pair to a lane's
+// accumulator, so each output is one chain over the pairs in order.
+template <int MR, int NV>
+__attribute__((always_inline)) DG_AVX512BF16 inline void micro_tile_bf16(const uint32_t* __restrict x, size_t ldx,
+                                                                       const uint32_t* __restrict b, int kp,
+                                                                       float* __restrict c, size_t ldc) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_loadu_ps(c + m * ldc + v * 16);
+  for (int p = 0; p < kp; ++p) {
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + (static_cast<size_t>(p) * NV + v) * 16);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * ldx + p]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, bv[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
+}
+
+// Packs the BF16 weight's block (columns [n0, n0 + cols), k in [k0, k0 + kc)) as panels of NR columns,
+// [kp][NR] pairs each; the pair past an odd kc and the columns past `cols` zero.
+void pack_block_bf16(const GemmArgs& g, const uint16_t* w, int n0, int cols, int k0, int kc, int NR, GemmScratch& s) {
+  const int panels = (cols + NR - 1) / NR, kp = (kc + 1) / 2;
+  uint32_t* pk = s.pack2.data();
+  if (cols % NR) std::fill(pk + static_cast<size_t>(panels - 1) * kp * NR, pk + static_cast<size_t>(panels) * kp * NR, 0u);
+  if (g.nt) {  // W [N, K]: a pair is two neighbours in a row of W
+    for (int j = 0; j < cols; ++j) {
+      const uint16_t* wr = w + static_cast<size_t>(n0 + j) * g.K + k0;
+      uint32_t* dst = pk + static_cast<size_t>(j / NR) * kp * NR + j % NR;
+      for (int p = 0; p < kc / 2; ++p) {
+        uint32_t v;
+        std::memcpy(&v, wr + 2 * p, 4);
+        dst[static_cast<size_t>(p) * NR] = v;
+      }
+      if (kc % 2) dst[static_cast<size_t>(kp - 1) * NR] = wr[kc - 1];
+    }
+  } else {  // W [K, N]: a pair is two rows of W
+    for (int p = 0; p < kp; ++p) {
+      const uint16_t* lo = w + static_cast<size_t>(k0 + 2 * p) * g.N + n0;
+      const uint16_t* hi = 2 * p + 1 < kc ? lo + g.N : nullptr;
+      for (int c = 0; c < cols; ++c)
+        pk[(static_cast<size_t>(c / NR) * kp + p) * NR + c % NR] = lo[c] | (hi ? static_cast<uint32_t>(hi[c]) << 16 : 0u);
+    }
+  }
+}
+
+// y[m0:m1, n0:n1] of the bf16_dot product: gemm_task_impl with bf16 pairs.
+DG_AVX512BF16 void gemm_task_8x32_avx512bf16(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
+  constexpr int MR = 8, NV = 2, NR = 16 * NV;
+  const uint16_t* w = g.w->bf16();
+  const int cols = n1 - n0, rows = m1 - m0, panels = (cols + NR - 1) / NR;
+  const int rows_pad = (rows + MR - 1) / MR * MR;
+  const size_t ldc = static_cast<size_t>(panels) * NR, ldx = static_cast<size_t>(g.K + 1) / 2;
+  s.c.assign(static_cast<size_t>(rows_pad) * ldc, 0.0f);
+  s.pack2.resize(static_cast<size_t>(std::min(kKChunk, g.K) + 1) / 2 * ldc);
+  s.xpad2.resize(static_cast<size_t>(MR) * kKChunk / 2);
+  for (int k0 = 0; k0 < g.K; k0 += kKChunk) {  // kKChunk is even: chunks start on a pair
+    const int kc = std::min(kKChunk, g.K - k0), kp = (kc + 1) / 2;
+    pack_block_bf16(g, w, n0, cols, k0, kc, NR, s);
+    for (int mt = 0; mt < rows; mt += MR) {
+      const uint32_t* xa = g.xb + static_cast<size_t>(m0 + mt) * ldx + k0 / 2;
+      size_t lda = ldx;
+      if (mt + MR > rows) {
+        std::fill(s.xpad2.begin(), s.xpad2.end(), 0u);
+        for (int r = 0; r < rows - mt; ++r)
+          std::memcpy(s.xpad2.data() + static_cast<size_t>(r) * kp, xa + static_cast<size_t>(r) * ldx, kp * 4);
+        xa = s.xpad2.data(), lda = kp;
+      }
+      for (int p = 0; p < panels; ++p)
+        micro_tile_bf16<MR, NV>(xa, lda, s.pack2.data() + static_cast<size_t>(p) * kp * NR, kp,
+                                s.c.data() + static_cast<size_t>(mt) * ldc + p * NR, ldc);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    std::memcpy(g.y + static_cast<size_t>(m0 + r) * g.N + n0, s.c.data() + static_cast<size_t>(r) * ldc,
+                cols * sizeof(float));
+}
+#endif
+
+uint16_t round_bf16(float f) {  // nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // One copy per instruction set, picked at run time (the tile shape follows the register file).
 using GemmTask = void (*)(const GemmArgs&, int, int, int, int, GemmScratch&);
 struct GemmIsa {
@@ -141,6 +250,19 @@ DG_CPU_CLONES
 void gemm_task_6x16(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
   gemm_task_impl<6, 1>(g, m0, m1, n0, n1, s);
 }
+bool cpu_has_bf16_dot() {
+#ifdef DG_BF16_DOT
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 GemmIsa gemm_isa() {
   static const GemmIsa isa = [] {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -160,7 +282,18 @@ void gemm(const float* x, const WeightMat& w, float* y, int M, int N, int K, boo
     std::fill(y, y + static_cast<size_t>(M) * N, 0.0f);
     return;
   }
-  const GemmIsa isa = gemm_isa();
+  GemmIsa isa = gemm_isa();
+  std::vector<uint32_t> xb;  // bf16_dot: x rounded to bf16 pairs, once for all tasks
+#ifdef DG_BF16_DOT
+  if (w.bf16_dot && w.bf16() && cpu_has_bf16_dot()) {
+    isa = GemmIsa{gemm_task_8x32_avx512bf16, 8, 32};
+    const size_t kp = (static_cast<size_t>(K) + 1) / 2;
+    xb.assign(static_cast<size_t>(M) * kp, 0u);
+    uint16_t* xh = reinterpret_cast<uint16_t*>(xb.data());
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < K; ++k) xh[m * 2 * kp + k] = round_bf16(x[static_cast<size_t>(m) * K + k]);
+  }
+#endif
   int threads = 1;
 #ifdef _OPENMP
   if (parallel) threads = omp_get_max_threads();
@@ -175,7 +308,7 @@ void gemm(const float* x, const WeightMat& w, float* y, int M, int N, int K, boo
   int rg = std::min(M, 256);
   if (blocks < threads) rg = std::min(rg, std::max(isa.mr, round_up((M + threads - 1) / threads, isa.mr)));
   const int groups = (M + rg - 1) / rg;
-  const GemmArgs g{x, &w, y, M, N, K, nt};
+  const GemmArgs g{x, &w, y, M, N, K, nt, xb.empty() ? nullptr : xb.data()};
   const long n = static_cast<long>(groups) * blocks;
   auto task = [&](long t, GemmScratch& s) {
     const int gi = static_cast<int>(t / blocks), bi = static_cast<int>(t % blocks);
@@ -202,6 +335,14 @@ void WeightMat::to_f32(int64_t i, int64_t n, float* out) const {
   else
     src->to_f32(begin + i, n, out);
 }
+
+const uint16_t* WeightMat::bf16() const {
+  if (f32 || !src || src->synthetic() || src->format != WeightSource::Format::kFloat || src->tensor->dtype != DType::BF16)
+    return nullptr;
+  return reinterpret_cast<const uint16_t*>(src->tensor->data) + begin;
+}
+
+bool has_bf16_dot() { return cpu_has_bf16_dot(); }
 
 void linear(const float* x, const WeightMat& w, float* y, int M, int N, int K) { gemm(x, w, y, M, N, K, true, true); }
 

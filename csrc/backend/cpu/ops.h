@@ -33,12 +33,23 @@ namespace dgemma::cpu {
 // to float32 one block (up to 256 k x 128 columns) at a time into a per-thread scratch. Both kinds give
 // the same bits: the kernel sees the same float32 values (the conversion is exact for BF16/F16, and is
 // WeightSource::to_f32 for NVFP4/FP8).
+//
+// bf16_dot (only for a BF16 tensor as stored, read in place): multiply with the CPU's BF16 dot products
+// (AVX512-BF16 vdpbf16ps) where it has them: the activations are rounded to bf16 (nearest even) and
+// each output is one chain of pair dot products over k = 0 .. K-1, in one lane, float32 accumulation;
+// as batch-invariant as the float32 path, but not its bits. On a CPU without AVX512-BF16 the flag is
+// ignored (the float32 path).
 struct WeightMat {
   const float* f32 = nullptr;         // row-major float32, or null: read src
   const WeightSource* src = nullptr;
   int64_t begin = 0;                  // first element in src (an expert's slice of a stacked tensor)
+  bool bf16_dot = false;
   // The matrix at element offset `elems` (an expert of a stacked tensor).
-  WeightMat at(int64_t elems) const { return f32 ? WeightMat{f32 + elems, nullptr, 0} : WeightMat{nullptr, src, begin + elems}; }
+  WeightMat at(int64_t elems) const {
+    return f32 ? WeightMat{f32 + elems, nullptr, 0} : WeightMat{nullptr, src, begin + elems, bf16_dot};
+  }
+  // The stored BF16 elements from `begin`, or null when the matrix is not a BF16 tensor read in place.
+  const uint16_t* bf16() const;
   // Elements [i, i + n) as float32 (copied or converted).
   void to_f32(int64_t i, int64_t n, float* out) const;
 };
@@ -64,6 +75,9 @@ void rope(float* x, int tokens, int heads, int head_dim, const int32_t* position
 // x[i] = tanh(x[i] / cap) * cap (the final logit soft-cap), with a vectorised tanhf within a few ulp of
 // libm's that rounds alike on every CPU (sample.cpp).
 void softcap_inplace(float* x, size_t n, float cap);
+
+// Whether this CPU runs the bf16_dot GEMMs (AVX512-BF16); without it they take the float32 path.
+bool has_bf16_dot();
 
 // Softmax over a row in place, float32 as torch computes it (max-subtracted exp, scaled by 1/sum).
 void softmax_inplace(float* x, int n);
