@@ -265,9 +265,12 @@ class Backend {
   // layer_scalar. x f32 [T, H]; dense, moe act [T, H] (both clobbered).
   virtual void ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
                            float eps);
-  // dst[i, :] = src[index[i], :]. src, dst: [rows, D] of one dtype; index i32 [M].
+  // dst[i, :] = src[index[i], :], or zeros where index[i] < 0 (a row with nothing to gather: the
+  // decoder's rows without a self-conditioning signal). src, dst: [rows, D] of one dtype; index i32 [M].
   virtual void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst);
-  // dst[index[i], :] += src[i, :]. dst f32 [rows, D], src act [M, D], index i32 [M], distinct.
+  // dst[index[i], :] += src[i, :] for every i with index[i] >= 0; index[i] < 0 skips row i (dst's rows
+  // not named are left exactly as they are). dst f32 [rows, D], src act [M, D], index i32 [M],
+  // distinct where >= 0.
   virtual void scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index);
   virtual void lm_head_sample(const SampleArgs& a);
   // logits f32 [T, V] = softcap(x @ E^T), x act [T, H]. For denoise_logits and tests.
