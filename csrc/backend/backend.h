@@ -131,10 +131,11 @@ struct SampleArgs {
   Tensor argmax;       // i32 [T] out
   Tensor entropy;      // f32 [T] out
   Tensor soft;         // act [S, H] out (rows not named by soft_index are left alone)
-  Tensor soft_index;   // i32 [T]: row of soft for position t, or -1
-  // Host [rows] or null: keep_soft[r] == 0 promises that every soft_index of row r is -1, so a
-  // backend may skip that row's soft embedding (the last step of a canvas).
-  const uint8_t* keep_soft = nullptr;
+  Tensor soft_index;   // i32 [T]: row of soft for position t, or -1 (read on the device)
+  // false promises that every soft_index is -1 (no row keeps its state: the last step of every
+  // canvas in the pass), so a backend may skip the soft embedding altogether. true: the device-side
+  // soft_index alone decides which positions are written.
+  bool write_soft = true;
 };
 
 // ---- profiling and memory accounting (optional features of a backend; see Backend below)
@@ -285,7 +286,7 @@ class Backend {
   // can_capture(). Between begin_capture() and end_capture(key) the ops are recorded, not run: a
   // replay(key) later runs exactly those calls again with the arguments they were recorded with,
   // the same pointers and shapes and the same host-side scalars and host arrays (AttentionArgs'
-  // max_count / max_cached, SampleArgs' keep_soft, n, eps ...), reading whatever the memory behind
+  // max_count / max_cached, SampleArgs' write_soft, n, eps ...), reading whatever the memory behind
   // the pointers holds at replay time. So, while capturing:
   //   - only ops may be called: no upload, download or allocate (they would not be recorded, or
   //     would be recorded as copies from host memory that is gone by the replay); a backend throws

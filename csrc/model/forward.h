@@ -140,7 +140,7 @@ class Forward {
   void check_supported(Op op) const;
   void upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, const std::vector<int>& counts,
                    const std::vector<SeqCache*>* writes);
-  void decoder_input(Pass& p, const Tensor& soft);
+  void decoder_input(Pass& p, const Tensor& soft, const Tensor& scatter);
   void layers(Pass& p, bool encoder);
   void* workspace(size_t bytes);  // the pass workspace, grown to at least bytes
   // Runs ops (backend ops only) directly, or captured and replayed under sig (see the top).
