@@ -99,12 +99,17 @@ struct AttentionArgs {
   Tensor v_cache;
   // i32 [rows, max_blocks]: cached position p of row r lives in block
   // block_table[r][(p - cache_first_pos[r]) / block_size] at offset (p - cache_first_pos[r]) % block_size.
+  // max_blocks may exceed what any row needs (the forward buckets it so that a captured step survives
+  // a growing context): entries past a row's blocks are padding, never read for a key.
   Tensor block_table;
   Tensor cache_first_pos;  // i32 [rows]
   Tensor cache_start;      // i32 [rows]
   Tensor cache_len;        // i32 [rows]
   Tensor tok0;             // i32 [rows]
   Tensor count;            // i32 [rows]
+  // Host-side upper bounds (they size grids and the split-KV plan, which may be baked into a
+  // capture): the result depends only on the device tensors above, and on the bounds no further than
+  // a backend's split-KV choice (the same bounds give the same bits).
   int max_count = 0;       // host-side bound of count[r]
   int max_cached = 0;      // host-side bound of cache_len[r] - cache_start[r] (steers split-KV only)
   bool causal = false;

@@ -43,6 +43,29 @@ class Planner {
   size_t bytes_ = 0;
 };
 
+// A decoder pass's bounds on a group's rows: the block table's width and max_cached, the bound of
+// cache_len - cache_start (AttentionArgs). A captured step bakes them in, so they are coarse and
+// move only rarely while the context grows: full layers take the widest row's blocks rounded up to
+// a power of two (capped at the pool: no row holds more) and all those blocks can address; sliding
+// layers take what a window can ever span, fixed for the pool. blocks: the widest row's blocks.
+// reserve: the width the workspace plan holds for the table, the widest it can get, so that a
+// bucket's crossing does not grow the workspace (which would drop every capture).
+struct DecoderBounds {
+  int max_blocks, max_cached, reserve;
+};
+DecoderBounds decoder_bounds(const BlockPool& pool, int group, int blocks) {
+  const int B = pool.block_size();
+  if (group == BlockPool::kSliding) {
+    const int keep = std::max(pool.sliding_window() - 1, 0);  // cache_start = max(0, len - keep)
+    const int width = std::max({blocks, 1, (keep + B - 1) / B + 1});
+    return {width, keep, width};
+  }
+  int b = 1;
+  while (b < blocks) b *= 2;
+  const int width = std::max(blocks, std::min(b, pool.total_blocks(group)));
+  return {width, width * B, std::max(width, pool.total_blocks(group))};
+}
+
 // A contiguous view of the first elements of a planned buffer under another shape.
 Tensor prefix(const Tensor& buf, std::initializer_list<int64_t> dims) {
   Tensor t = Tensor::of(buf.data, buf.dtype, dims);
@@ -111,6 +134,7 @@ struct Forward::Pass {
     std::vector<int32_t> table, first_pos, start, len, slot;
     int max_blocks = 1;
     int max_cached = 0;
+    int reserve = 1;  // the table's width in the workspace plan (>= max_blocks)
     Tensor table_t, first_pos_t, start_t, len_t, slot_t;
   } group[2];
   Tensor ids_t, positions_t, tok0_t, count_t;
@@ -210,6 +234,11 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
       caches[r]->table(g, tables[r]);
       G.max_blocks = std::max(G.max_blocks, static_cast<int>(tables[r].blocks.size()));
     }
+    // Decoder passes take coarse bounds (decoder_bounds), the encoder exact ones. Padding entries
+    // (block 0, a valid block) are never read for a key.
+    const DecoderBounds bounds = decoder_bounds(caches[0]->pool(), g, G.max_blocks);
+    if (!writes) G.max_blocks = bounds.max_blocks;
+    G.reserve = writes ? G.max_blocks : bounds.reserve;
     G.table.assign(static_cast<size_t>(p.R) * G.max_blocks, 0);
     for (int r = 0; r < p.R; ++r) {
       std::copy(tables[r].blocks.begin(), tables[r].blocks.end(), G.table.begin() + static_cast<size_t>(r) * G.max_blocks);
@@ -217,6 +246,10 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
       G.start.push_back(tables[r].start);
       G.len.push_back(tables[r].length);
       G.max_cached = std::max(G.max_cached, tables[r].length - tables[r].start);
+    }
+    if (!writes) {
+      DG_CHECK(G.max_cached <= bounds.max_cached, "a row's cached keys exceed its table's bound");
+      G.max_cached = bounds.max_cached;
     }
     if (writes) {
       const bool present = std::any_of(cfg_.layers.begin(), cfg_.layers.end(),
@@ -239,7 +272,7 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
   plan.add(p.tok0_t, ScalarType::kI32, {R});
   plan.add(p.count_t, ScalarType::kI32, {R});
   for (Pass::Group& G : p.group) {
-    plan.add(G.table_t, ScalarType::kI32, {R, G.max_blocks});
+    plan.add(G.table_t, ScalarType::kI32, {R, G.reserve});
     plan.add(G.first_pos_t, ScalarType::kI32, {R});
     plan.add(G.start_t, ScalarType::kI32, {R});
     plan.add(G.len_t, ScalarType::kI32, {R});
@@ -266,6 +299,7 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
     plan.add(p.scatter, ScalarType::kI32, {T});
   }
   plan.place(workspace(plan.bytes()));
+  for (Pass::Group& G : p.group) G.table_t = prefix(G.table_t, {R, G.max_blocks});
   if (!writes) {
     int32_t* out = static_cast<int32_t*>(p.step_out.data);
     p.token = Tensor::of(out, {T});
