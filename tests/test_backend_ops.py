@@ -506,6 +506,7 @@ def test_gather_rows(ref, dev, dtype):
     rng = rng_for("gather", dtype)
     src = rng.integers(-99, 99, (29, 40)) if dtype == "i32" else rnd(rng.standard_normal((29, 40)))
     index = rng.integers(0, 29, 67).astype(np.int32)  # repeats allowed
+    index[::5] = -1  # zero rows
     got = dev.gather_rows(src, index, dtype=dtype)
     np.testing.assert_array_equal(got, ref.gather_rows(src, index, dtype=dtype))
 
@@ -517,6 +518,7 @@ def test_scatter_add_rows(ref, dev, M):
     dst = rng.standard_normal((80, H)).astype(np.float32)
     src = rnd(rng.standard_normal((M, H)))
     index = rng.permutation(80)[:M].astype(np.int32)
+    index[1::3] = -1  # rows skipped
     assert_close(dev, "scatter_add_rows", dev.scatter_add_rows(dst, src, index), ref.scatter_add_rows(dst, src, index))
 
 
@@ -647,11 +649,22 @@ def test_kv_gather_scatter_numpy(ref):
     src = rng.standard_normal((9, 5)).astype(np.float32)
     index = np.array([8, 0, 0, 3], np.int32)
     np.testing.assert_array_equal(ref.gather_rows(src, index), src[index])
+    # -1: a row with nothing to gather is exactly zero (the decoder's rows without a self-conditioning signal)
+    gathered = ref.gather_rows(src, np.array([-1, 2, -1], np.int32))
+    np.testing.assert_array_equal(gathered, np.stack([np.zeros(5), src[2], np.zeros(5)]))
+    assert not np.signbit(gathered[0]).any()
     dst = rng.standard_normal((9, 5)).astype(np.float32)
     sidx = np.array([4, 1, 7], np.int32)
     want = dst.copy()
     want[sidx] += src[:3]
     np.testing.assert_array_equal(ref.scatter_add_rows(dst, src[:3], sidx), want)
+    # -1 skips its row (repeated -1 is fine); the rows not named keep their bits, -0.0 included
+    dst[0, 0] = -0.0
+    sidx = np.array([-1, 5, -1], np.int32)
+    want = dst.copy()
+    want[5] += src[1]
+    got = ref.scatter_add_rows(dst, src[:3], sidx)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_moe_router_numpy(ref, weights):
@@ -763,6 +776,8 @@ def test_bad_shapes_raise(ref):
         lambda: ref.moe_experts(0, x, np.zeros((3, 2), np.int32), np.ones((3, 2), np.float32)),
         lambda: ref.ffn_combine(0, True, x, np.zeros((2, H), np.float32), x),
         lambda: ref.gather_rows(np.zeros((4, 3), np.float32), np.array([4], np.int32)),
+        lambda: ref.gather_rows(np.zeros((4, 3), np.float32), np.array([-2], np.int32)),
+        lambda: ref.scatter_add_rows(np.zeros((4, 3), np.float32), np.zeros((1, 3), np.float32), np.array([-2])),
         lambda: ref.gather_rows(np.zeros((4, 3), np.float32), np.array([0], np.int32), dtype="int8"),
         lambda: ref.scatter_add_rows(np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32), np.array([1, 1])),
         lambda: ref.scatter_add_rows(np.zeros((4, 3), np.float32), np.zeros((2, 4), np.float32), np.array([0, 1])),

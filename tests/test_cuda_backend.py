@@ -184,9 +184,11 @@ def test_random_weights_are_the_same_model_on_both_backends(tmp_path, base_ckpt)
 
 def test_cuda_graphs_replay_what_launching_op_by_op_computes(base_ckpt, deep_ckpt, monkeypatch):
     """Decoder steps captured as CUDA graphs and replayed give the tokens the same kernels give launched
-    one by one (DGEMMA_CUDA_GRAPHS=0), over several canvases and rows; and they were replayed."""
+    one by one (DGEMMA_CUDA_GRAPHS=0), over several canvases and rows; and they were replayed, on later
+    canvases too: the context grows from 70 cached tokens by a canvas at a time inside one bucket (5 to
+    7 blocks of 16), so graphs captured on the first canvases serve the next ones (model/forward.h)."""
     for ckpt in (base_ckpt, deep_ckpt):
-        ids = [_prompt(ckpt, n, seed=n)[0] for n in (3, ckpt.sliding_window + 5)]
+        ids = [_prompt(ckpt, n, seed=n)[0] for n in (70, ckpt.sliding_window + 5)]
         kw = dict(max_new_tokens=3 * ckpt.canvas_length, max_denoising_steps=8, seed=7, eos_token_id=[],
                   adaptive_stopping=False)
         monkeypatch.setenv("DGEMMA_CUDA_GRAPHS", "0")
@@ -197,7 +199,9 @@ def test_cuda_graphs_replay_what_launching_op_by_op_computes(base_ckpt, deep_ckp
         on = dgemma_rt.Engine(ckpt.path, device="cuda")
         got = on.generate(ids, **kw)
         st = on.scheduler_stats()
-        assert st["captured_passes"] >= 3 and st["replayed_passes"] >= 3 * 5, st
+        # 3 canvases of 8 steps: ideally 2 captures (the steps that keep their state, then the last step)
+        # and 22 replays; a capture more is allowed where a first sight grows the backend's scratch.
+        assert 2 <= st["captured_passes"] <= 4 and st["replayed_passes"] >= 3 * 8 - 4, st
         if any(not np.array_equal(a, b) for a, b in zip(want.sequences, again.sequences)):
             pytest.skip("the kernels are not deterministic from run to run here: nothing to compare exactly")
         for a, b in zip(want.sequences, got.sequences):

@@ -72,7 +72,7 @@ def test_cli_prints_it_with_measured_times(tmp_path):
     fused = subprocess.run(cmd + ["--fused-lm-head", "--steps", "12"], capture_output=True, text=True, timeout=120)
     assert fused.returncode == 0, fused.stderr
     f = json.loads(fused.stdout)
-    assert f["lm_head"] == "fused" and f["graphs"]["replayed_steps"] == 8
+    assert f["lm_head"] == "fused" and f["graphs"]["replayed_steps"] == 12
     assert f["total"]["expected_ms"] < r["total"]["expected_ms"]
 
 
@@ -91,20 +91,28 @@ def test_graphs_remove_most_launch_time():
     d = roofline.DEVICES["h100"]
     r = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8")  # --steps 16, the bench's default
     t, g = r["total"], r["graphs"]
-    # Steps 1, 2, 3 (the capture) and 16 (keep_soft off) launch from the host; 4..15 are replays.
-    assert (g["steps_per_canvas"], g["host_launched_steps"], g["replayed_steps"]) == (16, 4, 12)
+    # The steady state: graphs survive the context growing from canvas to canvas, so every step replays.
+    assert (g["steps_per_canvas"], g["canvases"], g["host_launched_steps"], g["replayed_steps"]) == (
+        16, "steady state", 0, 16)
     assert t["launch_overhead_without_graphs_ms"] == pytest.approx(t["kernel_launches"] * d.launch_us / 1e3, abs=1e-3)
-    per_launch_us = (4 * d.launch_us + 12 * d.graph_node_us) / 16
-    assert t["launch_overhead_ms"] == pytest.approx(t["kernel_launches"] * per_launch_us / 1e3, abs=1e-3)
-    assert t["launch_overhead_ms"] < 0.5 * t["launch_overhead_without_graphs_ms"]
-    assert 0 < t["launch_overhead_ms"]  # a residual stays: the host-launched steps and the nodes' gaps
-    # A canvas too short to replay anything pays every launch; a long one tends to the nodes' gaps.
-    short = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", steps=4)["total"]
+    assert t["launch_overhead_ms"] == pytest.approx(t["kernel_launches"] * d.graph_node_us / 1e3, abs=1e-3)
+    assert 0 < t["launch_overhead_ms"] < 0.5 * t["launch_overhead_without_graphs_ms"]  # the nodes' gaps stay
+    # A context bucket's first canvas: steps 1 (first sight), 2 (the capture) and 16 (the last step's first
+    # sight) launch from the host; its second canvas captures its last step; later canvases only replay.
+    assert roofline.graph_steps(16, 1) == (3, 13)
+    assert roofline.graph_steps(16, 2) == (4, 28)
+    assert roofline.graph_steps(16, 3) == (4, 44)
+    first = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", canvases=1)["total"]
+    per_launch_us = (3 * d.launch_us + 13 * d.graph_node_us) / 16
+    assert first["launch_overhead_ms"] == pytest.approx(first["kernel_launches"] * per_launch_us / 1e3, abs=1e-3)
+    assert t["launch_overhead_ms"] < first["launch_overhead_ms"] < t["launch_overhead_without_graphs_ms"]
+    # A bucket's first canvas too short to replay anything pays every launch.
+    short = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", steps=2, canvases=1)["total"]
     assert short["launch_overhead_ms"] == pytest.approx(short["launch_overhead_without_graphs_ms"], abs=1e-3)
-    long = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", steps=48)["total"]
-    assert long["launch_overhead_ms"] < t["launch_overhead_ms"]
     with pytest.raises(ValueError, match="steps"):
         roofline.roofline(SHAPE, "h100", steps=0)
+    with pytest.raises(ValueError, match="canvases"):
+        roofline.roofline(SHAPE, "h100", canvases=-1)
 
 
 def test_fused_lm_head_is_cheaper_than_the_per_row_path():

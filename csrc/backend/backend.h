@@ -99,12 +99,17 @@ struct AttentionArgs {
   Tensor v_cache;
   // i32 [rows, max_blocks]: cached position p of row r lives in block
   // block_table[r][(p - cache_first_pos[r]) / block_size] at offset (p - cache_first_pos[r]) % block_size.
+  // max_blocks may exceed what any row needs (the forward buckets it so that a captured step survives
+  // a growing context): entries past a row's blocks are padding, never read for a key.
   Tensor block_table;
   Tensor cache_first_pos;  // i32 [rows]
   Tensor cache_start;      // i32 [rows]
   Tensor cache_len;        // i32 [rows]
   Tensor tok0;             // i32 [rows]
   Tensor count;            // i32 [rows]
+  // Host-side upper bounds (they size grids and the split-KV plan, which may be baked into a
+  // capture): the result depends only on the device tensors above, and on the bounds no further than
+  // a backend's split-KV choice (the same bounds give the same bits).
   int max_count = 0;       // host-side bound of count[r]
   int max_cached = 0;      // host-side bound of cache_len[r] - cache_start[r] (steers split-KV only)
   bool causal = false;
@@ -131,10 +136,11 @@ struct SampleArgs {
   Tensor argmax;       // i32 [T] out
   Tensor entropy;      // f32 [T] out
   Tensor soft;         // act [S, H] out (rows not named by soft_index are left alone)
-  Tensor soft_index;   // i32 [T]: row of soft for position t, or -1
-  // Host [rows] or null: keep_soft[r] == 0 promises that every soft_index of row r is -1, so a
-  // backend may skip that row's soft embedding (the last step of a canvas).
-  const uint8_t* keep_soft = nullptr;
+  Tensor soft_index;   // i32 [T]: row of soft for position t, or -1 (read on the device)
+  // false promises that every soft_index is -1 (no row keeps its state: the last step of every
+  // canvas in the pass), so a backend may skip the soft embedding altogether. true: the device-side
+  // soft_index alone decides which positions are written.
+  bool write_soft = true;
 };
 
 // ---- profiling and memory accounting (optional features of a backend; see Backend below)
@@ -265,9 +271,12 @@ class Backend {
   // layer_scalar. x f32 [T, H]; dense, moe act [T, H] (both clobbered).
   virtual void ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
                            float eps);
-  // dst[i, :] = src[index[i], :]. src, dst: [rows, D] of one dtype; index i32 [M].
+  // dst[i, :] = src[index[i], :], or zeros where index[i] < 0 (a row with nothing to gather: the
+  // decoder's rows without a self-conditioning signal). src, dst: [rows, D] of one dtype; index i32 [M].
   virtual void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst);
-  // dst[index[i], :] += src[i, :]. dst f32 [rows, D], src act [M, D], index i32 [M], distinct.
+  // dst[index[i], :] += src[i, :] for every i with index[i] >= 0; index[i] < 0 skips row i (dst's rows
+  // not named are left exactly as they are). dst f32 [rows, D], src act [M, D], index i32 [M],
+  // distinct where >= 0.
   virtual void scatter_add_rows(const Tensor& dst, const Tensor& src, const Tensor& index);
   virtual void lm_head_sample(const SampleArgs& a);
   // logits f32 [T, V] = softcap(x @ E^T), x act [T, H]. For denoise_logits and tests.
@@ -282,7 +291,7 @@ class Backend {
   // can_capture(). Between begin_capture() and end_capture(key) the ops are recorded, not run: a
   // replay(key) later runs exactly those calls again with the arguments they were recorded with,
   // the same pointers and shapes and the same host-side scalars and host arrays (AttentionArgs'
-  // max_count / max_cached, SampleArgs' keep_soft, n, eps ...), reading whatever the memory behind
+  // max_count / max_cached, SampleArgs' write_soft, n, eps ...), reading whatever the memory behind
   // the pointers holds at replay time. So, while capturing:
   //   - only ops may be called: no upload, download or allocate (they would not be recorded, or
   //     would be recorded as copies from host memory that is gone by the replay); a backend throws

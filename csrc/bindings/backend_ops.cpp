@@ -657,7 +657,7 @@ py::array gather_rows(BackendOps& o, py::handle src_, py::handle index_, const s
   const ScalarType dt = o.dtype(dtype, op);
   Host src = host(src_, host_kind(dt), op, "src", {kAny, kAny});
   Host index = host(index_, ScalarType::kI32, op, "index", {kAny});
-  check_index_range(index, 0, src.dim(0), op, "index");
+  check_index_range(index, -1, src.dim(0), op, "index");  // -1: a zero row
   Call call(o.be());
   Tensor st = call.in(src, dt, "src"), it = call.in(index, ScalarType::kI32, "index");
   Tensor dst = call.alloc(dt, {index.dim(0), src.dim(1)}, "dst");
@@ -670,7 +670,7 @@ py::array scatter_add_rows(BackendOps& o, py::handle dst_, py::handle src_, py::
   Host dst = host(dst_, ScalarType::kF32, op, "dst", {kAny, kAny});
   Host src = host(src_, ScalarType::kF32, op, "src", {kAny, dst.dim(1)});
   Host index = host(index_, ScalarType::kI32, op, "index", {src.dim(0)});
-  check_index_range(index, 0, dst.dim(0), op, "index");
+  check_index_range(index, -1, dst.dim(0), op, "index");  // -1: row skipped
   check_distinct(index, op, "index");
   Call call(o.be());
   Tensor dt = call.in(dst, ScalarType::kF32, "dst"), st = call.in(src, o.be().act_dtype(), "src");

@@ -31,7 +31,7 @@ RawDevice raw_device(const py::array& a, size_t shift) {
 }
 
 // gather (scatter false): returns dst with dst[i] = src[index[i]]; scatter: dst[index[i]] = src[i].
-// dst is the initial destination (its rows not written stay as they are).
+// dst is the initial destination (scatter: its rows not written stay as they are; gather writes every row).
 py::array move_rows(const py::array& src, I32Array index, const py::array& dst, bool scatter, size_t shift) {
   DG_REQUIRE(src.ndim() == 2 && dst.ndim() == 2 && src.dtype().is(dst.dtype()) && src.shape(1) == dst.shape(1),
              InvalidArgument, "src and dst must be 2-D of one dtype and row length");

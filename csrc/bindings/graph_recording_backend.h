@@ -1,12 +1,12 @@
 // A test backend with CUDA-graph semantics on the CPU: the CPU backend's ops, plus capture and replay
 // hooks (backend.h) that RECORD. Between begin_capture and end_capture an op does not run: its call
 // is kept as a closure holding copies of its arguments (tensor views, i.e. pointers and shapes,
-// weight refs, scalars, and copies of the host arrays it reads, such as SampleArgs::keep_soft);
+// weight refs, scalars such as SampleArgs::write_soft, and copies of any host arrays it reads);
 // replay(key) runs the closures again in order, on whatever the memory holds by then. upload,
 // download and allocate throw while recording, as anything the forward leaves inside a captured
 // sequence would be lost or stale in a real graph. Each op also checks at run time the host-side
-// promises a GPU kernel relies on without checking (attention's max_count / max_cached bounds,
-// keep_soft), which catches a stale value baked into a replayed capture.
+// promises a GPU kernel relies on without checking (attention's max_count / max_cached bounds and
+// block-table width, write_soft), which catches a stale value baked into a replayed capture.
 #pragma once
 
 #include <algorithm>
@@ -155,14 +155,10 @@ class GraphRecordingBackend final : public CpuBackend {
     op([this, dst, src, index] { CpuBackend::scatter_add_rows(dst, src, index); });
   }
   void lm_head_sample(const SampleArgs& a) override {
-    std::vector<uint8_t> keep;  // the host array, copied as a graph would bake it in
-    if (a.keep_soft) keep.assign(a.keep_soft, a.keep_soft + a.temperature.numel());
-    op([this, a, keep] {
-      SampleArgs b = a;
-      b.keep_soft = a.keep_soft ? keep.data() : nullptr;
-      check_keep_soft(b);
+    op([this, a] {
+      check_write_soft(a);
       if (!replaying_) n_->direct_steps++;
-      CpuBackend::lm_head_sample(b);
+      CpuBackend::lm_head_sample(a);
     });
   }
   void lm_head_logits(const Tensor& x, const Tensor& logits) override {
@@ -184,8 +180,9 @@ class GraphRecordingBackend final : public CpuBackend {
     DG_CHECK(!recording_, "internal error: " << what << " while capturing an op sequence (a replay would not repeat "
                                                         "it, or would read host memory that is gone by then)");
   }
-  // The GPU kernels size their split-KV plan and workspace from these host-side bounds and do not
-  // check them: a replay with a bound smaller than the data would be wrong there.
+  // The GPU kernels size their grid, split-KV plan and workspace from these host-side bounds and
+  // do not check them: a replay with a bound smaller than the data would be wrong there. (The block
+  // table's width the CPU op checks itself.)
   static void check_attention_bounds(const AttentionArgs& a) {
     const int64_t rows = a.tok0.numel();
     const int32_t* count = a.count.ptr<int32_t>();
@@ -199,16 +196,12 @@ class GraphRecordingBackend final : public CpuBackend {
                                                                                     << a.max_cached);
     }
   }
-  // keep_soft[r] == 0 promises that row r's soft_index is all -1 (a backend may skip the row).
-  static void check_keep_soft(const SampleArgs& a) {
-    if (!a.keep_soft) return;
+  // write_soft == false promises that every soft_index is -1 (a backend may skip the soft embedding).
+  static void check_write_soft(const SampleArgs& a) {
+    if (a.write_soft) return;
     const int32_t* idx = a.soft_index.ptr<int32_t>();
-    for (int64_t r = 0; r < a.temperature.numel(); ++r) {
-      if (a.keep_soft[r]) continue;
-      for (int j = 0; j < a.n; ++j)
-        DG_CHECK(idx[r * a.n + j] < 0, "internal error: keep_soft[" << r << "] == 0 but row " << r
-                                                                    << " has a self-conditioning slot");
-    }
+    for (int64_t t = 0; t < a.soft_index.numel(); ++t)
+      DG_CHECK(idx[t] < 0, "internal error: write_soft is false but position " << t << " keeps its self-conditioning state");
   }
 
   std::shared_ptr<GraphCounters> n_;

@@ -43,6 +43,29 @@ class Planner {
   size_t bytes_ = 0;
 };
 
+// A decoder pass's bounds on a group's rows: the block table's width and max_cached, the bound of
+// cache_len - cache_start (AttentionArgs). A captured step bakes them in, so they are coarse and
+// move only rarely while the context grows: full layers take the widest row's blocks rounded up to
+// a power of two (capped at the pool: no row holds more) and all those blocks can address; sliding
+// layers take what a window can ever span, fixed for the pool. blocks: the widest row's blocks.
+// reserve: the width the workspace plan holds for the table, the widest it can get, so that a
+// bucket's crossing does not grow the workspace (which would drop every capture).
+struct DecoderBounds {
+  int max_blocks, max_cached, reserve;
+};
+DecoderBounds decoder_bounds(const BlockPool& pool, int group, int blocks) {
+  const int B = pool.block_size();
+  if (group == BlockPool::kSliding) {
+    const int keep = std::max(pool.sliding_window() - 1, 0);  // cache_start = max(0, len - keep)
+    const int width = std::max({blocks, 1, (keep + B - 1) / B + 1});
+    return {width, keep, width};
+  }
+  int b = 1;
+  while (b < blocks) b *= 2;
+  const int width = std::max(blocks, std::min(b, pool.total_blocks(group)));
+  return {width, width * B, std::max(width, pool.total_blocks(group))};
+}
+
 // A contiguous view of the first elements of a planned buffer under another shape.
 Tensor prefix(const Tensor& buf, std::initializer_list<int64_t> dims) {
   Tensor t = Tensor::of(buf.data, buf.dtype, dims);
@@ -111,6 +134,7 @@ struct Forward::Pass {
     std::vector<int32_t> table, first_pos, start, len, slot;
     int max_blocks = 1;
     int max_cached = 0;
+    int reserve = 1;  // the table's width in the workspace plan (>= max_blocks)
     Tensor table_t, first_pos_t, start_t, len_t, slot_t;
   } group[2];
   Tensor ids_t, positions_t, tok0_t, count_t;
@@ -210,6 +234,11 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
       caches[r]->table(g, tables[r]);
       G.max_blocks = std::max(G.max_blocks, static_cast<int>(tables[r].blocks.size()));
     }
+    // Decoder passes take coarse bounds (decoder_bounds), the encoder exact ones. Padding entries
+    // (block 0, a valid block) are never read for a key.
+    const DecoderBounds bounds = decoder_bounds(caches[0]->pool(), g, G.max_blocks);
+    if (!writes) G.max_blocks = bounds.max_blocks;
+    G.reserve = writes ? G.max_blocks : bounds.reserve;
     G.table.assign(static_cast<size_t>(p.R) * G.max_blocks, 0);
     for (int r = 0; r < p.R; ++r) {
       std::copy(tables[r].blocks.begin(), tables[r].blocks.end(), G.table.begin() + static_cast<size_t>(r) * G.max_blocks);
@@ -217,6 +246,10 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
       G.start.push_back(tables[r].start);
       G.len.push_back(tables[r].length);
       G.max_cached = std::max(G.max_cached, tables[r].length - tables[r].start);
+    }
+    if (!writes) {
+      DG_CHECK(G.max_cached <= bounds.max_cached, "a row's cached keys exceed its table's bound");
+      G.max_cached = bounds.max_cached;
     }
     if (writes) {
       const bool present = std::any_of(cfg_.layers.begin(), cfg_.layers.end(),
@@ -239,7 +272,7 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
   plan.add(p.tok0_t, ScalarType::kI32, {R});
   plan.add(p.count_t, ScalarType::kI32, {R});
   for (Pass::Group& G : p.group) {
-    plan.add(G.table_t, ScalarType::kI32, {R, G.max_blocks});
+    plan.add(G.table_t, ScalarType::kI32, {R, G.reserve});
     plan.add(G.first_pos_t, ScalarType::kI32, {R});
     plan.add(G.start_t, ScalarType::kI32, {R});
     plan.add(G.len_t, ScalarType::kI32, {R});
@@ -266,6 +299,7 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
     plan.add(p.scatter, ScalarType::kI32, {T});
   }
   plan.place(workspace(plan.bytes()));
+  for (Pass::Group& G : p.group) G.table_t = prefix(G.table_t, {R, G.max_blocks});
   if (!writes) {
     int32_t* out = static_cast<int32_t*>(p.step_out.data);
     p.token = Tensor::of(out, {T});
@@ -361,18 +395,19 @@ void Forward::encode(const std::vector<SeqCache*>& caches, const std::vector<std
   for (auto* c : caches) c->commit();
 }
 
-// Self-conditioning (decoder input): soft [S, H] holds the soft embeddings of the rows that have a
-// signal (p.scatter[:S], uploaded before: their tokens in x); pre_norm -> gated MLP -> added to the
-// token embeddings, then RMSNorm without scale. Rows without a signal get exactly zero (nothing is
-// added). Ops only: it may run inside a capture.
-void Forward::decoder_input(Pass& p, const Tensor& soft) {
+// Self-conditioning (decoder input): soft [S, H] holds soft embeddings and scatter [S] (uploaded
+// before) the token of x each one belongs to, or -1 for a row of soft that belongs to none (step():
+// every token has a row, -1 where its canvas has no signal yet); pre_norm -> gated MLP -> added to
+// the token embeddings, then RMSNorm without scale. Tokens without a signal get exactly nothing
+// added. Ops only: it may run inside a capture.
+void Forward::decoder_input(Pass& p, const Tensor& soft, const Tensor& scatter) {
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const int64_t S = soft.dim(0);
   if (S > 0) {
     const Tensor sig = p.h2.slice(0, S);
     be_.rmsnorm(soft, weight(W::kScPreNorm), soft, eps);
     be_.mlp(weight(W::kScMlp), soft, sig, p.mlp_scratch.slice(0, S));
-    be_.scatter_add_rows(p.x, sig, p.scatter.slice(0, S));
+    be_.scatter_add_rows(p.x, sig, scatter);
   }
   be_.rmsnorm(p.x, WeightRef{}, p.x, eps);
 }
@@ -393,11 +428,15 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
   upload_rows(p, caches, std::vector<int>(rows.size(), n), nullptr);
   std::vector<float> temperature;
   std::vector<double> uniform;
+  // Per token: where its self-conditioning state is kept (soft_index), read from (gather) and where
+  // its signal goes (scatter); -1 where the row keeps no state (its last step) or has no signal yet
+  // (its canvas's first step). Every token has a gather row, so rows with and without a signal share
+  // one op sequence: a -1 gathers a zero row, whose signal is skipped by the scatter.
   std::vector<int32_t> soft_index, gather, scatter;
-  std::vector<uint8_t> keep_soft;
+  bool write_soft = false;
   for (size_t r = 0; r < rows.size(); ++r) {
     const StepRow& row = rows[r];
-    keep_soft.push_back(row.keep_sc ? 1 : 0);
+    write_soft = write_soft || row.keep_sc;
     DG_CHECK(row.sc_slot >= 0 && row.sc_slot < sc_slots_, "self-conditioning slot " << row.sc_slot);
     p.ids.insert(p.ids.end(), row.canvas, row.canvas + n);
     uniform.insert(uniform.end(), row.uniform, row.uniform + n);
@@ -405,42 +444,39 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
     for (int j = 0; j < n; ++j) {
       const int32_t state_row = row.sc_slot * L + j;
       soft_index.push_back(row.keep_sc ? state_row : -1);
-      if (row.sc_valid) {
-        gather.push_back(state_row);
-        scatter.push_back(static_cast<int32_t>(r) * n + j);
-      }
+      gather.push_back(row.sc_valid ? state_row : -1);
+      scatter.push_back(row.sc_valid ? static_cast<int32_t>(r) * n + j : -1);
     }
   }
-  const int64_t S = static_cast<int64_t>(gather.size());
   be_.upload(p.ids_t, p.ids.data());
   be_.upload(p.temperature, temperature.data());
   be_.upload(p.uniform, uniform.data());
   be_.upload(p.soft_index, soft_index.data());
-  be_.upload(p.gather.slice(0, S), gather.data());
-  be_.upload(p.scatter.slice(0, S), scatter.data());
+  be_.upload(p.gather, gather.data());
+  be_.upload(p.scatter, scatter.data());
 
   // What the op sequence below bakes in besides the contents of backend memory: every shape (R, n,
-  // T, S and each group's table width), the host-side bounds and flags ops read while they are
-  // recorded (max_count, max_cached, keep_soft) and the addresses (the plan's base, the
-  // self-conditioning state, the KV storage). Equal signatures give the same op calls.
-  std::vector<int64_t> sig = {p.R, n, p.T, S, p.max_count};
+  // T and each group's bucketed table width), the host-side bounds and flags ops read while they are
+  // recorded (max_count, the bucketed max_cached, write_soft) and the addresses (the plan's base, the
+  // self-conditioning state, the KV storage). Equal signatures give the same op calls. Nothing here
+  // follows a row's own progress: which rows have a signal or keep their state is device memory.
+  std::vector<int64_t> sig = {p.R, n, p.T, p.max_count, write_soft ? 1 : 0};
   for (const Pass::Group& G : p.group) sig.insert(sig.end(), {G.max_blocks, G.max_cached});
-  sig.insert(sig.end(), keep_soft.begin(), keep_soft.end());
   for (const void* a : {p.ids_t.data, sc_state_->data(), kv_->layer(0).k_view.data})
     sig.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(a)));
 
   const Tensor state = Tensor::of(sc_state_->data(), act_, {static_cast<int64_t>(sc_slots_) * L, H});
   run_ops(sig, [&] {
     be_.embed(p.ids_t, p.x);
-    const Tensor soft = p.h1.slice(0, S);
-    if (S > 0) be_.gather_rows(state, p.gather.slice(0, S), soft);
-    decoder_input(p, soft);
+    const Tensor soft = p.h1;
+    be_.gather_rows(state, p.gather, soft);
+    decoder_input(p, soft, p.scatter);
     layers(p, /*encoder=*/false);
     be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
     SampleArgs a;
     a.x = p.h, a.n = n, a.temperature = p.temperature, a.uniform = p.uniform;
     a.token = p.token, a.argmax = p.argmax, a.entropy = p.entropy;
-    a.soft = state, a.soft_index = p.soft_index, a.keep_soft = keep_soft.data();
+    a.soft = state, a.soft_index = p.soft_index, a.write_soft = write_soft;
     be_.lm_head_sample(a);
   });
   // One download, so a step waits on the backend once.
@@ -532,7 +568,7 @@ void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* 
     }
     be_.soft_embedding(lg, soft);
   }
-  decoder_input(p, soft);
+  decoder_input(p, soft, p.scatter.slice(0, S));
   layers(p, /*encoder=*/false);
   be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
   auto buf = be_.allocate(static_cast<size_t>(p.T) * V * sizeof(float), "logits");

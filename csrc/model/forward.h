@@ -17,16 +17,29 @@
 // uniforms, self-conditioning gather/scatter/soft indices), then runs an op sequence that reads
 // only backend memory at addresses the step's signature fixes, then downloads the results. The
 // signature holds everything that sequence bakes in besides memory contents: rows R, n, tokens T,
-// the self-conditioning count S, max_count, each group's max_blocks and max_cached, the rows'
-// keep_soft flags, and the workspace, self-conditioning and KV addresses. On a backend that can
-// capture, a signature's first step runs the ops directly (sizing the backend's scratch), its
-// second captures and replays them, later ones replay. Within a canvas the cached lengths do not
-// change, so one capture serves all of its steps after the second. Nothing may upload, download
-// or allocate inside that sequence; new host-side inputs go into the signature or into backend
-// memory uploaded before it. At most kMaxGraphs captures are kept (least recently used dropped);
-// all are dropped when the workspace grows and when the Forward goes. A capture that throws fails
-// its step with that error and turns capture off for this Forward. encode() and logits() are never
-// captured.
+// max_count (= n), write_soft (false only when no row keeps its self-conditioning state: every row
+// at its canvas's last step), each group's bucketed table width and max_cached, and the workspace,
+// self-conditioning and KV addresses. Nothing in it follows a row's own progress:
+//   - Context: a decoder pass bounds the full layers' block tables by the widest row's blocks
+//     rounded up to a power of two (capped at the pool) and max_cached by all those blocks can
+//     address; the sliding layers' by what a window can span (fixed). The ops read the true
+//     lengths from device memory (the bounds only size grids and the split-KV plan), so a capture
+//     serves every canvas while the context grows inside a bucket; crossing one makes new
+//     signatures. The workspace plan holds the widest table the pool allows, so a crossing does
+//     not grow the workspace.
+//   - Self-conditioning: every token gathers its state row (index -1 where its canvas has no signal
+//     yet: a zero row) and the scatter-add skips -1, so rows with and without a signal share one
+//     sequence; which rows keep their state is soft_index, on the device.
+// On a backend that can capture, a signature's first step runs the ops directly (sizing the
+// backend's scratch), its second captures and replays them, later ones replay. So a request's
+// first canvas in a bucket runs its first step and last step directly and captures its second;
+// the second canvas captures its last step; from the third on every step replays. A continuous
+// batch gets new signatures only when its row count or a bucket changes. Nothing may upload,
+// download or allocate inside that sequence; new host-side inputs go into the signature or into
+// backend memory uploaded before it. At most kMaxGraphs captures are kept (least recently used
+// dropped); all are dropped when the workspace grows and when the Forward goes. A capture that
+// throws fails its step with that error and turns capture off for this Forward. encode() and
+// logits() are never captured.
 //
 // Profiling (backend.h "per-op profiling"): set_profiling picks the passes whose ops the backend
 // times (decoder steps and denoise_logits, encoder passes, or both); the Forward switches the
@@ -140,7 +153,7 @@ class Forward {
   void check_supported(Op op) const;
   void upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, const std::vector<int>& counts,
                    const std::vector<SeqCache*>* writes);
-  void decoder_input(Pass& p, const Tensor& soft);
+  void decoder_input(Pass& p, const Tensor& soft, const Tensor& scatter);
   void layers(Pass& p, bool encoder);
   void* workspace(size_t bytes);  // the pass workspace, grown to at least bytes
   // Runs ops (backend ops only) directly, or captured and replayed under sig (see the top).

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "others locked to random tokens (measures steps per canvas and tokens/s with templates)")
     p.add_argument("--roofline", action="store_true",
                    help="print the roofline model of one GPU step at --preset's shape (--batch, --quant, "
-                        "--dense-quant, --gpu, --context, --fused-lm-head; launch overhead averaged over a canvas "
-                        "of --steps steps, CUDA graphs replaying the middle ones) instead of running anything")
+                        "--dense-quant, --gpu, --context, --fused-lm-head; launch overhead of a canvas of --steps "
+                        "steps in the steady state, every step a CUDA graph replay) instead of running anything")
     p.add_argument("--fused-lm-head", action="store_true",
                    help="with --roofline: model the fused LM head + sampler + self-conditioning pass "
                         "(DGEMMA_CUDA_FUSED_LM_HEAD=1) instead of the backend's default per-row path")

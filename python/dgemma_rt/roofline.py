@@ -14,8 +14,10 @@ Two variants of the LM head + sampler + self-conditioning product, as the CUDA b
 per-row path it runs by default (per canvas row: the logits GEMM with the softcap fused into f32 [n, V],
 sample_canvas over them writing bf16 probabilities, the split-K product probs @ E) and the fused pass
 (DGEMMA_CUDA_FUSED_LM_HEAD=1, kernels/sampler/lm_head_fused.cuh: one read of E; ``fused_lm_head=True``).
-Kernel launches: decoder steps are CUDA graphs replayed from the third step of a canvas (the first steps of
-each signature run directly, model/forward.h), so the launch overhead is averaged over a canvas of ``steps``.
+Kernel launches: decoder steps are CUDA graphs that survive a growing context and mixed batches (keyed on
+the batch size, a power-of-two bucket of the context and whether any row keeps its self-conditioning state;
+model/forward.h): in the steady state every step of a canvas of ``steps`` replays, and only a context
+bucket's first two canvases launch steps from the host (``graph_steps``).
 """
 
 from __future__ import annotations
@@ -307,22 +309,37 @@ def backend_op_bytes(ops: list[Op], backend_op: str) -> tuple[float | None, list
     return sum(by_name[n].count * by_name[n].bytes for n in names), names, note
 
 
-def graph_steps(steps: int) -> tuple[int, int]:
-    """(steps that launch their kernels from the host, steps only replayed) of a canvas of `steps` fixed
-    steps (model/forward.h): the first step (no self-conditioning signal: its own op sequence) and the second
-    (first sight of the steps-with-a-signal signature, run directly to size the scratch) run directly, the
-    third is recorded into a graph (every launch made on the host while the GPU waits) and replayed, the last
-    (keep_soft off: its own signature) runs directly; the steps between are replayed."""
+def graph_steps(steps: int, canvases: int = 0) -> tuple[int, int]:
+    """(steps that launch their kernels from the host, steps only replayed) over canvases of `steps` fixed
+    steps (model/forward.h). A decoder step's CUDA graph is keyed on the batch size, a power-of-two bucket
+    of the cached context and whether any row keeps its self-conditioning state (every step but a canvas's
+    last), so it survives the context growing from canvas to canvas and rows at different steps. A
+    signature's first step runs directly (sizing the scratch), its second is recorded into a graph (every
+    launch made on the host while the GPU waits) and replayed, later ones are replayed: a bucket's first
+    canvas launches its first, second and last steps from the host, its second canvas its last step, every
+    later canvas none. canvases: the first `canvases` canvases of a bucket, counted from its first (totals
+    over all of them); 0: one canvas of the steady state, where every step replays."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, not {steps}")
-    host = min(steps, 4)
-    return host, steps - host
+    if canvases < 0:
+        raise ValueError(f"canvases must be >= 0, not {canvases}")
+    if canvases == 0:
+        return 0, steps
+    seen = {False: 0, True: 0}  # the two signatures: keeps state (all but the last step) / the last step
+    host = 0
+    for _ in range(canvases):
+        for s in range(steps):
+            last = s == steps - 1
+            seen[last] += 1
+            host += seen[last] <= 2
+    return host, canvases * steps - host
 
 
 def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: int = 4096, quant: str | None = None,
              dense_quant: str | None = None, measured: dict[str, float] | None = None, fused_lm_head: bool = False,
-             steps: int = 16) -> dict[str, Any]:
-    """The model of one decoder step; launch overhead averaged over a canvas of `steps` steps (CUDA graphs)."""
+             steps: int = 16, canvases: int = 0) -> dict[str, Any]:
+    """The model of one decoder step; launch overhead averaged over canvases of `steps` steps (CUDA graphs,
+    graph_steps: the steady state by default, or a context bucket's first `canvases` canvases)."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     d = DEVICES[device]
@@ -337,9 +354,9 @@ def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: i
             "expected_ms": round(op.expected_ms(d), 4), "measured_ms": measured.get(op.name), "reason": op.reason,
         })
     launches = sum(op.count * op.launches for op in ops)
-    host_steps, replayed = graph_steps(steps)
+    host_steps, replayed = graph_steps(steps, canvases)
     ungraphed_ms = launches * d.launch_us / 1e3
-    launch_ms = launches * (host_steps * d.launch_us + replayed * d.graph_node_us) / steps / 1e3
+    launch_ms = launches * (host_steps * d.launch_us + replayed * d.graph_node_us) / (host_steps + replayed) / 1e3
     fused = fused_lm_head and batch * shape.canvas_length <= FUSED_LM_HEAD_MAX_POSITIONS
     floor = sum(op.floor_ms(d) for op in ops)
     expected = sum(op.expected_ms(d) for op in ops)
@@ -359,13 +376,14 @@ def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: i
             "measured_ms": measured.get("step"),
         },
         "graphs": {
-            "steps_per_canvas": steps, "host_launched_steps": host_steps, "replayed_steps": replayed,
-            "launch_us": d.launch_us, "graph_node_us": d.graph_node_us,
-            "reason": "decoder steps are CUDA graphs replayed from the third step of a canvas (model/forward.h); "
-                      "left: the steps launched from the host (the first, with no self-conditioning signal; the "
-                      "second, a signature's first sight; the third, recorded while the GPU waits; the last, "
-                      "keep_soft off) and, in a replay, the GPU's gap between dependent kernel nodes "
-                      f"(assumed {d.graph_node_us} us)",
+            "steps_per_canvas": steps, "canvases": canvases or "steady state", "host_launched_steps": host_steps,
+            "replayed_steps": replayed, "launch_us": d.launch_us, "graph_node_us": d.graph_node_us,
+            "reason": "decoder steps are CUDA graphs keyed on the batch size, a power-of-two bucket of the context "
+                      "and whether any row keeps its self-conditioning state, so they survive a growing context "
+                      "and mixed batches (model/forward.h); a bucket's first canvas launches 3 steps from the host "
+                      "(a signature's first sight, its capture while the GPU waits, the last step's first sight), "
+                      "its second 1 (the last step's capture), later canvases none. Left in the steady state: the "
+                      f"GPU's gap between dependent kernel nodes of a replay (assumed {d.graph_node_us} us)",
         },
         "target_ms": TARGETS_MS.get((device, quant or "none", dense_quant or "none")),
         "note": "arithmetic on shapes and datasheet rates, not a measurement; efficiencies are the kernels' "
@@ -395,7 +413,8 @@ def format_table(r: dict[str, Any]) -> str:
     t = r["total"]
     g = r["graphs"]
     lines.append(f"{'launch overhead':<26}{t['kernel_launches']:>4} launches {'':>26}{t['launch_overhead_ms']:>10.3f}"
-                 f"  ({g['replayed_steps']} of {g['steps_per_canvas']} steps replayed as CUDA graphs; "
+                 f"  ({g['replayed_steps']} of {g['host_launched_steps'] + g['replayed_steps']} steps replayed as "
+                 f"CUDA graphs; "
                  f"{t['launch_overhead_without_graphs_ms']:.3f} ms without)")
     m = f"{t['measured_ms']:.3f}" if t["measured_ms"] is not None else "-"
     lines.append(f"{'step':<30}{t['gbytes']:>9.2f}{t['tflop'] * 1e3:>9.0f}  {'':<8}{t['floor_ms']:>9.3f}{'':>6}"

@@ -542,8 +542,13 @@ void CpuBackend::gather_rows(const Tensor& src, const Tensor& index, const Tenso
   const size_t row = static_cast<size_t>(src.cols()) * scalar_size(src.dtype);
   const int32_t* idx = index.ptr<int32_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
-    DG_CHECK(idx[i] >= 0 && idx[i] < src.rows(), "gather_rows: index " << idx[i] << " of " << src.rows());
-    std::memcpy(static_cast<char*>(dst.data) + i * row, static_cast<const char*>(src.data) + idx[i] * row, row);
+    char* d = static_cast<char*>(dst.data) + i * row;
+    if (idx[i] < 0) {  // nothing to gather: a zero row (all-zero bytes are 0 in every dtype here)
+      std::memset(d, 0, row);
+      continue;
+    }
+    DG_CHECK(idx[i] < src.rows(), "gather_rows: index " << idx[i] << " of " << src.rows());
+    std::memcpy(d, static_cast<const char*>(src.data) + idx[i] * row, row);
   }
 }
 
@@ -556,7 +561,8 @@ void CpuBackend::scatter_add_rows(const Tensor& dst, const Tensor& src, const Te
   const int64_t D = dst.cols();
   const int32_t* idx = index.ptr<int32_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
-    DG_CHECK(idx[i] >= 0 && idx[i] < dst.rows(), "scatter_add_rows: index " << idx[i] << " of " << dst.rows());
+    if (idx[i] < 0) continue;
+    DG_CHECK(idx[i] < dst.rows(), "scatter_add_rows: index " << idx[i] << " of " << dst.rows());
     float* d = dst.ptr<float>() + idx[i] * D;
     const float* s = src.ptr<float>() + i * D;
     for (int64_t c = 0; c < D; ++c) d[c] += s[c];

@@ -1394,7 +1394,7 @@ void CudaBackend::lm_head_sample(const SampleArgs& a) {
     sp.entropy = as<float>(a.entropy) + t0;
     sp.rows = 1, sp.canvas_length = n, sp.vocab = static_cast<int>(V);
     DG_CUDA(kernels::sample_canvas(sp, stream_));
-    if (a.keep_soft && !a.keep_soft[r]) continue;  // no later step reads this row's state
+    if (!a.write_soft) continue;  // no later step reads any row's state (soft_index masks the rest)
     probs_times_embedding(probs, n, soft);
     DG_CUDA(kernels::scatter_rows(soft, as<int32_t>(a.soft_index) + t0, a.soft.data, n, H * 2, stream_));
   }

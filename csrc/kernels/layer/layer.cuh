@@ -118,8 +118,8 @@ cudaError_t ffn_combine(const FfnCombineParams<Td, Tm>& p, cudaStream_t stream);
 // cudaErrorInvalidValue. Indices are trusted (the caller checks them against the row count of the
 // indexed buffer); src and dst must not overlap.
 //
-// dst[i, :] = src[index[i], :] for i < m; rows of row_bytes bytes (row_bytes % 2 == 0). index < 0 leaves
-// dst row i alone.
+// dst[i, :] = src[index[i], :] for i < m; rows of row_bytes bytes (row_bytes % 2 == 0). index < 0 zeroes
+// dst row i (all-zero bytes: 0 in every dtype the backend moves).
 cudaError_t gather_rows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t row_bytes,
                         cudaStream_t stream);
 // dst[index[i], :] = src[i, :] for i < m with index[i] >= 0 (distinct: no two rows race); rows of

@@ -18,7 +18,13 @@ __global__ void __launch_bounds__(kThreads) move_rows_kernel(const V* __restrict
                                                              V* __restrict__ dst, int64_t m, int64_t n) {
   for (int64_t i = blockIdx.x; i < m; i += gridDim.x) {
     const int32_t j = index[i];
-    if (j < 0) continue;  // uniform across the CTA
+    if (j < 0) {  // uniform across the CTA. gather: a zero row; scatter: source row skipped
+      if constexpr (!kScatter) {
+        V* d = dst + i * n;
+        for (int64_t u = threadIdx.x; u < n; u += kThreads) d[u] = V{};
+      }
+      continue;
+    }
     const V* s = src + (kScatter ? i : static_cast<int64_t>(j)) * n;
     V* d = dst + (kScatter ? static_cast<int64_t>(j) : i) * n;
     for (int64_t u = threadIdx.x; u < n; u += kThreads) d[u] = s[u];
