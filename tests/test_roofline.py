@@ -45,6 +45,20 @@ def test_weight_bytes_agree_with_the_checkpoint_plan():
     assert fp4["target_ms"] == 5.5 and h200["target_ms"] == 4.5 and bf16["target_ms"] == 18.0
 
 
+def test_target_verdict_compares_the_target_with_the_floor():
+    fp4 = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8", fused_lm_head=True)
+    bf16 = roofline.roofline(SHAPE, "h100")
+    for r in (fp4, bf16):
+        v = r["target_verdict"]
+        assert v["floor_ms"] == r["total"]["floor_ms"]
+        assert v["below_floor"] == (r["total"]["floor_ms"] > r["target_ms"])
+        assert "moe_experts" in v["reason"]  # the largest floor is named
+    # Issue 13's NVFP4 + FP8 target lies under the bytes the step must read at HBM bandwidth alone.
+    assert fp4["target_verdict"]["below_floor"] and fp4["total"]["gbytes"] / 3.35 > fp4["target_ms"]
+    assert not bf16["target_verdict"]["below_floor"]
+    assert roofline.roofline(SHAPE, "h200", quant="nvfp4")["target_verdict"] == {"below_floor": False, "reason": ""}
+
+
 def test_every_op_is_justified():
     r = roofline.roofline(SHAPE, "h100", quant="nvfp4", dense_quant="fp8")
     for o in r["ops"]:

@@ -359,6 +359,7 @@ def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: i
     launch_ms = launches * (host_steps * d.launch_us + replayed * d.graph_node_us) / (host_steps + replayed) / 1e3
     fused = fused_lm_head and batch * shape.canvas_length <= FUSED_LM_HEAD_MAX_POSITIONS
     floor = sum(op.floor_ms(d) for op in ops)
+    target = TARGETS_MS.get((device, quant or "none", dense_quant or "none"))
     expected = sum(op.expected_ms(d) for op in ops)
     return {
         "device": d.name, "hbm_tbps": d.hbm_tbps, "batch": batch, "context": context, "canvas": shape.canvas_length,
@@ -385,10 +386,27 @@ def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: i
                       "its second 1 (the last step's capture), later canvases none. Left in the steady state: the "
                       f"GPU's gap between dependent kernel nodes of a replay (assumed {d.graph_node_us} us)",
         },
-        "target_ms": TARGETS_MS.get((device, quant or "none", dense_quant or "none")),
+        "target_ms": target,
+        "target_verdict": target_verdict(target, floor, ops, d),
         "note": "arithmetic on shapes and datasheet rates, not a measurement; efficiencies are the kernels' "
                 "design estimates (see each reason)",
     }
+
+
+def target_verdict(target: float | None, floor: float, ops: list[Op], d: Device) -> dict[str, Any]:
+    """Whether a target lies below the step's floor (every op at its own roofline, no launch cost): then
+    no kernel design of these ops reaches it, only fewer bytes or FLOPs do (other formats, fused passes).
+    The reason names the ops with the largest floors."""
+    if target is None:
+        return {"below_floor": False, "reason": ""}
+    below = floor > target
+    top = sorted(ops, key=lambda o: o.floor_ms(d), reverse=True)[:3]
+    parts = ", ".join(f"{o.name} {o.floor_ms(d):.2f} ms ({o.bound(d)})" for o in top)
+    reason = (f"the floor of its bytes and FLOPs at {d.name} rates is {floor:.2f} ms, "
+              + (f"above the target's {target} ms" if below else
+                 f"so the target asks for {floor / target:.0%} of the roofline over the whole step")
+              + f"; largest floors: {parts}")
+    return {"below_floor": below, "floor_ms": round(floor, 3), "reason": reason}
 
 
 def load_measured(path: str) -> dict[str, float]:
@@ -422,6 +440,8 @@ def format_table(r: dict[str, Any]) -> str:
     if r.get("target_ms") is not None:
         verdict = "meets" if t["expected_ms"] <= r["target_ms"] else "misses"
         lines.append(f"target {r['target_ms']} ms: the model of today's kernels {verdict} it")
+        tv = r["target_verdict"]
+        lines.append(f"  {'below the floor, no design of these ops reaches it' if tv['below_floor'] else 'above the floor'}: {tv['reason']}")
     lines.append("reasons:")
     lines.extend(f"  {o['op']}: {o['reason']}" for o in r["ops"])
     lines.append(f"  launch overhead: {g['reason']}")
