@@ -79,6 +79,8 @@ struct QuantizeActNvfp4Params {
 size_t quantize_act_nvfp4_sf_bytes(int Mtot, int G, int K);
 cudaError_t quantize_act_nvfp4(const QuantizeActNvfp4Params& p, cudaStream_t stream);
 
+class ParamsCache;  // kernels/gemm/params_cache.h
+
 struct GroupedGemmNvfp4x4Params {
   const uint8_t* a = nullptr;            // [Mtot, K/2] activations, packed E2M1
   const uint8_t* a_sf = nullptr;         // their block scales (quantize_act_nvfp4), 128-byte aligned
@@ -92,6 +94,7 @@ struct GroupedGemmNvfp4x4Params {
   int G = 0, N = 0, K = 0;               // K % 32 == 0, N % 8 == 0
   void* workspace = nullptr;             // device, >= the workspace size below, 256-byte aligned
   size_t workspace_bytes = 0;
+  ParamsCache* cache = nullptr;          // prepared launches (keyed by workspace and G), or null
 };
 // Only in builds with the CUTLASS headers (DGEMMA_WITH_CUTLASS). *_supported(): the current device
 // is compute capability 10.0 / 12.0 and this build holds sm_100a / sm_120a code; otherwise the
