@@ -718,8 +718,8 @@ bool CudaBackend::use_nvfp4x4(int64_t n, int64_t k) {
 
 cudaError_t CudaBackend::launch_nvfp4x4(const kernels::GroupedGemmNvfp4x4Params& p) {
 #ifdef DGEMMA_WITH_CUTLASS
-  if (nvfp4x4_ == Nvfp4x4::kSm100) return kernels::grouped_gemm_nvfp4_sm100(p, stream_);
-  if (nvfp4x4_ == Nvfp4x4::kSm120) return kernels::grouped_gemm_nvfp4_sm120(p, stream_);
+  if (nvfp4x4_ == Nvfp4x4::kSm100) return kernels::grouped_gemm_nvfp4_sm100(p, stream_, &gemm_params_);
+  if (nvfp4x4_ == Nvfp4x4::kSm120) return kernels::grouped_gemm_nvfp4_sm120(p, stream_, &gemm_params_);
 #endif
   return cudaErrorNotSupported;
 }
@@ -821,7 +821,6 @@ void CudaBackend::gemm_nvfp4x4(const Experts& w, const bf16* x, size_t x_elems, 
   p.w = w.w4p, p.w_sf = w.sfp, p.w_global = w.global.p, p.offsets = offsets, p.y = y;
   p.G = G, p.N = static_cast<int>(w.n), p.K = static_cast<int>(w.k);
   p.workspace = s.ws, p.workspace_bytes = s.ws_bytes;
-  p.cache = &gemm_params_;
   DG_CUDA(launch_nvfp4x4(p));
 }
 

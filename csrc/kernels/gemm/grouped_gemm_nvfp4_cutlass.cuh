@@ -158,9 +158,10 @@ struct GroupedGemm {
     return workspace_layout(G, dev, sms).total;
   }
 
-  // `supported`: the device is the one this instantiation was built for (Arch: 1000, 1200).
+  // `supported`: the device is the one this instantiation was built for (Arch: 1000, 1200); `cache`:
+  // prepared launches, or null.
   template <int Arch>
-  static cudaError_t run(const GroupedGemmNvfp4x4Params& p, bool supported, cudaStream_t stream) {
+  static cudaError_t run(const GroupedGemmNvfp4x4Params& p, bool supported, ParamsCache* cache, cudaStream_t stream) {
     using cutlass_launch::aligned;
     if (p.G < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
     if (p.G == 0 || p.N == 0) return cudaSuccess;
@@ -193,7 +194,7 @@ struct GroupedGemm {
     void* cutlass_ws = base + lay.cutlass_ws;
     const LaunchKey key(cutlass_launch::kernel_id<GemmKernel, Arch>(), dev.device, {p.workspace}, {p.G});
     Params params{};
-    err = cutlass_launch::prepare<GemmKernel, Arch>(p.cache, key, [&](Params* out) {
+    err = cutlass_launch::prepare<GemmKernel, Arch>(cache, key, [&](Params* out) {
       if (!GemmKernel::can_implement(args)) return cudaErrorInvalidValue;
       *out = GemmKernel::to_underlying_arguments(args, cutlass_ws);
       return cudaSuccess;

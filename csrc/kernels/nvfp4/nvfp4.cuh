@@ -94,7 +94,6 @@ struct GroupedGemmNvfp4x4Params {
   int G = 0, N = 0, K = 0;               // K % 32 == 0, N % 8 == 0
   void* workspace = nullptr;             // device, >= the workspace size below, 256-byte aligned
   size_t workspace_bytes = 0;
-  ParamsCache* cache = nullptr;          // prepared launches (keyed by workspace and G), or null
 };
 // Only in builds with the CUTLASS headers (DGEMMA_WITH_CUTLASS). *_supported(): the current device
 // is compute capability 10.0 / 12.0 and this build holds sm_100a / sm_120a code; otherwise the
@@ -103,8 +102,12 @@ bool sm100_nvfp4_supported();
 bool sm120_nvfp4_supported();
 size_t grouped_gemm_nvfp4_sm100_workspace_size(int G);
 size_t grouped_gemm_nvfp4_sm120_workspace_size(int G);
-cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
-cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
+// cache: prepared launches (keyed by workspace and G), or null. An argument of its own, not a field:
+// the params struct is also the setup kernel's argument, whose device code a host pointer would change.
+cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream,
+                                     ParamsCache* cache = nullptr);
+cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream,
+                                     ParamsCache* cache = nullptr);
 // Row-major E4M3 block scales [G, rows, kblocks] -> [G, sf_bytes(rows, kblocks)] in the MMA layout,
 // padding zero (swizzle_scales.cu): the weights' w_sf of the GEMMs above, made at load; byte for byte
 // dgemma_rt.nvfp4.swizzle_scales (index math: nvfp4::swizzle_scale). Any architecture.
