@@ -70,6 +70,17 @@ def test_gemm_random(m, n, k):
     check_random(got, x @ w.T, np.abs(x) @ np.abs(w).T)
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 8, 8), (129, 136, 72), (256, 2816, 704)])
+def test_gemm_from_prepared_params(m, n, k):
+    """A second launch with the same pointers and sizes runs from the cached Params (no TMA re-encode)
+    and writes the same product as a freshly prepared one (the binding zeroes y between the two)."""
+    rng = np.random.default_rng(m + n + k)
+    x = rng.integers(-3, 4, size=(m, k)).astype(np.float32)
+    w = rng.integers(-3, 4, size=(n, k)).astype(np.float32)
+    got = _ops().gemm_bf16_tn(bf16_bits(x), bf16_bits(w), cached=True)
+    np.testing.assert_array_equal(got, bf16_bits((x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32)))
+
+
 def test_gemm_rejects_misaligned():
     x = np.zeros((4, 12), np.uint16)
     with pytest.raises(ValueError, match="multiples of 8"):
@@ -131,6 +142,18 @@ def test_grouped_exact_small_integers(kind, g, n, k):
     w = rng.integers(-3, 4, size=(g, n, k)).astype(np.float32)
     got = _ops().grouped_gemm_bf16_tn(bf16_bits(a), bf16_bits(w), offsets)
     assert got.shape == (mtot, n) and got.dtype == np.uint16
+    np.testing.assert_array_equal(got, bf16_bits(grouped_ref(a, w, offsets).astype(np.float32)))
+
+
+@pytest.mark.parametrize("kind,g,n,k", [("some_empty", 9, 136, 72), ("moe_step", 32, 2816, 704)])
+def test_grouped_from_prepared_params(kind, g, n, k):
+    """As test_gemm_from_prepared_params, for the grouped GEMM: the setup kernel still runs per call."""
+    rng = np.random.default_rng(g + n + k)
+    offsets = offsets_from_counts(group_counts(kind, g, rng))
+    mtot = int(offsets[-1])
+    a = rng.integers(-3, 4, size=(mtot, k)).astype(np.float32)
+    w = rng.integers(-3, 4, size=(g, n, k)).astype(np.float32)
+    got = _ops().grouped_gemm_bf16_tn(bf16_bits(a), bf16_bits(w), offsets, cached=True)
     np.testing.assert_array_equal(got, bf16_bits(grouped_ref(a, w, offsets).astype(np.float32)))
 
 

@@ -5,6 +5,7 @@
 
 #include "bindings/cuda_ops.h"
 #include "kernels/gemm/gemm.cuh"
+#include "kernels/gemm/params_cache.h"
 
 namespace py = pybind11;
 
@@ -28,7 +29,22 @@ void require_gemm_shape(int N, int K) {
              "the CUTLASS bf16 GEMMs need an sm_90 device and a build for sm_90a");
 }
 
-U16Array gemm_bf16_tn(U16Array x, U16Array w) {
+// With `cached`, the GEMM runs twice through one ParamsCache, the output zeroed in between: what
+// comes back is the second launch's, made from the Params the first one prepared.
+template <class Params, class Run>
+void run_maybe_cached(Params& p, Run run, void* out, size_t out_bytes, bool cached) {
+  kernels::ParamsCache cache;
+  if (cached) {
+    p.cache = &cache;
+    DG_CUDA_CHECK(run(p));
+    if (out_bytes == 0) return;  // an empty product may launch nothing
+    DG_CUDA_CHECK(cudaMemset(out, 0, out_bytes));
+    DG_REQUIRE(cache.size() == 1, Error, "the first launch left " << cache.size() << " prepared launches, expected 1");
+  }
+  DG_CUDA_CHECK(run(p));
+}
+
+U16Array gemm_bf16_tn(U16Array x, U16Array w, bool cached) {
   DG_REQUIRE(x.ndim() == 2 && w.ndim() == 2, InvalidArgument, "x must be [M, K] and w [N, K]");
   const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1)), N = static_cast<int>(w.shape(0));
   DG_REQUIRE(w.shape(1) == K, InvalidArgument, "w must be [N, " << K << "], got [" << N << ", " << w.shape(1) << "]");
@@ -38,14 +54,15 @@ U16Array gemm_bf16_tn(U16Array x, U16Array w) {
   DeviceBuffer<__nv_bfloat16> dy(static_cast<size_t>(M) * N);
   kernels::GemmBf16Params p;
   p.x = dx.get(), p.w = dw.get(), p.y = dy.get(), p.M = M, p.N = N, p.K = K;
-  DG_CUDA_CHECK(kernels::gemm_bf16_tn(p, nullptr));
+  run_maybe_cached(p, [](const kernels::GemmBf16Params& q) { return kernels::gemm_bf16_tn(q, nullptr); }, dy.get(),
+                   static_cast<size_t>(M) * N * 2, cached);
   DG_CUDA_CHECK(cudaDeviceSynchronize());
   U16Array y({M, N});
   dy.copy_to(y.mutable_data());
   return y;
 }
 
-U16Array grouped_gemm_bf16_tn(U16Array a, U16Array w, I32Array offsets) {
+U16Array grouped_gemm_bf16_tn(U16Array a, U16Array w, I32Array offsets, bool cached) {
   DG_REQUIRE(a.ndim() == 2 && w.ndim() == 3 && offsets.ndim() == 1, InvalidArgument,
              "a must be [Mtot, K], w [G, N, K], offsets [G + 1]");
   const int Mtot = static_cast<int>(a.shape(0)), K = static_cast<int>(a.shape(1));
@@ -65,7 +82,8 @@ U16Array grouped_gemm_bf16_tn(U16Array a, U16Array w, I32Array offsets) {
   kernels::GroupedGemmBf16Params p;
   p.a = da.get(), p.w = dw.get(), p.d = dd.get(), p.offsets = doff.get();
   p.G = G, p.N = N, p.K = K, p.workspace = ws.get(), p.workspace_bytes = ws_bytes;
-  DG_CUDA_CHECK(kernels::grouped_gemm_bf16_tn(p, nullptr));
+  run_maybe_cached(p, [](const kernels::GroupedGemmBf16Params& q) { return kernels::grouped_gemm_bf16_tn(q, nullptr); },
+                   dd.get(), static_cast<size_t>(Mtot) * N * 2, cached);
   DG_CUDA_CHECK(cudaDeviceSynchronize());
   U16Array d({Mtot, N});
   dd.copy_to(d.mutable_data());
@@ -77,10 +95,13 @@ U16Array grouped_gemm_bf16_tn(U16Array a, U16Array w, I32Array offsets) {
 RegisterCudaOps reg([](py::module_& m) {
   m.def("device_capability", &device_capability, "(major, minor) compute capability of the current device");
 #if defined(DGEMMA_WITH_CUTLASS)
-  m.def("gemm_bf16_tn", &gemm_bf16_tn, py::arg("x"), py::arg("w"),
-        "y[M, N] = x[M, K] @ w[N, K]^T in bf16 (uint16 bit patterns), fp32 accumulation; sm_90 only");
+  m.def("gemm_bf16_tn", &gemm_bf16_tn, py::arg("x"), py::arg("w"), py::arg("cached") = false,
+        "y[M, N] = x[M, K] @ w[N, K]^T in bf16 (uint16 bit patterns), fp32 accumulation; sm_90 only. cached: "
+        "the result of a second launch from prepared Params (a ParamsCache hit)");
   m.def("grouped_gemm_bf16_tn", &grouped_gemm_bf16_tn, py::arg("a"), py::arg("w"), py::arg("offsets"),
-        "d[o_g:o_g+1] = a[o_g:o_g+1] @ w[g]^T for each group g, bf16 as uint16; sm_90 only");
+        py::arg("cached") = false,
+        "d[o_g:o_g+1] = a[o_g:o_g+1] @ w[g]^T for each group g, bf16 as uint16; sm_90 only. cached: as for "
+        "gemm_bf16_tn");
 #endif
 });
 

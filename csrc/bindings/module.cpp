@@ -5,8 +5,10 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstring>
+#include <thread>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,6 +20,7 @@
 #include "bindings/graph_recording_backend.h"
 #include "backend/registry.h"
 #include "common/check.h"
+#include "kernels/gemm/params_cache.h"
 #include "runtime/engine.h"
 
 #ifdef DGEMMA_WITH_CUDA
@@ -665,6 +668,64 @@ PYBIND11_MODULE(_core, m) {
     out["replay_after_drop"] = be.replay(7);
     return out;
   }, py::arg("path"));
+
+  // kernels/gemm/params_cache.h on the CPU: keys are (kernel, device, pointers, sizes) given as
+  // integers, and an integer stands in for a kernel's Params.
+  struct FakeParams {
+    int64_t value = 0;
+    unsigned char tma[512] = {};  // the bulk of a real Params: TMA descriptors
+  };
+  auto key_of = [](uintptr_t kernel, int device, const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& dims) {
+    kernels::LaunchKey k(reinterpret_cast<const void*>(kernel), device, {}, {});
+    DG_REQUIRE(ptrs.size() <= k.ptrs.size() && dims.size() <= k.dims.size(), InvalidArgument, "too many key fields");
+    for (size_t i = 0; i < ptrs.size(); ++i) k.ptrs[i] = reinterpret_cast<const void*>(ptrs[i]);
+    for (size_t i = 0; i < dims.size(); ++i) k.dims[i] = dims[i];
+    return k;
+  };
+  py::class_<kernels::ParamsCache>(testing, "ParamsCache")
+      .def(py::init<size_t>(), py::arg("capacity") = kernels::ParamsCache::kDefaultCapacity)
+      .def("insert", [key_of](kernels::ParamsCache& c, uintptr_t kernel, int device, const std::vector<uintptr_t>& ptrs,
+                              const std::vector<int64_t>& dims, int64_t value) {
+        FakeParams p;
+        p.value = value;
+        c.insert(key_of(kernel, device, ptrs, dims), p);
+      }, py::arg("kernel"), py::arg("device"), py::arg("ptrs"), py::arg("dims"), py::arg("value"))
+      .def("find", [key_of](kernels::ParamsCache& c, uintptr_t kernel, int device, const std::vector<uintptr_t>& ptrs,
+                            const std::vector<int64_t>& dims) -> py::object {
+        FakeParams p;
+        if (!c.find(key_of(kernel, device, ptrs, dims), &p)) return py::none();
+        return py::int_(p.value);
+      }, py::arg("kernel"), py::arg("device"), py::arg("ptrs"), py::arg("dims"))
+      .def("clear", &kernels::ParamsCache::clear)
+      .def("__len__", &kernels::ParamsCache::size)
+      .def_property_readonly("capacity", &kernels::ParamsCache::capacity)
+      .def("hammer", [](kernels::ParamsCache& c, int threads, int iters, int keys) {
+        // Threads inserting and finding overlapping keys at once; a key's value is a function of
+        // the key, so any other value found means a torn or misfiled entry. Returns that count.
+        std::atomic<int64_t> wrong{0};
+        py::gil_scoped_release release;
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            uint64_t st = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(t + 1);
+            for (int i = 0; i < iters; ++i) {
+              st = st * 6364136223846793005ull + 1442695040888963407ull;
+              const int64_t k = static_cast<int64_t>((st >> 33) % static_cast<uint64_t>(keys));
+              const kernels::LaunchKey key(reinterpret_cast<const void*>(uintptr_t{16}), 0,
+                                           {reinterpret_cast<const void*>(static_cast<uintptr_t>(k * 256))}, {k, 7});
+              FakeParams p;
+              if (c.find(key, &p)) {
+                if (p.value != 3 * k + 1 || p.tma[511] != static_cast<unsigned char>(k)) ++wrong;
+              } else {
+                p.value = 3 * k + 1;
+                std::memset(p.tma, static_cast<int>(k & 0xff), sizeof p.tma);
+                c.insert(key, p);
+              }
+            }
+          });
+        for (auto& th : pool) th.join();
+        return wrong.load();
+      }, py::arg("threads"), py::arg("iters"), py::arg("keys"));
 
   py::class_<PyRequest>(m, "Request")
       .def_property_readonly("id", [](const PyRequest& r) { return r.handle->id(); })

@@ -36,7 +36,8 @@ class Device:
     bf16_tflops: float   # dense tensor-core peak
     fp8_tflops: float
     fp32_tflops: float   # CUDA cores (FFMA)
-    launch_us: float     # a kernel launch without CUDA graphs, back to back on one stream
+    launch_us: float     # a kernel launch without CUDA graphs, back to back on one stream (a CUTLASS GEMM's too:
+    #                      the backend keeps its host-made Params, TMA descriptors included, by pointers and sizes)
     graph_node_us: float  # a kernel node of a replayed CUDA graph: no host call, the GPU's drain-and-ramp gap
     #                       between dependent kernels (an assumption, like launch_us: nothing measured yet)
 

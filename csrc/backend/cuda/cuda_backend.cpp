@@ -29,6 +29,7 @@
 #include "kernels/sampler/sampler.cuh"
 #ifdef DGEMMA_WITH_CUTLASS
 #include "kernels/gemm/gemm.cuh"
+#include "kernels/gemm/params_cache.h"
 #endif
 
 namespace dgemma::cuda {
@@ -273,6 +274,10 @@ class CudaBackend final : public Backend {
   void* staging_ = nullptr;  // pinned host memory for uploads
   size_t staging_bytes_ = 0, staged_ = 0;
   bool cutlass_ = false;  // the CUTLASS sm_90a GEMMs run on this device
+  // The CUTLASS GEMMs' prepared launches (kernels/gemm/params_cache.h): an encoder pass or an
+  // uncaptured step that repeats a GEMM's pointers and sizes only launches it. Its entries go with
+  // the backend, and with them every weight pointer they name.
+  kernels::ParamsCache gemm_params_;
   // NVFP4 experts on Blackwell: the block-scaled NVFP4 x NVFP4 grouped GEMM of this device (sm_100a on
   // compute capability 10.0, sm_120a on 12.0, builds with CUTLASS), else kNone and the W4A16 kernel.
   // Checked once at the first NVFP4 upload (check_nvfp4x4); a failure turns it off for good.
@@ -713,8 +718,8 @@ bool CudaBackend::use_nvfp4x4(int64_t n, int64_t k) {
 
 cudaError_t CudaBackend::launch_nvfp4x4(const kernels::GroupedGemmNvfp4x4Params& p) {
 #ifdef DGEMMA_WITH_CUTLASS
-  if (nvfp4x4_ == Nvfp4x4::kSm100) return kernels::grouped_gemm_nvfp4_sm100(p, stream_);
-  if (nvfp4x4_ == Nvfp4x4::kSm120) return kernels::grouped_gemm_nvfp4_sm120(p, stream_);
+  if (nvfp4x4_ == Nvfp4x4::kSm100) return kernels::grouped_gemm_nvfp4_sm100(p, stream_, &gemm_params_);
+  if (nvfp4x4_ == Nvfp4x4::kSm120) return kernels::grouped_gemm_nvfp4_sm120(p, stream_, &gemm_params_);
 #endif
   return cudaErrorNotSupported;
 }
@@ -965,6 +970,7 @@ void CudaBackend::gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f
     kernels::GemmFp8Params p;
     p.x = xq, p.x_scale = xs, p.w = w.q, p.w_scale = w.scale.p, p.y = static_cast<bf16*>(y);
     p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+    p.cache = &gemm_params_;
     DG_CUDA(kernels::gemm_fp8_tn(p, stream_));
     return;
   }
@@ -975,6 +981,7 @@ void CudaBackend::gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f
     kernels::GemmBf16Params p;
     p.x = x, p.w = w.p, p.y = static_cast<bf16*>(y);
     p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+    p.cache = &gemm_params_;
     DG_CUDA(kernels::gemm_bf16_tn(p, stream_));
     return;
   }
@@ -1007,6 +1014,7 @@ void CudaBackend::grouped_gemm(const Experts& w, const bf16* a, bf16* d, const i
     p.a = a, p.w = w.bf.p, p.d = d, p.offsets = offsets;
     p.G = E, p.N = static_cast<int>(n), p.K = static_cast<int>(k);
     p.workspace = ws, p.workspace_bytes = ws_bytes;
+    p.cache = &gemm_params_;
     DG_CUDA(kernels::grouped_gemm_bf16_tn(p, stream_));
     return;
   }

@@ -18,6 +18,12 @@
 // Only Hopper (compute capability 9.0, code built for sm_90a) runs them: elsewhere, or when the
 // build left out sm_90a, they return cudaErrorNotSupported (Blackwell has its own path later).
 // The CUTLASS kernels exist only in builds with CUTLASS headers (DGEMMA_WITH_CUTLASS).
+//
+// Host work per call: each params struct may carry a ParamsCache (params_cache.h; the CUDA backend
+// passes its own). A call whose key (pointers, sizes, device) has been seen before takes the kernel
+// Params from it and only launches; otherwise CUTLASS checks the problem and encodes the TMA
+// descriptors on the host (cuTensorMapEncode), and the cache keeps the result. The grouped GEMM's
+// setup kernel runs every call: what it writes depends on the offsets, known only on the device.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,11 +34,14 @@
 
 namespace dgemma::kernels {
 
+class ParamsCache;  // params_cache.h
+
 struct GemmBf16Params {
   const __nv_bfloat16* x = nullptr;  // [M, K] row-major
   const __nv_bfloat16* w = nullptr;  // [N, K] row-major
   __nv_bfloat16* y = nullptr;        // [M, N] row-major
   int M = 0, N = 0, K = 0;
+  ParamsCache* cache = nullptr;      // prepared launches, or null: prepare this one afresh
 };
 
 struct GroupedGemmBf16Params {
@@ -43,6 +52,7 @@ struct GroupedGemmBf16Params {
   int G = 0, N = 0, K = 0;
   void* workspace = nullptr;         // device, >= grouped_gemm_bf16_tn_workspace_size(G) bytes, 256-B aligned
   size_t workspace_bytes = 0;
+  ParamsCache* cache = nullptr;      // prepared launches (keyed by workspace and G), or null
 };
 
 // True when the current device is compute capability 9.0 and this build has the sm_90a kernels.
@@ -60,6 +70,7 @@ struct GemmFp8Params {
   const float* w_scale = nullptr;  // [N]
   __nv_bfloat16* y = nullptr;      // [M, N]
   int M = 0, N = 0, K = 0;
+  ParamsCache* cache = nullptr;    // prepared launches, or null
 };
 cudaError_t gemm_fp8_tn(const GemmFp8Params& p, cudaStream_t stream);
 

@@ -1,7 +1,8 @@
 // The host side of the CUTLASS block-scaled NVFP4 grouped GEMMs (sm_100a and sm_120a share it):
 // per-group problem sizes, pointers, strides, scale-factor layouts and alphas are built on the
 // device from the expert offsets by one small setup kernel, so the host never needs the expert
-// counts (no sync per step), then the CUTLASS kernel runs over them.
+// counts (no sync per step), then the CUTLASS kernel runs over them. The host Params (TMA
+// descriptors) are kept in the caller's ParamsCache, keyed by workspace, G and device.
 //
 // Swap AB, as in the sm_90a BF16 grouped GEMM: CUTLASS computes D_g^T [N, M_g] = W_g [N, K] @ X_g^T,
 // so the weight rows fill the 128-row MMA tile and an expert's few tokens the narrow one; D_g^T
@@ -157,9 +158,10 @@ struct GroupedGemm {
     return workspace_layout(G, dev, sms).total;
   }
 
-  // `supported`: the device is the one this instantiation was built for (Arch: 1000, 1200).
+  // `supported`: the device is the one this instantiation was built for (Arch: 1000, 1200); `cache`:
+  // prepared launches, or null.
   template <int Arch>
-  static cudaError_t run(const GroupedGemmNvfp4x4Params& p, bool supported, cudaStream_t stream) {
+  static cudaError_t run(const GroupedGemmNvfp4x4Params& p, bool supported, ParamsCache* cache, cudaStream_t stream) {
     using cutlass_launch::aligned;
     if (p.G < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
     if (p.G == 0 || p.N == 0) return cudaSuccess;
@@ -171,26 +173,38 @@ struct GroupedGemm {
       return cudaErrorInvalidValue;
     if (!supported) return cudaErrorNotSupported;
 
-    int dev = 0, sms = 0;
-    cudaError_t err = cutlass_launch::device_sms(&dev, &sms);
+    cutlass_launch::DeviceInfo dev;
+    cudaError_t err = cutlass_launch::current_device(&dev);
     if (err != cudaSuccess) return err;
-    const Layout lay = workspace_layout(p.G, dev, sms);
+    const Layout lay = workspace_layout(p.G, dev.device, dev.sms);
     if (!p.workspace || p.workspace_bytes < lay.total || !aligned(p.workspace, kAlignBytes)) return cudaErrorInvalidValue;
 
+    // The per-group arrays, every call: the offsets (and the activations' scale starts and global
+    // scale) are known only on the device. The weight-only entries (pointers, scale pointers,
+    // strides) come from the same thread for a few bytes each, so building them at load would save
+    // no launch and would tie the host Params to a layer.
     auto* base = static_cast<char*>(p.workspace);
     setup_kernel<GroupedGemm><<<(p.G + 127) / 128, 128, 0, stream>>>(Setup{p, base, lay});
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-    const Arguments args = make_args(p.G, base, lay, dev, sms);
-    if (!GemmKernel::can_implement(args)) return cudaErrorInvalidValue;
+    // Host Params over those arrays and CUTLASS's per-SM TMA descriptors in the workspace, with
+    // placeholder descriptor shapes: made from G, the workspace and the device only (make_args),
+    // so that is their key.
+    const Arguments args = make_args(p.G, base, lay, dev.device, dev.sms);
     void* cutlass_ws = base + lay.cutlass_ws;
+    const LaunchKey key(cutlass_launch::kernel_id<GemmKernel, Arch>(), dev.device, {p.workspace}, {p.G});
+    Params params{};
+    err = cutlass_launch::prepare<GemmKernel, Arch>(cache, key, [&](Params* out) {
+      if (!GemmKernel::can_implement(args)) return cudaErrorInvalidValue;
+      *out = GemmKernel::to_underlying_arguments(args, cutlass_ws);
+      return cudaSuccess;
+    }, &params);
+    if (err != cudaSuccess) return err;
+    // The step that prepares the workspace's contents (host-cheap): every call, not cached.
     if (GemmKernel::initialize_workspace(args, cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-    const Params params = GemmKernel::to_underlying_arguments(args, cutlass_ws);
 
     constexpr int smem = GemmKernel::SharedStorageSize;
-    const auto kernel = cutlass_launch::kernel<GemmKernel, Arch>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
+    const auto kernel = cutlass_launch::kernel<GemmKernel, Arch>;  // 1x1x1 clusters: a plain launch
     kernel<<<GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), smem, stream>>>(params);
     return cudaGetLastError();
   }

@@ -54,8 +54,8 @@ bool sm100_nvfp4_supported() { return cutlass_launch::built_for(1000) && cutlass
 
 size_t grouped_gemm_nvfp4_sm100_workspace_size(int G) { return Runner::workspace_size(G); }
 
-cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream) {
-  return Runner::run<1000>(p, sm100_nvfp4_supported(), stream);
+cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream, ParamsCache* cache) {
+  return Runner::run<1000>(p, sm100_nvfp4_supported(), cache, stream);
 }
 
 void cutlass_nvfp4_sf_offsets(int rows, int K, int64_t* out) {

@@ -51,8 +51,8 @@ bool sm120_nvfp4_supported() { return cutlass_launch::built_for(1200) && cutlass
 
 size_t grouped_gemm_nvfp4_sm120_workspace_size(int G) { return Runner::workspace_size(G); }
 
-cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream) {
-  return Runner::run<1200>(p, sm120_nvfp4_supported(), stream);
+cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream, ParamsCache* cache) {
+  return Runner::run<1200>(p, sm120_nvfp4_supported(), cache, stream);
 }
 
 }  // namespace dgemma::kernels

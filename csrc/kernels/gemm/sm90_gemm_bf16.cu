@@ -69,7 +69,7 @@ cudaError_t gemm_bf16_tn(const GemmBf16Params& p, cudaStream_t stream) {
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
   args.epilogue.ptr_D = reinterpret_cast<ElementD*>(p.y);
-  return cutlass_launch::launch_dense_tn<GemmKernel, 900>(args, p.M, p.N, p.K, stream);
+  return cutlass_launch::launch_dense_tn<GemmKernel, 900>(args, {}, p.M, p.N, p.K, p.cache, stream);
 }
 
 }  // namespace dgemma::kernels

@@ -82,7 +82,8 @@ cudaError_t gemm_fp8_tn(const GemmFp8Params& p, cudaStream_t stream) {
       {{p.w_scale, 0.0f, {}}, {}, {}},  // ScaleByW: WScale, AccFetch, multiplies
       {}};                              // multiplies
   args.epilogue.ptr_D = reinterpret_cast<ElementD*>(p.y);
-  return cutlass_launch::launch_dense_tn<GemmKernel, 900>(args, p.M, p.N, p.K, stream);
+  return cutlass_launch::launch_dense_tn<GemmKernel, 900>(args, {p.x_scale, p.w_scale}, p.M, p.N, p.K, p.cache,
+                                                         stream);
 }
 
 }  // namespace dgemma::kernels

@@ -160,13 +160,16 @@ cudaError_t grouped_gemm_bf16_tn(const GroupedGemmBf16Params& p, cudaStream_t st
   if (!p.offsets || !aligned16(p.a) || !aligned16(p.w) || !aligned16(p.d)) return cudaErrorInvalidValue;
   if (!sm90_gemm_supported()) return cudaErrorNotSupported;
 
-  int dev = 0, sms = 0;
-  cudaError_t err = device_sms(&dev, &sms);
+  cutlass_launch::DeviceInfo dev;
+  cudaError_t err = cutlass_launch::current_device(&dev);
   if (err != cudaSuccess) return err;
-  const Layout lay = workspace_layout(p.G, dev, sms);
+  const Layout lay = workspace_layout(p.G, dev.device, dev.sms);
   if (!p.workspace || p.workspace_bytes < lay.total || (reinterpret_cast<uintptr_t>(p.workspace) % kAlignBytes))
     return cudaErrorInvalidValue;
 
+  // Everything the expert offsets decide (and, in the same thread, the weight pointers and strides:
+  // a few bytes per group, so building those at load instead would save no launch) goes into the
+  // workspace's per-group arrays, on the device, every call.
   auto* base = static_cast<char*>(p.workspace);
   SetupArgs s{p.offsets,
               reinterpret_cast<const ElementAB*>(p.a),
@@ -185,11 +188,23 @@ cudaError_t grouped_gemm_bf16_tn(const GroupedGemmBf16Params& p, cudaStream_t st
   grouped_setup_kernel<<<(p.G + 127) / 128, 128, 0, stream>>>(s);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  const typename GemmKernel::Arguments args = make_args(p.G, base, lay, dev, sms);
-  if (!GemmKernel::can_implement(args)) return cudaErrorInvalidValue;
+  // The host Params point at those arrays and at CUTLASS's part of the workspace (its per-SM TMA
+  // descriptors, written by the kernel itself at each launch), with placeholder shapes for the
+  // descriptors (no host copy of the problem sizes): made from G, the workspace and the device
+  // only (make_args), so that is their key, one entry for every layer sharing a workspace.
+  const typename GemmKernel::Arguments args = make_args(p.G, base, lay, dev.device, dev.sms);
   void* cutlass_ws = base + lay.cutlass_ws;
+  const LaunchKey key(cutlass_launch::kernel_id<GemmKernel, 900>(), dev.device, {p.workspace}, {p.G});
+  typename GemmKernel::Params params{};
+  err = cutlass_launch::prepare<GemmKernel, 900>(p.cache, key, [&](typename GemmKernel::Params* out) {
+    if (!GemmKernel::can_implement(args)) return cudaErrorInvalidValue;
+    *out = GemmKernel::to_underlying_arguments(args, cutlass_ws);
+    return cudaSuccess;
+  }, &params);
+  if (err != cudaSuccess) return err;
+  // Host-cheap (its mainloop, epilogue and group scheduler parts return at once in CUTLASS 4.2), and
+  // the step that prepares the workspace's contents: every call, not cached.
   if (GemmKernel::initialize_workspace(args, cutlass_ws, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-  const typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, cutlass_ws);
 
   return cutlass_launch::launch<GemmKernel, 900>(params, stream);
 }

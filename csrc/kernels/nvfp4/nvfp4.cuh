@@ -79,6 +79,8 @@ struct QuantizeActNvfp4Params {
 size_t quantize_act_nvfp4_sf_bytes(int Mtot, int G, int K);
 cudaError_t quantize_act_nvfp4(const QuantizeActNvfp4Params& p, cudaStream_t stream);
 
+class ParamsCache;  // kernels/gemm/params_cache.h
+
 struct GroupedGemmNvfp4x4Params {
   const uint8_t* a = nullptr;            // [Mtot, K/2] activations, packed E2M1
   const uint8_t* a_sf = nullptr;         // their block scales (quantize_act_nvfp4), 128-byte aligned
@@ -100,8 +102,12 @@ bool sm100_nvfp4_supported();
 bool sm120_nvfp4_supported();
 size_t grouped_gemm_nvfp4_sm100_workspace_size(int G);
 size_t grouped_gemm_nvfp4_sm120_workspace_size(int G);
-cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
-cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream);
+// cache: prepared launches (keyed by workspace and G), or null. An argument of its own, not a field:
+// the params struct is also the setup kernel's argument, whose device code a host pointer would change.
+cudaError_t grouped_gemm_nvfp4_sm100(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream,
+                                     ParamsCache* cache = nullptr);
+cudaError_t grouped_gemm_nvfp4_sm120(const GroupedGemmNvfp4x4Params& p, cudaStream_t stream,
+                                     ParamsCache* cache = nullptr);
 // Row-major E4M3 block scales [G, rows, kblocks] -> [G, sf_bytes(rows, kblocks)] in the MMA layout,
 // padding zero (swizzle_scales.cu): the weights' w_sf of the GEMMs above, made at load; byte for byte
 // dgemma_rt.nvfp4.swizzle_scales (index math: nvfp4::swizzle_scale). Any architecture.
