@@ -217,7 +217,7 @@ __attribute__((always_inline)) DG_AVX512BF16 inline void transpose16_epi32(__m51
 // [kp][NR] pairs each; the pair past an odd kc and the columns past `cols` zero. Only moves bits: the
 // in-register transpose of W [N, K]'s 16 x 16 blocks of pairs (most of the work at few rows) packs the
 // same words as the scalar loop.
-DG_AVX512BF16 void pack_block_bf16(const GemmArgs& g, const uint16_t* w, int n0, int cols, int k0, int kc, int NR,
+DG_AVX512BF16 void pack_block_avx512bf16(const GemmArgs& g, const uint16_t* w, int n0, int cols, int k0, int kc, int NR,
                                    GemmScratch& s) {
   const int panels = (cols + NR - 1) / NR, kp = (kc + 1) / 2;
   uint32_t* pk = s.pack2.data();
@@ -267,7 +267,7 @@ DG_AVX512BF16 void gemm_task_8x32_avx512bf16(const GemmArgs& g, int m0, int m1, 
   s.pack2.resize(static_cast<size_t>(std::min(kKChunk, g.K) + 1) / 2 * ldc);
   for (int k0 = 0; k0 < g.K; k0 += kKChunk) {  // kKChunk is even: chunks start on a pair
     const int kc = std::min(kKChunk, g.K - k0), kp = (kc + 1) / 2;
-    pack_block_bf16(g, w, n0, cols, k0, kc, NR, s);
+    pack_block_avx512bf16(g, w, n0, cols, k0, kc, NR, s);
     const uint32_t* pk = s.pack2.data();
     for (int mt = 0; mt < rows; mt += MR) {
       const uint32_t* xa = g.xb + static_cast<size_t>(m0 + mt) * ldx + k0 / 2;
