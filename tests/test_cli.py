@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import dgemma_rt
 from dgemma_rt import tiny
 from dgemma_rt.text import Tokenizer
 
@@ -190,6 +191,19 @@ def test_cli_generate(tiny_dir, chat):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_generate_cpu_weights(tiny_dir):
+    """--cpu-weights reaches the Engine: the tiny checkpoint is F32, which every mode multiplies in float32."""
+    args = ["generate", str(tiny_dir), "--prompt", "Why is the sky blue?", "--steps", "2", "--max-new-tokens", "8"]
+    texts = []
+    for mode in ("bf16", "stored"):
+        proc = _run("dgemma_rt.cli", *args, "--cpu-weights", mode)
+        assert proc.returncode == 0, proc.stderr
+        texts.append(proc.stdout)
+    assert texts[0] == texts[1]
+    proc = _run("dgemma_rt.cli", *args, "--cpu-weights", "bfloat16")
+    assert proc.returncode == 2 and "--cpu-weights" in proc.stderr
+
+
 def test_cli_make_tiny(tmp_path, tiny_dir):
     proc = _run("dgemma_rt.cli", "make-tiny", str(tmp_path / "t"))
     assert proc.returncode == 0, proc.stderr
@@ -224,7 +238,8 @@ BENCH_KEYS = {
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
     "decoder_forwards", "encoder_forwards", "captured_passes", "replayed_passes", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
     "loaded_rss_mib", "generate_peak_rss_mib", "template_free_fraction", "peer",
-    "peak_device_memory_mib", "live_device_memory_mib", "device_memory_is_host",
+    "peak_device_memory_mib", "live_device_memory_mib", "device_memory_is_host", "cpu_weights", "cpu_bf16_dot",
+    "load_avg",
 }  # fmt: skip
 
 
@@ -237,6 +252,9 @@ def test_bench_json(tmp_path):
     assert set(result) == BENCH_KEYS  # op_profile only with --profile (tests/test_profile.py)
     assert result["peak_device_memory_mib"] >= result["live_device_memory_mib"] > 0
     assert result["tiny"] is True and result["device"] == "cpu" and result["fixed_steps"] is True
+    # The default multiplies BF16 weights with BF16 dot products where the CPU has them, and says whether it does.
+    assert result["cpu_weights"] == "bf16" and result["cpu_bf16_dot"] is dgemma_rt.cpu_has_bf16_dot()
+    assert len(result["load_avg"]) == 3
     for key in ("tokens_per_s", "ms_per_step", "ms_per_canvas", "prefill_ms", "total_ms", "peak_rss_mib",
                 "loaded_rss_mib", "generate_peak_rss_mib"):
         assert result[key] > 0, key

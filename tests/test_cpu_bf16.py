@@ -152,3 +152,53 @@ def test_bf16_dot_is_batch_invariant(bf16_dir):
         t.join(timeout=120)
     for a, b in zip(solo, results):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def odd_bf16_dir(tmp_path_factory):
+    """A random BF16 checkpoint whose matrices have awkward shapes: odd K (81), N not a multiple of 16
+    (114, 81, 38, 200), so the GEMM packs partial panels and a lone last pair."""
+    import dataclasses
+
+    from dgemma_rt import presets, tiny
+
+    shape = dataclasses.replace(
+        tiny.TINY, hidden_size=81, intermediate_size=200, num_heads=3, num_kv_heads=1, head_dim=38,
+        global_head_dim=38, num_global_kv_heads=1, vocab_size=600, moe_intermediate_size=40, num_experts=4,
+        top_k_experts=2, layer_types=("sliding_attention", "full_attention"))  # fmt: skip
+    return presets.write_random_checkpoint(tmp_path_factory.mktemp("odd_bf16"), shape)
+
+
+@needs_bf16
+@pytest.mark.parametrize("which", ["tiny", "odd"])
+def test_bf16_dot_row_alone_equals_row_in_any_call(bf16_dir, odd_bf16_dir, which):
+    """Row r of a call of M rows has the bits of row r alone, for M = 1..9, 16, 64, 256 and the row at
+    different places in the call: the GEMM's tiles of 1 to 8 rows, how many panels a tile takes at once
+    and the packing change no result. Also through the MoE experts, whose GEMMs get as many rows as the
+    batch routes to each expert."""
+    path = bf16_dir[1] if which == "tiny" else odd_bf16_dir
+    ops = _core.BackendOps(str(path), "cpu", cpu_weights="bf16")
+    H, E, K = ops.config["hidden_size"], ops.config["num_experts"], ops.config["top_k_experts"]
+    rng = np.random.default_rng(7)
+    R = 296
+    calls = {
+        "q_proj 0": lambda x: ops.linear("q_proj", 0, x),
+        "k_proj 1": lambda x: ops.linear("k_proj", 1, x),
+        "mlp 0": lambda x: ops.mlp("mlp", 0, x),
+        "lm_head": lambda x: ops.lm_head_logits(x),
+    }
+    xs = {name: rng.standard_normal((R, H)).astype(np.float32) for name in calls}
+    o_in = ops.linear("q_proj", 0, xs["q_proj 0"][:1]).shape[1]  # heads x head_dim
+    calls["o_proj 0"], xs["o_proj 0"] = (lambda x: ops.linear("o_proj", 0, x)), rng.standard_normal((R, o_in)).astype(np.float32)
+    idx = np.stack([rng.permutation(E)[:K] for _ in range(R)]).astype(np.int32)
+    wts = rng.random((R, K)).astype(np.float32)
+    calls["moe_experts 1"] = lambda x, s=slice(None): ops.moe_experts(1, x, idx[s], wts[s])
+    xs["moe_experts 1"] = rng.standard_normal((R, H)).astype(np.float32)
+    for name, f in calls.items():
+        x = xs[name]
+        moe = name.startswith("moe")
+        alone = np.concatenate([f(x[r : r + 1], slice(r, r + 1)) if moe else f(x[r : r + 1]) for r in range(R)])
+        for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 64, 256):
+            r0 = (m * 37) % (R - m + 1)
+            got = f(x[r0 : r0 + m], slice(r0, r0 + m)) if moe else f(x[r0 : r0 + m])
+            np.testing.assert_array_equal(got, alone[r0 : r0 + m], err_msg=f"{name}, M={m}, rows from {r0}")

@@ -35,7 +35,8 @@ def ckpt(request):
 
 
 def _engines(engine_for, ckpt):
-    return engine_for(ckpt), engine_for(ckpt, device="cuda")
+    # The CPU side on its float32 path: the default would multiply bf16_ckpt with BF16 dot products.
+    return engine_for(ckpt, cpu_weights="stored"), engine_for(ckpt, device="cuda")
 
 
 def _prompt(ckpt, n, seed=0):

@@ -64,7 +64,8 @@ def test_sharded_checkpoint_matches_single_file(engine_for, base_ckpt, sharded_c
 
 
 def test_bf16_checkpoint(engine_for, base_ckpt, bf16_ckpt):
-    got, (ids, canvas) = decoder_logits(engine_for(bf16_ckpt), bf16_ckpt)
+    # float32 arithmetic (the default multiplies BF16 weights with BF16 dot products: tests/test_cpu_bf16.py)
+    got, (ids, canvas) = decoder_logits(engine_for(bf16_ckpt, cpu_weights="stored"), bf16_ckpt)
     assert_logits_close(got, *reference_logits(bf16_ckpt, ids, canvas), "bf16")
     # The fixture really is rounded: base's float32 weights give visibly different logits.
     base, _ = decoder_logits(engine_for(base_ckpt), base_ckpt)
@@ -73,16 +74,16 @@ def test_bf16_checkpoint(engine_for, base_ckpt, bf16_ckpt):
 
 def test_bf16_weights_as_stored_match_float32_mode(engine_for, bf16_ckpt):
     """The CPU backend reads BF16 matrices from the map and converts them per tile inside the GEMMs
-    (cpu_weights="stored", the default); "float32" expands them at load. Same BLAS calls, same bits."""
-    stored, _ = decoder_logits(engine_for(bf16_ckpt), bf16_ckpt)
+    (cpu_weights="stored"); "float32" expands them at load. Same GEMM calls, same bits."""
+    stored, _ = decoder_logits(engine_for(bf16_ckpt, cpu_weights="stored"), bf16_ckpt)
     expanded, _ = decoder_logits(engine_for(bf16_ckpt, cpu_weights="float32"), bf16_ckpt)
     np.testing.assert_array_equal(stored, expanded)
     kw = dict(max_new_tokens=2 * bf16_ckpt.canvas_length, max_denoising_steps=4, seed=3)
-    a = engine_for(bf16_ckpt).generate([[5, 6, 7]], **kw).sequences
+    a = engine_for(bf16_ckpt, cpu_weights="stored").generate([[5, 6, 7]], **kw).sequences
     b = engine_for(bf16_ckpt, cpu_weights="float32").generate([[5, 6, 7]], **kw).sequences
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="cpu_weights"):
-        engine_for(bf16_ckpt, cpu_weights="bf16")
+        engine_for(bf16_ckpt, cpu_weights="bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------------------------

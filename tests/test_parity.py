@@ -35,6 +35,14 @@ from reference import (  # noqa: E402
 # helpers
 
 
+@pytest.fixture(scope="session")
+def engine_for(engine_for):
+    """conftest's engine_for, on the float32 path: these tests compare with the float32 reference, and the
+    default (cpu_weights="bf16") multiplies a BF16 checkpoint with BF16 dot products (tests/test_cpu_bf16.py
+    bounds that). F32 checkpoints give the same bits either way."""
+    return lambda ckpt, **kwargs: engine_for(ckpt, **{"cpu_weights": "stored", **kwargs})
+
+
 def strip_trailing_zeros(counts):
     counts = list(counts)
     while counts and counts[-1] == 0:
@@ -199,7 +207,8 @@ def test_decoder_logits_short_canvas(engine_for, base_ckpt):
 
 
 def test_bf16_checkpoint_logits(engine_for, bf16_ckpt):
-    """bf16 weights, float32 compute: compared with the reference holding the same weights upcast."""
+    """bf16 weights, float32 compute (cpu_weights="stored", see engine_for): compared with the reference holding
+    the same weights upcast."""
     engine = engine_for(bf16_ckpt)
     ids = make_prompt(9, 2, 13, bf16_ckpt.vocab_size)
     state = engine.encode(ids)

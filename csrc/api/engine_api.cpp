@@ -109,6 +109,12 @@ Engine::Engine(const std::string& checkpoint_dir, const EngineOptions& options) 
   o.max_batch_size = options.max_batch_size;
   o.num_threads = options.num_threads;
   DG_REQUIRE(options.num_threads >= 0, InvalidArgument, "num_threads must be >= 0");
+  const std::string& cw = options.cpu_weights;
+  DG_REQUIRE(cw == "bf16" || cw == "stored" || cw == "float32", InvalidArgument,
+             "cpu_weights must be 'bf16', 'stored' or 'float32', got '" << cw << "'");
+  o.cpu_weights = cw == "float32" ? dgemma::CpuWeights::kFloat32
+                  : cw == "stored" ? dgemma::CpuWeights::kAsStored
+                                   : dgemma::CpuWeights::kBf16Dot;
   impl_->engine = std::make_unique<dgemma::Engine>(checkpoint_dir, o);
 }
 

@@ -35,8 +35,9 @@ std::string device_kind(const std::string& device);
 void check_device(const std::string& device);
 
 // Makes the backend for a device name; what the backend's constructor throws (no GPU, out of
-// memory) passes through.
+// memory) passes through. cpu_bf16_dot: CpuBackend's bf16_dot (no default here: EngineOptions and
+// BackendOps each hold theirs).
 std::unique_ptr<Backend> make_backend(const std::string& device, const ModelConfig& cfg, const ModelWeights& w,
-                                      bool cpu_bf16_dot = false);
+                                      bool cpu_bf16_dot);
 
 }  // namespace dgemma

@@ -348,7 +348,8 @@ PYBIND11_MODULE(_core, m) {
 #endif
   }, "Number of CUDA devices visible (0 without a driver or when CUDA was not compiled)");
   m.def("cpu_has_bf16_dot", &cpu::has_bf16_dot,
-        "Whether this CPU runs Engine(cpu_weights='bf16')'s BF16 dot products (AVX512-BF16); else 'stored'.");
+        "Whether this CPU runs Engine(cpu_weights='bf16')'s BF16 dot products (AVX512-BF16, the default); "
+        "without them that mode is 'stored'.");
   m.def("cuda_status", []() -> std::string {
 #ifdef DGEMMA_WITH_CUDA
     return cuda::status();
@@ -431,7 +432,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384,
            py::arg("max_batch_size") = 8, py::arg("num_threads") = 0, py::arg("progress") = py::none(),
            py::arg("random_weights") = py::none(), py::arg("random_nvfp4_experts") = false,
-           py::arg("cpu_weights") = "stored")
+           py::arg("cpu_weights") = "bf16")
       .def_property_readonly("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
       .def_property_readonly("generation_defaults",
                              [](const PyEngine& e) { return defaults_dict(e.engine->generation_defaults()); })

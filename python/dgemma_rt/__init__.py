@@ -13,7 +13,8 @@ _set_spin = not any(k in _os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUN
 if _set_spin:
     _os.environ["GOMP_SPINCOUNT"] = _SPIN_COUNT
 try:
-    from dgemma_rt._core import CheckpointError, check_device, cuda_compiled, cuda_device_count, cuda_status
+    from dgemma_rt._core import (CheckpointError, check_device, cpu_has_bf16_dot, cuda_compiled, cuda_device_count,
+                                 cuda_status)
 finally:
     if _set_spin:
         del _os.environ["GOMP_SPINCOUNT"]
@@ -45,6 +46,7 @@ __all__ = [
     "Request",
     "RequestCancelled",
     "check_device",
+    "cpu_has_bf16_dot",
     "cuda_compiled",
     "cuda_device_count",
     "cuda_status",

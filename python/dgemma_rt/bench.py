@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nvfp4: quantize the MoE experts at load (on the CPU they run dequantized; default none)")
     p.add_argument("--dense-quant", choices=["none", "nvfp4", "fp8"], default="none",
                    help="also quantize the attention projections and dense MLP at load (default none)")
-    p.add_argument("--cpu-weights", choices=["stored", "float32", "bf16"], default="stored",
-                   help="Engine(cpu_weights=...) on the CPU: stored (default), float32, or bf16 (BF16 dot products "
-                        "where the CPU has AVX512-BF16)")
+    p.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16",
+                   help="Engine(cpu_weights=...) on the CPU: bf16 (default: BF16 dot products where the CPU has "
+                        "AVX512-BF16, else as stored; the JSON's cpu_bf16_dot says which), stored (float32 "
+                        "arithmetic, the float32 reference results) or float32 (expanded at load)")
     p.add_argument("--random-weights", action="store_true",
                    help="bench random weights at a preset's shape (--preset) instead of a checkpoint; written once "
                         "into the cache, directly in the --quant / --dense-quant formats")
@@ -234,10 +235,16 @@ def available_memory() -> int | None:
         return None
 
 
+def _cpu_has_bf16_dot() -> bool:
+    from dgemma_rt import _core
+
+    return bool(_core.cpu_has_bf16_dot())
+
+
 def check_cpu_memory(shape: Any, avail: int | None = None, quant: str | None = None, dense_quant: str | None = None,
                      stored_bytes: int | None = None) -> None:
     """Refuses, before anything is written or loaded, a model the CPU backend cannot hold. It keeps the
-    weights as the checkpoint stores them (Engine(cpu_weights="stored"): the memory map's pages, BF16 or
+    weights as the checkpoint stores them (Engine(cpu_weights="bf16" or "stored"): the memory map's pages, BF16 or
     NVFP4 / FP8 in the --quant / --dense-quant formats) and converts them per tile, so it needs about the
     checkpoint's tensor bytes (``stored_bytes`` when the checkpoint exists, else the preset's plan).
     ``avail``: bytes of memory available (default: the system's MemAvailable)."""
@@ -581,6 +588,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "weight_bytes": checkpoint_weight_bytes(ckpt),
         "device": args.device,
         "cpu_weights": args.cpu_weights,
+        # Whether cpu_weights="bf16" runs on the BF16 units here (AVX512-BF16), or as "stored".
+        "cpu_bf16_dot": _cpu_has_bf16_dot(),
+        # The machine's load while it ran (1, 5, 15 min): CPU timings on a shared machine need it.
+        "load_avg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "dgemma_rt_version": _version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -717,6 +728,9 @@ def format_report(r: dict[str, Any]) -> str:
                        f"{r['checkpoint']} ({r.get('weight_bytes', 0) / 1e9:.2f} GB of weights, loaded in {r['load_s']:.2f} s)"),
         (
             "workload",
+            (f"cpu_weights {r['cpu_weights']} "
+             f"({'BF16 dot products' if r['cpu_weights'] == 'bf16' and r.get('cpu_bf16_dot') else 'float32 GEMMs'}), "
+             if r.get("device", "cpu") == "cpu" and r.get("cpu_weights") else "") +
             f"batch {r['batch']}, prompt {r['prompt_len']}, new {r['new_tokens']}, "
             f"steps {r['steps']} ({mode}), threads {threads}, seed {r['seed']}, runs {r['runs']}, "
             f"quant {r.get('quant', 'none')}, dense quant {r.get('dense_quant', 'none')}"

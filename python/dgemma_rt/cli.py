@@ -38,6 +38,10 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+CPU_WEIGHTS_HELP = ("CPU GEMMs for BF16 weights: bf16 (default: the CPU's BF16 dot products where it has "
+                    "AVX512-BF16, else as stored), stored (float32 arithmetic on the weights as stored: the "
+                    "float32 reference results) or float32 (expanded at load, same results as stored)")
+
 _RAY_ONLY = ("replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica", "ray_address")
 
 
@@ -59,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=48, help="max denoising steps per canvas (default 48)")
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    gen.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16", help=CPU_WEIGHTS_HELP)
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
@@ -71,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-size", type=_positive_int, default=8,
                      help="requests denoised together in one batch (default 8)")
     srv.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    srv.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16", help=CPU_WEIGHTS_HELP)
     srv.add_argument("--max-request-tokens", type=_positive_int, default=8192,
                      help="largest max_tokens a request may ask for (default 8192; more is a 400)")
     srv.add_argument("--max-request-steps", type=_positive_int, default=256,
@@ -122,7 +128,7 @@ def _new_text(engine: Any, prompt_ids: list[int], sequence: Any) -> str:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import dgemma_rt
 
-    engine = dgemma_rt.Engine(args.checkpoint, num_threads=args.threads)
+    engine = dgemma_rt.Engine(args.checkpoint, num_threads=args.threads, cpu_weights=args.cpu_weights)
     tok = engine.tokenizer
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; `dgemma-rt generate` needs one to read the prompt")
@@ -160,6 +166,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         max_batch_size=args.max_batch_size,
         num_threads=args.threads,
+        cpu_weights=args.cpu_weights,
         max_request_tokens=args.max_request_tokens,
         max_request_steps=args.max_request_steps,
     )
@@ -188,6 +195,7 @@ def _cmd_serve_ray(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queue,
         kv_cache_tokens=args.kv_cache_tokens,
         num_threads=args.threads,
+        cpu_weights=args.cpu_weights,
         max_request_tokens=args.max_request_tokens,
         max_request_steps=args.max_request_steps,
     )

@@ -392,15 +392,18 @@ class Engine:
             the attention projections and the dense MLP at load time. On the CPU quantized weights
             are dequantized to float32 (per tile, inside the GEMMs): the reference the GPU kernels
             are checked against.
-        cpu_weights: how the CPU backend keeps the weight matrices: ``"stored"`` (default) as the
-            checkpoint stores them (BF16, NVFP4, FP8), read from its memory map and converted to
-            float32 per tile inside the GEMMs; ``"float32"``: expanded to float32 at load (twice the
-            memory of a BF16 checkpoint, no per-call conversion). Same results; F32 checkpoints are
-            used in place from the map either way. ``"bf16"``: as stored, and the BF16 matrices (all
-            but the MoE router) multiplied with the CPU's BF16 dot products (AVX512-BF16) on
-            activations rounded to bf16: about twice as fast, not the float32 results (still the same
-            for a row alone or in any batch); ``"stored"`` on a CPU without AVX512-BF16. Other devices
-            ignore it.
+        cpu_weights: how the CPU backend keeps and multiplies the weight matrices. ``"bf16"``
+            (default): as the checkpoint stores them, read from its memory map, and the BF16 matrices
+            (all but the MoE router) multiplied with the CPU's BF16 dot products (AVX512-BF16) on
+            activations rounded to bf16: about twice as fast as float32, the same for a row alone or
+            in any batch, but not the float32 results, so a BF16 checkpoint's output depends on whether
+            the CPU has AVX512-BF16 (``dgemma_rt._core.cpu_has_bf16_dot()``; without it this mode is
+            ``"stored"``). ``"stored"``: as stored (BF16, NVFP4, FP8), converted to float32 per tile
+            inside the GEMMs and multiplied in float32: the float32 reference results on every CPU.
+            ``"float32"``: expanded to float32 at load (twice the memory of a BF16 checkpoint, no
+            per-call conversion), the same results as ``"stored"``. F32, NVFP4 and FP8 weights take
+            the float32 path in every mode, and F32 checkpoints are used in place from the map. Other
+            devices ignore it.
     """
 
     def __init__(
@@ -414,7 +417,7 @@ class Engine:
         quant: str | None = None,
         dense_quant: str | None = None,
         random_weights: int | None = None,
-        cpu_weights: str = "stored",
+        cpu_weights: str = "bf16",
     ):
         path = os.fspath(path)
         if cpu_weights not in ("stored", "float32", "bf16"):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 try:
     from pydantic import BaseModel, ConfigDict, Field
@@ -235,6 +235,7 @@ def build(
     max_queued_requests: int = -1,
     kv_cache_tokens: int | None = None,
     num_threads: int | None = None,
+    cpu_weights: str = "bf16",
     max_request_tokens: int = 8192,
     max_request_steps: int = 256,
     max_body_bytes: int = 1 << 20,
@@ -254,7 +255,7 @@ def build(
     if num_threads is None and not num_gpus:
         num_threads = max(1, int(num_cpus))
     engine_kwargs = {"device": device, "max_batch_size": max_batch_size, "kv_cache_tokens": kv_cache_tokens,
-                     "num_threads": num_threads}
+                     "num_threads": num_threads, "cpu_weights": cpu_weights}
     # Serve never hands a replica more than max_ongoing_requests, so the app's own queue (429 when
     # full) can hold all of them: admission is Serve's.
     app_kwargs = {"max_queue": max_batch_size + queue, "max_running": max_batch_size, "max_body_bytes": max_body_bytes,
@@ -284,6 +285,7 @@ class AppArgs(BaseModel):
     max_queued_requests: int = -1
     kv_cache_tokens: Optional[int] = Field(None, ge=1)
     num_threads: Optional[int] = Field(None, ge=1)
+    cpu_weights: Literal["bf16", "stored", "float32"] = "bf16"
     max_request_tokens: int = Field(8192, ge=1)
     max_request_steps: int = Field(256, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1)

@@ -74,7 +74,7 @@ struct GemmArgs {
 
 struct GemmScratch {
   std::vector<float> pack, c, row, xpad;
-  std::vector<uint32_t> pack2, xpad2;  // bf16_dot: packed weight pairs, padded activation pairs
+  std::vector<uint32_t> pack2;  // bf16_dot: packed weight pairs
 };
 
 constexpr int kKChunk = 256;  // k per packed block: [kKChunk, cols] floats stay in L2
@@ -137,46 +137,109 @@ template <int MR, int NV>
 }
 
 #ifdef DG_BF16_DOT
-// The bf16_dot micro-tile: C[MR, 16 * NV] += X[MR, 2 * kp] @ B, with X and B as bf16 pairs (k, k + 1) in
-// 32-bit words; B packed [kp][16 * NV] pairs. vdpbf16ps adds both products of a pair to a lane's
-// accumulator, so each output is one chain over the pairs in order.
-template <int MR, int NV>
+// GCC 12's AVX-512 shuffle intrinsics pass _mm512_undefined_epi32() as their unused merge source, which
+// -Wmaybe-uninitialized reports once they are inlined (a known false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The bf16_dot micro-tile: C[MR, P * 16 * NV] += X[MR, 2 * kp] @ B, with X and B as bf16 pairs (k, k + 1)
+// in 32-bit words; B is P consecutive packed panels, each [kp][16 * NV] pairs, `pstride` words apart.
+// vdpbf16ps adds both products of a pair to a lane's accumulator, so each output is one chain over the
+// pairs in order, whatever MR and P: a tile of few rows (MR < 8) takes more panels at once (P > 1) to
+// keep enough independent chains in flight, and gives the same bits as an 8-row tile.
+template <int MR, int NV, int P>
 __attribute__((always_inline)) DG_AVX512BF16 inline void micro_tile_bf16(const uint32_t* __restrict x, size_t ldx,
-                                                                       const uint32_t* __restrict b, int kp,
-                                                                       float* __restrict c, size_t ldc) {
-  __m512 acc[MR][NV];
+                                                                       const uint32_t* __restrict b, size_t pstride,
+                                                                       int kp, float* __restrict c, size_t ldc) {
+  constexpr int NR = 16 * NV;
+  __m512 acc[MR][P * NV];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_loadu_ps(c + m * ldc + v * 16);
+#pragma GCC unroll 8
+    for (int v = 0; v < P * NV; ++v) acc[m][v] = _mm512_loadu_ps(c + m * ldc + v * 16);
   for (int p = 0; p < kp; ++p) {
-    __m512bh bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + (static_cast<size_t>(p) * NV + v) * 16);
+    __m512bh bv[P * NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < P * NV; ++v)
+      bv[v] = (__m512bh)_mm512_loadu_si512(b + (v / NV) * pstride + static_cast<size_t>(p) * NR + (v % NV) * 16);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * ldx + p]));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, bv[v]);
+#pragma GCC unroll 8
+      for (int v = 0; v < P * NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, bv[v]);
     }
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < P * NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
+}
+
+// C[MR, panels * 16 * NV] += X @ (all the block's panels): P panels at a time, then one by one.
+template <int MR, int NV, int P>
+__attribute__((always_inline)) DG_AVX512BF16 inline void row_tile_bf16(const uint32_t* x, size_t ldx, const uint32_t* pk,
+                                                                     int panels, int kp, float* c, size_t ldc) {
+  constexpr int NR = 16 * NV;
+  const size_t pstride = static_cast<size_t>(kp) * NR;
+  int p = 0;
+  for (; p + P <= panels; p += P) micro_tile_bf16<MR, NV, P>(x, ldx, pk + p * pstride, pstride, kp, c + p * NR, ldc);
+  for (; p < panels; ++p) micro_tile_bf16<MR, NV, 1>(x, ldx, pk + p * pstride, pstride, kp, c + p * NR, ldc);
+}
+
+// Transposes a 16 x 16 block of 32-bit words in registers: r[i][j] -> r[j][i].
+__attribute__((always_inline)) DG_AVX512BF16 inline void transpose16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // 2 x 2 blocks of words
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4 g + c], 128-bit lane L: column 4 L + c of rows 4 g .. 4 g + 3
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
+  for (int g = 0; g < 4; ++g) {
+    const __m512i *lo = t + 4 * g, *hi = t + 4 * g + 2;
+    u[4 * g + 0] = _mm512_unpacklo_epi64(lo[0], hi[0]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(lo[0], hi[0]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(lo[1], hi[1]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(lo[1], hi[1]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // the 4 x 4 blocks of 128-bit lanes u[4 g + c], g = 0..3, transposed
+    const __m512i a = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i d = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), e = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(a, d, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(b, e, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(a, d, 0xdd);
+    r[12 + c] = _mm512_shuffle_i32x4(b, e, 0xdd);
+  }
 }
 
 // Packs the BF16 weight's block (columns [n0, n0 + cols), k in [k0, k0 + kc)) as panels of NR columns,
-// [kp][NR] pairs each; the pair past an odd kc and the columns past `cols` zero.
-void pack_block_bf16(const GemmArgs& g, const uint16_t* w, int n0, int cols, int k0, int kc, int NR, GemmScratch& s) {
+// [kp][NR] pairs each; the pair past an odd kc and the columns past `cols` zero. Only moves bits: the
+// in-register transpose of W [N, K]'s 16 x 16 blocks of pairs (most of the work at few rows) packs the
+// same words as the scalar loop.
+DG_AVX512BF16 void pack_block_avx512bf16(const GemmArgs& g, const uint16_t* w, int n0, int cols, int k0, int kc, int NR,
+                                   GemmScratch& s) {
   const int panels = (cols + NR - 1) / NR, kp = (kc + 1) / 2;
   uint32_t* pk = s.pack2.data();
   if (cols % NR) std::fill(pk + static_cast<size_t>(panels - 1) * kp * NR, pk + static_cast<size_t>(panels) * kp * NR, 0u);
   if (g.nt) {  // W [N, K]: a pair is two neighbours in a row of W
-    for (int j = 0; j < cols; ++j) {
+    const int cols16 = NR % 16 == 0 ? cols / 16 * 16 : 0, kp16 = kc / 2 / 16 * 16;
+    for (int j0 = 0; j0 < cols16; j0 += 16) {
+      uint32_t* dst = pk + static_cast<size_t>(j0 / NR) * kp * NR + j0 % NR;
+      const uint16_t* wr = w + static_cast<size_t>(n0 + j0) * g.K + k0;
+      for (int p0 = 0; p0 < kp16; p0 += 16) {
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(wr + static_cast<size_t>(i) * g.K + 2 * p0);
+        transpose16_epi32(r);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + static_cast<size_t>(p0 + i) * NR, r[i]);
+      }
+    }
+    for (int j = 0; j < cols; ++j) {  // what the blocks left: the pairs past kp16, the columns past cols16
       const uint16_t* wr = w + static_cast<size_t>(n0 + j) * g.K + k0;
       uint32_t* dst = pk + static_cast<size_t>(j / NR) * kp * NR + j % NR;
-      for (int p = 0; p < kc / 2; ++p) {
+      for (int p = j < cols16 ? kp16 : 0; p < kc / 2; ++p) {
         uint32_t v;
         std::memcpy(&v, wr + 2 * p, 4);
         dst[static_cast<size_t>(p) * NR] = v;
@@ -193,37 +256,39 @@ void pack_block_bf16(const GemmArgs& g, const uint16_t* w, int n0, int cols, int
   }
 }
 
-// y[m0:m1, n0:n1] of the bf16_dot product: gemm_task_impl with bf16 pairs.
+// y[m0:m1, n0:n1] of the bf16_dot product: gemm_task_impl with bf16 pairs, the last rows (fewer than MR)
+// in a tile of their own height instead of a zero-padded one.
 DG_AVX512BF16 void gemm_task_8x32_avx512bf16(const GemmArgs& g, int m0, int m1, int n0, int n1, GemmScratch& s) {
   constexpr int MR = 8, NV = 2, NR = 16 * NV;
   const uint16_t* w = g.w->bf16();
   const int cols = n1 - n0, rows = m1 - m0, panels = (cols + NR - 1) / NR;
-  const int rows_pad = (rows + MR - 1) / MR * MR;
   const size_t ldc = static_cast<size_t>(panels) * NR, ldx = static_cast<size_t>(g.K + 1) / 2;
-  s.c.assign(static_cast<size_t>(rows_pad) * ldc, 0.0f);
+  s.c.assign(static_cast<size_t>(rows) * ldc, 0.0f);
   s.pack2.resize(static_cast<size_t>(std::min(kKChunk, g.K) + 1) / 2 * ldc);
-  s.xpad2.resize(static_cast<size_t>(MR) * kKChunk / 2);
   for (int k0 = 0; k0 < g.K; k0 += kKChunk) {  // kKChunk is even: chunks start on a pair
     const int kc = std::min(kKChunk, g.K - k0), kp = (kc + 1) / 2;
-    pack_block_bf16(g, w, n0, cols, k0, kc, NR, s);
+    pack_block_avx512bf16(g, w, n0, cols, k0, kc, NR, s);
+    const uint32_t* pk = s.pack2.data();
     for (int mt = 0; mt < rows; mt += MR) {
       const uint32_t* xa = g.xb + static_cast<size_t>(m0 + mt) * ldx + k0 / 2;
-      size_t lda = ldx;
-      if (mt + MR > rows) {
-        std::fill(s.xpad2.begin(), s.xpad2.end(), 0u);
-        for (int r = 0; r < rows - mt; ++r)
-          std::memcpy(s.xpad2.data() + static_cast<size_t>(r) * kp, xa + static_cast<size_t>(r) * ldx, kp * 4);
-        xa = s.xpad2.data(), lda = kp;
+      float* c = s.c.data() + static_cast<size_t>(mt) * ldc;
+      switch (std::min(MR, rows - mt)) {
+        case 8: row_tile_bf16<8, NV, 1>(xa, ldx, pk, panels, kp, c, ldc); break;
+        case 7: row_tile_bf16<7, NV, 1>(xa, ldx, pk, panels, kp, c, ldc); break;
+        case 6: row_tile_bf16<6, NV, 1>(xa, ldx, pk, panels, kp, c, ldc); break;
+        case 5: row_tile_bf16<5, NV, 1>(xa, ldx, pk, panels, kp, c, ldc); break;
+        case 4: row_tile_bf16<4, NV, 2>(xa, ldx, pk, panels, kp, c, ldc); break;
+        case 3: row_tile_bf16<3, NV, 2>(xa, ldx, pk, panels, kp, c, ldc); break;
+        case 2: row_tile_bf16<2, NV, 2>(xa, ldx, pk, panels, kp, c, ldc); break;
+        default: row_tile_bf16<1, NV, 4>(xa, ldx, pk, panels, kp, c, ldc); break;
       }
-      for (int p = 0; p < panels; ++p)
-        micro_tile_bf16<MR, NV>(xa, lda, s.pack2.data() + static_cast<size_t>(p) * kp * NR, kp,
-                                s.c.data() + static_cast<size_t>(mt) * ldc + p * NR, ldc);
     }
   }
   for (int r = 0; r < rows; ++r)
     std::memcpy(g.y + static_cast<size_t>(m0 + r) * g.N + n0, s.c.data() + static_cast<size_t>(r) * ldc,
                 cols * sizeof(float));
 }
+#pragma GCC diagnostic pop
 #endif
 
 uint16_t round_bf16(float f) {  // nearest even; NaN stays NaN

@@ -36,6 +36,11 @@ struct EngineOptions {
   int kv_cache_tokens = 16384;  // full-attention KV pool, in tokens, shared by all requests
   int max_batch_size = 8;       // requests (rows) denoised together
   int num_threads = 0;          // CPU threads (0: all cores, or OMP_NUM_THREADS)
+  // How the CPU backend multiplies BF16 weights: "bf16" (the CPU's BF16 dot products where it has
+  // AVX512-BF16, else as "stored"; results then depend on the CPU), "stored" (float32 arithmetic: the
+  // float32 reference results on every CPU) or "float32" (expanded at load; the same results as
+  // "stored"). Other devices ignore it. README "Weights on the CPU".
+  std::string cpu_weights = "bf16";
 };
 
 // The sampler's parameters. Engine::default_params() fills them from the checkpoint's
