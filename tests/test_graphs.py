@@ -37,12 +37,13 @@ def assert_same(a, b):
     np.testing.assert_array_equal(a.tokens_per_forward, b.tokens_per_forward)
 
 
-def assert_every_step_counted(engine, counters):
-    """Each decoder pass either ran its ops directly or replayed a capture, and nothing else happened."""
+def assert_every_step_counted(engine, counters, bound=16):
+    """Each decoder pass either ran its ops directly or replayed a capture, and nothing else happened;
+    at most `bound` captures are held (the Forward's max_graphs())."""
     n, st = counters.as_dict(), engine.scheduler_stats()
     assert n["direct_steps"] + n["replays"] == st["decoder_passes"], (n, st)
     assert (st["captured_passes"], st["replayed_passes"]) == (n["captures"], n["replays"]), (n, st)
-    assert n["aborted"] == 0 and n["held"] <= 16, n
+    assert n["aborted"] == 0 and n["held"] <= bound, n
     return n
 
 
@@ -286,16 +287,27 @@ def test_growing_workspace_drops_captures_and_the_next_ones_still_match(deep_ckp
 
 def test_captures_are_bounded(deep_ckpt, engine_for):
     """Each batch size has signatures of its own (two per context bucket: steps that keep their state
-    and the last step): after more of them than the bound, the least recently used captures go and
-    at most 16 are held."""
+    and the last step). The bound is four per batch size up to max_batch_size, at least 16: every
+    batch size up to 9 keeps its captures; past the bound the least recently used go."""
     plain = engine_for(deep_ckpt, max_batch_size=9)
     engine, counters = graph_engine(deep_ckpt, max_batch_size=9)
     kw = dict(max_new_tokens=2 * deep_ckpt.canvas_length, max_denoising_steps=3, seed=6, **FIXED)
-    for rows in range(1, 10):
+    for rows in range(9, 0, -1):  # the largest pass first: the workspace never grows (that drops them all)
         ids = [prompt(deep_ckpt, 3 + r, 9 + r) for r in range(rows)]
         assert_same(engine.generate(ids, **kw), plain.generate(ids, **kw))
+    n = assert_every_step_counted(engine, counters, bound=36)
+    assert n["captures"] >= 18 and n["dropped"] == 0 and n["held"] == n["captures"], n
+
+    # Two rows at most: 16 captures held. Prompts of other lengths put the rows in other context buckets,
+    # two signatures per batch size each, until more than 16 exist (longest first, as above).
+    plain = engine_for(deep_ckpt, max_batch_size=2)
+    engine, counters = graph_engine(deep_ckpt, max_batch_size=2)
+    for length in (270, 140, 70, 40, 20, 3):
+        for rows in (2, 1):
+            ids = [prompt(deep_ckpt, length + r, length + r) for r in range(rows)]
+            assert_same(engine.generate(ids, **kw), plain.generate(ids, **kw))
     n = assert_every_step_counted(engine, counters)
-    assert n["captures"] >= 18 and n["held"] <= 16 and n["dropped"] >= n["captures"] - 16, n
+    assert n["captures"] > 16 and n["held"] <= 16 and n["dropped"] >= n["captures"] - 16, n
 
 
 def test_denoise_logits_is_never_captured(deep_ckpt, engine_for):

@@ -497,7 +497,7 @@ void Forward::run_ops(const std::vector<int64_t>& sig, const std::function<void(
   }
   auto it = graphs_.find(sig);
   if (it == graphs_.end()) {
-    if (graphs_.size() >= kMaxGraphs) {
+    if (graphs_.size() >= max_graphs()) {
       auto lru = std::min_element(graphs_.begin(), graphs_.end(),
                                   [](const auto& a, const auto& b) { return a.second.last_use < b.second.last_use; });
       be_.drop_capture(lru->second.key);

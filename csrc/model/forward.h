@@ -36,10 +36,12 @@
 // the second canvas captures its last step; from the third on every step replays. A continuous
 // batch gets new signatures only when its row count or a bucket changes. Nothing may upload,
 // download or allocate inside that sequence; new host-side inputs go into the signature or into
-// backend memory uploaded before it. At most kMaxGraphs captures are kept (least recently used
-// dropped); all are dropped when the workspace grows and when the Forward goes. A capture that
-// throws fails its step with that error and turns capture off for this Forward. encode() and
-// logits() are never captured.
+// backend memory uploaded before it. At most max_graphs() captures are kept (least recently used
+// dropped): four per batch size up to max_batch_size (a step with and one without a row that keeps
+// its state, in two context buckets while a row crosses from one to the next), at least 16; all
+// are dropped when the workspace grows and when the Forward goes. A capture that throws fails its
+// step with that error and turns capture off for this Forward. encode() and logits() are never
+// captured.
 //
 // Profiling (backend.h "per-op profiling"): set_profiling picks the passes whose ops the backend
 // times (decoder steps and denoise_logits, encoder passes, or both); the Forward switches the
@@ -47,6 +49,7 @@
 // ops directly: no capture is made or replayed while the backend profiles.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -167,7 +170,7 @@ class Forward {
   std::vector<std::shared_ptr<Buffer>> inv_freq_;  // per layer, f32 [head_dim / 2]
   std::shared_ptr<Buffer> workspace_;
 
-  static constexpr size_t kMaxGraphs = 16;
+  size_t max_graphs() const { return std::max<size_t>(16, 4 * static_cast<size_t>(sc_slots_)); }
   struct Graph {
     uint64_t key = 0;        // the backend's name for the capture (unique per Forward)
     bool ran = false;        // ran directly once: the backend's scratch fits it
