@@ -65,8 +65,9 @@ inline void linear(const float* x, const float* w, float* y, int M, int N, int K
 // y = x * (mean(x^2) + eps)^-0.5 [* weight], per row of `dim`. weight may be null. y may alias x.
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps);
 
-float gelu_tanh(float x);
-// out[i] = gelu_tanh(gate[i]) * up[i]
+// out[i] = gelu_tanh(gate[i]) * up[i], gelu_pytorch_tanh's formula with a vectorised tanhf within a few ulp
+// of libm's that rounds alike on every CPU (vec_math.h, activations.cpp). out may alias gate or up.
+// Threads over chunks of a large n; call it inside a parallel region only with small n.
 void gelu_mul(const float* gate, const float* up, float* out, size_t n);
 
 // Rotate-half RoPE in place on x[tokens, heads, head_dim] with per-token positions.
