@@ -19,8 +19,12 @@ void gelu_mul_serial(const float* gate, const float* up, float* out, size_t n) {
 
 void gelu_mul(const float* gate, const float* up, float* out, size_t n) {
   constexpr size_t kChunk = 16384;  // elementwise: any split gives the same bits
+  if (n <= 4 * kChunk) {  // most calls (the experts' rows, inside their own parallel loop): no team to start
+    gelu_mul_serial(gate, up, out, n);
+    return;
+  }
   const long chunks = static_cast<long>((n + kChunk - 1) / kChunk);
-#pragma omp parallel for schedule(static) if (chunks > 4)
+#pragma omp parallel for schedule(static)
   for (long c = 0; c < chunks; ++c) {
     const size_t i = static_cast<size_t>(c) * kChunk;
     gelu_mul_serial(gate + i, up + i, out + i, std::min(kChunk, n - i));
