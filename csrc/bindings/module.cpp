@@ -572,6 +572,13 @@ PYBIND11_MODULE(_core, m) {
   dgemma::bindings::bind_backend_ops(m);
 
   auto testing = m.def_submodule("_testing", "hooks for the test suite");
+  testing.def("cpu_gelu_mul", [](py::array_t<float, py::array::c_style | py::array::forcecast> gate,
+                                 py::array_t<float, py::array::c_style | py::array::forcecast> up) {
+    DG_REQUIRE(gate.size() == up.size(), InvalidArgument, "cpu_gelu_mul: gate and up differ in size");
+    py::array_t<float> out(gate.size());
+    cpu::gelu_mul(gate.data(), up.data(), out.mutable_data(), static_cast<size_t>(gate.size()));
+    return out;
+  }, py::arg("gate"), py::arg("up"), "The CPU backend's gated GELU, gelu_tanh(gate) * up, flattened (float32)");
   testing.def("cpu_engine_without", [](const std::string& path, const std::vector<std::string>& ops) {
     std::vector<Op> off;
     for (const std::string& name : ops) {

@@ -486,10 +486,10 @@ void CpuBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx,
       for (int j = 0; j < n; ++j)
         std::memcpy(&xg[static_cast<size_t>(j) * H], xe + static_cast<size_t>(sl[j] / K) * H, H * sizeof(float));
       linear_serial(xg.data(), L.experts_gate_up.at(static_cast<int64_t>(e) * 2 * Im * H), gu.data(), n, 2 * Im, H);
-      for (int j = 0; j < n; ++j)
-        for (int c = 0; c < Im; ++c)
-          act[static_cast<size_t>(j) * Im + c] =
-              gelu_tanh(gu[static_cast<size_t>(j) * 2 * Im + c]) * gu[static_cast<size_t>(j) * 2 * Im + Im + c];
+      for (int j = 0; j < n; ++j) {
+        const float* g = gu.data() + static_cast<size_t>(j) * 2 * Im;
+        gelu_mul(g, g + Im, act.data() + static_cast<size_t>(j) * Im, Im);
+      }
       linear_serial(act.data(), L.experts_down.at(static_cast<int64_t>(e) * H * Im), dn.data(), n, H, Im);
       for (int j = 0; j < n; ++j) {
         const float wgt = top_w[sl[j]];

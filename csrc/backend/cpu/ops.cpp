@@ -435,16 +435,6 @@ void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim
   }
 }
 
-float gelu_tanh(float x) {
-  const float k = 0.7978845608028654f;  // sqrt(2/pi)
-  return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
-}
-
-void gelu_mul(const float* gate, const float* up, float* out, size_t n) {
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (size_t i = 0; i < n; ++i) out[i] = gelu_tanh(gate[i]) * up[i];
-}
-
 void rope(float* x, int tokens, int heads, int head_dim, const int32_t* positions, const float* inv_freq) {
   const int half = head_dim / 2;
 #pragma omp parallel for schedule(static) if (static_cast<long>(tokens) * heads * head_dim > 65536)

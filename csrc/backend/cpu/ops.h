@@ -8,10 +8,12 @@
 
 #include "model/weights.h"
 
-// Runtime dispatch for our own hot loops (GEMM micro-kernel, attention, soft-cap): GCC/Clang build an
+// Runtime dispatch for our own hot loops (GEMM micro-kernel, attention, soft-cap, GELU): GCC/Clang build an
 // x86-64-v4 (AVX-512), an x86-64-v3 (AVX2 + FMA) and a baseline copy of the function and pick one
 // at load time, so a portable build still uses the wide units where the CPU has them. The copies
-// round alike but for FMA contraction. Off with DGEMMA_NATIVE_ARCH (already built for this CPU).
+// round alike but for FMA contraction (none in the sources compiled with -ffp-contract=off: the
+// soft-cap and the GELU give the same bits everywhere). Off with DGEMMA_NATIVE_ARCH (already built
+// for this CPU).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(DGEMMA_NATIVE_ARCH_BUILD) && !defined(__clang__)
 #define DG_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -65,8 +67,9 @@ inline void linear(const float* x, const float* w, float* y, int M, int N, int K
 // y = x * (mean(x^2) + eps)^-0.5 [* weight], per row of `dim`. weight may be null. y may alias x.
 void rmsnorm(const float* x, const float* weight, float* y, size_t rows, int dim, float eps);
 
-float gelu_tanh(float x);
-// out[i] = gelu_tanh(gate[i]) * up[i]
+// out[i] = gelu_tanh(gate[i]) * up[i], gelu_pytorch_tanh's formula with a vectorised tanhf within a few ulp
+// of libm's that rounds alike on every CPU (vec_math.h, activations.cpp). out may alias gate or up.
+// Threads over chunks of a large n; call it inside a parallel region only with small n.
 void gelu_mul(const float* gate, const float* up, float* out, size_t n);
 
 // Rotate-half RoPE in place on x[tokens, heads, head_dim] with per-token positions.
