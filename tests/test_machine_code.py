@@ -4,8 +4,10 @@ cuobjdump (the nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels, a test extra
 machine code embedded in dgemma_rt._core. The hot kernels must not touch local memory (no spills, no
 stack arrays: LDL/STL), must keep registers within their occupancy plan, and must use the tensor
 cores their designs name: HGMMA/QGMMA (wgmma) in the CUTLASS GEMMs and the sm90 attention kernel, HMMA
-(mma.sync) in its fallback. A regression fails CI. Skipped when the module was built without CUDA or the
-tool is missing.
+(mma.sync) in its fallback. Every kernel with an occupancy plan (_core._testing.kernel_plans(), written next
+to its launcher: threads, dynamic shared memory, CTAs per SM) must fit that many CTAs on a Hopper SM with the
+registers and static shared memory the compiler gave it. A regression fails CI. Skipped when the module was
+built without CUDA or the tool is missing.
 """
 
 from __future__ import annotations
@@ -74,11 +76,14 @@ def kernels() -> dict[str, dict]:
             current.setdefault("mnemonics", []).append(m.group(1))  # with modifiers: HGMMA.64x64x16.F32.BF16
     names = _demangle(list(usage))
     assert usage, "no sm_90a kernels found in " + so
+    for k, v in usage.items():
+        v["mangled"] = k
     return {names[k]: v for k, v in usage.items()}
 
 
-def _matching(kernels: dict[str, dict], pattern: str) -> dict[str, dict]:
-    hits = {k: v for k, v in kernels.items() if re.search(pattern, k)}
+def _matching(kernels: dict[str, dict], pattern: str, mangled: bool = False) -> dict[str, dict]:
+    """Kernels whose demangled name (or, with mangled=True, either name) matches."""
+    hits = {k: v for k, v in kernels.items() if re.search(pattern, k) or (mangled and re.search(pattern, v["mangled"]))}
     assert hits, f"no sm_90a kernel matches {pattern!r}"
     return hits
 
@@ -168,3 +173,64 @@ def test_attention_paged_loop_has_no_division(kernels):
     for name, k in _matching(kernels, r"(sm90|sm80)_attention_kernel<").items():
         divs = k["mnemonics"].count("I2F.U32.RP")
         assert divs <= 4, f"{name}: {divs} integer divisions"
+
+
+# Hopper (compute capability 9.0) per-SM limits (CUDA C++ Programming Guide, "Technical Specifications per
+# Compute Capability"; the occupancy calculator's allocation rules).
+SM90_REGS_PER_SM = 65536
+SM90_REG_UNIT_PER_WARP = 256  # registers are allocated per warp in units of 256
+SM90_MAX_REGS_PER_THREAD = 255
+SM90_SMEM_PER_SM = 228 * 1024
+SM90_SMEM_PER_CTA = 227 * 1024  # the most one CTA may opt in to
+SM90_RESERVED_SMEM_PER_CTA = 1024  # the system's share of every CTA's shared memory
+SM90_THREADS_PER_SM = 2048
+SM90_CTAS_PER_SM = 32
+
+# A module without plans (built without CUDA, or before they existed) gives none: the coverage test fails.
+PLANS = getattr(_core._testing, "kernel_plans", list)() if _core.cuda_compiled() else []
+
+
+def _cta_footprint(k: dict, plan: dict) -> dict:
+    """What one CTA of kernel k launched per plan takes from an SM."""
+    warps = -(-plan["threads"] // 32)
+    regs_per_warp = -(-k["reg"] * 32 // SM90_REG_UNIT_PER_WARP) * SM90_REG_UNIT_PER_WARP
+    # ptxas (CUDA 12/13, sm_90) lays the system's 1 KB at the start of a kernel's .nv.shared section, so
+    # cuobjdump's SHARED is 1024 + the static shared memory for a kernel that has one, and 0 otherwise.
+    assert k["shared"] == 0 or k["shared"] >= SM90_RESERVED_SMEM_PER_CTA, (
+        f"SHARED {k['shared']} < 1 KB: the toolkit no longer counts the reserved 1 KB in; fix _cta_footprint")
+    static = max(k["shared"] - SM90_RESERVED_SMEM_PER_CTA, 0)
+    return {"regs": regs_per_warp * warps, "static": static,
+            "smem": static + plan["dynamic_smem"] + SM90_RESERVED_SMEM_PER_CTA}
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=[p["kernel"][:60] for p in PLANS])
+def test_kernel_fits_its_occupancy_plan(kernels, plan):
+    """ctas_per_sm CTAs of every kernel the plan names fit on one Hopper SM: registers (per warp, in units of
+    256), shared memory (static + dynamic + the reserved 1 KB per CTA) and threads."""
+    n, threads, dyn = plan["ctas_per_sm"], plan["threads"], plan["dynamic_smem"]
+    assert 1 <= n <= SM90_CTAS_PER_SM and 1 <= threads <= 1024 and threads % 32 == 0, plan
+    assert 0 <= dyn <= SM90_SMEM_PER_CTA, f"{plan['kernel']}: {dyn} B of dynamic shared memory per CTA"
+    for name, k in _matching(kernels, plan["kernel"], mangled=True).items():
+        f = _cta_footprint(k, plan)
+        what = f"{name[:160]}: {n} CTA(s) per SM ({plan['why']})"
+        assert k["reg"] <= SM90_MAX_REGS_PER_THREAD, what
+        assert f["regs"] * n <= SM90_REGS_PER_SM, (
+            f"{what}: {k['reg']} registers x {threads} threads = {f['regs']} per CTA, {f['regs'] * n} > {SM90_REGS_PER_SM}")
+        assert f["static"] + dyn <= SM90_SMEM_PER_CTA, f"{what}: {f['static']} + {dyn} B of shared memory per CTA"
+        assert f["smem"] * n <= SM90_SMEM_PER_SM, (
+            f"{what}: {f['static']} static + {dyn} dynamic + 1024 reserved = {f['smem']} B per CTA, "
+            f"{f['smem'] * n} > {SM90_SMEM_PER_SM}")
+        assert threads * n <= SM90_THREADS_PER_SM, f"{what}: {threads} threads per CTA"
+
+
+def test_hot_kernels_have_occupancy_plans(kernels):
+    """Every kernel HOT_KERNELS holds to a register budget, and every Hopper CUTLASS GEMM, has an occupancy plan."""
+    planned = set()
+    for plan in PLANS:
+        planned |= set(_matching(kernels, plan["kernel"], mangled=True))
+    for pattern, _, _ in HOT_KERNELS:
+        missing = sorted(set(_matching(kernels, pattern)) - planned)
+        assert not missing, f"{pattern!r}: no occupancy plan for {missing}"
+    gemms = _matching(kernels, r"cutlass_launch::kernel<|cutlass_launch6kernelI")
+    missing = sorted(k[:160] for k in gemms if "MainloopSm90" in k and k not in planned)
+    assert not missing, f"CUTLASS GEMMs without an occupancy plan: {missing}"

@@ -27,6 +27,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/device.h"
 #include "bindings/cuda_ops.h"
+#include "kernels/kernel_plan.h"
 
 std::vector<dgemma::bindings::CudaOpBinder>& dgemma::bindings::cuda_op_binders() {
   static std::vector<CudaOpBinder> binders;
@@ -734,6 +735,23 @@ PYBIND11_MODULE(_core, m) {
         for (auto& th : pool) th.join();
         return wrong.load();
       }, py::arg("threads"), py::arg("iters"), py::arg("keys"));
+
+#ifdef DGEMMA_WITH_CUDA
+  testing.def("kernel_plans", [] {
+    py::list out;
+    for (const kernels::KernelPlan& k : kernels::kernel_plans()) {
+      py::dict d;
+      d["kernel"] = k.kernel;
+      d["threads"] = k.threads;
+      d["dynamic_smem"] = k.dynamic_smem;
+      d["ctas_per_sm"] = k.ctas_per_sm;
+      d["why"] = k.why;
+      out.append(d);
+    }
+    return out;
+  }, "The CUDA kernels' occupancy plans (kernels/kernel_plan.h): kernel (a re pattern over the sm_90a kernel "
+     "names), threads per CTA, dynamic_smem bytes per CTA at the released model's shapes, ctas_per_sm, why");
+#endif
 
   py::class_<PyRequest>(m, "Request")
       .def_property_readonly("id", [](const PyRequest& r) { return r.handle->id(); })

@@ -16,6 +16,8 @@
 namespace dgemma::kernels::attention_detail {
 
 constexpr int kCombineThreads = 256;
+// Occupancy plan: 4 CTAs (half the SM's threads) resident, so <= 64 registers per thread.
+constexpr int kCombineCtasPerSm = 4;
 
 template <int D>
 __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(const AttnArgs a) {

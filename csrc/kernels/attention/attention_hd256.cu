@@ -6,5 +6,6 @@ namespace dgemma::kernels {
 
 template cudaError_t attention_forward_hd<256>(const AttentionParams&, cudaStream_t);
 template cudaError_t attention_launch_plan_hd<256>(const AttentionParams&, AttentionLaunchPlan*);
+template void attention_kernel_plans_hd<256>(KernelPlans&);
 
 }  // namespace dgemma::kernels

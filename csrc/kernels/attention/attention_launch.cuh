@@ -13,6 +13,7 @@
 #include "kernels/attention/attention_plan.h"
 #include "kernels/attention/sm80_attention_kernel.cuh"
 #include "kernels/attention/sm90_attention_kernel.cuh"
+#include "kernels/kernel_plan.h"
 
 namespace dgemma::kernels::attention_detail {
 
@@ -119,6 +120,21 @@ namespace dgemma::kernels {
 template <int kHeadDim>
 cudaError_t attention_forward_hd(const AttentionParams& p, cudaStream_t stream) {
   return attention_detail::forward<kHeadDim>(p, stream);
+}
+
+template <int kHeadDim>
+void attention_kernel_plans_hd(KernelPlans& out) {
+  using namespace attention_detail;
+  const std::string d = std::to_string(kHeadDim);
+  using S90 = Sm90Config<kHeadDim>;
+  using S80 = typename Sm80Tiles<kHeadDim>::Cfg;
+  out.push_back({"sm90_attention_kernel<.*Sm90Config<" + d + ">", S90::kThreads, S90::kSmemBytes, S90::kCtasPerSm,
+                 "Sm90Config::kCtasPerSm: operand panels of " + std::to_string(S90::kSmemBytes / 1024) +
+                     " KB, 255 registers per thread"});
+  out.push_back({"sm80_attention_kernel<.*AttnConfig<" + d + ",", S80::kThreads, S80::kSmemBytes, S80::kCtasPerSm,
+                 "AttnConfig::kCtasPerSm: 128 output dims per warp in registers"});
+  out.push_back({"attention_combine_kernel<" + d + ">", kCombineThreads, 0, kCombineCtasPerSm,
+                 "kCombineCtasPerSm: half the SM's threads at <= 64 registers"});
 }
 
 template <int kHeadDim>

@@ -36,6 +36,7 @@ struct AttnConfig {
   static constexpr int kBlockM = 16 * kWarpsM;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsD;
+  static constexpr int kCtasPerSm = 1;  // the output accumulator takes up to 255 registers per thread
   static constexpr int kTileElems = kBlockN * kHeadDim;
   static constexpr int kSFrag = kBlockN / 8 * 4;  // S accumulator floats per thread
   static constexpr int kExchFloats = kWarpsD > 1 ? kWarpsM * kWarpsD * kSFrag * 32 : 0;
@@ -64,7 +65,7 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) sm80_attention_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) sm80_attention_kernel(const AttnArgs a) {
   constexpr int D = Cfg::kHeadDim, BM = Cfg::kBlockM, BN = Cfg::kBlockN, DW = Cfg::kDimsPerWarp;
   constexpr int kWarpsD = Cfg::kWarpsD;
   constexpr int kNT = BN / 8;   // S n-tiles (8 keys each)

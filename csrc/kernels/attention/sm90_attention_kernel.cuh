@@ -74,6 +74,7 @@ struct Sm90Config {
   static constexpr int kBlockM = attention_plan::sm90_tiles(kHeadDim).block_m;
   static constexpr int kBlockN = attention_plan::sm90_tiles(kHeadDim).block_n;
   static constexpr int kThreads = 256;
+  static constexpr int kCtasPerSm = 1;  // the shared-memory plan below fills the SM
   static constexpr int kPanelDims = 256;
   static constexpr int kQPanels = 2;
   static constexpr int kKvPanels = kHeadDim / kPanelDims;
@@ -143,7 +144,7 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) sm90_attention_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) sm90_attention_kernel(const AttnArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(DGEMMA_WITH_CUTLASS)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels/gemm/params_cache.h"
+#include "kernels/kernel_plan.h"
 
 namespace dgemma::kernels::cutlass_launch {
 
@@ -39,6 +40,17 @@ __global__ void __launch_bounds__(GemmKernel::MaxThreadsPerBlock, GemmKernel::Mi
     __trap();
   }
 #endif
+}
+
+// The occupancy plan of an instantiation (kernel_plan.h), from what its launch uses: CUTLASS's
+// threads per CTA, its SharedStorageSize as dynamic shared memory and its MinBlocksPerMultiprocessor
+// (the __launch_bounds__ above). `pattern` must match the kernel's name in its mangled form too:
+// c++filt gives up on CUTLASS's longest names.
+template <class GemmKernel>
+KernelPlan kernel_plan(std::string pattern) {
+  return {std::move(pattern), static_cast<int>(GemmKernel::MaxThreadsPerBlock),
+          static_cast<long long>(GemmKernel::SharedStorageSize), static_cast<int>(GemmKernel::MinBlocksPerMultiprocessor),
+          "CUTLASS MinBlocksPerMultiprocessor (__launch_bounds__); SharedStorageSize: the stage count fills the SM"};
 }
 
 // Whether this build holds code for `arch` (e.g. 1000 for sm_100a).

@@ -55,6 +55,11 @@ using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int
 
 bool sm90_gemm_supported() { return cutlass_launch::built_for(900) && cutlass_launch::device_is(9, 0); }
 
+void sm90_gemm_bf16_kernel_plans(KernelPlans& out) {
+  out.push_back(cutlass_launch::kernel_plan<GemmKernel>(
+      "cutlass_launch(::|6)kernel.*MainloopSm90TmaGmmaWarpSpecialized(<|I).*KernelTmaWarpSpecializedCooperative"));
+}
+
 cudaError_t gemm_bf16_tn(const GemmBf16Params& p, cudaStream_t stream) {
   if (p.M < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.N == 0) return cudaSuccess;

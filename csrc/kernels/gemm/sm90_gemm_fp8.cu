@@ -64,6 +64,11 @@ using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int
 
 }  // namespace
 
+void sm90_gemm_fp8_kernel_plans(KernelPlans& out) {
+  out.push_back(cutlass_launch::kernel_plan<GemmKernel>(
+      "cutlass_launch(::|6)kernel.*MainloopSm90TmaGmmaWarpSpecializedFP8(<|I).*KernelTmaWarpSpecializedCooperative"));
+}
+
 cudaError_t gemm_fp8_tn(const GemmFp8Params& p, cudaStream_t stream) {
   if (p.M < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.N == 0) return cudaSuccess;

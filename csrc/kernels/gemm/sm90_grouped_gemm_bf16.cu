@@ -153,6 +153,11 @@ size_t grouped_gemm_bf16_tn_workspace_size(int G) {
   return workspace_layout(G, dev, sms).total;
 }
 
+void sm90_grouped_gemm_bf16_kernel_plans(KernelPlans& out) {
+  out.push_back(cutlass_launch::kernel_plan<GemmKernel>(
+      "cutlass_launch(::|6)kernel.*MainloopSm90ArrayTmaGmmaWarpSpecialized(<|I).*KernelPtrArrayTmaWarpSpecializedPingpong"));
+}
+
 cudaError_t grouped_gemm_bf16_tn(const GroupedGemmBf16Params& p, cudaStream_t stream) {
   if (p.G < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
   if (p.G == 0 || p.N == 0) return cudaSuccess;

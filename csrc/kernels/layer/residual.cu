@@ -1,12 +1,14 @@
 // Residual-stream layer kernels: post-attention norm + add, the FFN tail (three norms, add, layer
 // scalar) and the final logit softcap. One block per token row; float32 statistics.
 #include "kernels/common/bf16.cuh"
+#include "kernels/kernel_plan.h"
 #include "kernels/layer/layer.cuh"
 
 namespace dgemma::kernels {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kCtasPerSm = 4;  // rows resident per SM: half its threads, so <= 64 registers per thread
 
 // Sum over the block, identical in every thread (fixed order). The trailing barrier lets the caller
 // reuse `scratch` for the next reduction straight away.
@@ -90,6 +92,12 @@ cudaError_t ffn_combine(const FfnCombineParams<Td, Tm>& p, cudaStream_t stream) 
   if (p.tokens <= 0 || p.hidden <= 0) return cudaSuccess;
   ffn_combine_kernel<Td, Tm><<<p.tokens, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+void layer_residual_kernel_plans(KernelPlans& out) {
+  const char* why = "kCtasPerSm: half the SM's threads at <= 64 registers";
+  out.push_back({"residual_norm_add_kernel<", kThreads, 0, kCtasPerSm, why});
+  out.push_back({"ffn_combine_kernel<", kThreads, 0, kCtasPerSm, why});
 }
 
 cudaError_t softcap(float* y, int64_t n, float cap, cudaStream_t stream) {

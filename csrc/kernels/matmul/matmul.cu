@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/common/bf16.cuh"
+#include "kernels/kernel_plan.h"
 #include "kernels/matmul/matmul.cuh"
 
 namespace dgemma::kernels {
@@ -18,6 +19,9 @@ constexpr int kBK = 32;      // K per stage: two mma k-steps
 constexpr int kStages = 3;   // cp.async ring: two tiles in flight while one is computed
 constexpr int kMaxGroups = 4096;
 constexpr int kMaxSplit = 256;
+constexpr int kReduceThreads = 256;
+// Occupancy plan of the split-K reduce: 4 CTAs (half the SM's threads) resident, so <= 64 registers.
+constexpr int kReduceCtasPerSm = 4;
 
 template <int BM_, int WARPS_M, int WARPS_N, int MIN_BLOCKS>
 struct Cfg {
@@ -284,10 +288,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) matmul_bf16_kernel
 }
 
 // y = finish(sum over parts s = 0, 1, ... of ws[s]), elementwise over M * N.
-__global__ void __launch_bounds__(256) splitk_reduce_kernel(const float* __restrict__ ws, void* y, bool y_f32,
-                                                            int64_t mn, int split, float alpha, float softcap) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < mn;
-       i += static_cast<int64_t>(gridDim.x) * 256) {
+__global__ void __launch_bounds__(kReduceThreads) splitk_reduce_kernel(const float* __restrict__ ws, void* y, bool y_f32,
+                                                                       int64_t mn, int split, float alpha, float softcap) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < mn;
+       i += static_cast<int64_t>(gridDim.x) * kReduceThreads) {
     float s = 0.f;
     for (int p = 0; p < split; ++p) s += ws[p * mn + i];
     const float v = finish(s, alpha, softcap);
@@ -347,10 +351,24 @@ cudaError_t matmul_bf16(const MatmulParams& p, cudaStream_t stream) {
   cudaError_t err = small_tiles(p.M, p.G) ? launch_cfg<CfgSmall>(a, aligned, p.w_kn, stream)
                                           : launch_cfg<CfgLarge>(a, aligned, p.w_kn, stream);
   if (err != cudaSuccess || !a.ws) return err;
-  const int64_t mn = p.M * p.N, want = (mn + 255) / 256;
-  splitk_reduce_kernel<<<static_cast<int>(want < 65536 ? want : 65536), 256, 0, stream>>>(
+  const int64_t mn = p.M * p.N, want = (mn + kReduceThreads - 1) / kReduceThreads;
+  splitk_reduce_kernel<<<static_cast<int>(want < 65536 ? want : 65536), kReduceThreads, 0, stream>>>(
       a.ws, p.y, p.y_f32, mn, p.split_k, p.alpha, p.softcap);
   return cudaGetLastError();
+}
+
+void matmul_kernel_plans(KernelPlans& out) {
+  // Shared memory is static (C::kSmemBytes, in the kernel's own resource usage).
+  auto add = [&out](auto cfg) {
+    using C = decltype(cfg);
+    out.push_back({"matmul_bf16_kernel<.*Cfg<" + std::to_string(C::BM) + ", " + std::to_string(C::kWarpsM) + ", " +
+                       std::to_string(C::kWarpsN) + ", " + std::to_string(C::kMinBlocks) + ">",
+                   C::kThreads, 0, C::kMinBlocks, "Cfg::kMinBlocks (__launch_bounds__): loads in flight per SM"});
+  };
+  add(CfgLarge{});
+  add(CfgSmall{});
+  out.push_back({"splitk_reduce_kernel", kReduceThreads, 0, kReduceCtasPerSm,
+                 "kReduceCtasPerSm: half the SM's threads at <= 64 registers"});
 }
 
 int matmul_pick_split_k(int64_t M, int64_t N, int64_t K) {

@@ -1,12 +1,15 @@
 // MoE elementwise steps around the expert GEMMs (see moe.cuh): the GELU gate between gate_up and
 // down, and the weighted, ordered combine of each token's expert outputs.
 #include "kernels/common/bf16.cuh"
+#include "kernels/kernel_plan.h"
 #include "kernels/moe/moe.cuh"
 
 namespace dgemma::kernels {
 namespace {
 
 constexpr int kMaxK = 32;
+constexpr int kCombineThreads = 256;
+constexpr int kCombineCtasPerSm = 4;  // half the SM's threads: <= 64 registers per thread
 
 // Grid-stride over groups of V outputs (V = 8: one 16-byte load of gate and of up).
 template <int V>
@@ -44,7 +47,7 @@ __device__ inline void store1(__nv_bfloat16* dst, float v) { *dst = __float2bflo
 // One block per token. Its slots are visited in ascending expert order; each weighted row is rounded
 // to fp32 before it is added (__fmul_rn/__fadd_rn: no FMA contraction), as in CpuBackend::moe_experts.
 template <typename To, bool kVec8>
-__global__ void __launch_bounds__(256) combine_kernel(const MoeCombineParams<To> p) {
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const MoeCombineParams<To> p) {
   __shared__ int rows[kMaxK];
   __shared__ float wts[kMaxK];
   const int t = blockIdx.x, k = p.k, H = p.H;
@@ -109,10 +112,15 @@ cudaError_t moe_combine(const MoeCombineParams<To>& p, cudaStream_t stream) {
   if (p.T < 0 || p.H <= 0 || p.k < 1 || p.k > kMaxK) return cudaErrorInvalidValue;
   if (p.T == 0) return cudaSuccess;
   if (p.H % 8 == 0 && aligned16(p.dn) && aligned16(p.out))
-    combine_kernel<To, true><<<p.T, 256, 0, stream>>>(p);
+    combine_kernel<To, true><<<p.T, kCombineThreads, 0, stream>>>(p);
   else
-    combine_kernel<To, false><<<p.T, 256, 0, stream>>>(p);
+    combine_kernel<To, false><<<p.T, kCombineThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+void moe_combine_kernel_plans(KernelPlans& out) {
+  out.push_back({"::combine_kernel<", kCombineThreads, 0, kCombineCtasPerSm,
+                 "kCombineCtasPerSm: half the SM's threads at <= 64 registers"});
 }
 
 template cudaError_t moe_combine<float>(const MoeCombineParams<float>&, cudaStream_t);

@@ -18,6 +18,7 @@
 //   4 gather     as in the single-block path.
 // Integers only, no global atomics: the same bits whatever the block order.
 #include "kernels/common/bf16.cuh"
+#include "kernels/kernel_plan.h"
 #include "kernels/moe/moe.cuh"
 
 namespace dgemma::kernels {
@@ -38,6 +39,15 @@ constexpr int kScanThreads = 1024;
 constexpr int kMultiBlockMinSlots = 8192;
 static_assert(kMbChunk % kMbThreads == 0 && kMbChunk <= 65535, "chunk counts are 16-bit");
 static_assert(kMbThreads % 32 == 0 && kMbThreads >= 32, "whole warps");
+constexpr int kGatherThreads = 128;
+// Occupancy plan: the multi-block kernels keep 4 CTAs (half the SM's threads) resident, the gather 8,
+// so <= 64 registers per thread; the single-block sort and scan launch 1024 threads with <= 64 registers.
+constexpr int kMbCtasPerSm = 4;
+constexpr int kGatherCtasPerSm = 8;
+
+// Dynamic shared memory of the multi-block kernels for E experts.
+size_t mb_histogram_smem(int E) { return static_cast<size_t>(E) * sizeof(int); }
+size_t mb_rank_smem(int E) { return ((2 * static_cast<size_t>(E) + 15) & ~size_t{15}) + static_cast<size_t>(kMbWarps) * E; }
 
 __global__ void __launch_bounds__(kSortThreads)
     sort_kernel(const int32_t* __restrict__ idx, int n, int E, int32_t* __restrict__ counts_out,
@@ -229,7 +239,7 @@ __device__ inline uint4 load8_bf16(const __nv_bfloat16* src) { return *reinterpr
 
 // One block per permuted row: xp[r, :] = bf16(x[perm[r] / k, :]).
 template <typename Tx, bool kVec8>
-__global__ void __launch_bounds__(128) gather_kernel(const Tx* __restrict__ x, const int32_t* __restrict__ perm,
+__global__ void __launch_bounds__(kGatherThreads) gather_kernel(const Tx* __restrict__ x, const int32_t* __restrict__ perm,
                                                      __nv_bfloat16* __restrict__ xp, int n, int k, int H) {
   const size_t r = blockIdx.x;
   const int slot = perm[r];
@@ -252,15 +262,26 @@ cudaError_t launch_gather(const MoePermuteParams<Tx>& p, long long n, cudaStream
   if (p.xp == nullptr || n == 0) return cudaSuccess;
   const bool vec8 = p.H % 8 == 0 && aligned16(p.x) && aligned16(p.xp);
   if (vec8)
-    gather_kernel<Tx, true><<<static_cast<unsigned>(n), 128, 0, stream>>>(p.x, p.perm_slot, p.xp, static_cast<int>(n), p.k, p.H);
+    gather_kernel<Tx, true><<<static_cast<unsigned>(n), kGatherThreads, 0, stream>>>(p.x, p.perm_slot, p.xp, static_cast<int>(n), p.k, p.H);
   else
-    gather_kernel<Tx, false><<<static_cast<unsigned>(n), 128, 0, stream>>>(p.x, p.perm_slot, p.xp, static_cast<int>(n), p.k, p.H);
+    gather_kernel<Tx, false><<<static_cast<unsigned>(n), kGatherThreads, 0, stream>>>(p.x, p.perm_slot, p.xp, static_cast<int>(n), p.k, p.H);
   return cudaGetLastError();
 }
 
 long long mb_blocks(long long n) { return (n + kMbChunk - 1) / kMbChunk; }
 
 }  // namespace
+
+void moe_permute_kernel_plans(KernelPlans& out) {
+  const int E = plan_shapes::kExperts;
+  const char* why = "kMbCtasPerSm: half the SM's threads at <= 64 registers";
+  out.push_back({"::sort_kernel\\(", kSortThreads, 0, 1, "one CTA (grid 1) of 1024 threads"});
+  out.push_back({"::mb_scan_kernel\\(", kScanThreads, 0, 1, "one CTA (grid 1) of 1024 threads"});
+  out.push_back({"::mb_histogram_kernel\\(", kMbThreads, static_cast<long long>(mb_histogram_smem(E)), kMbCtasPerSm, why});
+  out.push_back({"::mb_rank_kernel\\(", kMbThreads, static_cast<long long>(mb_rank_smem(E)), kMbCtasPerSm, why});
+  out.push_back({"gather_kernel<", kGatherThreads, 0, kGatherCtasPerSm,
+                 "kGatherCtasPerSm: half the SM's threads at <= 64 registers"});
+}
 
 size_t moe_permute_workspace_bytes(int T, int E, int k) {
   if (T <= 0 || E <= 0 || k <= 0) return 0;
@@ -292,15 +313,14 @@ cudaError_t moe_permute_multi_block(const MoePermuteParams<Tx>& p, cudaStream_t 
   int32_t* tbl = static_cast<int32_t*>(p.workspace);
   const int nb = static_cast<int>(B), ni = static_cast<int>(n);
   if (nb > 0) {
-    mb_histogram_kernel<<<nb, kMbThreads, p.E * sizeof(int), stream>>>(p.topk_idx, ni, p.E, nb, tbl);
+    mb_histogram_kernel<<<nb, kMbThreads, mb_histogram_smem(p.E), stream>>>(p.topk_idx, ni, p.E, nb, tbl);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
   // Counts and offsets are written even for T = 0, as in the single-block path.
   mb_scan_kernel<<<1, kScanThreads, 0, stream>>>(tbl, p.E, nb, p.expert_counts, p.expert_offsets);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   if (nb > 0) {
-    const size_t smem = ((2 * p.E + 15) & ~15) + static_cast<size_t>(kMbWarps) * p.E;
-    mb_rank_kernel<<<nb, kMbThreads, smem, stream>>>(p.topk_idx, ni, p.E, nb, tbl, p.perm_slot, p.inv);
+    mb_rank_kernel<<<nb, kMbThreads, mb_rank_smem(p.E), stream>>>(p.topk_idx, ni, p.E, nb, tbl, p.perm_slot, p.inv);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
   return launch_gather(p, n, stream);

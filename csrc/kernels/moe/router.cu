@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "kernels/common/bf16.cuh"
+#include "kernels/kernel_plan.h"
 #include "kernels/moe/moe.cuh"
 
 namespace dgemma::kernels {
@@ -31,6 +32,12 @@ constexpr int kExp = kWarps * kExpPerWarp;  // experts per CTA
 constexpr int kMaxK = 32;               // top-k limit: one selection slot per lane
 constexpr float kTaken = -2.0f;         // probabilities are >= 0 (NaN is stored as -1): marks a chosen expert
 static_assert(kTok == kWarps, "one warp per token in the norm and top-k phases");
+// The occupancy plan: two CTAs per SM at the released model's H = 2816 (90 KB of shared tokens each),
+// so <= 128 registers per thread.
+constexpr int kCtasPerSm = 2;
+
+// Dynamic shared memory: the CTA's kTok tokens (H floats each), later their E probabilities.
+size_t smem_bytes(int H, int E) { return sizeof(float) * kTok * static_cast<size_t>(H > E ? H : E); }
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -189,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) router_kernel(const MoeRouterParams<
 
 template <typename Tx, bool kVec4>
 cudaError_t launch(const MoeRouterParams<Tx>& p, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * kTok * static_cast<size_t>(p.H > p.E ? p.H : p.E);
+  const size_t smem = smem_bytes(p.H, p.E);
   auto kernel = router_kernel<Tx, kVec4>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -206,6 +213,11 @@ cudaError_t launch(const MoeRouterParams<Tx>& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void moe_router_kernel_plans(KernelPlans& out) {
+  out.push_back({"router_kernel<", kThreads, static_cast<long long>(smem_bytes(plan_shapes::kHidden, plan_shapes::kExperts)),
+                 kCtasPerSm, "kCtasPerSm: two CTAs' shared tokens per SM at H = 2816"});
+}
 
 size_t moe_router_workspace_bytes(int T, int E) {
   if (T <= 0 || E <= 0) return 0;

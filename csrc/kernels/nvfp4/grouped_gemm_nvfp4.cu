@@ -41,6 +41,7 @@
 
 #include "common/nvfp4_w4a16_layout.h"
 #include "kernels/common/bf16.cuh"
+#include "kernels/kernel_plan.h"
 
 namespace dgemma::kernels {
 namespace {
@@ -55,6 +56,7 @@ constexpr int kActBytes = kMaxTokens * kActRowBytes;
 constexpr int kStageBytes = L::kUnitBytes + kActBytes;  // 12800
 constexpr int kRowsTableBytes = kMaxTokens * 4;
 constexpr int kSmemBytes = kStages * kStageBytes + kRowsTableBytes;  // 77056: 2 CTAs per SM on sm_90/100
+constexpr int kCtasPerSm = 2;  // 16 warps per SM keep the weight stream's stages in flight
 static_assert(L::kUnitBytes == kThreads * 16 + 32 * 16, "a stage's weights: one 16-byte chunk per thread + the scales");
 static_assert(L::kUnitBytes % 128 == 0 && kStageBytes % 128 == 0, "stages keep 128-byte alignment");
 
@@ -225,7 +227,7 @@ __device__ __forceinline__ void run_pass(const GroupedGemmNvfp4Params& p, const 
 
 // grid (groups(N, gated), G): CTA (c, g) computes MMA row blocks 8c .. 8c+7 of expert g for all its tokens.
 template <bool Gated>
-__global__ void __launch_bounds__(kThreads, 2) grouped_gemm_nvfp4_kernel(GroupedGemmNvfp4Params p) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) grouped_gemm_nvfp4_kernel(GroupedGemmNvfp4Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) uint8_t smem[];
   const int g = blockIdx.y;
@@ -254,6 +256,11 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_nvfp4_kernel(Grouped
 bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
 }  // namespace
+
+void w4a16_kernel_plans(KernelPlans& out) {
+  out.push_back({"grouped_gemm_nvfp4_kernel<", kThreads, kSmemBytes, kCtasPerSm,
+                 "kCtasPerSm (__launch_bounds__): 16 warps per SM hide the weight stream's latency"});
+}
 
 size_t grouped_gemm_nvfp4_weight_bytes(int N, int K, bool gated) { return L::expert_bytes(N, K, gated); }
 

@@ -4,7 +4,9 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
+#include "kernels/kernel_plan.h"
 #include "kernels/sampler/lm_head_fused.cuh"
 
 namespace dgemma::kernels {
@@ -18,6 +20,8 @@ constexpr int kVTile = 64;    // vocabulary entries per tile = per chunk of the 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTargetClusters = 16;  // 128 CTAs: one wave on an H100's 132 SMs
+constexpr int kSplitCtasPerSm = 1;   // the streaming kernel's shared memory (166 KB at HC = 352) fills the SM
+constexpr int kMaxPositions = 3072;  // the fallback's position list lives in shared memory
 constexpr int kPad = 8;              // bf16 row padding: row strides are odd multiples of 16 bytes
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kWarps == kCluster, "the token step maps warp w to H slice w");
@@ -178,7 +182,7 @@ struct SplitSmem {
 };
 
 template <int HC>
-__global__ void __launch_bounds__(kThreads, 1) lm_head_split_kernel(const LmHeadSampleParams p) {
+__global__ void __launch_bounds__(kThreads, kSplitCtasPerSm) lm_head_split_kernel(const LmHeadSampleParams p) {
   using L = SplitSmem<HC>;
   constexpr int NT = HC / 16;  // n8 tiles of a warp's half of the slice in the soft GEMM
   extern __shared__ __align__(16) unsigned char smem[];
@@ -645,6 +649,8 @@ __global__ void __launch_bounds__(kThreads) lm_head_resolve_kernel(const LmHeadS
 
 // ---- 3. exact chunk masses of the flagged positions -----------------------------------------
 
+size_t exact_mass_smem(int P) { return sizeof(int) * static_cast<size_t>(P); }  // the flagged positions
+
 template <int HC>
 __global__ void __launch_bounds__(kThreads) lm_head_exact_mass_kernel(const LmHeadSampleParams p) {
   extern __shared__ int s_list[];  // [P]
@@ -732,13 +738,28 @@ cudaError_t launch(const LmHeadSampleParams& p, cudaStream_t stream) {
   lm_head_resolve_kernel<HC, false><<<p.P, kThreads, 0, stream>>>(p);
   if ((e = cudaGetLastError()) != cudaSuccess) return e;
   const int grid = lay.nch < 264 ? lay.nch : 264;
-  lm_head_exact_mass_kernel<HC><<<grid, kThreads, sizeof(int) * p.P, stream>>>(p);
+  lm_head_exact_mass_kernel<HC><<<grid, kThreads, exact_mass_smem(p.P), stream>>>(p);
   if ((e = cudaGetLastError()) != cudaSuccess) return e;
   lm_head_resolve_kernel<HC, true><<<p.P, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 }  // namespace
+
+void lm_head_kernel_plans(KernelPlans& out) {
+  auto split = [&out](auto hc) {
+    constexpr int HC = decltype(hc)::value;
+    out.push_back({"lm_head_split_kernel<" + std::to_string(HC) + ">", kThreads,
+                   static_cast<long long>(SplitSmem<HC>::bytes), kSplitCtasPerSm,
+                   "kSplitCtasPerSm (__launch_bounds__): the E tiles' shared memory; 8-CTA clusters"});
+  };
+  split(std::integral_constant<int, 16>{});
+  split(std::integral_constant<int, 64>{});
+  split(std::integral_constant<int, 352>{});  // H = 2816
+  out.push_back({"lm_head_resolve_kernel<", kThreads, 0, 1, "one CTA per position, nothing shared between CTAs"});
+  out.push_back({"lm_head_exact_mass_kernel<", kThreads, static_cast<long long>(exact_mass_smem(kMaxPositions)), 1,
+                 "grid-stride over chunks, nothing shared between CTAs; shared list at the largest P"});
+}
 
 int lm_head_sample_splits(int P, int V) { return splits_for(P, V); }
 
@@ -749,7 +770,7 @@ cudaError_t lm_head_sample_fused(const LmHeadSampleParams& p, cudaStream_t strea
   if (p.P == 0) return cudaSuccess;
   if (p.H < 8 || p.H % 8 != 0 || p.H > kLmHeadMaxHidden || p.V < 1 || p.n < 1 || p.P % p.n != 0)
     return cudaErrorInvalidValue;
-  if (p.P > 3072) return cudaErrorInvalidValue;  // the fallback's position list lives in shared memory
+  if (p.P > kMaxPositions) return cudaErrorInvalidValue;
   if (!p.x || !p.emb || !p.temperature || !p.uniform || !p.token || !p.argmax || !p.entropy || !p.workspace)
     return cudaErrorInvalidValue;
   if (p.workspace_bytes < lm_head_sample_workspace_bytes(p.P, p.H, p.V)) return cudaErrorInvalidValue;

@@ -1,6 +1,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels/kernel_plan.h"
 #include "kernels/sampler/sampler.cuh"
 
 namespace dgemma::kernels {
@@ -8,6 +9,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kCtasPerSm = 2;  // two positions per SM: <= 64 registers per thread
 // The vocabulary is cut into segments of kRows rows of 32 consecutive entries; warp w owns
 // segments w, w + kWarps, ... in every pass, so each load is a coalesced 128-byte row and every
 // element is read back by the thread that wrote it.
@@ -15,6 +17,9 @@ constexpr int kRows = 8;
 constexpr int kSeg = kRows * 32;
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kSampleMaxVocab % kSeg == 0, "segments must tile the largest vocabulary");
+
+// Dynamic shared memory: one 64-bit mass per segment (<= 32 KiB at kSampleMaxVocab).
+size_t seg_sum_bytes(int vocab) { return static_cast<size_t>((vocab + kSeg - 1) / kSeg) * sizeof(uint64_t); }
 
 // Probabilities quantised to multiples of 2^-62 so that CDF sums are exact integers (p <= 1, and
 // sum p <= 1 + a few float ulps, so sum q stays far below 2^64).
@@ -75,7 +80,7 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t& t
   return before + incl - v;
 }
 
-__global__ void __launch_bounds__(kThreads, 2) sample_canvas_kernel(const SampleCanvasParams p) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) sample_canvas_kernel(const SampleCanvasParams p) {
   extern __shared__ uint64_t seg_sum[];  // [segments]: sum of q over each segment
   __shared__ double s_dbl[kWarps];
   __shared__ uint64_t s_u64[kWarps];
@@ -220,9 +225,14 @@ cudaError_t sample_canvas(const SampleCanvasParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const long long positions = static_cast<long long>(p.rows) * p.canvas_length;
   if (positions > INT_MAX) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>((p.vocab + kSeg - 1) / kSeg) * sizeof(uint64_t);  // <= 32 KiB
+  const size_t smem = seg_sum_bytes(p.vocab);
   sample_canvas_kernel<<<static_cast<unsigned>(positions), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+void sample_canvas_kernel_plans(KernelPlans& out) {
+  out.push_back({"sample_canvas_kernel", kThreads, static_cast<long long>(seg_sum_bytes(plan_shapes::kVocab)), kCtasPerSm,
+                 "kCtasPerSm (__launch_bounds__): two positions per SM"});
 }
 
 }  // namespace dgemma::kernels
