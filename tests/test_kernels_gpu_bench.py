@@ -93,3 +93,34 @@ def test_device_rates():
     assert kg.device_rates("NVIDIA H200")[0] == 4.8
     assert kg.device_rates("NVIDIA H100 PCIe")[0] == 2.0
     assert kg.device_rates("NVIDIA L4") == (None, None)
+
+
+def test_verdicts_from_given_times():
+    """The GPU path's arithmetic on made-up times: GB/s, the 1.25x ratio on weight bytes, SDPA comparison."""
+    import torch
+
+    kg = _module()
+    shape = presets.preset("26b-a4b")
+    ctx = kg.Ctx(torch, None, dry=True)
+    kernels = {}
+    for build, _ in kg.SECTIONS.values():
+        for k in build(ctx, shape)[0]:
+            kernels[k.name] = k
+    tbps, tflops = kg.device_rates("NVIDIA H100 80GB HBM3")
+    nv = kernels["moe_experts_nvfp4"]
+    at_hbm = nv.weight_bytes / (tbps * 1e12) * 1e3  # ms
+    times = {"moe_experts_nvfp4": 1.2 * at_hbm, "attention_hd512": 0.2, "sdpa_hd512": 0.3, "attention_hd256": 0.1}
+    desc = {n: kg.describe(k, tbps, tflops, {"ms": times[n], "reps": 1} if n in times else None)
+            for n, k in kernels.items()}
+    d = desc["moe_experts_nvfp4"]
+    assert abs(d["ratio_to_weight_bytes_at_hbm"] - 1.2) < 1e-9
+    assert abs(d["achieved_gbps"] - nv.bytes / (times["moe_experts_nvfp4"] / 1e3) / 1e9) < 1e-6
+    sdpa = {"hd512": {"picked": "EFFICIENT_ATTENTION", "default_ms": 0.3, "backends_ms": {"MATH": 2.0}}}
+    v = kg.verdicts(desc, sdpa, tbps)
+    assert v["moe_experts_nvfp4_within_1.25x_of_weight_bytes"]["meets"] is True
+    assert v["moe_experts_bf16_within_1.25x_of_weight_bytes"]["meets"] is None  # not timed
+    a = v["attention_hd512_faster_than_sdpa"]
+    assert a["meets"] is True and abs(a["speedup"] - 1.5) < 1e-9 and a["sdpa_best_ms"] == 2.0
+    assert v["attention_hd256_faster_than_sdpa"]["meets"] is None  # no SDPA time
+    # nvfp4 weights: 4.5 bits per weight, every expert hit by 2,048 random slots
+    assert nv.weight_bytes == 128 * (2 * 704 * 2816 + 2816 * 704) * 9 // 16
