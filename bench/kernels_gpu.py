@@ -522,11 +522,14 @@ def gpu_info() -> tuple[str, str]:
 
 def git_commit() -> tuple[str, bool | None]:
     """The commit, from git, or the stamp tools/gpu_wheels.sh leaves beside the wheels (no .git on the GPU machine)."""
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if r.returncode == 0:
-        d = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-        return r.stdout.strip(), bool(d.stdout.strip())
+    try:
+        r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        if r.returncode == 0:
+            d = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True)
+            return r.stdout.strip(), bool(d.stdout.strip())
+    except OSError:  # no git on the machine
+        pass
     stamp = pathlib.Path(os.environ.get("GPU_WHEELS", ROOT / "build" / "gpu-wheels")) / "SOURCE_COMMIT"
     try:
         commit, *dirty = stamp.read_text().split()

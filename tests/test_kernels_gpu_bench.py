@@ -124,3 +124,16 @@ def test_verdicts_from_given_times():
     assert v["attention_hd256_faster_than_sdpa"]["meets"] is None  # no SDPA time
     # nvfp4 weights: 4.5 bits per weight, every expert hit by 2,048 random slots
     assert nv.weight_bytes == 128 * (2 * 704 * 2816 + 2816 * 704) * 9 // 16
+
+
+def test_commit_without_git_comes_from_the_wheels_stamp(tmp_path, monkeypatch):
+    """The GPU machine gets the tree without .git (and maybe without git): the stamp tools/gpu_wheels.sh wrote."""
+    kg = _module()
+    monkeypatch.setattr(kg, "ROOT", tmp_path)  # not a repository
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "SOURCE_COMMIT").write_text("b" * 40 + " dirty\n")
+    monkeypatch.setenv("GPU_WHEELS", str(tmp_path / "w"))
+    assert kg.git_commit() == ("b" * 40, True)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    (tmp_path / "w" / "SOURCE_COMMIT").write_text("c" * 40 + "\n")
+    assert kg.git_commit() == ("c" * 40, False)
