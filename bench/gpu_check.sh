@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one-call GPU check: on a fresh, offline H100/H200 machine (Python 3.12, torch 2.11, CUDA 13.0),
-# install the carried wheels, build for sm_90a, run the GPU tests, a compute-sanitizer memcheck of a
-# small generate and the benchmark set, and write logs and JSON under $OUT; all within 8 minutes of
-# wall time (every step runs under `timeout`, cut to what is left of the budget).
+# install the carried wheels, build for sm_90a, run the GPU tests, the kernel microbenchmark
+# (bench/kernels_gpu.py), a compute-sanitizer memcheck of a small generate and the benchmark set, and
+# write logs and JSON under $OUT; all within 8 minutes of wall time (every step runs under `timeout`,
+# cut to what is left of the budget; steps run in order of what only a GPU can tell us, so the
+# end-to-end benchmarks are the first to be cut: rerun them with GPU_CHECK_STEPS).
 #
 #   bash bench/gpu_check.sh             the check (on the GPU machine; OUT defaults to build/gpu-check-out)
 #   bash bench/gpu_check.sh --pack      the same, then logs, junit and records packed into gpu-check.tar.gz
@@ -31,13 +33,17 @@ for a in "$@"; do
   case "$a" in
     --dry-run) MODE=dry ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
 
-# Where logs and JSON go; the dry run shows the plan with $OUT unexpanded.
-if [ "$MODE" = dry ]; then OUT='$OUT'; else OUT=${OUT:-$ROOT/build/gpu-check-out}; fi
+# Where logs and JSON go, and which roofline device the profile's bandwidth is a fraction of (--gpu: the
+# H200's name says so, anything else counts as an H100); the dry run shows the plan with both unexpanded.
+if [ "$MODE" = dry ]; then OUT='$OUT'; GPU_KIND='$GPU_KIND'; else
+  OUT=${OUT:-$ROOT/build/gpu-check-out}
+  GPU_KIND=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -qi h200 && echo h200 || echo h100)
+fi
 
 # The carried wheel set (tools/gpu_wheels.txt): pip specs to install, and the CUTLASS wheel to unpack.
 SPECS=$(grep -v '^\s*#' "$ROOT/tools/gpu_wheels.txt" | sed 's/#.*//' | awk 'NF && $2 != "--no-deps" {print $1}' | tr '\n' ' ')
@@ -49,8 +55,8 @@ CACHE=${DGEMMA_RT_CACHE:-$ROOT/build/gpu-check-cache}   # config-only: the weigh
 BENCH_SHAPE="--random-weights --preset 26b-a4b --device cuda --batch 1 --prompt-len 4096 --new-tokens 512 --steps 16 --fixed-steps --warmup 1 --runs 1 --json --no-progress"
 # Options of dgemma-bench the steps use (must exist), and those that may not exist yet (the step then
 # fails and says so; the dry run reports them as pending).
-BENCH_OPTS="--random-weights --preset --device --batch --prompt-len --new-tokens --steps --fixed-steps --warmup --runs --json --no-progress --quant"
-BENCH_PENDING="--peer"
+BENCH_OPTS="--random-weights --preset --device --batch --prompt-len --new-tokens --steps --fixed-steps --warmup --runs --json --no-progress --quant --peer --profile --gpu"
+BENCH_PENDING=""
 SMALL_GENERATE="import dgemma_rt, sys; e = dgemma_rt.Engine(sys.argv[1], device='cuda'); o = e.generate([[2, 651, 1234, 77]], max_new_tokens=32, max_denoising_steps=2, seed=0); print(o.sequences.tolist(), o.timings)"
 
 # Each step: NAME CAP_SECONDS NEEDS COMMAND. NEEDS: a step that must have passed first, or "-".
@@ -59,8 +65,9 @@ STEPS=(
   "wheels|90|-|PIP_CONFIG_FILE=/dev/null $PY -m pip install --no-index --no-cache-dir --find-links $WHEELS $SPECS && $PY $LIB cutlass $CUTLASS_WHEEL $CUTLASS_DIR && $PY -c 'import transformers, nlohmann_json; from transformers.models import diffusion_gemma; print(\"transformers\", transformers.__version__)'"
   "build|300|-|cd $ROOT && PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 CMAKE_BUILD_PARALLEL_LEVEL=$JOBS $PY -m pip install -v --no-build-isolation --no-index --no-cache-dir --find-links $WHEELS -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH -Ccmake.define.DGEMMA_CUTLASS_INCLUDE=$CUTLASS_INC -Ccmake.define.DGEMMA_BUILD_EXAMPLES=OFF -Cbuild-dir=build/gpu-check-build . && cd / && $PY -c 'import dgemma_rt; print(dgemma_rt.__file__); print(dgemma_rt.cuda_status()); assert dgemma_rt.cuda_compiled()'"
   "tests|150|build|cd $ROOT && DGEMMA_RT_EXPECT_PREFIX=\$($PY -c 'import sys; print(sys.prefix)') $PY -m pytest -q -rs -p no:cacheprovider --junitxml=$OUT/junit-gpu.xml \$(ls tests/test_cuda_*.py tests/test_backend_ops.py 2>/dev/null)"
+  "kernels|90|build|cd / && $PY $ROOT/bench/kernels_gpu.py --out $OUT/results/raw-kernels.json"
   "memcheck|90|build|$PY -c 'import dgemma_rt; dgemma_rt.check_device(\"cuda\")' || exit 77; rm -rf /tmp/gpu-check-tiny && dgemma-rt make-tiny /tmp/gpu-check-tiny && compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c \"$SMALL_GENERATE\" /tmp/gpu-check-tiny"
-  "bench-bf16|150|build|cd / && DGEMMA_RT_CACHE=$CACHE dgemma-bench $BENCH_SHAPE > $OUT/results/raw-26b-a4b-bf16.json"
+  "bench-bf16|150|build|cd / && DGEMMA_RT_CACHE=$CACHE dgemma-bench $BENCH_SHAPE --profile --gpu $GPU_KIND > $OUT/results/raw-26b-a4b-bf16.json"
   "bench-peer|120|build|cd / && DGEMMA_RT_CACHE=$CACHE dgemma-bench $BENCH_SHAPE --peer transformers > $OUT/results/raw-26b-a4b-bf16-transformers.json; rc=\$?; rm -rf $CACHE; exit \$rc"
   "bench-nvfp4|150|build|cd / && DGEMMA_RT_CACHE=$CACHE dgemma-bench $BENCH_SHAPE --quant nvfp4 > $OUT/results/raw-26b-a4b-nvfp4.json; rc=\$?; rm -rf $CACHE; exit \$rc"
   "results|20|-|$PY $LIB results $OUT"
@@ -153,6 +160,16 @@ if [ "$MODE" = dry ]; then
   done
   have=$("$PY" "$LIB" options "$ROOT/python/dgemma_rt/cli.py")
   echo "$have" | grep -qx make-tiny && pass "dgemma-rt make-tiny" || fail "dgemma-rt has no make-tiny"
+  # The kernels step: every input builds (torch's meta device) and, in a CUDA build, every binding it calls exists.
+  if "$PY" -c 'import torch, dgemma_rt' >/dev/null 2>&1; then
+    if kout=$("$PY" "$ROOT/bench/kernels_gpu.py" --dry-run --out "$tmp/kernels.json" 2>&1); then
+      pass "bench/kernels_gpu.py --dry-run: $(echo "$kout" | sed -n 's/^\[kernels\] bindings: //p')"
+    else
+      fail "bench/kernels_gpu.py --dry-run:"; echo "$kout" | sed 's/^/      /' | tail -15
+    fi
+  else
+    echo "note: bench/kernels_gpu.py --dry-run not run: $PY cannot import torch and dgemma_rt here"
+  fi
   if command -v dgemma-bench >/dev/null; then  # an installed build: its --help must agree
     h=$(dgemma-bench --help 2>&1)
     for o in $BENCH_OPTS; do echo "$h" | grep -q -- "$o\b" || fail "installed dgemma-bench --help lacks $o"; done

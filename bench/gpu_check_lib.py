@@ -139,6 +139,33 @@ def results(out: str) -> None:
         print(target)
 
 
+def kernels_summary(j: dict) -> str:
+    """One line of bench/kernels_gpu.py's JSON: the issue-13 targets and the sections that failed."""
+    def ms(v):
+        return "-" if v is None else f"{v:.3f} ms"
+
+    t = j.get("targets", {})
+    parts = []
+    for hd in (512, 256):
+        a = t.get(f"attention_hd{hd}_faster_than_sdpa", {})
+        if a:
+            parts.append(f"attention hd{hd} {ms(a.get('ms'))} vs SDPA ({a.get('sdpa_backend')}) "
+                         f"{ms(a.get('sdpa_ms'))}")
+    for name in ("moe_experts_nvfp4", "moe_experts_bf16"):
+        e = next((v for k, v in t.items() if k.startswith(name + "_within")), {})
+        if e.get("ratio") is not None:
+            target = f" (target 1.25x: {'meets' if e['meets'] else 'misses'})" if "nvfp4" in name else ""
+            parts.append(f"{name} {ms(e.get('ms'))} = {e['ratio']:.2f}x its weight bytes at HBM bandwidth{target}")
+    k = j.get("kernels", {})
+    for name in ("moe_router", "lm_head"):
+        if k.get(name, {}).get("ms") is not None:
+            parts.append(f"{name} {ms(k[name]['ms'])}")
+    failed = [s for s, v in j.get("sections", {}).items() if v.get("status") != "ok"]
+    if failed:
+        parts.append("FAILED sections: " + ", ".join(failed))
+    return "; ".join(parts) or "no kernel timed"
+
+
 def summary(out: str) -> None:
     o = pathlib.Path(out)
     prov = json.loads((o / "provenance.json").read_text())
@@ -158,9 +185,12 @@ def summary(out: str) -> None:
     for r in doc["results"]:
         try:
             j = json.loads((o / "results" / r).read_text())
+            if "kernels" in j:
+                lines.append(f"\n{r}: {kernels_summary(j)}")
+                continue
             lines.append(f"\n{r}: {j.get('tokens_per_s', 0):.1f} tok/s, {j.get('ms_per_step', 0):.2f} ms/step, "
                          f"prefill {j.get('prefill_ms', 0):.1f} ms")
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             pass
     (o / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -90,6 +90,23 @@ def test_cli_prints_it_with_measured_times(tmp_path):
     assert f["total"]["expected_ms"] < r["total"]["expected_ms"]
 
 
+def test_measured_per_format_picks_the_bench_formats(tmp_path):
+    """bench/kernels_gpu.py writes per_op_ms (BF16 experts and dense) and per_op_ms_by_format: --measured takes
+    the entry of --quant / --dense-quant, else per_op_ms."""
+    measured = tmp_path / "k.json"
+    measured.write_text(json.dumps({"per_op_ms": {"moe_experts": 9.0, "moe_router": 0.3},
+                                    "per_op_ms_by_format": {"none/none": {"moe_experts": 9.0, "moe_router": 0.3},
+                                                            "nvfp4/none": {"moe_experts": 4.5, "moe_router": 0.3}}}))
+    assert roofline.load_measured(str(measured)) == {"moe_experts": 9.0, "moe_router": 0.3}
+    assert roofline.load_measured(str(measured), "nvfp4")["moe_experts"] == 4.5
+    assert roofline.load_measured(str(measured), "nvfp4", "fp8")["moe_experts"] == 9.0  # no entry: per_op_ms
+    cmd = [sys.executable, "-m", "dgemma_rt.bench", "--roofline", "--quant", "nvfp4", "--measured", str(measured),
+           "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert _op(json.loads(proc.stdout), "moe_experts")["measured_ms"] == 4.5
+
+
 def test_totals_are_sums_of_rows():
     for quant, dense, fused in ((None, None, False), ("nvfp4", "fp8", False), ("nvfp4", "fp8", True)):
         r = roofline.roofline(SHAPE, "h100", quant=quant, dense_quant=dense, fused_lm_head=fused)

@@ -795,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             quant = None if args.quant == "none" else args.quant
             dense_quant = None if args.dense_quant == "none" else args.dense_quant
-            measured = roofline.load_measured(args.measured) if args.measured else None
+            measured = roofline.load_measured(args.measured, quant, dense_quant) if args.measured else None
             r = roofline.roofline(presets.preset(args.preset, args.num_layers), args.gpu, args.batch, args.context,
                                   quant, dense_quant, measured, fused_lm_head=args.fused_lm_head, steps=args.steps)
             print(json.dumps(r) if args.json else roofline.format_table(r))

@@ -410,10 +410,13 @@ def target_verdict(target: float | None, floor: float, ops: list[Op], d: Device)
     return {"below_floor": below, "floor_ms": round(floor, 3), "reason": reason}
 
 
-def load_measured(path: str) -> dict[str, float]:
+def load_measured(path: str, quant: str | None = None, dense_quant: str | None = None) -> dict[str, float]:
+    """{op: ms} from a JSON with a per_op_ms object; where it also has per_op_ms_by_format (bench/kernels_gpu.py:
+    keys "<experts>/<dense>", e.g. "nvfp4/none"), the entry for these formats instead."""
     with open(path) as f:
         data = json.load(f)
-    per_op = data.get("per_op_ms")
+    per_op = data.get("per_op_ms_by_format", {}).get(f"{quant or 'none'}/{dense_quant or 'none'}",
+                                                     data.get("per_op_ms"))
     if not isinstance(per_op, dict):
         raise ValueError(f"{path} has no per_op_ms object")
     return {str(k): float(v) for k, v in per_op.items()}
