@@ -32,7 +32,9 @@ def _module():
 
 def test_dry_run(tmp_path):
     out = tmp_path / "kernels.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    # The package this test imported (an installed wheel in CI, not the source tree without its _core).
+    package_root = os.path.dirname(os.path.dirname(dgemma_rt.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -131,6 +131,21 @@ def test_hot_kernel_machine_code(kernels, pattern, max_regs, mma):
             assert mma in k["ops"], f"{name}: no {mma} in its sm_90a code"
 
 
+def test_no_kernel_of_ours_uses_local_memory(kernels):
+    """Beyond the hot kernels: no kernel of this project (namespace dgemma::kernels, CUTLASS instantiations
+    included) spills or keeps a stack array in its sm_90a code. A copy kernel once grew a 16-byte frame
+    from an unrolled zero-fill nobody noticed (rows.cu)."""
+    ours = {k: v for k, v in kernels.items() if "dgemma::kernels" in k or "dgemma7kernels" in k}
+    assert len(ours) > 50, sorted(ours)
+    # sincosf's exact range reduction (|x| > 105615: position x inv_freq at long contexts) keeps its
+    # Payne-Hanek words on the stack, on that slow path only.
+    allowed = {"head_norm_rope_kernel"}
+    bad = {name[:160]: (v["stack"], sum(op in ("LDL", "STL") for op in v["ops"]))
+           for name, v in ours.items() if v["stack"] or v["local"] or "LDL" in v["ops"] or "STL" in v["ops"]}
+    bad = {name: v for name, v in bad.items() if not any(a in name for a in allowed)}
+    assert not bad, f"kernels with local memory (stack bytes, LDL/STL count): {bad}"
+
+
 def test_cutlass_gemms_use_wgmma(kernels):
     # The Hopper GEMMs (their mainloops are MainloopSm90*; the Blackwell ones compile to empty stubs for sm_90a).
     # c++filt leaves CUTLASS's longest names mangled, so match either form.

@@ -137,9 +137,7 @@ RegisterCudaOps reg([](py::module_& m) {
         arg("y_f32"), arg("w_kn"), arg("alpha"), arg("softcap"), arg("split_k"), arg("workspace"),
         arg("workspace_bytes"), arg("stream"), "Launch only: the mma.sync matmul (matmul.cuh) on device pointers");
 #if defined(DGEMMA_WITH_CUTLASS)
-  py::class_<kernels::ParamsCache>(m, "ParamsCache", "Prepared CUTLASS launches, as the CUDA backend keeps them")
-      .def(py::init<>())
-      .def("__len__", &kernels::ParamsCache::size);
+  // cuda_ops.ParamsCache is _testing.ParamsCache (module.cpp): pybind11 registers a C++ type once.
   m.def("launch_gemm_bf16_tn", &launch_gemm_bf16_tn, arg("x"), arg("w"), arg("y"), arg("M"), arg("N"), arg("K"),
         arg("cache"), arg("stream"), "Launch only: the CUTLASS sm90 bf16 GEMM y = x @ w^T on device pointers");
   m.def("launch_grouped_gemm_bf16_tn", &launch_grouped_gemm_bf16_tn, arg("a"), arg("w"), arg("offsets"), arg("d"),

@@ -737,6 +737,7 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("threads"), py::arg("iters"), py::arg("keys"));
 
 #ifdef DGEMMA_WITH_CUDA
+  ops.attr("ParamsCache") = testing.attr("ParamsCache");  // what cuda_ops' launch_* entry points take
   testing.def("kernel_plans", [] {
     py::list out;
     for (const kernels::KernelPlan& k : kernels::kernel_plans()) {

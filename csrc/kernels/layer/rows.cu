@@ -11,22 +11,32 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 
+// A copy unit of zero bits, built in registers (V{} for uint4 went through a 16-byte stack frame).
+template <typename V>
+__device__ __forceinline__ V zero_unit() {
+  return V(0);
+}
+template <>
+__device__ __forceinline__ uint4 zero_unit<uint4>() {
+  return make_uint4(0, 0, 0, 0);
+}
+
 // kScatter false: dst[i] = src[index[i]]; true: dst[index[i]] = src[i]. V: the copy unit (uint4, uint32_t
 // or uint16_t); n: units per row.
 template <typename V, bool kScatter>
 __global__ void __launch_bounds__(kThreads) move_rows_kernel(const V* __restrict__ src, const int32_t* __restrict__ index,
                                                              V* __restrict__ dst, int64_t m, int64_t n) {
   for (int64_t i = blockIdx.x; i < m; i += gridDim.x) {
-    const int32_t j = index[i];
-    if (j < 0) {  // uniform across the CTA. gather: a zero row; scatter: source row skipped
-      if constexpr (!kScatter) {
-        V* d = dst + i * n;
-        for (int64_t u = threadIdx.x; u < n; u += kThreads) d[u] = V{};
-      }
+    const int32_t j = index[i];  // uniform across the CTA
+    if (j < 0 && kScatter) continue;  // scatter: source row skipped
+    V* d = dst + (kScatter ? static_cast<int64_t>(j) : i) * n;
+    if (j < 0) {  // gather: a zero row
+      const V zero = zero_unit<V>();
+#pragma unroll 1  // a rare path: unrolled, ptxas spilled the copy loop's invariants around it
+      for (int64_t u = threadIdx.x; u < n; u += kThreads) d[u] = zero;
       continue;
     }
     const V* s = src + (kScatter ? i : static_cast<int64_t>(j)) * n;
-    V* d = dst + (kScatter ? static_cast<int64_t>(j) : i) * n;
     for (int64_t u = threadIdx.x; u < n; u += kThreads) d[u] = s[u];
   }
 }
