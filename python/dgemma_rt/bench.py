@@ -378,9 +378,12 @@ class TransformersPeer:
         self.steps_per_canvas: float | None = None
         # Per timed run: its new tokens and the steps per canvas its tokens_per_forward implies. That
         # figure overstates the steps when the run sampled pad tokens (transformers counts generated
-        # tokens without pads; a random model samples them: 2.17 implied for 2 fixed steps, 59 for 12),
-        # so it is kept for reading, not used to judge a run.
+        # tokens without pads; a random model samples them: 2.17 implied for 2 fixed steps), so it is
+        # kept for reading only. A run that stopped canvases early (a random model's sampled token
+        # ended it: 64 of 128 new tokens in half the time) did less work than the engine's fixed run:
+        # it is left out of runs_s and listed in `excluded`.
         self.run_details: list[dict[str, Any]] = []
+        self.excluded: list[dict[str, Any]] = []
 
     def run(self, record: bool) -> float:
         torch = self.torch
@@ -398,9 +401,14 @@ class TransformersPeer:
         canvas = self.model.config.canvas_length
         self.steps_per_canvas = (new / tpf) / math.ceil(new / canvas) if tpf > 0 else None
         if record:
-            self.runs_s.append(elapsed)
             spc = None if self.steps_per_canvas is None else round(self.steps_per_canvas, 3)
-            self.run_details.append({"ms": 1000.0 * elapsed, "new_tokens": int(new), "implied_steps_per_canvas": spc})
+            detail = {"ms": 1000.0 * elapsed, "new_tokens": int(new), "implied_steps_per_canvas": spc}
+            self.run_details.append(detail)
+            # transformers fills whole canvases (new may round up to one): the same work is the same canvases.
+            if math.ceil(new / canvas) == math.ceil(self.new_tokens / canvas):
+                self.runs_s.append(elapsed)
+            else:
+                self.excluded.append(detail)
         return elapsed
 
 
@@ -559,6 +567,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     forwards = max(int(totals["decoder_forwards"]), 1)
     peer_fields: dict[str, Any] = {"peer": args.peer}
     if peer is not None:
+        if not peer.runs_s:
+            raise RuntimeError(f"every timed transformers run stopped early ({peer.excluded}): no ratio to report")
         engine_ms = 1000.0 * float(np.median(engine_runs_s))
         peer_ms = 1000.0 * float(np.median(peer.runs_s))
         peer_fields.update({
@@ -569,6 +579,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "engine_runs_ms": [1000.0 * t for t in engine_runs_s],
             "peer_runs_ms": [1000.0 * t for t in peer.runs_s],
             "peer_run_details": peer.run_details,
+            "peer_excluded_runs": peer.excluded,
             "engine_median_ms": engine_ms,
             "peer_median_ms": peer_ms,
             "speedup_vs_peer": peer_ms / engine_ms if engine_ms > 0 else None,
