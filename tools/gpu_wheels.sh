@@ -90,7 +90,7 @@ if [ $prebuild = 1 ]; then
     || { tail -30 "$pb/build.log" >&2; echo "--prebuild: the build failed (log: $pb/build.log)" >&2; exit 1; }
   echo "--prebuild: built in $(( $(date +%s) - t0 ))s: $(ls "$pb/dist")"
   # libgomp bundled, the oldest manylinux tag this build's symbols allow (as .ci/run does)
-  "$venv/bin/auditwheel" repair -w "$pb/wheelhouse" "$pb"/dist/dgemma_rt-*.whl > "$pb/auditwheel.log" 2>&1 \
+  PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair -w "$pb/wheelhouse" "$pb"/dist/dgemma_rt-*.whl > "$pb/auditwheel.log" 2>&1 \
     || { tail -20 "$pb/auditwheel.log" >&2; exit 1; }
   whl=$(ls "$pb"/wheelhouse/dgemma_rt-*.whl)
   "$venv/bin/auditwheel" show "$whl" | tee "$pb/auditwheel-show.log" | sed 's/^/    /'
