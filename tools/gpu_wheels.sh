@@ -114,7 +114,7 @@ if [ $prebuild = 1 ]; then
   cp "$whl" "$dest/"
   "$py" "$lib" stamp "$dest/$(basename "$whl")" "$root" "$arch" "$dest/dgemma_rt-prebuilt.json" \
     python=cp312 platform_tag="$tag" glibc_max="$glibc" glibcxx_max="$glibcxx" needed="$(echo $needs)" \
-    bundled="$(echo $bundled)" nvcc="$("$nvcc" --version | grep -o 'V[0-9.]*')" >/dev/null
+    bundled="$(echo $bundled)" nvcc="$("$nvcc" --version | grep -o 'V[0-9][0-9.]*' | tail -1)" >/dev/null
   echo "--prebuild: $dest/$(basename "$whl") stamped for commit $(git -C "$root" rev-parse HEAD) (dgemma_rt-prebuilt.json)"
 elif ls "$dest"/dgemma_rt-*.whl >/dev/null 2>&1; then
   echo "prebuilt dgemma_rt wheel: $("$py" "$lib" prebuilt "$dest" "$root" "$arch" | head -1)"
