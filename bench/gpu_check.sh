@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check: on a fresh, offline H100/H200 machine (Python 3.12, torch 2.11, CUDA 13.0),
-# install the carried wheels, build for sm_90a, run the GPU tests, the kernel microbenchmark
+# install the carried wheels, build for sm_90a (or install the carried prebuilt wheel of this very checkout:
+# tools/gpu_wheels.sh --prebuild), run the GPU tests, the kernel microbenchmark
 # (bench/kernels_gpu.py), a compute-sanitizer memcheck of a small generate and the benchmark set, and
 # write logs and JSON under $OUT; all within 8 minutes of wall time (every step runs under `timeout`,
 # cut to what is left of the budget; steps run in order of what only a GPU can tell us, so the
@@ -33,7 +34,7 @@ for a in "$@"; do
   case "$a" in
     --dry-run) MODE=dry ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
