@@ -11,7 +11,7 @@
 # tag, the newest glibc symbol it needs). bench/gpu_check.sh's build step installs it instead of compiling
 # (200-300 s of the GPU machine's time) when the stamp matches the checkout it runs in. Refused on a tree with
 # uncommitted changes. The build lives in build/gpu-prebuild/ (venv, CMake build dir: a rebuild after a small
-# change compiles only what changed; about 10 minutes from nothing on 2 cores). PREBUILD_PYTHON: a CPython
+# change compiles only what changed; 2.5 minutes from nothing on a 2-core machine, venv included). PREBUILD_PYTHON: a CPython
 # 3.12 (default: pyenv's newest 3.12, else python3.12); PREBUILD_JOBS (default: the number of cores).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -61,7 +61,8 @@ if [ $prebuild = 1 ]; then
   pb=$root/build/gpu-prebuild
   mkdir -p "$pb"
   # the source hash the GPU machine will compute must cover exactly git's files (it has no .git to ask)
-  "$py" "$lib" source-hash "$root" --git >/dev/null
+  src0=$("$py" "$lib" source-hash "$root" --git)
+  head0=$(git -C "$root" rev-parse HEAD)
   pyb=${PREBUILD_PYTHON:-$(ls -d "$HOME"/.pyenv/versions/3.12.*/bin/python3 2>/dev/null | sort -V | tail -1)}
   pyb=${pyb:-$(command -v python3.12 || true)}
   [ -n "$pyb" ] && "$pyb" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' \
@@ -110,6 +111,10 @@ if [ $prebuild = 1 ]; then
   glibcxx=$(find "$x" -name '*.so*' -type f -exec objdump -T {} \; | grep -o 'GLIBCXX_[0-9.]*' | sort -uV | tail -1)
   tag=$(basename "$whl" .whl | cut -d- -f5)
   echo "--prebuild: $(basename "$whl"): needs $(echo $needs | tr ' ' ','); bundled: ${bundled:-nothing}; newest symbols $glibc, $glibcxx"
+  # the stamp describes the tree as it is now: it must be the tree the build started from
+  [ "$(git -C "$root" rev-parse HEAD)" = "$head0" ] && [ "$("$py" "$lib" source-hash "$root")" = "$src0" ] \
+    && [ -z "$(git -C "$root" status --porcelain --untracked-files=no)" ] \
+    || { echo "--prebuild: the checkout changed during the build: run it again" >&2; exit 1; }
   rm -f "$dest"/dgemma_rt-*.whl "$dest/dgemma_rt-prebuilt.json"
   cp "$whl" "$dest/"
   "$py" "$lib" stamp "$dest/$(basename "$whl")" "$root" "$arch" "$dest/dgemma_rt-prebuilt.json" \
