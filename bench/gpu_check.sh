@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check: on a fresh, offline H100/H200 machine (Python 3.12, torch 2.11, CUDA 13.0),
-# install the carried wheels, build for sm_90a, run the GPU tests, the kernel microbenchmark
+# install the carried wheels, build for sm_90a (or install the carried prebuilt wheel of this very checkout:
+# tools/gpu_wheels.sh --prebuild), run the GPU tests, the kernel microbenchmark
 # (bench/kernels_gpu.py), a compute-sanitizer memcheck of a small generate and the benchmark set, and
 # write logs and JSON under $OUT; all within 8 minutes of wall time (every step runs under `timeout`,
 # cut to what is left of the budget; steps run in order of what only a GPU can tell us, so the
@@ -33,7 +34,7 @@ for a in "$@"; do
   case "$a" in
     --dry-run) MODE=dry ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
@@ -59,11 +60,17 @@ BENCH_OPTS="--random-weights --preset --device --batch --prompt-len --new-tokens
 BENCH_PENDING=""
 SMALL_GENERATE="import dgemma_rt, sys; e = dgemma_rt.Engine(sys.argv[1], device='cuda'); o = e.generate([[2, 651, 1234, 77]], max_new_tokens=32, max_denoising_steps=2, seed=0); print(o.sequences.tolist(), o.timings)"
 
+# The build step installs the prebuilt wheel of this very checkout when build/gpu-wheels holds one
+# (tools/gpu_wheels.sh --prebuild: same commit, same sources, same ARCH; pip accepts its platform tag; the
+# installed package passes verify-install), else it compiles from source, as here. Its log's "[build] path:"
+# line says which ran, and the other's reason.
+SOURCE_BUILD="PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 CMAKE_BUILD_PARALLEL_LEVEL=$JOBS $PY -m pip install -v --no-build-isolation --no-index --no-cache-dir --find-links $WHEELS -Ccmake.define.CMAKE_CUDA_ARCHITECTURES='$ARCH' -Ccmake.define.DGEMMA_CUTLASS_INCLUDE=$CUTLASS_INC -Ccmake.define.DGEMMA_BUILD_EXAMPLES=OFF -Cbuild-dir=build/gpu-check-build . && $PY $LIB verify-install '$ARCH'"
+
 # Each step: NAME CAP_SECONDS NEEDS COMMAND. NEEDS: a step that must have passed first, or "-".
 STEPS=(
   "provenance|30|-|nvidia-smi -q; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; cmake --version; ninja --version; compute-sanitizer --version; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'; $PY -m pip list --format=freeze"
   "wheels|90|-|PIP_CONFIG_FILE=/dev/null $PY -m pip install --no-index --no-cache-dir --find-links $WHEELS $SPECS && $PY $LIB cutlass $CUTLASS_WHEEL $CUTLASS_DIR && $PY -c 'import transformers, nlohmann_json; from transformers.models import diffusion_gemma; print(\"transformers\", transformers.__version__)'"
-  "build|300|-|cd $ROOT && PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 CMAKE_BUILD_PARALLEL_LEVEL=$JOBS $PY -m pip install -v --no-build-isolation --no-index --no-cache-dir --find-links $WHEELS -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH -Ccmake.define.DGEMMA_CUTLASS_INCLUDE=$CUTLASS_INC -Ccmake.define.DGEMMA_BUILD_EXAMPLES=OFF -Cbuild-dir=build/gpu-check-build . && cd / && $PY -c 'import dgemma_rt; print(dgemma_rt.__file__); print(dgemma_rt.cuda_status()); assert dgemma_rt.cuda_compiled()'"
+  "build|300|-|cd $ROOT && if PIP_CONFIG_FILE=/dev/null $PY $LIB prebuilt $WHEELS $ROOT '$ARCH' --install; then :; else echo \"[build] path: source build (for $ARCH, $JOBS jobs)\"; $SOURCE_BUILD; fi"
   "tests|150|build|cd $ROOT && DGEMMA_RT_EXPECT_PREFIX=\$($PY -c 'import sys; print(sys.prefix)') $PY -m pytest -q -rs -p no:cacheprovider --junitxml=$OUT/junit-gpu.xml \$(ls tests/test_cuda_*.py tests/test_backend_ops.py 2>/dev/null)"
   "kernels|90|build|cd / && $PY $ROOT/bench/kernels_gpu.py --out $OUT/results/raw-kernels.json"
   "memcheck|90|build|$PY -c 'import dgemma_rt; dgemma_rt.check_device(\"cuda\")' || exit 77; rm -rf /tmp/gpu-check-tiny && dgemma-rt make-tiny /tmp/gpu-check-tiny && compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c \"$SMALL_GENERATE\" /tmp/gpu-check-tiny"
@@ -93,6 +100,10 @@ if [ "$MODE" = dry ]; then
   done
   [ -f "$WHEELS/SOURCE_COMMIT" ] && pass "stamped for commit $(cat "$WHEELS/SOURCE_COMMIT")" \
     || fail "$WHEELS/SOURCE_COMMIT missing (tools/gpu_wheels.sh writes it: the GPU machine has no .git)"
+  if head=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null) && [ -f "$WHEELS/SOURCE_COMMIT" ] \
+     && [ "$(cut -d' ' -f1 "$WHEELS/SOURCE_COMMIT")" != "$head" ]; then
+    echo "note: the stamp is not HEAD ($head): the GPU check's provenance would name the wrong commit (rerun tools/gpu_wheels.sh)"
+  fi
   size=$(du -cb "$WHEELS"/*.whl 2>/dev/null | tail -1 | cut -f1)
   [ "${size:-0}" -lt $((48 * 1024 * 1024)) ] && pass "$((${size:-0} / 1024 / 1024)) MiB to carry" \
     || fail "$((${size:-0} / 1024 / 1024)) MiB: too large to carry with the checkout (64 MiB in all)"
@@ -135,6 +146,27 @@ if [ "$MODE" = dry ]; then
   else fail "CUTLASS headers from $CUTLASS_WHEEL"; fi
   fi
 
+  echo "== the prebuilt dgemma_rt wheel ($WHEELS, tools/gpu_wheels.sh --prebuild)"
+  pre=$("$PY" "$LIB" prebuilt "$WHEELS" "$ROOT" "$ARCH" 2>&1); prc=$?
+  case $prc in
+    0) pass "the build step installs it instead of compiling: $(echo "$pre" | head -1)"
+       echo "$pre" | tail -n +2
+       whl=$(ls "$WHEELS"/dgemma_rt-*.whl)
+       # the tag as pip on the GPU machine sees it (cp312; manylinux up to 2_35 assumed, as for the wheel set)
+       if env -i "PATH=$PATH" "HOME=$tmp" PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+            "$PY" -m pip install -q --dry-run --ignore-installed --no-deps --target "$tmp/tpre" --only-binary=:all: \
+            --python-version 3.12 --implementation cp --abi cp312 --platform manylinux2014_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
+            --platform manylinux_2_35_x86_64 "$whl" >"$tmp/pre.log" 2>&1; then
+         pass "pip takes $(basename "$whl") for cp312 manylinux_2_35 x86_64"
+       else
+         fail "pip refuses $(basename "$whl") for cp312 manylinux_2_35 x86_64:"; sed 's/^/      /' "$tmp/pre.log" | tail -5
+       fi ;;
+    2) echo "note: $pre: the build step compiles from source (~200-300 s of the budget; tools/gpu_wheels.sh --prebuild makes one here)" ;;
+    *) echo "stale prebuilt wheel, the build step will compile from source: $pre"
+       echo "      (commit, then rerun tools/gpu_wheels.sh --prebuild)" ;;
+  esac
+
   echo "== the commands the steps run"
   for c in timeout tar nvcc cmake ninja; do
     command -v "$c" >/dev/null && pass "$c: $(command -v "$c")" || fail "$c not found"
@@ -145,7 +177,7 @@ if [ "$MODE" = dry ]; then
     && pass "cmake $cmv >= 3.26" || fail "cmake ${cmv:-?} older than 3.26"
   "$PY" -m pytest --version >/dev/null 2>&1 && pass "$PY -m pytest" || fail "$PY has no pytest"
   "$PY" -m pip --version >/dev/null 2>&1 && pass "$PY -m pip" || fail "$PY has no pip"
-  for c in nvidia-smi compute-sanitizer; do
+  for c in nvidia-smi compute-sanitizer cuobjdump; do
     command -v "$c" >/dev/null && pass "$c: $(command -v "$c")" || echo "note: $c not here (on the GPU machine only)"
   done
   ls "$ROOT"/tests/test_cuda_*.py >/dev/null 2>&1 && pass "GPU tests: $(cd "$ROOT" && ls tests/test_cuda_*.py tests/test_backend_ops.py 2>/dev/null | tr '\n' ' ')" \
@@ -244,6 +276,11 @@ for s in "${STEPS[@]}"; do
     124|137) st=timeout; note="killed after ${limit}s" ;;
     *) st=failed; note="exit $rc: $(grep -v '^#' "$log" | grep -v '^\s*$' | tail -1)" ;;
   esac
+  if [ "$name" = build ]; then  # which path ran (prebuilt wheel or source build), and why not the other
+    why=$(grep -m1 '^\[build\] not using' "$log" | cut -c9-)
+    [ $rc = 0 ] && note=$(grep -m1 '^\[build\] path:' "$log" | cut -c9-)
+    [ -n "$why" ] && note="${note:+$note; }$why"
+  fi
   [ "$name" = memcheck ] && [ $rc = 77 ] && note="skipped: the engine refuses device=\"cuda\": ${note}"
   STATUS[$name]=$st
   record "$name" "$st" "$rc" "$sec" "$limit" "$cmd" "$note"

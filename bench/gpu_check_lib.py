@@ -6,6 +6,19 @@
   check-report REPORT WHEELS  pip's --report: every distribution comes from WHEELS or a stub; list what installs
   results OUT                 add provenance to each raw dgemma-bench JSON and name it for bench/results/
   summary OUT                 $OUT/summary.json and summary.md from the steps' records
+
+The prebuilt dgemma_rt wheel (tools/gpu_wheels.sh --prebuild; docs/gpu-bringup.md):
+  source-hash ROOT [--git]    sha256 of the source files the wheel is built from (--git: fail unless they are
+                              exactly git's tracked files there, so that the GPU machine, which has no .git and
+                              walks the folders, hashes the same list)
+  stamp WHEEL ROOT ARCH OUT [KEY=VALUE...]
+                              write the wheel's stamp (commit, source hash, architectures, sha256, extras)
+  prebuilt WHEELS ROOT ARCH [--install]
+                              is there a prebuilt wheel in WHEELS for this checkout (commit and sources) and ARCH?
+                              exit 0 (usable), 1 (present but stale or damaged), 2 (none); --install: then install
+                              it into this Python (pip --no-deps --no-index) and verify it, exit 0 only if both did
+  verify-install [ARCH]       the installed dgemma_rt: CUDA compiled, from this Python's prefix, with machine code
+                              for ARCH (cuobjdump, where there is one) and for every visible GPU (cuda_status)
 """
 
 from __future__ import annotations
@@ -17,9 +30,12 @@ import hashlib
 import json
 import os
 import pathlib
+import platform
 import re
 import shutil
+import subprocess
 import sys
+import time
 import zipfile
 
 _INCLUDE_IN_WHEEL = "cutlass_library/source/include/"
@@ -196,9 +212,209 @@ def summary(out: str) -> None:
     print("\n".join(lines))
 
 
+# ------------------------------------------------------------------------------ the prebuilt wheel
+
+STAMP = "dgemma_rt-prebuilt.json"  # beside the wheel in the carried folder
+# What the wheel is built from (pyproject.toml's wheel.packages, CMakeLists.txt's sources and installs; the
+# examples are off), and what .gitignore keeps out of those folders (the GPU machine gets git's files only).
+SOURCE_PATHS = ("CMakeLists.txt", "pyproject.toml", "csrc", "python/dgemma_rt", "tools/build_backend")
+_SKIP_DIRS = {"__pycache__", ".pytest_cache"}
+_SKIP_TOP = {"python/dgemma_rt/bin", "python/dgemma_rt/lib", "python/dgemma_rt/include"}
+
+
+def _source_files(root: pathlib.Path) -> list[str]:
+    out = []
+    for top in SOURCE_PATHS:
+        p = root / top
+        if p.is_file() or p.is_symlink():
+            out.append(top)
+            continue
+        for d, dirs, files in os.walk(p):
+            rel = pathlib.Path(d).relative_to(root).as_posix()
+            dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS and not x.endswith(".egg-info")
+                             and f"{rel}/{x}" not in _SKIP_TOP)
+            out += [f"{rel}/{f}" for f in files if not f.endswith((".so", ".pyc"))]
+    return sorted(out)
+
+
+def source_hash_of(root: str | pathlib.Path) -> tuple[str, list[str]]:
+    root = pathlib.Path(root)
+    h = hashlib.sha256()
+    files = _source_files(root)
+    for rel in files:
+        p = root / rel
+        data = os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest(), files
+
+
+def source_hash(root: str, *flags: str) -> None:
+    digest, files = source_hash_of(root)
+    if "--git" in flags:
+        tracked = subprocess.run(["git", "-C", root, "ls-files", "--", *SOURCE_PATHS], capture_output=True,
+                                 text=True, check=True).stdout.split()
+        extra, missing = sorted(set(files) - set(tracked)), sorted(set(tracked) - set(files))
+        if extra or missing:
+            sys.exit(f"the source hash would not match on the GPU machine: files git does not track: {extra[:5]}, "
+                     f"tracked files the hash leaves out: {missing[:5]}")
+    print(digest)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git_state(root: str | pathlib.Path) -> tuple[str, bool] | None:
+    """(HEAD, tracked files modified) of a git checkout, None where there is no git or no .git."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode != 0:
+            return None
+        st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip(), bool(st.stdout.strip())
+
+
+def checkout_commit(root: str | pathlib.Path, wheels: str | pathlib.Path) -> tuple[str, bool, str]:
+    """(commit, dirty, where from): git where there is a .git, else the carried folder's SOURCE_COMMIT."""
+    state = _git_state(root)
+    if state is not None:
+        return state[0], state[1], "git"
+    p = pathlib.Path(wheels) / "SOURCE_COMMIT"
+    try:
+        words = p.read_text().split()
+    except OSError:
+        return "unknown", False, "no .git and no SOURCE_COMMIT"
+    return (words[0] if words else "unknown"), "dirty" in words[1:], str(p)
+
+
+def stamp(wheel: str, root: str, arch: str, out: str, *extra: str) -> None:
+    w = pathlib.Path(wheel)
+    state = _git_state(root)
+    if state is None:
+        sys.exit(f"{root} is no git checkout: a prebuilt wheel must name the commit it was built from")
+    commit, dirty = state
+    if dirty:
+        sys.exit(f"{root} has uncommitted changes: commit them first (a prebuilt wheel is stamped with its commit)")
+    doc = {"wheel": w.name, "sha256": _sha256(w), "bytes": w.stat().st_size, "commit": commit,
+           "source_sha256": source_hash_of(root)[0], "cuda_architectures": arch,
+           "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for kv in extra:
+        k, _, v = kv.partition("=")
+        doc[k] = v
+    pathlib.Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, indent=2))
+
+
+def prebuilt_status(wheels: str | pathlib.Path, root: str | pathlib.Path, arch: str) -> tuple[int, str, dict]:
+    """(0 usable / 1 stale or damaged / 2 none, one line saying why, the stamp)."""
+    wheels = pathlib.Path(wheels)
+    found = sorted(wheels.glob("dgemma_rt-*.whl"))
+    sp = wheels / STAMP
+    if not found and not sp.exists():
+        return 2, f"no prebuilt dgemma_rt wheel in {wheels}", {}
+    try:
+        st = json.loads(sp.read_text())
+    except (OSError, ValueError) as e:
+        return 1, f"prebuilt wheel(s) {[p.name for p in found]} without a readable {STAMP}: {e}", {}
+    w = wheels / str(st.get("wheel", ""))
+    if len(found) != 1 or found[0] != w:
+        return 1, f"{STAMP} names {st.get('wheel')}, the folder holds {[p.name for p in found]}", st
+    if _sha256(w) != st.get("sha256"):
+        return 1, f"{w.name} is not the wheel {STAMP} was written for (sha256 differs)", st
+    commit, dirty, where = checkout_commit(root, wheels)
+    short = str(st.get("commit", "?"))[:12]
+    if dirty:
+        return 1, f"the checkout has uncommitted changes ({where}): {w.name} was built from the commit {short}", st
+    if st.get("commit") != commit:
+        return 1, f"stale: {w.name} was built from {short}, the checkout is {commit[:12]} ({where})", st
+    digest = source_hash_of(root)[0]
+    if st.get("source_sha256") != digest:
+        return 1, (f"the sources differ from those {w.name} was built from (commit {short}): edited after the "
+                   f"stamp, or files added under {', '.join(SOURCE_PATHS)}"), st
+    if st.get("cuda_architectures") != arch:
+        return 1, f"{w.name} has code for {st.get('cuda_architectures')}, this build asks for {arch}", st
+    return 0, f"{w.name} matches the checkout (commit {short}, sources, {arch})", st
+
+
+def verify_install(arch: str = "90a-real") -> None:
+    """Runs in a fresh interpreter from / (not the checkout) and exits non-zero with the reason."""
+    code = r"""
+import os, subprocess, shutil, sys
+import dgemma_rt
+from dgemma_rt import _core
+print("[verify] dgemma_rt", dgemma_rt.__file__)
+status = dgemma_rt.cuda_status()
+print("[verify] cuda_status():", status)
+if not dgemma_rt.cuda_compiled():
+    sys.exit("dgemma_rt was built without CUDA")
+if not os.path.realpath(dgemma_rt.__file__).startswith(os.path.realpath(sys.prefix) + os.sep):
+    sys.exit(f"dgemma_rt is imported from {dgemma_rt.__file__}, outside this Python's prefix {sys.prefix}")
+if dgemma_rt.cuda_device_count() > 0 and ("no code for it" in status or "code in this build" not in status):
+    sys.exit("no machine code in this build for the GPU: " + status)
+want = sys.argv[1]
+cuobjdump = shutil.which("cuobjdump")
+if cuobjdump:
+    elf = subprocess.run([cuobjdump, "--list-elf", _core.__file__], capture_output=True, text=True).stdout
+    archs = sorted({w.split(".")[-2] for w in elf.split() if w.endswith(".cubin")})
+    print("[verify] cuobjdump --list-elf:", len(elf.splitlines()), "cubins for", " ".join(archs))
+    for a in want.replace("-real", "").split(";"):
+        if "sm_" + a not in archs:
+            sys.exit(f"{_core.__file__} has no sm_{a} machine code (cuobjdump: {' '.join(archs) or 'none'})")
+else:
+    print("[verify] no cuobjdump here: the machine code was not listed")
+"""
+    r = subprocess.run([sys.executable, "-c", code, arch], cwd="/")
+    if r.returncode != 0:
+        sys.exit(r.returncode)
+
+
+def prebuilt(wheels: str, root: str, arch: str, *flags: str) -> None:
+    rc, why, st = prebuilt_status(wheels, root, arch)
+    if "--install" not in flags:
+        print(why)
+        if rc == 0:
+            for k in ("platform_tag", "glibc_max", "python", "built"):
+                if k in st:
+                    print(f"  {k}: {st[k]}")
+        sys.exit(rc)
+    if rc != 0:
+        print(f"[build] not using a prebuilt wheel: {why}")
+        sys.exit(rc)
+    w = pathlib.Path(wheels) / st["wheel"]
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
+                        "--force-reinstall", "--disable-pip-version-check", str(w)],
+                       capture_output=True, text=True)
+    sys.stdout.write(r.stdout + r.stderr)
+    if r.returncode != 0:
+        if "is not a supported wheel on this platform" in r.stdout + r.stderr:
+            libc = " ".join(platform.libc_ver())
+            print(f"[build] pip refuses the platform tag of {w.name} here ({libc or 'libc unknown'}, "
+                  f"Python {platform.python_version()}): tag {st.get('platform_tag', '?')}, "
+                  f"needs glibc {st.get('glibc_max', '?')}")
+        print(f"[build] not using the prebuilt wheel: pip install failed (exit {r.returncode})")
+        sys.exit(1)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "verify-install", arch])
+    if r.returncode != 0:
+        print("[build] not using the prebuilt wheel: installed, but the check of the installed package failed")
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "dgemma_rt"])
+        sys.exit(1)
+    print(f"[build] path: prebuilt wheel {w.name} (commit {st['commit'][:12]}, {arch}), installed and checked in "
+          f"{time.time() - t:.1f}s: no compile")
+
+
 def main(argv: list[str]) -> None:
     cmds = {"stubs": stubs, "options": options, "cutlass": cutlass, "check-report": check_report,
-            "results": results, "summary": summary}
+            "results": results, "summary": summary, "source-hash": source_hash, "stamp": stamp,
+            "prebuilt": prebuilt, "verify-install": verify_install}
     if not argv or argv[0] not in cmds:
         sys.exit(__doc__)
     cmds[argv[0]](*argv[1:])

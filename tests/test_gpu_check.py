@@ -123,3 +123,165 @@ def test_results_and_summary_carry_the_kernels_json(tmp_path):
     assert "h100-kernels.json: attention hd512 0.200 ms vs SDPA (EFFICIENT_ATTENTION) 0.300 ms" in md, md
     assert "moe_experts_nvfp4 0.150 ms = 1.10x its weight bytes at HBM bandwidth (target 1.25x: meets)" in md, md
     assert "moe_router 0.050 ms" in md and "FAILED sections: dense_gemms" in md, md
+
+
+# ------------------------------------------------------------------ the prebuilt wheel's stamp (no real build)
+
+LIB = [sys.executable, str(ROOT / "bench" / "gpu_check_lib.py")]
+FAKE = "dgemma_rt-0.1.0-cp312-cp312-manylinux_2_35_x86_64.whl"
+
+
+def _git(root, *args):
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    return subprocess.run(["git", "-C", str(root), *args], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _fake_checkout(tmp_path):
+    """A git checkout holding the files the wheel is built from, and a carried folder with a fake wheel
+    stamped (by the real `stamp` command) for its commit."""
+    root, wheels = tmp_path / "src", tmp_path / "wheels"
+    for rel, text in {"CMakeLists.txt": "project(x)\n", "pyproject.toml": "[project]\n", "csrc/a.cu": "int a;\n",
+                      "python/dgemma_rt/__init__.py": "", "tools/build_backend/b.py": "", "README.md": "r\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / ".gitignore").write_text("__pycache__/\n*.so\n/python/dgemma_rt/lib/\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "one")
+    wheels.mkdir()
+    (wheels / FAKE).write_bytes(b"not really a wheel")
+    proc = subprocess.run([*LIB, "stamp", str(wheels / FAKE), str(root), "90a-real",
+                           str(wheels / "dgemma_rt-prebuilt.json"), "platform_tag=manylinux_2_35_x86_64"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return root, wheels
+
+
+def _status(wheels, root, arch="90a-real"):
+    proc = subprocess.run([*LIB, "prebuilt", str(wheels), str(root), arch], capture_output=True, text=True,
+                          timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+@needs_git
+def test_prebuilt_stamp_matches_its_commit_and_sources(tmp_path):
+    root, wheels = _fake_checkout(tmp_path)
+    stamp = json.loads((wheels / "dgemma_rt-prebuilt.json").read_text())
+    assert stamp["commit"] == _git(root, "rev-parse", "HEAD") and stamp["wheel"] == FAKE
+    assert stamp["platform_tag"] == "manylinux_2_35_x86_64" and stamp["cuda_architectures"] == "90a-real"
+    rc, out = _status(wheels, root)
+    assert rc == 0 and "matches the checkout" in out, out
+    # files git ignores (bytecode, a development .so, CMake's installs into the package) change nothing
+    (root / "python/dgemma_rt/__pycache__").mkdir()
+    (root / "python/dgemma_rt/__pycache__/x.cpython-312.pyc").write_bytes(b"x")
+    (root / "python/dgemma_rt/_core.so").write_bytes(b"x")
+    (root / "python/dgemma_rt/lib").mkdir()
+    (root / "python/dgemma_rt/lib/libdgemma_core.a").write_bytes(b"x")
+    assert _status(wheels, root)[0] == 0
+    assert subprocess.run([*LIB, "source-hash", str(root), "--git"], capture_output=True, timeout=60).returncode == 0
+    # another architecture than the build step asks for
+    rc, out = _status(wheels, root, "90a-real;100a-real")
+    assert rc == 1 and "this build asks for 90a-real;100a-real" in out, out
+
+
+@needs_git
+def test_prebuilt_stamp_is_stale_after_a_commit_or_an_edit(tmp_path):
+    root, wheels = _fake_checkout(tmp_path)
+    (root / "csrc/a.cu").write_text("int a = 1;\n")
+    rc, out = _status(wheels, root)
+    assert rc == 1 and "uncommitted changes (git)" in out, out
+    _git(root, "commit", "-qam", "two")
+    rc, out = _status(wheels, root)
+    assert rc == 1 and out.startswith("stale: ") and _git(root, "rev-parse", "HEAD")[:12] in out, out
+    # the stamp refuses a dirty tree
+    (root / "csrc/a.cu").write_text("int a = 2;\n")
+    proc = subprocess.run([*LIB, "stamp", str(wheels / FAKE), str(root), "90a-real", str(tmp_path / "s.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "uncommitted changes" in proc.stderr and not (tmp_path / "s.json").exists()
+
+
+@needs_git
+def test_prebuilt_stamp_without_git_uses_source_commit_and_the_source_hash(tmp_path):
+    """The GPU machine has no .git: the commit is the carried SOURCE_COMMIT, and the source hash catches what
+    changed after the stamp."""
+    root, wheels = _fake_checkout(tmp_path)
+    commit = _git(root, "rev-parse", "HEAD")
+    shutil.rmtree(root / ".git")
+    rc, out = _status(wheels, root)
+    assert rc == 1 and "stale" in out and "no .git and no SOURCE_COMMIT" in out, out
+    (wheels / "SOURCE_COMMIT").write_text(commit + "\n")
+    rc, out = _status(wheels, root)
+    assert rc == 0, out
+    (wheels / "SOURCE_COMMIT").write_text(commit + " dirty\n")
+    rc, out = _status(wheels, root)
+    assert rc == 1 and "uncommitted changes" in out and "SOURCE_COMMIT" in out, out
+    (wheels / "SOURCE_COMMIT").write_text(commit + "\n")
+    (root / "README.md").write_text("not a source of the wheel\n")
+    assert _status(wheels, root)[0] == 0
+    (root / "csrc/new.cu").write_text("int b;\n")  # a file added after the stamp
+    rc, out = _status(wheels, root)
+    assert rc == 1 and "the sources differ" in out, out
+    (root / "csrc/new.cu").unlink()
+    (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")  # an edit after the stamp
+    rc, out = _status(wheels, root)
+    assert rc == 1 and "the sources differ" in out, out
+
+
+@needs_git
+def test_prebuilt_damaged_or_absent(tmp_path):
+    root, wheels = _fake_checkout(tmp_path)
+    (wheels / FAKE).write_bytes(b"another wheel")
+    rc, out = _status(wheels, root)
+    assert rc == 1 and "sha256 differs" in out, out
+    (wheels / FAKE).unlink()
+    rc, out = _status(wheels, root)
+    assert rc == 1 and "the folder holds []" in out, out
+    (wheels / "dgemma_rt-prebuilt.json").unlink()
+    rc, out = _status(wheels, root)
+    assert rc == 2 and "no prebuilt dgemma_rt wheel" in out, out
+
+
+@needs_git
+def test_prebuilt_install_refuses_what_does_not_match_and_names_a_refused_tag(tmp_path):
+    """--install (the build step): a mismatch never reaches pip; a wheel whose tag pip refuses is named so.
+    No real wheel: the cp39 tag is never this Python's (the package needs 3.10+), so pip installs nothing."""
+    root, wheels = _fake_checkout(tmp_path)
+    _git(root, "commit", "-q", "--allow-empty", "-m", "two")
+    proc = subprocess.run([*LIB, "prebuilt", str(wheels), str(root), "90a-real", "--install"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout.startswith("[build] not using a prebuilt wheel: stale: "), proc.stdout
+    assert "Processing" not in proc.stdout
+    odd = "dgemma_rt-0.1.0-cp39-cp39-manylinux_2_35_x86_64.whl"
+    (wheels / FAKE).rename(wheels / odd)
+    proc = subprocess.run([*LIB, "stamp", str(wheels / odd), str(root), "90a-real",
+                           str(wheels / "dgemma_rt-prebuilt.json"), "platform_tag=manylinux_2_35_x86_64"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
+    proc = subprocess.run([*LIB, "prebuilt", str(wheels), str(root), "90a-real", "--install"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "[build] pip refuses the platform tag of " + odd in out and "not using the prebuilt wheel" in out, out
+
+
+@needs_git
+def test_gpu_check_dry_run_reports_a_stale_prebuilt_wheel(tmp_path):
+    """The dry run says whether the build step will install the carried wheel or compile (incomplete wheel
+    set: it fails on that, fast, but still reports the prebuilt wheel)."""
+    root, wheels = _fake_checkout(tmp_path)  # stamped for another checkout than this repository
+    env = dict(_env(), GPU_WHEELS=str(wheels))
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "stale prebuilt wheel, the build step will compile from source: " in proc.stdout, proc.stdout
+    for f in wheels.iterdir():
+        f.unlink()
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "note: no prebuilt dgemma_rt wheel in " in proc.stdout and "the build step compiles from source" \
+        in proc.stdout, proc.stdout
