@@ -20,7 +20,8 @@ Sections (each guarded: a failure is recorded and the others still run; exit cod
                 that accepts the shape is timed too
   moe_experts   the W4A16 NVFP4 grouped GEMMs at E=128, top-8, 2,048 routed slots (gate_up K=2816 N=2x704
                 gathered from x and gated, down K=704 N=2816), time against the weight bytes at HBM
-                bandwidth (issue 13: within 1.25x); the CUTLASS BF16 grouped GEMMs (+ gelu-gate) likewise
+                bandwidth (issue 13: within 1.25x); at 8 canvases (16,384 slots) the mma.sync and the wgmma
+                kernels side by side (Hopper); the CUTLASS BF16 grouped GEMMs (+ gelu-gate) likewise
   moe_router    T=256, E=128, H=2816, float32 x (the backend's residual stream)
   lm_head       logits GEMM V=262144, H=2816, M=256 (mma.sync, softcap fused, float32 out) and the
                 self-conditioning product probs @ E (split-K)
@@ -204,10 +205,10 @@ def sdpa_backends(torch, qs, ks, vs) -> tuple[str, dict[str, Callable[[], None]]
     return chosen, runs
 
 
-def routing(torch, shape):
-    """A random top-8 routing of the canvas: per-expert offsets and perm_slot (each permuted row's slot
+def routing(torch, shape, canvases=BATCH):
+    """A random top-8 routing of `canvases` canvases: per-expert offsets and perm_slot (each permuted row's slot
     t*k + j, sorted by expert, stable), as moe_permute makes them."""
-    T, E, k = CANVAS * BATCH, shape.num_experts, shape.top_k_experts
+    T, E, k = CANVAS * canvases, shape.num_experts, shape.top_k_experts
     g = torch.Generator().manual_seed(13)
     idx = torch.rand(T, E, generator=g).topk(k, dim=1).indices.flatten()  # [T*k]: expert of slot t*k + j
     perm = torch.sort(idx, stable=True).indices.to(torch.int32)
@@ -244,11 +245,11 @@ def section_moe_experts(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
 
     def nv_gu():
         ctx.ops.launch_grouped_gemm_nvfp4(p(x), p(w_gu), p(glob), p(offsets), p(act), E, 2 * Im, H, True, p(perm), k,
-                                          ctx.stream)
+                                          slots, "auto", ctx.stream)
 
     def nv_dn():
         ctx.ops.launch_grouped_gemm_nvfp4(p(act), p(w_dn), p(glob), p(offsets), p(y), E, H, Im, False, 0, 1,
-                                          ctx.stream)
+                                          slots, "auto", ctx.stream)
 
     def nv_both():
         nv_gu()
@@ -268,6 +269,32 @@ def section_moe_experts(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
                "gate_up + down, one layer's routed experts (the roofline's moe_experts, NVFP4 on Hopper)",
                weight_bytes=gu_w + dn_w),
     ]
+
+    # W4A16 at 8 canvases (~128 tokens per expert): the mma.sync kernel (two 64-token passes, each streaming the
+    # weights) against the wgmma one (one 128-token pass), on Hopper only.
+    wgmma_ok = ctx.dry or bool(ctx.ops.grouped_gemm_nvfp4_wgmma_supported())
+    if wgmma_ok:
+        C8 = 8
+        offsets8_h, perm8_h, counts8 = routing(torch, shape, C8)
+        offsets8, perm8 = ctx.host(offsets8_h), ctx.host(perm8_h)
+        T8, slots8 = CANVAS * C8, CANVAS * C8 * k
+        hit8 = int((counts8 > 0).sum())
+        x8 = ctx.randn((T8, H), torch.bfloat16)
+        act8, y8 = ctx.empty((slots8, Im), torch.bfloat16), ctx.empty((slots8, H), torch.bfloat16)
+        b8 = hit8 * (wb_gu + wb_dn) + T8 * H * 2 + slots8 * (Im * 2 + Im + H) * 2
+        f8 = 2.0 * slots8 * 3 * Im * H
+        info8 = {"canvases": C8, "slots": slots8, "experts_hit": hit8,
+                 "tokens_per_expert": {"min": int(counts8.min()), "max": int(counts8.max()), "mean": slots8 / E}}
+        for path in ("mma", "wgmma"):
+            def both8(path=path):
+                ctx.ops.launch_grouped_gemm_nvfp4(p(x8), p(w_gu), p(glob), p(offsets8), p(act8), E, 2 * Im, H, True,
+                                                  p(perm8), k, slots8, path, ctx.stream)
+                ctx.ops.launch_grouped_gemm_nvfp4(p(act8), p(w_dn), p(glob), p(offsets8), p(y8), E, H, Im, False, 0,
+                                                  1, slots8, path, ctx.stream)
+
+            kernels.append(Kernel(f"moe_experts_nvfp4_b8_{path}", b8, f8, both8 if live else None, {"path": path, **info8},
+                                  "gate_up + down at 8 canvases, the W4A16 kernel forced to this path",
+                                  weight_bytes=hit8 * (wb_gu + wb_dn)))
 
     # BF16: the CUTLASS grouped GEMMs on the permuted rows, gelu-gate between them.
     xp = ctx.randn((slots, H), torch.bfloat16)
@@ -393,6 +420,7 @@ def section_dense_gemms(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
 SECTIONS: dict[str, tuple[Callable, list[str]]] = {  # name: (builder, the bindings it calls)
     "attention": (section_attention, ["attention_launch_plan", "launch_attention"]),
     "moe_experts": (section_moe_experts, ["grouped_gemm_nvfp4_weight_bytes", "launch_grouped_gemm_nvfp4",
+                                          "grouped_gemm_nvfp4_wgmma_supported",
                                           "grouped_gemm_bf16_tn_workspace_size", "launch_grouped_gemm_bf16_tn",
                                           "launch_moe_gelu_gate", "ParamsCache"]),
     "moe_router": (section_moe_router, ["moe_router_workspace_bytes", "launch_moe_router"]),
@@ -495,6 +523,11 @@ def verdicts(kernels: dict[str, dict[str, Any]], sdpa: dict[str, Any], tbps: flo
             "ratio": r, "meets": None if r is None else r <= EXPERT_TARGET,
             "ms": k.get("ms"), "weight_bytes_at_hbm_ms": k.get("weight_bytes_at_hbm_ms"),
         }
+    mma, wgmma = (kernels.get(f"moe_experts_nvfp4_b8_{p}", {}).get("ms") for p in ("mma", "wgmma"))
+    out["w4a16_wgmma_faster_than_mma_at_8_canvases"] = {
+        "target": "the wgmma W4A16 kernel beats the mma.sync one where the backend picks it (Hopper, batch >= 3)",
+        "mma_ms": mma, "wgmma_ms": wgmma, "meets": None if mma is None or wgmma is None else wgmma < mma,
+    }
     for hd in (512, 256):
         ours, theirs = kernels.get(f"attention_hd{hd}", {}).get("ms"), sdpa.get(f"hd{hd}", {})
         pick = theirs.get("default_ms")

@@ -84,10 +84,11 @@ class Instr:
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 
 
-def sass(cubin: Path) -> dict[str, list[Instr]]:
-    """Per kernel (mangled name): its instructions in address order."""
-    out = subprocess.run([find_tool("cuobjdump"), "-sass", str(cubin)], check=True, capture_output=True,
-                         text=True).stdout
+def sass(cubin: Path, arch: str | None = None) -> dict[str, list[Instr]]:
+    """Per kernel (mangled name): its instructions in address order. arch (e.g. "sm_90a"): only that
+    architecture's code, for a binary that holds several (the built module)."""
+    cmd = [find_tool("cuobjdump"), "-sass", *(["-arch", arch] if arch else []), str(cubin)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     funcs, cur = {}, None
     for line in out.splitlines():
         m = re.search(r"Function : (\S+)", line)

@@ -113,6 +113,30 @@ def test_quantized_weights_match_the_cpu_dequantized(engine_for, base_ckpt, quan
     assert calc_diff(lg, lc) < (2e-2 if dense_quant else MAX_DIFF)
 
 
+def _wgmma_w4a16_supported():
+    ops = getattr(dgemma_rt._core, "cuda_ops", None)
+    return ops is not None and dgemma_rt.cuda_device_count() > 0 and ops.grouped_gemm_nvfp4_wgmma_supported()
+
+
+@pytest.mark.skipif(not _wgmma_w4a16_supported(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+def test_nvfp4_experts_on_each_w4a16_kernel_match_the_cpu_dequantized(engine_for, base_ckpt, monkeypatch, kernel):
+    """The tiny model routes ~16 rows per expert in a decoder step, where the backend picks the mma.sync
+    kernel; DGEMMA_CUDA_W4A16 forces each W4A16 kernel through the whole forward (encoder and decoder)."""
+    monkeypatch.setenv("DGEMMA_CUDA_W4A16", kernel)
+    cpu = engine_for(base_ckpt, quant="nvfp4")
+    gpu = dgemma_rt.Engine(base_ckpt.path, device="cuda", quant="nvfp4")  # not the session's cached engine
+    ids = _prompt(base_ckpt, 11, seed=5)
+    canvas = np.random.default_rng(5).integers(0, base_ckpt.vocab_size, size=(1, base_ckpt.canvas_length))
+    assert calc_diff(gpu.denoise_logits(gpu.encode(ids), canvas), cpu.denoise_logits(cpu.encode(ids), canvas)) < MAX_DIFF
+
+
+def test_bad_w4a16_choice_is_refused(base_ckpt, monkeypatch):
+    monkeypatch.setenv("DGEMMA_CUDA_W4A16", "tensor-cores")
+    with pytest.raises(ValueError, match="DGEMMA_CUDA_W4A16 must be"):
+        dgemma_rt.Engine(base_ckpt.path, device="cuda", quant="nvfp4")
+
+
 def _blackwell_nvfp4_arch():
     ops = getattr(dgemma_rt._core, "cuda_ops", None)
     if ops is None or dgemma_rt.cuda_device_count() == 0 or not hasattr(ops, "grouped_gemm_nvfp4x4"):

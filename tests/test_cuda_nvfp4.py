@@ -20,6 +20,17 @@ def ops():
     return dgemma_rt._core.cuda_ops
 
 
+def _wgmma_supported() -> bool:
+    o = getattr(dgemma_rt._core, "cuda_ops", None)
+    return o is not None and dgemma_rt.cuda_device_count() > 0 and o.grouped_gemm_nvfp4_wgmma_supported()
+
+
+# The W4A16 GEMM's two kernels on the same layout: mma.sync (64-token passes, any GPU) and wgmma (128-token
+# passes, Hopper builds with sm_90a and CUTLASS).
+PATHS = ["mma", pytest.param("wgmma", marks=pytest.mark.skipif(not _wgmma_supported(),
+                                                               reason="needs a compute capability 9.0 GPU"))]
+
+
 
 
 @needs_gpu
@@ -51,19 +62,23 @@ def test_device_shuffle_equals_host_shuffle(G, N, K, gated):
     ([0, 1, 15, 17, 64, 65, 130], 2816, 704),
     ([16, 1, 0, 33], 1408, 2816),    # the real gate_up weights, not gated: 16 = two n8 tiles, 33 = five
     ([3, 9], 24, 48),                # N not a multiple of 16, K not a multiple of 64 (zero-filled tail)
+    # wgmma's passes: 128 (one full N = 128 pass), 129 and 200 (a full pass, then N = 64 / N = 128), 257
+    ([128, 0, 129, 200, 257, 7], 2816, 704),
 ])
-def test_grouped_gemm_nvfp4_matches_reference(counts, N, K):
+@pytest.mark.parametrize("path", PATHS)
+def test_grouped_gemm_nvfp4_matches_reference(counts, N, K, path):
     x, packed, scales, gscale, offsets = random_case(counts, N, K)
-    y = bf16_to_f32(ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)).astype(np.float64)
+    y = bf16_to_f32(ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, path=path)).astype(np.float64)
     ref = reference(x, packed, scales, gscale, offsets)
     assert np.all(np.abs(y - ref) <= tolerance(ref, K))
 
 
 @needs_gpu
-def test_grouped_gemm_nvfp4_small_integers_exact():
+@pytest.mark.parametrize("path", PATHS)
+def test_grouped_gemm_nvfp4_small_integers_exact(path):
     rng = np.random.default_rng(7)
     G, N, K = 3, 40, 32  # |sums| <= 32 * 6 = 192: integers bf16 holds exactly
-    counts = [9, 0, 40]
+    counts = [9, 0, 140]  # 140: two passes on either kernel
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     codes = rng.integers(0, 16, size=(G, N, K)).astype(np.uint8)
     codes[(codes & 7) == 1] &= 0xE  # no 0.5: every weight an integer in [-6, 6]
@@ -72,29 +87,31 @@ def test_grouped_gemm_nvfp4_small_integers_exact():
     scales = np.full((G, N, K // 16), 0x38, dtype=np.uint8)  # E4M3 1.0
     gscale = np.array([1.0, 0.5, 0.25], dtype=np.float32)
     x = bf16_bits(rng.integers(-1, 2, size=(int(offsets[-1]), K)).astype(np.float32))
-    y = bf16_to_f32(ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)).astype(np.float64)
+    y = bf16_to_f32(ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, path=path)).astype(np.float64)
     np.testing.assert_array_equal(y, reference(x, packed, scales, gscale, offsets))
 
 
 @needs_gpu
-def test_grouped_gemm_nvfp4_every_code_and_scale_exact():
+@pytest.mark.parametrize("path", PATHS)
+def test_grouped_gemm_nvfp4_every_code_and_scale_exact(path):
     """All 16 E2M1 codes (0.5 included: it passes through HMUL2.BF16 as the bf16 subnormal 2^-127) under
     subnormal, middle and maximal E4M3 scales and a negative scale; each row keeps to one scale class so
     every partial sum is exact in fp32 (<= 14 significant bits), and the output is exactly the bf16
     rounding of the exact product."""
     x, packed, scales, gscale, offsets = every_code_and_scale_case()
-    y = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)
+    y = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, path=path)
     ref = reference(x, packed, scales, gscale, offsets)
     assert np.array_equal(ref.astype(np.float32).astype(np.float64), ref)  # the reference is exact in fp32
     np.testing.assert_array_equal(y, bf16_bits(ref.astype(np.float32)))
-    gated = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=True)
+    gated = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=True, path=path)
     np.testing.assert_array_equal(gated, ops().moe_gelu_gate(y))
 
 
 @needs_gpu
 @pytest.mark.parametrize("counts,I,K", [([0, 1, 70, 0, 33], 36, 48), ([16] * 8, 704, 2816),
-                                        ([0, 1, 15, 17, 64, 65], 704, 2816)])
-def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K):
+                                        ([0, 1, 15, 17, 64, 65, 150], 704, 2816)])
+@pytest.mark.parametrize("path", PATHS)
+def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K, path):
     """The fused gate_up GEMM + gelu_tanh(gate) * up is bit-identical to the GEMM followed by moe_gelu_gate."""
     rng = np.random.default_rng(I + K)
     G = len(counts)
@@ -102,8 +119,8 @@ def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K):
     w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
     packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
     x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
-    h = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets)
-    fused = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=True)
+    h = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, path=path)
+    fused = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=True, path=path)
     assert fused.shape == (int(offsets[-1]), I)
     np.testing.assert_array_equal(fused, ops().moe_gelu_gate(h))
 
@@ -111,7 +128,8 @@ def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K):
 @needs_gpu
 @pytest.mark.parametrize("gated,T,k,G,I,K", [(False, 37, 4, 6, 40, 64), (True, 37, 4, 6, 40, 64),
                                              (True, 256, 8, 16, 704, 2816)])  # a canvas, top-8, real gate_up
-def test_grouped_gemm_nvfp4_gather_equals_permuted_input(gated, T, k, G, I, K):
+@pytest.mark.parametrize("path", PATHS)
+def test_grouped_gemm_nvfp4_gather_equals_permuted_input(gated, T, k, G, I, K, path):
     """Reading the unpermuted expert input through perm_slot // k is bit-identical to the GEMM on the
     permuted copy moe_permute would write."""
     rng = np.random.default_rng(17)
@@ -122,9 +140,52 @@ def test_grouped_gemm_nvfp4_gather_equals_permuted_input(gated, T, k, G, I, K):
     xe = bf16_bits(rng.standard_normal((T, K)).astype(np.float32))
     w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
     packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
-    unfused = ops().grouped_gemm_nvfp4(xe[perm_slot // k], packed, scales, gscale, offsets, gated=gated)
-    fused = ops().grouped_gemm_nvfp4(xe, packed, scales, gscale, offsets, gated=gated, gather=perm_slot, gather_div=k)
+    unfused = ops().grouped_gemm_nvfp4(xe[perm_slot // k], packed, scales, gscale, offsets, gated=gated, path=path)
+    fused = ops().grouped_gemm_nvfp4(xe, packed, scales, gscale, offsets, gated=gated, gather=perm_slot, gather_div=k,
+                                     path=path)
     np.testing.assert_array_equal(fused, unfused)
+
+
+@needs_gpu
+@pytest.mark.skipif(not _wgmma_supported(), reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("gated", [False, True])
+def test_grouped_gemm_nvfp4_paths_agree_at_batch_sizes(gated):
+    """The two kernels on routed rows of 1, 3 and 8 canvases at the real gate_up/down shapes (8 of the 128
+    experts, their share of the rows): both within the bf16 bound of the reference, and 'auto' is one of them."""
+    rng = np.random.default_rng(23)
+    for canvases in (1, 3, 8):
+        counts = rng.poisson(canvases * 256 * 8 / 128, size=8).tolist()
+        N, K = (1408, 2816) if gated else (2816, 704)
+        x, packed, scales, gscale, offsets = random_case(counts, N, K)
+        out = {p: ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=gated, path=p)
+               for p in ("mma", "wgmma", "auto")}
+        assert any(np.array_equal(out["auto"], out[p]) for p in ("mma", "wgmma"))
+        if not gated:
+            ref = reference(x, packed, scales, gscale, offsets)
+            for p in ("mma", "wgmma"):
+                y = bf16_to_f32(out[p]).astype(np.float64)
+                assert np.all(np.abs(y - ref) <= tolerance(ref, K)), (canvases, p)
+        else:
+            a, b = bf16_to_f32(out["mma"]).astype(np.float64), bf16_to_f32(out["wgmma"]).astype(np.float64)
+            assert np.all(np.abs(a - b) <= 2.0**-6 * np.abs(a) + 1e-3 * np.abs(a).max(initial=1.0)), canvases
+
+
+def test_wgmma_layouts_are_the_kernels():
+    """Host-side, no GPU: CuTe's layouts for the wgmma W4A16 kernel's operands (the register A fragment per
+    warp, the K-major 128-byte-swizzle activation tile, the fp32 C fragment) are the decode's fragment map,
+    the loader's L::act_chunk_offset and the shared epilogue's accumulator map, for N = 64 and 128."""
+    assert ops().w4a16_wgmma_layout_mismatch() == ""
+
+
+def test_grouped_gemm_nvfp4_path_errors():
+    x = np.zeros((4, 32), dtype=np.uint16)
+    args = (x, np.zeros((1, 8, 16), np.uint8), np.zeros((1, 8, 2), np.uint8), np.ones(1, np.float32),
+            np.array([0, 4], np.int32))
+    with pytest.raises(ValueError, match="path must be"):
+        ops().grouped_gemm_nvfp4(*args, path="tensor-cores")
+    if not _wgmma_supported():
+        with pytest.raises(NotImplementedError, match="compute capability 9.0"):
+            ops().grouped_gemm_nvfp4(*args, path="wgmma")
 
 
 def test_grouped_gemm_nvfp4_bad_shapes():

@@ -101,8 +101,10 @@ HOT_KERNELS = [
     (r"attention_combine_kernel<", 64, None),
     # 256 threads, 2 CTAs per SM (90 KB of shared tokens each at H = 2816): <= 128.
     (r"router_kernel<", 128, None),
-    # The W4A16 expert GEMM (mma.sync m16n8k16).
+    # The W4A16 expert GEMM (mma.sync m16n8k16), and its wgmma form for many tokens per expert (2 CTAs of 256
+    # threads per SM: 64 of the 128 registers hold the 64 x 128 fp32 accumulator).
     (r"grouped_gemm_nvfp4_kernel<", 128, "HMMA"),
+    (r"grouped_gemm_nvfp4_wgmma_kernel<", 128, "HGMMA"),
     # The denoising sampler: 512 threads per position, <= 64 for one CTA per SM per 32K registers.
     (r"sample_canvas_kernel", 64, None),
     (r"combine_kernel<", 64, None),
@@ -176,6 +178,20 @@ def test_attention_sm90_main_loop_is_wgmma(kernels):
         qk = [m for m in mn if m.startswith("HGMMA.64x64x16.F32.BF16")]
         pv = [m for m in mn if m.startswith("HGMMA.64x256x16.F32.BF16")]
         assert len(qk) == 16 and len(pv) == 4, f"{name}: {len(qk)} QK and {len(pv)} PV HGMMA"
+        assert mn.count("WARPGROUP.ARRIVE") == 2, name
+        assert any(m.startswith("FENCE.VIEW.ASYNC.S") for m in mn), f"{name}: no proxy fence before wgmma"
+        assert "LDGSTS" in k["ops"] and "HMMA" not in k["ops"], name
+
+
+def test_w4a16_wgmma_kernel_is_wgmma_with_register_a(kernels):
+    """The wgmma W4A16 GEMM: per pass width, 4 HGMMA (one per 16-column k-step of a stage) with the decoded
+    weights as the register A operand (no 'gdesc' A: one descriptor, B's) at N = 128 and N = 64; cp.async
+    (LDGSTS) tiles made visible to wgmma by a proxy fence; no mma.sync left."""
+    for name, k in _matching(kernels, r"grouped_gemm_nvfp4_wgmma_kernel<").items():
+        mn = k["mnemonics"]
+        n128 = [m for m in mn if m.startswith("HGMMA.64x128x16.F32.BF16")]
+        n64 = [m for m in mn if m.startswith("HGMMA.64x64x16.F32.BF16")]
+        assert len(n128) == 4 and len(n64) == 4, f"{name}: {len(n128)} N=128 and {len(n64)} N=64 HGMMA"
         assert mn.count("WARPGROUP.ARRIVE") == 2, name
         assert any(m.startswith("FENCE.VIEW.ASYNC.S") for m in mn), f"{name}: no proxy fence before wgmma"
         assert "LDGSTS" in k["ops"] and "HMMA" not in k["ops"], name

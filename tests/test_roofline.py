@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,23 @@ def test_nvfp4_experts_write_no_permuted_copy():
     Im = SHAPE.moe_intermediate_size
     acts_gb = SHAPE.num_layers * (T * H + T * k * (2 * Im + H)) * 2 / 1e9
     assert _op(fp4, "moe_experts")["gbytes"] == pytest.approx(planned + acts_gb, rel=1e-3)
+
+
+def test_w4a16_kernel_choice_follows_the_tokens_per_expert():
+    """The backend's W4A16 choice (nvfp4.cuh kW4A16WgmmaMinTokens = 48): mma.sync at batch 1-2 (~16-32 tokens
+    per expert, one 64-token pass, bound by the weight bytes); wgmma from batch 3 (one 128-token pass up to
+    ~128 tokens per expert); at batch 8 the experts are tensor-bound and the wgmma design's efficiency on that
+    side is what sets the time. mma.sync at batch 8 would stream each expert's weights twice."""
+    by_batch = {b: _op(roofline.roofline(SHAPE, "h100", batch=b, quant="nvfp4"), "moe_experts") for b in (1, 2, 3, 8)}
+    assert by_batch[1]["kernel"].endswith("/grouped_gemm_nvfp4.cu") and by_batch[1]["bound"] == "memory"
+    assert by_batch[2]["kernel"].endswith("/grouped_gemm_nvfp4.cu")
+    assert by_batch[3]["kernel"].endswith("/sm90_grouped_gemm_nvfp4_wgmma.cu")
+    assert by_batch[8]["kernel"].endswith("/sm90_grouped_gemm_nvfp4_wgmma.cu") and by_batch[8]["bound"] == "compute"
+    assert by_batch[1]["efficiency"] == pytest.approx(0.87)
+    assert "1 weight pass" in by_batch[8]["reason"]
+    # The per-batch cost grows slower than the work: 8x the tokens for < 2x the time of batch 1.
+    assert by_batch[8]["expected_ms"] < 2 * by_batch[1]["expected_ms"]
+    for op in by_batch.values():
+        assert op["expected_ms"] >= op["floor_ms"] and 0 < op["efficiency"] <= 1
+    header = (Path(__file__).resolve().parents[1] / "csrc/kernels/nvfp4/nvfp4.cuh").read_text()
+    assert f"kW4A16WgmmaMinTokens = {roofline.W4A16_WGMMA_MIN_TOKENS};" in header

@@ -10,6 +10,7 @@ HMMAs, plus the stage's copies and ring bookkeeping. A regression (an unrolled-a
 arithmetic E2M1 conversion, spills, a lost ldmatrix) shows up as a count over budget."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,44 @@ def test_build_flags_match_cmake():
     """The test compiles with the flags CMake gives the CUDA sources."""
     text = (ROOT / "CMakeLists.txt").read_text()
     assert re.search(r"--expt-relaxed-constexpr -lineinfo", text)
+
+
+# ---- the wgmma kernel (sm90_grouped_gemm_nvfp4_wgmma.cu), read from the built module: it needs the CuTe
+# headers the build found.
+
+def _wgmma_budget(bn):
+    """Instructions per stage and warp: the same decode and scales as the mma.sync kernel (no ldmatrix, 4
+    HGMMA instead of the HMMA), the stage's copies (2 weight chunks + bn / 32 activation chunks, each with its
+    pointer step) and the overhead of the ring, the barrier, the proxy fence and the wgmma fence/commit/wait."""
+    return K_STEPS * (9 + 2 + 4) + 2 + 4 + 8 * (2 + bn // 32) + 64
+
+
+@pytest.fixture(scope="module")
+def wgmma_kernels():
+    from dgemma_rt import _core
+    if not _core.cuda_compiled():
+        pytest.skip("built without CUDA")
+    code = sass(Path(_core.__file__), arch="sm_90a")
+    found = {name: c for name, c in code.items() if "grouped_gemm_nvfp4_wgmma_kernel" in name}
+    assert len(found) == 2, sorted(n for n in code if "nvfp4" in n)  # the plain and the gated instantiation
+    if not any(i.base == "HGMMA" for c in found.values() for i in c):
+        pytest.skip("built without the CuTe headers: the wgmma kernel is empty")
+    return found
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_wgmma_main_loops_within_instruction_budget(wgmma_kernels, gated):
+    code = next(c for n, c in wgmma_kernels.items() if ("ILb1E" in n) == gated)
+    by_n = {}
+    for lp in innermost_loops_with(code, "HGMMA"):
+        assert lp.count("HGMMA") == K_STEPS, "one HGMMA per k-step of a stage"
+        widths = {re.match(r"HGMMA\.64x(\d+)x16", i.op + i.args).group(1) for i in lp.body if i.base == "HGMMA"}
+        assert len(widths) == 1, widths
+        by_n[int(widths.pop())] = lp
+    assert sorted(by_n) == [64, 128], sorted(by_n)  # one main loop per pass width
+    for bn, lp in sorted(by_n.items()):
+        mix = lp.mix()
+        report = f"N={bn}: {len(lp.body)} instructions per stage, {dict(mix.most_common(8))}"
+        print(report)
+        assert len(lp.body) <= _wgmma_budget(bn), report
+        assert lp.count("LDS") >= 1 and not lp.count("LDSM") and not lp.count("HMMA"), report

@@ -55,12 +55,14 @@ void launch_attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t k
 }
 
 void launch_grouped_gemm_nvfp4(uintptr_t x, uintptr_t w, uintptr_t w_global, uintptr_t offsets, uintptr_t y, int G,
-                               int N, int K, bool gated, uintptr_t gather, int gather_div, uintptr_t stream) {
+                               int N, int K, bool gated, uintptr_t gather, int gather_div, int expected_rows,
+                               const std::string& path, uintptr_t stream) {
   kernels::GroupedGemmNvfp4Params p;
   p.x = ptr<const bf16>(x), p.w = ptr<const uint8_t>(w), p.w_global = ptr<const float>(w_global);
   p.offsets = ptr<const int32_t>(offsets), p.y = ptr<bf16>(y);
   p.G = G, p.N = N, p.K = K, p.gated = gated;
   p.gather = ptr<const int32_t>(gather), p.gather_div = gather_div;
+  p.expected_rows = expected_rows, p.path = parse_w4a16_path(path);
   DG_CUDA_CHECK(kernels::grouped_gemm_nvfp4(p, stream_of(stream)));
 }
 
@@ -122,9 +124,11 @@ RegisterCudaOps reg([](py::module_& m) {
         arg("causal"), arg("window"), arg("scale"), arg("splits"), arg("stream"),
         "Launch only: attention_forward on device pointers (attention.cuh's layouts), on `stream`");
   m.def("launch_grouped_gemm_nvfp4", &launch_grouped_gemm_nvfp4, arg("x"), arg("w"), arg("w_global"), arg("offsets"),
-        arg("y"), arg("G"), arg("N"), arg("K"), arg("gated"), arg("gather"), arg("gather_div"), arg("stream"),
+        arg("y"), arg("G"), arg("N"), arg("K"), arg("gated"), arg("gather"), arg("gather_div"),
+        arg("expected_rows"), arg("path"), arg("stream"),
         "Launch only: the W4A16 grouped GEMM on device pointers (w pre-shuffled, "
-        "grouped_gemm_nvfp4_weight_bytes per expert; gather 0: none)");
+        "grouped_gemm_nvfp4_weight_bytes per expert; gather 0: none; path 'auto' picks the kernel from "
+        "expected_rows, 'mma' / 'wgmma' force one)");
   m.def("grouped_gemm_nvfp4_weight_bytes", &kernels::grouped_gemm_nvfp4_weight_bytes, arg("N"), arg("K"),
         arg("gated"), "Bytes of one expert's pre-shuffled W4A16 weights");
   m.def("launch_moe_router", &launch_moe_router, arg("x"), arg("router_proj"), arg("router_scale"),

@@ -11,9 +11,11 @@
 #include <pybind11/stl.h>
 
 #include "bindings/cuda_ops.h"
+#include "backend/backend.h"
 #include "common/nvfp4_format.h"
 #include "common/nvfp4_w4a16_layout.h"
 #include "kernels/nvfp4/nvfp4.cuh"
+#include "kernels/nvfp4/w4a16_wgmma.h"
 
 namespace py = pybind11;
 
@@ -59,8 +61,22 @@ U8Array shuffle_w4a16_device(const U8Array& w, const U8Array& w_scale, bool gate
   return out;
 }
 
+}  // namespace
+
+kernels::W4A16Path parse_w4a16_path(const std::string& path) {
+  if (path == "auto") return kernels::W4A16Path::kAuto;
+  if (path == "mma") return kernels::W4A16Path::kMmaSync;
+  if (path == "wgmma") return kernels::W4A16Path::kWgmma;
+  DG_THROW(InvalidArgument, "path must be 'auto', 'mma' or 'wgmma', got '" << path << "'");
+}
+
+namespace {
+
 U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_global, I32Array offsets, bool gated,
-                            std::optional<I32Array> gather, int gather_div) {
+                            std::optional<I32Array> gather, int gather_div, const std::string& path) {
+  const kernels::W4A16Path kernel = parse_w4a16_path(path);
+  DG_REQUIRE(kernel != kernels::W4A16Path::kWgmma || kernels::grouped_gemm_nvfp4_wgmma_supported(), Unsupported,
+             "the wgmma W4A16 kernel needs a compute capability 9.0 GPU and a build with sm_90a and CUTLASS");
   DG_REQUIRE(x.ndim() == 2 && w.ndim() == 3 && w_scale.ndim() == 3 && w_global.ndim() == 1 && offsets.ndim() == 1,
              InvalidArgument, "x must be [Mtot, K], w [G, N, K/2], w_scale [G, N, K/16], w_global [G], offsets [G+1]");
   const int K = static_cast<int>(x.shape(1));
@@ -90,6 +106,7 @@ U16Array grouped_gemm_nvfp4(U16Array x, U8Array w, U8Array w_scale, F32Array w_g
   p.x = dx.get(), p.w = dw.get(), p.w_global = dg.get(), p.offsets = doff.get();
   p.y = dy.get(), p.G = G, p.N = N, p.K = K, p.gated = gated;
   p.gather = gather ? dgather.get() : nullptr, p.gather_div = gather_div;
+  p.expected_rows = Mtot, p.path = kernel;
   if (Mtot > 0) {
     DG_CUDA_CHECK(kernels::grouped_gemm_nvfp4(p, nullptr));
     DG_CUDA_CHECK(cudaDeviceSynchronize());
@@ -482,10 +499,16 @@ U16Array grouped_gemm_nvfp4x4(U8Array a, U8Array a_sf, I32Array a_sf_starts, flo
 RegisterCudaOps reg([](py::module_& m) {
   m.def("grouped_gemm_nvfp4", &grouped_gemm_nvfp4, py::arg("x"), py::arg("w"), py::arg("w_scale"),
         py::arg("w_global"), py::arg("offsets"), py::arg("gated") = false, py::arg("gather") = py::none(),
-        py::arg("gather_div") = 1,
+        py::arg("gather_div") = 1, py::arg("path") = "auto",
         "y[o_g:o_g+1] = x[o_g:o_g+1] @ dequant(W_g)^T: NVFP4 weights, bf16 activations (uint16) in and out; "
         "gated: W is gate_up and y = gelu_tanh(gate) * up [Mtot, N/2]; gather: row r reads "
-        "x[gather[r] // gather_div]");
+        "x[gather[r] // gather_div]; path: 'auto', 'mma' (mma.sync, 64-token passes) or 'wgmma' (sm_90a, "
+        "128-token passes)");
+  m.def("grouped_gemm_nvfp4_wgmma_supported", &kernels::grouped_gemm_nvfp4_wgmma_supported,
+        "whether the wgmma W4A16 kernel runs here (a compute capability 9.0 GPU, a build with sm_90a and CUTLASS)");
+  m.def("w4a16_wgmma_layout_mismatch", &kernels::w4a16_detail::wgmma_layout_mismatch,
+        "CuTe's wgmma A/C fragment and swizzled B tile layouts against what the wgmma W4A16 kernel writes and "
+        "reads, on the host: '' when they agree");
   m.def("nvfp4_shuffle_w4a16_device", &shuffle_w4a16_device, py::arg("w"), py::arg("w_scale"),
         py::arg("gated") = false, "nvfp4_shuffle_w4a16 computed by the device kernel (the CUDA backend's load path)");
   m.def("nvfp4_shuffle_w4a16", &shuffle_w4a16, py::arg("w"), py::arg("w_scale"), py::arg("gated") = false,

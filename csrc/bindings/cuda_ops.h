@@ -8,11 +8,19 @@
 #include <pybind11/pybind11.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/check.h"
 
+namespace dgemma::kernels {
+enum class W4A16Path : int;  // kernels/nvfp4/nvfp4.cuh
+}
+
 namespace dgemma::bindings {
+
+// "auto", "mma" or "wgmma": the W4A16 grouped GEMM's kernel (cuda_nvfp4.cpp).
+kernels::W4A16Path parse_w4a16_path(const std::string& path);
 
 // numpy arguments as C-contiguous arrays of one dtype (bf16 travels as uint16 bit patterns).
 template <typename T>

@@ -13,6 +13,7 @@ KernelPlans kernel_plans() {
   moe_permute_kernel_plans(out);
   moe_combine_kernel_plans(out);
   w4a16_kernel_plans(out);
+  w4a16_wgmma_kernel_plans(out);
   lm_head_kernel_plans(out);
   sample_canvas_kernel_plans(out);
 #if defined(DGEMMA_WITH_CUTLASS)

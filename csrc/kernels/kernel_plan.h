@@ -36,6 +36,7 @@ void moe_router_kernel_plans(KernelPlans& out);
 void moe_permute_kernel_plans(KernelPlans& out);
 void moe_combine_kernel_plans(KernelPlans& out);
 void w4a16_kernel_plans(KernelPlans& out);         // nvfp4/grouped_gemm_nvfp4.cu
+void w4a16_wgmma_kernel_plans(KernelPlans& out);   // nvfp4/sm90_grouped_gemm_nvfp4_wgmma.cu
 void lm_head_kernel_plans(KernelPlans& out);
 void sample_canvas_kernel_plans(KernelPlans& out);
 #if defined(DGEMMA_WITH_CUTLASS)

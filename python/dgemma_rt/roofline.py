@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from dgemma_rt.tiny import ModelShape
@@ -54,6 +55,9 @@ SMS = 132  # both devices: what matmul_pick_split_k sizes its split-K for
 # The fused LM head pass serves at most this many positions (the fallback's position list is in shared memory).
 FUSED_LM_HEAD_MAX_POSITIONS = 3072
 
+# nvfp4.cuh kW4A16WgmmaMinTokens: the tokens per expert from which the backend takes the wgmma W4A16 kernel.
+W4A16_WGMMA_MIN_TOKENS = 48
+
 # Bytes per weight as stored: NVFP4 = 4-bit codes + one E4M3 scale per 16; FP8 = E4M3 (+ per-channel scales).
 WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1.0 / 16}
 
@@ -70,13 +74,31 @@ class Op:
     reason: str
     launches: int = 1     # kernel launches per instance
     latency_us: float = 0.0  # least time per instance whatever its bytes (one CTA's serial phases)
+    # Where a design's byte and tensor sides have different efficiencies (the W4A16 expert GEMM: its weight
+    # stream, re-read once per token pass, and its MMA issue rate), `efficiency` is the byte side's, `reread`
+    # the times the kernel reads its bytes, and compute_efficiency the tensor side's; expected is then the
+    # slower side, and the table's efficiency column shows floor / expected.
+    compute_efficiency: float | None = None
+    reread: float = 1.0
+
+    def _peak(self, d: Device) -> float:
+        return {"bf16": d.bf16_tflops, "fp8": d.fp8_tflops, "fp32": d.fp32_tflops}[self.unit]
 
     def floor_ms(self, d: Device) -> float:
-        peak = {"bf16": d.bf16_tflops, "fp8": d.fp8_tflops, "fp32": d.fp32_tflops}[self.unit]
-        return self.count * max(self.bytes / (d.hbm_tbps * 1e12), self.flops / (peak * 1e12)) * 1e3
+        return self.count * max(self.bytes / (d.hbm_tbps * 1e12), self.flops / (self._peak(d) * 1e12)) * 1e3
 
     def expected_ms(self, d: Device) -> float:
-        return max(self.floor_ms(d) / self.efficiency, self.count * self.latency_us / 1e3)
+        if self.compute_efficiency is None:
+            t = self.floor_ms(d) / self.efficiency
+        else:
+            t = self.count * max(self.reread * self.bytes / (d.hbm_tbps * 1e12) / self.efficiency,
+                                 self.flops / (self._peak(d) * 1e12) / self.compute_efficiency) * 1e3
+        return max(t, self.count * self.latency_us / 1e3)
+
+    def effective_efficiency(self, d: Device) -> float:
+        """floor / expected: the design's efficiency at this device's bound."""
+        e = self.expected_ms(d)
+        return self.floor_ms(d) / e if e > 0 else self.efficiency
 
     def bound(self, d: Device) -> str:
         peak = {"bf16": d.bf16_tflops, "fp8": d.fp8_tflops, "fp32": d.fp32_tflops}[self.unit]
@@ -197,13 +219,31 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
         ops.append(Op("moe_permute", "kernels/moe/permute.cu", layers, sort_bytes, slots, "fp32", 0.3,
                       sort_why + "; no gather (xp is not written on the NVFP4 path)", launches=1, latency_us=4.0))
         expert_bytes = expert_weights * wb[expert_fmt] + T * H * ab + slots * (Im + Im + H) * ab
-        eff, why = 0.87, ("W4A16, weights pre-shuffled at load into mma.m16n8k16 fragment order: 16-byte loads, "
-                          "E2M1 decode by 5 LOP3 + 2 SHF + 2 IMAD.SHL per 8 weights, 6-stage cp.async, 2 CTAs/SM: "
-                          "~121 instructions per 1024 weights and warp (its SASS), ~0.75x the byte time of issue, "
-                          "so the weight stream sets the pace; token rows gathered from x through perm_slot "
-                          "(no xp), re-read from L2; gelu-gate in the gate_up epilogue (Blackwell takes the "
-                          "block-scaled NVFP4 GEMMs instead: not modelled)")
-        kernel, expert_launches = "kernels/nvfp4/grouped_gemm_nvfp4.cu", 2
+        # The backend's kernel choice (nvfp4.cuh, W4A16Path::kAuto): wgmma from 48 tokens per expert on average.
+        per_expert = slots / hit
+        wgmma = per_expert >= W4A16_WGMMA_MIN_TOKENS
+        passes = max(1, math.ceil(per_expert / (128 if wgmma else 64)))
+        common = ("weights pre-shuffled at load into the MMA's A-fragment order: 16-byte loads, E2M1 decode by "
+                  "5 LOP3 + 2 SHF + 2 IMAD.SHL per 8 weights, 2 CTAs/SM; token rows gathered from x through "
+                  "perm_slot (no xp), re-read from L2; gelu-gate in the gate_up epilogue (Blackwell takes the "
+                  "block-scaled NVFP4 GEMMs instead: not modelled)")
+        if wgmma:
+            eff, tensor_eff = 0.85, 0.7
+            why = (f"W4A16 on wgmma (sm90_grouped_gemm_nvfp4_wgmma.cu) at ~{per_expert:.0f} tokens per expert: "
+                   f"{passes} weight pass(es) of <= 128 tokens, 4 HGMMA.64xNx16 per stage and warpgroup with the "
+                   "decoded weights as register A, ~145-165 instructions per 1024 weights and warp (its SASS); "
+                   "tensor side ~0.7 of the wgmma peak (each warpgroup waits for its MMAs per stage, 4 per SM "
+                   "interleave), byte side 0.85; " + common)
+        else:
+            eff, tensor_eff = 0.87, 0.5
+            why = (f"W4A16 on mma.sync (grouped_gemm_nvfp4.cu) at ~{per_expert:.0f} tokens per expert: "
+                   f"{passes} weight pass(es) of <= 64 tokens, 6-stage cp.async, ~116-161 instructions per "
+                   "1024 weights and warp (its SASS), ~0.75x the byte time of issue at 16 tokens, so the weight "
+                   "stream sets the pace (byte side 0.87); tensor side ~0.5 of the wgmma peak (mma.sync's "
+                   "ceiling is ~2/3 of it, and the decode shares the issue slots); " + common)
+        expert_extra = {"compute_efficiency": tensor_eff, "reread": float(passes)}
+        kernel = ("kernels/nvfp4/sm90_grouped_gemm_nvfp4_wgmma.cu" if wgmma else "kernels/nvfp4/grouped_gemm_nvfp4.cu")
+        expert_launches = 2
     else:
         # Sort, then the gather of T*k bf16 rows into xp (read x, write xp).
         ops.append(Op("moe_permute", "kernels/moe/permute.cu", layers, sort_bytes + slots * H * 2 * ab, slots * H,
@@ -213,8 +253,9 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
         eff, why = 0.85, ("CUTLASS sm90 grouped GEMM, swap-AB so weights fill the 128-row tile: streams weights; "
                           "gate_up, moe_gelu_gate, down (each grouped GEMM launches its setup kernel too)")
         kernel, expert_launches = "kernels/gemm/sm90_grouped_gemm_bf16.cu", 5
+        expert_extra = {}
     ops.append(Op("moe_experts", kernel, layers, expert_bytes, expert_flops, "bf16", eff, why,
-                  launches=expert_launches))
+                  launches=expert_launches, **expert_extra))
     ops.append(Op("moe_combine", "kernels/moe/combine.cu", layers, T * k * H * ab + T * H * ab, 2 * T * k * H, "fp32",
                   *small))
     ops.append(Op("ffn_combine", "kernels/layer/residual.cu", layers, T * H * (8 + 2 * ab), 12 * T * H, "fp32", *small))
@@ -351,7 +392,8 @@ def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: i
         rows.append({
             "op": op.name, "kernel": op.kernel, "instances": op.count, "launches": op.count * op.launches,
             "gbytes": round(op.count * op.bytes / 1e9, 4), "gflop": round(op.count * op.flops / 1e9, 2),
-            "bound": op.bound(d), "floor_ms": round(op.floor_ms(d), 4), "efficiency": op.efficiency,
+            "bound": op.bound(d), "floor_ms": round(op.floor_ms(d), 4),
+            "efficiency": round(op.effective_efficiency(d), 3),
             "expected_ms": round(op.expected_ms(d), 4), "measured_ms": measured.get(op.name), "reason": op.reason,
         })
     launches = sum(op.count * op.launches for op in ops)

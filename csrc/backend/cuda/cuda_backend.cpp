@@ -283,6 +283,9 @@ class CudaBackend final : public Backend {
   // Checked once at the first NVFP4 upload (check_nvfp4x4); a failure turns it off for good.
   enum class Nvfp4x4 { kNone, kSm100, kSm120 };
   Nvfp4x4 nvfp4x4_ = Nvfp4x4::kNone;
+  // The W4A16 kernel: kAuto picks wgmma on Hopper from ~48 tokens per expert (nvfp4.cuh);
+  // DGEMMA_CUDA_W4A16=mma or =wgmma forces one (debugging, the GPU check's comparisons).
+  kernels::W4A16Path w4a16_path_ = kernels::W4A16Path::kAuto;
   bool nvfp4x4_checked_ = false, nvfp4x4_used_ = false;
   size_t nvfp4x4_ws_ = 0;  // the GEMM's workspace for E experts
   // The fused LM head + sampler + self-conditioning pass (one read of the tied embedding per step).
@@ -408,6 +411,18 @@ CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights&
     else if (kernels::sm120_nvfp4_supported()) nvfp4x4_ = Nvfp4x4::kSm120;
   }
 #endif
+  if (const char* w4a16 = std::getenv("DGEMMA_CUDA_W4A16")) {
+    const std::string v = w4a16;
+    DG_REQUIRE(v == "auto" || v == "mma" || v == "wgmma", InvalidArgument,
+               "DGEMMA_CUDA_W4A16 must be auto, mma or wgmma, got '" << v << "'");
+    if (v == "mma") w4a16_path_ = kernels::W4A16Path::kMmaSync;
+    if (v == "wgmma") {
+      DG_REQUIRE(kernels::grouped_gemm_nvfp4_wgmma_supported(), Unsupported,
+                 "DGEMMA_CUDA_W4A16=wgmma: the wgmma W4A16 kernel needs a compute capability 9.0 GPU and a build "
+                 "with sm_90a and CUTLASS");
+      w4a16_path_ = kernels::W4A16Path::kWgmma;
+    }
+  }
   const char* fused = std::getenv("DGEMMA_CUDA_FUSED_LM_HEAD");
   cudaDeviceProp prop{};
   DG_CUDA(cudaGetDeviceProperties(&prop, device_));
@@ -1283,6 +1298,7 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
     g1.offsets = i32(lo.offsets), g1.y = b16(lo.act);
     g1.G = E, g1.N = 2 * Im, g1.K = H, g1.gated = true;
     g1.gather = i32(lo.perm_slot), g1.gather_div = k;
+    g1.expected_rows = static_cast<int>(M), g1.path = w4a16_path_;  // auto: wgmma from ~48 tokens per expert
     DG_CUDA(kernels::grouped_gemm_nvfp4(g1, stream_));
   } else {
     grouped_gemm(L.experts_gate_up, b16(lo.xp), b16(lo.h), i32(lo.offsets), M, base + lo.gemm, grouped_ws_bytes());
@@ -1296,7 +1312,7 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
     kernels::GroupedGemmNvfp4Params g2;
     g2.x = b16(lo.act), g2.w = down.w4p, g2.w_global = down.global.p;
     g2.offsets = i32(lo.offsets), g2.y = b16(lo.dn);
-    g2.G = E, g2.N = H, g2.K = Im;
+    g2.G = E, g2.N = H, g2.K = Im, g2.expected_rows = static_cast<int>(M), g2.path = w4a16_path_;
     DG_CUDA(kernels::grouped_gemm_nvfp4(g2, stream_));
   } else {
     grouped_gemm(L.experts_down, b16(lo.act), b16(lo.dn), i32(lo.offsets), M, base + lo.gemm, grouped_ws_bytes());

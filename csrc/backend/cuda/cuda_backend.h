@@ -19,7 +19,8 @@
 //                              grouped GEMM (gated GELU fused), or on compute capability 10.0 / 12.0
 //                              (sm_100a / sm_120a builds with CUTLASS) activations quantized to NVFP4
 //                              and the block-scaled NVFP4 x NVFP4 grouped GEMMs; DGEMMA_CUDA_NVFP4=w4a16
-//                              keeps W4A16 there too
+//                              keeps W4A16 there too. W4A16 on Hopper: wgmma from ~48 tokens per expert
+//                              (batch >= 3), mma.sync below; DGEMMA_CUDA_W4A16=mma|wgmma forces one
 //   attention                  the tiled kernels for head_dim 256 / 512 (wgmma on sm_90a, mma.sync
 //                              elsewhere, split-KV), the generic warp kernel for other head sizes
 //   lm_head_sample             per row of the pass: logits [n, V] f32 (matmul + softcap), the sampler

@@ -13,27 +13,13 @@
 #include "kernels/attention/attention_plan.h"
 #include "kernels/attention/sm80_attention_kernel.cuh"
 #include "kernels/attention/sm90_attention_kernel.cuh"
+#include "kernels/common/arch.h"
 #include "kernels/kernel_plan.h"
 
 namespace dgemma::kernels::attention_detail {
 
-// Whether this build holds sm_90 code and the current device is exactly 9.0 (the wgmma kernel's
-// body is compiled only for sm_90a, and only with the CuTe headers).
-inline bool sm90_kernel_usable() {
-#if defined(DGEMMA_WITH_CUTLASS)
-  constexpr int kArchList[] = {__CUDA_ARCH_LIST__};
-  bool built = false;
-  for (int arch : kArchList) built = built || arch == 900;
-  if (!built) return false;
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
-#else
-  return false;
-#endif
-}
+// Whether this build holds sm_90a code with CuTe and the current device is exactly 9.0 (common/arch.h).
+inline bool sm90_kernel_usable() { return sm90_wgmma_usable(); }
 
 inline bool valid_params(const AttentionParams& p, int head_dim) {
   if (p.head_dim != head_dim || p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0 ||

@@ -19,9 +19,16 @@
 //                        with moe_permute's perm_slot and top-k, x is the unpermuted expert input
 //                        [T, K] and the permuted copy xp [T*k, K] is never written.
 //
+// Two kernels read the same layout (path): mma.sync m16n8k16 in passes of up to 64 tokens per expert
+// (any sm_80+ GPU; grouped_gemm_nvfp4.cu) and, on Hopper, wgmma m64nNk16 with the decoded weights as the
+// register A operand in passes of up to 128 tokens (sm90_grouped_gemm_nvfp4_wgmma.cu). kAuto takes the
+// wgmma kernel where grouped_gemm_nvfp4_wgmma_supported() and expected_rows >= kW4A16WgmmaMinTokens * G
+// (batch >= 3 canvases of the 26B model), the mma.sync kernel otherwise. Both give the exact products
+// of the exact tests; on other inputs they may differ in fp32 summation order inside an MMA.
+//
 // Needs K % 16 == 0, x and w 16-byte aligned, and sm_80 or newer (cudaErrorInvalidValue /
-// cudaErrorNoKernelImageForDevice otherwise). Design and expected speed: grouped_gemm_nvfp4.cu's header;
-// not yet run on a GPU.
+// cudaErrorNoKernelImageForDevice otherwise; path kWgmma where unsupported: cudaErrorNotSupported).
+// Design and expected speed: the kernels' headers; not yet run on a GPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,6 +38,11 @@
 #include <cstdint>
 
 namespace dgemma::kernels {
+
+enum class W4A16Path : int { kAuto = 0, kMmaSync = 1, kWgmma = 2 };
+// Average tokens per expert from which kAuto takes the wgmma kernel: below it the mma.sync kernel's
+// n8 token tiles waste no MMA work and a 64-token pass holds the whole expert.
+constexpr int kW4A16WgmmaMinTokens = 48;
 
 struct GroupedGemmNvfp4Params {
   const __nv_bfloat16* x = nullptr;  // [Mtot, K], with gather: [rows, K]
@@ -42,8 +54,14 @@ struct GroupedGemmNvfp4Params {
   bool gated = false;                // N even
   const int32_t* gather = nullptr;   // [Mtot], device: source row (x[gather[r] / gather_div]) of row r
   int gather_div = 1;
+  // The host's count of rows (Mtot lives on the device, in offsets[G]), for the kernel choice only.
+  int expected_rows = 0;
+  W4A16Path path = W4A16Path::kAuto;
 };
 cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t stream);
+// Whether the wgmma kernel can run here: the current device is compute capability 9.0 and this build
+// holds its sm_90a code (CUTLASS/CuTe headers and 90a in the architectures).
+bool grouped_gemm_nvfp4_wgmma_supported();
 // Bytes of one expert's pre-shuffled weights (nvfp4::w4a16::expert_bytes).
 size_t grouped_gemm_nvfp4_weight_bytes(int N, int K, bool gated);
 // The pre-shuffled layout from the stored form, on the device (shuffle_w4a16.cu): packed E2M1 codes
