@@ -82,6 +82,8 @@ BF16_TOL = {
     "scatter_add_rows": _ELEMENTWISE,
     "residual_norm_add": _ELEMENTWISE,
     "ffn_combine": (2e-5, 4),
+    "residual_norm_add_norms": _ELEMENTWISE,
+    "ffn_combine_norm": (2e-5, 4),
     "linear": _REDUCE,
     "attention": _REDUCE,
     "mlp": _REDUCE,
@@ -498,6 +500,53 @@ def test_ffn_combine(ref, dev, T, encoder):
     dense, moe = rnd(rng.standard_normal((T, H)) * 3), rnd(rng.standard_normal((T, H)) * 0.5)
     assert_close(dev, "ffn_combine", dev.ffn_combine(L_SLIDE, encoder, x, dense, moe),
                  ref.ffn_combine(L_SLIDE, encoder, x, dense, moe))
+
+
+@pytest.mark.parametrize("T", TS)
+def test_residual_norm_add_norms(ref, dev, T):
+    """The residual add and the two pre-FFN norms in one pass: against the reference's three ops, and on
+    the device against the device's own three ops (a fused kernel must give what its parts give)."""
+    need(dev, "residual_norm_add_norms")
+    rng = rng_for("rnan", T)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    h = rnd(rng.standard_normal((T, H)) * 4)
+    got = dev.residual_norm_add_norms(x, h, L_SLIDE2)
+    x2 = ref.residual_norm_add(x, h, w="post_attn_norm", layer=L_SLIDE2)
+    want = (x2, ref.rmsnorm(x2, "pre_ffn_norm", L_SLIDE2), ref.rmsnorm(x2, "pre_ffn_norm2", L_SLIDE2))
+    for g, w in zip(got, want):
+        assert_close(dev, "residual_norm_add_norms", g, w)
+    parts_x = dev.residual_norm_add(x, h, w="post_attn_norm", layer=L_SLIDE2)
+    np.testing.assert_array_equal(got[0], parts_x)
+    np.testing.assert_array_equal(got[1], dev.rmsnorm(parts_x, "pre_ffn_norm", L_SLIDE2, out_dtype="act"))
+    np.testing.assert_array_equal(got[2], dev.rmsnorm(parts_x, "pre_ffn_norm2", L_SLIDE2, out_dtype="act"))
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("next_w,next_layer", [("input_norm", L_FULL), ("final_norm", -1)])
+def test_ffn_combine_norm(ref, dev, T, next_w, next_layer):
+    need(dev, "ffn_combine_norm")
+    rng = rng_for("combine_norm", T, next_w)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    dense, moe = rnd(rng.standard_normal((T, H)) * 3), rnd(rng.standard_normal((T, H)) * 0.5)
+    got_x, got = dev.ffn_combine_norm(L_SLIDE2, False, x, dense, moe, next_w=next_w, next_layer=next_layer)
+    x2 = ref.ffn_combine(L_SLIDE2, False, x, dense, moe)
+    assert_close(dev, "ffn_combine_norm", got_x, x2)
+    assert_close(dev, "ffn_combine_norm", got, ref.rmsnorm(x2, next_w, next_layer))
+    parts_x = dev.ffn_combine(L_SLIDE2, False, x, dense, moe)
+    np.testing.assert_array_equal(got_x, parts_x)
+    np.testing.assert_array_equal(got, dev.rmsnorm(parts_x, next_w, next_layer, out_dtype="act"))
+
+
+def test_fused_norm_ops_refuse_bad_weights(ref):
+    x = np.zeros((3, H), np.float32)
+    with pytest.raises(ValueError, match="not a norm"):
+        ref.residual_norm_add_norms(x, x, L_SLIDE, wa="q_proj")
+    with pytest.raises(ValueError, match="no weight named"):
+        ref.residual_norm_add_norms(x, x, L_SLIDE, wb="pre_ffn_norm_3")
+    with pytest.raises(ValueError, match="global weight"):
+        ref.ffn_combine_norm(L_SLIDE, False, x, x, x, next_w="final_norm", next_layer=1)
+    with pytest.raises(ValueError, match="x must be|shape"):
+        ref.residual_norm_add_norms(x, np.zeros((4, H), np.float32), L_SLIDE)
 
 
 @pytest.mark.parametrize("dtype", ["act", "f32", "i32"])

@@ -21,6 +21,8 @@ const char* op_name(Op op) {
     case Op::kLmHeadSample: return "lm_head_sample";
     case Op::kLmHeadLogits: return "lm_head_logits";
     case Op::kSoftEmbedding: return "soft_embedding";
+    case Op::kResidualNormAddNorms: return "residual_norm_add_norms";
+    case Op::kFfnCombineNorm: return "ffn_combine_norm";
     case Op::kCount: break;
   }
   return "?";
@@ -57,6 +59,17 @@ void Backend::moe_experts(int, const Tensor&, const Tensor&, const Tensor&, cons
 }
 void Backend::ffn_combine(int, bool, const Tensor&, const Tensor&, const Tensor&, float) {
   unsupported(Op::kFfnCombine);
+}
+void Backend::residual_norm_add_norms(const Tensor& x, const Tensor& h, WeightRef w, float eps, const NormOut& a,
+                                      const NormOut& b) {
+  residual_norm_add(x, h, w, eps);
+  for (const NormOut* n : {&a, &b})
+    if (n->out.data) rmsnorm(x, n->w, n->out, eps);
+}
+void Backend::ffn_combine_norm(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                               float eps, const NormOut& next) {
+  ffn_combine(layer, encoder, x, dense, moe, eps);
+  if (next.out.data) rmsnorm(x, next.w, next.out, eps);
 }
 void Backend::gather_rows(const Tensor&, const Tensor&, const Tensor&) { unsupported(Op::kGatherRows); }
 void Backend::scatter_add_rows(const Tensor&, const Tensor&, const Tensor&) { unsupported(Op::kScatterAddRows); }

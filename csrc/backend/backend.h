@@ -48,6 +48,8 @@ enum class Op : int {
   kLmHeadSample,
   kLmHeadLogits,
   kSoftEmbedding,
+  kResidualNormAddNorms,
+  kFfnCombineNorm,
   kCount
 };
 const char* op_name(Op op);
@@ -82,6 +84,13 @@ struct WeightRef {
   int layer = -1;
 };
 inline WeightRef weight(W id, int layer = -1) { return WeightRef{id, layer}; }
+
+// A norm a residual op applies to the residual it has just updated: out = rmsnorm(x) * w (out act
+// [T, H]), fused into the pass that wrote x. An empty out (data == nullptr) asks for none.
+struct NormOut {
+  WeightRef w;
+  Tensor out;
+};
 
 // Attention over one layer for every row of a pass (the CUDA kernel's contract, kernels/attention).
 // Row r owns the new tokens [tok0[r], tok0[r] + count[r]) of q / k_new / v_new / out, at positions
@@ -271,6 +280,16 @@ class Backend {
   // layer_scalar. x f32 [T, H]; dense, moe act [T, H] (both clobbered).
   virtual void ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
                            float eps);
+  // Fused forms (one pass over the residual instead of several; a backend overrides them where it
+  // fuses, and the defaults here run the ops they stand for, so both give the same numbers):
+  //   residual_norm_add_norms: residual_norm_add(x, h, w), then a.out = rmsnorm(x) * a.w and
+  //     b.out = rmsnorm(x) * b.w (the two pre-FFN norms). a.out may alias h; b.out aliases nothing.
+  //   ffn_combine_norm: ffn_combine(...), then next.out = rmsnorm(x) * next.w (the next layer's input
+  //     norm, or the final norm). next.out aliases nothing.
+  virtual void residual_norm_add_norms(const Tensor& x, const Tensor& h, WeightRef w, float eps, const NormOut& a,
+                                       const NormOut& b);
+  virtual void ffn_combine_norm(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                                float eps, const NormOut& next);
   // dst[i, :] = src[index[i], :], or zeros where index[i] < 0 (a row with nothing to gather: the
   // decoder's rows without a self-conditioning signal). src, dst: [rows, D] of one dtype; index i32 [M].
   virtual void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst);

@@ -636,10 +636,36 @@ py::array moe_experts(BackendOps& o, int layer, py::handle x_, py::handle idx_, 
   return call.out(out);
 }
 
-py::array ffn_combine(BackendOps& o, int layer, bool encoder, py::handle x_, py::handle dense_, py::handle moe_,
-                      py::object eps) {
-  const char* op = "ffn_combine";
+// A fused op's trailing norm weight: an [H] norm (or none), per layer or global as its name says.
+WeightRef hidden_norm(BackendOps& o, py::object name, int layer, const char* op) {
+  const WeightRef w = o.weight(name, layer, op);
+  DG_REQUIRE(w.id == W::kNone || o.norm_size(w, op) == o.cfg().hidden_size, InvalidArgument,
+             op << ": a trailing norm's weight must be an [H] norm");
+  return w;
+}
+
+// (x, a, b): x after the residual add, a = rmsnorm(x) * wa written over h (the fused op's aliasing), b.
+py::tuple residual_norm_add_norms(BackendOps& o, py::handle x_, py::handle h_, int layer, py::object wa_,
+                                  py::object wb_, py::object eps) {
+  const char* op = "residual_norm_add_norms";
+  const WeightRef w = o.weight(py::str("post_attn_norm"), layer, op);
+  const WeightRef wa = hidden_norm(o, wa_, layer, op), wb = hidden_norm(o, wb_, layer, op);
+  const int64_t H = o.cfg().hidden_size;
+  Host x = host(x_, ScalarType::kF32, op, "x", {kAny, H});
+  Host h = host(h_, ScalarType::kF32, op, "h", x.shape);
+  const ScalarType act = o.be().act_dtype();
+  Call call(o.be());
+  Tensor xt = call.in(x, ScalarType::kF32, "x"), ht = call.in(h, act, "h");
+  Tensor bt = call.alloc(act, x.shape, "b");
+  o.be().residual_norm_add_norms(xt, ht, w, o.eps(eps), {wa, ht}, {wb, bt});
+  return py::make_tuple(call.out(xt), call.out(ht), call.out(bt));
+}
+
+// ffn_combine (fused = false: x) or ffn_combine_norm (fused: (x, out = rmsnorm(x) * next_w)).
+py::object ffn_combine_call(BackendOps& o, const char* op, bool fused, int layer, bool encoder, py::handle x_,
+                            py::handle dense_, py::handle moe_, py::object next_w_, int next_layer, py::object eps) {
   o.check_layer(layer, op);
+  const WeightRef nw = fused ? hidden_norm(o, next_w_, next_layer, op) : WeightRef{};
   const int64_t H = o.cfg().hidden_size;
   Host x = host(x_, ScalarType::kF32, op, "x", {kAny, H});
   Host dense = host(dense_, ScalarType::kF32, op, "dense", x.shape);
@@ -648,8 +674,24 @@ py::array ffn_combine(BackendOps& o, int layer, bool encoder, py::handle x_, py:
   Call call(o.be());
   Tensor xt = call.in(x, ScalarType::kF32, "x");
   Tensor dt = call.in(dense, act, "dense"), mt = call.in(moe, act, "moe");
-  o.be().ffn_combine(layer, encoder, xt, dt, mt, o.eps(eps));
-  return call.out(xt);
+  if (!fused) {
+    o.be().ffn_combine(layer, encoder, xt, dt, mt, o.eps(eps));
+    return call.out(xt);
+  }
+  Tensor out = call.alloc(act, x.shape, "out");
+  o.be().ffn_combine_norm(layer, encoder, xt, dt, mt, o.eps(eps), {nw, out});
+  return py::make_tuple(call.out(xt), call.out(out));
+}
+
+py::object ffn_combine(BackendOps& o, int layer, bool encoder, py::handle x_, py::handle dense_, py::handle moe_,
+                       py::object eps) {
+  return ffn_combine_call(o, "ffn_combine", false, layer, encoder, x_, dense_, moe_, py::none(), -1, eps);
+}
+
+// (x, out): x after ffn_combine, out = rmsnorm(x) * next_w.
+py::object ffn_combine_norm(BackendOps& o, int layer, bool encoder, py::handle x_, py::handle dense_, py::handle moe_,
+                            py::object next_w, int next_layer, py::object eps) {
+  return ffn_combine_call(o, "ffn_combine_norm", true, layer, encoder, x_, dense_, moe_, next_w, next_layer, eps);
 }
 
 py::array gather_rows(BackendOps& o, py::handle src_, py::handle index_, const std::string& dtype) {
@@ -790,6 +832,12 @@ void bind_backend_ops(py::module_& m) {
       .def("moe_experts", &moe_experts, arg("layer"), arg("x"), arg("topk_idx"), arg("topk_w"))
       .def("ffn_combine", &ffn_combine, arg("layer"), arg("encoder"), arg("x"), arg("dense"), arg("moe"),
            arg("eps") = none)
+      .def("residual_norm_add_norms", &residual_norm_add_norms, arg("x"), arg("h"), arg("layer"),
+           arg("wa") = "pre_ffn_norm", arg("wb") = "pre_ffn_norm2", arg("eps") = none,
+           "(x, a, b): residual_norm_add, then a = rmsnorm(x) * wa (written over h) and b = rmsnorm(x) * wb")
+      .def("ffn_combine_norm", &ffn_combine_norm, arg("layer"), arg("encoder"), arg("x"), arg("dense"), arg("moe"),
+           arg("next_w") = "input_norm", arg("next_layer") = -1, arg("eps") = none,
+           "(x, out): ffn_combine, then out = rmsnorm(x) * next_w (next_layer: its layer, -1 for a global norm)")
       .def("gather_rows", &gather_rows, arg("src"), arg("index"), arg("dtype") = "act")
       .def("scatter_add_rows", &scatter_add_rows, arg("dst"), arg("src"), arg("index"))
       .def("lm_head_sample", &lm_head_sample, arg("x"), arg("n"), arg("temperature"), arg("uniform"),

@@ -138,7 +138,7 @@ struct Forward::Pass {
     Tensor table_t, first_pos_t, start_t, len_t, slot_t;
   } group[2];
   Tensor ids_t, positions_t, tok0_t, count_t;
-  Tensor x, h, h1, h2, q, att, k, v, mlp_scratch, topk_idx, topk_w, moe_ws;
+  Tensor x, h, h1, h2, h3, q, att, k, v, mlp_scratch, topk_idx, topk_w, moe_ws;
   // decoder step
   Tensor temperature, uniform, token, argmax, entropy, soft_index, gather, scatter;
   Tensor step_out;  // i32 [3, T]: token | argmax | entropy (f32 bits), one download per step
@@ -149,7 +149,7 @@ Forward::Forward(const ModelConfig& cfg, Backend& backend, int sc_slots)
   DG_REQUIRE(sc_slots > 0, InvalidArgument, "max_batch_size must be positive");
   for (Op op : {Op::kEmbed, Op::kRmsNorm, Op::kLinear, Op::kCopy, Op::kHeadNormRope, Op::kKvWrite, Op::kAttention,
                 Op::kResidualNormAdd, Op::kMlp, Op::kMoeRouter, Op::kMoeExperts, Op::kFfnCombine, Op::kGatherRows,
-                Op::kScatterAddRows, Op::kLmHeadSample})
+                Op::kScatterAddRows, Op::kLmHeadSample, Op::kResidualNormAddNorms, Op::kFfnCombineNorm})
     check_supported(op);
   for (int l = 0; l < cfg.num_layers; ++l) {
     const std::vector<float>& f = cfg.layers[l].inv_freq;
@@ -282,6 +282,7 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
   plan.add(p.h, act_, {T, H});
   plan.add(p.h1, act_, {T, H});
   plan.add(p.h2, act_, {T, H});
+  plan.add(p.h3, act_, {T, H});
   plan.add(p.q, act_, {T, qw});
   plan.add(p.att, act_, {T, qw});
   plan.add(p.k, act_, {T, kw});
@@ -319,9 +320,14 @@ void Forward::upload_rows(Pass& p, const std::vector<const SeqCache*>& caches, c
   }
 }
 
+// The decoder layers leave p.h = rmsnorm(x) * final_norm (the last layer's ffn_combine_norm applies it);
+// the encoder's last layer only writes the cache. Each layer's input norm comes from the previous
+// layer's ffn_combine_norm, and the pre-FFN norms from residual_norm_add_norms: one pass over the
+// residual per update.
 void Forward::layers(Pass& p, bool encoder) {
   const int T = p.T, nh = cfg_.num_heads;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  be_.rmsnorm(p.x, weight(W::kInputNorm, 0), p.h, eps);
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const LayerSpec& ls = cfg_.layers[l];
     const int g = ls.sliding ? BlockPool::kSliding : BlockPool::kFull;
@@ -332,7 +338,6 @@ void Forward::layers(Pass& p, bool encoder) {
     const Tensor k = prefix(p.k, {T, kvh, hd}), v = prefix(p.v, {T, kvh, hd});
     const Tensor k2 = k.view({T, kvh * hd}), v2 = v.view({T, kvh * hd});
 
-    be_.rmsnorm(p.x, weight(W::kInputNorm, l), p.h, eps);
     be_.linear(weight(W::kKProj, l), p.h, k2);
     if (ls.k_eq_v)
       be_.copy(k2, v2);  // K=V layers: V is v_norm of the raw k projection
@@ -360,14 +365,16 @@ void Forward::layers(Pass& p, bool encoder) {
     if (!need_output) break;
 
     be_.linear(weight(W::kOProj, l), att.view({T, nh * hd}), p.h);
-    be_.residual_norm_add(p.x, p.h, weight(W::kPostAttnNorm, l), eps);
-    // Dense MLP and MoE both read the residual x; their normalised sum is added back.
-    be_.rmsnorm(p.x, weight(W::kPreFfnNorm, l), p.h, eps);
+    // Dense MLP and MoE both read the residual x (normed: h for the MLP, h3 for the experts); their
+    // normalised sum is added back.
+    be_.residual_norm_add_norms(p.x, p.h, weight(W::kPostAttnNorm, l), eps, {weight(W::kPreFfnNorm, l), p.h},
+                                {weight(W::kPreFfnNorm2, l), p.h3});
     be_.mlp(weight(W::kMlp, l), p.h, p.h1, p.mlp_scratch);
     be_.moe_router(l, p.x, p.topk_idx, p.topk_w, eps);
-    be_.rmsnorm(p.x, weight(W::kPreFfnNorm2, l), p.h, eps);
-    be_.moe_experts(l, p.h, p.topk_idx, p.topk_w, p.h2, p.moe_ws);
-    be_.ffn_combine(l, encoder, p.x, p.h1, p.h2, eps);
+    be_.moe_experts(l, p.h3, p.topk_idx, p.topk_w, p.h2, p.moe_ws);
+    const bool last = l + 1 == cfg_.num_layers;
+    be_.ffn_combine_norm(l, encoder, p.x, p.h1, p.h2, eps,
+                         {last ? weight(W::kFinalNorm) : weight(W::kInputNorm, l + 1), p.h});
   }
 }
 
@@ -471,8 +478,7 @@ void Forward::step(const std::vector<StepRow>& rows, int n, const StepOutput& ou
     const Tensor soft = p.h1;
     be_.gather_rows(state, p.gather, soft);
     decoder_input(p, soft, p.scatter);
-    layers(p, /*encoder=*/false);
-    be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
+    layers(p, /*encoder=*/false);  // leaves p.h = the final norm of x
     SampleArgs a;
     a.x = p.h, a.n = n, a.temperature = p.temperature, a.uniform = p.uniform;
     a.token = p.token, a.argmax = p.argmax, a.entropy = p.entropy;
@@ -569,8 +575,7 @@ void Forward::logits(const std::vector<const SeqCache*>& caches, const int32_t* 
     be_.soft_embedding(lg, soft);
   }
   decoder_input(p, soft, p.scatter.slice(0, S));
-  layers(p, /*encoder=*/false);
-  be_.rmsnorm(p.x, weight(W::kFinalNorm), p.h, static_cast<float>(cfg_.rms_norm_eps));
+  layers(p, /*encoder=*/false);  // leaves p.h = the final norm of x
   auto buf = be_.allocate(static_cast<size_t>(p.T) * V * sizeof(float), "logits");
   const Tensor lg = Tensor::of(static_cast<float*>(buf->data()), {static_cast<int64_t>(p.T), V});
   be_.lm_head_logits(p.h, lg);

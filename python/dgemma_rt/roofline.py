@@ -164,8 +164,11 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
         k_eq_v = kind == "full"
         qkv_n = nh * hd + kvh * hd * (1 if k_eq_v else 2)
         b, f = gemm(qkv_n, H, dense_fmt)
-        ops.append(Op(f"{kind}.input_norm", "kernels/norm/rmsnorm.cu", n_layers, T * H * (4 + ab), 3 * T * H, "fp32",
-                      *small))
+        # Fused into the previous layer's ffn_combine_norm (its pass over x): the normed row's write only. The
+        # first layer's input norm is a launch of its own, counted in the embed row.
+        ops.append(Op(f"{kind}.input_norm", "kernels/layer/residual.cu", n_layers, T * H * ab, 3 * T * H, "fp32",
+                      0.5, "the trailing norm of the previous layer's ffn_combine_norm: x is already in registers, "
+                      "one more reduction and the bf16 row written", launches=0))
         # K=V layers: k and q GEMMs plus the copy of K into V (a cudaMemcpyAsync node); else k, v and q GEMMs.
         ops.append(Op(f"{kind}.qkv_proj", "kernels/gemm/sm90_gemm_bf16.cu", n_layers, b, f, dense_unit, gemm_eff,
                       gemm_why, launches=2 * gl + 1 if k_eq_v else 3 * gl))
@@ -194,8 +197,9 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       4 * T * H, "fp32", *small))
 
     layers = shape.num_layers
-    ops.append(Op("pre_ffn_norms", "kernels/norm/rmsnorm.cu", layers, 2 * T * H * (4 + ab), 6 * T * H, "fp32", *small,
-                  launches=2))
+    ops.append(Op("pre_ffn_norms", "kernels/layer/residual.cu", layers, 2 * T * H * ab, 6 * T * H, "fp32", 0.5,
+                  "the two trailing norms of residual_norm_add_norms (one pass: the updated x stays in registers, one "
+                  "reduction, two bf16 rows written)", launches=0))
     b1, f1 = gemm(2 * I, H, dense_fmt)
     b2, f2 = gemm(H, I, dense_fmt)
     ops.append(Op("dense_mlp", "kernels/gemm/sm90_gemm_bf16.cu + moe_gelu_gate", layers, b1 + b2 + 2 * T * I * ab,
@@ -260,7 +264,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                   *small))
     ops.append(Op("ffn_combine", "kernels/layer/residual.cu", layers, T * H * (8 + 2 * ab), 12 * T * H, "fp32", *small))
 
-    # Once per step. The embed row also carries the final norm's launch.
+    # Once per step. The embed row also carries the first layer's input norm's launch (the final norm is the
+    # last layer's ffn_combine_norm).
     ops.append(Op("embed", "kernels/layer/embed_rope.cu", 1, T * H * (wb["bf16"] + 4), T * H, "fp32", *small,
                   launches=2))
     b1, f1 = gemm(2 * I, H, "bf16")
@@ -312,21 +317,25 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
 # model the work one op does in a decoder step ("{kind}." rows: every attention kind the model has), and
 # what the rows leave out. None: no row models the op; the reason says why.
 BACKEND_OP_ROWS: dict[str, tuple[list[str] | None, str | None]] = {
-    "embed": (["embed"], "approximate: the row also counts the final norm's launch (not its bytes)"),
-    "rmsnorm": (["{kind}.input_norm", "pre_ffn_norms"],
-                "approximate: the rows leave out the step's final norm, self-conditioning pre_norm and decoder-input "
-                "norm (3 of its 3 * layers + 3 calls, each [T, H])"),
+    "embed": (["embed"], "approximate: the row also counts the first layer's input norm's launch (not its bytes)"),
+    "rmsnorm": (None, "the first layer's input norm, the self-conditioning pre_norm and the decoder-input norm (3 "
+                "calls of [T, H] per step): launches in the embed row, bytes not modelled; the other norms are fused "
+                "(residual_norm_add_norms, ffn_combine_norm)"),
     "linear": (["{kind}.qkv_proj", "{kind}.o_proj"], None),
     "copy": (None, "K=V layers copy K into V: not in the roofline"),
     "head_norm_rope": (["{kind}.qk_norm_rope"], None),
     "kv_write": (None, "encoder passes only"),
     "attention": (["{kind}.attention"], None),
-    "residual_norm_add": (["{kind}.residual_norm_add"], None),
+    "residual_norm_add": (["{kind}.residual_norm_add"], "only where no norm follows: the layers run the fused form"),
+    "residual_norm_add_norms": (["{kind}.residual_norm_add", "pre_ffn_norms"], None),
+    "ffn_combine_norm": (["ffn_combine", "{kind}.input_norm"],
+                         "approximate: the last layer's trailing norm is the final norm, the first layer's input "
+                         "norm a separate rmsnorm"),
     "mlp": (["dense_mlp", "self_cond_mlp"],
             "approximate: self_cond_mlp runs only on steps with a self-conditioning signal (not a canvas's first)"),
     "moe_router": (["moe_router"], None),
     "moe_experts": (["moe_permute", "moe_experts", "moe_combine"], None),
-    "ffn_combine": (["ffn_combine"], None),
+    "ffn_combine": (["ffn_combine"], "only where no norm follows: the layers run the fused form"),
     "gather_rows": (None, "the self-conditioning state's gather: not in the roofline"),
     "scatter_add_rows": (None, "the self-conditioning signal's scatter-add: not in the roofline"),
     "lm_head_sample": (["lm_head", "sample_canvas", "soft_embedding", "lm_head_fused"],

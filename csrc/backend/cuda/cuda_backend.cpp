@@ -161,6 +161,10 @@ class CudaBackend final : public Backend {
                 const Tensor& v_cache) override;
   void attention(const AttentionArgs& a) override;
   void residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) override;
+  void residual_norm_add_norms(const Tensor& x, const Tensor& h, WeightRef w, float eps, const NormOut& a,
+                               const NormOut& b) override;
+  void ffn_combine_norm(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe, float eps,
+                        const NormOut& next) override;
   void mlp(WeightRef mlp, const Tensor& x, const Tensor& out, const Tensor& scratch) override;
   void moe_router(int layer, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, float eps) override;
   size_t moe_workspace_bytes(int tokens) const override;
@@ -194,6 +198,12 @@ class CudaBackend final : public Backend {
 
  private:
   class OpTimer;
+  // The residual kernels behind residual_norm_add(_norms) and ffn_combine(_norm), with their trailing norms.
+  kernels::TrailingNorm<bf16> trailing(const NormOut& n, const Tensor& x, const char* op);
+  void residual_norm_add_kernel(const Tensor& x, const Tensor& h, WeightRef w, float eps,
+                                const kernels::TrailingNorm<bf16>& a, const kernels::TrailingNorm<bf16>& b);
+  void ffn_combine_kernel(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe, float eps,
+                          const kernels::TrailingNorm<bf16>& next);
   cudaEvent_t take_event();
   void resolve_profile();  // the stream has been synchronised: every pending pair has completed
   // A weight on the device: bf16 matrices [rows, cols] (experts: [E * rows_per_expert, cols]),
@@ -1151,8 +1161,29 @@ void CudaBackend::attention(const AttentionArgs& a) {
   }
 }
 
+// A fused op's trailing norm (NormOut) as the kernels take it: bf16 [T, H] like x's rows.
+kernels::TrailingNorm<bf16> CudaBackend::trailing(const NormOut& n, const Tensor& x, const char* op) {
+  if (!n.out.data) return {};
+  expect(n.out, ScalarType::kBF16, op, "norm out");
+  DG_CHECK(n.out.rows() == x.rows() && n.out.cols() == x.cols(), op << ": norm out shape");
+  return {as<bf16>(n.out), norm_weight(n.w)};
+}
+
 void CudaBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef w, float eps) {
   const OpTimer timer(*this, Op::kResidualNormAdd);
+  residual_norm_add_kernel(x, h, w, eps, {}, {});
+}
+
+void CudaBackend::residual_norm_add_norms(const Tensor& x, const Tensor& h, WeightRef w, float eps, const NormOut& a,
+                                          const NormOut& b) {
+  const OpTimer timer(*this, Op::kResidualNormAddNorms);
+  DG_CHECK(!b.out.data || (b.out.data != h.data && b.out.data != a.out.data), "residual_norm_add_norms: b.out aliases");
+  residual_norm_add_kernel(x, h, w, eps, trailing(a, x, "residual_norm_add_norms"),
+                           trailing(b, x, "residual_norm_add_norms"));
+}
+
+void CudaBackend::residual_norm_add_kernel(const Tensor& x, const Tensor& h, WeightRef w, float eps,
+                                           const kernels::TrailingNorm<bf16>& a, const kernels::TrailingNorm<bf16>& b) {
   expect(x, ScalarType::kF32, "residual_norm_add", "x");
   expect(h, ScalarType::kBF16, "residual_norm_add", "h");
   DG_CHECK(x.rows() == h.rows() && x.cols() == h.cols(), "residual_norm_add: shapes");
@@ -1160,6 +1191,7 @@ void CudaBackend::residual_norm_add(const Tensor& x, const Tensor& h, WeightRef 
   kernels::ResidualNormAddParams<bf16> p;
   p.x = as<float>(x), p.h = as<bf16>(h), p.weight = norm_weight(w);
   p.tokens = static_cast<int>(x.rows()), p.hidden = static_cast<int>(x.cols()), p.eps = eps;
+  p.a = a, p.b = b;
   DG_CUDA(kernels::residual_norm_add(p, stream_));
 }
 
@@ -1327,6 +1359,18 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
 void CudaBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
                               float eps) {
   const OpTimer timer(*this, Op::kFfnCombine);
+  ffn_combine_kernel(layer, encoder, x, dense, moe, eps, {});
+}
+
+void CudaBackend::ffn_combine_norm(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                                   float eps, const NormOut& next) {
+  const OpTimer timer(*this, Op::kFfnCombineNorm);
+  DG_CHECK(next.out.data != dense.data && next.out.data != moe.data, "ffn_combine_norm: next.out aliases");
+  ffn_combine_kernel(layer, encoder, x, dense, moe, eps, trailing(next, x, "ffn_combine_norm"));
+}
+
+void CudaBackend::ffn_combine_kernel(int layer, bool encoder, const Tensor& x, const Tensor& dense, const Tensor& moe,
+                                     float eps, const kernels::TrailingNorm<bf16>& next) {
   expect(x, ScalarType::kF32, "ffn_combine", "x");
   expect(dense, ScalarType::kBF16, "ffn_combine", "dense");
   expect(moe, ScalarType::kBF16, "ffn_combine", "moe");
@@ -1337,6 +1381,7 @@ void CudaBackend::ffn_combine(int layer, bool encoder, const Tensor& x, const Te
   p.w1 = L.post_ffn_norm1.p, p.w2 = L.post_ffn_norm2.p, p.w = L.post_ffn_norm.p;
   p.tokens = static_cast<int>(x.rows()), p.hidden = static_cast<int>(x.cols()), p.eps = eps;
   p.layer_scalar = encoder ? L.encoder_scalar : L.decoder_scalar;
+  p.next = next;
   DG_CUDA(kernels::ffn_combine(p, stream_));
 }
 

@@ -79,7 +79,19 @@ struct KvCacheWriteParams {
 };
 cudaError_t kv_cache_write(const KvCacheWriteParams& p, cudaStream_t stream);
 
-// x[t] += rmsnorm(h[t]) * weight   (post_attention_layernorm, then the residual add).
+// Optional norms of the residual a kernel below has just updated, in the same pass over the row:
+// out[t] = rmsnorm(x[t]) * w with rmsnorm_mixed's arithmetic (kernels/norm/rmsnorm.cuh: same per-thread
+// fmaf order, reduction tree and rounding), so the fused kernel gives bit for bit what the unfused
+// kernel followed by rmsnorm_mixed<float, T> gives. out null: none; w null: no scale.
+template <typename T>
+struct TrailingNorm {
+  T* out = nullptr;          // [tokens, hidden]
+  const float* w = nullptr;  // [hidden]
+};
+
+// x[t] += rmsnorm(h[t]) * weight   (post_attention_layernorm, then the residual add), then the trailing
+// norms a and b of x (the pre-FFN norms). a.out may alias h (each row's h is read before any of its
+// outputs is written); b.out aliases nothing.
 template <typename Th>  // float or __nv_bfloat16
 struct ResidualNormAddParams {
   float* x = nullptr;             // [tokens, hidden], in place
@@ -88,6 +100,7 @@ struct ResidualNormAddParams {
   int tokens = 0;
   int hidden = 0;
   float eps = 1e-6f;
+  TrailingNorm<Th> a, b;
 };
 template <typename Th>
 cudaError_t residual_norm_add(const ResidualNormAddParams<Th>& p, cudaStream_t stream);
@@ -95,6 +108,7 @@ cudaError_t residual_norm_add(const ResidualNormAddParams<Th>& p, cudaStream_t s
 // The FFN tail of a layer, exactly CpuBackend::ffn_combine:
 //   h1 = rmsnorm(dense[t]) * w1; h2 = rmsnorm(moe[t]) * w2
 //   x[t] = (x[t] + rmsnorm(h1 + h2) * w) * layer_scalar
+// then the trailing norm `next` of x (the next layer's input norm, or the final norm; aliases nothing).
 template <typename Td, typename Tm>  // each float or __nv_bfloat16
 struct FfnCombineParams {
   float* x = nullptr;          // [tokens, hidden], in place
@@ -107,6 +121,7 @@ struct FfnCombineParams {
   int hidden = 0;
   float eps = 1e-6f;
   float layer_scalar = 1.f;
+  TrailingNorm<Td> next;
 };
 template <typename Td, typename Tm>
 cudaError_t ffn_combine(const FfnCombineParams<Td, Tm>& p, cudaStream_t stream);

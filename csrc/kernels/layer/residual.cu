@@ -1,5 +1,6 @@
 // Residual-stream layer kernels: post-attention norm + add, the FFN tail (three norms, add, layer
-// scalar) and the final logit softcap. One block per token row; float32 statistics.
+// scalar), each with the norms of the updated residual the next ops read (TrailingNorm), and the final
+// logit softcap. One block per token row; float32 statistics.
 #include "kernels/common/bf16.cuh"
 #include "kernels/kernel_plan.h"
 #include "kernels/layer/layer.cuh"
@@ -23,6 +24,20 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
+// The trailing norms of row `row` of x, whose thread-strided sum of squares ss (fmaf, index order) this
+// thread has already taken: rmsnorm_mixed's statistics and stores (layer.cuh, TrailingNorm). xr holds
+// the row as this thread wrote it (each thread reads back only its own elements).
+template <typename T>
+__device__ __forceinline__ void trailing_norms(const float* xr, size_t row, int hidden, float eps, float ss,
+                                               float* scratch, const TrailingNorm<T>& a, const TrailingNorm<T>& b) {
+  const float inv = rsqrtf(block_sum(ss, scratch) / static_cast<float>(hidden) + eps);
+  for (int i = threadIdx.x; i < hidden; i += kThreads) {
+    const float v = xr[i] * inv;
+    if (a.out) a.out[row * hidden + i] = from_f<T>(a.w ? v * a.w[i] : v);
+    if (b.out) b.out[row * hidden + i] = from_f<T>(b.w ? v * b.w[i] : v);
+  }
+}
+
 template <typename Th>
 __global__ void __launch_bounds__(kThreads) residual_norm_add_kernel(ResidualNormAddParams<Th> p) {
   __shared__ float scratch[kThreads / 32];
@@ -35,7 +50,15 @@ __global__ void __launch_bounds__(kThreads) residual_norm_add_kernel(ResidualNor
     ss += v * v;
   }
   const float inv = rsqrtf(block_sum(ss, scratch) / p.hidden + p.eps);
-  for (int i = threadIdx.x; i < p.hidden; i += kThreads) xr[i] += (to_f(hr[i]) * inv) * p.weight[i];
+  float ss_x = 0.f;
+  for (int i = threadIdx.x; i < p.hidden; i += kThreads) {
+    const float v = xr[i] + (to_f(hr[i]) * inv) * p.weight[i];
+    xr[i] = v;
+    ss_x = fmaf(v, v, ss_x);
+  }
+  // a.out may be h: every thread has read its h elements above, and block_sum's barrier orders those
+  // reads before any write below.
+  if (p.a.out || p.b.out) trailing_norms(xr, row, p.hidden, p.eps, ss_x, scratch, p.a, p.b);
 }
 
 // Three passes over the row (inputs re-read from L1/L2 rather than staged in shared memory): the two
@@ -66,10 +89,14 @@ __global__ void __launch_bounds__(kThreads) ffn_combine_kernel(FfnCombineParams<
   }
   const float inv = rsqrtf(block_sum(ss, scratch) / p.hidden + p.eps);
 
+  float ss_x = 0.f;
   for (int i = threadIdx.x; i < p.hidden; i += kThreads) {
     const float s = (to_f(dr[i]) * inv1) * p.w1[i] + (to_f(mr[i]) * inv2) * p.w2[i];
-    xr[i] = (xr[i] + (s * inv) * p.w[i]) * p.layer_scalar;
+    const float v = (xr[i] + (s * inv) * p.w[i]) * p.layer_scalar;
+    xr[i] = v;
+    ss_x = fmaf(v, v, ss_x);
   }
+  if (p.next.out) trailing_norms(xr, row, p.hidden, p.eps, ss_x, scratch, p.next, TrailingNorm<Td>{});
 }
 
 __global__ void __launch_bounds__(kThreads) softcap_kernel(float* y, int64_t n, float cap) {
