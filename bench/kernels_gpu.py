@@ -23,8 +23,8 @@ Sections (each guarded: a failure is recorded and the others still run; exit cod
                 bandwidth (issue 13: within 1.25x); at 8 canvases (16,384 slots) the mma.sync and the wgmma
                 kernels side by side (Hopper); the CUTLASS BF16 grouped GEMMs (+ gelu-gate) likewise
   moe_router    T=256, E=128, H=2816, float32 x (the backend's residual stream)
-  lm_head       logits GEMM V=262144, H=2816, M=256 (mma.sync, softcap fused, float32 out) and the
-                self-conditioning product probs @ E (split-K)
+  lm_head       logits GEMM V=262144, H=2816, M=256 (CUTLASS sm90 with the softcap epilogue node, float32
+                out; and the mma.sync matmul beside it) and the self-conditioning product probs @ E (split-K)
   dense_gemms   the CUTLASS BF16 GEMMs of the attention projections and the dense MLP at M=256
 
 The JSON holds the device, driver, commit, per kernel ms / bytes / FLOPs / GB/s / TFLOP/s, the target
@@ -368,8 +368,13 @@ def section_lm_head(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
     alpha = math.sqrt(H)
     p = ctx.p
 
-    def head():
+    def head_mma():
         ctx.ops.launch_matmul_bf16(p(x), p(emb), p(logits), T, V, H, True, False, 1.0, SOFTCAP, 1, 0, 0, ctx.stream)
+
+    cache = None if ctx.dry else ctx.ops.ParamsCache()
+
+    def head():  # what the backend runs on Hopper
+        ctx.ops.launch_gemm_bf16_tn_logits(p(x), p(emb), p(logits), T, V, H, 1.0, SOFTCAP, cache, ctx.stream)
 
     def soft_emb():
         ctx.ops.launch_matmul_bf16(p(probs), p(emb), p(soft), T, H, V, False, True, alpha, 0.0, split, p(ws),
@@ -379,7 +384,10 @@ def section_lm_head(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
     return [
         Kernel("lm_head", V * H * 2 + T * H * 2 + T * V * 4, 2.0 * T * V * H, head if live else None,
                {"M": T, "N": V, "K": H, "out": "float32", "softcap": SOFTCAP},
-               "the backend's per-row logits GEMM (mma.sync, softcap fused)"),
+               "the backend's per-row logits GEMM on Hopper (CUTLASS sm90, 128x256 tiles, softcap epilogue node)"),
+        Kernel("lm_head_mma", V * H * 2 + T * H * 2 + T * V * 4, 2.0 * T * V * H, head_mma if live else None,
+               {"M": T, "N": V, "K": H, "out": "float32", "softcap": SOFTCAP},
+               "the same logits on the mma.sync matmul (the backend's path off Hopper)"),
         Kernel("soft_embedding", V * H * 2 + T * V * 2 + 2 * split * T * H * 4 + T * H * 2, 2.0 * T * V * H,
                soft_emb if live else None, {"M": T, "N": H, "K": V, "w_kn": True, "split_k": split},
                "probs @ E * sqrt(H), split-K (the scatter into the decoder input is not timed)"),
@@ -424,7 +432,8 @@ SECTIONS: dict[str, tuple[Callable, list[str]]] = {  # name: (builder, the bindi
                                           "grouped_gemm_bf16_tn_workspace_size", "launch_grouped_gemm_bf16_tn",
                                           "launch_moe_gelu_gate", "ParamsCache"]),
     "moe_router": (section_moe_router, ["moe_router_workspace_bytes", "launch_moe_router"]),
-    "lm_head": (section_lm_head, ["matmul_pick_split_k", "matmul_workspace_bytes", "launch_matmul_bf16"]),
+    "lm_head": (section_lm_head, ["matmul_pick_split_k", "matmul_workspace_bytes", "launch_matmul_bf16",
+                                  "launch_gemm_bf16_tn_logits", "ParamsCache"]),
     "dense_gemms": (section_dense_gemms, ["launch_gemm_bf16_tn", "launch_moe_gelu_gate", "ParamsCache"]),
 }
 

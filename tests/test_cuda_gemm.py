@@ -89,6 +89,51 @@ def test_gemm_rejects_misaligned():
         _ops().gemm_bf16_tn(np.zeros((4, 16), np.uint16), np.zeros((12, 16), np.uint16))
 
 
+# ---- the LM head's logits GEMM (f32 out, softcap epilogue)
+
+def finish_ref(acc, alpha, softcap):
+    """kernels/matmul finish() in float64: v * alpha, then softcap * tanh(v / softcap)."""
+    v = acc * alpha
+    return softcap * np.tanh(v / softcap) if softcap > 0 else v
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 8), (3, 136, 72), (256, 2048, 2816), (129, 264, 40)])
+def test_logits_exact_small_integers(m, n, k):
+    """No softcap, alpha 1: integer products are exact in the fp32 accumulator and in the f32 output."""
+    rng = np.random.default_rng(m * 13 + n + k)
+    x = rng.integers(-3, 4, size=(m, k)).astype(np.float32)
+    w = rng.integers(-3, 4, size=(n, k)).astype(np.float32)
+    got = _ops().gemm_bf16_tn_logits(bf16_bits(x), bf16_bits(w))
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32))
+
+
+@pytest.mark.parametrize("alpha,softcap", [(1.0, 30.0), (0.5, 0.0), (1.0, 0.25)])
+@pytest.mark.parametrize("cached", [False, True])
+def test_logits_softcap_against_numpy_and_matmul(alpha, softcap, cached):
+    """Random bf16 inputs at a canvas-like shape: within fp32 accumulation and tanhf error of the float64
+    reference, and close to the mma.sync matmul's logits (the kernel it replaces in the LM head)."""
+    rng = np.random.default_rng(int(softcap * 4) + int(alpha * 8) + cached)
+    m, n, k = 256, 1024, 2816
+    xb = bf16_bits(rng.standard_normal((m, k)).astype(np.float32))
+    wb = bf16_bits((rng.standard_normal((n, k)) * 2 / np.sqrt(k)).astype(np.float32))
+    x, w = bf16_to_f32(xb).astype(np.float64), bf16_to_f32(wb).astype(np.float64)
+    got = _ops().gemm_bf16_tn_logits(xb, wb, alpha=alpha, softcap=softcap, cached=cached).astype(np.float64)
+    ref = finish_ref(x @ w.T, alpha, softcap)
+    scale = finish_ref(np.abs(x) @ np.abs(w).T, abs(alpha), 0.0)
+    assert np.all(np.abs(got - ref) <= 1e-5 * scale + 4e-6 * np.abs(ref) + 1e-6)
+    if hasattr(_ops(), "matmul_bf16"):
+        mm = np.asarray(_ops().matmul_bf16(xb, wb, alpha=alpha, softcap=softcap, y_f32=True), np.float64)
+        assert np.all(np.abs(got - mm) <= 2e-5 * scale + 8e-6 * np.abs(ref) + 2e-6)
+
+
+def test_logits_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="softcap"):
+        _ops().gemm_bf16_tn_logits(np.zeros((4, 16), np.uint16), np.zeros((8, 16), np.uint16), softcap=-1.0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _ops().gemm_bf16_tn_logits(np.zeros((4, 12), np.uint16), np.zeros((8, 12), np.uint16))
+
+
 def grouped_ref(a, w, offsets):
     out = np.zeros((a.shape[0], w.shape[1]))
     for g in range(w.shape[0]):

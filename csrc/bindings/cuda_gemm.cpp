@@ -62,6 +62,25 @@ U16Array gemm_bf16_tn(U16Array x, U16Array w, bool cached) {
   return y;
 }
 
+F32Array gemm_bf16_tn_logits(U16Array x, U16Array w, float alpha, float softcap, bool cached) {
+  DG_REQUIRE(x.ndim() == 2 && w.ndim() == 2, InvalidArgument, "x must be [M, K] and w [N, K]");
+  const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1)), N = static_cast<int>(w.shape(0));
+  DG_REQUIRE(w.shape(1) == K, InvalidArgument, "w must be [N, " << K << "], got [" << N << ", " << w.shape(1) << "]");
+  DG_REQUIRE(softcap >= 0.f, InvalidArgument, "softcap must be >= 0 (0: none), got " << softcap);
+  require_gemm_shape(N, K);
+  auto dx = DeviceBuffer<__nv_bfloat16>::from(x);
+  auto dw = DeviceBuffer<__nv_bfloat16>::from(w);
+  DeviceBuffer<float> dy(static_cast<size_t>(M) * N);
+  kernels::GemmLogitsParams p;
+  p.x = dx.get(), p.w = dw.get(), p.y = dy.get(), p.M = M, p.N = N, p.K = K, p.alpha = alpha, p.softcap = softcap;
+  run_maybe_cached(p, [](const kernels::GemmLogitsParams& q) { return kernels::gemm_bf16_tn_logits(q, nullptr); },
+                   dy.get(), static_cast<size_t>(M) * N * 4, cached);
+  DG_CUDA_CHECK(cudaDeviceSynchronize());
+  F32Array y({M, N});
+  dy.copy_to(y.mutable_data());
+  return y;
+}
+
 U16Array grouped_gemm_bf16_tn(U16Array a, U16Array w, I32Array offsets, bool cached) {
   DG_REQUIRE(a.ndim() == 2 && w.ndim() == 3 && offsets.ndim() == 1, InvalidArgument,
              "a must be [Mtot, K], w [G, N, K], offsets [G + 1]");
@@ -98,6 +117,10 @@ RegisterCudaOps reg([](py::module_& m) {
   m.def("gemm_bf16_tn", &gemm_bf16_tn, py::arg("x"), py::arg("w"), py::arg("cached") = false,
         "y[M, N] = x[M, K] @ w[N, K]^T in bf16 (uint16 bit patterns), fp32 accumulation; sm_90 only. cached: "
         "the result of a second launch from prepared Params (a ParamsCache hit)");
+  m.def("gemm_bf16_tn_logits", &gemm_bf16_tn_logits, py::arg("x"), py::arg("w"), py::arg("alpha") = 1.f,
+        py::arg("softcap") = 0.f, py::arg("cached") = false,
+        "y f32 [M, N] = softcap(alpha * x[M, K] @ w[N, K]^T) (the LM head's logits GEMM; bf16 in as uint16); "
+        "sm_90 only. cached: as for gemm_bf16_tn");
   m.def("grouped_gemm_bf16_tn", &grouped_gemm_bf16_tn, py::arg("a"), py::arg("w"), py::arg("offsets"),
         py::arg("cached") = false,
         "d[o_g:o_g+1] = a[o_g:o_g+1] @ w[g]^T for each group g, bf16 as uint16; sm_90 only. cached: as for "

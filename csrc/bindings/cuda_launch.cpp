@@ -104,6 +104,14 @@ void launch_gemm_bf16_tn(uintptr_t x, uintptr_t w, uintptr_t y, int M, int N, in
   DG_CUDA_CHECK(kernels::gemm_bf16_tn(p, stream_of(stream)));
 }
 
+void launch_gemm_bf16_tn_logits(uintptr_t x, uintptr_t w, uintptr_t y, int M, int N, int K, float alpha,
+                                float softcap, kernels::ParamsCache* cache, uintptr_t stream) {
+  kernels::GemmLogitsParams p;
+  p.x = ptr<const bf16>(x), p.w = ptr<const bf16>(w), p.y = ptr<float>(y), p.M = M, p.N = N, p.K = K;
+  p.alpha = alpha, p.softcap = softcap, p.cache = cache;
+  DG_CUDA_CHECK(kernels::gemm_bf16_tn_logits(p, stream_of(stream)));
+}
+
 void launch_grouped_gemm_bf16_tn(uintptr_t a, uintptr_t w, uintptr_t offsets, uintptr_t d, int G, int N, int K,
                                  uintptr_t workspace, size_t workspace_bytes, kernels::ParamsCache* cache,
                                  uintptr_t stream) {
@@ -144,6 +152,9 @@ RegisterCudaOps reg([](py::module_& m) {
   // cuda_ops.ParamsCache is _testing.ParamsCache (module.cpp): pybind11 registers a C++ type once.
   m.def("launch_gemm_bf16_tn", &launch_gemm_bf16_tn, arg("x"), arg("w"), arg("y"), arg("M"), arg("N"), arg("K"),
         arg("cache"), arg("stream"), "Launch only: the CUTLASS sm90 bf16 GEMM y = x @ w^T on device pointers");
+  m.def("launch_gemm_bf16_tn_logits", &launch_gemm_bf16_tn_logits, arg("x"), arg("w"), arg("y"), arg("M"), arg("N"),
+        arg("K"), arg("alpha"), arg("softcap"), arg("cache"), arg("stream"),
+        "Launch only: the CUTLASS sm90 logits GEMM y f32 = softcap(alpha * x @ w^T) on device pointers");
   m.def("launch_grouped_gemm_bf16_tn", &launch_grouped_gemm_bf16_tn, arg("a"), arg("w"), arg("offsets"), arg("d"),
         arg("G"), arg("N"), arg("K"), arg("workspace"), arg("workspace_bytes"), arg("cache"), arg("stream"),
         "Launch only: the CUTLASS sm90 grouped bf16 GEMM on device pointers");

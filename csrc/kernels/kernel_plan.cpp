@@ -19,6 +19,7 @@ KernelPlans kernel_plans() {
 #if defined(DGEMMA_WITH_CUTLASS)
   sm90_gemm_bf16_kernel_plans(out);
   sm90_gemm_fp8_kernel_plans(out);
+  sm90_gemm_logits_kernel_plans(out);
   sm90_grouped_gemm_bf16_kernel_plans(out);
 #endif
   return out;

@@ -42,6 +42,7 @@ void sample_canvas_kernel_plans(KernelPlans& out);
 #if defined(DGEMMA_WITH_CUTLASS)
 void sm90_gemm_bf16_kernel_plans(KernelPlans& out);
 void sm90_gemm_fp8_kernel_plans(KernelPlans& out);
+void sm90_gemm_logits_kernel_plans(KernelPlans& out);
 void sm90_grouped_gemm_bf16_kernel_plans(KernelPlans& out);
 #endif
 

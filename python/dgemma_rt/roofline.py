@@ -288,12 +288,13 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       launches=4))
     else:
         rows, n = batch, L
-        ops.append(Op("lm_head", "kernels/matmul/matmul.cu (mma.sync)", rows, emb + n * H * ab + n * V * 4,
-                      2.0 * n * V * H, "bf16", 0.55,
-                      "per canvas row, the backend's own mma.sync GEMM (the CUTLASS one has no f32 + softcap "
-                      "epilogue): 128x128x32 tiles, 3-stage cp.async, 2 CTAs/SM, softcap fused, f32 logits "
-                      "[n, V] out; 4,096 CTAs pull 1.44 MB of x and E tiles each, 5.9 GB from L2 (~6.5 TB/s): "
-                      "~0.9 ms, above the HBM and FLOP floors"))
+        ops.append(Op("lm_head", "kernels/gemm/sm90_gemm_bf16_logits.cu", rows, emb + n * H * ab + n * V * 4,
+                      2.0 * n * V * H, "bf16", 0.8,
+                      "per canvas row, CUTLASS sm90 with the softcap as an epilogue visitor node, f32 logits [n, V] "
+                      "out: 128x256 tiles in 2x1 clusters, each E tile TMA-multicast to the canvas's two M tiles, so "
+                      "E comes from HBM once and ~2.9 GB from L2 (the mma.sync matmul's 128x128 tiles: 5.9 GB, "
+                      "~0.9 ms); byte side 0.8, tensor side ~0.75 of the wgmma peak, the slower sets the time",
+                      compute_efficiency=0.75))
         ops.append(Op("sample_canvas", "kernels/sampler/sample_canvas.cu", rows, n * V * (4 + 4 + 4 + 4 + 2),
                       10.0 * n * V, "fp32", 0.6,
                       "one 512-thread CTA per position over its 1 MB f32 row, 3 passes (logits / T in place; exp "

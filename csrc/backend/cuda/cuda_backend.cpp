@@ -1001,6 +1001,15 @@ void CudaBackend::gemm(const Mat& w, const bf16* x, void* y, int64_t M, bool y_f
   }
 #endif
 #ifdef DGEMMA_WITH_CUTLASS
+  if (cutlass_ && y_f32 && K % 8 == 0 && N % 8 == 0 && M <= INT_MAX && aligned16(x) && aligned16(w.p) &&
+      aligned16(y)) {  // the LM head's logits
+    kernels::GemmLogitsParams p;
+    p.x = x, p.w = w.p, p.y = static_cast<float*>(y);
+    p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+    p.alpha = alpha, p.softcap = softcap, p.cache = &gemm_params_;
+    DG_CUDA(kernels::gemm_bf16_tn_logits(p, stream_));
+    return;
+  }
   if (cutlass_ && !y_f32 && alpha == 1.f && softcap == 0.f && K % 8 == 0 && N % 8 == 0 && M <= INT_MAX &&
       aligned16(x) && aligned16(w.p) && aligned16(y)) {
     kernels::GemmBf16Params p;

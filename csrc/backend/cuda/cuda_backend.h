@@ -23,7 +23,8 @@
 //                              (batch >= 3), mma.sync below; DGEMMA_CUDA_W4A16=mma|wgmma forces one
 //   attention                  the tiled kernels for head_dim 256 / 512 (wgmma on sm_90a, mma.sync
 //                              elsewhere, split-KV), the generic warp kernel for other head sizes
-//   lm_head_sample             per row of the pass: logits [n, V] f32 (matmul + softcap), the sampler
+//   lm_head_sample             per row of the pass: logits [n, V] f32 (the CUTLASS logits GEMM with the
+//                              softcap epilogue on Hopper, else the matmul with it fused), the sampler
 //                              kernel (kernels/sampler: exact inverse-CDF rule, argmax, entropy, bf16
 //                              probabilities), then probabilities @ E * sqrt(H) (split-K matmul) into
 //                              the row's self-conditioning slots. Transient memory is one row's

@@ -155,16 +155,18 @@ cudaError_t launch(const typename GemmKernel::Params& params, cudaStream_t strea
 //
 // The Params are made from A, B, D, M, N, K, the device and the epilogue's fusion arguments, so
 // those are their key: `epilogue_ptrs` lists every pointer the caller set in args.epilogue.thread
-// (none for D = acc); scalars there must be constants of the instantiation (alpha 1, beta 0), as
-// the key does not hold them. No workspace, no per-call device memory: nothing else goes in.
+// (none for D = acc); scalars there are either constants of the instantiation (alpha 1, beta 0) or
+// packed into `epilogue_scalars` (any 64 bits that differ whenever they do), which joins the key. No
+// workspace, no per-call device memory: nothing else goes in.
 template <class GemmKernel, int Arch>
 cudaError_t launch_dense_tn(typename GemmKernel::Arguments& args, std::initializer_list<const void*> epilogue_ptrs,
-                            int M, int N, int K, ParamsCache* cache, cudaStream_t stream) {
+                            int M, int N, int K, ParamsCache* cache, cudaStream_t stream,
+                            int64_t epilogue_scalars = 0) {
   DeviceInfo dev;
   cudaError_t err = current_device(&dev);
   if (err != cudaSuccess) return err;
   LaunchKey key(kernel_id<GemmKernel, Arch>(), dev.device, {args.mainloop.ptr_A, args.mainloop.ptr_B,
-                                                            args.epilogue.ptr_D}, {M, N, K});
+                                                            args.epilogue.ptr_D}, {M, N, K, epilogue_scalars});
   if (epilogue_ptrs.size() > key.ptrs.size() - 3) return cudaErrorInvalidValue;
   size_t i = 3;
   for (const void* p : epilogue_ptrs) key.ptrs[i++] = p;

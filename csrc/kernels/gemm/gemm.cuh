@@ -60,6 +60,20 @@ bool sm90_gemm_supported();
 
 cudaError_t gemm_bf16_tn(const GemmBf16Params& p, cudaStream_t stream);
 
+// The LM head's logits (sm_90a): Y f32 [M, N] = softcap(alpha * X @ W^T), X [M, K], W [N, K] bf16 row-major,
+// with kernels/matmul's epilogue (v *= alpha; softcap > 0: v = softcap * tanhf(v / softcap); 0: none).
+// K, N multiples of 8, pointers 16-byte aligned. 128x256 tiles in 2x1 clusters for M = one canvas of
+// 256 positions against N = the vocabulary (sm90_gemm_bf16_logits.cu).
+struct GemmLogitsParams {
+  const __nv_bfloat16* x = nullptr;  // [M, K]
+  const __nv_bfloat16* w = nullptr;  // [N, K]
+  float* y = nullptr;                // [M, N]
+  int M = 0, N = 0, K = 0;
+  float alpha = 1.f, softcap = 0.f;
+  ParamsCache* cache = nullptr;      // prepared launches (alpha and softcap are part of the key), or null
+};
+cudaError_t gemm_bf16_tn_logits(const GemmLogitsParams& p, cudaStream_t stream);
+
 // FP8 dense layers (W8A8, sm_90a): Y[M, N] = (Xq @ Wq^T) * x_scale[m] * w_scale[n], E4M3 codes in,
 // fp32 accumulation (promoted periodically), bf16 out. K % 16 == 0, N % 8 == 0, pointers 16-byte
 // aligned. x_scale: one per token (kernels/fp8 quantize_rows_fp8), w_scale: one per output channel.

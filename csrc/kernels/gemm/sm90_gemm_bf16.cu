@@ -12,13 +12,7 @@
 #include "kernels/gemm/gemm.cuh"
 
 #include "kernels/gemm/cutlass_launch.cuh"
-
-#include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/dispatch_policy.hpp>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include "kernels/gemm/sm90_dense_tn.cuh"
 
 namespace dgemma::kernels {
 namespace {
@@ -27,29 +21,12 @@ using namespace cute;
 
 using ElementAB = cutlass::bfloat16_t;
 using ElementD = cutlass::bfloat16_t;
-using ElementAcc = float;
 constexpr int kAlign = 8;  // 16 bytes of bf16: TMA needs 16-byte aligned rows
 
 using TileShape = Shape<_128, _64, _64>;
 using ClusterShape = Shape<_2, _1, _1>;  // two M tiles share (multicast) each weight tile
 
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementAcc,
-    void, cutlass::layout::RowMajor, kAlign,  // no source C: D = acc
-    ElementD, cutlass::layout::RowMajor, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
-
-using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-    ElementAB, cutlass::layout::RowMajor, kAlign,     // X [M, K], K contiguous
-    ElementAB, cutlass::layout::ColumnMajor, kAlign,  // W as B [K, N] column-major = W [N, K] row-major
-    ElementAcc, TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-        sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-
-using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                        CollectiveEpilogue>;
+using GemmKernel = cutlass_launch::Sm90DenseTn<ElementAB, kAlign, ElementD, kAlign, TileShape, ClusterShape>::Kernel;
 
 }  // namespace
 
@@ -57,16 +34,14 @@ bool sm90_gemm_supported() { return cutlass_launch::built_for(900) && cutlass_la
 
 void sm90_gemm_bf16_kernel_plans(KernelPlans& out) {
   out.push_back(cutlass_launch::kernel_plan<GemmKernel>(
-      "cutlass_launch(::|6)kernel.*MainloopSm90TmaGmmaWarpSpecialized(<|I).*KernelTmaWarpSpecializedCooperative"));
+      "cutlass_launch(::|6)kernel(?!.*Finish).*MainloopSm90TmaGmmaWarpSpecialized(<|I).*"
+      "KernelTmaWarpSpecializedCooperative"));  // not the logits GEMM (its epilogue node: Finish)
 }
 
 cudaError_t gemm_bf16_tn(const GemmBf16Params& p, cudaStream_t stream) {
-  if (p.M < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
-  if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if (p.K == 0 || p.K % kAlign || p.N % kAlign) return cudaErrorInvalidValue;
-  if (!cutlass_launch::aligned(p.x, 16) || !cutlass_launch::aligned(p.w, 16) || !cutlass_launch::aligned(p.y, 16))
-    return cudaErrorInvalidValue;
-  if (!sm90_gemm_supported()) return cudaErrorNotSupported;
+  bool empty = false;
+  const cudaError_t err = cutlass_launch::check_sm90_dense_tn(p.M, p.N, p.K, kAlign, kAlign, p.x, p.w, p.y, &empty);
+  if (err != cudaSuccess || empty) return err;
 
   typename GemmKernel::Arguments args{};
   args.mainloop.ptr_A = reinterpret_cast<const ElementAB*>(p.x);

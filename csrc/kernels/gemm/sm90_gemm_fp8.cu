@@ -9,16 +9,11 @@
 #include "kernels/gemm/gemm.cuh"
 
 #include "kernels/gemm/cutlass_launch.cuh"
+#include "kernels/gemm/sm90_dense_tn.cuh"
 
-#include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/epilogue/fusion/sm90_visitor_compute_tma_warpspecialized.hpp>
 #include <cutlass/epilogue/fusion/sm90_visitor_load_tma_warpspecialized.hpp>
 #include <cutlass/epilogue/fusion/sm90_visitor_tma_warpspecialized.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/dispatch_policy.hpp>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 namespace dgemma::kernels {
 namespace {
@@ -27,14 +22,11 @@ using namespace cute;
 
 using ElementAB = cutlass::float_e4m3_t;
 using ElementD = cutlass::bfloat16_t;
-using ElementAcc = float;
 constexpr int kAlignAB = 16;  // 16 bytes of E4M3
 constexpr int kAlignD = 8;
 
 using TileShape = Shape<_128, _64, _128>;
 using ClusterShape = Shape<_2, _1, _1>;  // two M tiles share (multicast) each weight tile
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
 
 // D = x_scale[m] * (w_scale[n] * acc), fp32 math, rounded to bf16 once at the end.
 using namespace cutlass::epilogue::fusion;
@@ -45,22 +37,8 @@ using ScaleByW = Sm90EVT<Sm90Compute<cutlass::multiplies, float, float, cutlass:
 using Fusion = Sm90EVT<Sm90Compute<cutlass::multiplies, ElementD, float, cutlass::FloatRoundStyle::round_to_nearest>,
                        XScale, ScaleByW>;
 
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpilogueTile, ElementAcc, float,
-    void, cutlass::layout::RowMajor, kAlignD,  // no source C
-    ElementD, cutlass::layout::RowMajor, kAlignD, EpilogueSchedule, Fusion>::CollectiveOp;
-
-using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-    ElementAB, cutlass::layout::RowMajor, kAlignAB,     // Xq [M, K], K contiguous
-    ElementAB, cutlass::layout::ColumnMajor, kAlignAB,  // Wq as B [K, N] column-major = Wq [N, K] row-major
-    ElementAcc, TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-        sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-
-using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                        CollectiveEpilogue>;
+using GemmKernel =
+    cutlass_launch::Sm90DenseTn<ElementAB, kAlignAB, ElementD, kAlignD, TileShape, ClusterShape, Fusion>::Kernel;
 
 }  // namespace
 
@@ -70,13 +48,10 @@ void sm90_gemm_fp8_kernel_plans(KernelPlans& out) {
 }
 
 cudaError_t gemm_fp8_tn(const GemmFp8Params& p, cudaStream_t stream) {
-  if (p.M < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
-  if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if (p.K == 0 || p.K % kAlignAB || p.N % kAlignD) return cudaErrorInvalidValue;
-  if (!cutlass_launch::aligned(p.x, 16) || !cutlass_launch::aligned(p.w, 16) || !cutlass_launch::aligned(p.y, 16) ||
-      !p.x_scale || !p.w_scale)
-    return cudaErrorInvalidValue;
-  if (!sm90_gemm_supported()) return cudaErrorNotSupported;
+  bool empty = false;
+  const cudaError_t err = cutlass_launch::check_sm90_dense_tn(p.M, p.N, p.K, kAlignAB, kAlignD, p.x, p.w, p.y, &empty);
+  if (err != cudaSuccess || empty) return err;
+  if (!p.x_scale || !p.w_scale) return cudaErrorInvalidValue;
 
   typename GemmKernel::Arguments args{};
   args.mainloop.ptr_A = reinterpret_cast<const ElementAB*>(p.x);
