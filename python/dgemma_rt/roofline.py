@@ -254,10 +254,13 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       "fp32", 0.3, sort_why + ", then a gather of T*k rows into xp", launches=2, latency_us=4.0))
         # xp read, h [T*k, 2 Im] written and read by moe_gelu_gate, act written and read, dn written.
         expert_bytes = expert_weights * wb[expert_fmt] + slots * (H + 2 * Im + 2 * Im + Im + Im + H) * ab
-        eff, why = 0.85, ("CUTLASS sm90 grouped GEMM, swap-AB so weights fill the 128-row tile: streams weights; "
-                          "gate_up, moe_gelu_gate, down (each grouped GEMM launches its setup kernel too)")
+        eff, why = 0.85, ("CUTLASS sm90 grouped GEMM, swap-AB so weights fill the 128-row tile: streams weights "
+                          "(byte side 0.85); gate_up, moe_gelu_gate, down (each grouped GEMM launches its setup "
+                          "kernel too). Tensor side ~0.6 of the wgmma peak: a 32-token tile reads the 128-row "
+                          "weight tile from shared memory for only 32 columns (shared-memory-bound wgmma), which "
+                          "sets the pace from ~3 canvases on")
         kernel, expert_launches = "kernels/gemm/sm90_grouped_gemm_bf16.cu", 5
-        expert_extra = {}
+        expert_extra = {"compute_efficiency": 0.6}
     ops.append(Op("moe_experts", kernel, layers, expert_bytes, expert_flops, "bf16", eff, why,
                   launches=expert_launches, **expert_extra))
     ops.append(Op("moe_combine", "kernels/moe/combine.cu", layers, T * k * H * ab + T * H * ab, 2 * T * k * H, "fp32",

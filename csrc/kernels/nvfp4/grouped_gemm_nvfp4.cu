@@ -30,7 +30,7 @@
 // mma.m16n8k16's) with the loader, decode and epilogue shared (w4a16_common.cuh); grouped_gemm_nvfp4
 // picks it from the host's row count (nvfp4.cuh, W4A16Path).
 //
-// Expected speed (from the sm_90a SASS, tests/test_sass_w4a16.py): a warp spends 117 / 121 / 131 / 163
+// Expected speed (from the sm_90a SASS, tests/test_sass_w4a16.py): a warp spends 116 / 120 / 130 / 161
 // instructions per 64-column stage (1024 weights) at 8 / 16 / 32 / 64 tokens, so at ~16 tokens per
 // expert one layer issues ~93 M warp instructions: ~90-100 us on 528 schedulers at 1.75-1.98 GHz, under
 // the 128 us byte time. With 16 warps per SM and 5 stages (~46 KB of weights per SM) in flight the byte
