@@ -83,6 +83,7 @@ BF16_TOL = {
     "residual_norm_add": _ELEMENTWISE,
     "ffn_combine": (2e-5, 4),
     "residual_norm_add_norms": _ELEMENTWISE,
+    "head_norm_rope_qkv": (2e-5, 3),
     "ffn_combine_norm": (2e-5, 4),
     "linear": _REDUCE,
     "attention": _REDUCE,
@@ -535,6 +536,33 @@ def test_ffn_combine_norm(ref, dev, T, next_w, next_layer):
     parts_x = dev.ffn_combine(L_SLIDE2, False, x, dense, moe)
     np.testing.assert_array_equal(got_x, parts_x)
     np.testing.assert_array_equal(got, dev.rmsnorm(parts_x, next_w, next_layer, out_dtype="act"))
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("layer,with_q", [(L_SLIDE, True), (L_FULL, True), (L_FULL, False)])
+def test_head_norm_rope_qkv(ref, dev, T, layer, with_q):
+    """A layer's q, k and v normed (and q, k rotated) in one op: against the reference's three
+    head_norm_rope calls, and on the device against its own three calls bit for bit."""
+    need(dev, "head_norm_rope_qkv")
+    cfg = ref.config["layers"][layer]
+    hd, kvh, nh = cfg["head_dim"], cfg["num_kv_heads"], ref.config["num_heads"]
+    rng = rng_for("hnr_qkv", T, layer, with_q)
+    q = rnd(rng.standard_normal((T, nh, hd)) * 2) if with_q else None
+    k, v = rnd(rng.standard_normal((T, kvh, hd))), rnd(rng.standard_normal((T, kvh, hd)) * 3)
+    pos = rng.integers(0, 5000, T).astype(np.int32)
+    got = dev.head_norm_rope_qkv(q, k, v, layer, pos)
+    want = (ref.head_norm_rope(q, "q_norm", layer, positions=pos) if with_q else None,
+            ref.head_norm_rope(k, "k_norm", layer, positions=pos), ref.head_norm_rope(v))
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert_close(dev, "head_norm_rope_qkv", g, w)
+    parts = (dev.head_norm_rope(q, "q_norm", layer, positions=pos) if with_q else None,
+             dev.head_norm_rope(k, "k_norm", layer, positions=pos), dev.head_norm_rope(v))
+    for g, w in zip(got, parts):
+        if w is not None:
+            np.testing.assert_array_equal(g, w)
 
 
 def test_fused_norm_ops_refuse_bad_weights(ref):

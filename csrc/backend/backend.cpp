@@ -23,6 +23,7 @@ const char* op_name(Op op) {
     case Op::kSoftEmbedding: return "soft_embedding";
     case Op::kResidualNormAddNorms: return "residual_norm_add_norms";
     case Op::kFfnCombineNorm: return "ffn_combine_norm";
+    case Op::kHeadNormRopeQkv: return "head_norm_rope_qkv";
     case Op::kCount: break;
   }
   return "?";
@@ -45,6 +46,11 @@ void Backend::linear(WeightRef, const Tensor&, const Tensor&) { unsupported(Op::
 void Backend::copy(const Tensor&, const Tensor&) { unsupported(Op::kCopy); }
 void Backend::head_norm_rope(const Tensor&, WeightRef, const Tensor&, const Tensor&, float) {
   unsupported(Op::kHeadNormRope);
+}
+void Backend::head_norm_rope_qkv(const HeadNorm& q, const HeadNorm& k, const HeadNorm& v, const Tensor& positions,
+                                 const Tensor& inv_freq, float eps) {
+  for (const HeadNorm* t : {&q, &k, &v})
+    if (t->x.data) head_norm_rope(t->x, t->w, t->rope ? positions : Tensor{}, t->rope ? inv_freq : Tensor{}, eps);
 }
 void Backend::kv_write(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
   unsupported(Op::kKvWrite);

@@ -50,6 +50,7 @@ enum class Op : int {
   kSoftEmbedding,
   kResidualNormAddNorms,
   kFfnCombineNorm,
+  kHeadNormRopeQkv,
   kCount
 };
 const char* op_name(Op op);
@@ -90,6 +91,14 @@ inline WeightRef weight(W id, int layer = -1) { return WeightRef{id, layer}; }
 struct NormOut {
   WeightRef w;
   Tensor out;
+};
+
+// One tensor of head_norm_rope_qkv: x act [T, heads, head_dim] normed in place with w (kNone: no
+// scale), then RoPE'd when rope is set (with the op's positions and inv_freq). An empty x: none.
+struct HeadNorm {
+  Tensor x;
+  WeightRef w;
+  bool rope = false;
 };
 
 // Attention over one layer for every row of a pass (the CUDA kernel's contract, kernels/attention).
@@ -251,6 +260,10 @@ class Backend {
   // (f32 [head_dim / 2]; zero frequencies leave their pair unrotated).
   virtual void head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
                               float eps);
+  // head_norm_rope on a layer's q, k and v at once (one launch where a backend fuses; the default runs
+  // one head_norm_rope per tensor, so both give the same numbers). The tensors do not overlap.
+  virtual void head_norm_rope_qkv(const HeadNorm& q, const HeadNorm& k, const HeadNorm& v, const Tensor& positions,
+                                  const Tensor& inv_freq, float eps);
   // k_cache[slot[t]] = k[t], v_cache[slot[t]] = v[t] with the caches viewed as
   // [num_blocks * block_size, kv_heads * head_dim]; slot[t] < 0 skips token t. k, v act [T, kv_heads,
   // head_dim]; slot i32 [T], distinct where >= 0.

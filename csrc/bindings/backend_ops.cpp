@@ -484,6 +484,34 @@ py::array head_norm_rope(BackendOps& o, py::handle x_, py::object w_, int layer,
   return call.out(xd);
 }
 
+// A layer's (q, k, v) after head_norm_rope_qkv: q and k normed with its q_norm / k_norm and RoPE'd at
+// positions with its inv_freq, v scale-free normed; q None: k and v only (the encoder's last layer).
+py::tuple head_norm_rope_qkv(BackendOps& o, py::object q_, py::handle k_, py::handle v_, int layer,
+                             py::handle positions_, py::object eps) {
+  const char* op = "head_norm_rope_qkv";
+  o.check_layer(layer, op);
+  const LayerSpec& ls = o.cfg().layers[layer];
+  const int64_t hd = ls.head_dim, kvh = ls.num_kv_heads;
+  Host k = host(k_, ScalarType::kF32, op, "k", {kAny, kvh, hd});
+  Host v = host(v_, ScalarType::kF32, op, "v", k.shape);
+  Host q;
+  if (!q_.is_none()) q = host(q_, ScalarType::kF32, op, "q", {k.dim(0), o.cfg().num_heads, hd});
+  Host pos = host(positions_, ScalarType::kI32, op, "positions", {k.dim(0)});
+  check_index_range(pos, 0, INT32_MAX, op, "positions");
+  Host inv;
+  inv.kind = ScalarType::kF32;
+  inv.shape = {hd / 2};
+  inv.f = ls.inv_freq;
+  const ScalarType act = o.be().act_dtype();
+  Call call(o.be());
+  Tensor qt = q_.is_none() ? Tensor{} : call.in(q, act, "q");
+  Tensor kt = call.in(k, act, "k"), vt = call.in(v, act, "v");
+  Tensor pt = call.in(pos, ScalarType::kI32, "positions"), it = call.in(inv, ScalarType::kF32, "inv_freq");
+  o.be().head_norm_rope_qkv({qt, weight(W::kQNorm, layer), true}, {kt, weight(W::kKNorm, layer), true},
+                            {vt, WeightRef{}, false}, pt, it, o.eps(eps));
+  return py::make_tuple(q_.is_none() ? py::object(py::none()) : py::object(call.out(qt)), call.out(kt), call.out(vt));
+}
+
 py::tuple kv_write(BackendOps& o, py::handle k_, py::handle v_, py::handle slot_, py::handle kc_, py::handle vc_) {
   const char* op = "kv_write";
   Host kc = host(kc_, ScalarType::kF32, op, "k_cache", {kAny, kAny, kAny, kAny});
@@ -821,6 +849,8 @@ void bind_backend_ops(py::module_& m) {
       .def("copy", &copy, arg("x"), arg("dtype") = "act")
       .def("head_norm_rope", &head_norm_rope, arg("x"), arg("w") = none, arg("layer") = -1, arg("positions") = none,
            arg("inv_freq") = none, arg("eps") = none)
+      .def("head_norm_rope_qkv", &head_norm_rope_qkv, arg("q"), arg("k"), arg("v"), arg("layer"), arg("positions"),
+           arg("eps") = none, "(q, k, v) of a layer after head_norm_rope_qkv (q None: k and v only)")
       .def("kv_write", &kv_write, arg("k"), arg("v"), arg("slot"), arg("k_cache"), arg("v_cache"))
       .def("attention", &attention, arg("q"), arg("k_new"), arg("v_new"), arg("k_cache"), arg("v_cache"),
            arg("block_table"), arg("cache_first_pos"), arg("cache_start"), arg("cache_len"), arg("tok0"),

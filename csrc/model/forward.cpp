@@ -149,7 +149,8 @@ Forward::Forward(const ModelConfig& cfg, Backend& backend, int sc_slots)
   DG_REQUIRE(sc_slots > 0, InvalidArgument, "max_batch_size must be positive");
   for (Op op : {Op::kEmbed, Op::kRmsNorm, Op::kLinear, Op::kCopy, Op::kHeadNormRope, Op::kKvWrite, Op::kAttention,
                 Op::kResidualNormAdd, Op::kMlp, Op::kMoeRouter, Op::kMoeExperts, Op::kFfnCombine, Op::kGatherRows,
-                Op::kScatterAddRows, Op::kLmHeadSample, Op::kResidualNormAddNorms, Op::kFfnCombineNorm})
+                Op::kScatterAddRows, Op::kLmHeadSample, Op::kResidualNormAddNorms, Op::kFfnCombineNorm,
+                Op::kHeadNormRopeQkv})
     check_supported(op);
   for (int l = 0; l < cfg.num_layers; ++l) {
     const std::vector<float>& f = cfg.layers[l].inv_freq;
@@ -343,14 +344,12 @@ void Forward::layers(Pass& p, bool encoder) {
       be_.copy(k2, v2);  // K=V layers: V is v_norm of the raw k projection
     else
       be_.linear(weight(W::kVProj, l), p.h, v2);
-    be_.head_norm_rope(k, weight(W::kKNorm, l), p.positions_t, inv_freq, eps);
-    be_.head_norm_rope(v, WeightRef{}, Tensor{}, Tensor{}, eps);
-
     const bool need_output = !(encoder && l == cfg_.num_layers - 1);  // the encoder's last layer only feeds the cache
     const Tensor q = prefix(p.q, {T, nh, hd}), att = prefix(p.att, {T, nh, hd});
+    if (need_output) be_.linear(weight(W::kQProj, l), p.h, q.view({T, nh * hd}));
+    be_.head_norm_rope_qkv({need_output ? q : Tensor{}, weight(W::kQNorm, l), true}, {k, weight(W::kKNorm, l), true},
+                           {v, WeightRef{}, false}, p.positions_t, inv_freq, eps);
     if (need_output) {
-      be_.linear(weight(W::kQProj, l), p.h, q.view({T, nh * hd}));
-      be_.head_norm_rope(q, weight(W::kQNorm, l), p.positions_t, inv_freq, eps);
       AttentionArgs a;
       a.q = q, a.k_new = k, a.v_new = v, a.out = att;
       a.k_cache = kv.k_view, a.v_cache = kv.v_view;

@@ -173,7 +173,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
         ops.append(Op(f"{kind}.qkv_proj", "kernels/gemm/sm90_gemm_bf16.cu", n_layers, b, f, dense_unit, gemm_eff,
                       gemm_why, launches=2 * gl + 1 if k_eq_v else 3 * gl))
         ops.append(Op(f"{kind}.qk_norm_rope", "kernels/layer/embed_rope.cu", n_layers, 2 * T * qkv_n * ab,
-                      10 * T * qkv_n, "fp32", *small, launches=3))
+                      10 * T * qkv_n, "fp32", small[0], "q, k and v in one launch (head_norm_rope_qkv): one warp "
+                      "per (token, head) row, memory-bound elementwise pass", launches=1))
         cached = context if kind == "full" else min(context, shape.sliding_window - 1)
         keys = cached + L
         kv_bytes = batch * cached * kvh * hd * 2 * ab + T * (2 * nh * hd + 2 * kvh * hd) * ab
@@ -327,7 +328,8 @@ BACKEND_OP_ROWS: dict[str, tuple[list[str] | None, str | None]] = {
                 "(residual_norm_add_norms, ffn_combine_norm)"),
     "linear": (["{kind}.qkv_proj", "{kind}.o_proj"], None),
     "copy": (None, "K=V layers copy K into V: not in the roofline"),
-    "head_norm_rope": (["{kind}.qk_norm_rope"], None),
+    "head_norm_rope": (["{kind}.qk_norm_rope"], "only outside the layers: they run head_norm_rope_qkv"),
+    "head_norm_rope_qkv": (["{kind}.qk_norm_rope"], None),
     "kv_write": (None, "encoder passes only"),
     "attention": (["{kind}.attention"], None),
     "residual_norm_add": (["{kind}.residual_norm_add"], "only where no norm follows: the layers run the fused form"),

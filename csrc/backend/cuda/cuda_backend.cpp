@@ -157,6 +157,8 @@ class CudaBackend final : public Backend {
   void copy(const Tensor& src, const Tensor& dst) override;
   void head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
                       float eps) override;
+  void head_norm_rope_qkv(const HeadNorm& q, const HeadNorm& k, const HeadNorm& v, const Tensor& positions,
+                          const Tensor& inv_freq, float eps) override;
   void kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,
                 const Tensor& v_cache) override;
   void attention(const AttentionArgs& a) override;
@@ -198,6 +200,8 @@ class CudaBackend final : public Backend {
 
  private:
   class OpTimer;
+  kernels::HeadNormRopeParams head_norm_params(const Tensor& x, WeightRef w, const Tensor& positions,
+                                               const Tensor& inv_freq, float eps);
   // The residual kernels behind residual_norm_add(_norms) and ffn_combine(_norm), with their trailing norms.
   kernels::TrailingNorm<bf16> trailing(const NormOut& n, const Tensor& x, const char* op);
   void residual_norm_add_kernel(const Tensor& x, const Tensor& h, WeightRef w, float eps,
@@ -1111,19 +1115,37 @@ void CudaBackend::copy(const Tensor& src, const Tensor& dst) {
   if (src.bytes() > 0) DG_CUDA(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
 }
 
-void CudaBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
-                                 float eps) {
-  const OpTimer timer(*this, Op::kHeadNormRope);
+kernels::HeadNormRopeParams CudaBackend::head_norm_params(const Tensor& x, WeightRef w, const Tensor& positions,
+                                                          const Tensor& inv_freq, float eps) {
   expect(x, ScalarType::kBF16, "head_norm_rope", "x");
   DG_CHECK(x.ndim == 3 && positions.empty() == inv_freq.empty(), "head_norm_rope: shapes");
-  DeviceGuard g(device_);
   kernels::HeadNormRopeParams p;
   p.x = as<bf16>(x), p.weight = norm_weight(w);
   p.positions = positions.empty() ? nullptr : as<int32_t>(positions);
   p.inv_freq = inv_freq.empty() ? nullptr : as<float>(inv_freq);
   p.tokens = static_cast<int>(x.dim(0)), p.heads = static_cast<int>(x.dim(1)), p.head_dim = static_cast<int>(x.dim(2));
   p.eps = eps;
+  return p;
+}
+
+void CudaBackend::head_norm_rope(const Tensor& x, WeightRef w, const Tensor& positions, const Tensor& inv_freq,
+                                 float eps) {
+  const OpTimer timer(*this, Op::kHeadNormRope);
+  const kernels::HeadNormRopeParams p = head_norm_params(x, w, positions, inv_freq, eps);
+  DeviceGuard g(device_);
   DG_CUDA(kernels::head_norm_rope(p, stream_));
+}
+
+void CudaBackend::head_norm_rope_qkv(const HeadNorm& q, const HeadNorm& k, const HeadNorm& v,
+                                     const Tensor& positions, const Tensor& inv_freq, float eps) {
+  const OpTimer timer(*this, Op::kHeadNormRopeQkv);
+  kernels::HeadNormRopeParams ps[kernels::kHeadNormRopeMaxTensors];
+  int n = 0;
+  for (const HeadNorm* t : {&q, &k, &v})
+    if (t->x.data)
+      ps[n++] = head_norm_params(t->x, t->w, t->rope ? positions : Tensor{}, t->rope ? inv_freq : Tensor{}, eps);
+  DeviceGuard g(device_);
+  DG_CUDA(kernels::head_norm_rope_multi(ps, n, stream_));
 }
 
 void CudaBackend::kv_write(const Tensor& k, const Tensor& v, const Tensor& slot, const Tensor& k_cache,

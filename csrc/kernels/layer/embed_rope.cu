@@ -39,13 +39,10 @@ __global__ void __launch_bounds__(kThreads) embed_kernel(EmbedParams<To> p) {
   }
 }
 
-// One warp per (token, head) row, kThreads / 32 rows per block. Lane j owns the elements i and
-// i + half for i = j, j + 32, ..., so the in-place rotation never reads an element another lane writes.
-// The row is read twice (sum of squares, then transform); the second read hits L1.
-__global__ void __launch_bounds__(kThreads) head_norm_rope_kernel(HeadNormRopeParams p, int64_t rows) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  if (row >= rows) return;  // whole warps exit together: the shuffles below stay full-warp
-  const int lane = threadIdx.x & 31;
+// One (token, head) row of one tensor, by one warp. Lane j owns the elements i and i + half for
+// i = j, j + 32, ..., so the in-place rotation never reads an element another lane writes. The row is
+// read twice (sum of squares, then transform); the second read hits L1.
+__device__ __forceinline__ void head_norm_rope_row(const HeadNormRopeParams& p, int64_t row, int lane) {
   __nv_bfloat16* xr = p.x + row * p.head_dim;
   const int d = p.head_dim;
 
@@ -78,6 +75,27 @@ __global__ void __launch_bounds__(kThreads) head_norm_rope_kernel(HeadNormRopePa
     sincosf(pos * p.inv_freq[i], &sn, &cs);
     xr[i] = from_f<__nv_bfloat16>(a * cs - b * sn);
     xr[i + half] = from_f<__nv_bfloat16>(b * cs + a * sn);
+  }
+}
+
+// Up to three tensors in one launch (a layer's q, k and v): warp w of the grid takes row w of the
+// concatenation, the tensor whose rows [begin, end) hold it. kThreads / 32 rows per block.
+struct HeadNormRopeSet {
+  HeadNormRopeParams t[kHeadNormRopeMaxTensors];
+  int64_t end[kHeadNormRopeMaxTensors];  // cumulative rows
+  int n;
+};
+
+__global__ void __launch_bounds__(kThreads) head_norm_rope_kernel(HeadNormRopeSet s) {
+  int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (row >= s.end[s.n - 1]) return;  // whole warps exit together: the shuffles stay full-warp
+  // Constant indices only: a kernel parameter indexed at run time would be copied to local memory.
+  if (row < s.end[0]) {
+    head_norm_rope_row(s.t[0], row, threadIdx.x & 31);
+  } else if (row < s.end[1]) {
+    head_norm_rope_row(s.t[1], row - s.end[0], threadIdx.x & 31);
+  } else {
+    head_norm_rope_row(s.t[2], row - s.end[1], threadIdx.x & 31);
   }
 }
 
@@ -118,16 +136,28 @@ cudaError_t embed_tokens(const EmbedParams<To>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t head_norm_rope(const HeadNormRopeParams& p, cudaStream_t stream) {
-  if (p.tokens <= 0 || p.heads <= 0 || p.head_dim <= 0) return cudaSuccess;
-  if (p.positions && (!p.inv_freq || p.head_dim % 2 != 0)) return cudaErrorInvalidValue;
-  const int64_t rows = static_cast<int64_t>(p.tokens) * p.heads;
+cudaError_t head_norm_rope_multi(const HeadNormRopeParams* ps, int n, cudaStream_t stream) {
+  if (n < 0 || n > kHeadNormRopeMaxTensors || (n > 0 && !ps)) return cudaErrorInvalidValue;
+  HeadNormRopeSet s{};
+  int64_t rows = 0;
+  for (int i = 0; i < n; ++i) {
+    const HeadNormRopeParams& p = ps[i];
+    if (p.tokens <= 0 || p.heads <= 0 || p.head_dim <= 0) continue;  // nothing to do for this one
+    if (!p.x || (p.positions && (!p.inv_freq || p.head_dim % 2 != 0))) return cudaErrorInvalidValue;
+    rows += static_cast<int64_t>(p.tokens) * p.heads;
+    s.t[s.n] = p;
+    s.end[s.n++] = rows;
+  }
+  if (s.n == 0) return cudaSuccess;
+  for (int i = s.n; i < kHeadNormRopeMaxTensors; ++i) s.end[i] = rows;  // the kernel's tests stay in range
   constexpr int kRowsPerBlock = kThreads / 32;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  head_norm_rope_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, rows);
+  head_norm_rope_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s);
   return cudaGetLastError();
 }
+
+cudaError_t head_norm_rope(const HeadNormRopeParams& p, cudaStream_t stream) { return head_norm_rope_multi(&p, 1, stream); }
 
 cudaError_t kv_cache_write(const KvCacheWriteParams& p, cudaStream_t stream) {
   if (p.tokens <= 0 || p.row_elems <= 0) return cudaSuccess;

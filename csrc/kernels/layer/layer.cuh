@@ -52,6 +52,10 @@ struct HeadNormRopeParams {
   float eps = 1e-6f;
 };
 cudaError_t head_norm_rope(const HeadNormRopeParams& p, cudaStream_t stream);
+// The same on up to kHeadNormRopeMaxTensors tensors in one launch (a layer's q, k and v; they must not
+// overlap): each row gets exactly head_norm_rope's arithmetic. Tensors with no rows are skipped.
+constexpr int kHeadNormRopeMaxTensors = 3;
+cudaError_t head_norm_rope_multi(const HeadNormRopeParams* ps, int n, cudaStream_t stream);
 
 // q_norm/k_norm + RoPE.
 inline cudaError_t qk_norm_rope(__nv_bfloat16* x, const float* weight, const int32_t* positions,
