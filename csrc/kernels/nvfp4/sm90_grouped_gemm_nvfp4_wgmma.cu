@@ -3,7 +3,7 @@
 // mma.sync kernel in grouped_gemm_nvfp4.cu, whose header gives the design both share).
 //
 // Why a second kernel: the mma.sync kernel takes up to 64 tokens per pass and re-streams an expert's
-// weights for each further pass; at 64 tokens a warp spends 163 instructions per 64-column stage, 32
+// weights for each further pass; at 64 tokens a warp spends 161 instructions per 64-column stage, 32
 // of them HMMA and 16 ldmatrix. From batch ~3 on (2,048 routed rows per canvas over 128 experts: 48+
 // tokens per expert at 3 canvases, ~128 at 8) the step is bound by tensor work, not by weight bytes
 // (26B-A4B at batch 8: ~195 GFLOP per layer against 428 MB of weights). Here:
