@@ -138,8 +138,10 @@ DG_W4A16_FN uint32_t scale_code(uint32_t c) {
 }
 
 // ---- the activation side (shared memory), also checked on the host by the GEMM emulation
-// A stage's activation tile: 64 tokens x 64 bf16 columns, 128 bytes per token; the 16-byte chunk ch of
-// token row r sits at chunk ch ^ (r % 8), so the 8 rows of an ldmatrix phase hit 8 different bank groups.
+// A stage's activation tile: 64 tokens (mma.sync kernel) or 128 (wgmma kernel) x 64 bf16 columns, 128
+// bytes per token; the 16-byte chunk ch of token row r sits at chunk ch ^ (r % 8), so the 8 rows of an
+// ldmatrix phase hit 8 different bank groups; on a 1024-aligned tile this is also GMMA's K-major
+// 128-byte swizzle, which the wgmma kernel's B descriptor reads.
 constexpr int kActRowBytes = kKTile * 2;
 DG_W4A16_FN int act_chunk_offset(int row, int ch) { return row * kActRowBytes + ((ch ^ (row & 7)) << 4); }
 
