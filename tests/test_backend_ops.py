@@ -482,6 +482,22 @@ def test_moe_router(ref, dev, weights, T):
     assert_close(dev, "moe_router", gw[clear], rw[clear], "topk_w")
 
 
+def test_moe_router_token_counts_shrinking_and_growing(ref, dev, weights):
+    """One backend, calls with falling and rising T: each call's scratch holds what the previous call
+    (another T) left there, so nothing may depend on its contents (the CUDA router's tile counters
+    once sat where an earlier, larger call had written logits)."""
+    need(dev, "moe_router")
+    K = SHAPE.top_k_experts
+    for i, T in enumerate((300, 67, 2, 129, 300, 256)):
+        x = rng_for("router-seq", i, T).standard_normal((T, H)).astype(np.float32)
+        (gi, gw), (ri, rw) = dev.moe_router(L_SLIDE2, x), ref.moe_router(L_SLIDE2, x)
+        p = np.sort(router_probs(weights, L_SLIDE2, x), axis=-1)[:, ::-1][:, : K + 1]
+        clear = (np.diff(-p, axis=-1) > TIE_PROB).all(-1)
+        assert clear.sum() >= max(1, T // 2), "too many near ties in the router test inputs"
+        np.testing.assert_array_equal(gi[clear], ri[clear], err_msg=f"T = {T}")
+        assert_close(dev, "moe_router", gw[clear], rw[clear], f"topk_w at T = {T}")
+
+
 @pytest.mark.parametrize("T", TS)
 def test_moe_experts(ref, dev, T):
     need(dev, "moe_experts")

@@ -66,7 +66,7 @@ void launch_grouped_gemm_nvfp4(uintptr_t x, uintptr_t w, uintptr_t w_global, uin
   DG_CUDA_CHECK(kernels::grouped_gemm_nvfp4(p, stream_of(stream)));
 }
 
-// x float32 [T, H], the CUDA backend's residual stream; workspace zero-filled once by the caller.
+// x float32 [T, H], the CUDA backend's residual stream; workspace of moe_router_workspace_bytes(T, E), any contents.
 void launch_moe_router(uintptr_t x, uintptr_t router_proj, uintptr_t router_scale, uintptr_t per_expert_scale,
                        uintptr_t topk_idx, uintptr_t topk_w, uintptr_t workspace, int T, int H, int E, int k,
                        float eps, uintptr_t stream) {
@@ -141,7 +141,7 @@ RegisterCudaOps reg([](py::module_& m) {
         arg("gated"), "Bytes of one expert's pre-shuffled W4A16 weights");
   m.def("launch_moe_router", &launch_moe_router, arg("x"), arg("router_proj"), arg("router_scale"),
         arg("per_expert_scale"), arg("topk_idx"), arg("topk_w"), arg("workspace"), arg("T"), arg("H"), arg("E"),
-        arg("k"), arg("eps"), arg("stream"), "Launch only: moe_router, float32 x (workspace zero-filled once)");
+        arg("k"), arg("eps"), arg("stream"), "Launch only: moe_router, float32 x (workspace: any contents)");
   m.def("moe_router_workspace_bytes", &kernels::moe_router_workspace_bytes, arg("T"), arg("E"));
   m.def("launch_moe_gelu_gate", &launch_moe_gelu_gate, arg("h"), arg("act"), arg("M"), arg("I"), arg("stream"),
         "Launch only: act [M, I] = gelu_tanh(h[:, :I]) * h[:, I:]");

@@ -208,7 +208,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
     ops.append(Op("moe_router", "kernels/moe/router.cu", layers, E * H * wb["bf16"] + T * H * 4 * (E // 32) + T * E * 8,
                   2.0 * T * E * H, "fp32", 0.4,
                   "fp32 FFMA (routing needs fp32 logits), 8x32 CTA tiles: 128 CTAs at batch 1, 128 FFMA per 8 "
-                  "conflict-free shared loads; the token tile is re-read once per 32-expert tile"))
+                  "conflict-free shared loads; the token tile is re-read once per 32-expert tile; a memset of the "
+                  "tiles' completion counters first (they move with T)", launches=2))
     hit = E * (1.0 - (1.0 - k / E) ** T)  # experts that receive at least one token
     expert_weights = hit * 3 * Im * H
     expert_flops = 2.0 * T * k * 3 * Im * H

@@ -977,7 +977,6 @@ void* CudaBackend::scratch(Scratch s, size_t bytes) {
     if (b) drop_captures();                   // they point at the old buffer
     b.reset();
     b = allocate(bytes, "op scratch");
-    if (s == kRouterWs) DG_CUDA(cudaMemsetAsync(b->data(), 0, bytes, stream_));  // the router's contract
   }
   return b->data();
 }

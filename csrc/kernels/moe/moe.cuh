@@ -40,8 +40,8 @@ struct MoeRouterParams {
   const float* per_expert_scale = nullptr;       // [E]
   int32_t* topk_idx = nullptr;                   // [T, k] out
   float* topk_w = nullptr;                       // [T, k] out
-  // Device scratch of moe_router_workspace_bytes(T, E) bytes, 256-byte aligned, zero-filled once
-  // before its first use (each call leaves it ready for the next; calls must not overlap).
+  // Device scratch of moe_router_workspace_bytes(T, E) bytes, 256-byte aligned, no initialisation
+  // needed (the launch zeroes its counters; calls on one workspace must not overlap).
   void* workspace = nullptr;
   int T = 0, H = 0, E = 0, k = 0;
   float eps = 1e-6f;

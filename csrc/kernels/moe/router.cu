@@ -14,7 +14,7 @@
 // bandwidth and FP32 issue are balanced. Fixed-order reductions: deterministic.
 // Fused top-k: the logits go to a [T, E] f32 workspace; the last CTA of a token tile to finish (a
 // per-tile counter, the threadfence-reduction pattern) does softmax and top-k for its 8 tokens, one
-// warp each, and resets the counter for the next call.
+// warp each (the launch zeroes the counters on the stream first).
 #include <cmath>
 
 #include "kernels/common/bf16.cuh"
@@ -139,7 +139,6 @@ __global__ void __launch_bounds__(kThreads) router_kernel(const MoeRouterParams<
   __threadfence();
   float* probs = smem;  // [kTok, E]
   for (int i = threadIdx.x; i < nt * E; i += kThreads) probs[i] = __ldcg(logits + static_cast<size_t>(t0) * E + i);
-  if (threadIdx.x == 0) tile_done[blockIdx.x] = 0;  // ready for the next call (kernels on a stream run in order)
   __syncthreads();
 
   // One warp per token: softmax in fp32, then k rounds of arg-max (higher probability, then lower index).
@@ -208,6 +207,11 @@ cudaError_t launch(const MoeRouterParams<Tx>& p, cudaStream_t stream) {
   char* ws = static_cast<char*>(p.workspace);
   float* logits = reinterpret_cast<float*>(ws);
   uint32_t* tile_done = reinterpret_cast<uint32_t*>(ws + align256(static_cast<size_t>(p.T) * p.E * sizeof(float)));
+  // The counters sit after the logits, so their offset moves with T: a call with another T finds the
+  // previous call's logits there. Zeroed here, on the stream (a memset node when captured), so the
+  // workspace needs no initialisation and any T may follow any other.
+  const cudaError_t err = cudaMemsetAsync(tile_done, 0, grid.x * sizeof(uint32_t), stream);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, smem, stream>>>(p, logits, tile_done, root);
   return cudaGetLastError();
 }
