@@ -75,8 +75,12 @@ class DeviceGuard {
   int prev_ = -1;
 };
 
-// Device memory. Freed on its device; read/write are synchronous copies (a KV cache copied out after
-// its engine is gone needs no stream).
+// Device memory. Freed on its device; read/write are synchronous copies that need no stream (a KV
+// cache copied out after its engine is gone). cudaMemcpy runs on the legacy default stream, which does
+// not wait for the backend's non-blocking stream, and a pageable host-to-device cudaMemcpy may return
+// before its DMA has landed: so both wait for the whole device, before (queued kernels may still write
+// what is read, or read what is overwritten) and, for a write, after (a kernel queued next may read it).
+// Never called while capturing (load time, KV copies out).
 class DeviceBuffer final : public Buffer {
  public:
   DeviceBuffer(int device, void* p, size_t bytes, std::shared_ptr<MemoryCounter> counter)
@@ -91,12 +95,15 @@ class DeviceBuffer final : public Buffer {
   void read(size_t offset, size_t n, void* dst) const override {
     check_range(offset, n);
     DeviceGuard g(device_);
+    DG_CUDA(cudaDeviceSynchronize());
     DG_CUDA(cudaMemcpy(dst, static_cast<const char*>(data()) + offset, n, cudaMemcpyDeviceToHost));
   }
   void write(size_t offset, size_t n, const void* src) override {
     check_range(offset, n);
     DeviceGuard g(device_);
+    DG_CUDA(cudaDeviceSynchronize());
     DG_CUDA(cudaMemcpy(static_cast<char*>(data()) + offset, src, n, cudaMemcpyHostToDevice));
+    DG_CUDA(cudaDeviceSynchronize());
   }
 
  private:
