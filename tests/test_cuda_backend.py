@@ -113,6 +113,31 @@ def test_quantized_weights_match_the_cpu_dequantized(engine_for, base_ckpt, quan
     assert calc_diff(lg, lc) < (2e-2 if dense_quant else MAX_DIFF)
 
 
+def test_fp8_stored_embedding_router_and_self_conditioning(engine_for, base_ckpt, tmp_path):
+    """The loader takes F8_E4M3 for any matrix. Only the GEMM weights may stay FP8 on the device (the
+    W8A8 GEMM); the embedding, the router and anything else read directly must come out dequantized,
+    not as a missing bf16 copy (a null pointer there once faulted the context)."""
+    import shutil
+
+    from dgemma_rt import nvfp4
+
+    dst = tmp_path / "fp8_everywhere"
+    shutil.copytree(base_ckpt.path, dst)
+    t, meta = nvfp4.read_safetensors(dst / "model.safetensors")
+    names = [n for n, (_, a) in t.items() if a.ndim == 2 and n.endswith(".weight") and a.shape[0] >= 8]
+    assert any("embed_tokens" in n for n in names) and any("router" in n for n in names)
+    for n in names:
+        codes, scale = nvfp4.quantize_fp8(t[n][1])  # (read_safetensors gives BF16 as float32)
+        t[n], t[n + "_scale"] = ("F8_E4M3", codes), ("F32", scale)
+    nvfp4.write_safetensors(dst / "model.safetensors", t, meta)
+    cpu, gpu = dgemma_rt.Engine(dst, cpu_weights="stored"), dgemma_rt.Engine(dst, device="cuda")
+    ids = _prompt(base_ckpt, 11, seed=6)
+    canvas = np.random.default_rng(6).integers(0, base_ckpt.vocab_size, size=(1, base_ckpt.canvas_length))
+    lc = cpu.denoise_logits(cpu.encode(ids), canvas)
+    lg = gpu.denoise_logits(gpu.encode(ids), canvas)
+    assert np.isfinite(lg).all() and calc_diff(lg, lc) < 2e-2  # FP8 activations where the W8A8 GEMM runs
+
+
 def _wgmma_w4a16_supported():
     ops = getattr(dgemma_rt._core, "cuda_ops", None)
     return ops is not None and dgemma_rt.cuda_device_count() > 0 and ops.grouped_gemm_nvfp4_wgmma_supported()

@@ -267,7 +267,9 @@ class CudaBackend final : public Backend {
   enum Scratch { kAttnWs, kRouterWs, kLogits, kProbs, kSoft, kSplitK, kOnes, kZeros, kDiscard, kFp8Act, kFusedHead, kNumScratch };
 
   void upload_weights(const ModelWeights& w);
-  Mat upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols);
+  // fp8_gemm: the matrix is only ever a GEMM's weight (gemm()), so FP8 may stay FP8 for the W8A8 GEMM;
+  // anything read directly through Mat::p (embedding, router, experts' bf16 form) is dequantized.
+  Mat upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols, bool fp8_gemm = false);
   Mat upload_fp8(const std::vector<const WeightSource*>& parts, int64_t rows, int64_t cols);
   Vec upload_vec(const std::string& name, int64_t n);
   Experts upload_experts(const std::string& name, int64_t n, int64_t k, bool gated);
@@ -577,7 +579,8 @@ void CudaBackend::drop_captures() {
 // ---------------------------------------------------------------------------------------------
 // Weights
 
-CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols) {
+CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, int64_t rows, int64_t cols,
+                                         bool fp8_gemm) {
   std::vector<const WeightSource*> parts;
   for (const std::string& name : names) parts.push_back(&weights_->source(name));
 
@@ -585,7 +588,7 @@ CudaBackend::Mat CudaBackend::upload_mat(const std::vector<std::string>& names, 
     return !s->synthetic() && s->format == WeightSource::Format::kFp8;
   });
   // FP8 dense layers run on the W8A8 GEMM (sm_90a, CUTLASS); elsewhere they are dequantized to bf16.
-  if (all_fp8 && cutlass_ && cols % 16 == 0 && rows % 8 == 0) {
+  if (fp8_gemm && all_fp8 && cutlass_ && cols % 16 == 0 && rows % 8 == 0) {
     Mat m = upload_fp8(parts, rows, cols);
     report_upload(static_cast<int>(names.size()));
     return m;
@@ -906,18 +909,18 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
   lm_head_ = cfg_.tie_word_embeddings ? embed_ : upload_mat({"lm_head.weight"}, V, H);
   final_norm_ = upload_vec(g("norm.weight"), H);
   sc_pre_norm_ = upload_vec(g("self_conditioning.pre_norm.weight"), H);
-  sc_gate_up_ = upload_mat({g("self_conditioning.gate_proj.weight"), g("self_conditioning.up_proj.weight")}, 2 * I, H);
-  sc_down_ = upload_mat({g("self_conditioning.down_proj.weight")}, H, I);
+  sc_gate_up_ = upload_mat({g("self_conditioning.gate_proj.weight"), g("self_conditioning.up_proj.weight")}, 2 * I, H, true);
+  sc_down_ = upload_mat({g("self_conditioning.down_proj.weight")}, H, I, true);
   layers_.resize(cfg_.num_layers);
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const LayerSpec& ls = cfg_.layers[l];
     Layer& L = layers_[l];
     auto n = [l](const char* s) { return ModelWeights::layer_name(l, s); };
     const int64_t hd = ls.head_dim, kv = ls.num_kv_heads;
-    L.q = upload_mat({n("self_attn.q_proj.weight")}, nh * hd, H);
-    L.k = upload_mat({n("self_attn.k_proj.weight")}, kv * hd, H);
-    if (!ls.k_eq_v) L.v = upload_mat({n("self_attn.v_proj.weight")}, kv * hd, H);
-    L.o = upload_mat({n("self_attn.o_proj.weight")}, H, nh * hd);
+    L.q = upload_mat({n("self_attn.q_proj.weight")}, nh * hd, H, true);
+    L.k = upload_mat({n("self_attn.k_proj.weight")}, kv * hd, H, true);
+    if (!ls.k_eq_v) L.v = upload_mat({n("self_attn.v_proj.weight")}, kv * hd, H, true);
+    L.o = upload_mat({n("self_attn.o_proj.weight")}, H, nh * hd, true);
     L.q_norm = upload_vec(n("self_attn.q_norm.weight"), hd);
     L.k_norm = upload_vec(n("self_attn.k_norm.weight"), hd);
     L.input_norm = upload_vec(n("input_layernorm.weight"), H);
@@ -927,8 +930,8 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
     L.post_ffn_norm = upload_vec(n("post_feedforward_layernorm.weight"), H);
     L.post_ffn_norm1 = upload_vec(n("post_feedforward_layernorm_1.weight"), H);
     L.post_ffn_norm2 = upload_vec(n("post_feedforward_layernorm_2.weight"), H);
-    L.mlp_gate_up = upload_mat({n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")}, 2 * I, H);
-    L.mlp_down = upload_mat({n("mlp.down_proj.weight")}, H, I);
+    L.mlp_gate_up = upload_mat({n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")}, 2 * I, H, true);
+    L.mlp_down = upload_mat({n("mlp.down_proj.weight")}, H, I, true);
     L.router = upload_mat({n("router.proj.weight")}, E, H);
     L.router_scale = upload_vec(n("router.scale"), H);
     L.per_expert_scale = upload_vec(n("router.per_expert_scale"), E);
