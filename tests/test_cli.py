@@ -236,7 +236,7 @@ BENCH_KEYS = {
     "warmup", "runs", "kv_cache_tokens", "device", "dgemma_rt_version", "python", "platform", "machine",
     "cpu_count", "load_s", "tokens_per_s", "ms_per_step", "ms_per_canvas", "steps_per_canvas",
     "tokens_per_forward", "prefill_ms", "denoise_ms", "total_ms", "wall_ms", "generated_tokens", "canvases",
-    "decoder_forwards", "encoder_forwards", "captured_passes", "replayed_passes", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
+    "decoder_forwards", "encoder_forwards", "captured_passes", "replayed_passes", "capture_failures", "peak_rss_mib", "quant", "dense_quant", "random_weights", "preset", "num_layers", "weight_bytes",
     "loaded_rss_mib", "generate_peak_rss_mib", "template_free_fraction", "peer",
     "peak_device_memory_mib", "live_device_memory_mib", "device_memory_is_host", "cpu_weights", "cpu_bf16_dot",
     "load_avg",
@@ -260,7 +260,7 @@ def test_bench_json(tmp_path):
         assert result[key] > 0, key
     # Fixed steps, EOS ignored: one canvas of exactly two decoder passes.
     assert (result["canvases"], result["decoder_forwards"], result["steps_per_canvas"]) == (1, 2, 2.0)
-    assert result["captured_passes"] == result["replayed_passes"] == 0  # the CPU backend never captures
+    assert result["captured_passes"] == result["replayed_passes"] == result["capture_failures"] == 0  # never captures
     assert 0 < result["generated_tokens"] <= 64
     assert result["tokens_per_forward"] == pytest.approx(result["generated_tokens"] / 2)
 

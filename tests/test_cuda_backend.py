@@ -251,6 +251,7 @@ def test_cuda_graphs_replay_what_launching_op_by_op_computes(base_ckpt, deep_ckp
         st = on.scheduler_stats()
         # 3 canvases of 8 steps: ideally 2 captures (the steps that keep their state, then the last step)
         # and 22 replays; a capture more is allowed where a first sight grows the backend's scratch.
+        assert st["capture_failures"] == 0, st  # a failed capture falls back to op by op: visible only here
         assert 2 <= st["captured_passes"] <= 4 and st["replayed_passes"] >= 3 * 8 - 4, st
         if any(not np.array_equal(a, b) for a, b in zip(want.sequences, again.sequences)):
             pytest.skip("the kernels are not deterministic from run to run here: nothing to compare exactly")

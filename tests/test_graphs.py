@@ -323,6 +323,27 @@ def test_denoise_logits_is_never_captured(deep_ckpt, engine_for):
     assert counters.as_dict()["captures"] == 0
 
 
+def test_a_failed_capture_runs_the_step_op_by_op_from_then_on(deep_ckpt, engine_for, capfd):
+    """A capture that fails (a real one can: something in the sequence is not capturable) loses nothing:
+    nothing of the recorded sequence ran, so the step runs its ops directly and later steps do too, with
+    one line on stderr and the failure counted; the tokens are those of the plain CPU backend."""
+    ids = [prompt(deep_ckpt, 9, 14)]
+    kw = dict(max_new_tokens=2 * deep_ckpt.canvas_length, max_denoising_steps=6, seed=8, **FIXED)
+    want = engine_for(deep_ckpt).generate(ids, **kw)
+    engine, counters = graph_engine(deep_ckpt)
+    counters.fail_next_captures(1)
+    got = engine.generate(ids, **kw)
+    assert_same(got, want)
+    n, st = counters.as_dict(), engine.scheduler_stats()
+    assert (n["aborted"], n["captures"], n["replays"], n["held"]) == (1, 0, 0, 0), n
+    assert n["direct_steps"] == st["decoder_passes"] == 12, (n, st)
+    assert (st["capture_failures"], st["captured_passes"], st["replayed_passes"]) == (1, 0, 0), st
+    err = capfd.readouterr().err
+    assert err.count("capturing a decoder step as a graph") == 1 and "injected capture failure" in err, err
+    assert_same(engine.generate(ids, **kw), want)  # capturing stays off: no second attempt
+    assert counters.as_dict()["aborted"] == 1 and engine.scheduler_stats()["capture_failures"] == 1
+
+
 def test_plain_cpu_backend_never_captures(deep_ckpt, engine_for):
     engine = engine_for(deep_ckpt)
     engine.generate([prompt(deep_ckpt, 4, 13)], max_new_tokens=deep_ckpt.canvas_length, max_denoising_steps=6, **FIXED)

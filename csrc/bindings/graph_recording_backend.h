@@ -31,6 +31,7 @@ struct GraphCounters {
   std::atomic<long long> direct_steps{0};   // lm_head_sample calls run outside any replay
   std::atomic<long long> dropped{0};        // captures dropped (one by one or all at once)
   std::atomic<long long> held{0};           // captures held now
+  std::atomic<int> fail_captures{0};        // end_capture fails this many more times (as a CUDA capture can)
 };
 
 class GraphRecordingBackend final : public CpuBackend {
@@ -49,6 +50,10 @@ class GraphRecordingBackend final : public CpuBackend {
   }
   void end_capture(uint64_t key) override {
     DG_CHECK(recording_, "internal error: end_capture without begin_capture");
+    if (n_->fail_captures > 0) {  // still recording: the caller aborts, as after cudaStreamEndCapture fails
+      n_->fail_captures--;
+      DG_THROW(Unsupported, "injected capture failure (the test's fail_next_captures)");
+    }
     recording_ = false;
     DG_CHECK(!tape_.empty(), "internal error: an empty capture");
     if (graphs_.count(key) == 0) n_->held++;

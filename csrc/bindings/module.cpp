@@ -503,6 +503,7 @@ PYBIND11_MODULE(_core, m) {
         d["cancelled"] = st.cancelled;
         d["captured_passes"] = st.captured_passes;
         d["replayed_passes"] = st.replayed_passes;
+        d["capture_failures"] = st.capture_failures;
         return d;
       })
       .def("set_profiling", [](PyEngine& e, bool decoder, bool encoder) {
@@ -614,7 +615,9 @@ PYBIND11_MODULE(_core, m) {
         d["dropped"] = c.dropped.load();
         d["held"] = c.held.load();
         return d;
-      });
+      })
+      .def("fail_next_captures", [](bindings::GraphCounters& c, int n) { c.fail_captures = n; }, py::arg("n"),
+           "The backend's next n end_capture calls fail (after recording the whole sequence)");
   testing.def("cpu_graph_engine", [](const std::string& path, py::object max_batch_size, py::object kv_cache_tokens,
                                      py::object num_threads) {
     EngineOptions o;

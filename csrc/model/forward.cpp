@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <iostream>
 
 #include "common/check.h"
 
@@ -522,16 +523,24 @@ void Forward::run_ops(const std::vector<int64_t>& sig, const std::function<void(
     return;
   }
   // A capture that fails is a bug (something in the sequence would allocate, synchronise or touch
-  // the host): this step fails with the error, and later steps run uncaptured rather than fail too.
-  be_.begin_capture();
+  // the host, or a launch is not capturable). Nothing of the sequence has run: a capture records, it
+  // does not execute. So the step runs its ops directly, as on a step's first sight, and so does every
+  // later step of this Forward: slower, never wrong. The failure is reported once on stderr and counted
+  // (graph_stats, scheduler_stats()["capture_failures"], the bench JSON). An error that is not about
+  // capturing comes back from the direct run and fails the step.
   try {
+    be_.begin_capture();
     ops();
     be_.end_capture(g.key);
-  } catch (...) {
+  } catch (const std::exception& e) {
     be_.abort_capture();
     capture_ = false;
     drop_graphs();
-    throw;
+    capture_failures_++;
+    std::cerr << "dgemma_rt: capturing a decoder step as a graph on the " << be_.name()
+              << " backend failed; steps run op by op from now on: " << e.what() << std::endl;
+    ops();
+    return;
   }
   captured_++;
   DG_CHECK(be_.replay(g.key), "the " << be_.name() << " backend lost a capture it had just made");

@@ -136,11 +136,12 @@ class Forward {
   void logits(const std::vector<const SeqCache*>& caches, const int32_t* canvas, int n,
               const std::vector<const float*>& sc_logits, float* out);
 
-  // Decoder steps captured, and run from a capture (the capturing step included). Thread-safe.
+  // Decoder steps captured, and run from a capture (the capturing step included), and captures that
+  // failed (each turns capture off for this Forward; see run_ops). Thread-safe.
   struct GraphStats {
-    long long captured = 0, replayed = 0;
+    long long captured = 0, replayed = 0, capture_failures = 0;
   };
-  GraphStats graph_stats() const { return {captured_.load(), replayed_.load()}; }
+  GraphStats graph_stats() const { return {captured_.load(), replayed_.load(), capture_failures_.load()}; }
 
   // Which passes the backend times from the next pass on (Unsupported when the backend cannot
   // profile and either is true). Call between passes (the engine holds its forward lock).
@@ -179,7 +180,7 @@ class Forward {
   bool capture_ = false;  // the backend can capture
   std::map<std::vector<int64_t>, Graph> graphs_;  // by signature
   uint64_t next_graph_key_ = 1, graph_clock_ = 0;
-  std::atomic<long long> captured_{0}, replayed_{0};
+  std::atomic<long long> captured_{0}, replayed_{0}, capture_failures_{0};
   bool profile_decoder_ = false, profile_encoder_ = false;
 
   int sc_slots_;

@@ -523,7 +523,7 @@ SchedulerStats Scheduler::stats() const {
     st = stats_;
   }
   const Forward::GraphStats g = forward_.graph_stats();
-  st.captured_passes = g.captured, st.replayed_passes = g.replayed;
+  st.captured_passes = g.captured, st.replayed_passes = g.replayed, st.capture_failures = g.capture_failures;
   return st;
 }
 

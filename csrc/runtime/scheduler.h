@@ -149,8 +149,9 @@ struct SchedulerStats {
   long long committed_tokens = 0;                    // non-pad tokens committed
   long long completed = 0, failed = 0, cancelled = 0;
   // Decoder passes captured as a graph, and run from one (the capturing pass included): the rest
-  // launched their ops one by one (model/forward.h; 0 on a backend that cannot capture).
-  long long captured_passes = 0, replayed_passes = 0;
+  // launched their ops one by one (model/forward.h; 0 on a backend that cannot capture). A failed
+  // capture turns capturing off for the engine (its step runs op by op).
+  long long captured_passes = 0, replayed_passes = 0, capture_failures = 0;
 };
 
 class Scheduler {

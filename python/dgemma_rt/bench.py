@@ -555,6 +555,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     memory_fields = memory_report(engine.memory_stats(), on_cpu)
     # Decoder passes of the measured runs captured as / replayed from a CUDA graph (0 on the CPU).
     graph_fields = {k: int(graphs_after[k] - graphs_before[k]) for k in ("captured_passes", "replayed_passes")}
+    # Failed captures over the engine's life (warm-up included): any turns graphs off for good.
+    graph_fields["capture_failures"] = int(graphs_after.get("capture_failures", 0))
     if peer_after:
         del engine
         gc.collect()  # the engine's device memory goes back before the peer takes its own
