@@ -149,6 +149,7 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w);
   ~CudaBackend() override;
+  void release() noexcept;  // the stream, graphs, events and pinned staging (destructor, failed constructor)
 
   std::string name() const override { return "cuda"; }
   bool supports(Op op) const override { return op != Op::kCount; }
@@ -423,45 +424,63 @@ void CudaBackend::report_upload(int tensors) {
 CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w) : device_(device), cfg_(cfg) {
   DeviceGuard g(device_);
   DG_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  const char* graphs = std::getenv("DGEMMA_CUDA_GRAPHS");
-  graphs_enabled_ = !(graphs && std::string(graphs) == "0");
+  // A throw below (a bad setting, out of memory while uploading) skips the destructor: release here.
+  try {
+    const char* graphs = std::getenv("DGEMMA_CUDA_GRAPHS");
+    graphs_enabled_ = !(graphs && std::string(graphs) == "0");
 #ifdef DGEMMA_WITH_CUTLASS
-  cutlass_ = kernels::sm90_gemm_supported();
-  // DGEMMA_CUDA_NVFP4=w4a16 keeps NVFP4 experts on the W4A16 kernel on Blackwell too (debugging, tests).
-  const char* nvfp4_path = std::getenv("DGEMMA_CUDA_NVFP4");
-  if (!(nvfp4_path && std::string(nvfp4_path) == "w4a16")) {
-    if (kernels::sm100_nvfp4_supported()) nvfp4x4_ = Nvfp4x4::kSm100;
-    else if (kernels::sm120_nvfp4_supported()) nvfp4x4_ = Nvfp4x4::kSm120;
-  }
-#endif
-  if (const char* w4a16 = std::getenv("DGEMMA_CUDA_W4A16")) {
-    const std::string v = w4a16;
-    DG_REQUIRE(v == "auto" || v == "mma" || v == "wgmma", InvalidArgument,
-               "DGEMMA_CUDA_W4A16 must be auto, mma or wgmma, got '" << v << "'");
-    if (v == "mma") w4a16_path_ = kernels::W4A16Path::kMmaSync;
-    if (v == "wgmma") {
-      DG_REQUIRE(kernels::grouped_gemm_nvfp4_wgmma_supported(), Unsupported,
-                 "DGEMMA_CUDA_W4A16=wgmma: the wgmma W4A16 kernel needs a compute capability 9.0 GPU and a build "
-                 "with sm_90a and CUTLASS");
-      w4a16_path_ = kernels::W4A16Path::kWgmma;
+    cutlass_ = kernels::sm90_gemm_supported();
+    // DGEMMA_CUDA_NVFP4=w4a16 keeps NVFP4 experts on the W4A16 kernel on Blackwell too (debugging, tests).
+    const char* nvfp4_path = std::getenv("DGEMMA_CUDA_NVFP4");
+    if (!(nvfp4_path && std::string(nvfp4_path) == "w4a16")) {
+      if (kernels::sm100_nvfp4_supported()) nvfp4x4_ = Nvfp4x4::kSm100;
+      else if (kernels::sm120_nvfp4_supported()) nvfp4x4_ = Nvfp4x4::kSm120;
     }
+#endif
+    if (const char* w4a16 = std::getenv("DGEMMA_CUDA_W4A16")) {
+      const std::string v = w4a16;
+      DG_REQUIRE(v == "auto" || v == "mma" || v == "wgmma", InvalidArgument,
+                 "DGEMMA_CUDA_W4A16 must be auto, mma or wgmma, got '" << v << "'");
+      if (v == "mma") w4a16_path_ = kernels::W4A16Path::kMmaSync;
+      if (v == "wgmma") {
+        DG_REQUIRE(kernels::grouped_gemm_nvfp4_wgmma_supported(), Unsupported,
+                   "DGEMMA_CUDA_W4A16=wgmma: the wgmma W4A16 kernel needs a compute capability 9.0 GPU and a build "
+                   "with sm_90a and CUTLASS");
+        w4a16_path_ = kernels::W4A16Path::kWgmma;
+      }
+    }
+    const char* fused = std::getenv("DGEMMA_CUDA_FUSED_LM_HEAD");
+    cudaDeviceProp prop{};
+    DG_CUDA(cudaGetDeviceProperties(&prop, device_));
+    fused_head_ = fused && std::string(fused) == "1" && cfg_.tie_word_embeddings && (prop.major == 9 || prop.major == 10);
+    upload_weights(w);
+  } catch (...) {
+    release();
+    throw;
   }
-  const char* fused = std::getenv("DGEMMA_CUDA_FUSED_LM_HEAD");
-  cudaDeviceProp prop{};
-  DG_CUDA(cudaGetDeviceProperties(&prop, device_));
-  fused_head_ = fused && std::string(fused) == "1" && cfg_.tie_word_embeddings && (prop.major == 9 || prop.major == 10);
-  upload_weights(w);
 }
 
-CudaBackend::~CudaBackend() {
+CudaBackend::~CudaBackend() { release(); }
+
+void CudaBackend::release() noexcept {
   DeviceGuard g(device_, /*nothrow=*/true);
-  abort_capture();
-  cudaStreamSynchronize(stream_);
+  if (capturing_) {  // abort_capture, without its throwing guard
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+  }
+  if (stream_) cudaStreamSynchronize(stream_);
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+  graphs_.clear();
   for (const Timed& t : timed_) cudaEventDestroy(t.begin), cudaEventDestroy(t.end);
+  timed_.clear();
   for (cudaEvent_t e : events_) cudaEventDestroy(e);
-  cudaStreamDestroy(stream_);
+  events_.clear();
+  if (stream_) cudaStreamDestroy(stream_);
+  stream_ = nullptr;
   if (staging_) cudaFreeHost(staging_);
+  staging_ = nullptr;
 }
 
 std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {

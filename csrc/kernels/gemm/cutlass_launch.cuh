@@ -144,8 +144,12 @@ cudaError_t launch(const typename GemmKernel::Params& params, cudaStream_t strea
   }
   const cutlass::ClusterLaunchParams lp{GemmKernel::get_grid_shape(params), GemmKernel::get_block_shape(), cluster,
                                         smem, stream};
-  if (cutlass::launch_kernel_on_cluster(lp, reinterpret_cast<const void*>(fn), params) != cutlass::Status::kSuccess)
-    return cudaErrorLaunchFailure;
+  if (cutlass::launch_kernel_on_cluster(lp, reinterpret_cast<const void*>(fn), params) != cutlass::Status::kSuccess) {
+    // A refused launch (cluster shape, an attribute), not a kernel fault: the runtime's own error when
+    // it left one, never cudaErrorLaunchFailure (which reads as a crashed kernel and a lost context).
+    const cudaError_t e = cudaGetLastError();
+    return e != cudaSuccess ? e : cudaErrorInvalidConfiguration;
+  }
   return cudaGetLastError();
 }
 
