@@ -51,7 +51,8 @@ std::pair<int, int> check_rows(int T, int NB, int BS, const I32Array& block_tabl
 py::array_t<uint16_t> attention(U16Array q, U16Array k_new, U16Array v_new, U16Array k_cache, U16Array v_cache,
                                 I32Array block_table, I32Array cache_first_pos, I32Array cache_start,
                                 I32Array cache_len, I32Array tok0, I32Array count, bool causal, int window,
-                                float scale, int splits) {
+                                float scale, int splits, const std::string& kernel) {
+  DG_REQUIRE(kernel == "auto" || kernel == "mma", InvalidArgument, "kernel must be auto or mma, got '" << kernel << "'");
   DG_REQUIRE(q.ndim() == 3, InvalidArgument, "q must be [T, num_heads, head_dim]");
   const int T = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
   DG_REQUIRE(k_new.ndim() == 3 && k_new.shape(0) == T && k_new.shape(2) == D, InvalidArgument,
@@ -98,7 +99,7 @@ py::array_t<uint16_t> attention(U16Array q, U16Array k_new, U16Array v_new, U16A
   p.rows = R, p.num_heads = H, p.num_kv_heads = KVH, p.head_dim = D;
   p.block_size = BS, p.max_blocks_per_row = MB, p.max_count = max_count;
   p.causal = causal, p.window = window, p.scale = scale;
-  p.splits = splits, p.max_cached = max_cached;
+  p.splits = splits, p.max_cached = max_cached, p.mma_sync = kernel == "mma";
   // The split-KV workspace, NaN-filled like the output so that a partial the combine reads but no
   // CTA wrote shows up.
   DeviceBuffer<float> dws((kernels::attention_workspace_bytes(p) + sizeof(float) - 1) / sizeof(float));
@@ -185,10 +186,10 @@ RegisterCudaOps reg([](py::module_& m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_table"), py::arg("cache_first_pos"), py::arg("cache_start"),
         py::arg("cache_len"), py::arg("tok0"), py::arg("count"), py::arg("causal"), py::arg("window") = 0,
-        py::arg("scale") = 1.0f, py::arg("splits") = 0,
+        py::arg("scale") = 1.0f, py::arg("splits") = 0, py::arg("kernel") = "auto",
         "Fused paged attention (bf16 as uint16): q [T, heads, hd], k_new/v_new [T, kv_heads, hd], "
         "k_cache/v_cache [blocks, block_size, kv_heads, hd]; returns out [T, heads, hd]. splits: split-KV parts "
-        "(0: the kernel's own choice for this device)");
+        "(0: the kernel's own choice for this device); kernel: auto (wgmma on Hopper, else mma.sync) or mma");
   m.def("attention_launch_plan", &launch_plan, py::arg("rows"), py::arg("head_dim"), py::arg("heads"),
         py::arg("kv_heads"), py::arg("max_count"), py::arg("max_cached"), py::arg("splits") = 0,
         py::arg("block_size") = 16,

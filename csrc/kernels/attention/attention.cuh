@@ -76,6 +76,9 @@ struct AttentionParams {
   size_t workspace_bytes = 0;
   int splits = 0;      // parts per CTA's key range: 0 = chosen from the grid and the SM count; n > 0: n
   int max_cached = 0;  // host-side upper bound of cache_len[r] - cache_start[r]
+  // The mma.sync kernel even where the wgmma one would run (tests: it ships for Blackwell and builds
+  // without CUTLASS, so a Hopper run checks it too).
+  bool mma_sync = false;
 };
 
 // What a call will launch on the current device (attention_launch_plan): the kernel, its tile

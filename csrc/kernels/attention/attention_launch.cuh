@@ -35,7 +35,7 @@ inline bool valid_params(const AttentionParams& p, int head_dim) {
 template <int D>
 cudaError_t plan_launch(const AttentionParams& p, AttentionLaunchPlan* plan) {
   if (!plan || !valid_params(p, D)) return cudaErrorInvalidValue;
-  plan->sm90 = sm90_kernel_usable();
+  plan->sm90 = !p.mma_sync && sm90_kernel_usable();
   const attention_plan::TileShape ts = plan->sm90 ? attention_plan::sm90_tiles(D) : attention_plan::sm80_tiles(D);
   plan->block_m = ts.block_m;
   plan->block_n = ts.block_n;
