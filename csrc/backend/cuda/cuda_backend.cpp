@@ -311,6 +311,9 @@ class CudaBackend final : public Backend {
   // DGEMMA_CUDA_W4A16=mma or =wgmma forces one (debugging, the GPU check's comparisons).
   kernels::W4A16Path w4a16_path_ = kernels::W4A16Path::kAuto;
   bool nvfp4x4_checked_ = false, nvfp4x4_used_ = false;
+  // Whether any layer's gate_up reads xp (bf16 experts) or writes h (bf16, Blackwell native): the W4A16
+  // path does neither, and at prefill sizes the two are GBs of MoE workspace.
+  bool moe_xp_ = false, moe_h_ = false;
   size_t nvfp4x4_ws_ = 0;  // the GEMM's workspace for E experts
   // The fused LM head + sampler + self-conditioning pass (one read of the tied embedding per step).
   // Opt-in with DGEMMA_CUDA_FUSED_LM_HEAD=1 until a GPU run has checked it against the per-row path
@@ -956,6 +959,8 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
     L.per_expert_scale = upload_vec(n("router.per_expert_scale"), E);
     L.experts_gate_up = upload_experts(n("experts.gate_up_proj"), 2 * Im, H, /*gated=*/true);
     L.experts_down = upload_experts(n("experts.down_proj"), H, Im, /*gated=*/false);
+    moe_xp_ = moe_xp_ || !L.experts_gate_up.nvfp4();
+    moe_h_ = moe_h_ || !L.experts_gate_up.nvfp4() || L.experts_gate_up.native;
     L.encoder_scalar = w.layers[l].encoder_layer_scalar;
     L.decoder_scalar = w.layers[l].decoder_layer_scalar;
   }
@@ -1211,7 +1216,10 @@ void CudaBackend::attention(const AttentionArgs& a) {
   p.block_size = static_cast<int>(a.k_cache.dim(1)), p.max_blocks_per_row = static_cast<int>(a.block_table.dim(1));
   p.max_count = a.max_count, p.max_cached = a.max_cached;
   p.causal = a.causal, p.window = a.window, p.scale = a.scale;
-  if (p.head_dim == 256 || p.head_dim == 512) {
+  // The tiled kernels take power-of-two KV blocks (shift-based slots); the engine allows any block size
+  // (EngineOptions::block_size), which then takes the generic kernel.
+  const bool pow2_blocks = (p.block_size & (p.block_size - 1)) == 0;
+  if ((p.head_dim == 256 || p.head_dim == 512) && pow2_blocks) {
     const size_t ws = kernels::attention_workspace_bytes(p);
     if (ws > 0) p.workspace = scratch(kAttnWs, ws), p.workspace_bytes = ws;
     DG_CUDA(kernels::attention_forward(p, stream_));
@@ -1298,13 +1306,14 @@ void CudaBackend::moe_router(int layer, const Tensor& x, const Tensor& topk_idx,
 }
 
 namespace moe_ws {
-// The MoE workspace's layout for T tokens (offsets in bytes, each 256-aligned). nvfp4x4: room for the
-// native NVFP4 path's quantized activations (gate_up's and then down's input, one after the other in
-// the same regions), their scales, per-expert first scale tiles and global scale.
+// The MoE workspace's layout for T tokens (offsets in bytes, each 256-aligned). xp / h: the permuted
+// input rows and the ungated gate_up output, if any layer's path uses them (else empty). nvfp4x4: room
+// for the native NVFP4 path's quantized activations (gate_up's and then down's input, one after the
+// other in the same regions), their scales, per-expert first scale tiles and global scale.
 struct Layout {
   size_t counts, offsets, perm_slot, inv, permute, xp, h, act, dn, gemm, q, q_sf, q_starts, q_global, total;
 };
-Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws, bool nvfp4x4) {
+Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws, bool xp, bool h, bool nvfp4x4) {
   Layout o{};
   const size_t M = static_cast<size_t>(T) * k;
   size_t at = 0;
@@ -1318,8 +1327,8 @@ Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws, bool nvfp4x4) 
   o.perm_slot = put(4 * M);
   o.inv = put(4 * M);
   o.permute = put(kernels::moe_permute_workspace_bytes(T, E, k));  // the multi-block sort's [E, blocks] table
-  o.xp = put(2 * M * H);
-  o.h = put(2 * M * 2 * Im);
+  o.xp = put(xp ? 2 * M * H : 0);
+  o.h = put(h ? 2 * M * 2 * Im : 0);
   o.act = put(2 * M * Im);
   o.dn = put(2 * M * H);
   o.gemm = put(gemm_ws);
@@ -1336,7 +1345,7 @@ Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws, bool nvfp4x4) 
 size_t CudaBackend::moe_workspace_bytes(int tokens) const {
   DeviceGuard g(device_);  // the grouped GEMM's workspace depends on this device's SM count
   return moe_ws::layout(tokens, cfg_.num_experts, cfg_.top_k_experts, cfg_.hidden_size, cfg_.moe_intermediate_size,
-                        grouped_ws_bytes(), nvfp4x4_used_)
+                        grouped_ws_bytes(), moe_xp_, moe_h_, nvfp4x4_used_)
              .total +
          256;  // room to align the base
 }
@@ -1350,13 +1359,13 @@ void CudaBackend::moe_experts(int layer, const Tensor& x, const Tensor& topk_idx
   const int T = static_cast<int>(x.rows()), E = cfg_.num_experts, k = cfg_.top_k_experts, H = cfg_.hidden_size;
   const int Im = cfg_.moe_intermediate_size;
   if (T == 0) return;
-  const moe_ws::Layout lo = moe_ws::layout(T, E, k, H, Im, grouped_ws_bytes(), nvfp4x4_used_);
+  DeviceGuard g(device_);  // before the layout: the grouped GEMM's workspace depends on this device's SM count
+  const moe_ws::Layout lo = moe_ws::layout(T, E, k, H, Im, grouped_ws_bytes(), moe_xp_, moe_h_, nvfp4x4_used_);
   DG_CHECK(workspace.bytes() >= lo.total + 256, "moe_experts: workspace of " << workspace.bytes() << " bytes");
   char* base = reinterpret_cast<char*>(align256(reinterpret_cast<uintptr_t>(workspace.data)));
   auto i32 = [&](size_t off) { return reinterpret_cast<int32_t*>(base + off); };
   auto b16 = [&](size_t off) { return reinterpret_cast<bf16*>(base + off); };
   const int64_t M = static_cast<int64_t>(T) * k;
-  DeviceGuard g(device_);
 
   const Experts& gate_up = L.experts_gate_up;
   const Experts& down = L.experts_down;
