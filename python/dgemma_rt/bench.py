@@ -321,6 +321,42 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _random_model_on(torch: Any, cls: Any, config: Any, device: str, dtype: Any) -> Any:
+    """``cls._from_config(config)`` with random weights made on ``device``, each tied weight once.
+
+    Built directly on a device, the model is two full copies until post_init ties the encoder's
+    language model to the decoder (~100 GB at the 26B-A4B shape, more than an H100 holds). So the
+    parameters are made on the meta device (buffers as usual: RoPE frequencies, scalars), then each
+    distinct one is allocated on ``device`` once, shared by every module that holds it, and the model's
+    own initialisation runs again on the real memory (its modules' "initialised" marks cleared)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: Any, name: str, param: Any) -> None:
+        register(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        model = cls._from_config(config, dtype=dtype)
+    finally:
+        torch.nn.Module.register_parameter = register
+    made: dict[int, Any] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
+    model = model.to(device)
+    for module in model.modules():
+        module.__dict__.pop("_is_hf_initialized", None)
+    with torch.no_grad():
+        model.init_weights()
+    return model
+
+
 class TransformersPeer:
     """transformers' DiffusionGemmaForBlockDiffusion on the same checkpoint and prompts, for --peer: eager
     attention and experts (sdpa crashes in 5.23.0's encoder), float32 on the CPU with the engine's thread
@@ -352,8 +388,8 @@ class TransformersPeer:
                 config = transformers.AutoConfig.from_pretrained(str(ckpt))
                 config._attn_implementation = "eager"
                 config.text_config._attn_implementation = "eager"
-                with torch.device(device):
-                    model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=getattr(torch, self.dtype))
+                model = _random_model_on(torch, DiffusionGemmaForBlockDiffusion, config, device,
+                                         getattr(torch, self.dtype))
                 gen_path = ckpt / "generation_config.json"
                 if gen_path.is_file():
                     model.generation_config = type(model.generation_config).from_pretrained(str(ckpt))
@@ -361,6 +397,8 @@ class TransformersPeer:
             transformers.logging.set_verbosity(verbosity)
         model.config._attn_implementation = "eager"
         model.config.text_config._attn_implementation = "eager"
+        # None: transformers' default for the device (grouped_mm where torch has it), not eager
+        self.experts_implementation = getattr(model.config.get_text_config(), "_experts_implementation", None)
         self.model = model.to(device).eval()
         self.device = device
         self.input_ids = torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64)).to(device)
@@ -557,31 +595,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graph_fields = {k: int(graphs_after[k] - graphs_before[k]) for k in ("captured_passes", "replayed_passes")}
     # Failed captures over the engine's life (warm-up included): any turns graphs off for good.
     graph_fields["capture_failures"] = int(graphs_after.get("capture_failures", 0))
+    peer_error = None
     if peer_after:
         del engine
         gc.collect()  # the engine's device memory goes back before the peer takes its own
-        peer = TransformersPeer(ckpt, args.device, args.threads, prompts, args.new_tokens, args.steps)
-        for _ in range(args.warmup):
-            peer.run(record=False)
-        for _ in range(args.runs):
-            peer.run(record=True)
+        # The engine's numbers are measured by now: a peer that fails (out of memory, an API change in
+        # transformers) is reported beside them instead of discarding them.
+        try:
+            peer = TransformersPeer(ckpt, args.device, args.threads, prompts, args.new_tokens, args.steps)
+            for _ in range(args.warmup):
+                peer.run(record=False)
+            for _ in range(args.runs):
+                peer.run(record=True)
+        except ValueError:
+            raise  # --peer without torch/transformers: a usage error, said as one
+        except Exception as e:
+            peer_error = f"{type(e).__name__}: {e}"
+            print(f"dgemma-bench: the transformers peer failed: {peer_error}", file=sys.stderr)
 
     forwards = max(int(totals["decoder_forwards"]), 1)
     peer_fields: dict[str, Any] = {"peer": args.peer}
+    if peer is not None and not peer.runs_s and peer_error is None:
+        peer_error = f"every timed transformers run stopped early ({peer.excluded}): no ratio to report"
+    if peer_error is not None:
+        peer_fields["peer_error"] = peer_error
     if peer is not None:
-        if not peer.runs_s:
-            raise RuntimeError(f"every timed transformers run stopped early ({peer.excluded}): no ratio to report")
+        peer_fields.update({"peer_version": peer.version, "peer_dtype": peer.dtype, "peer_threads": peer.threads,
+                            "peer_experts_implementation": peer.experts_implementation,
+                            "peer_run_details": peer.run_details, "peer_excluded_runs": peer.excluded})
+    if peer is not None and peer.runs_s:
         engine_ms = 1000.0 * float(np.median(engine_runs_s))
         peer_ms = 1000.0 * float(np.median(peer.runs_s))
         peer_fields.update({
-            "peer_version": peer.version,
-            "peer_dtype": peer.dtype,
-            "peer_threads": peer.threads,
             "peer_steps_per_canvas": peer.steps_per_canvas,
             "engine_runs_ms": [1000.0 * t for t in engine_runs_s],
             "peer_runs_ms": [1000.0 * t for t in peer.runs_s],
-            "peer_run_details": peer.run_details,
-            "peer_excluded_runs": peer.excluded,
             "engine_median_ms": engine_ms,
             "peer_median_ms": peer_ms,
             "speedup_vs_peer": peer_ms / engine_ms if engine_ms > 0 else None,
@@ -782,7 +830,9 @@ def format_report(r: dict[str, Any]) -> str:
                 bw = f", {o['achieved_gbps']:.1f} GB/s" + (f" ({frac:.0%} of peak)" if isinstance(frac, float) else "")
             share = o["share_of_step"] or 0.0
             rows.append((f"  {o['op']}", f"{o['ms_per_step']:.3f} ms/step, {share:.0%}{bw}"))
-    if r.get("peer"):
+    if r.get("peer_error"):
+        rows.append(("vs " + r["peer"], f"no comparison: {r['peer_error']}"))
+    elif r.get("peer"):
         rows.append((
             "vs " + r["peer"],
             f"{r['speedup_vs_peer']:.2f}x: engine {r['engine_median_ms']:.1f} ms, {r['peer']} {r['peer_version']} "
@@ -809,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         result = run(args)
         print(json.dumps(result) if args.json else format_report(result))
-        return 0
+        return 1 if result.get("peer_error") else 0  # the engine's numbers are printed either way
 
     return run_reporting_errors(command)
 
