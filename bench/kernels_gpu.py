@@ -641,62 +641,85 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(torch, ops, args.dry_run)
     flush = None if args.dry_run else torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     ms: dict[str, float] = {}
-    for s in sections:
-        ts = time.time()
-        status: dict[str, Any] = {"status": "ok"}
+
+    def finish(done: bool) -> bool:
+        """The per-op table and the verdicts from what has been timed so far; returns ok."""
+        ok = not failed
         try:
-            kernels, extra = SECTIONS[s][0](ctx, shape)
-            for k in kernels:
-                timing = None
-                if not args.dry_run:
-                    try:
-                        timing = time_ms(torch, k.run, flush, args.warmup, args.reps)
-                        ms[k.name] = timing["ms"]
-                    except Exception as e:
-                        status = {"status": "failed", "error": f"{k.name}: {type(e).__name__}: {e}",
-                                  "traceback": traceback.format_exc(limit=4)}
-                        if not k.name.startswith("sdpa_"):
-                            raise
-                result["kernels"][k.name] = describe(k, tbps, tflops, timing)
-            for key, e in extra.items():  # SDPA: which backend torch picks, and each backend that takes the shape
-                hd = key.split("_hd")[1]
-                entry: dict[str, Any] = {"shapes": e["shapes"]}
-                if not args.dry_run:
-                    picked, runs = sdpa_backends(torch, e["qs"], e["ks"], e["vs"])
-                    entry["picked"], entry["default_ms"] = picked, ms.get(key)
-                    entry["backends_ms"] = {}
-                    for n, run in runs.items():
-                        entry["backends_ms"][n] = time_ms(torch, run, flush, args.warmup, args.reps)["ms"]
-                result["sdpa"][f"hd{hd}"] = entry
-            if not args.dry_run:
-                torch.cuda.synchronize()  # an asynchronous fault belongs to this section
-        except Exception as e:
-            status = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                      "traceback": traceback.format_exc(limit=6)}
-        status["seconds"] = round(time.time() - ts, 2)
-        result["sections"][s] = status
-        failed |= status["status"] != "ok"
-        print(f"[kernels] {s}: {status['status']} ({status['seconds']} s) {status.get('error', '')}", file=sys.stderr)
+            by_format, how = per_op(shape, ms)
+            result["per_op_ms"] = by_format["none/none"]
+            result["per_op_ms_by_format"] = by_format
+            result["per_op"] = {"unit": "ms per step: the kernels' median x the op's count per step "
+                                        "(roofline.step_ops)", "ops": how}
+        except Exception as e:  # a renamed roofline op: the dry run (CI) fails here
+            result["per_op_error"] = f"{type(e).__name__}: {e}"
+            ok = False
+        if not args.dry_run:
+            result["targets"] = verdicts(result["kernels"], result["sdpa"], tbps)
+        result["complete"] = done
+        result["ok"] = ok and done
+        result["seconds"] = round(time.time() - t0, 1)
+        return result["ok"]
+
+    def write() -> None:
+        """--out rewritten after every section, so a hung kernel or the step's time cap (the GPU check
+        kills this process) still leaves every timing taken before it; never a half-written file."""
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(str(args.out) + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(args.out)
 
     try:
-        by_format, how = per_op(shape, ms)
-        result["per_op_ms"] = by_format["none/none"]
-        result["per_op_ms_by_format"] = by_format
-        result["per_op"] = {"unit": "ms per step: the kernels' median x the op's count per step (roofline.step_ops)",
-                            "ops": how}
-    except Exception as e:  # a renamed roofline op: the dry run (CI) fails here
-        result["per_op_error"] = f"{type(e).__name__}: {e}"
+        for s in sections:
+            ts = time.time()
+            status: dict[str, Any] = {"status": "ok"}
+            result["sections"][s] = {"status": "running"}  # what a killed run was doing
+            if args.out:
+                finish(False)
+                write()
+            try:
+                kernels, extra = SECTIONS[s][0](ctx, shape)
+                for k in kernels:
+                    timing = None
+                    if not args.dry_run:
+                        try:
+                            timing = time_ms(torch, k.run, flush, args.warmup, args.reps)
+                            ms[k.name] = timing["ms"]
+                        except Exception as e:
+                            status = {"status": "failed", "error": f"{k.name}: {type(e).__name__}: {e}",
+                                      "traceback": traceback.format_exc(limit=4)}
+                            if not k.name.startswith("sdpa_"):
+                                raise
+                    result["kernels"][k.name] = describe(k, tbps, tflops, timing)
+                for key, e in extra.items():  # SDPA: which backend torch picks, and each backend that takes the shape
+                    hd = key.split("_hd")[1]
+                    entry: dict[str, Any] = {"shapes": e["shapes"]}
+                    if not args.dry_run:
+                        picked, runs = sdpa_backends(torch, e["qs"], e["ks"], e["vs"])
+                        entry["picked"], entry["default_ms"] = picked, ms.get(key)
+                        entry["backends_ms"] = {}
+                        for n, run in runs.items():
+                            entry["backends_ms"][n] = time_ms(torch, run, flush, args.warmup, args.reps)["ms"]
+                    result["sdpa"][f"hd{hd}"] = entry
+                if not args.dry_run:
+                    torch.cuda.synchronize()  # an asynchronous fault belongs to this section
+            except Exception as e:
+                status = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc(limit=6)}
+            status["seconds"] = round(time.time() - ts, 2)
+            result["sections"][s] = status
+            failed |= status["status"] != "ok"
+            print(f"[kernels] {s}: {status['status']} ({status['seconds']} s) {status.get('error', '')}",
+                  file=sys.stderr)
+    except KeyboardInterrupt:  # SIGINT from the GPU check's timeout: keep what was measured
+        result["interrupted"] = True
         failed = True
-    if not args.dry_run:
-        result["targets"] = verdicts(result["kernels"], result["sdpa"], tbps)
-    result["ok"] = not failed
-    result["seconds"] = round(time.time() - t0, 1)
-    text = json.dumps(result, indent=2) + "\n"
+        print("[kernels] interrupted", file=sys.stderr)
+    failed = not finish(True)
     if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(text)
+        write()
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
     for k, v in result.get("targets", {}).items():
         verdict = "n/a" if v["meets"] is None else "meets" if v["meets"] else "misses"
         print(f"[kernels] {k}: {verdict}", file=sys.stderr)

@@ -39,7 +39,9 @@ def test_dry_run(tmp_path):
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
-    assert r["dry_run"] and r["ok"] and all(s["status"] == "ok" for s in r["sections"].values()), r["sections"]
+    assert r["dry_run"] and r["ok"] and r["complete"], r
+    assert all(s["status"] == "ok" for s in r["sections"].values()), r["sections"]
+    assert not any(p.name.endswith(".tmp") for p in out.parent.iterdir())  # written whole, through a temporary
     assert list(r["sections"]) == ["attention", "moe_experts", "moe_router", "lm_head", "dense_gemms"]
     b = r["bindings"]
     if dgemma_rt.cuda_compiled():
