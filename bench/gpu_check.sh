@@ -4,21 +4,26 @@
 # tools/gpu_wheels.sh --prebuild), run the GPU tests, the kernel microbenchmark
 # (bench/kernels_gpu.py), a compute-sanitizer memcheck of a small generate and the benchmark set, and
 # write logs and JSON under $OUT; all within 8 minutes of wall time (every step runs under `timeout`,
-# cut to what is left of the budget; steps run in order of what only a GPU can tell us, so the
-# end-to-end benchmarks are the first to be cut: rerun them with GPU_CHECK_STEPS).
+# cut to what is left of the budget, and stopped with SIGINT first so pytest still writes its report;
+# steps run in order of what only a GPU can tell us, so the peer comparison and then the NVFP4 benchmark
+# are the first to be cut: rerun them with GPU_CHECK_STEPS; the results step always runs).
 #
 #   bash bench/gpu_check.sh             the check (on the GPU machine; OUT defaults to build/gpu-check-out)
-#   bash bench/gpu_check.sh --pack      the same, then logs, junit and records packed into gpu-check.tar.gz
-#                                       (the device tool brings back at most 8 files from $OUT)
+#   bash bench/gpu_check.sh --pack      the same, with $OUT kept to at most 7 files at every moment (the
+#                                       device tool brings back at most 8, also from a run it killed): logs,
+#                                       junit and records in gpu-check.tar.gz, repacked after every step
 #   bash bench/gpu_check.sh --dry-run   on any CPU machine: the carried wheel set is complete and installs
 #                                       offline into a fresh venv, every step's command exists; prints the plan
+#   bash bench/gpu_check.sh --dry-run --strict
+#                                       also fails unless the carried prebuilt wheel and SOURCE_COMMIT match
+#                                       this checkout (run it right before lending the check a GPU)
 #
 # The wheels come from tools/gpu_wheels.sh (build/gpu-wheels, or GPU_WHEELS=dir). Environment: PYTHON
 # (default python3: on the GPU machine the interpreter that holds torch; the package is installed into
 # it, since a venv made from a venv's python3 would not see that venv's torch), GPU_CHECK_BUDGET_S
 # (default 470), GPU_CHECK_JOBS (16), GPU_CHECK_ARCH (90a-real), GPU_CHECK_STEPS (a comma list: run only
-# these steps, e.g. bench-bf16,results on a machine where an earlier call built the package; a step
-# that needs one left out then runs). docs/gpu-bringup.md says how to run it.
+# these steps, e.g. bench-nvfp4,results; where the package does not import yet, wheels and build are
+# added). docs/gpu-bringup.md says how to run it.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,19 +35,24 @@ ARCH=${GPU_CHECK_ARCH:-90a-real}
 LIB="$ROOT/bench/gpu_check_lib.py"
 MODE=run
 PACK=0
+STRICT=0
 for a in "$@"; do
   case "$a" in
     --dry-run) MODE=dry ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --strict) STRICT=1 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
 
 # Where logs and JSON go, and which roofline device the profile's bandwidth is a fraction of (--gpu: the
 # H200's name says so, anything else counts as an H100); the dry run shows the plan with both unexpanded.
-if [ "$MODE" = dry ]; then OUT='$OUT'; GPU_KIND='$GPU_KIND'; else
+# WORK holds the logs, the step records, the provenance and the JUnit file: $OUT itself, or with --pack a
+# folder beside the checkout, packed into $OUT after every step.
+if [ "$MODE" = dry ]; then OUT='$OUT'; WORK='$WORK'; GPU_KIND='$GPU_KIND'; else
   OUT=${OUT:-$ROOT/build/gpu-check-out}
+  if [ "$PACK" = 1 ]; then WORK=$ROOT/build/gpu-check-work; else WORK=$OUT; fi
   GPU_KIND=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -qi h200 && echo h200 || echo h100)
 fi
 
@@ -71,14 +81,17 @@ STEPS=(
   "provenance|30|-|nvidia-smi -q; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; cmake --version; ninja --version; compute-sanitizer --version; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'; $PY -m pip list --format=freeze"
   "wheels|90|-|PIP_CONFIG_FILE=/dev/null $PY -m pip install --no-index --no-cache-dir --find-links $WHEELS $SPECS && $PY $LIB cutlass $CUTLASS_WHEEL $CUTLASS_DIR && $PY -c 'import transformers, nlohmann_json; from transformers.models import diffusion_gemma; print(\"transformers\", transformers.__version__)'"
   "build|300|-|cd $ROOT && if PIP_CONFIG_FILE=/dev/null $PY $LIB prebuilt $WHEELS $ROOT '$ARCH' --install; then :; else echo \"[build] path: source build (for $ARCH, $JOBS jobs)\"; $SOURCE_BUILD; fi"
-  "tests|150|build|cd $ROOT && DGEMMA_RT_EXPECT_PREFIX=\$($PY -c 'import sys; print(sys.prefix)') $PY -m pytest -q -rs -p no:cacheprovider --junitxml=$OUT/junit-gpu.xml \$(ls tests/test_cuda_*.py tests/test_backend_ops.py 2>/dev/null)"
+  "tests|150|build|cd $ROOT && DGEMMA_RT_EXPECT_PREFIX=\$($PY -c 'import sys; print(sys.prefix)') $PY -m pytest -v -rfEs --durations=25 -p no:cacheprovider --junitxml=$WORK/junit-gpu.xml \$(ls tests/test_cuda_*.py tests/test_backend_ops.py 2>/dev/null)"
   "kernels|90|build|cd / && $PY $ROOT/bench/kernels_gpu.py --out $OUT/results/raw-kernels.json"
-  "memcheck|90|build|$PY -c 'import dgemma_rt; dgemma_rt.check_device(\"cuda\")' || exit 77; rm -rf /tmp/gpu-check-tiny && dgemma-rt make-tiny /tmp/gpu-check-tiny && compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c \"$SMALL_GENERATE\" /tmp/gpu-check-tiny"
-  "bench-bf16|150|build|cd / && DGEMMA_RT_CACHE=$CACHE dgemma-bench $BENCH_SHAPE --profile --gpu $GPU_KIND > $OUT/results/raw-26b-a4b-bf16.json"
-  "bench-peer|120|build|cd / && DGEMMA_RT_CACHE=$CACHE dgemma-bench $BENCH_SHAPE --peer transformers > $OUT/results/raw-26b-a4b-bf16-transformers.json; rc=\$?; rm -rf $CACHE; exit \$rc"
-  "bench-nvfp4|150|build|cd / && DGEMMA_RT_CACHE=$CACHE dgemma-bench $BENCH_SHAPE --quant nvfp4 > $OUT/results/raw-26b-a4b-nvfp4.json; rc=\$?; rm -rf $CACHE; exit \$rc"
-  "results|20|-|$PY $LIB results $OUT"
+  "bench-bf16|150|build|cd / && DGEMMA_RT_CACHE=$CACHE $PY -m dgemma_rt.bench $BENCH_SHAPE --profile --gpu $GPU_KIND > $OUT/results/raw-26b-a4b-bf16.json"
+  "memcheck|90|build|cd / && $PY -c 'import dgemma_rt; dgemma_rt.check_device(\"cuda\")' || exit 77; rm -rf /tmp/gpu-check-tiny && $PY -m dgemma_rt.cli make-tiny /tmp/gpu-check-tiny && compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c \"$SMALL_GENERATE\" /tmp/gpu-check-tiny"
+  "bench-nvfp4|150|build|cd / && DGEMMA_RT_CACHE=$CACHE $PY -m dgemma_rt.bench $BENCH_SHAPE --quant nvfp4 > $OUT/results/raw-26b-a4b-nvfp4.json"
+  "bench-peer|120|build|cd / && DGEMMA_RT_CACHE=$CACHE $PY -m dgemma_rt.bench $BENCH_SHAPE --peer transformers > $OUT/results/raw-26b-a4b-bf16-transformers.json; rc=\$?; rm -rf $CACHE; exit \$rc"
+  "results|20|-|$PY $LIB results $OUT $WORK"
 )
+# The results step runs whatever time is left (its cap only): it gives the benchmark JSONs their
+# provenance and names. RESERVE keeps its cap and the summary's free of the other steps' budget.
+FINAL_STEP=results
 
 step_field() { echo "$1" | cut -d'|' -f"$2"; }
 step_cmd() { echo "$1" | cut -d'|' -f4-; }
@@ -102,7 +115,8 @@ if [ "$MODE" = dry ]; then
     || fail "$WHEELS/SOURCE_COMMIT missing (tools/gpu_wheels.sh writes it: the GPU machine has no .git)"
   if head=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null) && [ -f "$WHEELS/SOURCE_COMMIT" ] \
      && [ "$(cut -d' ' -f1 "$WHEELS/SOURCE_COMMIT")" != "$head" ]; then
-    echo "note: the stamp is not HEAD ($head): the GPU check's provenance would name the wrong commit (rerun tools/gpu_wheels.sh)"
+    msg="the stamp is not HEAD ($head): the GPU check's provenance would name the wrong commit (rerun tools/gpu_wheels.sh)"
+    if [ "$STRICT" = 1 ]; then fail "$msg"; else echo "note: $msg"; fi
   fi
   size=$(du -cb "$WHEELS"/*.whl 2>/dev/null | tail -1 | cut -f1)
   [ "${size:-0}" -lt $((48 * 1024 * 1024)) ] && pass "$((${size:-0} / 1024 / 1024)) MiB to carry" \
@@ -162,9 +176,11 @@ if [ "$MODE" = dry ]; then
        else
          fail "pip refuses $(basename "$whl") for cp312 manylinux_2_35 x86_64:"; sed 's/^/      /' "$tmp/pre.log" | tail -5
        fi ;;
-    2) echo "note: $pre: the build step compiles from source (~200-300 s of the budget; tools/gpu_wheels.sh --prebuild makes one here)" ;;
+    2) msg="$pre: the build step compiles from source (~200-300 s of the budget; tools/gpu_wheels.sh --prebuild makes one here)"
+       if [ "$STRICT" = 1 ]; then fail "$msg"; else echo "note: $msg"; fi ;;
     *) echo "stale prebuilt wheel, the build step will compile from source: $pre"
-       echo "      (commit, then rerun tools/gpu_wheels.sh --prebuild)" ;;
+       echo "      (commit, then rerun tools/gpu_wheels.sh --prebuild)"
+       [ "$STRICT" = 1 ] && fail "--strict: the prebuilt wheel does not match this checkout" ;;
   esac
 
   echo "== the commands the steps run"
@@ -218,11 +234,12 @@ if [ "$MODE" = dry ]; then
 fi
 
 # ------------------------------------------------------------------------------------------ the check
-mkdir -p "$OUT/logs" "$OUT/results"
-: > "$OUT/steps.jsonl"
+[ "$WORK" != "$OUT" ] && rm -rf "$WORK"
+mkdir -p "$WORK/logs" "$OUT/results"
+: > "$WORK/steps.jsonl"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-RESERVE=20   # for the summary after the last step
+RESERVE=$((20 + $(step_field "${STEPS[-1]}" 2)))   # the summary, and the final step's cap
 declare -A STATUS
 
 # provenance.json: where the numbers come from. The GPU machine gets the working tree without .git:
@@ -233,7 +250,7 @@ else
   read -r commit dirty < "$WHEELS/SOURCE_COMMIT" 2>/dev/null || commit=unknown; csrc="$WHEELS/SOURCE_COMMIT"
 fi
 gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
-"$PY" - "$OUT/provenance.json" "$commit" "${dirty:-}" "$csrc" "${gpu:-none, none}" "bash bench/gpu_check.sh $*" <<'EOF'
+"$PY" - "$WORK/provenance.json" "$commit" "${dirty:-}" "$csrc" "${gpu:-none, none}" "bash bench/gpu_check.sh $*" <<'EOF'
 import datetime, json, os, platform, sys
 out, commit, dirty, csrc, gpu, cmd = sys.argv[1:]
 name, _, driver = gpu.rpartition(",")
@@ -245,27 +262,48 @@ EOF
 
 record() {  # name status rc seconds timeout command note
   "$PY" -c 'import json, sys; n, s, rc, sec, to, cmd, note = sys.argv[1:]; print(json.dumps({"name": n, "status": s, "rc": int(rc), "seconds": round(float(sec), 1), "timeout_s": int(to), "command": cmd, "note": note}))' \
-    "$@" >> "$OUT/steps.jsonl"
+    "$@" >> "$WORK/steps.jsonl"
   printf '[gpu-check] %-12s %-8s %6ss  %s\n' "$1" "$2" "$4" "${7:0:200}"
 }
 
+# The summary, and with --pack the tarball, as they stand: after every step, so that a run the device
+# tool kills still brings back what it did (and $OUT never holds more than 7 files).
+checkpoint() {
+  "$PY" "$LIB" summary "$OUT" "$WORK" > "$WORK/logs/summary.log" 2>&1 || echo "summary failed: $(tail -1 "$WORK/logs/summary.log")"
+  if [ "$PACK" = 1 ]; then
+    (cd "$WORK" && tar czf "$OUT/gpu-check.tar.gz.tmp" logs steps.jsonl provenance.json $(ls junit-*.xml 2>/dev/null) \
+       && mv "$OUT/gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz")
+  fi
+}
+
+# A rerun on a fresh machine with GPU_CHECK_STEPS=bench-nvfp4,... has nothing installed yet.
+if [ -n "${GPU_CHECK_STEPS:-}" ] && ! "$PY" -c 'import dgemma_rt._core' >/dev/null 2>&1; then
+  echo "[gpu-check] dgemma_rt does not import here: adding the wheels and build steps to GPU_CHECK_STEPS"
+  GPU_CHECK_STEPS="wheels,build,$GPU_CHECK_STEPS"
+fi
+
 for s in "${STEPS[@]}"; do
   name=$(step_field "$s" 1); cap=$(step_field "$s" 2); needs=$(step_field "$s" 3); cmd=$(step_cmd "$s")
-  log="$OUT/logs/$name.log"
+  log="$WORK/logs/$name.log"
   if [ -n "${GPU_CHECK_STEPS:-}" ] && ! echo ",$GPU_CHECK_STEPS," | grep -q ",$name,"; then
     continue  # not selected: no record, and steps that need it run as if it had passed
   fi
   if [ "$needs" != - ] && [ -n "${STATUS[$needs]:-}" ] && [ "${STATUS[$needs]}" != ok ]; then
     STATUS[$name]=skipped; record "$name" skipped 0 0 0 "$cmd" "not run: step $needs did not pass"; continue
   fi
-  left=$((DEADLINE - $(date +%s) - RESERVE))
-  limit=$(( cap < left ? cap : left ))
+  if [ "$name" = "$FINAL_STEP" ]; then
+    limit=$cap  # reserved: runs however late it is
+  else
+    left=$((DEADLINE - $(date +%s) - RESERVE))
+    limit=$(( cap < left ? cap : left ))
+  fi
   if [ "$limit" -lt 10 ]; then
     STATUS[$name]=skipped; record "$name" skipped 0 0 0 "$cmd" "not run: out of time (${BUDGET}s budget)"; continue
   fi
   { echo "# step $name: $(date -u +%FT%TZ), timeout ${limit}s"; echo "# command: $cmd"; } > "$log"
   t=$(date +%s.%N)
-  timeout -k 5 "$limit" bash -c "$cmd" >> "$log" 2>&1 </dev/null
+  # SIGINT first: pytest then writes its JUnit file and failure summary, Python steps keep what they have
+  timeout -s INT -k 15 "$limit" bash -c "$cmd" >> "$log" 2>&1 </dev/null
   rc=$?
   sec=$("$PY" -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$t")
   echo "# exit $rc after ${sec}s" >> "$log"
@@ -273,7 +311,7 @@ for s in "${STEPS[@]}"; do
   case $rc in
     0) st=ok ;;
     77) st=skipped; note="$(grep -v '^#' "$log" | grep -v '^\s*$' | tail -1)" ;;
-    124|137) st=timeout; note="killed after ${limit}s" ;;
+    124|137) st=timeout; note="stopped after ${limit}s" ;;
     *) st=failed; note="exit $rc: $(grep -v '^#' "$log" | grep -v '^\s*$' | tail -1)" ;;
   esac
   if [ "$name" = build ]; then  # which path ran (prebuilt wheel or source build), and why not the other
@@ -284,13 +322,10 @@ for s in "${STEPS[@]}"; do
   [ "$name" = memcheck ] && [ $rc = 77 ] && note="skipped: the engine refuses device=\"cuda\": ${note}"
   STATUS[$name]=$st
   record "$name" "$st" "$rc" "$sec" "$limit" "$cmd" "$note"
+  checkpoint
 done
 
-"$PY" "$LIB" summary "$OUT" > "$OUT/logs/summary.log" 2>&1 || echo "summary failed: $(tail -1 "$OUT/logs/summary.log")"
+checkpoint
 cat "$OUT/summary.md" 2>/dev/null
-if [ "$PACK" = 1 ]; then
-  (cd "$OUT" && tar czf gpu-check.tar.gz logs steps.jsonl provenance.json $(ls junit-*.xml 2>/dev/null) \
-     && rm -rf logs steps.jsonl provenance.json junit-*.xml)
-fi
-echo "[gpu-check] $(( $(date +%s) - START ))s in all; results under $OUT"
+echo "[gpu-check] $(( $(date +%s) - START ))s in all; results under $OUT (logs: $WORK)"
 "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["ok"] else 1)' "$OUT/summary.json" 2>/dev/null

@@ -4,8 +4,9 @@
   options FILE                the --options a module's argparse parsers declare (read from the source, not imported)
   cutlass WHEEL DEST          unpack the CUTLASS include tree of the nvidia-cutlass wheel into DEST; print its path
   check-report REPORT WHEELS  pip's --report: every distribution comes from WHEELS or a stub; list what installs
-  results OUT                 add provenance to each raw dgemma-bench JSON and name it for bench/results/
-  summary OUT                 $OUT/summary.json and summary.md from the steps' records
+  results OUT [WORK]          add provenance to each raw dgemma-bench JSON and name it for bench/results/
+  summary OUT [WORK]          $OUT/summary.json and summary.md from the steps' records (WORK: where
+                              provenance.json and steps.jsonl are; default OUT)
 
 The prebuilt dgemma_rt wheel (tools/gpu_wheels.sh --prebuild; docs/gpu-bringup.md):
   source-hash ROOT [--git]    sha256 of the source files the wheel is built from (--git: fail unless they are
@@ -14,7 +15,8 @@ The prebuilt dgemma_rt wheel (tools/gpu_wheels.sh --prebuild; docs/gpu-bringup.m
   stamp WHEEL ROOT ARCH OUT [KEY=VALUE...]
                               write the wheel's stamp (commit, source hash, architectures, sha256, extras)
   prebuilt WHEELS ROOT ARCH [--install]
-                              is there a prebuilt wheel in WHEELS for this checkout (commit and sources) and ARCH?
+                              is there a prebuilt wheel in WHEELS for this checkout's sources and ARCH? (a later
+                              commit that changed none of the sources still matches)
                               exit 0 (usable), 1 (present but stale or damaged), 2 (none); --install: then install
                               it into this Python (pip --no-deps --no-index) and verify it, exit 0 only if both did
   verify-install [ARCH]       the installed dgemma_rt: CUDA compiled, from this Python's prefix, with machine code
@@ -128,12 +130,14 @@ def _gpu_tag(device: str) -> str:
     return m.group(1).lower() if m else "gpu"
 
 
-def results(out: str) -> None:
-    """results/raw-NAME.json (dgemma-bench's --json) -> results/<gpu>-NAME.json with the provenance."""
+def results(out: str, work: str | None = None) -> None:
+    """results/raw-NAME.json (dgemma-bench's --json) -> results/<gpu>-NAME.json with the provenance. WORK:
+    where provenance.json and steps.jsonl are (default OUT; --pack keeps them out of OUT)."""
     o = pathlib.Path(out)
-    prov = json.loads((o / "provenance.json").read_text())
+    w = pathlib.Path(work or out)
+    prov = json.loads((w / "provenance.json").read_text())
     tag = _gpu_tag(prov.get("device", ""))
-    steps = [json.loads(line) for line in (o / "steps.jsonl").read_text().splitlines() if line.strip()]
+    steps = [json.loads(line) for line in (w / "steps.jsonl").read_text().splitlines() if line.strip()]
     for raw in sorted((o / "results").glob("raw-*.json")):
         name = raw.stem[len("raw-"):]
         try:
@@ -182,11 +186,13 @@ def kernels_summary(j: dict) -> str:
     return "; ".join(parts) or "no kernel timed"
 
 
-def summary(out: str) -> None:
+def summary(out: str, work: str | None = None) -> None:
+    """OUT/summary.json and summary.md; WORK as for results."""
     o = pathlib.Path(out)
-    prov = json.loads((o / "provenance.json").read_text())
+    w = pathlib.Path(work or out)
+    prov = json.loads((w / "provenance.json").read_text())
     steps = []
-    for line in (o / "steps.jsonl").read_text().splitlines():
+    for line in (w / "steps.jsonl").read_text().splitlines():
         if line.strip():
             steps.append(json.loads(line))
     ok = all(s["status"] in ("ok", "skipped") for s in steps)
@@ -333,14 +339,19 @@ def prebuilt_status(wheels: str | pathlib.Path, root: str | pathlib.Path, arch: 
     short = str(st.get("commit", "?"))[:12]
     if dirty:
         return 1, f"the checkout has uncommitted changes ({where}): {w.name} was built from the commit {short}", st
-    if st.get("commit") != commit:
-        return 1, f"stale: {w.name} was built from {short}, the checkout is {commit[:12]} ({where})", st
+    if commit == "unknown":  # nothing names the checkout's commit: the results could not say what ran
+        return 1, f"stale: {w.name} was built from {short}, the checkout's commit is unknown ({where})", st
     digest = source_hash_of(root)[0]
     if st.get("source_sha256") != digest:
+        if st.get("commit") != commit:
+            return 1, f"stale: {w.name} was built from {short}, the checkout is {commit[:12]} ({where})", st
         return 1, (f"the sources differ from those {w.name} was built from (commit {short}): edited after the "
                    f"stamp, or files added under {', '.join(SOURCE_PATHS)}"), st
     if st.get("cuda_architectures") != arch:
         return 1, f"{w.name} has code for {st.get('cuda_architectures')}, this build asks for {arch}", st
+    if st.get("commit") != commit:  # a later commit that changed nothing the wheel is built from (docs, tests)
+        return 0, (f"{w.name} matches the checkout's sources and {arch} (built from {short}, the checkout is "
+                   f"{commit[:12]}, {where}: nothing under {', '.join(SOURCE_PATHS)} changed)"), st
     return 0, f"{w.name} matches the checkout (commit {short}, sources, {arch})", st
 
 

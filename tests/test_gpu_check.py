@@ -69,7 +69,8 @@ def test_gpu_check_dry_run():
     # the resolution for the GPU machine: the carried wheels, the rest from what it has
     assert "transformers 5.23.0: carried" in out and "huggingface_hub 1.33.0: on the machine (stub)" in out, out
     # the plan names every step, in order
-    steps = ["provenance", "wheels", "build", "tests", "kernels", "memcheck", "bench-bf16", "bench-peer", "bench-nvfp4",
+    # the peer last among the benchmarks: it is the first the budget cuts, and its failure costs nothing else
+    steps = ["provenance", "wheels", "build", "tests", "kernels", "bench-bf16", "memcheck", "bench-nvfp4", "bench-peer",
              "results"]
     plan = out.split("== the plan", 1)[1].splitlines()[1:]
     assert [line.split()[0] for line in plan[: len(steps)]] == steps, out
@@ -83,6 +84,9 @@ def test_gpu_check_dry_run():
     assert "bench/kernels_gpu.py --out $OUT/results/raw-kernels.json" in step["kernels"]
     assert "cap   90s  needs build" in step["kernels"]
     assert "--profile --gpu $GPU_KIND" in step["bench-bf16"] and "--profile" not in step["bench-nvfp4"]
+    # modules, not console scripts (which need the interpreter's bin on PATH); JUnit beside the logs
+    assert "-m dgemma_rt.bench" in step["bench-nvfp4"] and "-m dgemma_rt.cli make-tiny" in step["memcheck"]
+    assert "dgemma-bench " not in out.split("== the plan", 1)[1] and "--junitxml=$WORK/junit-gpu.xml" in step["tests"]
 
 
 def test_gpu_check_dry_run_names_a_missing_wheel(tmp_path):
@@ -123,6 +127,51 @@ def test_results_and_summary_carry_the_kernels_json(tmp_path):
     assert "h100-kernels.json: attention hd512 0.200 ms vs SDPA (EFFICIENT_ATTENTION) 0.300 ms" in md, md
     assert "moe_experts_nvfp4 0.150 ms = 1.10x its weight bytes at HBM bandwidth (target 1.25x: meets)" in md, md
     assert "moe_router 0.050 ms" in md and "FAILED sections: dense_gemms" in md, md
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_gpu_check_run_keeps_what_it_measured_when_a_step_overruns(tmp_path):
+    """The check itself (not the dry run) on this CPU machine, with dgemma-bench faked through PYTHON: the
+    NVFP4 benchmark answers, the peer hangs past the budget. The peer is stopped, the results step still
+    gives the NVFP4 JSON its provenance, and with --pack $OUT holds at most 7 files at every step (the
+    device tool brings back 8), the logs in gpu-check.tar.gz."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/bash
+if [ "$1" = -m ] && [ "$2" = dgemma_rt.bench ]; then
+  case " $* " in
+    *" --quant nvfp4 "*) echo '{{"tokens_per_s": 2.5, "ms_per_step": 3.0, "prefill_ms": 4.0}}'; exit 0 ;;
+    *) trap 'echo interrupted >&2; exit 130' INT; sleep 300 & wait; exit 1 ;;
+  esac
+fi
+find "$OUT" -type f 2>/dev/null | wc -l >> "{tmp_path}/out-files"
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(_env(), PYTHON=str(fake), OUT=str(out), GPU_CHECK_BUDGET_S="58",
+               GPU_CHECK_STEPS="bench-nvfp4,bench-peer,results")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--pack"], env=env, capture_output=True,
+                          text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    if "adding the wheels and build steps" in log:
+        pytest.skip("dgemma_rt does not import in this interpreter: the check would install it first")
+    steps = {s["name"]: s for s in map(json.loads, (ROOT / "build" / "gpu-check-work" / "steps.jsonl").read_text()
+                                                  .splitlines())}
+    assert steps["bench-nvfp4"]["status"] == "ok", log
+    assert steps["bench-peer"]["status"] == "timeout" and steps["bench-peer"]["seconds"] < 60, log
+    assert steps["results"]["status"] == "ok", log  # however late: its time is reserved
+    r = json.loads((out / "results" / "gpu-26b-a4b-nvfp4.json").read_text())
+    assert r["tokens_per_s"] == 2.5 and r["git_commit"] and "--quant nvfp4" in r["command"], r
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 7 and {"gpu-check.tar.gz", "summary.json", "summary.md"} <= {p.name for p in files}, files
+    assert max(int(n) for n in (tmp_path / "out-files").read_text().split()) <= 7
+    import tarfile
+
+    with tarfile.open(out / "gpu-check.tar.gz") as t:
+        names = t.getnames()
+    assert "logs/bench-peer.log" in names and "steps.jsonl" in names and "provenance.json" in names, names
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is False and summary["results"] == ["gpu-26b-a4b-nvfp4.json"], summary
 
 
 # ------------------------------------------------------------------ the prebuilt wheel's stamp (no real build)
@@ -198,6 +247,13 @@ def test_prebuilt_stamp_is_stale_after_a_commit_or_an_edit(tmp_path):
     _git(root, "commit", "-qam", "two")
     rc, out = _status(wheels, root)
     assert rc == 1 and out.startswith("stale: ") and _git(root, "rev-parse", "HEAD")[:12] in out, out
+    # a later commit that leaves the wheel's sources alone (docs, tests) keeps the wheel usable, and says so
+    root2, wheels2 = _fake_checkout(tmp_path / "docs-only")
+    (root2 / "README.md").write_text("docs\n")
+    _git(root2, "add", "README.md")
+    _git(root2, "commit", "-qm", "docs")
+    rc, out = _status(wheels2, root2)
+    assert rc == 0 and "matches the checkout's sources" in out and _git(root2, "rev-parse", "HEAD")[:12] in out, out
     # the stamp refuses a dirty tree
     (root / "csrc/a.cu").write_text("int a = 2;\n")
     proc = subprocess.run([*LIB, "stamp", str(wheels / FAKE), str(root), "90a-real", str(tmp_path / "s.json")],
@@ -251,7 +307,8 @@ def test_prebuilt_install_refuses_what_does_not_match_and_names_a_refused_tag(tm
     """--install (the build step): a mismatch never reaches pip; a wheel whose tag pip refuses is named so.
     No real wheel: the cp39 tag is never this Python's (the package needs 3.10+), so pip installs nothing."""
     root, wheels = _fake_checkout(tmp_path)
-    _git(root, "commit", "-q", "--allow-empty", "-m", "two")
+    (root / "csrc/a.cu").write_text("int a = 3;\n")
+    _git(root, "commit", "-qam", "two")
     proc = subprocess.run([*LIB, "prebuilt", str(wheels), str(root), "90a-real", "--install"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout.startswith("[build] not using a prebuilt wheel: stale: "), proc.stdout
