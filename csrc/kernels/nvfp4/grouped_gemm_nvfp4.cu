@@ -162,7 +162,8 @@ void w4a16_kernel_plans(KernelPlans& out) {
 size_t grouped_gemm_nvfp4_weight_bytes(int N, int K, bool gated) { return L::expert_bytes(N, K, gated); }
 
 cudaError_t grouped_gemm_nvfp4(const GroupedGemmNvfp4Params& p, cudaStream_t stream) {
-  if (p.G <= 0 || p.N <= 0 || p.K <= 0 || p.K % 16 != 0 || !p.x || !p.w || !p.w_global || !p.offsets || !p.y)
+  if (p.G <= 0 || p.G > 65535 || p.N <= 0 || p.K <= 0 || p.K % 16 != 0 || !p.x || !p.w || !p.w_global ||
+      !p.offsets || !p.y)  // G is the grid's y
     return cudaErrorInvalidValue;
   if (!aligned16(p.x) || !aligned16(p.w)) return cudaErrorInvalidValue;  // 16-byte cp.async
   if (p.gather && p.gather_div <= 0) return cudaErrorInvalidValue;

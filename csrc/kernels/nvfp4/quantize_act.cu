@@ -93,6 +93,10 @@ cudaError_t quantize_act_nvfp4(const QuantizeActNvfp4Params& p, cudaStream_t str
   sf_starts_kernel<<<1, 1, 0, stream>>>(p.offsets, p.G, p.sf_starts);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.Mtot == 0) return err;
+  // The rows that pad each group's last 128-row scale tile get no thread below: zero scales there, as
+  // the layout asks of every padding (nvfp4_format.h), not whatever the scratch held.
+  err = cudaMemsetAsync(p.sf, 0, quantize_act_nvfp4_sf_bytes(p.Mtot, p.G, p.K), stream);
+  if (err != cudaSuccess) return err;
   const int64_t threads = static_cast<int64_t>(p.Mtot) * nvfp4::sf_padded_kblocks(p.K / nvfp4::kGroup);
   quantize_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p);
   return cudaGetLastError();

@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(256) shuffle_w4a16_kernel(const uint8_t* packe
 
 cudaError_t shuffle_w4a16(const uint8_t* packed, const uint8_t* scales, int G, int N, int K, bool gated, uint8_t* out,
                           cudaStream_t stream) {
-  if (G < 0 || N <= 0 || K <= 0 || K % 16 || (gated && N % 2) || !packed || !scales || !out || G > 65535)
+  if (G < 0 || N <= 0 || K <= 0 || K % 16 || (gated && N % 2) || !packed || !scales || !out || G > 65535 ||
+      reinterpret_cast<uintptr_t>(out) % 16)  // 32-bit stores; the GEMM that reads it wants 16 bytes anyway
     return cudaErrorInvalidValue;
   if (G == 0) return cudaSuccess;
   const int units = w4::groups(N, gated) * w4::k_tiles(K);
