@@ -4,6 +4,8 @@ backend-owned KV storage and self-conditioning slots. (Numerical parity lives in
 from __future__ import annotations
 
 import gc
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -54,6 +56,39 @@ def test_kv_cache_copies_out_after_its_engine_is_gone(base_ckpt):
         k2, v2 = state.layer_kv(layer, 0)
         np.testing.assert_array_equal(k, k2)
         np.testing.assert_array_equal(v, v2)
+
+
+def test_kv_cache_copies_out_between_passes_while_generating(base_ckpt):
+    """layer_kv takes the engine's forward lock: from an on_step callback (the scheduler thread, which
+    holds it) it goes through at once; from another thread during a generation it waits for the pass
+    to end (on a GPU its copy waits for the device, which a pass being captured must not see) and
+    then returns the same values as when nothing runs."""
+    engine = dgemma_rt.Engine(base_ckpt.path)
+    state = engine.encode([[2] + list(range(20, 60))])
+    want = [state.layer_kv(layer, 0) for layer in range(engine.config["num_hidden_layers"])]
+    in_callback = []
+    running = threading.Event()
+
+    def on_step(_draft):
+        in_callback.append(state.layer_kv(0, 0))
+        running.set()
+        time.sleep(0.01)
+
+    job = threading.Thread(target=lambda: engine.generate(
+        [[2, 30, 31, 32]], max_new_tokens=2 * base_ckpt.canvas_length, max_denoising_steps=6, seed=1,
+        eos_token_id=[], adaptive_stopping=False, on_step=on_step))
+    job.start()
+    assert running.wait(60)
+    got = [[state.layer_kv(layer, 0) for layer in range(len(want))] for _ in range(5)]  # while it runs
+    job.join(120)
+    assert not job.is_alive() and len(in_callback) == 12
+    for k, v in in_callback:
+        np.testing.assert_array_equal(k, want[0][0])
+        np.testing.assert_array_equal(v, want[0][1])
+    for rep in got:
+        for (k, v), (wk, wv) in zip(rep, want):
+            np.testing.assert_array_equal(k, wk)
+            np.testing.assert_array_equal(v, wv)
 
 
 def test_self_conditioning_slots_are_returned(base_ckpt):

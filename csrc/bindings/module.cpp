@@ -376,7 +376,10 @@ PYBIND11_MODULE(_core, m) {
       .def("layer_kv", [](const CacheSet& c, int layer, int row) {
         std::vector<float> k, v;
         int n = 0;
-        c.layer_kv(layer, row, k, v, n);
+        {
+          py::gil_scoped_release release;  // it waits for the engine's pass, whose callbacks take the GIL
+          c.layer_kv(layer, row, k, v, n);
+        }
         const auto& L = c.storage->layer(layer);
         const size_t tf = static_cast<size_t>(L.kv_heads) * L.head_dim;
         py::array_t<float> ka({static_cast<size_t>(n), tf}), va({static_cast<size_t>(n), tf});

@@ -95,6 +95,8 @@ void CacheSet::layer_kv(int layer, int row, std::vector<float>& k, std::vector<f
   DG_REQUIRE(row >= 0 && row < static_cast<int>(rows.size()), InvalidArgument, "row " << row << " out of range");
   const SeqCache& s = *rows[row];
   DG_REQUIRE(layer >= 0 && layer < s.pool().num_layers(), InvalidArgument, "layer " << layer << " out of range");
+  std::unique_lock<std::recursive_mutex> lock;
+  if (forward_mutex) lock = std::unique_lock<std::recursive_mutex>(*forward_mutex);
   SeqCache::BlockTable t;
   const int group = s.pool().group_of(layer);
   s.table(group, t);
@@ -160,22 +162,23 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   pool_ = std::make_shared<BlockPool>(cfg_, opts.block_size, static_cast<int>(plan.full_blocks),
                                       static_cast<int>(plan.sliding_blocks));
   forward_->allocate_kv(*pool_);
-  scheduler_ = std::make_unique<Scheduler>(*forward_, cfg_, pool_, mu_, opts.max_batch_size, opts.num_threads);
+  scheduler_ = std::make_unique<Scheduler>(*forward_, cfg_, pool_, *mu_, opts.max_batch_size, opts.num_threads);
 }
 
 void Engine::set_profiling(bool decoder, bool encoder) {
-  std::lock_guard<std::recursive_mutex> lock(mu_);  // between passes
+  std::lock_guard<std::recursive_mutex> lock(*mu_);  // between passes
   forward_->set_profiling(decoder, encoder);
 }
 
 std::vector<OpTime> Engine::take_profile() {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  std::lock_guard<std::recursive_mutex> lock(*mu_);
   return backend_->take_profile();
 }
 
 std::shared_ptr<CacheSet> Engine::new_cache(int batch) const {
   auto c = std::make_shared<CacheSet>();
   c->storage = forward_->kv();
+  c->forward_mutex = mu_;
   for (int i = 0; i < batch; ++i) c->rows.push_back(std::make_unique<SeqCache>(pool_));
   return c;
 }
@@ -202,7 +205,7 @@ void Engine::encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& id
   for (size_t r = 0; r < ids.size(); ++r)
     DG_REQUIRE(cache.rows[r]->length() + static_cast<long>(ids[r].size()) <= cfg_.max_position_embeddings,
                InvalidArgument, "row " << r << " would exceed max_position_embeddings " << cfg_.max_position_embeddings);
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  std::lock_guard<std::recursive_mutex> lock(*mu_);
   forward_->encode(cache.ptrs(), ids);
 }
 
@@ -223,7 +226,7 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
   std::vector<const float*> sc;
   if (sc_logits)
     for (size_t r = 0; r < rows.size(); ++r) sc.push_back(sc_logits + r * static_cast<size_t>(n) * cfg_.vocab_size);
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  std::lock_guard<std::recursive_mutex> lock(*mu_);
   forward_->logits(rows, canvas.data(), n, sc, logits);
 }
 

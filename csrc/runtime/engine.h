@@ -64,6 +64,9 @@ void check_checkpoint(const std::string& dir, const EngineOptions& opts);
 struct CacheSet {
   std::vector<std::unique_ptr<SeqCache>> rows;
   std::shared_ptr<const KvStorage> storage;
+  // The engine's forward lock: layer_kv copies out between passes, never during one (a GPU backend's
+  // copy waits for the device, which a pass being captured as a graph must not see). Kept alive here.
+  std::shared_ptr<std::recursive_mutex> forward_mutex;
   std::vector<SeqCache*> ptrs() const;
   // K and V of one layer and row as float32 [tokens, kv_heads * head_dim] (copied out of the
   // backend's storage): every cached token on full layers, the window on sliding layers.
@@ -115,7 +118,7 @@ class Engine {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Forward> forward_;
   std::shared_ptr<BlockPool> pool_;
-  std::recursive_mutex mu_;  // one forward at a time per engine
+  std::shared_ptr<std::recursive_mutex> mu_ = std::make_shared<std::recursive_mutex>();  // one forward at a time
   std::unique_ptr<Scheduler> scheduler_;  // last: stopped before what it uses goes
 };
 
