@@ -16,6 +16,7 @@ std::mutex& registry_mu() {
 struct Entry {
   BackendFactory factory;
   BackendProbe probe;
+  bool host_weights = false;
 };
 std::map<std::string, Entry>& registry() {
   static std::map<std::string, Entry> r;
@@ -24,16 +25,23 @@ std::map<std::string, Entry>& registry() {
 
 }  // namespace
 
-void register_backend(const std::string& kind, BackendFactory factory, BackendProbe probe) {
+void register_backend(const std::string& kind, BackendFactory factory, BackendProbe probe, bool host_weights) {
   DG_CHECK(kind != "cpu" && factory, "registering backend '" << kind << "'");
   std::lock_guard<std::mutex> lock(registry_mu());
-  registry()[kind] = Entry{std::move(factory), std::move(probe)};
+  registry()[kind] = Entry{std::move(factory), std::move(probe), host_weights};
 }
 
 bool backend_registered(const std::string& kind) {
   if (kind == "cpu") return true;
   std::lock_guard<std::mutex> lock(registry_mu());
   return registry().count(kind) > 0;
+}
+
+bool backend_uses_host_weights(const std::string& kind) {
+  if (kind == "cpu") return true;
+  std::lock_guard<std::mutex> lock(registry_mu());
+  auto it = registry().find(kind);
+  return it != registry().end() && it->second.host_weights;
 }
 
 std::string device_kind(const std::string& device) { return device.substr(0, device.find(':')); }

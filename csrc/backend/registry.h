@@ -22,9 +22,13 @@ using BackendFactory =
 // can; asked before anything is loaded.
 using BackendProbe = std::function<std::string(const std::string& device)>;
 
-// Registers (or replaces) the factory for a device kind ("cuda").
-void register_backend(const std::string& kind, BackendFactory factory, BackendProbe probe = {});
+// Registers (or replaces) the factory for a device kind ("cuda"). host_weights: the backend computes on
+// the weights' host views (a CPU-based backend), so the engine loads them; a GPU backend reads the
+// checkpoint's tensors as stored and keeps its own copy.
+void register_backend(const std::string& kind, BackendFactory factory, BackendProbe probe = {},
+                      bool host_weights = false);
 bool backend_registered(const std::string& kind);
+bool backend_uses_host_weights(const std::string& kind);
 
 // The kind of a device name: what comes before ':' ("cuda:1" -> "cuda").
 std::string device_kind(const std::string& device);

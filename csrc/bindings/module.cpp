@@ -642,6 +642,19 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("path"), py::arg("max_batch_size") = 8, py::arg("kv_cache_tokens") = 16384, py::arg("num_threads") = 0,
      "(engine, counters): an engine on the CPU backend whose decoder steps are captured and replayed with CUDA "
      "graph semantics (recorded op calls re-run on new memory contents)");
+  testing.def("register_stand_in_backend", [](const std::string& kind) {
+    // For this process, device `kind` ("cuda") runs on the graph-recording CPU backend: the Python code a
+    // GPU run takes (dgemma-bench's device paths, the peer's, the profile's) runs on a machine without one.
+    // Tests call it in a subprocess; there is no undo.
+    DG_REQUIRE(kind != "cpu", InvalidArgument, "the cpu backend is not replaced");
+    register_backend(
+        kind,
+        [](const std::string&, const ModelConfig& cfg, const ModelWeights& w) {
+          return std::unique_ptr<Backend>(
+              std::make_unique<bindings::GraphRecordingBackend>(cfg, w, std::make_shared<bindings::GraphCounters>()));
+        },
+        {}, /*host_weights=*/true);
+  }, py::arg("kind"), "Device `kind` runs on the CPU's graph-recording backend in this process (tests)");
   testing.def("graph_recording_selftest", [](const std::string& path) {
     // The recording backend on its own: what it refuses while capturing, and that a capture replays
     // its calls on the memory's contents at replay time.

@@ -146,7 +146,7 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   check_memory(cfg_, opts);  // before the weights, the pools and the workspaces take any of it
   // Only the CPU backend (and backends brought by the caller) compute on the host views; another
   // backend reads the checkpoint's tensors as stored and keeps its own copy.
-  const bool on_host = opts.make_backend || device_kind(opts.device) == "cpu";
+  const bool on_host = opts.make_backend || backend_uses_host_weights(device_kind(opts.device));
   const HostF32 host = !on_host ? HostF32::kNone
                        : opts.cpu_weights == CpuWeights::kFloat32 ? HostF32::kAll
                                                                   : HostF32::kWhereFree;
