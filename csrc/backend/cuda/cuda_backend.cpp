@@ -976,7 +976,7 @@ const CudaBackend::Mat& CudaBackend::matrix(WeightRef w) const {
     case W::kKProj: return layers_.at(w.layer).k;
     case W::kVProj: {
       const Mat& m = layers_.at(w.layer).v;
-      DG_CHECK(m.p, "layer " << w.layer << " has no v_proj (K=V layer)");
+      DG_CHECK(m.p || m.fp8(), "layer " << w.layer << " has no v_proj (K=V layer)");  // FP8: no bf16 copy
       return m;
     }
     case W::kOProj: return layers_.at(w.layer).o;
