@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <vector>
 
@@ -75,16 +76,25 @@ class DeviceGuard {
   int prev_ = -1;
 };
 
-// Device memory. Freed on its device; read/write are synchronous copies that need no stream (a KV
-// cache copied out after its engine is gone). cudaMemcpy runs on the legacy default stream, which does
-// not wait for the backend's non-blocking stream, and a pageable host-to-device cudaMemcpy may return
-// before its DMA has landed: so both wait for the whole device, before (queued kernels may still write
-// what is read, or read what is overwritten) and, for a write, after (a kernel queued next may read it).
-// Never called while capturing (load time, KV copies out).
+// The backend's stream as its buffers see it: null once the backend is gone (its release() waited for
+// the stream, so nothing is left queued), so a KV cache copied out after its engine needs no stream.
+struct StreamHandle {
+  std::mutex mu;
+  cudaStream_t stream = nullptr;
+};
+
+// Device memory. Freed on its device; read/write are synchronous copies ordered on the backend's
+// stream: the copy is queued behind the kernels that write what is read (or read what is
+// overwritten), and waited for. Not cudaMemcpy: it runs on the legacy default stream, which a
+// non-blocking stream does not wait for, and from pageable memory it may return before the DMA lands.
+// Not a device-wide wait either: another engine on the GPU may be capturing a graph, which a wait on
+// its stream would break. Never called on this backend's stream while it captures (load time, KV copies
+// out between passes).
 class DeviceBuffer final : public Buffer {
  public:
-  DeviceBuffer(int device, void* p, size_t bytes, std::shared_ptr<MemoryCounter> counter)
-      : Buffer(p, bytes), device_(device), counter_(std::move(counter)) {
+  DeviceBuffer(int device, void* p, size_t bytes, std::shared_ptr<MemoryCounter> counter,
+               std::shared_ptr<StreamHandle> stream)
+      : Buffer(p, bytes), device_(device), counter_(std::move(counter)), stream_(std::move(stream)) {
     counter_->add(bytes);
   }
   ~DeviceBuffer() override {
@@ -94,21 +104,30 @@ class DeviceBuffer final : public Buffer {
   }
   void read(size_t offset, size_t n, void* dst) const override {
     check_range(offset, n);
-    DeviceGuard g(device_);
-    DG_CUDA(cudaDeviceSynchronize());
-    DG_CUDA(cudaMemcpy(dst, static_cast<const char*>(data()) + offset, n, cudaMemcpyDeviceToHost));
+    copy(dst, static_cast<const char*>(data()) + offset, n, cudaMemcpyDeviceToHost);
   }
   void write(size_t offset, size_t n, const void* src) override {
     check_range(offset, n);
-    DeviceGuard g(device_);
-    DG_CUDA(cudaDeviceSynchronize());
-    DG_CUDA(cudaMemcpy(static_cast<char*>(data()) + offset, src, n, cudaMemcpyHostToDevice));
-    DG_CUDA(cudaDeviceSynchronize());
+    copy(static_cast<char*>(data()) + offset, src, n, cudaMemcpyHostToDevice);
   }
 
  private:
+  void copy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) const {
+    if (n == 0) return;
+    DeviceGuard g(device_);
+    std::lock_guard<std::mutex> lock(stream_->mu);
+    if (stream_->stream) {
+      DG_CUDA(cudaMemcpyAsync(dst, src, n, kind, stream_->stream));
+      DG_CUDA(cudaStreamSynchronize(stream_->stream));
+    } else {
+      DG_CUDA(cudaMemcpy(dst, src, n, kind));
+      if (kind == cudaMemcpyHostToDevice) DG_CUDA(cudaDeviceSynchronize());  // a pageable copy's DMA has landed
+    }
+  }
+
   int device_;
   std::shared_ptr<MemoryCounter> counter_;
+  std::shared_ptr<StreamHandle> stream_;
 };
 
 std::string format_gib(double bytes) {
@@ -328,6 +347,7 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
   std::map<uint64_t, cudaGraphExec_t> graphs_;
   std::shared_ptr<MemoryCounter> memory_ = std::make_shared<MemoryCounter>();
+  std::shared_ptr<StreamHandle> stream_handle_ = std::make_shared<StreamHandle>();  // stream_, for buffers
   // Upload progress (ModelWeights::progress): tensors uploaded of the checkpoint's total.
   int uploaded_ = 0, upload_total_ = 0;
   void report_upload(int tensors);
@@ -427,6 +447,7 @@ void CudaBackend::report_upload(int tensors) {
 CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w) : device_(device), cfg_(cfg) {
   DeviceGuard g(device_);
   DG_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  stream_handle_->stream = stream_;
   // A throw below (a bad setting, out of memory while uploading) skips the destructor: release here.
   try {
     const char* graphs = std::getenv("DGEMMA_CUDA_GRAPHS");
@@ -474,6 +495,10 @@ void CudaBackend::release() noexcept {
     if (graph) cudaGraphDestroy(graph);
   }
   if (stream_) cudaStreamSynchronize(stream_);
+  {
+    std::lock_guard<std::mutex> lock(stream_handle_->mu);  // buffers that outlive the backend: no stream
+    stream_handle_->stream = nullptr;
+  }
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
   graphs_.clear();
   for (const Timed& t : timed_) cudaEventDestroy(t.begin), cudaEventDestroy(t.end);
@@ -500,7 +525,7 @@ std::shared_ptr<Buffer> CudaBackend::allocate(size_t bytes, const char* what) {
                                                       << format_gib(double(total_b)) << " (" << cudaGetErrorString(e)
                                                       << ")");
   }
-  return std::make_shared<DeviceBuffer>(device_, p, bytes, memory_);
+  return std::make_shared<DeviceBuffer>(device_, p, bytes, memory_, stream_handle_);
 }
 
 // Uploads go through a pinned staging buffer, so each is a truly asynchronous copy queued behind the
