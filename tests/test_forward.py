@@ -59,29 +59,37 @@ def test_kv_cache_copies_out_after_its_engine_is_gone(base_ckpt):
 
 
 def test_kv_cache_copies_out_between_passes_while_generating(base_ckpt):
-    """layer_kv takes the engine's forward lock: from an on_step callback (the scheduler thread, which
-    holds it) it goes through at once; from another thread during a generation it waits for the pass
-    to end (on a GPU its copy waits for the device, which a pass being captured must not see) and
-    then returns the same values as when nothing runs."""
+    """layer_kv takes the engine's forward lock (on a GPU its copy waits for the engine's stream, which
+    a pass being captured as a graph must not see), with the GIL released while it waits: from another
+    thread during a generation, and from the scheduler thread's on_step callbacks (which run between
+    passes, outside the lock), it returns what it returns when nothing runs. A cache that a running
+    request uses is refused: the request grows it, and frees its blocks outside the lock when it ends."""
     engine = dgemma_rt.Engine(base_ckpt.path)
     state = engine.encode([[2] + list(range(20, 60))])
     want = [state.layer_kv(layer, 0) for layer in range(engine.config["num_hidden_layers"])]
-    in_callback = []
+    in_callback, refused = [], []
     running = threading.Event()
+    other = engine.encode([[2, 7, 8, 9]])
 
     def on_step(_draft):
         in_callback.append(state.layer_kv(0, 0))
+        try:
+            other.layer_kv(0, 0)  # the cache this request is growing
+        except ValueError as e:
+            refused.append(str(e))
         running.set()
         time.sleep(0.01)
 
-    job = threading.Thread(target=lambda: engine.generate(
-        [[2, 30, 31, 32]], max_new_tokens=2 * base_ckpt.canvas_length, max_denoising_steps=6, seed=1,
-        eos_token_id=[], adaptive_stopping=False, on_step=on_step))
+    kw = dict(max_new_tokens=2 * base_ckpt.canvas_length, max_denoising_steps=6, seed=1, eos_token_id=[],
+              adaptive_stopping=False)
+    job = threading.Thread(target=lambda: engine.generate([[30, 31, 32]], past_key_values=other, on_step=on_step,
+                                                          **kw))
     job.start()
     assert running.wait(60)
     got = [[state.layer_kv(layer, 0) for layer in range(len(want))] for _ in range(5)]  # while it runs
     job.join(120)
     assert not job.is_alive() and len(in_callback) == 12
+    assert len(refused) == 12 and all("in use by a request" in e for e in refused), refused
     for k, v in in_callback:
         np.testing.assert_array_equal(k, want[0][0])
         np.testing.assert_array_equal(v, want[0][1])
@@ -89,6 +97,8 @@ def test_kv_cache_copies_out_between_passes_while_generating(base_ckpt):
         for (k, v), (wk, wv) in zip(rep, want):
             np.testing.assert_array_equal(k, wk)
             np.testing.assert_array_equal(v, wv)
+    other.layer_kv(0, 0)  # free again once the request has finished
+    assert other.seq_lengths[0] > 4  # which grew it
 
 
 def test_self_conditioning_slots_are_returned(base_ckpt):

@@ -97,6 +97,8 @@ void CacheSet::layer_kv(int layer, int row, std::vector<float>& k, std::vector<f
   DG_REQUIRE(layer >= 0 && layer < s.pool().num_layers(), InvalidArgument, "layer " << layer << " out of range");
   std::unique_lock<std::recursive_mutex> lock;
   if (forward_mutex) lock = std::unique_lock<std::recursive_mutex>(*forward_mutex);
+  // A running request grows this row and gives its blocks back outside the forward lock when it ends.
+  DG_REQUIRE(!s.claimed(), InvalidArgument, "this KVCache is in use by a request that has not finished");
   SeqCache::BlockTable t;
   const int group = s.pool().group_of(layer);
   s.table(group, t);

@@ -65,11 +65,13 @@ struct CacheSet {
   std::vector<std::unique_ptr<SeqCache>> rows;
   std::shared_ptr<const KvStorage> storage;
   // The engine's forward lock: layer_kv copies out between passes, never during one (a GPU backend's
-  // copy waits for the device, which a pass being captured as a graph must not see). Kept alive here.
+  // copy waits for the engine's stream, which a pass being captured as a graph must not see). Kept
+  // alive here, so a cache still copies out after its engine is gone.
   std::shared_ptr<std::recursive_mutex> forward_mutex;
   std::vector<SeqCache*> ptrs() const;
   // K and V of one layer and row as float32 [tokens, kv_heads * head_dim] (copied out of the
-  // backend's storage): every cached token on full layers, the window on sliding layers.
+  // backend's storage): every cached token on full layers, the window on sliding layers. Refused
+  // (InvalidArgument) while a request that has not finished uses the row.
   void layer_kv(int layer, int row, std::vector<float>& k, std::vector<float>& v, int& tokens) const;
 };
 
