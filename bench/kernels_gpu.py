@@ -44,6 +44,7 @@ import math
 import os
 import pathlib
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -581,6 +582,8 @@ def git_commit() -> tuple[str, bool | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a background job without job control: the
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # GPU check's time cap sends SIGINT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the JSON here (default: stdout)")
     ap.add_argument("--dry-run", action="store_true", help="build every input on the meta device, check the bindings")
@@ -715,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         result["interrupted"] = True
         failed = True
         print("[kernels] interrupted", file=sys.stderr)
-    failed = not finish(True)
+    failed = not finish(not result.get("interrupted"))
     if args.out:
         write()
     else:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+# A process started in the background without job control inherits SIGINT ignored, and the GPU check
+# stops a step with SIGINT so that pytest still writes its JUnit file and summary: take it back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

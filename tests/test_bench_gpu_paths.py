@@ -25,7 +25,7 @@ RUN = """
 import sys
 from dgemma_rt import _core, bench
 _core._testing.register_stand_in_backend("cuda")
-if sys.argv[1] == "peer-on-cpu":  # transformers' side on the CPU, as if torch had put it on the GPU
+if sys.argv[1] in ("peer-on-cpu", "peer-interrupted"):  # transformers' side on the CPU, as if torch had put it on the GPU
     import torch
     torch.cuda.synchronize = lambda *a, **k: None
     init = bench.TransformersPeer.__init__
@@ -33,6 +33,10 @@ if sys.argv[1] == "peer-on-cpu":  # transformers' side on the CPU, as if torch h
         init(self, ckpt, "cpu", *a, **k)
         self.device = device
     bench.TransformersPeer.__init__ = on_cpu
+if sys.argv[1] == "peer-interrupted":  # the GPU check's time cap (SIGINT) during the peer's runs
+    def interrupted(self, record):
+        raise KeyboardInterrupt
+    bench.TransformersPeer.run = interrupted
 sys.exit(bench.main(sys.argv[2:]))
 """
 
@@ -73,6 +77,14 @@ def test_peer_on_the_gpu_path(tmp_path):
     assert "peer_error" not in r and r["peer"] == "transformers", r
     assert r["peer_median_ms"] > 0 and r["speedup_vs_peer"] > 0 and len(r["peer_runs_ms"]) == 1
     assert r["engine_median_ms"] > 0 and "peer_experts_implementation" in r
+
+
+def test_an_interrupted_peer_keeps_the_engine_numbers(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    proc, r = bench(tmp_path, "--peer", "transformers", mode="peer-interrupted")
+    assert proc.returncode == 1 and "peer was interrupted" in proc.stderr, proc.stderr
+    assert r["peer_error"].startswith("interrupted") and r["tokens_per_s"] > 0 and "peer_median_ms" not in r, r
 
 
 def test_a_failing_peer_keeps_the_engine_numbers(tmp_path):

@@ -16,7 +16,9 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -544,6 +546,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.peer:
         if not args.fixed_steps or args.template is not None:
             raise ValueError("--peer times fixed-step runs without templates (drop --adaptive / --template)")
+        try:  # a usage error, said before the engine's runs (the peer's own failures come after them)
+            import torch  # noqa: F401
+            from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--peer transformers needs torch and transformers ({e})") from None
         if not peer_after:
             peer = TransformersPeer(ckpt, args.device, args.threads, prompts, args.new_tokens, args.steps)
 
@@ -600,15 +607,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del engine
         gc.collect()  # the engine's device memory goes back before the peer takes its own
         # The engine's numbers are measured by now: a peer that fails (out of memory, an API change in
-        # transformers) is reported beside them instead of discarding them.
+        # transformers) or is interrupted (the GPU check's time cap sends SIGINT) is reported beside
+        # them instead of discarding them.
         try:
             peer = TransformersPeer(ckpt, args.device, args.threads, prompts, args.new_tokens, args.steps)
             for _ in range(args.warmup):
                 peer.run(record=False)
             for _ in range(args.runs):
                 peer.run(record=True)
-        except ValueError:
-            raise  # --peer without torch/transformers: a usage error, said as one
+        except KeyboardInterrupt:
+            peer_error = "interrupted before its timed runs ended"
+            print(f"dgemma-bench: the transformers peer was {peer_error}", file=sys.stderr)
         except Exception as e:
             peer_error = f"{type(e).__name__}: {e}"
             print(f"dgemma-bench: the transformers peer failed: {peer_error}", file=sys.stderr)
@@ -845,6 +854,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Started in the background without job control, SIGINT arrives ignored; a time cap that sends it
+    # (bench/gpu_check.sh) must still end the peer with the engine's numbers printed.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def command() -> int:
         if args.roofline:
