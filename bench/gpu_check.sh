@@ -21,7 +21,8 @@
 # The wheels come from tools/gpu_wheels.sh (build/gpu-wheels, or GPU_WHEELS=dir). Environment: PYTHON
 # (default python3: on the GPU machine the interpreter that holds torch; the package is installed into
 # it, since a venv made from a venv's python3 would not see that venv's torch), GPU_CHECK_BUDGET_S
-# (default 470), GPU_CHECK_JOBS (16), GPU_CHECK_ARCH (90a-real), GPU_CHECK_STEPS (a comma list: run only
+# (default 470), GPU_CHECK_JOBS (16), GPU_CHECK_ARCH (90a-real), GPU_CHECK_WORK (--pack's folder for
+# the logs, default build/gpu-check-work), GPU_CHECK_STEPS (a comma list: run only
 # these steps, e.g. bench-nvfp4,results; where the package does not import yet, wheels and build are
 # added). docs/gpu-bringup.md says how to run it.
 set -uo pipefail
@@ -52,7 +53,7 @@ done
 # folder beside the checkout, packed into $OUT after every step.
 if [ "$MODE" = dry ]; then OUT='$OUT'; WORK='$WORK'; GPU_KIND='$GPU_KIND'; else
   OUT=${OUT:-$ROOT/build/gpu-check-out}
-  if [ "$PACK" = 1 ]; then WORK=$ROOT/build/gpu-check-work; else WORK=$OUT; fi
+  if [ "$PACK" = 1 ]; then WORK=${GPU_CHECK_WORK:-$ROOT/build/gpu-check-work}; else WORK=$OUT; fi
   GPU_KIND=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -qi h200 && echo h200 || echo h100)
 fi
 

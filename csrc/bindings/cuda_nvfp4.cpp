@@ -425,7 +425,7 @@ std::tuple<U8Array, U8Array, I32Array, float> quantize_act(U16Array x, I32Array 
   const size_t sf_n = kernels::quantize_act_nvfp4_sf_bytes(Mtot, G, K);
   DeviceBuffer<uint8_t> dq(static_cast<size_t>(Mtot) * K / 2), dsf(sf_n);
   DeviceBuffer<int32_t> dstarts(static_cast<size_t>(G) + 1);
-  DG_CUDA_CHECK(cudaMemset(dsf.get(), 0xFF, sf_n));  // rows no group covers stay 0xFF: the test sees them
+  DG_CUDA_CHECK(cudaMemset(dsf.get(), 0xFF, sf_n));  // garbage (NaN scales): the launch must zero the padding
   kernels::QuantizeActNvfp4Params p;
   p.x = dx.get(), p.offsets = doff.get(), p.global = dglobal.get(), p.q = dq.get(), p.sf = dsf.get();
   p.sf_starts = dstarts.get(), p.Mtot = Mtot, p.G = G, p.K = K;
