@@ -552,7 +552,7 @@ py::array attention(BackendOps& o, py::handle q_, py::handle kn_, py::handle vn_
   Host tok0 = host(tok0_, ScalarType::kI32, op, "tok0", {R});
   Host count = host(count_, ScalarType::kI32, op, "count", {R});
   DG_REQUIRE(window >= 0, InvalidArgument, op << ": window must be >= 0");
-  int max_count = 0;
+  int max_count = 0, max_cached = 0;
   std::vector<char> owned(static_cast<size_t>(T), 0);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t f = first.i[r], s = start.i[r], l = len.i[r], t0 = tok0.i[r], n = count.i[r];
@@ -574,6 +574,7 @@ py::array attention(BackendOps& o, py::handle q_, py::handle kn_, py::handle vn_
       }
     }
     max_count = std::max<int>(max_count, static_cast<int>(n));
+    max_cached = std::max<int>(max_cached, static_cast<int>(l - s));
   }
   const ScalarType act = o.be().act_dtype(), kvt = o.be().kv_dtype();
   Call call(o.be());
@@ -591,6 +592,7 @@ py::array attention(BackendOps& o, py::handle q_, py::handle kn_, py::handle vn_
   a.tok0 = call.in(tok0, ScalarType::kI32, "tok0");
   a.count = call.in(count, ScalarType::kI32, "count");
   a.max_count = max_count;
+  a.max_cached = max_cached;  // as the forward passes it: the CUDA backend's split-KV choice reads it
   a.causal = causal;
   a.window = window;
   a.scale = scale;
