@@ -303,15 +303,15 @@ def moe_ref(x, proj_u, expert_map, router_scale, pes, ln2, gate_up, down, k, eps
         (5, 64, 8, 2, 32),
         (37, 256, 16, 4, 48),
         (256, 512, 128, 8, 128),  # many experts, some empty
-        (256, 2816, 16, 8, 704),  # the real H and I, ~128 tokens per expert
+        (256, 2816, 8, 4, 704),  # the real H and I, ~128 tokens per expert (8 experts keep the reference fast)
     ],
 )
 def test_moe_forward(t, h, e, k, im):
     rng = np.random.default_rng(t + h + e + k + im)
     x, proj_u, expert_map, router_scale, pes = make_router_inputs(rng, t, h, e)
     ln2 = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
-    gate_up = bf16_round(rng.standard_normal((e, 2 * im, h)) / np.sqrt(h))
-    down = bf16_round(rng.standard_normal((e, h, im)) / np.sqrt(im))
+    gate_up = bf16_round(rng.standard_normal((e, 2 * im, h), dtype=np.float32) / np.float32(np.sqrt(h)))
+    down = bf16_round(rng.standard_normal((e, h, im), dtype=np.float32) / np.float32(np.sqrt(im)))
     args = (x, proj_u, expert_map, router_scale, pes, ln2, gate_up, down, k, 1e-6)
     ref, p = moe_ref(*args, emulate_bf16=False)
     emu, _ = moe_ref(*args, emulate_bf16=True)

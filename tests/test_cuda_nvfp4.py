@@ -3,13 +3,15 @@
 The host-side checks (the kernels' rounding code and scale layout, run on the CPU) need only a build
 with the CUDA sources; the kernels themselves need a GPU, the NVFP4 x NVFP4 GEMM a Blackwell one."""
 
+import functools
+
 import numpy as np
 import pytest
 
 import dgemma_rt
 from bf16_helpers import bf16_bits, bf16_to_f32
 from dgemma_rt import nvfp4
-from nvfp4_cases import every_code_and_scale_case, random_case, reference, tolerance
+from nvfp4_cases import every_code_and_scale_case, offsets_of, random_case, reference, tolerance
 
 pytestmark = pytest.mark.skipif(not hasattr(dgemma_rt._core, "cuda_ops"), reason="built without the CUDA sources")
 needs_gpu = pytest.mark.skipif(not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0,
@@ -29,6 +31,15 @@ def _wgmma_supported() -> bool:
 # passes, Hopper builds with sm_90a and CUTLASS).
 PATHS = ["mma", pytest.param("wgmma", marks=pytest.mark.skipif(not _wgmma_supported(),
                                                                reason="needs a compute capability 9.0 GPU"))]
+
+
+@functools.lru_cache(maxsize=4)
+def _experts(G, N, K, seed):
+    """Random NVFP4 experts [G, N, K] (packed, scales, gscale), made once per shape and seed: quantizing
+    2816-wide experts in numpy is most of these tests' time, and each shape runs on every path."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((G, N, K), dtype=np.float32) * np.float32(K**-0.5)
+    return nvfp4.quantize(w, per_leading=True)
 
 
 
@@ -116,8 +127,7 @@ def test_grouped_gemm_nvfp4_gated_equals_gemm_then_gelu_gate(counts, I, K, path)
     rng = np.random.default_rng(I + K)
     G = len(counts)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
-    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
+    packed, scales, gscale = _experts(G, 2 * I, K, I + K)
     x = bf16_bits(rng.standard_normal((int(offsets[-1]), K)).astype(np.float32))
     h = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, path=path)
     fused = ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=True, path=path)
@@ -138,8 +148,7 @@ def test_grouped_gemm_nvfp4_gather_equals_permuted_input(gated, T, k, G, I, K, p
     perm_slot = slots[np.argsort(experts.reshape(-1), kind="stable")].astype(np.int32)  # expert-major order
     offsets = np.concatenate([[0], np.cumsum(np.bincount(experts.reshape(-1), minlength=G))]).astype(np.int32)
     xe = bf16_bits(rng.standard_normal((T, K)).astype(np.float32))
-    w = (rng.standard_normal((G, 2 * I, K)) * K**-0.5).astype(np.float32)
-    packed, scales, gscale = nvfp4.quantize(w, per_leading=True)
+    packed, scales, gscale = _experts(G, 2 * I, K, 17)
     unfused = ops().grouped_gemm_nvfp4(xe[perm_slot // k], packed, scales, gscale, offsets, gated=gated, path=path)
     fused = ops().grouped_gemm_nvfp4(xe, packed, scales, gscale, offsets, gated=gated, gather=perm_slot, gather_div=k,
                                      path=path)
@@ -153,10 +162,12 @@ def test_grouped_gemm_nvfp4_paths_agree_at_batch_sizes(gated):
     """The two kernels on routed rows of 1, 3 and 8 canvases at the real gate_up/down shapes (8 of the 128
     experts, their share of the rows): both within the bf16 bound of the reference, and 'auto' is one of them."""
     rng = np.random.default_rng(23)
+    N, K = (1408, 2816) if gated else (2816, 704)
+    packed, scales, gscale = _experts(8, N, K, 23)  # one set of experts; the routed rows change
     for canvases in (1, 3, 8):
         counts = rng.poisson(canvases * 256 * 8 / 128, size=8).tolist()
-        N, K = (1408, 2816) if gated else (2816, 704)
-        x, packed, scales, gscale, offsets = random_case(counts, N, K)
+        offsets = offsets_of(counts)
+        x = bf16_bits(rng.standard_normal((int(offsets[-1]), K), dtype=np.float32))
         out = {p: ops().grouped_gemm_nvfp4(x, packed, scales, gscale, offsets, gated=gated, path=p)
                for p in ("mma", "wgmma", "auto")}
         assert any(np.array_equal(out["auto"], out[p]) for p in ("mma", "wgmma"))
