@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import dgemma_rt
-from attention_cases import Row, check, make_case
+from attention_cases import Row, check, make_case, reference
 
 pytestmark = pytest.mark.skipif(
     not hasattr(dgemma_rt._core, "cuda_ops") or dgemma_rt.cuda_device_count() == 0, reason="needs a CUDA GPU"
@@ -32,8 +32,9 @@ def kernels():
 
 
 def run(c, splits=0):
+    ref = reference(c)  # once: at the real shapes the float64 reference costs more than the kernels
     for kernel in kernels():
-        check(c, dgemma_rt._core.cuda_ops.attention(*c.args(), splits=splits, kernel=kernel))
+        check(c, dgemma_rt._core.cuda_ops.attention(*c.args(), splits=splits, kernel=kernel), ref=ref)
 
 
 # (head_dim, heads, kv_heads): GQA ratios 2 and 8 at both head sizes (few heads keeps the reference cheap).

@@ -55,9 +55,14 @@ def test_gemm_fp8_matches_reference(M, N, K):
     wq, ws = nvfp4.quantize_fp8((rng.standard_normal((N, K)) * K**-0.5).astype(np.float32))
     xq, xs = ops().quantize_rows_fp8(bf16_bits(rng.standard_normal((M, K)).astype(np.float32)))
     y = bf16_to_f32(ops().gemm_fp8(xq, xs, wq, ws)).astype(np.float64)
-    ref = nvfp4.dequantize_fp8(xq, xs).astype(np.float64) @ nvfp4.dequantize_fp8(wq, ws).astype(np.float64).T
-    tol = 2.0**-8 * np.abs(ref) + 1e-5 * np.sqrt(K) * np.abs(ref).max(initial=1.0)
-    assert np.all(np.abs(y - ref) <= tol)
+    xd = nvfp4.dequantize_fp8(xq, xs).astype(np.float64)
+    wd = nvfp4.dequantize_fp8(wq, ws).astype(np.float64)
+    ref = xd @ wd.T
+    # bf16 output rounding, plus Hopper's FP8 tensor-core accumulation: products aligned to the largest
+    # exponent in ~13-14 bits before CUTLASS promotes them to fp32 every 128 of K (DeepSeek-V3 3.5.2), so
+    # the error scales with the sum of |products|, not with |ref|
+    tol = 2.0**-8 * np.abs(ref) + 2.0**-10 * (np.abs(xd) @ np.abs(wd).T)
+    assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref) / tol))
 
 
 @needs_sm90
