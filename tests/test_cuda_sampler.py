@@ -36,7 +36,9 @@ def sample_ref(raw, temperature, uniform, L):
     lse = mx + np.log(s.astype(np.float32))
     prob = e * inv
     cdf = np.cumsum(prob.astype(np.float64), axis=1)
-    ent = (-np.sum(prob.astype(np.float64) * (x - lse).astype(np.float64), axis=1)).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # p = 0 terms add nothing, also at a -inf logit (0 * -inf)
+        terms = np.where(prob != 0, prob.astype(np.float64) * (x - lse).astype(np.float64), 0.0)
+    ent = (-np.sum(terms, axis=1)).astype(np.float32)
     total = cdf[:, -1]
     target = uniform * total
     tok = np.array([np.searchsorted(cdf[i], target[i], side="right") for i in range(P)])
@@ -155,6 +157,34 @@ def test_sample_canvas_uniform_edges(V):
     uniform = np.array([0.0, U_TOP, 0.0, U_TOP])
     _, tok, _, _ = ops().sample_canvas(raw, temperature, uniform, None)
     np.testing.assert_array_equal(tok, [0, V - 1, 0, V - 1])
+
+
+def test_sample_canvas_tiny_masses_and_non_finite_rows():
+    """The CPU's rule at the ends of the float range. u = 0 draws the first token of non-zero
+    probability however small (e^-50 / 5, far below the 2^-62 quantum; a subnormal e^-100); a -inf
+    logit has no mass and adds nothing to the entropy; a row without mass (NaN) takes the CPU's clamp
+    to V - 1 with a NaN entropy."""
+    inf, nan = np.inf, np.nan
+    raw = np.array(
+        [
+            [0, 50, 50, 50, 50, 50],
+            [-100, -100, -100, -100, -100, 0],
+            [-inf, 1, -inf, 2, -inf, 0.5],
+            [-inf, 1, -inf, 2, -inf, 0.5],
+            [nan] * 6,
+        ],
+        dtype=np.float32,
+    )
+    temperature = np.ones(len(raw), dtype=np.float32)
+    uniform = np.array([0.0, 0.0, 0.0, 0.5, 0.3])
+    _, tok, am, ent = ops().sample_canvas(raw, temperature, uniform, None)
+    ref = sample_ref(raw[:4], temperature[:4], uniform[:4], 1)
+    np.testing.assert_array_equal(tok[:4], [0, 0, 1, ref["tok"][3]])
+    np.testing.assert_array_equal(tok[:4], ref["tok"])
+    np.testing.assert_array_equal(am[:4], ref["am"])
+    assert np.isfinite(ent[:4]).all()
+    np.testing.assert_allclose(ent[:4], ref["ent"], rtol=1e-5, atol=1e-6)
+    assert tok[4] == raw.shape[1] - 1 and np.isnan(ent[4])
 
 
 def test_sample_canvas_flat_quantiles():

@@ -35,7 +35,8 @@ Sampled sample_position(const float* raw, int V, float temperature, double u, fl
     probs[v] = prob;
     c += prob;
     cdf[v] = c;
-    ent -= static_cast<double>(prob) * (processed[v] - lse);
+    // p = 0 adds nothing, as in torch's Categorical (a -inf logit would give 0 * -inf = NaN).
+    if (prob != 0.f) ent -= static_cast<double>(prob) * (processed[v] - lse);
   }
   const double target = u * cdf[V - 1];
   int32_t tok = static_cast<int32_t>(std::upper_bound(cdf, cdf + V, target) - cdf);

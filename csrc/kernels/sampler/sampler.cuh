@@ -12,12 +12,14 @@
 // Position i belongs to row i / canvas_length. Rows with active[row] == 0 are skipped: none of
 // their outputs are written. V <= kSampleMaxVocab.
 //   p_v = float(exp(x_v - max) * (1 / float(sum_v exp(x_v - max)))), x = processed;
-//   argmax = first index of the max; entropy = -sum p_v * (x_v - (max + log(float(sum))));
+//   argmax = first index of the max; entropy = -sum over p_v != 0 of p_v * (x_v - (max + log(float(sum))));
 //   token = first v with cum_v > T, where cum is the running sum of p quantised to 2^-62
-//   (q_v = trunc(p_v * 2^62), exact uint64 sums: any summation order gives the same bits, so the
-//   search is deterministic and consistent across the block) and T = min(trunc(u * sum q), sum q - 1).
+//   (q_v = p_v > 0 ? max(1, trunc(p_v * 2^62)) : 0, exact uint64 sums: any summation order gives
+//   the same bits, so the search is deterministic and consistent across the block) and
+//   T = min(trunc(u * sum q), sum q - 1).
 // The quantisation moves a CDF value by at most V * 2^-62 (< 3e-13 at V = 2^20), below the float32
-// noise of p itself; tokens with p < 2^-62 are never drawn.
+// noise of p itself; every token with p > 0 keeps at least one unit, so u = 0 draws the first such
+// token, as the CPU's float64 CDF does.
 // One CTA per position, not a cluster: a step has rows * 256 positions, enough CTAs to fill the
 // GPU, and a single CTA keeps the reductions and the CDF search in one shared memory.
 //
