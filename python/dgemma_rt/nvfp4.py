@@ -78,9 +78,21 @@ def e4m3_encode(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- E2M1
+_ENCODE_CHUNK = 1 << 18  # elements per pass: the int64 temporaries stay in cache (~3x faster on experts)
+
+
 def e2m1_encode(x: np.ndarray) -> np.ndarray:
     """float32 to 4-bit E2M1 codes (sign in bit 3), nearest value with ties to even, saturating at 6."""
     x = np.asarray(x, dtype=np.float32)
+    if x.size > _ENCODE_CHUNK:
+        flat, out = x.reshape(-1), np.empty(x.size, dtype=np.uint8)
+        for i in range(0, x.size, _ENCODE_CHUNK):
+            out[i : i + _ENCODE_CHUNK] = _e2m1_encode(flat[i : i + _ENCODE_CHUNK])
+        return out.reshape(x.shape)
+    return _e2m1_encode(x)
+
+
+def _e2m1_encode(x: np.ndarray) -> np.ndarray:
     mag = np.minimum(np.abs(x), E2M1_MAX)
     hi = np.clip(np.searchsorted(E2M1_VALUES, mag, side="left"), 0, 7)
     lo = np.maximum(hi - 1, 0)
