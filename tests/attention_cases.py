@@ -150,12 +150,13 @@ def reference(c: Case):
         K = np.concatenate([kc[slot[cached]], kn[token[~cached]]])  # [L, KVH, D]
         V = np.concatenate([vc[slot[cached]], vn[token[~cached]]])
         Kh, Vh = np.repeat(K, G, axis=1), np.repeat(V, G, axis=1)  # [L, H, D]: query head h reads KV head h // G
-        s = np.einsum("nhd,lhd->hnl", q[t0:t0 + n], Kh, optimize=True) * c.scale  # optimize: BLAS, not a loop
+        # Batched matmuls (BLAS on any numpy; einsum only gets there with optimize on numpy >= 2.4).
+        s = np.matmul(q[t0:t0 + n].transpose(1, 0, 2), Kh.transpose(1, 2, 0)) * c.scale  # [H, n, L]
         s = np.where(visible(c, r, kpos)[None], s, -np.inf)
         s -= s.max(axis=-1, keepdims=True)
         p = np.exp(s)
         p /= p.sum(axis=-1, keepdims=True)
-        out[t0:t0 + n] = np.einsum("hnl,lhd->nhd", p, Vh, optimize=True)
+        out[t0:t0 + n] = np.matmul(p, Vh.transpose(1, 0, 2)).transpose(1, 0, 2)  # [H, n, D] -> [n, H, D]
         vmax = max(vmax, float(np.abs(V).max()))
     return out, vmax
 
