@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -33,21 +35,27 @@ if sys.argv[1] in ("peer-on-cpu", "peer-interrupted"):  # transformers' side on 
         init(self, ckpt, "cpu", *a, **k)
         self.device = device
     bench.TransformersPeer.__init__ = on_cpu
-if sys.argv[1] == "peer-interrupted":  # the GPU check's time cap (SIGINT) during the peer's runs
-    def interrupted(self, record):
-        raise KeyboardInterrupt
-    bench.TransformersPeer.run = interrupted
+if sys.argv[1] == "peer-interrupted":  # the GPU check's time cap (SIGINT) arrives during the peer's runs
+    import time
+    def waits_for_sigint(self, record):
+        open("peer-started", "w").close()
+        time.sleep(300)
+        raise AssertionError("no SIGINT arrived")
+    bench.TransformersPeer.run = waits_for_sigint
 sys.exit(bench.main(sys.argv[2:]))
 """
 
 
-def bench(tmp_path, *extra, mode="plain"):
+def _env(tmp_path):
     # the package this test imported (an installed wheel in CI), from a folder outside the source tree
     root = os.path.dirname(os.path.dirname(dgemma_rt.__file__))
-    env = dict(os.environ, DGEMMA_RT_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    return dict(os.environ, DGEMMA_RT_CACHE=str(tmp_path / "cache"),
+                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+
+
+def bench(tmp_path, *extra, mode="plain"):
     proc = subprocess.run([sys.executable, "-c", RUN, mode, *SHAPE, *extra], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=str(tmp_path))
+                          timeout=600, env=_env(tmp_path), cwd=str(tmp_path))
     return proc, (json.loads(proc.stdout) if proc.stdout.strip() else None)
 
 
@@ -80,18 +88,38 @@ def test_peer_on_the_gpu_path(tmp_path):
 
 
 def test_an_interrupted_peer_keeps_the_engine_numbers(tmp_path):
+    """As the GPU check runs it: started with SIGINT ignored (a background job), then sent SIGINT by its
+    time cap while the peer runs. bench.main takes SIGINT back, so the peer stops and the engine's
+    numbers are printed with peer_error."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    proc, r = bench(tmp_path, "--peer", "transformers", mode="peer-interrupted")
-    assert proc.returncode == 1 and "peer was interrupted" in proc.stderr, proc.stderr
+    proc = subprocess.Popen([sys.executable, "-c", RUN, "peer-interrupted", *SHAPE, "--peer", "transformers"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                            cwd=str(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 600
+        while not (tmp_path / "peer-started").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "peer-started").exists(), proc.communicate(timeout=60)[1]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    r = json.loads(out) if out.strip() else None
+    assert proc.returncode == 1 and "peer was interrupted" in err, err
     assert r["peer_error"].startswith("interrupted") and r["tokens_per_s"] > 0 and "peer_median_ms" not in r, r
 
 
 def test_a_failing_peer_keeps_the_engine_numbers(tmp_path):
     """Here torch has no CUDA, so the peer fails as an out-of-memory or a transformers API change would:
     the engine's numbers are printed with peer_error, and the exit status says it failed."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    if torch.cuda.is_available():
+        pytest.skip("torch has a GPU here: the peer would not fail")
     proc, r = bench(tmp_path, "--peer", "transformers")
     assert proc.returncode == 1 and "the transformers peer failed" in proc.stderr, proc.stderr
     assert r["peer_error"] and r["tokens_per_s"] > 0 and "peer_median_ms" not in r, r
