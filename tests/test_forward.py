@@ -99,6 +99,9 @@ def test_kv_cache_copies_out_between_passes_while_generating(base_ckpt):
             np.testing.assert_array_equal(v, wv)
     other.layer_kv(0, 0)  # free again once the request has finished
     assert other.seq_lengths[0] > 4  # which grew it
+    # layer_kv claims a cache only for its copy: both serve a request again
+    for cache in (state, other):
+        engine.generate([[5]], past_key_values=cache, **dict(kw, max_new_tokens=1))
 
 
 def test_self_conditioning_slots_are_returned(base_ckpt):

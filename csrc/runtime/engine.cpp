@@ -93,12 +93,17 @@ std::vector<SeqCache*> CacheSet::ptrs() const {
 
 void CacheSet::layer_kv(int layer, int row, std::vector<float>& k, std::vector<float>& v, int& tokens) const {
   DG_REQUIRE(row >= 0 && row < static_cast<int>(rows.size()), InvalidArgument, "row " << row << " out of range");
-  const SeqCache& s = *rows[row];
+  SeqCache& s = *rows[row];
   DG_REQUIRE(layer >= 0 && layer < s.pool().num_layers(), InvalidArgument, "layer " << layer << " out of range");
   std::unique_lock<std::recursive_mutex> lock;
   if (forward_mutex) lock = std::unique_lock<std::recursive_mutex>(*forward_mutex);
-  // A running request grows this row and gives its blocks back outside the forward lock when it ends.
-  DG_REQUIRE(!s.claimed(), InvalidArgument, "this KVCache is in use by a request that has not finished");
+  // A running request grows this row and gives its blocks back outside the forward lock when it ends:
+  // the row is claimed for the copy, as a request claims it, so none can start on it meanwhile.
+  DG_REQUIRE(s.try_claim(), InvalidArgument, "this KVCache is in use by a request that has not finished");
+  struct Unclaim {
+    SeqCache& s;
+    ~Unclaim() { s.unclaim(); }
+  } unclaim{s};
   SeqCache::BlockTable t;
   const int group = s.pool().group_of(layer);
   s.table(group, t);
