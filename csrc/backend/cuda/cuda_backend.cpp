@@ -89,7 +89,8 @@ struct StreamHandle {
 // non-blocking stream does not wait for, and from pageable memory it may return before the DMA lands.
 // Not a device-wide wait either: another engine on the GPU may be capturing a graph, which a wait on
 // its stream would break. Never called on this backend's stream while it captures (load time, KV copies
-// out between passes).
+// out between passes). Only once the backend is gone (no stream left) does a write wait for the whole
+// device; nothing writes then today.
 class DeviceBuffer final : public Buffer {
  public:
   DeviceBuffer(int device, void* p, size_t bytes, std::shared_ptr<MemoryCounter> counter,
