@@ -20,7 +20,7 @@ constexpr int kCombineThreads = 256;
 constexpr int kCombineCtasPerSm = 4;
 
 template <int D>
-__global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(kCombineThreads, kCombineCtasPerSm) attention_combine_kernel(const AttnArgs a) {
   const AttentionParams& p = a.p;
   const int row = blockIdx.y, t = blockIdx.x;
   if (t >= p.count[row]) return;

@@ -312,6 +312,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) sm90_attention
 #else
   __trap();  // plain sm_90 (no "a"): wgmma unavailable; the host only launches this on sm_90a builds
 #endif
+#elif defined(__CUDA_ARCH__)
+  __trap();  // another architecture's image (sm_100a, sm_120a): a wrong dispatch faults, never leaves out unwritten
 #endif
 }
 
