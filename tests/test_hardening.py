@@ -468,3 +468,16 @@ def test_layer_kv_checks_its_arguments(engine):
         with pytest.raises(ValueError, match=name):
             state.layer_kv(layer, row)
     np.testing.assert_array_equal(state.layer_kv(np.int64(0), np.int32(0))[0], state.layer_kv(0, 0)[0])
+
+
+def test_denoise_logits_stops_at_max_position_embeddings(engine):
+    """The canvas goes after the cached tokens, at positions the model has: as encode checks its tokens,
+    denoise_logits checks the canvas's (before, any n ran, for as long as it took)."""
+    limit = engine.config["max_position_embeddings"]
+    state = engine.encode([[3] * (limit - 8)])
+    assert engine.denoise_logits(state, [[3] * 8]).shape[1] == 8  # the last 8 positions
+    for n in (9, 300000):
+        with pytest.raises(ValueError, match="max_position_embeddings"):
+            engine.denoise_logits(state, [[3] * n])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        engine.encode([[3] * 9], past_key_values=state)

@@ -228,6 +228,10 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
   std::vector<const SeqCache*> rows;
   for (const auto& r : cache.rows) {
     DG_REQUIRE(r->length() > 0, InvalidArgument, "the decoder needs an encoded prefix (call encode first)");
+    // The canvas sits at positions length() .. length() + n - 1, as encode's tokens would.
+    DG_REQUIRE(r->length() + static_cast<long>(n) <= cfg_.max_position_embeddings, InvalidArgument,
+               "a canvas of " << n << " after " << r->length() << " cached tokens would exceed max_position_embeddings "
+                              << cfg_.max_position_embeddings);
     rows.push_back(r.get());
   }
   std::vector<const float*> sc;
