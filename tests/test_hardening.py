@@ -201,7 +201,7 @@ def test_rope_theta_must_be_positive(ckpt, theta):
 
 
 @pytest.mark.parametrize("key,value", [("eos_token_id", [1, 2048]), ("pad_token_id", 2**31), ("max_denoising_steps", 0),
-                                       ("stability_threshold", -1), ("t_min", "low")])
+                                       ("stability_threshold", -1), ("t_min", "low"), ("t_max", 1e39)])
 def test_generation_config_types_and_ranges(ckpt, key, value):
     _edit(ckpt, "generation_config.json", lambda c: c.update({key: value}))
     with pytest.raises(dgemma_rt.CheckpointError, match=key):

@@ -284,6 +284,10 @@ BAD_ARGUMENTS = {
     "t_min_negative": (GOOD, dict(t_min=-0.1)),
     "t_max_equal_t_min": (GOOD, dict(t_min=0.5, t_max=0.5)),
     "t_max_below_t_min": (GOOD, dict(t_min=0.6, t_max=0.5)),
+    # float32 temperatures: 1e39 became inf (logits / inf = 0: an all-pad answer), and a last step at
+    # 1e-37 overflowed logits / T
+    "t_max_past_float32": (GOOD, dict(t_max=1e39)),
+    "last_temperature_overflows_logits": (GOOD, dict(t_min=0.0, t_max=4e-37)),
     "entropy_bound_zero": (GOOD, dict(entropy_bound=0.0)),
     "entropy_bound_negative": (GOOD, dict(entropy_bound=-1.0)),
     "confidence_threshold_zero": (GOOD, dict(confidence_threshold=0.0)),

@@ -338,8 +338,8 @@ GenerationDefaults load_generation_defaults(const std::string& dir, int vocab_si
   g.bos_token_id = f.opt_integer("bos_token_id", 0, last_id);
   g.max_new_tokens = f.opt_integer("max_new_tokens", 1, kInt32Max);
   g.max_denoising_steps = f.opt_integer("max_denoising_steps", 1, kInt32Max);
-  g.t_min = f.opt_number("t_min", 0.0, true, inf);
-  g.t_max = f.opt_number("t_max", 0.0, true, inf);
+  g.t_min = f.opt_number("t_min", 0.0, true, kMaxTemperature);
+  g.t_max = f.opt_number("t_max", 0.0, true, kMaxTemperature);
   g.stability_threshold = f.opt_integer("stability_threshold", 0, kInt32Max);
   g.confidence_threshold = f.opt_number("confidence_threshold", 0.0, false, inf);
   if (const json* sc = f.find("sampler_config"); sc && sc->is_object())

@@ -45,6 +45,12 @@ struct ModelConfig {
   std::vector<std::string> layer_types;
 };
 
+// Sampling temperatures are float32, as the reference computes them: t_min and t_max must be finite
+// there (generation_config.json and generate() alike). The lowest temperature a canvas uses (its last
+// step's) must also keep logits / T finite in float32; generate() checks it against kMinTemperature.
+constexpr double kMaxTemperature = 3.4028234663852886e38;  // FLT_MAX
+constexpr double kMinTemperature = 1e-30;
+
 // generation_config.json values; absent keys stay empty and the caller's defaults apply.
 struct GenerationDefaults {
   std::optional<std::vector<int>> eos_token_id;

@@ -61,6 +61,16 @@ void validate(const SamplerParams& p, const ModelConfig& cfg) {
   DG_REQUIRE(std::isfinite(p.t_min) && p.t_min >= 0, InvalidArgument, "t_min must be >= 0, got " << p.t_min);
   DG_REQUIRE(std::isfinite(p.t_max) && p.t_max >= 0, InvalidArgument, "t_max must be >= 0, got " << p.t_max);
   DG_REQUIRE(p.t_max > p.t_min, InvalidArgument, "t_max must be > t_min, got t_max=" << p.t_max << " t_min=" << p.t_min);
+  DG_REQUIRE(p.t_max <= kMaxTemperature, InvalidArgument,
+             "t_max must be at most " << kMaxTemperature << " (temperatures are float32), got " << p.t_max);
+  {
+    // The last step's temperature, as Job::begin_step computes it (ratio 1 / N).
+    const float ratio = 1.0f / static_cast<float>(p.max_denoising_steps);
+    const float lowest = static_cast<float>(p.t_min) + static_cast<float>(p.t_max - p.t_min) * ratio;
+    DG_REQUIRE(lowest >= kMinTemperature, InvalidArgument,
+               "the last denoising step's temperature t_min + (t_max - t_min) / max_denoising_steps = "
+                   << lowest << " is below " << kMinTemperature << ": logits / temperature would overflow float32");
+  }
   DG_REQUIRE(std::isfinite(p.entropy_bound) && p.entropy_bound > 0, InvalidArgument,
              "entropy_bound must be > 0, got " << p.entropy_bound);
   DG_REQUIRE(p.stability_threshold >= 0, InvalidArgument,
