@@ -58,13 +58,53 @@ void set_threads(int n) {
 #endif
 }
 
-// A Python object that native threads may own: dropped with the GIL, wherever the last owner is.
+bool py_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// Deleter of Python things that native threads may own: dropped with the GIL, wherever the last
+// owner is. Not while the interpreter finalizes: a thread other than the main one that waits for the
+// GIL then is ended mid-unwind (std::terminate, "terminate called without an active exception"), so
+// what is left at exit is leaked instead (the process is going away).
+template <typename T>
+void drop_with_gil(T* p) {
+  if (!Py_IsInitialized() || py_finalizing()) return;
+  py::gil_scoped_acquire gil;
+  delete p;
+}
+
+// A Python object that native threads may own.
 using PyRef = std::shared_ptr<py::object>;
-PyRef hold(py::object o) {
-  return PyRef(new py::object(std::move(o)), [](py::object* p) {
-    py::gil_scoped_acquire gil;
-    delete p;
-  });
+PyRef hold(py::object o) { return PyRef(new py::object(std::move(o)), drop_with_gil<py::object>); }
+
+// A Python exception raised by a callback on the scheduler thread. The request keeps it until the
+// caller's result() raises it again (the translator below restores the original exception), and the
+// last owner may be the scheduler thread at interpreter exit: held as a PyRef is, with its message
+// taken while the GIL is held.
+class PyCallbackError final : public std::exception {
+ public:
+  explicit PyCallbackError(py::error_already_set&& e)
+      : msg_(e.what()), err_(new py::error_already_set(std::move(e)), drop_with_gil<py::error_already_set>) {}
+  const char* what() const noexcept override { return msg_.c_str(); }
+  void restore() const { err_->restore(); }
+
+ private:
+  std::string msg_;
+  std::shared_ptr<py::error_already_set> err_;
+};
+
+// Runs f (which calls Python, with the GIL held) so that a Python exception leaves as a PyCallbackError.
+template <typename F>
+auto calling_python(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (py::error_already_set& e) {
+    throw PyCallbackError(std::move(e));
+  }
 }
 
 // Calls a Python noise callable from native code (with the GIL) and checks what it returns.
@@ -73,7 +113,7 @@ class PyNoise final : public NoiseSource {
   explicit PyNoise(py::function fn) : fn_(hold(std::move(fn))) {}
   void canvas(int, int, int batch, int length, int32_t* out) override {
     py::gil_scoped_acquire gil;
-    auto arr = fetch("canvas", batch, length);
+    auto arr = calling_python([&] { return fetch("canvas", batch, length); });
     if (!py::isinstance<py::array>(arr) || !(arr.dtype().kind() == 'i' || arr.dtype().kind() == 'u'))
       DG_THROW(InvalidArgument, "noise('canvas', ...) must return integer token ids");
     auto ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
@@ -85,7 +125,7 @@ class PyNoise final : public NoiseSource {
   }
   void uniform(int, int, int batch, int length, double* out) override {
     py::gil_scoped_acquire gil;
-    auto arr = fetch("uniform", batch, length);
+    auto arr = calling_python([&] { return fetch("uniform", batch, length); });
     auto u = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(arr);
     DG_REQUIRE(u, InvalidArgument, "noise('uniform', ...) must return floats");
     std::memcpy(out, u.data(), sizeof(double) * static_cast<size_t>(batch) * length);
@@ -211,7 +251,7 @@ std::function<void(const int32_t*, int, int)> canvas_callback(const py::object& 
   PyRef ref = hold(fn);
   return [ref](const int32_t* d, int b, int l) {
     py::gil_scoped_acquire gil;
-    (*ref)(canvas_array(d, b, l));
+    calling_python([&] { (*ref)(canvas_array(d, b, l)); });
   };
 }
 
@@ -304,6 +344,8 @@ PYBIND11_MODULE(_core, m) {
     };
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const PyCallbackError& e) {
+      e.restore();  // the callback's own exception, traceback included
     } catch (const CheckpointError& e) {
       set(checkpoint_error.ptr(), e.what());
     } catch (const Cancelled& e) {
