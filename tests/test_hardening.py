@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -481,3 +482,142 @@ def test_denoise_logits_stops_at_max_position_embeddings(engine):
             engine.denoise_logits(state, [[3] * n])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         engine.encode([[3] * 9], past_key_values=state)
+
+
+# ------------------------------------------------------------------------------------------ Request from many threads
+def _long_request(engine, **kw):
+    """A request that runs for a while: 20 canvases of 20 steps that never stop early."""
+    return engine.submit([[2, 3, 4]], max_new_tokens=64 * 20, max_denoising_steps=20, stability_threshold=20, **kw)
+
+
+def test_concurrent_result_calls_get_the_same_output(engine):
+    """result() from several threads at once (and list(req) beside them): one hands the native result over,
+    every caller gets the same output, and so does a later call."""
+    for _ in range(3):
+        req = engine.submit([[2, 3, 4]], max_new_tokens=64, max_denoising_steps=3)
+        start = threading.Barrier(5)
+
+        def get():
+            start.wait()
+            return req.result()
+
+        def iterate():
+            start.wait()
+            return list(req)[-1].output
+
+        threads_out: list = [None] * 5
+
+        def run(i, fn):
+            try:
+                threads_out[i] = fn()
+            except BaseException as e:  # noqa: BLE001
+                threads_out[i] = e
+
+        threads = [threading.Thread(target=run, args=(i, fn), daemon=True)
+                   for i, fn in enumerate([get] * 4 + [iterate])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "deadlocked"
+        assert all(isinstance(o, dgemma_rt.GenerateOutput) for o in threads_out), threads_out
+        assert all(o is threads_out[0] for o in threads_out)
+        assert req.result() is threads_out[0] and req.status == "done"
+
+
+def test_concurrent_result_calls_share_the_error(engine):
+    req = _long_request(engine)
+    req.cancel()
+    errors: list = []
+
+    def get():
+        try:
+            req.result()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=get, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(errors) == 3 and all(isinstance(e, dgemma_rt.RequestCancelled) for e in errors), errors
+    with pytest.raises(dgemma_rt.RequestCancelled):
+        req.result()
+    assert req.status == "cancelled"
+
+
+def test_every_thread_iterating_a_request_ends(engine):
+    req = engine.submit([[2, 3, 4]], max_new_tokens=128, max_denoising_steps=3)
+    got: list[list] = [[], [], []]
+
+    def consume(i):
+        got[i] = list(req)
+
+    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "an iteration never ended"
+    # Each got the "done" event last; the other events went to one of them each.
+    assert all(evs and evs[-1].kind == "done" for evs in got)
+    blocks = sorted(e.canvas_index for evs in got for e in evs if e.kind == "block")
+    assert blocks == [0, 1]
+    assert list(req)[-1].output is req.result()  # a later iteration only gets the end
+
+
+def test_ctrl_c_while_iterating_cancels_the_request(engine):
+    """As Ctrl-C in result() does: the KeyboardInterrupt goes on, and the request is cancelled."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    main = threading.main_thread().ident
+    steps = [0]
+
+    def on_step(draft):  # the scheduler thread: the main thread waits for the next event meanwhile
+        steps[0] += 1
+        if steps[0] == 3:
+            time.sleep(0.2)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.2)
+
+    req = _long_request(engine, on_step=on_step)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in req:
+            pass
+    assert req.wait(30)
+    assert req.status == "cancelled"
+    with pytest.raises(dgemma_rt.RequestCancelled):
+        req.result()
+
+
+# ------------------------------------------------------------------------------------------ argument types
+def test_integer_scalar_eos_token_id(engine):
+    """Every integer scalar is an eos_token_id, in generate, generate_text and infill alike."""
+    kw = dict(max_new_tokens=64, max_denoising_steps=2, seed=5)
+    want_text = engine.generate_text("hello", eos_token_id=1, **kw)
+    want_ids = engine.generate([[2, 3, 4]], eos_token_id=1, **kw).sequences
+    want_middle = engine.infill([2, 3], [4], max_middle_tokens=8, eos_token_id=1, max_denoising_steps=2)
+    for eos in (np.int64(1), np.int32(1), np.array(1), np.array([1])):
+        assert engine.generate_text("hello", eos_token_id=eos, **kw) == want_text
+        np.testing.assert_array_equal(engine.generate([[2, 3, 4]], eos_token_id=eos, **kw).sequences, want_ids)
+        assert engine.infill([2, 3], [4], max_middle_tokens=8, eos_token_id=eos, max_denoising_steps=2) == want_middle
+    for bad in (np.array(1.0), np.bool_(True), "1", np.array(2**40)):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            engine.generate_text("hello", eos_token_id=bad, **kw)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        engine.infill([2, 3], [4], eos_token_id=10**6)
+
+
+def test_wrong_argument_types_are_value_errors_naming_them(engine):
+    with pytest.raises(ValueError, match="past_key_values"):
+        engine.encode([[2, 3]], past_key_values="x")
+    req = engine.submit([[2, 3, 4]], **GEN)
+    for bad in ("x", [1], True, float("nan"), -1):
+        with pytest.raises(ValueError, match="timeout"):
+            req.wait(bad)
+        with pytest.raises(ValueError, match="timeout"):
+            req.result(timeout=bad)
+    assert req.wait(np.float32(30.0)) and req.result(timeout=30).sequences.shape[0] == 1

@@ -327,3 +327,39 @@ def test_bad_templates(engine):
         engine.infill("a", "b", canvas_template=[[1]])
     with pytest.raises(ValueError, match="suffix must be text too"):
         engine.infill("a", [1, 2])
+
+
+def test_infill_checks_the_length_before_building_the_template(engine, monkeypatch):
+    """A middle beyond max_position_embeddings is refused before its template is built (2**28 used to take
+    43 s and 6 GB before generate() refused it) and before generate() is called."""
+    called = []
+    monkeypatch.setattr(engine, "generate", lambda *a, **kw: called.append(kw) or pytest.fail("generate() called"))
+    max_pos = engine.config["max_position_embeddings"]
+    for n in (max_pos, 10**6):
+        with pytest.raises(ValueError, match="max_middle_tokens.*exceeds max_position_embeddings"):
+            engine.infill([2, 3], [4], max_middle_tokens=n)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        engine.infill([2] * (max_pos - 64), [4], max_middle_tokens=64)  # the suffix takes a second canvas
+    assert not called
+
+
+def test_infill_checks_token_ids_as_generate_does(engine):
+    V = engine.config["vocab_size"]
+    for prefix, suffix, words in [
+        ([2.5, 3], [4], "prefix must hold integer token ids"),
+        ([2, 3], [4.0], "suffix must hold integer token ids"),
+        ([[2, 3]], [4], "prefix must be a flat sequence"),
+        (np.array([[2, 3]]), [4], "prefix must be a flat sequence"),
+        ([2, 3], [[4]], "suffix must be a flat sequence"),
+        ([], [3], "non-empty prefix"),
+        ([], "x", "non-empty prefix"),
+        (np.array([], dtype=np.int64), [3], "non-empty prefix"),
+        ([2, 3], None, "suffix must be a flat sequence"),
+        ([2, V], [4], f"prefix token id {V} is outside the vocabulary"),
+        ([2, 3], [-1], "suffix token id -1 is outside the vocabulary"),  # -1 would have been a free position
+    ]:
+        with pytest.raises(ValueError, match=words):
+            engine.infill(prefix, suffix, max_middle_tokens=8, max_denoising_steps=1)
+    # numpy ids and an empty suffix are fine
+    assert isinstance(engine.infill(np.array([2, 3]), np.array([], dtype=np.int32), max_middle_tokens=8,
+                                    max_denoising_steps=1), list)

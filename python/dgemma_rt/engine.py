@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import numbers
+import operator
 import os
 import queue
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -175,7 +178,10 @@ class Request:
 
     Iterate it for :class:`Event` s as they happen, ``cancel()`` it from any thread, or wait for
     ``result()``. Iteration ends with the ``"done"`` event, or raises the request's error
-    (``RequestCancelled`` if it was cancelled).
+    (``RequestCancelled`` if it was cancelled). Ctrl-C while an iteration waits for the next event
+    cancels the request, as it does in ``result()``. Every method may be called from any thread:
+    each ``result()`` returns the same output (or raises the same error); several threads iterating
+    the same request share its events (each event goes to one of them) and every iteration ends.
     """
 
     def __init__(self, engine: "Engine", rows: list[list[int]], past_key_values: "KVCache | None", keep_cache: bool):
@@ -193,6 +199,7 @@ class Request:
         self._output: GenerateOutput | None = None
         self._error: BaseException | None = None
         self._ended = False
+        self._lock = threading.Lock()  # the handoff of the native result in result()
 
     # called on the scheduler thread
     def _on_step(self, draft: np.ndarray) -> None:
@@ -214,58 +221,69 @@ class Request:
     @property
     def status(self) -> str:
         """``queued``, ``running``, ``done``, ``failed`` or ``cancelled``."""
-        return self._native.status if self._native is not None else self._final_status
+        native = self._native  # read once: result() in another thread may let go of it
+        return native.status if native is not None else self._final_status
 
     @property
     def done(self) -> bool:
-        return self._native.done if self._native is not None else True
+        native = self._native
+        return native.done if native is not None else True
 
     def cancel(self) -> None:
         """Drops the request at the next denoising step (at once if it has not started).
 
         Its KV blocks go back to the pool; ``result()`` then raises ``RequestCancelled``.
         """
-        if self._native is not None:
-            self._native.cancel()
+        native = self._native
+        if native is not None:
+            native.cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Waits until the request has ended; False if ``timeout`` seconds passed first."""
-        return self._native.wait(timeout) if self._native is not None else True
+        timeout = _check_timeout(timeout)
+        native = self._native
+        return native.wait(timeout) if native is not None else True
 
     def result(self, timeout: float | None = None) -> GenerateOutput:
         """The :class:`GenerateOutput`, once done; raises the request's error if it failed."""
-        if self._native is not None:
-            if timeout is not None and not self._native.wait(timeout):
+        timeout = _check_timeout(timeout)
+        native = self._native
+        if native is not None:
+            if timeout is not None and not native.wait(timeout):
                 raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-            if not self._native.wait(0):
+            if not native.wait(0):
                 # Still running: wait here (Ctrl-C cancels it). Errors of the waiting itself, such
                 # as waiting inside one of the engine's own callbacks, leave the request as it is.
                 try:
-                    self._native.wait()
+                    native.wait()
                 except KeyboardInterrupt:
-                    self._native.cancel()
+                    native.cancel()
                     raise
-            native, self._native = self._native, None
-            # Let go of the native handle once it has ended: an error raised by one of this
-            # request's callbacks refers (through its traceback) back to this object, a cycle
-            # through native code that the garbage collector could not see.
-            try:
-                self._output = _make_output(self._config, self._rows, native.result(), self._past, self._keep_cache)
-            except BaseException as e:
-                self._error = e
-                self._final_status = native.status
-                raise
-            finally:
-                if self._output is not None:
-                    self._final_status = "done"
-                native = None  # the raised error's traceback holds this frame
+            # One thread turns the native result into the output; the others find it (or its error).
+            with self._lock:
+                native = self._native
+                if native is not None:
+                    # Let go of the native handle once it has ended: an error raised by one of this
+                    # request's callbacks refers (through its traceback) back to this object, a cycle
+                    # through native code that the garbage collector could not see.
+                    try:
+                        self._output = _make_output(self._config, self._rows, native.result(), self._past,
+                                                    self._keep_cache)
+                        self._final_status = "done"
+                    except BaseException as e:
+                        self._error = e
+                        self._final_status = native.status
+                    finally:
+                        self._native = None  # after _final_status: status never goes back to "queued"
+                        native = None  # the raised error's traceback holds this frame
 
         if self._error is not None:
             raise self._error
         return self._output
 
     def __iter__(self):
-        # Events are handed out once; a second iteration only gets the end.
+        # Events are handed out once (with several iterating threads, each to one of them); a second
+        # iteration only gets the end.
         while not self._ended:
             native = self._native  # None once result() let go of it: then the request has ended
             if self._events.empty() and native is not None and not native.done and native.in_callback():
@@ -274,9 +292,14 @@ class Request:
                     "cannot iterate a request inside an on_step/on_block callback of the same engine "
                     "(the callback runs on the thread that would have to produce the events)"
                 )
-            ev = self._events.get()
+            try:
+                ev = self._events.get()
+            except KeyboardInterrupt:  # Ctrl-C while waiting for the next event cancels, as in result()
+                self.cancel()
+                raise
             if ev is None:
                 self._ended = True
+                self._events.put(None)  # the end, for every other thread iterating this request
                 break
             yield ev
         out = self.result()
@@ -329,6 +352,53 @@ def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = No
         hi_s = "inf" if hi is None else str(hi)
         raise ValueError(f"{name} must be in [{lo_s}, {hi_s}], got {value}")
     return value
+
+
+def _check_timeout(value: Any, name: str = "timeout") -> float | None:
+    """None (no limit) or a number of seconds >= 0, or ValueError naming the parameter."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number of seconds or None, got {value!r}")
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value}")
+    return value
+
+
+def _as_eos(value: Any, vocab: int) -> list[int]:
+    """eos_token_id as a list: None, an integer (Python, numpy or a 0-d integer array) or a sequence of them."""
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return [_check_int("eos_token_id", operator.index(value), 0, vocab - 1)]
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise ValueError(f"eos_token_id must be an integer, a list of integers or None, got {value!r}")
+    return [_check_int("eos_token_id", e, 0, vocab - 1) for e in value]
+
+
+def _as_ids(name: str, value: Any, vocab: int) -> list[int]:
+    """One flat sequence of token ids in [0, vocab), or ValueError naming ``name``."""
+    if isinstance(value, (str, bytes, dict)) or value is None:
+        raise ValueError(f"{name} must be a flat sequence of integer token ids, got {type(value).__name__}")
+    if hasattr(value, "numpy") and hasattr(value, "ndim") and not isinstance(value, np.ndarray):  # torch tensors
+        value = value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy()
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):  # ragged nesting
+        raise ValueError(f"{name} must be a flat sequence of integer token ids") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a flat sequence of integer token ids, got shape {arr.shape}")
+    if arr.size == 0:
+        return []
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{name} token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab})")
+    return arr.astype(np.int64).tolist()
 
 
 def _check_float(name: str, value: Any) -> float:
@@ -508,6 +578,9 @@ class Engine:
     def encode(self, input_ids: Any, past_key_values: KVCache | None = None) -> KVCache:
         """Runs the encoder over ``input_ids`` (appending to ``past_key_values`` if given)."""
         rows = _as_rows(input_ids, self.config["vocab_size"])
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise ValueError("past_key_values must be a KVCache from an earlier generate() or encode(), "
+                             f"got {type(past_key_values).__name__}")
         native = None if past_key_values is None else past_key_values._native
         if native is not None and native.batch_size != len(rows):
             raise ValueError(f"past_key_values has {native.batch_size} rows but input_ids has {len(rows)}")
@@ -555,14 +628,7 @@ class Engine:
         }
         vocab = int(self.config["vocab_size"])
         eos = kw.get("eos_token_id", _UNSET)
-        eos = g.get("eos_token_id") if eos is _UNSET else eos
-        if eos is None:
-            eos = []
-        elif isinstance(eos, (int, np.integer)) and not isinstance(eos, bool):
-            eos = [int(eos)]
-        elif not isinstance(eos, (list, tuple, np.ndarray)):
-            raise ValueError(f"eos_token_id must be an integer, a list of integers or None, got {eos!r}")
-        params["eos_token_id"] = [_check_int("eos_token_id", e, 0, vocab - 1) for e in eos]
+        params["eos_token_id"] = _as_eos(g.get("eos_token_id") if eos is _UNSET else eos, vocab)
         pad = kw.get("pad_token_id", _UNSET)
         pad = g.get("pad_token_id") if pad is _UNSET else pad
         params["pad_token_id"] = None if pad is None else _check_int("pad_token_id", pad, 0, vocab - 1)
@@ -752,28 +818,38 @@ class Engine:
         for name in ("canvas_template", "max_new_tokens"):
             if name in kwargs:
                 raise TypeError(f"infill() builds {name} itself")
-        text = isinstance(prefix, (str, list)) and not (isinstance(prefix, list) and prefix and
-                                                         not isinstance(prefix[0], dict))
+        vocab = int(self.config["vocab_size"])
+        if isinstance(prefix, (list, tuple)) and not prefix:
+            raise ValueError("infill() needs a non-empty prefix")
+        chat = isinstance(prefix, list) and all(isinstance(m, dict) for m in prefix)
+        text = isinstance(prefix, str) or chat
         tok = self.tokenizer if text else None
         if text:
             if tok is None:
                 raise ValueError(f"{self.path} has no tokenizer.json: pass token ids to infill() instead")
             if not isinstance(suffix, str):
                 raise ValueError("with a text prefix the suffix must be text too")
-            prefix_ids = tok.apply_chat_template(prefix) if isinstance(prefix, list) else tok.encode(prefix)
+            prefix_ids = tok.apply_chat_template(prefix) if chat else tok.encode(prefix)
             suffix_ids = tok.encode(suffix, add_special_tokens=False)
         else:
             if isinstance(suffix, str):
                 raise ValueError("with a token-id prefix the suffix must be token ids too")
-            prefix_ids = [int(t) for t in np.asarray(prefix).reshape(-1)]
-            suffix_ids = [int(t) for t in np.asarray(suffix).reshape(-1)]
+            prefix_ids = _as_ids("prefix", prefix, vocab)
+            suffix_ids = _as_ids("suffix", suffix, vocab)
         if not prefix_ids:
             raise ValueError("infill() needs a non-empty prefix")
+        eos = set(_as_eos(kwargs.pop("eos_token_id", self.generation_defaults.get("eos_token_id")), vocab))
         canvas = int(self.config["canvas_length"])
         total = -(-(max_middle_tokens + len(suffix_ids)) // canvas) * canvas
+        # What generate() would refuse, refused before the template of `total` positions is built.
+        past = kwargs.get("past_key_values")
+        cached = max(past.seq_lengths) if isinstance(past, KVCache) else 0
+        max_pos = int(self.config["max_position_embeddings"])
+        if cached + len(prefix_ids) + total > max_pos:
+            raise ValueError(f"max_middle_tokens {max_middle_tokens}: prefix ({cached + len(prefix_ids)} tokens) plus "
+                             f"{total} new tokens (the middle and the suffix's {len(suffix_ids)}, in whole canvases of "
+                             f"{canvas}) exceeds max_position_embeddings {max_pos}")
         template = [FREE] * (total - len(suffix_ids)) + suffix_ids
-        eos = kwargs.pop("eos_token_id", self.generation_defaults.get("eos_token_id")) or []
-        eos = {eos} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
         pad = kwargs.get("pad_token_id", self.generation_defaults.get("pad_token_id"))
         out = self.generate([prefix_ids], max_new_tokens=total, canvas_template=[template], eos_token_id=None,
                             **kwargs)
@@ -800,8 +876,8 @@ class Engine:
             raise ValueError("no prompt given")
         ids = [tok.apply_chat_template(p) if isinstance(p, list) else tok.encode(p) for p in prompts]
         out = self.generate(ids, **kwargs)
-        eos = kwargs.get("eos_token_id", self.generation_defaults.get("eos_token_id")) or []
-        eos = {eos} if isinstance(eos, int) else set(eos)
+        eos = set(_as_eos(kwargs.get("eos_token_id", self.generation_defaults.get("eos_token_id")),
+                          int(self.config["vocab_size"])))
         pad = kwargs.get("pad_token_id", self.generation_defaults.get("pad_token_id"))
         texts = []
         for p, seq in zip(ids, out.sequences):
