@@ -300,12 +300,12 @@ BAD = [
     ("temperature", "/v1/completions", {**OK, "temperature": 0.7}, 400, "temperature"),
     ("top_p", "/v1/completions", {**OK, "top_p": 0.9}, 400, "top_p"),
     ("n=2", "/v1/completions", {**OK, "n": 2}, 400, "n"),
-    ("steps zero", "/v1/completions", {**OK, "max_denoising_steps": 0}, 400, None),
-    ("t_min negative", "/v1/completions", {**OK, "t_min": -1.0}, 400, None),
-    ("entropy_bound negative", "/v1/completions", {**OK, "entropy_bound": -0.5}, 400, None),
-    ("stability negative", "/v1/completions", {**OK, "stability_threshold": -1}, 400, None),
+    ("steps zero", "/v1/completions", {**OK, "max_denoising_steps": 0}, 400, "max_denoising_steps"),
+    ("t_min negative", "/v1/completions", {**OK, "t_min": -1.0}, 400, "t_min"),
+    ("entropy_bound negative", "/v1/completions", {**OK, "entropy_bound": -0.5}, 400, "entropy_bound"),
+    ("stability negative", "/v1/completions", {**OK, "stability_threshold": -1}, 400, "stability_threshold"),
     ("t_max string", "/v1/completions", {**OK, "t_max": "hot"}, 400, "t_max"),
-    ("bad sampler, streamed", "/v1/completions", {**OK, "t_min": -1.0, "stream": True}, 400, None),
+    ("bad sampler, streamed", "/v1/completions", {**OK, "t_min": -1.0, "stream": True}, 400, "t_min"),
     ("too long, streamed", "/v1/completions", {**OK, "prompt": [7] * 9000, "stream": True}, 400, "prompt"),
     ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": [], "max_tokens": 4}, 400, "messages"),
     ("messages wrong type", "/v1/chat/completions", {"model": MODEL, "messages": "hi", "max_tokens": 4}, 400, "messages"),
@@ -425,6 +425,33 @@ def test_queue_full_429(engine):
         srv.stop()
 
 
+def test_max_queue_counts_only_requests_waiting_for_a_worker(engine):
+    """--max-queue 0 with idle workers serves requests; only a request that would wait for a worker gets 429."""
+    gated = _GatedEngine(engine)
+    srv = _Server(create_app(gated, MODEL, max_queue=0, max_running=2))
+    try:
+        gated.gate.set()
+        for _ in range(3):  # no load: no 429, however often
+            assert httpx.post(srv.url + "/v1/completions", json=OK, timeout=60).status_code == 200
+        gated.gate.clear()
+
+        def post():
+            return httpx.post(srv.url + "/v1/completions", json=OK, timeout=60)
+
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(post) for _ in range(2)]  # both workers take one
+            _wait_for(lambda: _metric(httpx.get(srv.url + "/metrics", timeout=10).text, "dgemma_requests_running") == 2,
+                      10, "both workers to be busy")
+            err = _error_shape(post(), 429)  # it would have to wait: max_queue 0
+            assert err["code"] == "queue_full"
+            gated.gate.set()
+            assert [f.result(30).status_code for f in running] == [200, 200]
+        assert post().status_code == 200
+    finally:
+        gated.gate.set()
+        srv.stop()
+
+
 def test_create_app_rejects_bad_max_running(engine):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_running"):
@@ -531,10 +558,13 @@ def test_lone_surrogate_is_a_400(server):
         ("/v1/completions", {**OK, "prompt": "x\ud800y", "stream": True}, "prompt"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x\udfffy"}], "max_tokens": 4},
          "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "\ud800", "content": "hi"}], "max_tokens": 4},
+         "messages"),
     ]:
         err = _error_shape(httpx.post(server.url + path, content=json.dumps(body).encode(),
                                       headers={"content-type": "application/json"}, timeout=30), 400)
         assert err["param"] == param, err
+        assert "not valid Unicode" in err["message"], err
 
 
 def _start_cli_server(tiny_dir, port: int):

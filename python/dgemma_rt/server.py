@@ -93,6 +93,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("dgemma_rt.server needs fastapi and uvicorn: pip install fastapi uvicorn") from e
 
+from dgemma_rt.text import check_text
+
 __all__ = ["create_app", "serve"]
 
 _Number = Union[StrictInt, StrictFloat]
@@ -124,7 +126,9 @@ def _engine_error(e: BaseException) -> APIError:
     if isinstance(e, ValueError):
         msg = str(e)
         code = "context_length_exceeded" if "max_position_embeddings" in msg else None
-        return APIError(400, msg, code=code)
+        # The engine's argument errors begin with the argument's name: the request field of the same name.
+        param = next((name for name in _SAMPLER_FIELDS if msg.startswith(name + " ")), None)
+        return APIError(400, msg, param=param, code=code)
     if isinstance(e, _Cancelled):
         return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
     if isinstance(e, RuntimeError) and "KV cache pool" in str(e):
@@ -184,7 +188,7 @@ class ChatRequest(_Request):
 class _Stats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.waiting = 0  # accepted, not yet picked up by the worker
+        self.waiting = 0  # accepted, not yet picked up by a worker (one may be free and about to)
         self.running = 0
         self.outcomes = {"completed": 0, "cancelled": 0, "failed": 0}
         self.rejected = 0  # 429
@@ -242,6 +246,7 @@ class _Backend:
         self.shutting_down = False
         self.tok = engine.tokenizer
         self.max_queue = max_queue
+        self.max_running = max_running
         self.stats = _Stats()
         self.executor = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="dgemma-worker")
         self.rate_lock = threading.Lock()
@@ -261,7 +266,9 @@ class _Backend:
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         with self.stats.lock:
-            if self.stats.waiting >= self.max_queue:
+            # Requests that really wait for a worker: those beyond the max_running the workers hold.
+            # A request an idle worker is about to pick up does not count.
+            if self.stats.waiting + self.stats.running >= self.max_running + self.max_queue:
                 self.stats.rejected += 1
                 raise APIError(429, f"the server queue is full ({self.max_queue} requests waiting); retry later",
                                type="rate_limit_error", code="queue_full")
@@ -835,9 +842,14 @@ def create_app(
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages", code="empty_prompt")
         messages = []
-        for m in req.messages:
+        for i, m in enumerate(req.messages):
             c = m.content
             text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c)
+            for what, value in (("role", m.role), ("content", text)):
+                try:
+                    check_text(value, f"messages[{i}].{what}")
+                except ValueError as e:  # a lone surrogate: the same 400 as in the prompt or the content
+                    raise APIError(400, str(e), param="messages", code="invalid_text") from None
             messages.append({"role": m.role, "content": text})
         try:
             ids = backend.tok.apply_chat_template(messages)
