@@ -223,6 +223,13 @@ def test_cli_bad_checkpoint(tmp_path, make_dir):
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_cli_serve_checks_the_port(tiny_dir, port):
+    proc = _run("dgemma_rt.cli", "serve", str(tiny_dir), "--port", port)
+    assert proc.returncode == 2, proc.stderr
+    assert "argument --port" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cli_generate_needs_tokenizer(tmp_path, tiny_dir):
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())

@@ -108,6 +108,45 @@ def test_measured_per_format_picks_the_bench_formats(tmp_path):
     assert _op(json.loads(proc.stdout), "moe_experts")["measured_ms"] == 4.5
 
 
+@pytest.mark.parametrize("content,words", [
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"per_op_ms": [1]}', "no per_op_ms object"),
+    ('{"per_op_ms": {"moe_experts": -5}}', "'moe_experts' must be a finite number"),
+    ('{"per_op_ms": {"attention": NaN}}', "'attention' must be a finite number"),
+    ('{"per_op_ms": {"attention": Infinity}}', "'attention' must be a finite number"),
+    ('{"per_op_ms": {"x": "abc"}}', "'x' must be a finite number"),
+    ('{"per_op_ms": {"x": true}}', "'x' must be a finite number"),
+    ('{"per_op_ms_by_format": [], "per_op_ms": {}}', "per_op_ms_by_format must be an object"),
+    ("{not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+])
+def test_bad_measured_files_are_value_errors(tmp_path, content, words):
+    measured = tmp_path / "m.json"
+    if isinstance(content, bytes):
+        measured.write_bytes(content)
+    else:
+        measured.write_text(content)
+    with pytest.raises(ValueError, match=words):
+        roofline.load_measured(str(measured))
+
+
+def test_cli_refuses_bad_measured_files(tmp_path):
+    """One line and exit code 2, never a traceback or a hang (a FIFO is not read)."""
+    import os
+
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for path, words in [(listed, "JSON object"), (fifo, "not a regular file"),
+                        (tmp_path / "missing.json", "No such file")]:
+        proc = subprocess.run([sys.executable, "-m", "dgemma_rt.bench", "--roofline", "--measured", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and words in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stdout == ""
+
+
 def test_totals_are_sums_of_rows():
     for quant, dense, fused in ((None, None, False), ("nvfp4", "fp8", False), ("nvfp4", "fp8", True)):
         r = roofline.roofline(SHAPE, "h100", quant=quant, dense_quant=dense, fused_lm_head=fused)

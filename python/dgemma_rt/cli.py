@@ -28,6 +28,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -69,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     srv.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (with tokenizer.json)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    srv.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port)")
     srv.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint dir's name)")
-    srv.add_argument("--max-queue", type=_non_negative_int, default=64, help="waiting requests before 429 (default 64)")
+    srv.add_argument("--max-queue", type=_non_negative_int, default=64,
+                     help="requests that may wait while every worker is busy; more get 429 (default 64)")
     srv.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size in tokens (default 16384)")
     srv.add_argument("--max-batch-size", type=_positive_int, default=8,
                      help="requests denoised together in one batch (default 8)")

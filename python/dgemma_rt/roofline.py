@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 from typing import Any
 
 from dgemma_rt.tiny import ModelShape
@@ -471,13 +473,28 @@ def target_verdict(target: float | None, floor: float, ops: list[Op], d: Device)
 def load_measured(path: str, quant: str | None = None, dense_quant: str | None = None) -> dict[str, float]:
     """{op: ms} from a JSON with a per_op_ms object; where it also has per_op_ms_by_format (bench/kernels_gpu.py:
     keys "<experts>/<dense>", e.g. "nvfp4/none"), the entry for these formats instead."""
-    with open(path) as f:
-        data = json.load(f)
-    per_op = data.get("per_op_ms_by_format", {}).get(f"{quant or 'none'}/{dense_quant or 'none'}",
-                                                     data.get("per_op_ms"))
+    # A FIFO or a device would block or never end: only regular files are read (a missing one: OSError).
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        try:
+            data = json.loads(f.read())
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or nesting too deep
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object with a per_op_ms object, got {type(data).__name__}")
+    by_format = data.get("per_op_ms_by_format", {})
+    if not isinstance(by_format, dict):
+        raise ValueError(f"{path}: per_op_ms_by_format must be an object")
+    per_op = by_format.get(f"{quant or 'none'}/{dense_quant or 'none'}", data.get("per_op_ms"))
     if not isinstance(per_op, dict):
         raise ValueError(f"{path} has no per_op_ms object")
-    return {str(k): float(v) for k, v in per_op.items()}
+    out = {}
+    for k, v in per_op.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{path}: per_op_ms {k!r} must be a finite number of milliseconds >= 0, got {v!r}")
+        out[str(k)] = float(v)
+    return out
 
 
 def format_table(r: dict[str, Any]) -> str:
