@@ -191,6 +191,43 @@ def test_cli_generate(tiny_dir, chat):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_generate_leaves_unset_values_to_the_checkpoint(monkeypatch, tiny_dir):
+    """--steps and --max-new-tokens left out: the checkpoint's generation_config.json decides (generate()'s
+    own defaults without one), not the CLI's; --device reaches the Engine."""
+    import dgemma_rt
+    from dgemma_rt import cli
+
+    seen = {}
+
+    class FakeEngine:
+        tokenizer = object()
+
+        def __init__(self, path, **kw):
+            seen["engine"] = kw
+
+        def generate_text(self, prompt, **kw):
+            seen["generate"] = kw
+            return "text"
+
+    monkeypatch.setattr(dgemma_rt, "Engine", FakeEngine)
+    assert cli.main(["generate", str(tiny_dir), "--prompt", "hi"]) == 0
+    assert seen["generate"] == {"seed": 0} and seen["engine"]["device"] == "cpu"
+    assert cli.main(["generate", str(tiny_dir), "--prompt", "hi", "--steps", "3", "--max-new-tokens", "64",
+                     "--device", "cuda:1"]) == 0
+    assert seen["generate"] == {"seed": 0, "max_denoising_steps": 3, "max_new_tokens": 64}
+    assert seen["engine"]["device"] == "cuda:1"
+
+
+def test_cli_serve_passes_the_device(monkeypatch, tiny_dir):
+    server = pytest.importorskip("dgemma_rt.server")
+    from dgemma_rt import cli
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda checkpoint, **kw: seen.update(kw))
+    assert cli.main(["serve", str(tiny_dir), "--device", "cuda"]) == 0 and seen["device"] == "cuda"
+    assert cli.main(["serve", str(tiny_dir)]) == 0 and seen["device"] == "cpu"
+
+
 def test_cli_generate_cpu_weights(tiny_dir):
     """--cpu-weights reaches the Engine: the tiny checkpoint is F32, which every mode multiplies in float32."""
     args = ["generate", str(tiny_dir), "--prompt", "Why is the sky blue?", "--steps", "2", "--max-new-tokens", "8"]

@@ -302,8 +302,9 @@ def test_cli_serve_ray_arguments(monkeypatch, tiny_dir):
     seen = {}
     monkeypatch.setattr(ray_serve, "run", lambda checkpoint, **kw: seen.update(checkpoint=checkpoint, **kw))
     assert cli.main(["serve", str(tiny_dir), "--ray", "--replicas", "2", "--max-replicas", "4", "--port", "8123",
-                     "--gpus-per-replica", "1", "--max-batch-size", "16", "--max-queue", "32"]) == 0
+                     "--gpus-per-replica", "1", "--max-batch-size", "16", "--max-queue", "32", "--device", "cuda"]) == 0
     assert seen["checkpoint"] == str(tiny_dir) and seen["port"] == 8123 and seen["address"] is None
+    assert seen["device"] == "cuda"
     assert (seen["replicas"], seen["max_replicas"], seen["num_gpus"]) == (2, 4, 1)
     assert (seen["max_batch_size"], seen["max_queued_requests"]) == (16, 32)
     assert cli.main(["serve", str(tiny_dir), "--replicas", "2"]) == 2  # Ray flags without --ray

@@ -52,6 +52,9 @@ CPU_WEIGHTS_HELP = ("CPU GEMMs for BF16 weights: bf16 (default: the CPU's BF16 d
                     "AVX512-BF16, else as stored), stored (float32 arithmetic on the weights as stored: the "
                     "float32 reference results) or float32 (expanded at load, same results as stored)")
 
+DEVICE_HELP = ("cpu (default), or cuda / cuda:N where this build has the CUDA backend and a GPU it has code for "
+               "(not yet run on a GPU: see the README's status)")
+
 _RAY_ONLY = ("replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica", "ray_address")
 
 
@@ -69,10 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (with tokenizer.json)")
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, help="default 256 (whole canvases)")
-    gen.add_argument("--steps", type=_positive_int, default=48, help="max denoising steps per canvas (default 48)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                     help="whole canvases (default: the checkpoint's generation_config.json, else 256)")
+    gen.add_argument("--steps", type=_positive_int, default=None,
+                     help="max denoising steps per canvas (default: the checkpoint's generation_config.json, else 48)")
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    gen.add_argument("--device", default="cpu", help=DEVICE_HELP)
     gen.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16", help=CPU_WEIGHTS_HELP)
     gen.set_defaults(func=_cmd_generate)
 
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-size", type=_positive_int, default=8,
                      help="requests denoised together in one batch (default 8)")
     srv.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    srv.add_argument("--device", default="cpu", help=DEVICE_HELP + "; with --ray, on every replica")
     srv.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16", help=CPU_WEIGHTS_HELP)
     srv.add_argument("--max-request-tokens", type=_positive_int, default=8192,
                      help="largest max_tokens a request may ask for (default 8192; more is a 400)")
@@ -139,12 +146,17 @@ def _new_text(engine: Any, prompt_ids: list[int], sequence: Any) -> str:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import dgemma_rt
 
-    engine = dgemma_rt.Engine(args.checkpoint, num_threads=args.threads, cpu_weights=args.cpu_weights)
+    engine = dgemma_rt.Engine(args.checkpoint, device=args.device, num_threads=args.threads,
+                              cpu_weights=args.cpu_weights)
     tok = engine.tokenizer
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; `dgemma-rt generate` needs one to read the prompt")
     prompt: str | list[dict[str, str]] = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    kwargs = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "seed": args.seed}
+    kwargs = {"seed": args.seed}  # the rest: the checkpoint's generation_config.json, else generate()'s defaults
+    if args.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.steps is not None:
+        kwargs["max_denoising_steps"] = args.steps
     if hasattr(engine, "generate_text"):
         text = engine.generate_text(prompt, **kwargs)
     else:
@@ -176,6 +188,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         kv_cache_tokens=args.kv_cache_tokens,
         max_batch_size=args.max_batch_size,
+        device=args.device,
         num_threads=args.threads,
         cpu_weights=args.cpu_weights,
         max_request_tokens=args.max_request_tokens,
@@ -205,6 +218,7 @@ def _cmd_serve_ray(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queued_requests=args.max_queue,
         kv_cache_tokens=args.kv_cache_tokens,
+        device=args.device,
         num_threads=args.threads,
         cpu_weights=args.cpu_weights,
         max_request_tokens=args.max_request_tokens,
