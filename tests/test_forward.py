@@ -104,6 +104,35 @@ def test_kv_cache_copies_out_between_passes_while_generating(base_ckpt):
         engine.generate([[5]], past_key_values=cache, **dict(kw, max_new_tokens=1))
 
 
+def test_kv_cache_read_beside_encode_and_denoise_logits(base_ckpt):
+    """layer_kv from one thread while another encodes into and decodes on the same cache: both wait for the
+    forward lock, neither is refused."""
+    engine = dgemma_rt.Engine(base_ckpt.path)
+    state = engine.encode([[2] + list(range(20, 60))])
+    layers = engine.config["num_hidden_layers"]
+    stop, errors = threading.Event(), []
+
+    def reader():
+        try:
+            while not stop.is_set():
+                for layer in range(layers):
+                    state.layer_kv(layer, 0)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(40):
+            engine.denoise_logits(state, [[3] * 4])
+            if i % 4 == 0:
+                engine.encode([[3]], past_key_values=state)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors and state.seq_lengths == [41 + 10]
+
+
 def test_self_conditioning_slots_are_returned(base_ckpt):
     """One slot per row of max_batch_size: requests that finish, fail or are cancelled give theirs back."""
     engine = dgemma_rt.Engine(base_ckpt.path, max_batch_size=2)

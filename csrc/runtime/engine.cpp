@@ -93,17 +93,13 @@ std::vector<SeqCache*> CacheSet::ptrs() const {
 
 void CacheSet::layer_kv(int layer, int row, std::vector<float>& k, std::vector<float>& v, int& tokens) const {
   DG_REQUIRE(row >= 0 && row < static_cast<int>(rows.size()), InvalidArgument, "row " << row << " out of range");
-  SeqCache& s = *rows[row];
+  const SeqCache& s = *rows[row];
   DG_REQUIRE(layer >= 0 && layer < s.pool().num_layers(), InvalidArgument, "layer " << layer << " out of range");
   std::unique_lock<std::recursive_mutex> lock;
   if (forward_mutex) lock = std::unique_lock<std::recursive_mutex>(*forward_mutex);
-  // A running request grows this row and gives its blocks back outside the forward lock when it ends:
-  // the row is claimed for the copy, as a request claims it, so none can start on it meanwhile.
-  DG_REQUIRE(s.try_claim(), InvalidArgument, "this KVCache is in use by a request that has not finished");
-  struct Unclaim {
-    SeqCache& s;
-    ~Unclaim() { s.unclaim(); }
-  } unclaim{s};
+  // A running request owns the row: refused. One that claims it after this check changes it only under
+  // the forward lock held here (its passes, and the clear() of a cache it does not keep).
+  DG_REQUIRE(!s.claimed(), InvalidArgument, "this KVCache is in use by a request that has not finished");
   SeqCache::BlockTable t;
   const int group = s.pool().group_of(layer);
   s.table(group, t);
@@ -208,11 +204,11 @@ void Engine::encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& id
   DG_REQUIRE(cache.rows.size() == ids.size(), InvalidArgument,
              "the cache has " << cache.rows.size() << " rows but input_ids has " << ids.size());
   check_owner(cache, pool_.get());
-  check_free(cache);
+  std::lock_guard<std::recursive_mutex> lock(*mu_);
+  check_free(cache);  // under the lock: a request changes a row it claims only under it
   for (size_t r = 0; r < ids.size(); ++r)
     DG_REQUIRE(cache.rows[r]->length() + static_cast<long>(ids[r].size()) <= cfg_.max_position_embeddings,
                InvalidArgument, "row " << r << " would exceed max_position_embeddings " << cfg_.max_position_embeddings);
-  std::lock_guard<std::recursive_mutex> lock(*mu_);
   forward_->encode(cache.ptrs(), ids);
 }
 
@@ -224,7 +220,8 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
     DG_REQUIRE(t >= 0 && t < cfg_.vocab_size, InvalidArgument,
                "canvas token id " << t << " is outside the vocabulary [0, " << cfg_.vocab_size << ")");
   check_owner(cache, pool_.get());
-  check_free(cache);
+  std::lock_guard<std::recursive_mutex> lock(*mu_);
+  check_free(cache);  // under the lock, as in encode
   std::vector<const SeqCache*> rows;
   for (const auto& r : cache.rows) {
     DG_REQUIRE(r->length() > 0, InvalidArgument, "the decoder needs an encoded prefix (call encode first)");
@@ -237,7 +234,6 @@ void Engine::decode(const CacheSet& cache, const std::vector<int32_t>& canvas, i
   std::vector<const float*> sc;
   if (sc_logits)
     for (size_t r = 0; r < rows.size(); ++r) sc.push_back(sc_logits + r * static_cast<size_t>(n) * cfg_.vocab_size);
-  std::lock_guard<std::recursive_mutex> lock(*mu_);
   forward_->logits(rows, canvas.data(), n, sc, logits);
 }
 

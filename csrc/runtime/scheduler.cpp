@@ -424,12 +424,16 @@ struct Scheduler::Job {
     res.total_s = seconds_since(t_submit);
   }
 
-  void release(Forward& forward) {
+  void release(Forward& forward, std::recursive_mutex& forward_mu) {
     for (int slot : sc_slots) forward.release_sc(slot);
     sc_slots.clear();
     for (SeqCache* c : req.caches) {
       c->release_reservation();
-      if (!req.keep_cache) c->clear();
+      if (!req.keep_cache) {
+        // Under the forward lock, as every change of a claimed row: KVCache.layer_kv reads under it.
+        std::lock_guard<std::recursive_mutex> lock(forward_mu);
+        c->clear();
+      }
       c->unclaim();
     }
   }
@@ -512,15 +516,19 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
   job->handle = std::make_shared<RequestHandle>();
   job->handle->scheduler_thread_ = thread_.get_id();
   auto handle = job->handle;
+  bool stopping = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) {
-      job->release(forward_);
-      DG_THROW(Cancelled, "the engine is shutting down");
+    stopping = stop_;
+    if (!stopping) {
+      handle->id_ = next_id_++;
+      queue_.push_back(std::move(job));
+      stats_.queued_requests = static_cast<int>(queue_.size());
     }
-    handle->id_ = next_id_++;
-    queue_.push_back(std::move(job));
-    stats_.queued_requests = static_cast<int>(queue_.size());
+  }
+  if (stopping) {  // released outside mu_: the forward lock is never taken while mu_ is held
+    job->release(forward_, forward_mu_);
+    DG_THROW(Cancelled, "the engine is shutting down");
   }
   cv_.notify_all();
   return handle;
@@ -538,7 +546,7 @@ SchedulerStats Scheduler::stats() const {
 }
 
 void Scheduler::finish(Job& job, std::exception_ptr error) {
-  job.release(forward_);
+  job.release(forward_, forward_mu_);
   job.finalize();
   job.phase = Job::Phase::kDone;
   RequestHandle::Status st = RequestHandle::Status::kDone;
