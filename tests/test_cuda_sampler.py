@@ -160,10 +160,10 @@ def test_sample_canvas_uniform_edges(V):
 
 
 def test_sample_canvas_tiny_masses_and_non_finite_rows():
-    """The CPU's rule at the ends of the float range. u = 0 draws the first token of non-zero
-    probability however small (e^-50 / 5, far below the 2^-62 quantum; a subnormal e^-100); a -inf
-    logit has no mass and adds nothing to the entropy; a row without mass (NaN) takes the CPU's clamp
-    to V - 1 with a NaN entropy."""
+    """The ends of the float range. Tokens below the 2^-62 quantum are never drawn: at u = 0 the first
+    token of p >= 2^-62 (sampler.cuh; the CPU's float64 CDF takes e^-50 / 5 and the subnormal e^-100
+    there, one draw in 2^53). A -inf logit has no mass and adds nothing to the entropy; a row without
+    mass (NaN) takes the CPU's clamp to V - 1 with a NaN entropy."""
     inf, nan = np.inf, np.nan
     raw = np.array(
         [
@@ -179,8 +179,9 @@ def test_sample_canvas_tiny_masses_and_non_finite_rows():
     uniform = np.array([0.0, 0.0, 0.0, 0.5, 0.3])
     _, tok, am, ent = ops().sample_canvas(raw, temperature, uniform, None)
     ref = sample_ref(raw[:4], temperature[:4], uniform[:4], 1)
-    np.testing.assert_array_equal(tok[:4], [0, 0, 1, ref["tok"][3]])
-    np.testing.assert_array_equal(tok[:4], ref["tok"])
+    np.testing.assert_array_equal(ref["tok"][:2], [0, 0])  # the CPU's rule
+    np.testing.assert_array_equal(tok[:4], [1, 5, 1, ref["tok"][3]])
+    np.testing.assert_array_equal(tok[2:4], ref["tok"][2:4])
     np.testing.assert_array_equal(am[:4], ref["am"])
     assert np.isfinite(ent[:4]).all()
     np.testing.assert_allclose(ent[:4], ref["ent"], rtol=1e-5, atol=1e-6)

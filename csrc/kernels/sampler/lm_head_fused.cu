@@ -94,10 +94,9 @@ __device__ __forceinline__ float finish_logit(float raw, float cap, float temper
   return __fdiv_rn(l, temperature);
 }
 
-// sample_canvas's rule (sampler.cuh): p > 0 keeps at least one unit, so the token stays drawable;
-// |q - p 2^62| < 1 per term either way, as the estimates' error radii assume.
+// sample_canvas's rule (sampler.cuh); NaN gives none.
 __device__ __forceinline__ uint64_t quantise(float prob) {
-  return prob > 0.f ? max(1ull, __float2ull_rz(__fmul_rn(prob, 0x1p62f))) : 0ull;
+  return prob > 0.f ? __float2ull_rz(__fmul_rn(prob, 0x1p62f)) : 0ull;
 }
 __device__ __forceinline__ float prob_of(float x, float mx, float inv) { return __fmul_rn(expf(x - mx), inv); }
 __device__ __forceinline__ bool better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }

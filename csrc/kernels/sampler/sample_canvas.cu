@@ -22,12 +22,9 @@ static_assert(kSampleMaxVocab % kSeg == 0, "segments must tile the largest vocab
 size_t seg_sum_bytes(int vocab) { return static_cast<size_t>((vocab + kSeg - 1) / kSeg) * sizeof(uint64_t); }
 
 // Probabilities quantised to multiples of 2^-62 so that CDF sums are exact integers (p <= 1, and
-// sum p <= 1 + a few float ulps + V 2^-62, so sum q stays far below 2^64). A token of non-zero
-// probability keeps at least one unit, so it stays drawable as on the CPU (u = 0 draws the first
-// token with p > 0, however small); zero and NaN give none, whatever the conversion does with NaN.
-__device__ __forceinline__ uint64_t quantise(float prob) {
-  return prob > 0.f ? max(1ull, __float2ull_rz(prob * 0x1p62f)) : 0ull;
-}
+// sum p <= 1 + a few float ulps, so sum q stays far below 2^64). NaN gives none, whatever the
+// conversion would do with it.
+__device__ __forceinline__ uint64_t quantise(float prob) { return prob > 0.f ? __float2ull_rz(prob * 0x1p62f) : 0ull; }
 
 // One expression for the probability everywhere it is needed, so every pass sees the same bits.
 __device__ __forceinline__ float prob_of(float x, float mx, float inv) { return expf(x - mx) * inv; }

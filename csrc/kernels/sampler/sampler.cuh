@@ -14,12 +14,14 @@
 //   p_v = float(exp(x_v - max) * (1 / float(sum_v exp(x_v - max)))), x = processed;
 //   argmax = first index of the max; entropy = -sum over p_v != 0 of p_v * (x_v - (max + log(float(sum))));
 //   token = first v with cum_v > T, where cum is the running sum of p quantised to 2^-62
-//   (q_v = p_v > 0 ? max(1, trunc(p_v * 2^62)) : 0, exact uint64 sums: any summation order gives
-//   the same bits, so the search is deterministic and consistent across the block) and
+//   (q_v = trunc(p_v * 2^62), 0 for NaN; exact uint64 sums: any summation order gives the same
+//   bits, so the search is deterministic and consistent across the block) and
 //   T = min(trunc(u * sum q), sum q - 1).
 // The quantisation moves a CDF value by at most V * 2^-62 (< 3e-13 at V = 2^20), below the float32
-// noise of p itself; every token with p > 0 keeps at least one unit, so u = 0 draws the first such
-// token, as the CPU's float64 CDF does.
+// noise of p itself. Tokens with p < 2^-62 are never drawn: where they lead the row, u = 0 (one
+// value in 2^53 of the engine's noise) draws the first token of p >= 2^-62, the CPU's float64 CDF
+// the first of p > 0. Giving them one unit each would trade that for draws of such tokens at every
+// u below their count times 2^-62, where the CPU draws none.
 // One CTA per position, not a cluster: a step has rows * 256 positions, enough CTAs to fill the
 // GPU, and a single CTA keeps the reductions and the CDF search in one shared memory.
 //
