@@ -246,4 +246,3 @@ def test_bad_submit_arguments(engine):
     with pytest.raises(ValueError):
         engine.submit([prompt(1)], on_step=3)
     assert pool_is_full(engine)
-

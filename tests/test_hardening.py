@@ -644,3 +644,19 @@ def test_wrong_argument_types_are_value_errors_naming_them(engine):
         with pytest.raises(ValueError, match="timeout"):
             req.result(timeout=bad)
     assert req.wait(np.float32(30.0)) and req.result(timeout=30).sequences.shape[0] == 1
+
+
+def test_a_callback_error_is_raised_by_every_native_result(engine):
+    """The native handle raises the callback's own exception as often as it is asked (pybind11's
+    error_already_set.restore() refuses a second time: an internal error instead)."""
+    def bad(draft):
+        raise KeyError("from the callback")
+
+    req = engine.submit([[2, 3]], max_new_tokens=64, max_denoising_steps=2, on_step=bad)
+    native = req._native
+    assert native.wait(60)
+    for _ in range(3):
+        with pytest.raises(KeyError, match="from the callback"):
+            native.result()
+    with pytest.raises(KeyError, match="from the callback"):
+        req.result()

@@ -58,7 +58,11 @@ void set_threads(int n) {
 #endif
 }
 
+// Set by the Python layer's atexit hook (_core._python_exiting), before the interpreter finalizes.
+std::atomic<bool> g_python_exiting{false};
+
 bool py_finalizing() {
+  if (g_python_exiting.load()) return true;
 #if PY_VERSION_HEX >= 0x030D0000
   return Py_IsFinalizing() != 0;
 #else
@@ -67,9 +71,11 @@ bool py_finalizing() {
 }
 
 // Deleter of Python things that native threads may own: dropped with the GIL, wherever the last
-// owner is. Not while the interpreter finalizes: a thread other than the main one that waits for the
-// GIL then is ended mid-unwind (std::terminate, "terminate called without an active exception"), so
-// what is left at exit is leaked instead (the process is going away).
+// owner is. Not once Python is exiting: a thread other than the main one that waits for the GIL while
+// the interpreter finalizes is ended mid-unwind (std::terminate, "terminate called without an active
+// exception"), so what is left then is leaked instead (the process is going away). The atexit hook
+// raises the flag before finalization and then lets go of the GIL for a moment, so a thread that
+// checked just before is through.
 template <typename T>
 void drop_with_gil(T* p) {
   if (!Py_IsInitialized() || py_finalizing()) return;
@@ -90,7 +96,11 @@ class PyCallbackError final : public std::exception {
   explicit PyCallbackError(py::error_already_set&& e)
       : msg_(e.what()), err_(new py::error_already_set(std::move(e)), drop_with_gil<py::error_already_set>) {}
   const char* what() const noexcept override { return msg_.c_str(); }
-  void restore() const { err_->restore(); }
+  // Sets the callback's exception (type, value, traceback) as the current Python error: as often as
+  // result() is asked (error_already_set::restore() refuses a second time). With the GIL.
+  void restore() const {
+    PyErr_Restore(err_->type().inc_ref().ptr(), err_->value().inc_ref().ptr(), err_->trace().inc_ref().ptr());
+  }
 
  private:
   std::string msg_;
@@ -393,6 +403,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("cpu_has_bf16_dot", &cpu::has_bf16_dot,
         "Whether this CPU runs Engine(cpu_weights='bf16')'s BF16 dot products (AVX512-BF16, the default); "
         "without them that mode is 'stored'.");
+  m.def("_python_exiting", [] { g_python_exiting.store(true); },
+        "Called by dgemma_rt's atexit hook: from now on Python objects that native threads let go of are leaked, "
+        "not freed (a thread waiting for the GIL while the interpreter finalizes would abort the process)");
   m.def("cuda_status", []() -> std::string {
 #ifdef DGEMMA_WITH_CUDA
     return cuda::status();

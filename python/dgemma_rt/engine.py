@@ -8,6 +8,7 @@ import operator
 import os
 import queue
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -130,6 +131,10 @@ _live_requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
 
 @atexit.register
 def _cancel_live_requests() -> None:
+    # From here on, what native threads let go of (callbacks, a callback's exception) is leaked rather
+    # than freed with the GIL; the waits below (and the sleep) let a thread that took the GIL just
+    # before through while the interpreter still runs.
+    _core._python_exiting()
     natives = [n for n in (r._native for r in list(_live_requests)) if n is not None]
     for n in natives:
         n.cancel()
@@ -138,6 +143,7 @@ def _cancel_live_requests() -> None:
             n.wait(10.0)
         except BaseException:  # noqa: BLE001 - best effort at exit
             pass
+    time.sleep(0.01)
 
 
 def _make_output(
