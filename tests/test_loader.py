@@ -288,6 +288,7 @@ BAD_ARGUMENTS = {
     # 1e-37 overflowed logits / T
     "t_max_past_float32": (GOOD, dict(t_max=1e39)),
     "last_temperature_overflows_logits": (GOOD, dict(t_min=0.0, t_max=4e-37)),
+    "first_temperature_overflows_float32": (GOOD, dict(t_min=1.1064783119657174e38, t_max=3.4028234663852886e38)),
     "entropy_bound_zero": (GOOD, dict(entropy_bound=0.0)),
     "entropy_bound_negative": (GOOD, dict(entropy_bound=-1.0)),
     "confidence_threshold_zero": (GOOD, dict(confidence_threshold=0.0)),

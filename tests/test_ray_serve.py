@@ -309,6 +309,7 @@ def test_cli_serve_ray_arguments(monkeypatch, tiny_dir):
     assert (seen["max_batch_size"], seen["max_queued_requests"]) == (16, 32)
     assert cli.main(["serve", str(tiny_dir), "--replicas", "2"]) == 2  # Ray flags without --ray
     assert cli.main(["serve", str(tiny_dir), "--ray", "--replicas", "3", "--max-replicas", "2"]) == 2
+    assert cli.main(["serve", str(tiny_dir), "--ray", "--device", "cuda"]) == 2  # replicas would see no GPU
 
 
 # ------------------------------------------------------------------------------------------ failure (last)

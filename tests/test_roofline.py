@@ -116,6 +116,7 @@ def test_measured_per_format_picks_the_bench_formats(tmp_path):
     ('{"per_op_ms": {"attention": Infinity}}', "'attention' must be a finite number"),
     ('{"per_op_ms": {"x": "abc"}}', "'x' must be a finite number"),
     ('{"per_op_ms": {"x": true}}', "'x' must be a finite number"),
+    ('{"per_op_ms": {"x": 1' + "0" * 400 + '}}', "'x' must be a finite number"),  # no float holds it
     ('{"per_op_ms_by_format": [], "per_op_ms": {}}', "per_op_ms_by_format must be an object"),
     ("{not json", "not valid JSON"),
     (b"\xff\xfe", "not valid JSON"),

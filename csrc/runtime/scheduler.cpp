@@ -64,7 +64,11 @@ void validate(const SamplerParams& p, const ModelConfig& cfg) {
   DG_REQUIRE(p.t_max <= kMaxTemperature, InvalidArgument,
              "t_max must be at most " << kMaxTemperature << " (temperatures are float32), got " << p.t_max);
   {
-    // The last step's temperature, as Job::begin_step computes it (ratio 1 / N).
+    // The first and last steps' temperatures, as Job::begin_step computes them (ratio 1 and 1 / N).
+    const float highest = static_cast<float>(p.t_min) + static_cast<float>(p.t_max - p.t_min) * 1.0f;
+    DG_REQUIRE(std::isfinite(highest), InvalidArgument,
+               "the first denoising step's temperature t_min + (t_max - t_min) overflows float32 (t_min="
+                   << p.t_min << " t_max=" << p.t_max << ")");
     const float ratio = 1.0f / static_cast<float>(p.max_denoising_steps);
     const float lowest = static_cast<float>(p.t_min) + static_cast<float>(p.t_max - p.t_min) * ratio;
     DG_REQUIRE(lowest >= kMinTemperature, InvalidArgument,

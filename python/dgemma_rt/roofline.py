@@ -491,7 +491,11 @@ def load_measured(path: str, quant: str | None = None, dense_quant: str | None =
         raise ValueError(f"{path} has no per_op_ms object")
     out = {}
     for k, v in per_op.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        try:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v)) and v >= 0
+        except OverflowError:  # an integer no float holds
+            ok = False
+        if not ok:
             raise ValueError(f"{path}: per_op_ms {k!r} must be a finite number of milliseconds >= 0, got {v!r}")
         out[str(k)] = float(v)
     return out
