@@ -221,6 +221,33 @@ def test_dgemma_quantize_cli(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_quantize_writes_a_whole_checkpoint_or_nothing(tiny_pair, tmp_path, monkeypatch):
+    """Only into a new or empty directory (an old index and shards left in one were loaded instead of the
+    new weights), never into "" (the current directory), and a failed run leaves nothing behind."""
+    base, quant, _ = tiny_pair
+    used = tmp_path / "used"
+    shutil.copytree(quant, used)
+    (used / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    for dst, words in ((used, "not empty"), ("", "destination is empty"), (used / "config.json", "not a directory")):
+        with pytest.raises(ValueError, match=words):
+            nvfp4.quantize_checkpoint(base, dst)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert nvfp4.quantize_checkpoint(base, empty) and (empty / "config.json").exists()
+
+    def disk_full(path, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nvfp4, "write_safetensors", disk_full)
+    for dst in (tmp_path / "new", tmp_path / "empty2"):
+        if dst.name == "empty2":
+            dst.mkdir()
+        with pytest.raises(OSError, match="No space"):
+            nvfp4.quantize_checkpoint(base, dst)
+        assert not dst.exists() or not any(dst.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "empty2", "used"]  # no .partial left
+
+
 def test_quantize_at_load_time(tiny_pair):
     base, quant, _ = tiny_pair
     a = dgemma_rt.Engine(base, quant="nvfp4", num_threads=2)

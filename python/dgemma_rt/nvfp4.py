@@ -577,6 +577,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         raise ValueError(f"dense must be None, 'nvfp4' or 'fp8', got {dense!r}")
     if not experts and dense is None:
         raise ValueError("nothing to quantize: experts=False and no dense format")
+    if not os.fspath(dst):
+        raise ValueError("the destination is empty: name the directory to write")
     src, dst = Path(src), Path(dst)
     # The native loader's checks first, reading headers only: files that are not regular files,
     # corrupt or oversized headers and JSON, and configs that imply more memory than this process
@@ -589,6 +591,12 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         _core.check_checkpoint(os.fspath(src), "cpu", 1, 1, 0)
     if src.resolve() == dst.resolve():
         raise ValueError("the destination must differ from the source")
+    # A new or empty directory only: files left in one (another checkpoint's index and shards) would
+    # be loaded with, or instead of, the new ones.
+    if os.path.lexists(dst) and not dst.is_dir():
+        raise ValueError(f"{dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise ValueError(f"{dst} is not empty: quantize into a new or empty directory")
     # The files the engine reads: those the index names, else every *.safetensors.
     index_path = src / "model.safetensors.index.json"
     src_index = read_json_file(index_path, MAX_INDEX_BYTES) if os.path.lexists(index_path) else None
@@ -598,7 +606,28 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         files = sorted(src.glob("*.safetensors"))
     if not files:
         raise _checkpoint_error(src, "holds no *.safetensors files")
-    dst.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden sibling and moved into place at the end (config.json last), so an interrupted
+    # or failed run (a full disk) leaves no half checkpoint in dst, and no partial files at all.
+    final = dst
+    final.parent.mkdir(parents=True, exist_ok=True)
+    dst = final.resolve().parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    try:
+        done = _quantize_into(src, dst, files, src_index, progress, dense, experts)
+        if not final.exists():
+            os.replace(dst, final)
+        else:  # an empty directory (or a link to one): its contents, config.json last
+            for f in sorted(dst.iterdir(), key=lambda f: f.name == "config.json"):
+                os.replace(f, final / f.name)
+            dst.rmdir()
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+    return done
+
+
+def _quantize_into(src: Path, dst: Path, files: list[Path], src_index: dict[str, Any] | None, progress: bool,
+                   dense: str | None, experts: bool) -> list[str]:
     bar = None
     if progress:
         from tqdm.auto import tqdm
