@@ -333,6 +333,41 @@ def test_bench_peer_transformers(tmp_path):
     assert r["speedup_vs_peer"] == pytest.approx(r["peer_median_ms"] / r["engine_median_ms"])
 
 
+@pytest.mark.parametrize("fails_in", ["init", "run"])
+def test_bench_peer_failing_on_the_cpu_keeps_the_engine_numbers(tmp_path, monkeypatch, capsys, fails_in):
+    """A transformers peer that does not fit this transformers (its constructor or a run raises) is a
+    peer_error beside the engine's numbers, with exit status 1, as on the GPU: not a traceback."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from dgemma_rt import bench
+
+    class FakePeer:
+        version, dtype, threads, experts_implementation, steps_per_canvas = "fake", "bfloat16", 1, None, None
+
+        def __init__(self, *a, **k):
+            if fails_in == "init":
+                raise TypeError("__init__() got an unexpected keyword argument 'experts_implementation'")
+            self.calls, self.runs_s, self.run_details, self.excluded = 0, [], [], []
+
+        def run(self, record):
+            self.calls += 1
+            if self.calls == 2:
+                raise AttributeError("'Output' object has no attribute 'tokens_per_forward'")
+            if record:
+                self.runs_s.append(1.0)
+
+    monkeypatch.setattr(bench, "TransformersPeer", FakePeer)
+    monkeypatch.setenv("DGEMMA_RT_CACHE", str(tmp_path / "cache"))
+    rc = bench.main(["--prompt-len", "16", "--new-tokens", "32", "--steps", "2", "--runs", "2", "--warmup", "1",
+                     "--peer", "transformers", "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    r = json.loads(out)
+    assert rc == 1 and "the transformers peer failed" in err and "Traceback" not in err
+    assert r["tokens_per_s"] > 0 and r["new_tokens"] > 0
+    assert r["peer_error"].startswith("TypeError" if fails_in == "init" else "AttributeError")
+    assert "speedup_vs_peer" not in r
+
+
 def test_bench_peer_leaves_out_runs_that_stopped_early():
     """A transformers run that generated fewer canvases than asked did less work: not timed in. One whose
     tokens_per_forward implies more steps (sampled pad tokens are not counted) is the same work."""

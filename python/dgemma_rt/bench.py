@@ -551,14 +551,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
         except ImportError as e:
             raise ValueError(f"--peer transformers needs torch and transformers ({e})") from None
-        if not peer_after:
+    # A peer that fails (an API change in transformers, out of memory) is reported beside the engine's
+    # numbers as peer_error, not in place of them (the exit status still says it failed).
+    peer_error = None
+
+    def peer_failed(e: Exception) -> None:
+        nonlocal peer_error
+        peer_error = f"{type(e).__name__}: {e}"
+        print(f"dgemma-bench: the transformers peer failed: {peer_error}", file=sys.stderr)
+
+    def peer_run(record: bool) -> None:
+        if peer is not None and peer_error is None:
+            try:
+                peer.run(record=record)
+            except Exception as e:
+                peer_failed(e)
+
+    if args.peer and not peer_after:
+        try:
             peer = TransformersPeer(ckpt, args.device, args.threads, prompts, args.new_tokens, args.steps)
+        except Exception as e:
+            peer_failed(e)
 
     for i in range(args.warmup):
         out, _ = generate(f"warmup {i + 1}/{args.warmup}")
         del out  # hands its KV blocks back before the next run
-        if peer is not None:
-            peer.run(record=False)
+        peer_run(record=False)
 
     # The generate calls' own peak, apart from loading's (which converts weights and can peak higher).
     loaded_rss = _status_mib("VmRSS")
@@ -576,8 +594,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out, wall = generate(f"run {i + 1}/{args.runs}")
         wall_s += wall
         engine_runs_s.append(wall)
-        if peer is not None:  # alternately, so both see the same machine load
-            peer.run(record=True)
+        peer_run(record=True)  # alternately, so both see the same machine load
         for key in totals:
             totals[key] += out.timings[key]
         for row, seq in enumerate(out.sequences):
@@ -602,7 +619,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graph_fields = {k: int(graphs_after[k] - graphs_before[k]) for k in ("captured_passes", "replayed_passes")}
     # Failed captures over the engine's life (warm-up included): any turns graphs off for good.
     graph_fields["capture_failures"] = int(graphs_after.get("capture_failures", 0))
-    peer_error = None
     if peer_after:
         del engine
         gc.collect()  # the engine's device memory goes back before the peer takes its own
@@ -619,8 +635,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             peer_error = "interrupted before its timed runs ended"
             print(f"dgemma-bench: the transformers peer was {peer_error}", file=sys.stderr)
         except Exception as e:
-            peer_error = f"{type(e).__name__}: {e}"
-            print(f"dgemma-bench: the transformers peer failed: {peer_error}", file=sys.stderr)
+            peer_failed(e)
 
     forwards = max(int(totals["decoder_forwards"]), 1)
     peer_fields: dict[str, Any] = {"peer": args.peer}
@@ -632,7 +647,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peer_fields.update({"peer_version": peer.version, "peer_dtype": peer.dtype, "peer_threads": peer.threads,
                             "peer_experts_implementation": peer.experts_implementation,
                             "peer_run_details": peer.run_details, "peer_excluded_runs": peer.excluded})
-    if peer is not None and peer.runs_s:
+    if peer is not None and peer.runs_s and peer_error is None:  # a failed peer's runs so far: no ratio
         engine_ms = 1000.0 * float(np.median(engine_runs_s))
         peer_ms = 1000.0 * float(np.median(peer.runs_s))
         peer_fields.update({
