@@ -310,6 +310,32 @@ def test_cli_serve_ray_arguments(monkeypatch, tiny_dir):
     assert cli.main(["serve", str(tiny_dir), "--replicas", "2"]) == 2  # Ray flags without --ray
     assert cli.main(["serve", str(tiny_dir), "--ray", "--replicas", "3", "--max-replicas", "2"]) == 2
     assert cli.main(["serve", str(tiny_dir), "--ray", "--device", "cuda"]) == 2  # replicas would see no GPU
+    assert cli.main(["serve", str(tiny_dir), "--ray", "--max-queue", "0"]) == 2  # Serve's queue is -1 or >= 1
+
+
+def test_local_run_refuses_what_its_replicas_would_fail_on(tiny_dir):
+    """Said before Ray starts: a device the engine refuses, a port another process listens on; and replicas
+    this machine cannot place (serve.run waited for them forever)."""
+    with pytest.raises(ValueError, match="device"):
+        ray_serve.run(str(tiny_dir), device="bogus")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        with pytest.raises(ValueError, match="cannot listen"):
+            ray_serve.run(str(tiny_dir), port=busy.getsockname()[1])
+    with pytest.raises(ValueError, match="GPUs"):
+        ray_serve._check_resources({"CPU": 2.0}, {"replicas": 1, "num_gpus": 1})
+    with pytest.raises(ValueError, match="CPUs"):
+        ray_serve._check_resources({"CPU": 2.0}, {"replicas": 3})
+    ray_serve._check_resources({"CPU": 2.0, "GPU": 1.0}, {"replicas": 2, "num_cpus": 1, "num_gpus": 0.5})
+
+
+def test_build_refuses_what_the_cli_refuses(tiny_dir):
+    with pytest.raises(ValueError, match="max_replicas 2 is below replicas 3"):
+        ray_serve.build(str(tiny_dir), replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="checkpoint is empty"):
+        ray_serve.build("")
+    for field in ("num_cpus", "num_gpus", "stall_timeout_s"):
+        with pytest.raises(ValueError, match=field):  # pydantic's ValidationError: no inf or NaN
+            ray_serve.app_builder({"checkpoint": str(tiny_dir), field: float("inf")})
 
 
 # ------------------------------------------------------------------------------------------ failure (last)

@@ -197,6 +197,8 @@ def deployment_options(
     """Serve deployment options: replicas (or autoscaling), admission tied to the batch size, resources."""
     if replicas < 1 and not (max_replicas and max_replicas >= 1):
         raise ValueError(f"replicas must be >= 1, got {replicas}")
+    if max_replicas is not None and max_replicas < replicas:
+        raise ValueError(f"max_replicas {max_replicas} is below replicas {replicas}")
     queue = 1 if replica_queue is None else replica_queue
     if queue < 0:
         raise ValueError(f"replica_queue must be >= 0, got {queue}")
@@ -249,6 +251,8 @@ def build(
     On CPU replicas the engine uses ``num_cpus`` threads unless ``num_threads`` says otherwise.
     ``deployment_overrides`` go to ``Deployment.options`` (e.g. ``health_check_period_s``).
     """
+    if not os.fspath(checkpoint):
+        raise ValueError("checkpoint is empty: give the checkpoint directory's path")
     path = os.path.abspath(os.fspath(checkpoint))  # replicas do not run in this process's directory
     name = model_name or os.path.basename(os.path.normpath(path))
     queue = 1 if replica_queue is None else replica_queue
@@ -271,7 +275,7 @@ def build(
 class AppArgs(BaseModel):
     """The ``args`` of ``app_builder`` (``serve run`` config files): :func:`build`'s parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     checkpoint: str
     model_name: Optional[str] = None
@@ -305,6 +309,33 @@ def app_builder(args: "AppArgs | dict[str, Any]") -> "serve.Application":
     return build(**args.model_dump())
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _check_resources(have: dict[str, float], build_kwargs: dict[str, Any]) -> None:
+    """A local instance that cannot place the first replicas: serve.run would wait for them forever."""
+    n = max(int(build_kwargs.get("replicas", 1)), 1)
+    need = {"CPU": n * float(build_kwargs.get("num_cpus", 1)), "GPU": n * float(build_kwargs.get("num_gpus") or 0)}
+    short = [f"{need[k]:g} {k}s (it has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
+    if short:
+        raise ValueError(f"{n} replica(s) need {' and '.join(short)} on this machine's Ray instance: lower --replicas, "
+                         "--cpus-per-replica or --gpus-per-replica, or join a cluster with --ray-address")
+
+
+def _deployment_message(app_name: str) -> str:
+    try:
+        return str(serve.status().applications[app_name].deployments[DEPLOYMENT_NAME].message)
+    except Exception:  # noqa: BLE001 - the status is a detail of an error already being raised
+        return ""
+
+
 def run(
     checkpoint: str | os.PathLike,
     *,
@@ -326,6 +357,15 @@ def run(
     if local and not os.path.isdir(checkpoint):  # on a cluster only the nodes need it
         raise ValueError(f"checkpoint directory {os.fspath(checkpoint)!r} does not exist")
     if local:
+        # On this machine, what every replica would fail on is said here, before Ray starts, instead of
+        # as a failed deployment with the cause in the Serve controller's log: the Engine's own checks
+        # (device, options, the checkpoint's files, memory) and a port another process listens on.
+        from dgemma_rt import _core
+
+        kv = build_kwargs.get("kv_cache_tokens") or 16384
+        _core.check_checkpoint(os.fspath(checkpoint), build_kwargs.get("device", "cpu"), int(kv),
+                               int(build_kwargs.get("max_batch_size", 8)), int(build_kwargs.get("num_threads") or 0))
+        _check_port_free(host, port)
         # Workers of a local instance import the same dgemma_rt as this process (a source checkout too).
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
@@ -345,8 +385,13 @@ def run(
     # Ray's own SIGTERM handler aborts the process, leaving no chance to remove the application.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if local:
+            _check_resources(ray.cluster_resources(), build_kwargs)
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(checkpoint, **build_kwargs), name=app_name, route_prefix="/")
+        try:
+            serve.run(build(checkpoint, **build_kwargs), name=app_name, route_prefix="/")
+        except RuntimeError as e:  # "Deploying application ... failed": the replicas' own error, if Serve has it
+            raise RuntimeError(f"{e} {_deployment_message(app_name)}".strip()) from None
         serving = True
         print(f"dgemma_rt on Ray Serve: http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         while not stop.wait(1.0):
