@@ -333,6 +333,22 @@ def test_bench_peer_transformers(tmp_path):
     assert r["speedup_vs_peer"] == pytest.approx(r["peer_median_ms"] / r["engine_median_ms"])
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--roofline", "some/ckpt"], "a checkpoint does not apply"),
+    (["--roofline", "--peer", "transformers", "--profile"], "--peer, --profile does not apply"),
+    (["--roofline", "--adaptive"], "--adaptive does not apply"),
+    (["--measured", "m.json"], "--measured go(es) with --roofline"),
+    (["--fused-lm-head", "--context", "100"], "--fused-lm-head, --context go(es) with --roofline"),
+    (["--preset", "wide-vocab"], "--preset goes with --random-weights"),
+])
+def test_bench_refuses_the_other_modes_options(argv, words, capsys):
+    """Options of the roofline model and of a run are refused in the other mode, not silently ignored."""
+    from dgemma_rt import bench
+
+    assert bench.main(argv) == 2
+    assert words in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fails_in", ["init", "run"])
 def test_bench_peer_failing_on_the_cpu_keeps_the_engine_numbers(tmp_path, monkeypatch, capsys, fails_in):
     """A transformers peer that does not fit this transformers (its constructor or a run raises) is a

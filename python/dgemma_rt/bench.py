@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="bench random weights at a preset's shape (--preset) instead of a checkpoint; written once "
                         "into the cache, directly in the --quant / --dense-quant formats")
-    p.add_argument("--preset", choices=["26b-a4b", "wide-vocab", "tiny", "cpu-small", "cpu-medium"], default="26b-a4b",
-                   help="shape for --random-weights (default 26b-a4b, the released model; wide-vocab: its "
+    p.add_argument("--preset", choices=["26b-a4b", "wide-vocab", "tiny", "cpu-small", "cpu-medium"], default=None,
+                   help="shape for --random-weights and --roofline (default 26b-a4b, the released model; wide-vocab: its "
                         "vocabulary and canvas on a tiny body; cpu-small / cpu-medium: the CPU benchmark shapes)")
     p.add_argument("--num-layers", type=_positive_int, default=None,
                    help="with --random-weights: only the preset's first N layers (default: all)")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", choices=["h100", "h200"], default="h100",
                    help="with --roofline: the device; with --profile on cuda: whose HBM bandwidth the achieved "
                         "bandwidth is a fraction of (default h100)")
-    p.add_argument("--context", type=_positive_int, default=4096,
+    p.add_argument("--context", type=_positive_int, default=None,
                    help="with --roofline: cached tokens per row (default 4096)")
     p.add_argument("--measured", metavar="JSON", default=None,
                    help="with --roofline: measured per-op times ({\"per_op_ms\": {op: ms}}) to show beside the model")
@@ -875,6 +875,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def command() -> int:
+        # Options of the other mode are refused, not silently ignored.
+        if args.roofline:
+            given = [name for name, on in (("a checkpoint", args.checkpoint), ("--peer", args.peer),
+                                           ("--profile", args.profile), ("--template", args.template is not None),
+                                           ("--adaptive", not args.fixed_steps)) if on]
+            if given:
+                raise ValueError(f"--roofline models --preset's shape and runs nothing: {', '.join(given)} "
+                                 "does not apply")
+        else:
+            given = [name for name, on in (("--measured", args.measured), ("--fused-lm-head", args.fused_lm_head),
+                                           ("--context", args.context is not None)) if on]
+            if given:
+                raise ValueError(f"{', '.join(given)} go(es) with --roofline")
+            if args.preset is not None and not args.random_weights:
+                raise ValueError("--preset goes with --random-weights (or --roofline)")
+        args.preset = args.preset or "26b-a4b"
+        args.context = args.context or 4096
         if args.roofline:
             from dgemma_rt import presets, roofline
 
