@@ -73,7 +73,7 @@ def test_every_op_is_justified():
 
 def test_cli_prints_it_with_measured_times(tmp_path):
     measured = tmp_path / "m.json"
-    measured.write_text(json.dumps({"per_op_ms": {"moe_router": 0.25, "step": 12.5}}))
+    measured.write_text(json.dumps({"per_op_ms": {"moe_router": 0.25, "step": 12.5, "moe_ruoter": 1.0}}))
     cmd = [sys.executable, "-m", "dgemma_rt.bench", "--roofline", "--quant", "nvfp4", "--dense-quant", "fp8",
            "--gpu", "h200", "--measured", str(measured), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -82,8 +82,10 @@ def test_cli_prints_it_with_measured_times(tmp_path):
     assert r["device"] == "H200 SXM" and r["quant"] == "nvfp4" and r["dense_quant"] == "fp8"
     assert r["lm_head"] == "per-row" and r["graphs"]["steps_per_canvas"] == 16  # the defaults
     assert _op(r, "moe_router")["measured_ms"] == 0.25 and r["total"]["measured_ms"] == 12.5
+    assert r["unmatched_measured"] == ["moe_ruoter"]  # a typo is shown, not dropped
     table = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "moe_experts" in table.stdout and "target 4.5 ms" in table.stdout
+    assert "measured ops with no row in this model: moe_ruoter" in table.stdout
     fused = subprocess.run(cmd + ["--fused-lm-head", "--steps", "12"], capture_output=True, text=True, timeout=120)
     assert fused.returncode == 0, fused.stderr
     f = json.loads(fused.stdout)

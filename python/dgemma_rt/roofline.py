@@ -437,6 +437,8 @@ def roofline(shape: ModelShape, device: str = "h100", batch: int = 1, context: i
             "expected_ms": round(expected + launch_ms, 3),
             "measured_ms": measured.get("step"),
         },
+        # Measured names this model has no row for (a typo, another format's op): shown, not dropped.
+        "unmatched_measured": sorted(set(measured) - {op.name for op in ops} - {"step"}),
         "graphs": {
             "steps_per_canvas": steps, "canvases": canvases or "steady state", "host_launched_steps": host_steps,
             "replayed_steps": replayed, "launch_us": d.launch_us, "graph_node_us": d.graph_node_us,
@@ -517,6 +519,8 @@ def format_table(r: dict[str, Any]) -> str:
                  f"  ({g['replayed_steps']} of {g['host_launched_steps'] + g['replayed_steps']} steps replayed as "
                  f"CUDA graphs; "
                  f"{t['launch_overhead_without_graphs_ms']:.3f} ms without)")
+    if r.get("unmatched_measured"):
+        lines.append(f"measured ops with no row in this model: {', '.join(r['unmatched_measured'])}")
     m = f"{t['measured_ms']:.3f}" if t["measured_ms"] is not None else "-"
     lines.append(f"{'step':<30}{t['gbytes']:>9.2f}{t['tflop'] * 1e3:>9.0f}  {'':<8}{t['floor_ms']:>9.3f}{'':>6}"
                  f"{t['expected_ms']:>10.3f}{m:>10}")
