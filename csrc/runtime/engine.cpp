@@ -205,10 +205,21 @@ void Engine::encode(CacheSet& cache, const std::vector<std::vector<int32_t>>& id
              "the cache has " << cache.rows.size() << " rows but input_ids has " << ids.size());
   check_owner(cache, pool_.get());
   std::lock_guard<std::recursive_mutex> lock(*mu_);
-  check_free(cache);  // under the lock: a request changes a row it claims only under it
   for (size_t r = 0; r < ids.size(); ++r)
     DG_REQUIRE(cache.rows[r]->length() + static_cast<long>(ids[r].size()) <= cfg_.max_position_embeddings,
                InvalidArgument, "row " << r << " would exceed max_position_embeddings " << cfg_.max_position_embeddings);
+  // The rows are claimed while they grow, as a request claims its rows: a request submitted meanwhile
+  // (it claims outside this lock) is refused instead of being admitted on a length that changes under it.
+  // Taken under the lock, so a second encode on the same cache waits for this one, then claims.
+  struct Claims {
+    const CacheSet& cache;
+    size_t n = 0;
+    ~Claims() {
+      for (size_t i = 0; i < n; ++i) cache.rows[i]->unclaim();
+    }
+  } claims{cache};
+  while (claims.n < cache.rows.size() && cache.rows[claims.n]->try_claim()) ++claims.n;
+  DG_REQUIRE(claims.n == cache.rows.size(), InvalidArgument, "this KVCache is in use by a request that has not finished");
   forward_->encode(cache.ptrs(), ids);
 }
 
