@@ -246,6 +246,34 @@ def test_quantize_writes_a_whole_checkpoint_or_nothing(tiny_pair, tmp_path, monk
             nvfp4.quantize_checkpoint(base, dst)
         assert not dst.exists() or not any(dst.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "empty2", "used"]  # no .partial left
+    assert not any((tmp_path / "empty2").iterdir())
+
+
+def test_dgemma_quantize_sigterm_leaves_nothing(tiny_pair, tmp_path):
+    """SIGTERM mid-run (a job scheduler, docker stop) cleans up as Ctrl-C does."""
+    import signal
+    import time
+
+    base, _, _ = tiny_pair
+    code = ("import sys, time\n"
+            "from dgemma_rt import nvfp4\n"
+            "real = nvfp4.write_safetensors\n"
+            "def slow(*a, **k):\n"
+            "    print('writing', flush=True)\n"
+            "    time.sleep(60)\n"
+            "nvfp4.write_safetensors = slow\n"
+            "sys.exit(nvfp4.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(base), str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_quantize_at_load_time(tiny_pair):

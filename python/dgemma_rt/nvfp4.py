@@ -31,9 +31,12 @@ import json
 import os
 import mmap
 import shutil
+import signal
 import stat
 import struct
+import tempfile
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -606,18 +609,22 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         files = sorted(src.glob("*.safetensors"))
     if not files:
         raise _checkpoint_error(src, "holds no *.safetensors files")
-    # Written into a hidden sibling and moved into place at the end (config.json last), so an interrupted
-    # or failed run (a full disk) leaves no half checkpoint in dst, and no partial files at all.
+    # Written into a hidden partial directory and moved into place when complete (config.json last), so a
+    # failed or interrupted run (a full disk, Ctrl-C, SIGTERM) leaves no checkpoint that loads. An existing
+    # (empty) dst holds it, so the moves stay on its filesystem (a mount point) and need no rights on its
+    # parent; a new dst is the partial directory itself, renamed.
     final = dst
-    final.parent.mkdir(parents=True, exist_ok=True)
-    dst = final.resolve().parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir()
+    inside = final.is_dir()
+    if inside:
+        dst = Path(tempfile.mkdtemp(prefix=".partial-", dir=final))
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        dst = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         done = _quantize_into(src, dst, files, src_index, progress, dense, experts)
-        if not final.exists():
-            os.replace(dst, final)
-        else:  # an empty directory (or a link to one): its contents, config.json last
+        if not inside:
+            os.rename(dst, final)  # refused if a non-empty final appeared meanwhile, instead of mixing two runs
+        else:
             for f in sorted(dst.iterdir(), key=lambda f: f.name == "config.json"):
                 os.replace(f, final / f.name)
             dst.rmdir()
@@ -679,6 +686,10 @@ def _quantize_into(src: Path, dst: Path, files: list[Path], src_index: dict[str,
     return done
 
 
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dgemma-quantize",
                                 description="Write a quantized copy of a DiffusionGemma checkpoint: the MoE "
@@ -698,7 +709,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"quantized {len(names)} tensors into {args.dst}")
         return 0
 
-    return run_reporting_errors(command)
+    # SIGTERM (a job scheduler, docker stop) cleans up as Ctrl-C does: no partial directory left behind.
+    if threading.current_thread() is not threading.main_thread():
+        return run_reporting_errors(command)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run_reporting_errors(command)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
