@@ -58,8 +58,10 @@ void set_threads(int n) {
 #endif
 }
 
-// Set by the Python layer's atexit hook (_core._python_exiting), before the interpreter finalizes.
+// Set by the Python layer's atexit hook (_core._python_exiting), before the interpreter finalizes; the
+// hook then waits for the drops already past the check (g_dropping) to take the GIL and finish.
 std::atomic<bool> g_python_exiting{false};
+std::atomic<int> g_dropping{0};
 
 bool py_finalizing() {
   if (g_python_exiting.load()) return true;
@@ -74,10 +76,15 @@ bool py_finalizing() {
 // owner is. Not once Python is exiting: a thread other than the main one that waits for the GIL while
 // the interpreter finalizes is ended mid-unwind (std::terminate, "terminate called without an active
 // exception"), so what is left then is leaked instead (the process is going away). The atexit hook
-// raises the flag before finalization and then lets go of the GIL for a moment, so a thread that
-// checked just before is through.
+// raises the flag before finalization, then waits until no drop that passed the check is left: the
+// count goes up before the check, the flag before the hook reads the count (both sequentially
+// consistent), so every drop either sees the flag or is waited for.
 template <typename T>
 void drop_with_gil(T* p) {
+  g_dropping.fetch_add(1);
+  struct Counted {
+    ~Counted() { g_dropping.fetch_sub(1); }
+  } counted;
   if (!Py_IsInitialized() || py_finalizing()) return;
   py::gil_scoped_acquire gil;
   delete p;
@@ -406,6 +413,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("_python_exiting", [] { g_python_exiting.store(true); },
         "Called by dgemma_rt's atexit hook: from now on Python objects that native threads let go of are leaked, "
         "not freed (a thread waiting for the GIL while the interpreter finalizes would abort the process)");
+  m.def("_native_drops_in_flight", [] { return g_dropping.load(); },
+        "Native threads freeing a Python object right now (the atexit hook waits for them after _python_exiting)");
   m.def("cuda_status", []() -> std::string {
 #ifdef DGEMMA_WITH_CUDA
     return cuda::status();

@@ -132,8 +132,8 @@ _live_requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
 @atexit.register
 def _cancel_live_requests() -> None:
     # From here on, what native threads let go of (callbacks, a callback's exception) is leaked rather
-    # than freed with the GIL; the waits below (and the sleep) let a thread that took the GIL just
-    # before through while the interpreter still runs.
+    # than freed with the GIL; a thread that was already freeing one gets the GIL while the waits below
+    # release it, and the last loop waits for any still on its way (bounded: exit is never held up long).
     _core._python_exiting()
     natives = [n for n in (r._native for r in list(_live_requests)) if n is not None]
     for n in natives:
@@ -143,7 +143,9 @@ def _cancel_live_requests() -> None:
             n.wait(10.0)
         except BaseException:  # noqa: BLE001 - best effort at exit
             pass
-    time.sleep(0.01)
+    deadline = time.monotonic() + 1.0
+    while _core._native_drops_in_flight() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def _make_output(
