@@ -660,3 +660,15 @@ def test_a_callback_error_is_raised_by_every_native_result(engine):
             native.result()
     with pytest.raises(KeyError, match="from the callback"):
         req.result()
+
+
+def test_0d_integer_arrays_are_integers(engine):
+    """A 0-d integer array (what indexing or reducing a numpy array gives) is an integer argument, as in
+    eos_token_id; a 0-d float array is not."""
+    kw = dict(max_new_tokens=64, max_denoising_steps=2, seed=3, pad_token_id=0)
+    want = engine.generate([[2, 3, 4]], **kw).sequences
+    got = engine.generate([[2, 3, 4]], max_new_tokens=np.array(64), max_denoising_steps=np.array(2, np.int32),
+                          seed=np.array(3, np.uint64), pad_token_id=np.array(0)).sequences
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        engine.generate([[2, 3, 4]], **dict(kw, pad_token_id=np.array(0.0)))

@@ -351,7 +351,10 @@ _INT32_MAX = 2**31 - 1
 
 
 def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """An exact integer (no bools, no floats) in [lo, hi], or ValueError naming the parameter."""
+    """An exact integer (no bools, no floats; a 0-d integer array is one) in [lo, hi], or ValueError naming
+    the parameter."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value[()]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)
