@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import numbers
-import operator
 import os
 import queue
 import threading
@@ -381,13 +379,11 @@ def _as_eos(value: Any, vocab: int) -> list[int]:
     """eos_token_id as a list: None, an integer (Python, numpy or a 0-d integer array) or a sequence of them."""
     if value is None:
         return []
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
-    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
-        return [_check_int("eos_token_id", operator.index(value), 0, vocab - 1)]
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise ValueError(f"eos_token_id must be an integer, a list of integers or None, got {value!r}")
-    return [_check_int("eos_token_id", e, 0, vocab - 1) for e in value]
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
+        return [_check_int("eos_token_id", e, 0, vocab - 1) for e in value]
+    if isinstance(value, (int, np.integer, np.ndarray)):  # _check_int takes 0-d integer arrays, refuses bools
+        return [_check_int("eos_token_id", value, 0, vocab - 1)]
+    raise ValueError(f"eos_token_id must be an integer, a list of integers or None, got {value!r}")
 
 
 def _as_ids(name: str, value: Any, vocab: int) -> list[int]:
