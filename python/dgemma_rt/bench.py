@@ -26,9 +26,7 @@ from typing import Any
 import numpy as np
 
 from dgemma_rt.cli import _non_negative_int, _positive_int, _version, run_reporting_errors
-
-# The full-attention pool the engine allocates when not told otherwise.
-_DEFAULT_KV_TOKENS = 16384
+from dgemma_rt.engine import DEFAULT_KV_CACHE_TOKENS  # the pool the engine allocates when not told otherwise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -487,7 +485,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         canvas = _read_json(ckpt / "config.json").get("canvas_length") or 256
         canvases = math.ceil(args.new_tokens / canvas)
         needed = args.batch * (args.prompt_len + canvases * canvas)
-        kv_tokens = max(_DEFAULT_KV_TOKENS, needed)
+        kv_tokens = max(DEFAULT_KV_CACHE_TOKENS, needed)
 
     if on_cpu:  # the CPU backend reads the weights from the map as stored; a GPU's live on the device
         check_cpu_memory(checkpoint_shape(ckpt), stored_bytes=None if (quant or dense_quant) else

@@ -362,8 +362,9 @@ def run(
         # as a failed deployment with the cause in the Serve controller's log: the Engine's own checks
         # (device, options, the checkpoint's files, memory) and a port another process listens on.
         from dgemma_rt import _core
+        from dgemma_rt.engine import DEFAULT_KV_CACHE_TOKENS
 
-        kv = build_kwargs.get("kv_cache_tokens") or 16384
+        kv = build_kwargs.get("kv_cache_tokens") or DEFAULT_KV_CACHE_TOKENS
         _core.check_checkpoint(os.fspath(checkpoint), build_kwargs.get("device", "cpu"), int(kv),
                                int(build_kwargs.get("max_batch_size", 8)), int(build_kwargs.get("num_threads") or 0))
         _check_port_free(host, port)
