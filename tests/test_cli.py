@@ -114,6 +114,30 @@ def test_make_tiny_loads_in_engine(tiny_dir):
     assert out.sequences.shape == (1, 4 + tiny.CANVAS_LENGTH)
 
 
+def test_checkpoint_directory_name_not_utf8(tmp_path, tiny_dir):
+    """A directory whose name is not valid UTF-8 loads as str (surrogate escapes), bytes or Path, tokenizer too."""
+    import shutil
+
+    import dgemma_rt
+
+    raw = os.path.join(os.fsencode(tmp_path), b"ckpt-\xff\xfe")
+    name = os.fsdecode(raw)
+    shutil.copytree(tiny_dir, name)
+    want = None
+    for arg in (name, raw, pathlib.Path(name)):
+        engine = dgemma_rt.Engine(arg)
+        assert engine.path == name
+        assert engine.tokenizer is not None and engine.tokenizer.vocab_size == 2048
+        out = engine.generate([[2, 10, 11, 12]], max_new_tokens=8, max_denoising_steps=2, seed=3)
+        want = out.sequences if want is None else want
+        np.testing.assert_array_equal(out.sequences, want)
+    dgemma_rt._core.check_checkpoint(name)
+    with pytest.raises(dgemma_rt.CheckpointError, match=r"ckpt-\\xff\\xfe-missing does not exist"):
+        dgemma_rt.Engine(name + "-missing")
+    with pytest.raises(ValueError, match="path must be a str, bytes or os.PathLike, got int"):
+        dgemma_rt._core.Engine(3)
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 

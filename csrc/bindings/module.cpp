@@ -246,6 +246,16 @@ int int_arg(py::handle v, const char* name, long long lo = INT32_MIN, long long 
   return static_cast<int>(x);
 }
 
+// A file system path as the OS spells it (str, bytes or os.PathLike, through os.fsencode), so a
+// directory whose name is not valid UTF-8 (a str with surrogate escapes) loads like any other.
+std::string fs_path(py::handle v, const char* name) {
+  DG_REQUIRE(PyUnicode_Check(v.ptr()) || PyBytes_Check(v.ptr()) || PyObject_HasAttrString(v.ptr(), "__fspath__"),
+             InvalidArgument,
+             name << " must be a str, bytes or os.PathLike, got "
+                  << printable(py::str(py::type::of(v).attr("__name__")).cast<std::string>()));
+  return py::module_::import("os").attr("fsencode")(v).cast<std::string>();
+}
+
 SamplerParams sampler_params(const py::dict& p) {
   SamplerParams sp;
   sp.max_new_tokens = int_arg(p["max_new_tokens"], "max_new_tokens", 1);
@@ -378,8 +388,9 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  m.def("check_checkpoint", [](const std::string& path, const std::string& device, py::object kv_cache_tokens,
+  m.def("check_checkpoint", [](py::object path_arg, const std::string& device, py::object kv_cache_tokens,
                                py::object max_batch_size, py::object num_threads) {
+    const std::string path = fs_path(path_arg, "path");
     EngineOptions o;
     o.device = device;
     o.kv_cache_tokens = int_arg(kv_cache_tokens, "kv_cache_tokens", 1);
@@ -453,10 +464,11 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("layer"), py::arg("row"));
 
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init([](const std::string& path, const std::string& device, py::object kv_cache_tokens,
+      .def(py::init([](py::object path_arg, const std::string& device, py::object kv_cache_tokens,
                        py::object max_batch_size, py::object num_threads, py::object progress,
                        py::object random_weights, bool random_nvfp4_experts,
                        const std::string& cpu_weights) {
+             const std::string path = fs_path(path_arg, "path");
              EngineOptions o;
              o.device = device;
              DG_REQUIRE(cpu_weights == "stored" || cpu_weights == "float32" || cpu_weights == "bf16", InvalidArgument,

@@ -488,7 +488,7 @@ class Engine:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | bytes | os.PathLike,
         device: str = "cpu",
         kv_cache_tokens: int | None = None,
         max_batch_size: int = 8,
@@ -499,7 +499,7 @@ class Engine:
         random_weights: int | None = None,
         cpu_weights: str = "bf16",
     ):
-        path = os.fspath(path)
+        path = os.fsdecode(path)  # str (bytes the file system has that are not UTF-8: surrogate escapes)
         if cpu_weights not in ("stored", "float32", "bf16"):
             raise ValueError(f"cpu_weights must be 'stored', 'float32' or 'bf16', got {cpu_weights!r}")
         if quant not in (None, "nvfp4"):
@@ -564,7 +564,7 @@ class Engine:
     def _from_native(cls, native: Any, path: str | os.PathLike, device: str = "cpu") -> "Engine":
         """Wraps a native engine made elsewhere (the test suite's backends without some ops)."""
         engine = cls.__new__(cls)
-        engine._attach(native, os.fspath(path), device)
+        engine._attach(native, os.fsdecode(path), device)
         return engine
 
     # ------------------------------------------------------------------ introspection

@@ -69,12 +69,12 @@ def _regular_file(path: pathlib.Path, max_bytes: int) -> bool:
     return True
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _read_text(path: pathlib.Path, max_bytes: int = _MAX_TEXT_FILE_BYTES) -> str:
     try:
         with open(path, "rb") as f:
-            data = f.read(_MAX_TEXT_FILE_BYTES + 1)
-        if len(data) > _MAX_TEXT_FILE_BYTES:
-            raise _checkpoint_error(f"{path} is more than {_MAX_TEXT_FILE_BYTES} bytes")
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise _checkpoint_error(f"{path} is more than {max_bytes} bytes")
         return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise _checkpoint_error(f"cannot read {path}: {e}") from e
@@ -119,8 +119,11 @@ class Tokenizer:
         tok_file = root / "tokenizer.json"
         if not _regular_file(tok_file, _MAX_TOKENIZER_BYTES):
             return None
+        # Read here and parsed from the string: tokenizers takes a path only as valid UTF-8, and a
+        # checkpoint directory's name need not be (Python spells such bytes as surrogate escapes).
+        text = _read_text(tok_file, _MAX_TOKENIZER_BYTES)
         try:
-            tok = _HFTokenizer.from_file(str(tok_file))
+            tok = _HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise _checkpoint_error(f"cannot read {tok_file}: {str(e)[:300]}") from e
         config: dict[str, Any] = {}
