@@ -287,6 +287,36 @@ def test_quantize_at_load_time(tiny_pair):
         dgemma_rt.Engine(base, quant="int4")
 
 
+def test_requantizing_a_quantized_checkpoint(tiny_pair, tmp_path, monkeypatch):
+    """Nothing left to quantize is an error before anything is written (dgemma-quantize printed "quantized 0
+    tensors" and made a copy); Engine(quant=...) loads such a checkpoint as it is; a second pass that does
+    quantize something keeps the first pass's entry in quantization_config."""
+    base, quant, _ = tiny_pair
+    assert nvfp4.quantize_plan(quant) == [] and len(nvfp4.quantize_plan(base)) == 12
+    with pytest.raises(ValueError, match=r"nothing to quantize .*\(quantized already\?\)"):
+        nvfp4.quantize_checkpoint(quant, tmp_path / "again")
+    r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(quant), str(tmp_path / "again")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "nothing to quantize" in r.stderr and "quantized 0" not in r.stdout, r
+    assert list(tmp_path.iterdir()) == []
+
+    both = tmp_path / "both"
+    names = nvfp4.quantize_checkpoint(quant, both, dense="fp8")
+    assert names and all(nvfp4.is_dense_weight(n) for n in names)
+    cfg = json.loads((both / "config.json").read_text())["quantization_config"]
+    assert cfg["quantized"] == "dense_fp8+moe_experts" and cfg["quant_method"] == "nvfp4"
+
+    def no_copy(*a, **k):
+        raise AssertionError("copied a checkpoint that needs no quantizing")
+
+    monkeypatch.setattr(nvfp4, "quantize_checkpoint", no_copy)
+    a = dgemma_rt.Engine(quant, quant="nvfp4", num_threads=2)
+    b = dgemma_rt.Engine(quant, num_threads=2)
+    kw = dict(max_new_tokens=64, max_denoising_steps=4, seed=5)
+    np.testing.assert_array_equal(a.generate([[40, 41, 42]], **kw).sequences, b.generate([[40, 41, 42]], **kw).sequences)
+    assert a.quant == "nvfp4" and a.path == str(quant)
+
+
 def test_dense_projections_behind_a_flag(tiny_pair, tmp_path):
     base, _, _ = tiny_pair
     dst = tmp_path / "dense"

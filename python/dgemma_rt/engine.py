@@ -529,17 +529,20 @@ class Engine:
             if seed is None and (quant is not None or dense_quant is not None):
                 import tempfile
 
-                from dgemma_rt.nvfp4 import quantize_checkpoint
+                from dgemma_rt.nvfp4 import quantize_checkpoint, quantize_plan
 
                 # What the native constructor checks (options, configs, memory, headers, tensors) before
                 # the quantizer reads a byte of data: the same CheckpointError as without quant.
                 def check(p: str) -> None:
                     _core.check_checkpoint(p, device, kv, mbs, threads)
 
-                tmp = tempfile.TemporaryDirectory(prefix="dgemma-quant-")
-                quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant, experts=quant == "nvfp4",
-                                    check=check)
-                load_path = tmp.name
+                check(path)
+                # A checkpoint stored in these formats already is loaded as it is, not copied.
+                if quantize_plan(path, dense=dense_quant, experts=quant == "nvfp4"):
+                    tmp = tempfile.TemporaryDirectory(prefix="dgemma-quant-")
+                    quantize_checkpoint(path, tmp.name, progress=progress, dense=dense_quant,
+                                        experts=quant == "nvfp4", check=check)
+                    load_path = tmp.name
             self._native = _core.Engine(load_path, device, kv, mbs, threads, callback, seed,
                                         seed is not None and quant == "nvfp4", cpu_weights)
         finally:

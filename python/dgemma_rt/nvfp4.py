@@ -456,6 +456,17 @@ def read_json_file(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> 
     return _parse_json(text, path)
 
 
+def read_safetensors_header(path: str | os.PathLike) -> tuple[list[tuple[str, str, list[int]]], dict[str, str]]:
+    """(name, dtype string, shape) of each tensor in file order, and the metadata: the header only,
+    checked as ``read_safetensors`` checks it, no tensor data read."""
+    fd, size = _open_regular(path)
+    try:
+        entries, meta, _, _ = _read_header(fd, size, path)
+        return [(name, dt, shape) for name, dt, shape, _ in entries], meta
+    finally:
+        os.close(fd)
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
     """name -> (dtype string, array; BF16 as float32, F8_E4M3 as raw codes), and the metadata.
 
@@ -465,49 +476,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, tuple[str, np.n
     """
     fd, size = _open_regular(path)
     try:
-        if size < 8:
-            raise _checkpoint_error(path, f"not a safetensors file ({size} bytes)")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                raise _checkpoint_error(path, f"header length {n} is larger than the file ({size} bytes) "
-                                              f"or the {MAX_HEADER_BYTES}-byte limit")
-            raw_header = f.read(n)
-        header = _parse_json(raw_header, f"{os.fspath(path)}: header")
-        if not isinstance(header, dict):
-            raise _checkpoint_error(path, "the header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise _checkpoint_error(path, "__metadata__ is not a JSON object")
-        base, data_len = 8 + n, size - 8 - n
-        entries = []
-        spans = []
-        for name, info in header.items():
-            where = f"tensor {name!r}"
-            if not isinstance(info, dict):
-                raise _checkpoint_error(path, f"{where}: not a JSON object")
-            dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-            if not isinstance(dt, str) or dt not in _DTYPES:
-                raise _checkpoint_error(path, f"{where} has unsupported dtype {str(dt)[:32]!r}")
-            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-                raise _checkpoint_error(path, f"{where}: shape must be a list of non-negative integers")
-            if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs)
-                    or offs[0] > offs[1] or offs[1] > data_len):
-                raise _checkpoint_error(path, f"{where}: data_offsets must be [begin, end] inside the "
-                                              f"{data_len} bytes of data")
-            count = 1
-            for d in shape:
-                count *= d
-            if count * _DTYPES[dt][1] != offs[1] - offs[0]:
-                raise _checkpoint_error(path, f"{where}: shape {shape} of {dt} needs {count * _DTYPES[dt][1]} "
-                                              f"bytes but data_offsets span {offs[1] - offs[0]}")
-            entries.append((name, dt, shape, offs))
-            if offs[1] > offs[0]:
-                spans.append((offs[0], offs[1], name))
-        spans.sort()
-        for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
-            if b0 < a1:
-                raise _checkpoint_error(path, f"tensors {an!r} and {bn!r} overlap")
+        entries, meta, base, data_len = _read_header(fd, size, path)
         out = {}
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if data_len else None
         try:
@@ -524,6 +493,55 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, tuple[str, np.n
         return out, meta
     finally:
         os.close(fd)
+
+
+def _read_header(fd: int, size: int, path: str | os.PathLike) -> tuple[list[Any], dict[str, str], int, int]:
+    """The checked header of the open file ``fd``: entries (name, dtype, shape, data_offsets), the
+    metadata, where the data starts and how long it is."""
+    if size < 8:
+        raise _checkpoint_error(path, f"not a safetensors file ({size} bytes)")
+    with os.fdopen(fd, "rb", closefd=False) as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise _checkpoint_error(path, f"header length {n} is larger than the file ({size} bytes) "
+                                          f"or the {MAX_HEADER_BYTES}-byte limit")
+        raw_header = f.read(n)
+    header = _parse_json(raw_header, f"{os.fspath(path)}: header")
+    if not isinstance(header, dict):
+        raise _checkpoint_error(path, "the header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise _checkpoint_error(path, "__metadata__ is not a JSON object")
+    base, data_len = 8 + n, size - 8 - n
+    entries = []
+    spans = []
+    for name, info in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(info, dict):
+            raise _checkpoint_error(path, f"{where}: not a JSON object")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dt, str) or dt not in _DTYPES:
+            raise _checkpoint_error(path, f"{where} has unsupported dtype {str(dt)[:32]!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _checkpoint_error(path, f"{where}: shape must be a list of non-negative integers")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs)
+                or offs[0] > offs[1] or offs[1] > data_len):
+            raise _checkpoint_error(path, f"{where}: data_offsets must be [begin, end] inside the "
+                                          f"{data_len} bytes of data")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * _DTYPES[dt][1] != offs[1] - offs[0]:
+            raise _checkpoint_error(path, f"{where}: shape {shape} of {dt} needs {count * _DTYPES[dt][1]} "
+                                          f"bytes but data_offsets span {offs[1] - offs[0]}")
+        entries.append((name, dt, shape, offs))
+        if offs[1] > offs[0]:
+            spans.append((offs[0], offs[1], name))
+    spans.sort()
+    for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise _checkpoint_error(path, f"tensors {an!r} and {bn!r} overlap")
+    return entries, meta, base, data_len
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, tuple[str, np.ndarray]],
@@ -562,6 +580,40 @@ def is_dense_weight(name: str) -> bool:
     return ".layers." in name and name.endswith(_DENSE_SUFFIXES)
 
 
+def _quant_format(name: str, dt: str, shape: Sequence[int], dense: str | None, experts: bool) -> str | None:
+    """How ``quantize_checkpoint`` stores a tensor: ``"nvfp4"``, ``"fp8"``, or None (copied as it is)."""
+    if dt not in ("F32", "BF16", "F16"):  # stored quantized already
+        return None
+    expert = experts and is_expert_weight(name) and len(shape) == 3
+    linear = dense is not None and is_dense_weight(name) and len(shape) == 2
+    if linear and dense == "fp8":
+        return "fp8"
+    if (expert or linear) and shape[-1] % GROUP == 0:
+        return "nvfp4"
+    return None
+
+
+def _checkpoint_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """The safetensors files the engine reads (those the index names, else every *.safetensors) and the index."""
+    index_path = src / "model.safetensors.index.json"
+    src_index = read_json_file(index_path, MAX_INDEX_BYTES) if os.path.lexists(index_path) else None
+    if src_index is not None:
+        files = sorted({src / f for f in src_index["weight_map"].values()})
+    else:
+        files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise _checkpoint_error(src, "holds no *.safetensors files")
+    return files, src_index
+
+
+def quantize_plan(src: str | os.PathLike, dense: str | None = None, experts: bool = True) -> list[str]:
+    """The tensors ``quantize_checkpoint(src, ..., dense=dense, experts=experts)`` would quantize, from the
+    safetensors headers alone: empty when there is nothing to do (the weights are stored quantized already)."""
+    files, _ = _checkpoint_files(Path(src))
+    return [name for f in files for name, dt, shape in read_safetensors_header(f)[0]
+            if _quant_format(name, dt, shape, dense, experts) is not None]
+
+
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = False,
                         dense: bool | str | None = None, experts: bool = True,
                         check: Any = None) -> list[str]:
@@ -573,7 +625,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     given, else ``_core.check_checkpoint`` with one batch row): anything wrong with the checkpoint
     is a ``dgemma_rt.CheckpointError`` naming the file and the reason, as ``Engine(src)`` would raise.
 
-    Returns the names of the quantized tensors.
+    Returns the names of the quantized tensors. A checkpoint with nothing to quantize (its weights are
+    stored quantized already; see ``quantize_plan``) is a ValueError, before anything is written.
     """
     dense = "nvfp4" if dense is True else (dense or None)
     if dense not in (None, "nvfp4", "fp8"):
@@ -600,15 +653,11 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         raise ValueError(f"{dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()):
         raise ValueError(f"{dst} is not empty: quantize into a new or empty directory")
-    # The files the engine reads: those the index names, else every *.safetensors.
-    index_path = src / "model.safetensors.index.json"
-    src_index = read_json_file(index_path, MAX_INDEX_BYTES) if os.path.lexists(index_path) else None
-    if src_index is not None:
-        files = sorted({src / f for f in src_index["weight_map"].values()})
-    else:
-        files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise _checkpoint_error(src, "holds no *.safetensors files")
+    files, src_index = _checkpoint_files(src)
+    if not quantize_plan(src, dense, experts):
+        what = " and ".join((["the MoE experts"] if experts else []) + ([f"the dense layers ({dense})"] if dense else []))
+        raise ValueError(f"nothing to quantize in {os.fspath(src)}: {what} are not stored as floating point "
+                         "(quantized already?), or are not in the expected shapes")
     # Written into a hidden partial directory and moved into place when complete (config.json last), so a
     # failed or interrupted run (a full disk, Ctrl-C, SIGTERM) leaves no checkpoint that loads. An existing
     # (empty) dst holds it, so the moves stay on its filesystem (a mount point) and need no rights on its
@@ -646,18 +695,16 @@ def _quantize_into(src: Path, dst: Path, files: list[Path], src_index: dict[str,
         tensors, meta = read_safetensors(f)
         out: dict[str, tuple[str, np.ndarray]] = {}
         for name, (dt, arr) in tensors.items():
-            floating = dt in ("F32", "BF16", "F16")  # tensors stored quantized already stay as they are
-            expert = floating and experts and is_expert_weight(name) and arr.ndim == 3
-            linear = floating and dense is not None and is_dense_weight(name) and arr.ndim == 2
-            if (expert or linear) and not np.all(np.isfinite(arr)):
+            fmt = _quant_format(name, dt, arr.shape, dense, experts)
+            if fmt is not None and not np.all(np.isfinite(arr)):
                 raise _checkpoint_error(f, f"tensor {name!r} holds NaN or Inf: it cannot be quantized")
-            if linear and dense == "fp8":
+            if fmt == "fp8":
                 codes, scale = quantize_fp8(arr)
                 out[name] = ("F8_E4M3", codes)
                 out[name + "_scale"] = ("F32", scale)
                 done.append(name)
-            elif (expert or linear) and arr.shape[-1] % GROUP == 0:
-                packed, scales, gscale = quantize(arr, per_leading=expert)
+            elif fmt == "nvfp4":
+                packed, scales, gscale = quantize(arr, per_leading=arr.ndim == 3)
                 out[name] = ("U8", packed)
                 out[name + "_scale"] = ("F8_E4M3", scales)
                 out[name + "_scale_2"] = ("F32", gscale)
@@ -679,7 +726,12 @@ def _quantize_into(src: Path, dst: Path, files: list[Path], src_index: dict[str,
         (dst / "model.safetensors.index.json").write_text(json.dumps(src_index, indent=2) + "\n")
     cfg = read_json_file(src / "config.json")
     parts = (["moe_experts"] if experts else []) + ([f"dense_{dense}"] if dense else [])
-    cfg["quantization_config"] = {"quant_method": "nvfp4" if experts or dense == "nvfp4" else "fp8",
+    # A second pass over a copy of ours (FP8 dense layers added to NVFP4 experts) keeps what the first did.
+    before = cfg.get("quantization_config")
+    if isinstance(before, dict) and before.get("producer") == "dgemma-quantize":
+        parts = sorted(set(parts) | set(str(before.get("quantized", "")).split("+")) - {""})
+    cfg["quantization_config"] = {"quant_method": "nvfp4" if "moe_experts" in parts or "dense_nvfp4" in parts
+                                  else "fp8",
                                   "group_size": GROUP, "quantized": "+".join(parts),
                                   "producer": "dgemma-quantize"}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
