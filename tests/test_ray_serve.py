@@ -310,6 +310,7 @@ def test_cli_serve_ray_arguments(monkeypatch, tiny_dir):
     assert cli.main(["serve", str(tiny_dir), "--replicas", "2"]) == 2  # Ray flags without --ray
     assert cli.main(["serve", str(tiny_dir), "--ray", "--replicas", "3", "--max-replicas", "2"]) == 2
     assert cli.main(["serve", str(tiny_dir), "--ray", "--device", "cuda"]) == 2  # replicas would see no GPU
+    assert cli.main(["serve", str(tiny_dir), "--ray", "--device", "cuda:1", "--gpus-per-replica", "1"]) == 2
     assert cli.main(["serve", str(tiny_dir), "--ray", "--max-queue", "0"]) == 2  # Serve's queue is -1 or >= 1
 
 
@@ -333,6 +334,16 @@ def test_build_refuses_what_the_cli_refuses(tiny_dir):
         ray_serve.build(str(tiny_dir), replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="checkpoint is empty"):
         ray_serve.build("")
+    # A replica sees only the ceil(num_gpus) GPUs Ray assigns it, as cuda:0, cuda:1, ...
+    for device, num_gpus, words in (("cuda", 0, "needs GPUs per replica"), ("cuda:0", 0, "needs GPUs"),
+                                    ("cuda:1", 1, r"sees 1, as cuda:0$"), ("cuda:2", 2, "sees 2, as cuda:0 to cuda:1"),
+                                    ("cuda:1", 0.5, "sees 1")):
+        with pytest.raises(ValueError, match=words):
+            ray_serve.build(str(tiny_dir), device=device, num_gpus=num_gpus)
+        with pytest.raises(ValueError, match=words):
+            ray_serve.app_builder({"checkpoint": str(tiny_dir), "device": device, "num_gpus": num_gpus})
+    for device, num_gpus in (("cuda", 0.5), ("cuda:1", 2), ("cpu", 0), ("cpu", 1)):
+        ray_serve.build(str(tiny_dir), device=device, num_gpus=num_gpus)
     for field in ("num_cpus", "num_gpus", "stall_timeout_s"):
         with pytest.raises(ValueError, match=field):  # pydantic's ValidationError: no inf or NaN
             ray_serve.app_builder({"checkpoint": str(tiny_dir), field: float("inf")})

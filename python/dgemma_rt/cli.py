@@ -207,8 +207,7 @@ def _cmd_serve_ray(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-replicas {args.max_replicas} is below --replicas {replicas}")
     if args.max_queue == 0:
         raise ValueError("--max-queue 0 is not available with --ray: Serve's queue holds at least 1 request")
-    if args.device != "cpu" and not args.gpus_per_replica:
-        raise ValueError(f"--device {args.device} needs --gpus-per-replica (a replica sees only the GPUs Ray gives it)")
+    ray_serve._check_replica_device(args.device, args.gpus_per_replica or 0)
     ray_serve.run(
         args.checkpoint,
         host=args.host,

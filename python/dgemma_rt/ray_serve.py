@@ -36,6 +36,7 @@ progress for ``stall_timeout_s``; Serve then replaces it, as it does a replica w
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -253,6 +254,7 @@ def build(
     """
     if not os.fspath(checkpoint):
         raise ValueError("checkpoint is empty: give the checkpoint directory's path")
+    _check_replica_device(device, num_gpus)
     path = os.path.abspath(os.fspath(checkpoint))  # replicas do not run in this process's directory
     name = model_name or os.path.basename(os.path.normpath(path))
     queue = 1 if replica_queue is None else replica_queue
@@ -309,6 +311,21 @@ def app_builder(args: "AppArgs | dict[str, Any]") -> "serve.Application":
     return build(**args.model_dump())
 
 
+def _check_replica_device(device: str, num_gpus: float) -> None:
+    """A CUDA device a replica cannot see: Ray shows a replica only the ceil(num_gpus) GPUs it assigns
+    (CUDA_VISIBLE_DEVICES), numbered from 0, so every replica would fail to start."""
+    kind, _, index = str(device).partition(":")
+    if kind != "cuda":
+        return  # "cpu", or what the engine's own check names as unknown
+    visible = math.ceil(num_gpus)
+    if visible == 0:
+        raise ValueError(f"device {device!r} needs GPUs per replica (num_gpus, --gpus-per-replica): "
+                         "a replica sees only the GPUs Ray gives it")
+    if index.isdigit() and int(index) >= visible:
+        raise ValueError(f"device {device!r}: a replica with {num_gpus:g} GPU(s) (num_gpus, --gpus-per-replica) "
+                         f"sees {visible}, as cuda:0" + (f" to cuda:{visible - 1}" if visible > 1 else ""))
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
@@ -352,6 +369,7 @@ def run(
     a running cluster (only this application is removed on exit). Serve's HTTP proxy listens on
     ``host:port`` on every node it runs on.
     """
+    _check_replica_device(build_kwargs.get("device", "cpu"), build_kwargs.get("num_gpus") or 0)
     import ray
 
     local = address is None
