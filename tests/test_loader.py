@@ -306,6 +306,13 @@ def test_bad_arguments(guarded_engine, case):
         guarded_engine.generate(ids, max_denoising_steps=kwargs.pop("max_denoising_steps", 4), **kwargs)
 
 
+def test_encode_takes_at_most_1024_rows(guarded_engine):
+    """encode runs all of a cache's rows in one pass (so does denoise_logits on it): past 1024 (the attention
+    grids end at 65535) a ValueError, not a CUDA launch error."""
+    with pytest.raises(ValueError, match="1025 rows: one call takes 1 to 1024 rows"):
+        guarded_engine.encode([[10, 11]] * 1025)
+
+
 def test_cache_of_another_engine_is_refused(guarded_engine, base_ckpt):
     import dgemma_rt
 

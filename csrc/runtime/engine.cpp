@@ -68,9 +68,11 @@ void check_memory(const ModelConfig& cfg, const EngineOptions& o) {
                  << ", sliding-window KV pool " << format_bytes(m.sliding_pool) << " for sliding_window "
                  << cfg.sliding_window << ", step buffers " << format_bytes(m.workspace) << ") but " << lim.source
                  << " allows " << format_bytes(limit) << ": lower kv_cache_tokens or max_batch_size");
-  DG_REQUIRE(m.full_blocks <= INT_MAX && m.sliding_blocks <= INT_MAX, InvalidArgument,
+  // Slots (block * block_size + offset) are int32 in the caches and the kernels: a wrapped one is negative, and
+  // the K/V write drops it without a fault.
+  DG_REQUIRE(m.full_blocks * o.block_size <= INT_MAX && m.sliding_blocks * o.block_size <= INT_MAX, InvalidArgument,
              "kv_cache_tokens " << o.kv_cache_tokens << " / max_batch_size " << o.max_batch_size
-                                << " give more KV blocks than the pool can count");
+                                << " give more KV slots than the pool can count (2^31 - 1)");
 }
 
 void check_owner(const CacheSet& cache, const BlockPool* pool) {
@@ -179,6 +181,10 @@ std::vector<OpTime> Engine::take_profile() {
 }
 
 std::shared_ptr<CacheSet> Engine::new_cache(int batch) const {
+  // encode / denoise_logits run all of a cache's rows in one pass (the scheduler's batches stop at
+  // max_batch_size); the attention kernels' grids take at most 65535 rows.
+  DG_REQUIRE(batch >= 1 && batch <= kMaxBatchSize, InvalidArgument,
+             "a batch of " << batch << " rows: one call takes 1 to " << kMaxBatchSize << " rows");
   auto c = std::make_shared<CacheSet>();
   c->storage = forward_->kv();
   c->forward_mutex = mu_;

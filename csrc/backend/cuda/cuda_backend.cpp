@@ -1369,6 +1369,9 @@ Layout layout(int T, int E, int k, int H, int Im, size_t gemm_ws, bool xp, bool 
 }  // namespace moe_ws
 
 size_t CudaBackend::moe_workspace_bytes(int tokens) const {
+  // The layout counts the T * top_k routed rows in int: the permute's own bound, checked before it is sized.
+  DG_REQUIRE(static_cast<int64_t>(tokens) * cfg_.top_k_experts <= (int64_t{1} << 30), InvalidArgument,
+             "moe_experts: " << tokens << " tokens x top_k " << cfg_.top_k_experts << " routed rows, more than 2^30");
   DeviceGuard g(device_);  // the grouped GEMM's workspace depends on this device's SM count
   return moe_ws::layout(tokens, cfg_.num_experts, cfg_.top_k_experts, cfg_.hidden_size, cfg_.moe_intermediate_size,
                         grouped_ws_bytes(), moe_xp_, moe_h_, nvfp4x4_used_)
