@@ -7,6 +7,10 @@
   results OUT [WORK]          add provenance to each raw dgemma-bench JSON and name it for bench/results/
   summary OUT [WORK]          $OUT/summary.json and summary.md from the steps' records (WORK: where
                               provenance.json and steps.jsonl are; default OUT)
+  pytest-files JOBS WORK FILE...
+                              each test file in a pytest process of its own, JOBS at a time (a device fault
+                              leaves its process's CUDA context unusable: it then costs one file, not every test
+                              after it); JUnit as WORK/junit-gpu-<file>.xml, whole outputs in WORK/logs/tests/
 
 The prebuilt dgemma_rt wheel (tools/gpu_wheels.sh --prebuild; docs/gpu-bringup.md):
   source-hash ROOT [--git]    sha256 of the source files the wheel is built from (--git: fail unless they are
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from typing import Any
 
 _INCLUDE_IN_WHEEL = "cutlass_library/source/include/"
 
@@ -216,6 +221,101 @@ def summary(out: str, work: str | None = None) -> None:
             pass
     (o / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------ the GPU tests
+
+def _junit_counts(path: pathlib.Path) -> dict[str, int] | None:
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    return {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def pytest_files(jobs: str, work: str, *files: str) -> None:
+    """Runs each of ``files`` in a pytest process of its own, ``jobs`` at a time; exits with the worst status.
+
+    An illegal address or a trap leaves the CUDA context of its process unusable, so in one pytest run every
+    test after a faulting one fails too and says nothing. Per file, a fault costs that file. Each file's whole
+    output goes to WORK/logs/tests/<file>.log; this prints a line per file as it ends, then its failures (pytest's
+    short summary), and last the totals from the JUnit files (the step's note). SIGINT (the step's timeout)
+    reaches the children too (the same process group): they write their reports, and this waits for them.
+    """
+    n_jobs = max(1, int(jobs))
+    w = pathlib.Path(work)
+    logs = w / "logs" / "tests"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // n_jobs))  # the numpy references of n_jobs processes at once
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    # The largest files first (the backend's end-to-end tests): a rough guess at the longest-running.
+    queue = sorted(files, key=lambda f: -os.path.getsize(f))
+    running: dict[str, tuple[subprocess.Popen[bytes], float, Any]] = {}
+    status: dict[str, int] = {}
+    t0 = time.time()
+
+    def stem(f: str) -> str:
+        return pathlib.Path(f).stem
+
+    def start(f: str) -> None:
+        log = open(logs / f"{stem(f)}.log", "wb")
+        cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", "--durations=10", "-p", "no:cacheprovider",
+               f"--junitxml={w / f'junit-gpu-{stem(f)}.xml'}", f]
+        running[f] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
+
+    def finish(f: str, rc: int) -> None:
+        proc, began, log = running.pop(f)
+        log.close()
+        status[f] = rc
+        text = (logs / f"{stem(f)}.log").read_text(errors="replace").splitlines()
+        print(f"[tests] {f}: exit {rc} after {time.time() - began:.1f}s (log: logs/tests/{stem(f)}.log)", flush=True)
+        tail = next((i for i, line in enumerate(text) if "short test summary info" in line), None)
+        for line in text[tail:] if tail is not None else text[-3:]:
+            print(f"    {line}", flush=True)
+
+    interrupted = False
+    try:
+        while queue or running:
+            while queue and len(running) < n_jobs:
+                start(queue.pop(0))
+            for f in list(running):
+                rc = running[f][0].poll()
+                if rc is not None:
+                    finish(f, rc)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        interrupted = True
+        for f in list(running):
+            try:
+                rc = running[f][0].wait(timeout=12)  # within timeout's -k grace: pytest writes its report
+            except subprocess.TimeoutExpired:
+                running[f][0].kill()
+                rc = running[f][0].wait()
+            finish(f, rc)
+    for f in queue:
+        print(f"[tests] {f}: not run (interrupted)", flush=True)
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    missing = []
+    for f in status:
+        c = _junit_counts(w / f"junit-gpu-{stem(f)}.xml")
+        if c is None:
+            missing.append(stem(f))
+            continue
+        for k in totals:
+            totals[k] += c[k]
+    bad = [stem(f) for f, rc in status.items() if rc not in (0, 5)]  # 5: no tests collected
+    worst = max((rc for rc in status.values() if rc not in (0, 5)), default=0)
+    print(f"[tests] {len(status)} of {len(files)} files in {time.time() - t0:.0f}s"
+          f"{' (interrupted)' if interrupted else ''}: {totals['tests']} tests, {totals['failures']} failed, "
+          f"{totals['errors']} errors, {totals['skipped']} skipped"
+          + (f"; failing files: {', '.join(bad)}" if bad else "")
+          + (f"; no JUnit from: {', '.join(missing)}" if missing else ""), flush=True)
+    sys.exit(130 if interrupted and not worst else worst)
 
 
 # ------------------------------------------------------------------------------ the prebuilt wheel
@@ -425,7 +525,7 @@ def prebuilt(wheels: str, root: str, arch: str, *flags: str) -> None:
 def main(argv: list[str]) -> None:
     cmds = {"stubs": stubs, "options": options, "cutlass": cutlass, "check-report": check_report,
             "results": results, "summary": summary, "source-hash": source_hash, "stamp": stamp,
-            "prebuilt": prebuilt, "verify-install": verify_install}
+            "prebuilt": prebuilt, "verify-install": verify_install, "pytest-files": pytest_files}
     if not argv or argv[0] not in cmds:
         sys.exit(__doc__)
     cmds[argv[0]](*argv[1:])

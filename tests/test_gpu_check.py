@@ -86,7 +86,7 @@ def test_gpu_check_dry_run():
     assert "--profile --gpu $GPU_KIND" in step["bench-bf16"] and "--profile" not in step["bench-nvfp4"]
     # modules, not console scripts (which need the interpreter's bin on PATH); JUnit beside the logs
     assert "-m dgemma_rt.bench" in step["bench-nvfp4"] and "-m dgemma_rt.cli make-tiny" in step["memcheck"]
-    assert "dgemma-bench " not in out.split("== the plan", 1)[1] and "--junitxml=$WORK/junit-gpu.xml" in step["tests"]
+    assert "dgemma-bench " not in out.split("== the plan", 1)[1] and "gpu_check_lib.py pytest-files 4 $WORK" in step["tests"]
 
 
 def test_gpu_check_dry_run_names_a_missing_wheel(tmp_path):
@@ -342,3 +342,61 @@ def test_gpu_check_dry_run_reports_a_stale_prebuilt_wheel(tmp_path):
                           text=True, timeout=300)
     assert "note: no prebuilt dgemma_rt wheel in " in proc.stdout and "the build step compiles from source" \
         in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------ the tests step: one pytest process per file
+
+def _test_files(tmp_path):
+    files = {"test_a_pass.py": "def test_one():\n    pass\n\ndef test_two():\n    pass\n",
+             "test_b_fail.py": "import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n\n"
+                               "@pytest.mark.skip(reason='no GPU')\ndef test_skipped():\n    pass\n",
+             "test_c_pass.py": "def test_three():\n    pass\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return [str(tmp_path / n) for n in files]
+
+
+def test_pytest_files_runs_each_file_alone_and_totals_them(tmp_path):
+    """A failing file fails the step but not the others (a device fault costs one file); the last line (the
+    step's note) totals the JUnit files and names the failing file."""
+    work = tmp_path / "work"
+    proc = subprocess.run([*LIB, "pytest-files", "2", str(work), *_test_files(tmp_path)], capture_output=True,
+                          text=True, timeout=240, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("[tests] 3 of 3 files in ") and ": 6 tests, 1 failed, 0 errors, 1 skipped; " \
+        "failing files: test_b_fail" in last, out
+    assert "FAILED test_b_fail.py::test_bad" in out, out
+    for stem in ("test_a_pass", "test_b_fail", "test_c_pass"):
+        assert (work / f"junit-gpu-{stem}.xml").is_file() and (work / "logs" / "tests" / f"{stem}.log").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
+def test_pytest_files_interrupted_keeps_the_reports(tmp_path):
+    """SIGINT to the group (the step's timeout): the running file writes its JUnit, the queued ones are named."""
+    import signal
+    import time
+
+    started = tmp_path / "started"
+    (tmp_path / "test_a_slow.py").write_text(
+        "# the largest file: run first\n" + "#" * 400 + "\nimport pathlib, time\n\ndef test_done():\n    pass\n\n"
+        f"def test_slow():\n    pathlib.Path({str(started)!r}).touch()\n    time.sleep(120)\n")
+    files = [str(tmp_path / "test_a_slow.py"), *_test_files(tmp_path)]
+    work = tmp_path / "work"
+    proc = subprocess.Popen([*LIB, "pytest-files", "1", str(work), *files], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not started.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert started.exists()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out
+    assert "not run (interrupted)" in out and "(interrupted)" in out.strip().splitlines()[-1], out
+    assert (work / "junit-gpu-test_a_slow.xml").is_file(), out
+    assert "1 of 4 files" in out.strip().splitlines()[-1], out
