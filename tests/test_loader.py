@@ -446,6 +446,64 @@ class Boom(Exception):
     pass
 
 
+def _free(engine):
+    s = engine.kv_pool_stats()
+    return s["full_free"] == s["full_total"] and s["sliding_free"] == s["sliding_total"]
+
+
+@pytest.mark.parametrize("refers_back", [False, True])
+def test_failed_request_dropped_unread_gives_its_blocks_back(guarded_engine, base_ckpt, refers_back):
+    """A request whose callback raised, dropped without result(): the native request keeps the exception,
+    whose traceback refers back to the Request. It held its KV blocks forever (127 such requests filled the
+    tiny model's pool). Now there is no cycle unless the callback itself refers to the request, and the
+    garbage collector sees the one through native code when it does."""
+    engine = guarded_engine
+    ids = make_prompt(3, 1, 5, base_ckpt.vocab_size)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            holder = {}
+
+            def hook(array, holder=holder):
+                if refers_back:
+                    holder["req"].cancel  # the callback's frame refers to the request, as user code may
+                raise Boom("unread")
+
+            req = engine.submit(ids, on_step=hook, **SMALL)
+            holder["req"] = req if refers_back else None
+            assert req.wait(60)
+            del req, holder, hook
+            if not refers_back:
+                assert _free(engine)  # no cycle: freed on the spot
+        if refers_back:
+            assert not _free(engine)
+            gc.collect()
+            assert _free(engine)
+    finally:
+        gc.enable()
+
+
+def test_failed_request_on_a_past_cache_lets_go_of_it(guarded_engine, base_ckpt):
+    """result() keeps the request's error and re-raises it, which puts its own frame into the traceback: a
+    pure Python cycle that lived until the garbage collector ran, with the past_key_values passed in."""
+    engine = guarded_engine
+    ids = make_prompt(4, 1, 5, base_ckpt.vocab_size)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            past = engine.encode(ids)
+            req = engine.submit(ids, past_key_values=past, on_step=lambda a: (_ for _ in ()).throw(Boom("x")),
+                                **SMALL)
+            with pytest.raises(Boom):
+                req.result()
+            del req, past
+            assert _free(engine)
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("callback", ["on_step", "on_block"])
 def test_exception_in_callback(guarded_engine, base_ckpt, callback):
     engine = guarded_engine

@@ -108,11 +108,31 @@ class PyCallbackError final : public std::exception {
   void restore() const {
     PyErr_Restore(err_->type().inc_ref().ptr(), err_->value().inc_ref().ptr(), err_->trace().inc_ref().ptr());
   }
+  // For the garbage collector (tp_traverse of the request that holds this error): the exception's
+  // traceback holds the callback's frames, which often refer back to that request.
+  int visit(visitproc visit, void* arg) const {
+    Py_VISIT(err_->type().ptr());
+    Py_VISIT(err_->value().ptr());
+    Py_VISIT(err_->trace().ptr());
+    return 0;
+  }
 
  private:
   std::string msg_;
   std::shared_ptr<py::error_already_set> err_;
 };
+
+// Visits the Python objects of `error` when it is a callback's exception (tp_traverse).
+int visit_callback_error(const std::exception_ptr& error, visitproc visit, void* arg) {
+  if (!error) return 0;
+  try {
+    std::rethrow_exception(error);
+  } catch (const PyCallbackError& e) {
+    return e.visit(visit, arg);
+  } catch (...) {
+  }
+  return 0;
+}
 
 // Runs f (which calls Python, with the GIL held) so that a Python exception leaves as a PyCallbackError.
 template <typename F>
@@ -849,7 +869,22 @@ PYBIND11_MODULE(_core, m) {
      "names), threads per CTA, dynamic_smem bytes per CTA at the released model's shapes, ctas_per_sm, why");
 #endif
 
-  py::class_<PyRequest>(m, "Request")
+  // A request whose callback raised holds that exception until result() raises it again, and the
+  // exception's traceback holds the callback's frames, which usually refer back to the Python Request
+  // that holds this one: a cycle through native code. Dropped without result(), it kept the request and
+  // its KV blocks forever, unless the garbage collector can see this edge; so the type takes part in GC.
+  py::class_<PyRequest>(m, "Request", py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+                          PyTypeObject* type = &heap_type->ht_type;
+                          type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+                          type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
+                            Py_VISIT(Py_TYPE(self));
+                            if (!py::detail::is_holder_constructed(self)) return 0;
+                            const PyRequest& r = py::cast<const PyRequest&>(py::handle(self));
+                            return r.handle ? visit_callback_error(r.handle->error(), visit, arg) : 0;
+                          };
+                          // No tp_clear: the cycle is broken by clearing the Python objects in it (the
+                          // Request's __dict__ lets go of this one, and its destructor of the error).
+                        }))
       .def_property_readonly("id", [](const PyRequest& r) { return r.handle->id(); })
       .def_property_readonly("status", [](const PyRequest& r) { return status_name(r.handle->status()); })
       .def_property_readonly("done", [](const PyRequest& r) { return r.handle->finished(); })

@@ -129,6 +129,11 @@ const GenerateResult& RequestHandle::result() const {
   return result_;
 }
 
+std::exception_ptr RequestHandle::error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
 // One request's state: the reference's generate loop, cut at the points where the scheduler
 // batches the forwards (encode what is not cached; one decoder pass per step).
 struct Scheduler::Job {

@@ -125,6 +125,9 @@ class RequestHandle {
   bool wait_for(double seconds) const;  // true once finished
   // Waits, then returns the result or rethrows the request's error (Cancelled when cancelled).
   const GenerateResult& result() const;
+  // The request's error once it has ended (null while it runs and after a success). Never waits for
+  // more than the handle's own lock.
+  std::exception_ptr error() const;
   // True on the scheduler thread of the engine that runs this request (inside its callbacks),
   // where waiting for any unfinished request of that engine could never end.
   bool on_scheduler_thread() const { return std::this_thread::get_id() == scheduler_thread_; }

@@ -285,6 +285,10 @@ class Request:
                     finally:
                         self._native = None  # after _final_status: status never goes back to "queued"
                         native = None  # the raised error's traceback holds this frame
+                        # The output has the caches it returns. Re-raising the error below puts this frame
+                        # (self) into its traceback: a cycle only the garbage collector ends, which must not
+                        # keep a KVCache passed in (and its blocks) until it runs.
+                        self._past = None
 
         if self._error is not None:
             raise self._error
@@ -688,14 +692,24 @@ class Engine:
             if not keep_cache:
                 raise ValueError("keep_cache=False would empty the past_key_values passed in; pass keep_cache=True")
         req = Request(self, rows, past_key_values, bool(keep_cache))
+        # The callbacks reach the request through a weak reference (req._on_done holds it until the end):
+        # an exception a user callback raises is kept by the native request, with this frame in its
+        # traceback, until result(); a strong reference here made a cycle through native code.
+        ref = weakref.ref(req)
 
         def step_cb(draft: np.ndarray) -> None:
-            req._on_step(draft)
+            r = ref()
+            if r is not None:
+                r._on_step(draft)
+            r = None
             if on_step is not None:
                 on_step(draft)
 
         def block_cb(block: np.ndarray) -> None:
-            req._on_block(block)
+            r = ref()
+            if r is not None:
+                r._on_block(block)
+            r = None
             if on_block is not None:
                 on_block(block)
 
