@@ -215,10 +215,14 @@ def test_generation_config_types_and_ranges(ckpt, key, value):
 
 
 # ------------------------------------------------------------------------------------------ 7. stability_threshold
-def test_huge_stability_threshold_allocates_no_history(runner, tiny_dir):
-    # [threshold, rows, canvas] of history was 2.5 GB at 10**7; now at most max_denoising_steps deep.
+@pytest.mark.parametrize("steps", [3, 10**7])
+def test_huge_stability_threshold_allocates_no_history(runner, tiny_dir, steps):
+    # [threshold, rows, canvas] of history was 2.5 GB at 10**7, then at most max_denoising_steps deep (which
+    # may be as large: 10**7 steps, here ended after one by a template that locks every position); now it is
+    # one canvas per row and a count, whatever both are.
     res = runner.load(tiny_dir, kwargs={"num_threads": 1},
-                      generate={"max_new_tokens": 64, "max_denoising_steps": 3, "stability_threshold": 2**31 - 1})
+                      generate={"max_new_tokens": 64, "max_denoising_steps": steps, "stability_threshold": 2**31 - 1,
+                                "canvas_template": [[5] * 64]})
     assert res["outcome"] == "loaded", res
     assert res["maxrss"] < 300 << 20, res
 

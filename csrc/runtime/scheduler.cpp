@@ -154,7 +154,12 @@ struct Scheduler::Job {
 
   std::vector<char> finished_seq, finished_denoise, live_at_start;
   std::vector<int> passes, steps_now, active, order;
-  std::vector<int32_t> canvas, argmax, fresh, sample, history;
+  std::vector<int32_t> canvas, argmax, fresh, sample;
+  // Adaptive stopping: each row's previous argmax canvas, and for how many steps in a row (up to the
+  // previous one) it has not changed. "The argmax equals each of the last thr argmaxes" is "it equals the
+  // previous one, which has not changed for thr - 1 steps": O(L) per row, whatever thr is.
+  std::vector<int32_t> prev_argmax;
+  std::vector<int> same_run;
   std::vector<double> uni;
   std::vector<float> entropy;
   float temperature = 1.0f;
@@ -170,7 +175,7 @@ struct Scheduler::Job {
     max_canvases = static_cast<int>((static_cast<long>(req.params.max_new_tokens) + L - 1) / L);
     // A canvas runs at most N steps, so its argmax can never have been stable for N or more
     // earlier steps: any threshold >= N never stops a canvas, exactly as N does. Clamping keeps
-    // the history at most N canvases deep, whatever the caller asked for.
+    // the count of stable steps below N, whatever the caller asked for.
     thr = std::min(req.params.stability_threshold, N);
     skip_finished = req.params.pad_token_id.has_value();
     finished_seq.assign(B, 0), finished_denoise.assign(B, 0), live_at_start.assign(B, 0);
@@ -178,7 +183,7 @@ struct Scheduler::Job {
     const size_t BL = static_cast<size_t>(B) * L;
     canvas.resize(BL), argmax.resize(BL), fresh.resize(BL), sample.resize(BL), uni.resize(BL), entropy.resize(BL);
     lock.assign(BL, SamplerParams::kFree);
-    history.resize(static_cast<size_t>(std::max(thr, 1)) * BL);
+    prev_argmax.resize(BL), same_run.assign(B, 0);
     res.new_tokens.resize(B);
     res.steps_per_canvas.resize(B);
   }
@@ -233,7 +238,8 @@ struct Scheduler::Job {
     argmax = canvas;
     std::fill(finished_denoise.begin(), finished_denoise.end(), 0);
     std::fill(steps_now.begin(), steps_now.end(), 0);
-    std::fill(history.begin(), history.end(), -1);
+    std::fill(prev_argmax.begin(), prev_argmax.end(), -1);  // no step before a canvas's first
+    std::fill(same_run.begin(), same_run.end(), 0);
     have_sc = false;
     step = 1, n = N;
     phase = Phase::kDenoise;
@@ -310,16 +316,10 @@ struct Scheduler::Job {
         continue;
       }
       if (p.adaptive_stopping) {
-        bool stable = true;
-        if (thr > 0) {
-          for (int k = 0; k < thr && stable; ++k)
-            stable = std::equal(argmax.begin() + base, argmax.begin() + base + L,
-                                history.begin() + (static_cast<size_t>(k) * B + r) * L);
-          for (int k = 0; k + 1 < thr; ++k)
-            std::copy_n(history.begin() + (static_cast<size_t>(k + 1) * B + r) * L, L,
-                        history.begin() + (static_cast<size_t>(k) * B + r) * L);
-          std::copy_n(argmax.begin() + base, L, history.begin() + (static_cast<size_t>(thr - 1) * B + r) * L);
-        }
+        const bool same = std::equal(argmax.begin() + base, argmax.begin() + base + L, prev_argmax.begin() + base);
+        same_run[r] = same ? std::min(same_run[r], thr) + 1 : 0;  // earlier steps in a row with this argmax (capped)
+        std::copy_n(argmax.begin() + base, L, prev_argmax.begin() + base);
+        const bool stable = same_run[r] >= thr;
         // Confidence over the free positions.
         std::sort(order.begin(), order.end());  // summed in position order, as without a template
         float esum = 0;

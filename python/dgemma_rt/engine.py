@@ -631,7 +631,7 @@ class Engine:
             return g.get(name) if g.get(name) is not None else _SAMPLER_DEFAULTS[name]
 
         # stability_threshold counts steps: values above max_denoising_steps can never be met
-        # and behave like it (the engine keeps at most max_denoising_steps of history).
+        # and behave like it (the engine keeps one previous argmax per row and a count, whatever it is).
         params = {
             "max_new_tokens": _check_int("max_new_tokens", pick("max_new_tokens"), 1, _INT32_MAX),
             "max_denoising_steps": _check_int("max_denoising_steps", pick("max_denoising_steps"), 1, _INT32_MAX),
