@@ -96,3 +96,66 @@ def test_build_against_installed_api(tiny_dir, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     _check(_run(binary, tiny_dir), tiny_dir)
+
+
+CALLBACK_EDGES = r"""
+#include <cstdio>
+#include <memory>
+#include <string>
+#include "dgemma_rt/engine.h"
+
+int main(int argc, char** argv) {
+  dgemma_rt::EngineOptions o;
+  o.num_threads = 1;
+  dgemma_rt::SamplingParams p;
+  {
+    // generate() inside a callback is refused before it submits anything (it used to leave a request
+    // running that nobody could wait for).
+    dgemma_rt::Engine engine(argv[1], o);
+    p = engine.default_params();
+    p.max_new_tokens = 64, p.max_denoising_steps = 3;
+    std::string refused;
+    dgemma_rt::Callbacks cb;
+    cb.on_step = [&](const dgemma_rt::Draft&) {
+      if (!refused.empty()) return;
+      try {
+        engine.generate({2, 7}, p);
+        refused = "not refused";
+      } catch (const dgemma_rt::Error& e) {
+        refused = e.what();
+      }
+    };
+    engine.submit({2, 5, 6}, p, cb).result();
+    const dgemma_rt::Stats s = engine.stats();
+    std::printf("refused: %s\nrequests: %lld completed, %d running, %d queued\n", refused.c_str(), s.completed,
+                s.running_requests, s.queued_requests);
+  }
+  // The last reference to the engine let go inside its own callback: it used to join its own scheduler
+  // thread and abort ("Resource deadlock avoided").
+  auto engine = std::make_shared<dgemma_rt::Engine>(argv[1], o);
+  dgemma_rt::Callbacks cb;
+  cb.on_step = [engine](const dgemma_rt::Draft&) { (void)engine->stats(); };
+  dgemma_rt::Request r = engine->submit({2, 5, 6}, p, std::move(cb));
+  engine.reset();
+  std::printf("last reference dropped in a callback: %zu new tokens\n", r.result().new_tokens.size());
+  return 0;
+}
+"""
+
+
+def test_callback_edges_of_the_installed_api(tiny_dir, tmp_path):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "edges.cpp"
+    src.write_text(CALLBACK_EDGES)
+    binary = str(tmp_path / "edges")
+    cmd = [cxx, "-std=c++17", "-O1", str(src), "-I", dgemma_rt.get_include(), "-L", dgemma_rt.get_library_dir(),
+           "-ldgemma_core", "-fopenmp", "-pthread", "-o", binary]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([binary, tiny_dir], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    assert "refused: generate() cannot be called inside a callback of the same engine" in p.stdout, p.stdout
+    assert "requests: 1 completed, 0 running, 0 queued" in p.stdout, p.stdout
+    assert "last reference dropped in a callback: 64 new tokens" in p.stdout, p.stdout

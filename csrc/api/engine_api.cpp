@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <thread>
 
 #include "common/check.h"
 #include "runtime/engine.h"
+#include "runtime/scheduler.h"
 
 namespace dgemma_rt {
 
@@ -118,7 +120,17 @@ Engine::Engine(const std::string& checkpoint_dir, const EngineOptions& options) 
   impl_->engine = std::make_unique<dgemma::Engine>(checkpoint_dir, o);
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  if (!impl_ || !impl_->engine) return;
+  if (dgemma::Scheduler::on_any_scheduler_thread()) {
+    // The last owner let go inside a callback, on a scheduler thread (perhaps this engine's own, which
+    // cannot join itself, and which still has the request to finish): the engine stops on a thread of
+    // its own, which waits for that one.
+    std::thread([e = std::move(impl_->engine)]() mutable { e.reset(); }).detach();
+    return;
+  }
+  impl_->engine.reset();
+}
 
 ModelInfo Engine::info() const {
   const dgemma::ModelConfig& c = impl_->engine->config();
@@ -177,6 +189,9 @@ Request Engine::submit(const std::vector<int32_t>& prompt, const SamplingParams&
 }
 
 Result Engine::generate(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+  // Before submitting: a request nobody can wait for would run on, holding a row and KV blocks.
+  DG_REQUIRE(!impl_->engine->on_scheduler_thread(), InvalidArgument,
+             "generate() cannot be called inside a callback of the same engine (use submit())");
   return submit(prompt, params).result();
 }
 

@@ -104,7 +104,7 @@ bool RequestHandle::finished() const {
 
 void RequestHandle::check_not_scheduler_thread() const {
   DG_REQUIRE(std::this_thread::get_id() != scheduler_thread_ || finished(), InvalidArgument,
-             "cannot wait for a request inside an on_step/on_block callback of the same engine "
+             "cannot wait for a request inside a callback of the same engine "
              "(the callback runs on the thread that would have to finish it)");
 }
 

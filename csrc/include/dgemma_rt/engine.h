@@ -27,8 +27,9 @@
 
 namespace dgemma_rt {
 
-// Every error is a std::runtime_error with a readable message (bad checkpoint, bad argument,
-// KV pool too small, cancelled).
+// Every error the engine raises is a std::runtime_error with a readable message (bad checkpoint, bad
+// argument, KV pool too small, cancelled), or std::bad_alloc when memory runs out. An exception thrown
+// by one of your on_step/on_block callbacks fails its request, and result() rethrows it as thrown.
 using Error = std::runtime_error;
 
 struct EngineOptions {
@@ -81,18 +82,23 @@ enum class Status { kQueued, kRunning, kDone, kFailed, kCancelled };
 struct Result {
   std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS, locked tokens kept)
   std::vector<int32_t> text_tokens;  // new tokens up to the first EOS/pad, cut at max_new_tokens
-  std::string finish_reason;         // "stop" (EOS within max_new_tokens) or "length"
+  // "stop": text_tokens end where the request stopped, at its first EOS or pad token (a pad the model
+  // made or a template locked), within max_new_tokens of the start or right after them; "length":
+  // text_tokens were cut at max_new_tokens.
+  std::string finish_reason;
   std::vector<int> steps_per_canvas;  // decoder passes spent on each canvas
   double tokens_per_forward = 0;
   double queue_s = 0, prefill_s = 0, denoise_s = 0, total_s = 0;
 };
 
-// Called on the engine's scheduler thread, between denoising steps: keep them short, and do not
-// wait for a request of the same engine inside them (submit() is fine).
+// Called on the engine's scheduler thread, between denoising steps: keep them short. Waiting for an
+// unfinished request of the same engine inside them (wait(), result(), generate()) throws Error, since it
+// could never end; submit() is fine, and so is letting go of the last reference to the Engine.
 struct Callbacks {
   std::function<void(const Draft&)> on_step;
   std::function<void(const Block&)> on_block;
   // Once, when the request ends in any way (done, failed, cancelled), before result() returns.
+  // What it throws is ignored.
   std::function<void(Status)> on_finish;
 };
 
@@ -129,7 +135,9 @@ class Engine {
  public:
   // Loads and validates the checkpoint (config.json, model.safetensors[.index.json]); throws Error.
   explicit Engine(const std::string& checkpoint_dir, const EngineOptions& options = {});
-  ~Engine();  // cancels what is still running
+  // Cancels what is still running. Inside one of its own callbacks (the last std::shared_ptr let go
+  // there) the engine stops on a thread of its own, after that callback returns.
+  ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
