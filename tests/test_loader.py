@@ -451,6 +451,18 @@ def _free(engine):
     return s["full_free"] == s["full_total"] and s["sliding_free"] == s["sliding_total"]
 
 
+def test_kv_pool_stats_show_reservations(guarded_engine, base_ckpt):
+    """An admitted request reserves the blocks it can need: still in the free counts, and now shown apart."""
+    engine = guarded_engine
+    seen = []
+    engine.generate(make_prompt(5, 1, 5, base_ckpt.vocab_size), on_step=lambda a: seen.append(engine.kv_pool_stats()),
+                    max_new_tokens=3 * base_ckpt.canvas_length, max_denoising_steps=2)
+    assert seen and seen[0]["full_reserved"] > 0, seen[0]
+    assert all(s["full_reserved"] <= s["full_free"] and s["sliding_reserved"] <= s["sliding_free"] for s in seen)
+    after = engine.kv_pool_stats()
+    assert after["full_reserved"] == after["sliding_reserved"] == 0, after
+
+
 @pytest.mark.parametrize("refers_back", [False, True])
 def test_failed_request_dropped_unread_gives_its_blocks_back(guarded_engine, base_ckpt, refers_back):
     """A request whose callback raised, dropped without result(): the native request keeps the exception,

@@ -369,6 +369,7 @@ def test_metrics(server, client, engine):
     assert _metric(m1, "dgemma_queue_depth") == 0
     assert _metric(m1, "dgemma_requests_in_flight") == 0
     assert _metric(m1, 'dgemma_kv_blocks_in_use{pool="full"}') == 0
+    assert _metric(m1, 'dgemma_kv_blocks_reserved{pool="sliding"}') == 0
     assert _metric(m1, 'dgemma_kv_blocks_total{pool="full"}') == engine.kv_pool_stats()["full_total"]
     assert "# TYPE dgemma_generated_tokens_total counter" in m1
 

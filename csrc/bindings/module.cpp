@@ -544,6 +544,9 @@ PYBIND11_MODULE(_core, m) {
         d["full_free"] = p.free_blocks(0);
         d["sliding_total"] = p.total_blocks(1);
         d["sliding_free"] = p.free_blocks(1);
+        // Free blocks promised to admitted requests: only those requests may take them.
+        d["full_reserved"] = p.reserved_blocks(0);
+        d["sliding_reserved"] = p.reserved_blocks(1);
         d["block_size"] = p.block_size();
         return d;
       })

@@ -168,7 +168,8 @@ void SeqCache::prepare(int n) {
 
   std::vector<int> full_new;
   if (!pool_->allocate(0, full_blocks_needed(new_len), full_new, budget(0)))
-    DG_THROW(ResourceError, "KV cache pool is full (full-attention layers): raise kv_cache_tokens");
+    DG_THROW(ResourceError, "KV cache pool is full (full-attention layers): " << pool_->available_blocks(0)
+                                << " blocks free and not reserved by running requests; raise kv_cache_tokens");
 
   // Sliding layers: the new layout starts at the block holding new_start.
   const int new_start = std::max(0, new_len - (W - 1));
@@ -188,7 +189,8 @@ void SeqCache::prepare(int n) {
   std::vector<int> sliding_new;
   if (new_len > new_start && !pool_->allocate(1, extra, sliding_new, budget(1))) {
     pool_->release(0, full_new, budget(0));
-    DG_THROW(ResourceError, "KV cache pool is full (sliding-window layers): raise max_batch_size");
+    DG_THROW(ResourceError, "KV cache pool is full (sliding-window layers): " << pool_->available_blocks(1)
+                                << " blocks free and not reserved by running requests; raise max_batch_size");
   }
   for (int b : sliding_new) next.push_back(b);
 

@@ -92,6 +92,8 @@ class _RayMetrics:
             "in_flight": g("dgemma_requests_in_flight", "Requests accepted and not finished."),
             "kv_in_use": g("dgemma_kv_blocks_in_use", "KV cache blocks in use, per pool.", ("pool",)),
             "kv_total": g("dgemma_kv_blocks_total", "KV cache blocks, per pool.", ("pool",)),
+            "kv_reserved": g("dgemma_kv_blocks_reserved", "Free KV cache blocks promised to admitted requests, per pool.",
+                             ("pool",)),
         }
         self.counters = {
             "decoder_passes": c("dgemma_decoder_passes_total", "Batched decoder passes run by the engine."),
@@ -124,6 +126,7 @@ class _RayMetrics:
         for pool in ("full", "sliding"):
             self.gauges["kv_in_use"].set(kv[f"{pool}_total"] - kv[f"{pool}_free"], tags={"pool": pool})
             self.gauges["kv_total"].set(kv[f"{pool}_total"], tags={"pool": pool})
+            self.gauges["kv_reserved"].set(kv[f"{pool}_reserved"], tags={"pool": pool})
         self._count("decoder_passes", sched["decoder_passes"])
         self._count("row_steps", sched["row_steps"])
         self._count("committed_tokens", sched["committed_tokens"])
