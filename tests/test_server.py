@@ -196,7 +196,7 @@ def test_raw_sse_ends_with_done(server):
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
-    assert all(line.startswith("data: ") for line in lines)
+    assert all(line.startswith("data: ") and line.isascii() for line in lines)  # ASCII JSON: no U+2028 in a line
     last = json.loads(lines[-2][6:])
     assert last["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in last
 
@@ -297,8 +297,22 @@ BAD = [
     ("seed float", "/v1/completions", {**OK, "seed": 1.5}, 400, "seed"),
     ("seed negative", "/v1/completions", {**OK, "seed": -1}, 400, "seed"),
     ("stream not bool", "/v1/completions", {**OK, "stream": "yes"}, 400, "stream"),
-    ("temperature", "/v1/completions", {**OK, "temperature": 0.7}, 400, "temperature"),
+    ("temperature above 2", "/v1/completions", {**OK, "temperature": 2.5}, 400, "temperature"),
+    ("temperature negative", "/v1/completions", {**OK, "temperature": -0.1}, 400, "temperature"),
+    ("temperature and t_min", "/v1/completions", {**OK, "temperature": 0.5, "t_min": 0.1}, 400, "temperature"),
+    ("temperature string", "/v1/completions", {**OK, "temperature": "hot"}, 400, "temperature"),
     ("top_p", "/v1/completions", {**OK, "top_p": 0.9}, 400, "top_p"),
+    ("presence_penalty", "/v1/completions", {**OK, "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ("frequency_penalty", "/v1/completions", {**OK, "frequency_penalty": -1}, 400, "frequency_penalty"),
+    ("logit_bias", "/v1/completions", {**OK, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("echo", "/v1/completions", {**OK, "echo": True}, 400, "echo"),
+    ("best_of", "/v1/completions", {**OK, "best_of": 3}, 400, "best_of"),
+    ("two prompts", "/v1/completions", {**OK, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("two token prompts", "/v1/completions", {**OK, "prompt": [[5, 6], [7]]}, 400, "prompt"),
+    ("empty prompt in a list", "/v1/completions", {**OK, "prompt": [""]}, 400, "prompt"),
+    ("stream_options without stream", "/v1/completions", {**OK, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("stop not a string", "/v1/completions", {**OK, "stop": 5}, 400, "stop"),
     ("n=2", "/v1/completions", {**OK, "n": 2}, 400, "n"),
     ("steps zero", "/v1/completions", {**OK, "max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ("t_min negative", "/v1/completions", {**OK, "t_min": -1.0}, 400, "t_min"),
@@ -312,7 +326,16 @@ BAD = [
     ("message no role", "/v1/chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages"),
     ("chat unknown model", "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("chat temperature", "/v1/chat/completions",
-     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 1}, 400, "temperature"),
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
+    ("chat json mode", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("chat tools", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+    ("chat max_completion_tokens zero", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0, "max_tokens": 4},
+     400, "max_completion_tokens"),
 ]
 
 
@@ -327,6 +350,46 @@ def test_bad_input(server, name, path, body, status, param):
 def test_null_temperature_accepted(server):
     r = httpx.post(server.url + "/v1/completions", json={**OK, "temperature": None, "top_p": None}, timeout=30)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def _completion(server, **body):
+    r = httpx.post(server.url + "/v1/completions", json={**OK, "max_tokens": 64, "seed": 5, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_what_openai_clients_send_by_default_is_taken(server, engine):
+    """LangChain's completions client always sends temperature 0.7, top_p 1, zero penalties, n 1, best_of 1,
+    logit_bias {} and a one-element prompt list: neutral values are taken, and temperature scales the
+    checkpoint's schedule (t_min / t_max), 1 keeping it as configured."""
+    g = engine.generation_defaults
+    t_min, t_max = g["t_min"] if g.get("t_min") is not None else 0.4, g["t_max"] if g.get("t_max") is not None else 0.8
+    langchain = dict(prompt=["hello"], temperature=0.7, top_p=1, presence_penalty=0, frequency_penalty=0, n=1,
+                     best_of=1, logit_bias={}, user="u")
+    assert _completion(server, **langchain) == _completion(server, t_min=0.7 * t_min, t_max=0.7 * t_max)
+    assert _completion(server, temperature=1) == _completion(server)
+    assert _completion(server, temperature=0) == _completion(server, t_min=0.01 * t_min, t_max=0.01 * t_max)
+    ids = engine.tokenizer.encode("hello")
+    assert _completion(server, prompt=[ids]) == _completion(server, prompt=ids) == _completion(server)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, **FAST}
+    for extra in ({"response_format": {"type": "text"}, "tools": [], "temperature": 0.3},
+                  {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}):
+        r = httpx.post(server.url + "/v1/chat/completions", json={**chat, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server):
+    """OpenAI's current name wins (max_tokens is deprecated for chat); errors name it (the BAD cases)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1, **FAST}
+    answers = [httpx.post(server.url + "/v1/chat/completions", json={**body, **extra}, timeout=60).json()
+               for extra in ({"max_tokens": 40, "max_completion_tokens": 3}, {"max_completion_tokens": 3})]
+    assert answers[0]["choices"] == answers[1]["choices"] and answers[0]["usage"]["completion_tokens"] <= 3
+
+
+def test_retrieve_model(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_malformed_and_oversized_bodies(server):
@@ -683,3 +746,70 @@ def test_bad_infill_requests(server, name, body, param):
     r = httpx.post(server.url + "/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"},
                    timeout=30)
     assert _error_shape(r, 400)["param"] == param
+
+
+# ------------------------------------------------------------------------------------------ stop sequences
+def _long_reference(engine, prompt="the story", max_tokens=192):
+    """A seed whose answer runs past the first canvas, its text, and where the first canvas's text ends."""
+    ids = engine.tokenizer.encode(prompt)
+    L = engine.config["canvas_length"]
+    for seed in range(40):
+        out = engine.generate([ids], max_new_tokens=max_tokens, seed=seed, **FAST)
+        text, n, _ = _reference_text(engine, ids, max_tokens, seed=seed)
+        if n > L + 8:
+            new = [int(t) for t in out.sequences[0][len(ids):]]
+            return seed, text, len(engine.tokenizer.decode(new[:L])), out
+    pytest.skip("no seed gave two canvases of text")
+
+
+def _stream_text(server, path, body):
+    text, finishes, chunks = "", [], []
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                c = json.loads(line[6:])
+                chunks.append(c)
+                for choice in c["choices"]:
+                    text += choice.get("text") or choice.get("delta", {}).get("content") or ""
+                    if choice["finish_reason"]:
+                        finishes.append(choice["finish_reason"])
+    return text, finishes, chunks
+
+
+def test_stop_sequences_end_the_text_and_the_request(server, engine):
+    """The text ends before the first stop sequence (not returned), finish_reason is "stop", usage counts the
+    returned text's tokens, and no canvas after the one that completed it is denoised; streamed, the same text,
+    with a stop sequence split across two canvases never sent in part."""
+    seed, text, boundary, out = _long_reference(engine)
+    body = {**OK, "prompt": "the story", "max_tokens": 192, "seed": seed}
+    across = text[boundary - 2 : boundary + 2]  # the first canvas's text ends inside it
+    for stop in (text[5:8], [text[boundary + 3 : boundary + 6], "\u2028never"], across):
+        first = min(text.find(s) for s in ([stop] if isinstance(stop, str) else stop) if s in text)
+        r = httpx.post(server.url + "/v1/completions", json={**body, "stop": stop}, timeout=60).json()
+        choice = r["choices"][0]
+        assert choice["text"] == text[:first] and choice["finish_reason"] == "stop", (stop, r)
+        toks = engine.tokenizer.encode(text, add_special_tokens=False)
+        assert 0 < r["usage"]["completion_tokens"] <= len(toks)
+        streamed, finishes, _ = _stream_text(server, "/v1/completions", {**body, "stop": stop})
+        assert streamed == text[:first] and finishes == ["stop"], (stop, streamed)
+    early = httpx.post(server.url + "/v1/completions", json={**body, "stop": text[5:8]}, timeout=60).json()
+    assert early["usage"]["denoising_steps"] <= STEPS < sum(out.steps_per_canvas[0])  # one canvas, not all
+    # a stop sequence that never comes changes nothing
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    never = httpx.post(server.url + "/v1/completions", json={**body, "stop": ["\u2028never", ""]}, timeout=60)
+    assert never.json()["choices"][0] == plain
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stop": [],
+            "seed": seed, **FAST}
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+    r = httpx.post(server.url + "/v1/completions", json={**body, "stop": ["a", "b", "c", "d", "e"]}, timeout=60)
+    assert _error_shape(r, 400)["param"] == "stop"
+
+
+def test_stream_options_include_usage(server):
+    body = {**OK, "max_tokens": 16, "stream_options": {"include_usage": True}}
+    text, finishes, chunks = _stream_text(server, "/v1/completions", body)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 0
+    assert finishes and chunks[-2]["choices"][0]["finish_reason"] == finishes[0]
+    _, _, plain = _stream_text(server, "/v1/completions", {**OK, "max_tokens": 16})
+    assert all(c["choices"] for c in plain)  # without it, no choice-less chunk

@@ -7,7 +7,9 @@ Endpoints:
 
 - ``GET /health``: ``{"status": "ok", "model": ...}``; 503 while shutting down or when the engine does not answer.
 - ``GET /v1/models``: the one model this server holds.
-- ``POST /v1/completions``: ``prompt`` is a string (tokenized with BOS) or a list of token ids.
+- ``GET /v1/models/{id}``: that model, or 404.
+- ``POST /v1/completions``: ``prompt`` is a string (tokenized with BOS) or a list of token ids, or a
+  one-element list of either (one prompt per request).
 - ``POST /v1/chat/completions``: ``messages`` go through the checkpoint's chat template.
 - ``GET /metrics``: Prometheus text format (queue depth, requests in flight, active rows, decoder
   passes, steps/s, tokens/s, completed requests, generated tokens, KV blocks in use).
@@ -25,9 +27,16 @@ Request fields: ``model`` (must be the served model's name), ``max_tokens`` (def
 DiffusionGemma sampler fields ``max_denoising_steps``, ``entropy_bound``, ``t_min``, ``t_max``,
 ``stability_threshold``, ``confidence_threshold`` (passed to ``Engine.generate``; out-of-range
 values are answered with 400). DiffusionGemma's sampler has its own temperature schedule (``t_min``
-to ``t_max``), so ``temperature`` and ``top_p`` must be absent or null: any other value is a 400.
-``n`` must be 1 (or absent); ``stop``, ``logprobs`` and ``top_logprobs`` are not supported (400 when
-set; chat's ``logprobs: false`` is accepted, as it asks for nothing).
+to ``t_max``): OpenAI's ``temperature`` (0 to 2) scales the checkpoint's schedule (1 keeps it, 0.5
+halves both ends; 0 scales it by 1/100, which samples each step's argmax in practice), and cannot be
+combined with ``t_min`` / ``t_max``. ``stop`` (a string or up to 4) ends the text before the first
+stop sequence, which is not returned (``finish_reason`` ``"stop"``); the request ends with the canvas
+that completes it, and a stream never sends part of one. What OpenAI clients send by default and asks
+for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``n`` /
+``best_of`` 1, empty ``logit_bias``, ``response_format`` ``text``, ``tools`` with ``tool_choice``
+``"none"``, ``user``); anything else of those, ``echo``, ``logprobs`` and ``top_logprobs`` is a 400
+(chat's ``logprobs: false`` is accepted, as it asks for nothing). Chat's ``max_completion_tokens``
+wins over ``max_tokens`` when both are sent.
 
 Per-request work is capped by the operator (``create_app``/``serve`` arguments, ``dgemma-rt serve``
 flags): ``max_tokens`` at most ``max_request_tokens`` (default 8192), ``max_denoising_steps`` and
@@ -35,7 +44,9 @@ flags): ``max_tokens`` at most ``max_request_tokens`` (default 8192), ``max_deno
 the field and the limit. Text the tokenizer cannot take (a lone surrogate such as ``"\\ud800"``) is a 400.
 
 Generation comes in whole canvases: the text is cut to ``max_tokens`` tokens. ``finish_reason`` is
-``"stop"`` when an EOS id ended the text within ``max_tokens`` tokens, else ``"length"``. ``usage``
+``"stop"`` when an EOS or pad id or a stop sequence ended the text within ``max_tokens`` tokens, else
+``"length"``. Without ``seed`` a request uses seed 0: the same request gives the same text (send a
+seed per request for varied answers). ``usage``
 holds ``prompt_tokens``, ``completion_tokens`` (tokens of the returned text, EOS not counted),
 ``total_tokens`` and ``denoising_steps`` (decoder passes spent on the request).
 
@@ -45,7 +56,9 @@ canvas. In addition, every denoising step sends a chunk with an empty delta and 
 ``"dgemma_draft": {"canvas": i, "step": s, "text": "..."}``: the decoded argmax draft of canvas ``i``
 (0-based) after its step ``s`` (1-based), cut at the first EOS/pad, so clients can show text
 settling. Clients that do not know the field ignore it. The last chunk carries ``finish_reason`` and
-``usage``; then ``data: [DONE]``. An error after the stream started is sent as
+``usage``; with ``stream_options: {"include_usage": true}`` a chunk with no choices and the ``usage``
+follows, as OpenAI sends it; then ``data: [DONE]``. The JSON is ASCII (other characters escaped).
+An error after the stream started is sent as
 ``data: {"error": {...}}``.
 
 Infilling: ``/v1/completions`` takes the OpenAI ``suffix`` field (text, or token ids with a token-id
@@ -141,19 +154,39 @@ class _Cancelled(Exception):
     """Raised from the engine callbacks to abort a request whose client went away."""
 
 
+class _StopFound(Exception):
+    """Raised from on_block to end a request whose committed text holds a stop sequence: no more canvases."""
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first of ``stops`` begins in ``text`` (the earliest of them), or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
 # ---------------------------------------------------------------------------------------- schema
+class _StreamOptions(BaseModel):
+    include_usage: Optional[StrictBool] = None
+
+
 class _Request(BaseModel):
+    # Fields that ask for nothing this server could change (user, metadata, store, ...) are ignored;
+    # those that ask for something it cannot do are declared here and refused unless neutral (common()).
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr
     max_tokens: Optional[StrictInt] = None
     seed: Optional[StrictInt] = None
     stream: Optional[StrictBool] = False
-    temperature: Any = None
-    top_p: Any = None
+    stream_options: Optional[_StreamOptions] = None
+    temperature: Optional[_Number] = None
+    top_p: Optional[_Number] = None
     n: Optional[StrictInt] = None
-    stop: Any = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
     logprobs: Any = None
+    presence_penalty: Optional[_Number] = None
+    frequency_penalty: Optional[_Number] = None
+    logit_bias: Optional[dict[str, Any]] = None
     max_denoising_steps: Optional[StrictInt] = None
     entropy_bound: Optional[_Number] = None
     t_min: Optional[_Number] = None
@@ -164,8 +197,11 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[StrictStr, list[StrictInt]]
+    # OpenAI's four forms: a string, token ids, and one-element lists of either (LangChain, lm-eval).
+    prompt: Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
     suffix: Optional[Union[StrictStr, list[StrictInt]]] = None
+    echo: Optional[StrictBool] = None
+    best_of: Optional[StrictInt] = None
 
 
 class _ContentPart(BaseModel):
@@ -182,6 +218,10 @@ class ChatRequest(_Request):
     messages: list[_Message]
     max_completion_tokens: Optional[StrictInt] = None
     top_logprobs: Any = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Any = None
+    functions: Optional[list[Any]] = None
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -199,8 +239,13 @@ class _Stats:
 
 class _Job:
     def __init__(self, prompt_ids: list[int], max_tokens: int, seed: int, gen_kwargs: dict[str, Any], stream: bool,
-                 template: list[int] | None = None, middle: int | None = None):
+                 template: list[int] | None = None, middle: int | None = None, stop: list[str] | None = None,
+                 include_usage: bool = False):
         self.prompt_ids = prompt_ids
+        # Stop sequences: the text ends before the first one, which is not returned; the request ends with the
+        # canvas that completes it.
+        self.stop = stop or []
+        self.include_usage = include_usage
         self.max_tokens = max_tokens
         # A canvas template over the new tokens; with a suffix (infilling) the answer is its first
         # `middle` positions (the free ones before the locked suffix), cut at the first EOS there.
@@ -333,6 +378,17 @@ class _Backend:
             out.append(t)
         return out, False
 
+    def _tokens_for(self, ids: list[int], n_chars: int) -> int:
+        """The fewest leading tokens of ``ids`` whose text has ``n_chars`` characters (bisection on the length)."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tok.decode(ids[:mid])) >= n_chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def _generate(self, job: _Job) -> dict[str, Any]:
         tok = self.tok
         canvas_i = 0
@@ -355,13 +411,16 @@ class _Backend:
                 ids, _ = self._cut(row)
                 job.push("draft", canvas_i, step_i, tok.decode(ids) + job.suffix_text)
 
+        stopped: str | None = None  # the text before the stop sequence that ended the request
+        hold = max((len(s) for s in job.stop), default=1) - 1  # what a stop sequence may still complete
+
         def on_block(block: Any) -> None:
-            nonlocal canvas_i, step_i, done, emitted
+            nonlocal canvas_i, step_i, done, emitted, stopped
             if job.cancel.is_set():
                 raise _Cancelled()
             canvas_i += 1
             step_i = 0
-            if not job.stream or done:
+            if done or not (job.stream or job.stop):
                 return
             row = block[0]
             if job.middle is not None:
@@ -372,11 +431,18 @@ class _Backend:
                 done = True
                 del new_ids[job.max_tokens :]
             text = tok.decode(new_ids)
+            cut = _find_stop(text, job.stop)
+            if cut is not None:
+                text = stopped = text[:cut]
+                done = True
             if not done:
                 text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence may complete in the next canvas
-            if text.startswith(emitted) and len(text) > len(emitted):
+                text = text[: max(0, len(text) - hold)]  # the start of a stop sequence the next canvas may complete
+            if job.stream and text.startswith(emitted) and len(text) > len(emitted):
                 job.push("delta", text[len(emitted) :])
                 emitted = text
+            if stopped is not None:
+                raise _StopFound()  # fails the engine's request: no canvas after this one is denoised
 
         from dgemma_rt.engine import RequestCancelled
 
@@ -404,14 +470,25 @@ class _Backend:
             out = native.result()
         except RequestCancelled:
             raise _Cancelled() from None
-        new = out.sequences[0][len(job.prompt_ids) :]
-        if job.middle is not None:
-            new = new[: job.middle]
-        steps_total = int(sum(out.steps_per_canvas[0])) if out.steps_per_canvas else steps
-        ids, hit = self._cut(new)
-        finish = "stop" if hit and len(ids) <= job.max_tokens else "length"
-        ids = ids[: job.max_tokens]
-        text = tok.decode(ids)
+        except _StopFound:
+            out = None
+        if out is None:  # ended by a stop sequence: what the callbacks committed
+            assert stopped is not None
+            ids, text, finish, steps_total = new_ids, stopped, "stop", steps
+        else:
+            new = out.sequences[0][len(job.prompt_ids) :]
+            if job.middle is not None:
+                new = new[: job.middle]
+            steps_total = int(sum(out.steps_per_canvas[0])) if out.steps_per_canvas else steps
+            ids, hit = self._cut(new)
+            finish = "stop" if hit and len(ids) <= job.max_tokens else "length"
+            ids = ids[: job.max_tokens]
+            text = tok.decode(ids)
+            cut = _find_stop(text, job.stop)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+        if len(text) < len(tok.decode(ids)):  # cut at a stop sequence: count the tokens the text needs
+            ids = ids[: self._tokens_for(ids, len(text))]
         tail = text[len(emitted) :] if text.startswith(emitted) else ""
         return {
             "text": text,
@@ -500,7 +577,9 @@ async def _client_gone(request: Request) -> None:
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    # ASCII JSON: U+2028, U+2029 and U+0085 in the text would otherwise split the data line for clients
+    # that read lines by str.splitlines() (httpx's iter_lines).
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 class _CancellingStreamingResponse(StreamingResponse):
@@ -590,6 +669,11 @@ def create_app(
             raise ValueError(f"{name} must be an integer in [1, 2**31 - 1], got {value!r}")
     backend = _Backend(engine, max_queue, max_running)
     default_steps = engine.generation_defaults.get("max_denoising_steps") or 48
+    from dgemma_rt.engine import _SAMPLER_DEFAULTS
+
+    gd = engine.generation_defaults
+    default_t_min = float(gd["t_min"] if gd.get("t_min") is not None else _SAMPLER_DEFAULTS["t_min"])
+    default_t_max = float(gd["t_max"] if gd.get("t_max") is not None else _SAMPLER_DEFAULTS["t_max"])
     started = int(time.time())
 
     @asynccontextmanager
@@ -628,18 +712,36 @@ def create_app(
         return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
     # ------------------------------------------------------------------ request handling
-    def common(req: _Request, max_tokens: int | None) -> tuple[int, int, dict[str, Any]]:
+    def unsupported(param: str, what: str) -> APIError:
+        return APIError(400, f"{what} is not supported", param=param, code="unsupported_parameter")
+
+    def common(req: _Request, max_tokens: int | None, tokens_param: str = "max_tokens") -> tuple[int, int, dict[str, Any]]:
         if req.model != model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
-        for name in ("temperature", "top_p"):
-            if getattr(req, name) is not None:
-                raise APIError(400, f"{name} is not supported: DiffusionGemma's sampler has its own temperature "
-                               "schedule (use t_min / t_max); omit it or send null", param=name, code="unsupported_parameter")
+        # What OpenAI clients send by default (LangChain: temperature 0.7, top_p 1, penalties 0, best_of 1,
+        # logit_bias {}) is taken; what asks for something this sampler cannot do is a 400, never ignored.
+        if req.top_p is not None and req.top_p != 1:
+            raise unsupported("top_p", "top_p below 1 (nucleus sampling)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name) not in (None, 0):
+                raise unsupported(name, name.replace("_", " "))
+        if req.logit_bias:
+            raise unsupported("logit_bias", "logit_bias")
         if req.n is not None and req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
-        if req.stop is not None:
-            raise APIError(400, "stop sequences are not supported", param="stop", code="unsupported_parameter")
+        if isinstance(req, CompletionRequest):
+            if req.echo:
+                raise unsupported("echo", "echo")
+            if req.best_of is not None and req.best_of != 1:
+                raise unsupported("best_of", "best_of other than 1")
+        if isinstance(req, ChatRequest):
+            if req.response_format is not None and req.response_format.get("type", "text") != "text":
+                raise unsupported("response_format", f"response_format {req.response_format.get('type')!r}")
+            if (req.tools or req.functions) and req.tool_choice != "none":
+                raise unsupported("tools", "tool calling")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         chat = isinstance(req, ChatRequest)
         # Chat's logprobs is a flag, and false asks for nothing; completions' is a count, and even 0
         # asks for the sampled tokens' log probabilities.
@@ -649,10 +751,10 @@ def create_app(
             raise APIError(400, "top_logprobs are not supported", param="top_logprobs", code="unsupported_parameter")
         mt = min(256, max_request_tokens) if max_tokens is None else max_tokens
         if mt <= 0:
-            raise APIError(400, f"max_tokens must be a positive integer, got {mt}", param="max_tokens")
+            raise APIError(400, f"{tokens_param} must be a positive integer, got {mt}", param=tokens_param)
         if mt > max_request_tokens:
-            raise APIError(400, f"max_tokens {mt} exceeds this server's limit of {max_request_tokens} "
-                           "(max_request_tokens)", param="max_tokens", code="limit_exceeded")
+            raise APIError(400, f"{tokens_param} {mt} exceeds this server's limit of {max_request_tokens} "
+                           "(max_request_tokens)", param=tokens_param, code="limit_exceeded")
         steps = req.max_denoising_steps if req.max_denoising_steps is not None else default_steps
         for name, value in (("max_denoising_steps", steps), ("stability_threshold", req.stability_threshold)):
             if value is not None and value > max_request_steps:
@@ -674,7 +776,34 @@ def create_app(
         for name, value in kwargs.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise APIError(400, f"{name} must be finite", param=name)
+        if req.temperature is not None:
+            kwargs.update(temperature_schedule(req.temperature, "t_min" in kwargs or "t_max" in kwargs))
         return mt, seed, kwargs
+
+    def include_usage(req: _Request) -> bool:
+        return bool(req.stream and req.stream_options is not None and req.stream_options.include_usage)
+
+    def stop_sequences(req: _Request) -> list[str]:
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        stops = [s for s in stops if s]  # "" stops nothing (some clients send it for "none")
+        if len(stops) > 4:
+            raise APIError(400, f"stop holds {len(stops)} sequences: at most 4", param="stop")
+        for s in stops:
+            try:
+                check_text(s, "stop")
+            except ValueError as e:
+                raise APIError(400, str(e), param="stop", code="invalid_text") from None
+        return stops
+
+    def temperature_schedule(temperature: float, explicit: bool) -> dict[str, float]:
+        """OpenAI's temperature as DiffusionGemma's schedule: it scales the checkpoint's t_min / t_max (1: as
+        configured); 0 scales them by 1/100, which samples each step's argmax in practice (greedy)."""
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 <= temperature <= 2):
+            raise APIError(400, f"temperature must be a number in [0, 2], got {temperature}", param="temperature")
+        if explicit:
+            raise APIError(400, "give temperature or t_min / t_max, not both", param="temperature")
+        scale = max(float(temperature), 0.01)
+        return {"t_min": default_t_min * scale, "t_max": default_t_max * scale}
 
     def check_prompt(ids: list[int], max_tokens: int) -> None:
         vocab = int(engine.config["vocab_size"])
@@ -763,7 +892,13 @@ def create_app(
                     result = event[1]
                     if result["tail"]:
                         yield _sse(chunk(content(result["tail"])))
+                    # usage rides on the finish chunk (as it always has here); with stream_options.include_usage
+                    # it also comes as OpenAI sends it, in a last chunk with no choices.
                     yield _sse(chunk(None, result["finish_reason"], usage=_usage(result)))
+                    if job.include_usage:
+                        last = chunk(None, usage=_usage(result))
+                        last["choices"] = []
+                        yield _sse(last)
                     yield "data: [DONE]\n\n"
                     return
                 elif kind == "error":
@@ -790,13 +925,27 @@ def create_app(
             raise APIError(503, problem, type="server_error", code="unhealthy")
         return {"status": "ok", "model": model_name}
 
+    model_card = {"id": model_name, "object": "model", "created": started, "owned_by": "dgemma_rt"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "dgemma_rt"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         max_tokens, seed, kwargs = common(req, req.max_tokens)
+        if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int):
+            if len(req.prompt) != 1:  # a batch of prompts: one choice each, which n=1 rules out here
+                raise APIError(400, f"prompt holds {len(req.prompt)} prompts: this server takes one per request",
+                               param="prompt", code="unsupported_parameter")
+            req.prompt = req.prompt[0]
         if isinstance(req.prompt, str):
             if not req.prompt:
                 raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
@@ -831,14 +980,19 @@ def create_app(
             middle = total - len(suffix)
             template = [-1] * middle + suffix
         check_prompt(ids, len(template) if middle is not None else max_tokens)
-        job = _Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle)
+        job = _Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle,
+                   stop=stop_sequences(req), include_usage=include_usage(req))
         if req.suffix is not None and req.stream:  # the drafts show the middle settling before it
             job.suffix_text = req.suffix if isinstance(req.suffix, str) else backend.tok.decode(suffix)
         return await run(job, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        max_tokens, seed, kwargs = common(req, req.max_completion_tokens if req.max_tokens is None else req.max_tokens)
+        # max_completion_tokens is OpenAI's current name (max_tokens is deprecated for chat): it wins when both are sent.
+        if req.max_completion_tokens is not None:
+            max_tokens, seed, kwargs = common(req, req.max_completion_tokens, "max_completion_tokens")
+        else:
+            max_tokens, seed, kwargs = common(req, req.max_tokens)
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages", code="empty_prompt")
         messages = []
@@ -858,8 +1012,8 @@ def create_app(
         if not ids:
             raise APIError(400, "the chat renders to an empty prompt", param="messages", code="empty_prompt")
         check_prompt(ids, max_tokens)
-        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=req.canvas_template),
-                         chat=True, request=request)
+        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=req.canvas_template,
+                              stop=stop_sequences(req), include_usage=include_usage(req)), chat=True, request=request)
 
     @app.get("/metrics")
     async def metrics():
