@@ -351,6 +351,29 @@ def test_stats_are_settled_once_result_returned(engine):
     gc.collect()
 
 
+@pytest.mark.parametrize("failing", ["on_step", "noise"])
+def test_failed_requests_nobody_reads_do_not_deadlock_stats(tiny_dir, failing):
+    """The scheduler thread destroyed finished requests under its lock; the last copy of a failed callback's
+    exception is freed with the GIL, which a thread asking scheduler_stats() held while it waited for that lock."""
+    bad = ("on_step=lambda d: (_ for _ in ()).throw(ValueError('x'))" if failing == "on_step"
+           else "noise=lambda kind, shape: (_ for _ in ()).throw(ValueError('x'))")
+    code = ("import dgemma_rt, sys, threading, time\n"
+            "e = dgemma_rt.Engine(sys.argv[1], num_threads=1, max_batch_size=4)\n"
+            "stop = []\n"
+            "def poll():\n"
+            "    while not stop:\n"
+            "        e.scheduler_stats()\n"
+            "threading.Thread(target=poll, daemon=True).start()\n"
+            "t0 = time.time()\n"
+            "while time.time() - t0 < 3:\n"
+            f"    e.submit([[2, 5, 6]], {bad}, max_new_tokens=16, max_denoising_steps=2)\n"
+            "    time.sleep(0.001)\n"
+            "stop.append(1)\n"
+            "print('failed', e.scheduler_stats()['failed'] > 0)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == "failed True\n", (p.returncode, p.stdout, p.stderr[-2000:])
+
+
 # Leaving Python used to abort the process ("terminate called without an active exception") when a native
 # thread took the GIL during finalization: (script, runs, what it prints).
 EXIT_CASES = {

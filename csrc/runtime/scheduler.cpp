@@ -1,6 +1,7 @@
 #include "runtime/scheduler.h"
 
 #include <algorithm>
+#include <iterator>
 #include <chrono>
 #include <cmath>
 #include <numeric>
@@ -794,11 +795,16 @@ void Scheduler::loop() {
                                                            : "the request was cancelled")));
     run_encodes();
     run_step();
+    // Finished jobs are destroyed after mu_ is let go: a job may hold the last reference to its handle,
+    // whose error may be a Python callback's exception, freed with the GIL; and a thread holding the GIL
+    // may be waiting for mu_ (stats()).
+    std::vector<std::unique_ptr<Job>> ended;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                    [](const std::unique_ptr<Job>& j) { return j->phase == Job::Phase::kDone; }),
-                     running_.end());
+      const auto done = std::stable_partition(running_.begin(), running_.end(),
+                                              [](const std::unique_ptr<Job>& j) { return j->phase != Job::Phase::kDone; });
+      std::move(done, running_.end(), std::back_inserter(ended));
+      running_.erase(done, running_.end());
       int rows = 0;
       for (const auto& j : running_) rows += j->B;
       stats_.running_requests = static_cast<int>(running_.size());
