@@ -321,6 +321,10 @@ for s in "${STEPS[@]}"; do
     [ -n "$why" ] && note="${note:+$note; }$why"
   fi
   [ "$name" = memcheck ] && [ $rc = 77 ] && note="skipped: the engine refuses device=\"cuda\": ${note}"
+  # the tests step's note: the totals of its JUnit files (gpu_check_lib.py pytest-files), whatever its status
+  if [ "$name" = tests ] && totals=$(grep '^\[tests\] [0-9]* of ' "$log" | tail -1) && [ -n "$totals" ]; then
+    case $st in ok) note=$totals ;; failed) note="exit $rc: $totals" ;; *) note="$note; $totals" ;; esac
+  fi
   STATUS[$name]=$st
   record "$name" "$st" "$rc" "$sec" "$limit" "$cmd" "$note"
   checkpoint

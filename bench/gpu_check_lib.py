@@ -271,6 +271,7 @@ def pytest_files(jobs: str, work: str, *files: str) -> None:
     def finish(f: str, rc: int) -> None:
         proc, began, log = running.pop(f)
         log.close()
+        rc = 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell says it
         status[f] = rc
         text = (logs / f"{stem(f)}.log").read_text(errors="replace").splitlines()
         print(f"[tests] {f}: exit {rc} after {time.time() - began:.1f}s (log: logs/tests/{stem(f)}.log)", flush=True)
@@ -290,9 +291,10 @@ def pytest_files(jobs: str, work: str, *files: str) -> None:
             time.sleep(0.2)
     except KeyboardInterrupt:
         interrupted = True
+        grace = time.time() + 10  # one deadline for all, inside timeout's -k 15: pytest writes its report
         for f in list(running):
             try:
-                rc = running[f][0].wait(timeout=12)  # within timeout's -k grace: pytest writes its report
+                rc = running[f][0].wait(timeout=max(0.0, grace - time.time()))
             except subprocess.TimeoutExpired:
                 running[f][0].kill()
                 rc = running[f][0].wait()

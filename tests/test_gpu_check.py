@@ -400,3 +400,34 @@ def test_pytest_files_interrupted_keeps_the_reports(tmp_path):
     assert "not run (interrupted)" in out and "(interrupted)" in out.strip().splitlines()[-1], out
     assert (work / "junit-gpu-test_a_slow.xml").is_file(), out
     assert "1 of 4 files" in out.strip().splitlines()[-1], out
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
+def test_pytest_files_grace_is_one_deadline_for_all(tmp_path):
+    """Files that ignore SIGINT are killed together after one grace period (not one each, which outlasted
+    timeout's -k 15 and lost the lines naming them), and the last line still totals what ran."""
+    import signal
+    import time
+
+    for name in ("test_x_stuck.py", "test_y_stuck.py"):
+        (tmp_path / name).write_text(
+            "import pathlib, signal, time\n\ndef test_stuck():\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            f"    pathlib.Path({str(tmp_path)!r}, {name!r} + '.started').touch()\n    time.sleep(120)\n")
+    work = tmp_path / "work"
+    proc = subprocess.Popen([*LIB, "pytest-files", "2", str(work), str(tmp_path / "test_x_stuck.py"),
+                             str(tmp_path / "test_y_stuck.py")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("*.started"))) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        waited = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert waited < 14, (waited, out)
+    assert "test_x_stuck.py: exit 137" in out and "test_y_stuck.py: exit 137" in out, out
+    assert out.strip().splitlines()[-1].startswith("[tests] 2 of 2 files"), out

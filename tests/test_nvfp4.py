@@ -368,6 +368,15 @@ def fp8_dense(tiny_pair, tmp_path_factory):
     return dst, nvfp4.quantize_checkpoint(base, dst, dense="fp8", experts=False)
 
 
+def test_quantization_config_says_what_was_done(fp8_dense, tmp_path):
+    """NVFP4 experts over FP8 dense layers: the dense layers, stored quantized, stay FP8, and the label says so."""
+    src, _ = fp8_dense
+    names = nvfp4.quantize_checkpoint(src, tmp_path / "both", dense="nvfp4")
+    assert names and all(nvfp4.is_expert_weight(n) for n in names)
+    cfg = json.loads((tmp_path / "both" / "config.json").read_text())["quantization_config"]
+    assert cfg["quantized"] == "dense_fp8+moe_experts" and cfg["quant_method"] == "nvfp4", cfg
+
+
 @pytest.mark.parametrize("kind", ["experts", "fp8_dense", "nvfp4_dense"])
 def test_quantized_weights_as_stored_match_float32_mode(tiny_pair, fp8_dense, tmp_path, kind):
     """On the CPU, NVFP4 and FP8 weights stay packed in the map and are dequantized per tile inside the

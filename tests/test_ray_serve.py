@@ -344,6 +344,12 @@ def test_build_refuses_what_the_cli_refuses(tiny_dir):
             ray_serve.app_builder({"checkpoint": str(tiny_dir), "device": device, "num_gpus": num_gpus})
     for device, num_gpus in (("cuda", 0.5), ("cuda:1", 2), ("cpu", 0), ("cpu", 1)):
         ray_serve.build(str(tiny_dir), device=device, num_gpus=num_gpus)
+    # GPUs given through the deployment overrides count: they replace the actor options num_gpus made
+    ray_serve.build(str(tiny_dir), device="cuda", ray_actor_options={"num_gpus": 1})
+    with pytest.raises(ValueError, match="needs GPUs"):
+        ray_serve.build(str(tiny_dir), device="cuda", num_gpus=1, ray_actor_options={"num_cpus": 1})
+    with pytest.raises(ValueError, match="needs GPUs"):
+        ray_serve.run(str(tiny_dir), device="cuda", num_gpus=1, ray_actor_options={"num_cpus": 1})
     for field in ("num_cpus", "num_gpus", "stall_timeout_s"):
         with pytest.raises(ValueError, match=field):  # pydantic's ValidationError: no inf or NaN
             ray_serve.app_builder({"checkpoint": str(tiny_dir), field: float("inf")})

@@ -540,13 +540,15 @@ PYBIND11_MODULE(_core, m) {
       .def("kv_pool_stats", [](const PyEngine& e) {
         const BlockPool& p = e.engine->pool();
         py::dict d;
+        // Reserved: free blocks promised to admitted requests, which only those may take (read with the free
+        // count, so that it never exceeds it).
+        const BlockPool::Counts full = p.counts(0), sliding = p.counts(1);
         d["full_total"] = p.total_blocks(0);
-        d["full_free"] = p.free_blocks(0);
+        d["full_free"] = full.free;
         d["sliding_total"] = p.total_blocks(1);
-        d["sliding_free"] = p.free_blocks(1);
-        // Free blocks promised to admitted requests: only those requests may take them.
-        d["full_reserved"] = p.reserved_blocks(0);
-        d["sliding_reserved"] = p.reserved_blocks(1);
+        d["sliding_free"] = sliding.free;
+        d["full_reserved"] = full.reserved;
+        d["sliding_reserved"] = sliding.reserved;
         d["block_size"] = p.block_size();
         return d;
       })

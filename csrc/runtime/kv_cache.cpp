@@ -73,6 +73,11 @@ int BlockPool::reserved_blocks(int group) const {
   return groups_[group].reserved;
 }
 
+BlockPool::Counts BlockPool::counts(int group) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {static_cast<int>(groups_[group].free_list.size()), groups_[group].reserved};
+}
+
 int BlockPool::available_blocks(int group) const {
   std::lock_guard<std::mutex> lock(mu_);
   return static_cast<int>(groups_[group].free_list.size()) - groups_[group].reserved;

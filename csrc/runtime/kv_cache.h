@@ -51,6 +51,10 @@ class BlockPool {
   int free_blocks(int group) const;       // in the free list (reserved ones included)
   int reserved_blocks(int group) const;   // promised to admitted rows, not yet taken
   int available_blocks(int group) const;  // free and not reserved
+  struct Counts {
+    int free = 0, reserved = 0;
+  };
+  Counts counts(int group) const;  // free and reserved, read together
   int total_blocks(int group) const;
 
  private:

@@ -725,7 +725,9 @@ def _quantize_into(src: Path, dst: Path, files: list[Path], src_index: dict[str,
         src_index["weight_map"] = index
         (dst / "model.safetensors.index.json").write_text(json.dumps(src_index, indent=2) + "\n")
     cfg = read_json_file(src / "config.json")
-    parts = (["moe_experts"] if experts else []) + ([f"dense_{dense}"] if dense else [])
+    # What this pass did (tensors stored quantized already were copied), and what a first pass of ours did.
+    parts = ((["moe_experts"] if any(is_expert_weight(n) for n in done) else [])
+             + ([f"dense_{dense}"] if dense and any(is_dense_weight(n) for n in done) else []))
     # A second pass over a copy of ours (FP8 dense layers added to NVFP4 experts) keeps what the first did.
     before = cfg.get("quantization_config")
     if isinstance(before, dict) and before.get("producer") == "dgemma-quantize":

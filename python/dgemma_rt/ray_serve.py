@@ -257,7 +257,6 @@ def build(
     """
     if not os.fspath(checkpoint):
         raise ValueError("checkpoint is empty: give the checkpoint directory's path")
-    _check_replica_device(device, num_gpus)
     path = os.path.abspath(os.fspath(checkpoint))  # replicas do not run in this process's directory
     name = model_name or os.path.basename(os.path.normpath(path))
     queue = 1 if replica_queue is None else replica_queue
@@ -273,6 +272,8 @@ def build(
                               replica_queue=queue, max_queued_requests=max_queued_requests, num_gpus=num_gpus,
                               num_cpus=num_cpus, runtime_env=runtime_env)
     opts.update(deployment_overrides)
+    # The GPUs a replica really gets: ray_actor_options in the overrides replace those made from num_gpus.
+    _check_replica_device(device, (opts.get("ray_actor_options") or {}).get("num_gpus") or 0)
     return serve.deployment(DGemmaReplica).options(**opts).bind(path, name, engine_kwargs, app_kwargs,
                                                                 stall_timeout_s, metrics_interval_s)
 
@@ -372,7 +373,9 @@ def run(
     a running cluster (only this application is removed on exit). Serve's HTTP proxy listens on
     ``host:port`` on every node it runs on.
     """
-    _check_replica_device(build_kwargs.get("device", "cpu"), build_kwargs.get("num_gpus") or 0)
+    actor = build_kwargs.get("ray_actor_options")  # as in build(): it replaces what num_gpus made
+    _check_replica_device(build_kwargs.get("device", "cpu"),
+                          (actor.get("num_gpus") if isinstance(actor, dict) else build_kwargs.get("num_gpus")) or 0)
     import ray
 
     local = address is None
