@@ -286,7 +286,6 @@ OK = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **FAST}
 BAD = [
     ("unknown model", "/v1/completions", {**OK, "model": "gpt-4"}, 404, "model"),
     ("missing model", "/v1/completions", {k: v for k, v in OK.items() if k != "model"}, 400, "model"),
-    ("empty prompt", "/v1/completions", {**OK, "prompt": ""}, 400, "prompt"),
     ("empty token prompt", "/v1/completions", {**OK, "prompt": []}, 400, "prompt"),
     ("prompt wrong type", "/v1/completions", {**OK, "prompt": 5}, 400, "prompt"),
     ("token out of vocab", "/v1/completions", {**OK, "prompt": [1, 99999999]}, 400, "prompt"),
@@ -309,7 +308,7 @@ BAD = [
     ("best_of", "/v1/completions", {**OK, "best_of": 3}, 400, "best_of"),
     ("two prompts", "/v1/completions", {**OK, "prompt": ["a", "b"]}, 400, "prompt"),
     ("two token prompts", "/v1/completions", {**OK, "prompt": [[5, 6], [7]]}, 400, "prompt"),
-    ("empty prompt in a list", "/v1/completions", {**OK, "prompt": [""]}, 400, "prompt"),
+    ("empty token prompt in a list", "/v1/completions", {**OK, "prompt": [[]]}, 400, "prompt"),
     ("stream_options without stream", "/v1/completions", {**OK, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("stop not a string", "/v1/completions", {**OK, "stop": 5}, 400, "stop"),
@@ -345,6 +344,20 @@ def test_bad_input(server, name, path, body, status, param):
     err = _error_shape(r, status)
     if param is not None:
         assert err["param"] == param, err
+
+
+def test_empty_prompt_is_the_bos(server, engine):
+    """OpenAI takes prompt "": here the tokenizer's BOS alone."""
+    ids = engine.tokenizer.encode("")
+    assert ids and _completion(server, prompt="") == _completion(server, prompt=ids)
+    assert _completion(server, prompt=[""]) == _completion(server, prompt=ids)
+
+
+def test_body_without_json_content_type_says_so(server):
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps(OK),
+                   headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    err = _error_shape(r, 400)
+    assert "Content-Type: application/json" in err["message"] and "x-www-form-urlencoded" in err["message"], err
 
 
 def test_null_temperature_accepted(server):

@@ -700,6 +700,10 @@ def create_app(
                             code="invalid_json").response()
         param = loc[0] if loc else None
         where = ".".join(loc) if loc else "body"
+        if not loc and "json" not in request.headers.get("content-type", ""):
+            return APIError(400, "the body must be a JSON object sent with Content-Type: application/json "
+                            f"(got {request.headers.get('content-type') or 'no Content-Type'})",
+                            code="invalid_json").response()
         return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -947,12 +951,13 @@ def create_app(
                                param="prompt", code="unsupported_parameter")
             req.prompt = req.prompt[0]
         if isinstance(req.prompt, str):
-            if not req.prompt:
-                raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
             try:
-                ids = backend.tok.encode(req.prompt)
+                ids = backend.tok.encode(req.prompt)  # "" is the BOS alone, as OpenAI takes it
             except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
                 raise APIError(400, f"prompt: {e}", param="prompt", code="invalid_text") from None
+            if not ids:
+                raise APIError(400, "prompt is empty (and the tokenizer adds no BOS)", param="prompt",
+                               code="empty_prompt")
         else:
             if not req.prompt:
                 raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
