@@ -87,6 +87,19 @@ def test_batch_rows_stay_in_lock_step_under_concurrency(engine):
     assert alone.steps_per_canvas == together.steps_per_canvas
 
 
+def test_submit_without_events(engine):
+    """events=False (generate() and the server): the callbacks run, nothing is queued for an iteration that
+    never comes (each step's draft stayed queued until the request was dropped), and iterating says so."""
+    seen = []
+    kw = dict(seed=5, max_new_tokens=128, max_denoising_steps=4, eos_token_id=[], adaptive_stopping=False)
+    req = engine.submit([prompt(1)], events=False, on_step=seen.append, **kw)
+    out = req.result()
+    assert len(seen) == 8 and req._events.empty()
+    np.testing.assert_array_equal(out.sequences, engine.submit([prompt(1)], **kw).result().sequences)
+    with pytest.raises(ValueError, match="events=False"):
+        list(req)
+
+
 def test_submit_events_and_result(engine):
     req = engine.submit([prompt(1)], seed=5, max_new_tokens=128, max_denoising_steps=4, eos_token_id=[],
                         adaptive_stopping=False)

@@ -193,13 +193,15 @@ class Request:
     the same request share its events (each event goes to one of them) and every iteration ends.
     """
 
-    def __init__(self, engine: "Engine", rows: list[list[int]], past_key_values: "KVCache | None", keep_cache: bool):
+    def __init__(self, engine: "Engine", rows: list[list[int]], past_key_values: "KVCache | None", keep_cache: bool,
+                 events: bool = True):
         # No reference to the engine: callbacks that outlive it must not keep it alive.
         self._config = engine.config
         self._rows = rows
         self._past = past_key_values
         self._keep_cache = keep_cache
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._keep_events = events
         self._canvas_index = 0
         self._step = 0
         self._native: Any = None
@@ -213,15 +215,18 @@ class Request:
     # called on the scheduler thread
     def _on_step(self, draft: np.ndarray) -> None:
         self._step += 1
-        self._events.put(Event("step", self._canvas_index, self._step, draft))
+        if self._keep_events:
+            self._events.put(Event("step", self._canvas_index, self._step, draft))
 
     def _on_block(self, block: np.ndarray) -> None:
-        self._events.put(Event("block", self._canvas_index, self._step, block))
+        if self._keep_events:
+            self._events.put(Event("block", self._canvas_index, self._step, block))
         self._canvas_index += 1
         self._step = 0
 
     def _on_done(self) -> None:
-        self._events.put(None)
+        if self._keep_events:
+            self._events.put(None)
 
     @property
     def id(self) -> int:
@@ -297,6 +302,8 @@ class Request:
     def __iter__(self):
         # Events are handed out once (with several iterating threads, each to one of them); a second
         # iteration only gets the end.
+        if not self._keep_events:
+            raise ValueError("this request keeps no events to iterate (submitted with events=False)")
         while not self._ended:
             native = self._native  # None once result() let go of it: then the request has ended
             if self._events.empty() and native is not None and not native.done and native.in_callback():
@@ -660,6 +667,7 @@ class Engine:
         noise: Callable[[str, tuple[int, int]], Any] | None = None,
         past_key_values: KVCache | None = None,
         keep_cache: bool = True,
+        events: bool = True,
         **sampler: Any,
     ) -> Request:
         """Queues a generation request and returns its :class:`Request` handle at once.
@@ -669,7 +677,9 @@ class Engine:
         as a row (``max_batch_size``) and its KV blocks are free, and every admitted request's
         rows share each decoder pass. Callbacks run on the scheduler thread between steps; keep
         them short. ``keep_cache=False`` gives the request's KV blocks back to the pool the moment
-        it ends (the output's ``past_key_values`` is then None): what a server wants.
+        it ends (the output's ``past_key_values`` is then None): what a server wants. ``events=False``
+        keeps no step and block events for iterating the request (each step's draft would stay queued
+        until the request is dropped): for callers that use the callbacks and ``result()`` only.
         """
         template = sampler.pop("canvas_template", None)
         unknown = set(sampler) - set(_SAMPLER_DEFAULTS) - {"eos_token_id", "pad_token_id", "seed", "adaptive_stopping"}
@@ -691,7 +701,7 @@ class Engine:
             native_cache = past_key_values._native
             if not keep_cache:
                 raise ValueError("keep_cache=False would empty the past_key_values passed in; pass keep_cache=True")
-        req = Request(self, rows, past_key_values, bool(keep_cache))
+        req = Request(self, rows, past_key_values, bool(keep_cache), bool(events))
         # The callbacks reach the request through a weak reference (req._on_done holds it until the end):
         # an exception a user callback raises is kept by the native request, with this frame in its
         # traceback, until result(); a strong reference here made a cycle through native code.
@@ -789,6 +799,7 @@ class Engine:
             noise=noise,
             past_key_values=past_key_values,
             keep_cache=keep_cache,
+            events=False,  # nobody iterates it
             seed=seed,
             adaptive_stopping=adaptive_stopping,
             canvas_template=canvas_template,

@@ -459,6 +459,7 @@ class _Backend:
             on_step=on_step,
             on_block=on_block,
             keep_cache=False,  # the blocks go back to the pool the moment the request ends
+            events=False,  # its own callbacks stream; nothing iterates the request
             **job.gen_kwargs,
         )
         with job.lock:
