@@ -820,9 +820,50 @@ def test_stop_sequences_end_the_text_and_the_request(server, engine):
 
 
 def test_stream_options_include_usage(server):
+    """As OpenAI sends it: usage once, in a last chunk with no choices (LangChain adds up every chunk's usage)."""
     body = {**OK, "max_tokens": 16, "stream_options": {"include_usage": True}}
     text, finishes, chunks = _stream_text(server, "/v1/completions", body)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 0
     assert finishes and chunks[-2]["choices"][0]["finish_reason"] == finishes[0]
+    assert [c for c in chunks if c.get("usage")] == [chunks[-1]]
     _, _, plain = _stream_text(server, "/v1/completions", {**OK, "max_tokens": 16})
-    assert all(c["choices"] for c in plain)  # without it, no choice-less chunk
+    assert all(c["choices"] for c in plain)  # without it, no choice-less chunk, and usage on the finish chunk
+    assert [c for c in plain if c.get("usage")] == [c for c in plain if c["choices"][0]["finish_reason"]]
+
+
+def test_stop_after_a_character_of_several_tokens_counts_them_all(server, engine):
+    tok = engine.tokenizer
+    emoji, word = tok.encode("\U0001F600", add_special_tokens=False), tok.encode(" stopword", add_special_tokens=False)
+    assert len(emoji) > 1  # byte tokens: its first ones alone decode to U+FFFD
+    for stream in (False, True):
+        body = {**OK, "max_tokens": 64, "canvas_template": emoji + word, "stop": " stopword", "stream": stream}
+        if stream:
+            text, finishes, chunks = _stream_text(server, "/v1/completions", body)
+            usage = next(c["usage"] for c in chunks if c.get("usage"))
+        else:
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+            text, finishes, usage = r["choices"][0]["text"], [r["choices"][0]["finish_reason"]], r["usage"]
+        assert (text, finishes, usage["completion_tokens"]) == ("\U0001F600", ["stop"], len(emoji)), (stream, text, usage)
+
+
+def test_developer_role_is_the_system_message(server):
+    msgs = [{"role": "user", "content": "hi"}]
+    body = {"model": MODEL, "max_tokens": 16, "seed": 2, **FAST}
+    answers = [httpx.post(server.url + "/v1/chat/completions", json={**body, "messages": [{"role": r, "content": "be brief"},
+                                                                                          *msgs]}, timeout=60)
+               for r in ("developer", "system")]
+    assert answers[0].status_code == 200 and answers[0].json()["choices"] == answers[1].json()["choices"]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({**OK, "temperature": "0.5"}, "temperature: must be a number"),
+    ({**OK, "prompt": 5}, "prompt: must be a string or a list of token ids or a list of strings or a list of "
+                          "token-id lists"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content.0.type: Input should be 'text'"),
+    ({**OK, "stop": ["", "", "a", "b", "c"]}, "stop holds 5 sequences: at most 4"),
+])
+def test_validation_messages_name_what_a_field_takes(server, body, message):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    err = _error_shape(httpx.post(server.url + path, json=body, timeout=30), 400)
+    assert err["message"] == message, err

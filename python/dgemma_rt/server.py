@@ -31,7 +31,7 @@ to ``t_max``): OpenAI's ``temperature`` (0 to 2) scales the checkpoint's schedul
 halves both ends; 0 scales it by 1/100, which samples each step's argmax in practice), and cannot be
 combined with ``t_min`` / ``t_max``. ``stop`` (a string or up to 4) ends the text before the first
 stop sequence, which is not returned (``finish_reason`` ``"stop"``); the request ends with the canvas
-that completes it, and a stream never sends part of one. What OpenAI clients send by default and asks
+that completes it, and a stream's text never holds part of one (its drafts may). What OpenAI clients send by default and asks
 for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``n`` /
 ``best_of`` 1, empty ``logit_bias``, ``response_format`` ``text``, ``tools`` with ``tool_choice``
 ``"none"``, ``user``); anything else of those, ``echo``, ``logprobs`` and ``top_logprobs`` is a 400
@@ -378,12 +378,13 @@ class _Backend:
             out.append(t)
         return out, False
 
-    def _tokens_for(self, ids: list[int], n_chars: int) -> int:
-        """The fewest leading tokens of ``ids`` whose text has ``n_chars`` characters (bisection on the length)."""
+    def _tokens_for(self, ids: list[int], text: str) -> int:
+        """The fewest leading tokens of ``ids`` whose text begins with ``text`` (bisection): a character split
+        over several tokens counts all of them (its first bytes alone decode to U+FFFD)."""
         lo, hi = 0, len(ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(self.tok.decode(ids[:mid])) >= n_chars:
+            if self.tok.decode(ids[:mid]).startswith(text):
                 hi = mid
             else:
                 lo = mid + 1
@@ -431,7 +432,8 @@ class _Backend:
                 done = True
                 del new_ids[job.max_tokens :]
             text = tok.decode(new_ids)
-            cut = _find_stop(text, job.stop)
+            # Not over a character whose last bytes the next canvas may bring (decoded as U+FFFD for now).
+            cut = _find_stop(text if done else text.rstrip("\ufffd"), job.stop)
             if cut is not None:
                 text = stopped = text[:cut]
                 done = True
@@ -489,7 +491,7 @@ class _Backend:
             if cut is not None:
                 text, finish = text[:cut], "stop"
         if len(text) < len(tok.decode(ids)):  # cut at a stop sequence: count the tokens the text needs
-            ids = ids[: self._tokens_for(ids, len(text))]
+            ids = ids[: self._tokens_for(ids, text)]
         tail = text[len(emitted) :] if text.startswith(emitted) else ""
         return {
             "text": text,
@@ -575,6 +577,33 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+_KINDS = {"int": "a number", "float": "a number", "str": "a string", "bool": "true or false",
+          "list[int]": "a list of token ids", "list[str]": "a list of strings",
+          "list[list[int]]": "a list of token-id lists", "list[_ContentPart]": "a list of text parts"}
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    """pydantic's first error as "field: reason". A field of several types fails once per type (its loc ends
+    with the type): the message then names the types it takes, or, when one type got further (a list of
+    content parts whose part is wrong), that type's own error, instead of the first type's."""
+    def where(e: dict[str, Any]) -> list[str]:
+        return [str(p) for p in e.get("loc", ()) if p != "body"]
+
+    first = errors[0] if errors else {}
+    loc = where(first)
+    if len(loc) >= 2:
+        prefix = loc[:-1]
+        branches = [e for e in errors if where(e)[: len(prefix)] == prefix and len(where(e)) > len(prefix)]
+        kinds = list(dict.fromkeys(where(e)[len(prefix)] for e in branches))
+        if len(kinds) > 1:
+            deepest = max(branches, key=lambda e: len(where(e)))
+            if len(where(deepest)) > len(prefix) + 1:  # the path without the type's name
+                return f"{'.'.join(prefix + where(deepest)[len(prefix) + 1:])}: {deepest.get('msg', 'invalid value')}"
+            takes = " or ".join(dict.fromkeys(_KINDS.get(k, k) for k in kinds))
+            return f"{'.'.join(prefix)}: must be {takes}"
+    return f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
 
 
 def _sse(obj: Any) -> str:
@@ -705,7 +734,7 @@ def create_app(
             return APIError(400, "the body must be a JSON object sent with Content-Type: application/json "
                             f"(got {request.headers.get('content-type') or 'no Content-Type'})",
                             code="invalid_json").response()
-        return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param).response()
+        return APIError(400, _validation_message(errors), param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -790,9 +819,9 @@ def create_app(
 
     def stop_sequences(req: _Request) -> list[str]:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        stops = [s for s in stops if s]  # "" stops nothing (some clients send it for "none")
         if len(stops) > 4:
             raise APIError(400, f"stop holds {len(stops)} sequences: at most 4", param="stop")
+        stops = [s for s in stops if s]  # "" stops nothing (some clients send it for "none")
         for s in stops:
             try:
                 check_text(s, "stop")
@@ -897,13 +926,15 @@ def create_app(
                     result = event[1]
                     if result["tail"]:
                         yield _sse(chunk(content(result["tail"])))
-                    # usage rides on the finish chunk (as it always has here); with stream_options.include_usage
-                    # it also comes as OpenAI sends it, in a last chunk with no choices.
-                    yield _sse(chunk(None, result["finish_reason"], usage=_usage(result)))
+                    # usage rides on the finish chunk; with stream_options.include_usage it comes instead as OpenAI
+                    # sends it, in a last chunk with no choices (clients that add up chunks count it once).
                     if job.include_usage:
+                        yield _sse(chunk(None, result["finish_reason"]))
                         last = chunk(None, usage=_usage(result))
                         last["choices"] = []
                         yield _sse(last)
+                    else:
+                        yield _sse(chunk(None, result["finish_reason"], usage=_usage(result)))
                     yield "data: [DONE]\n\n"
                     return
                 elif kind == "error":
@@ -1010,7 +1041,8 @@ def create_app(
                     check_text(value, f"messages[{i}].{what}")
                 except ValueError as e:  # a lone surrogate: the same 400 as in the prompt or the content
                     raise APIError(400, str(e), param="messages", code="invalid_text") from None
-            messages.append({"role": m.role, "content": text})
+            # OpenAI's newer name for the system message (the current SDK sends it); chat templates know "system".
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
         try:
             ids = backend.tok.apply_chat_template(messages)
         except ValueError as e:
