@@ -306,8 +306,10 @@ BAD = [
     ("logit_bias", "/v1/completions", {**OK, "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("echo", "/v1/completions", {**OK, "echo": True}, 400, "echo"),
     ("best_of", "/v1/completions", {**OK, "best_of": 3}, 400, "best_of"),
-    ("two prompts", "/v1/completions", {**OK, "prompt": ["a", "b"]}, 400, "prompt"),
-    ("two token prompts", "/v1/completions", {**OK, "prompt": [[5, 6], [7]]}, 400, "prompt"),
+    ("two prompts, streamed", "/v1/completions", {**OK, "prompt": ["a", "b"], "stream": True}, 400, "prompt"),
+    ("second prompt out of vocab", "/v1/completions", {**OK, "prompt": [[5, 6], [7, 10**9]]}, 400, "prompt"),
+    ("second prompt empty", "/v1/completions", {**OK, "prompt": ["a", []]}, 400, "prompt"),
+    ("too many prompts", "/v1/completions", {**OK, "prompt": ["a"] * 1000}, 400, "prompt"),
     ("empty token prompt in a list", "/v1/completions", {**OK, "prompt": [[]]}, 400, "prompt"),
     ("stream_options without stream", "/v1/completions", {**OK, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
@@ -389,6 +391,26 @@ def test_what_openai_clients_send_by_default_is_taken(server, engine):
                   {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}):
         r = httpx.post(server.url + "/v1/chat/completions", json={**chat, **extra}, timeout=60)
         assert r.status_code == 200, r.text
+
+
+def test_several_prompts_answer_one_choice_each(server, engine):
+    """LangChain's OpenAI.batch / generate send up to 20 prompts in one request: choice i answers prompt i, as
+    that prompt alone would be answered, and usage adds them up."""
+    prompts = ["hello", "the story", "hello"]
+    body = {**OK, "max_tokens": 32, "seed": 4}
+    alone = [httpx.post(server.url + "/v1/completions", json={**body, "prompt": p}, timeout=60).json() for p in prompts]
+    r = httpx.post(server.url + "/v1/completions", json={**body, "prompt": prompts}, timeout=60)
+    assert r.status_code == 200, r.text
+    together = r.json()
+    assert [c["index"] for c in together["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in together["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert [c["finish_reason"] for c in together["choices"]] == [a["choices"][0]["finish_reason"] for a in alone]
+    for k in ("prompt_tokens", "completion_tokens", "total_tokens", "denoising_steps"):
+        assert together["usage"][k] == sum(a["usage"][k] for a in alone), k
+    ids = [engine.tokenizer.encode(p) for p in prompts]
+    as_ids = httpx.post(server.url + "/v1/completions", json={**body, "prompt": ids}, timeout=60).json()
+    assert as_ids["choices"] == together["choices"]
+    assert _pool_full(engine)
 
 
 def test_max_completion_tokens_wins_over_max_tokens(server):
@@ -497,6 +519,29 @@ def test_queue_full_429(engine):
             assert [f.result(30).status_code for f in waiting] == [200, 200]
         m = httpx.get(srv.url + "/metrics", timeout=10).text
         assert _metric(m, 'dgemma_requests_total{outcome="rejected"}') == 2
+    finally:
+        gated.gate.set()
+        srv.stop()
+
+
+def test_a_batch_of_prompts_that_overflows_the_queue_is_a_429_and_leaves_nothing_queued(engine):
+    gated = _GatedEngine(engine)
+    srv = _Server(create_app(gated, MODEL, max_queue=2, max_running=1))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "max_tokens": 4}, timeout=60)
+            assert gated.entered.wait(10)
+            # one running, two places in the queue: the batch's first two prompts take them, its third is refused
+            r = httpx.post(srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b", "c"]}, timeout=60)
+            assert _error_shape(r, 429)["type"] == "rate_limit_error"
+            gated.gate.set()
+            assert running.result(30).status_code == 200
+        deadline = time.monotonic() + 10
+        while _metric(httpx.get(srv.url + "/metrics", timeout=10).text, "dgemma_requests_in_flight") > 0:
+            assert time.monotonic() < deadline, "the batch's accepted prompts were left in the queue"
+            time.sleep(0.02)
+        r = httpx.post(srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b"]}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
     finally:
         gated.gate.set()
         srv.stop()

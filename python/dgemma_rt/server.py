@@ -9,7 +9,9 @@ Endpoints:
 - ``GET /v1/models``: the one model this server holds.
 - ``GET /v1/models/{id}``: that model, or 404.
 - ``POST /v1/completions``: ``prompt`` is a string (tokenized with BOS) or a list of token ids, or a
-  one-element list of either (one prompt per request).
+  list of either: a batch, answered with one choice per prompt (each its own engine request, as if
+  sent alone; not streamed; at most ``max_running + max_queue`` prompts, and a queue that cannot take
+  them all is a 429 for the whole request).
 - ``POST /v1/chat/completions``: ``messages`` go through the checkpoint's chat template.
 - ``GET /metrics``: Prometheus text format (queue depth, requests in flight, active rows, decoder
   passes, steps/s, tokens/s, completed requests, generated tokens, KV blocks in use).
@@ -698,6 +700,7 @@ def create_app(
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
             raise ValueError(f"{name} must be an integer in [1, 2**31 - 1], got {value!r}")
     backend = _Backend(engine, max_queue, max_running)
+    max_prompts = max_running + max_queue  # a batch of prompts is that many requests in the queue
     default_steps = engine.generation_defaults.get("max_denoising_steps") or 48
     from dgemma_rt.engine import _SAMPLER_DEFAULTS
 
@@ -850,30 +853,59 @@ def create_app(
                            f"model's {backend.max_pos} positions", param="prompt",
                            code="context_length_exceeded")
 
+    async def results(jobs: list[_Job], request: Request) -> list[dict[str, Any]] | None:
+        """Submits the jobs and waits for all of them; None when the client disconnected first (they are
+        cancelled). A job that fails (or one refused with 429) cancels the others."""
+        pending = []
+        try:
+            for job in jobs:
+                pending.append(asyncio.wrap_future(backend.submit(job)))
+        except BaseException:
+            for job in jobs:
+                job.abort()
+            raise
+        for p in pending:  # nobody may await one (the client left): its exception must not be reported as lost
+            p.add_done_callback(lambda f: f.cancelled() or f.exception())
+        everything = asyncio.gather(*pending)
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({everything, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not everything.done():  # the client disconnected: nobody will read the answer
+                for job in jobs:
+                    job.abort()
+                return None
+            return everything.result()
+        except APIError:
+            raise
+        except BaseException as e:
+            for job in jobs:
+                job.abort()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise _engine_error(e) from None
+        finally:
+            gone.cancel()
+            everything.cancel()  # settled already, or nobody is waiting for it any more
+
+    async def run_batch(jobs: list[_Job], request: Request):
+        created = int(time.time())
+        done = await results(jobs, request)
+        if done is None:
+            return Response(status_code=499)
+        choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                   for i, r in enumerate(done)]
+        usage = {k: sum(_usage(r)[k] for r in done) for k in _usage(done[0])}
+        return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": created,
+                "model": model_name, "choices": choices, "usage": usage}
+
     async def run(job: _Job, chat: bool, request: Request):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if not job.stream:
-            future = backend.submit(job)
-            pending = asyncio.wrap_future(future)
-            # Nobody may await it (the client left): its exception must not be reported as lost.
-            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
-            gone = asyncio.ensure_future(_client_gone(request))
-            try:
-                await asyncio.wait({pending, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not pending.done():  # the client disconnected: nobody will read the answer
-                    job.abort()
-                    return Response(status_code=499)
-                result = pending.result()
-            except APIError:
-                raise
-            except BaseException as e:
-                if isinstance(e, asyncio.CancelledError):
-                    job.abort()
-                    raise
-                raise _engine_error(e) from None
-            finally:
-                gone.cancel()
+            done = await results([job], request)
+            if done is None:
+                return Response(status_code=499)
+            result = done[0]
             usage = _usage(result)
             if chat:
                 return {
@@ -977,23 +1009,32 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         max_tokens, seed, kwargs = common(req, req.max_tokens)
-        if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int):
-            if len(req.prompt) != 1:  # a batch of prompts: one choice each, which n=1 rules out here
-                raise APIError(400, f"prompt holds {len(req.prompt)} prompts: this server takes one per request",
-                               param="prompt", code="unsupported_parameter")
-            req.prompt = req.prompt[0]
-        if isinstance(req.prompt, str):
-            try:
-                ids = backend.tok.encode(req.prompt)  # "" is the BOS alone, as OpenAI takes it
-            except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
-                raise APIError(400, f"prompt: {e}", param="prompt", code="invalid_text") from None
-            if not ids:
-                raise APIError(400, "prompt is empty (and the tokenizer adds no BOS)", param="prompt",
-                               code="empty_prompt")
-        else:
-            if not req.prompt:
-                raise APIError(400, "prompt is empty", param="prompt", code="empty_prompt")
-            ids = list(req.prompt)
+        # A list of strings or of token-id lists is a batch (LangChain sends up to 20): one choice per prompt,
+        # each its own request to the engine (batched with everything else).
+        many = isinstance(req.prompt, list) and bool(req.prompt) and not isinstance(req.prompt[0], int)
+        prompts = list(req.prompt) if many else [req.prompt]
+        if len(prompts) > 1 and req.stream:
+            raise APIError(400, f"prompt holds {len(prompts)} prompts: a stream takes one", param="prompt",
+                           code="unsupported_parameter")
+        if len(prompts) > max_prompts:
+            raise APIError(400, f"prompt holds {len(prompts)} prompts, more than this server queues at once "
+                           f"({max_prompts})", param="prompt", code="limit_exceeded")
+        batch = []
+        for i, prompt in enumerate(prompts):
+            where = f"prompt[{i}]" if many else "prompt"
+            if isinstance(prompt, str):
+                try:
+                    ids = backend.tok.encode(prompt)  # "" is the BOS alone, as OpenAI takes it
+                except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
+                    raise APIError(400, f"{where}: {e}", param="prompt", code="invalid_text") from None
+                if not ids:
+                    raise APIError(400, f"{where} is empty (and the tokenizer adds no BOS)", param="prompt",
+                                   code="empty_prompt")
+            else:
+                if not prompt:
+                    raise APIError(400, f"{where} is empty", param="prompt", code="empty_prompt")
+                ids = list(prompt)
+            batch.append(ids)
         template, middle = req.canvas_template, None
         if req.suffix is not None:
             if template is not None:
@@ -1016,9 +1057,15 @@ def create_app(
             total = -(-(max_tokens + len(suffix)) // backend.canvas) * backend.canvas
             middle = total - len(suffix)
             template = [-1] * middle + suffix
-        check_prompt(ids, len(template) if middle is not None else max_tokens)
-        job = _Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle,
-                   stop=stop_sequences(req), include_usage=include_usage(req))
+        stops = stop_sequences(req)
+        jobs = []
+        for ids in batch:
+            check_prompt(ids, len(template) if middle is not None else max_tokens)
+            jobs.append(_Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle,
+                             stop=stops, include_usage=include_usage(req)))
+        if len(jobs) > 1:
+            return await run_batch(jobs, request)
+        job = jobs[0]
         if req.suffix is not None and req.stream:  # the drafts show the middle settling before it
             job.suffix_text = req.suffix if isinstance(req.suffix, str) else backend.tok.decode(suffix)
         return await run(job, chat=False, request=request)
