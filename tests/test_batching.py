@@ -87,6 +87,26 @@ def test_batch_rows_stay_in_lock_step_under_concurrency(engine):
     assert alone.steps_per_canvas == together.steps_per_canvas
 
 
+def test_a_callback_may_cancel_its_request(engine):
+    """RequestCancelled raised by on_step / on_block ends the request at once as cancelled (any other
+    exception fails it): result() raises it with the callback's message, the engine counts a cancellation."""
+    before = engine.scheduler_stats()
+    steps = []
+
+    def stop_at_3(draft):
+        steps.append(draft)
+        if len(steps) == 3:
+            raise dgemma_rt.RequestCancelled("enough drafts")
+
+    req = engine.submit([prompt(2)], on_step=stop_at_3, seed=1, max_new_tokens=128, max_denoising_steps=8,
+                        adaptive_stopping=False)
+    with pytest.raises(dgemma_rt.RequestCancelled, match="enough drafts"):
+        req.result()
+    after = engine.scheduler_stats()
+    assert req.status == "cancelled" and len(steps) == 3
+    assert (after["cancelled"] - before["cancelled"], after["failed"] - before["failed"]) == (1, 0)
+
+
 def test_submit_without_events(engine):
     """events=False (generate() and the server): the callbacks run, nothing is queued for an iteration that
     never comes (each step's draft stayed queued until the request was dropped), and iterating says so."""

@@ -134,12 +134,20 @@ int visit_callback_error(const std::exception_ptr& error, visitproc visit, void*
   return 0;
 }
 
-// Runs f (which calls Python, with the GIL held) so that a Python exception leaves as a PyCallbackError.
+// dgemma_rt.RequestCancelled, once the module has made it.
+PyObject* g_request_cancelled = nullptr;
+
+// Runs f (which calls Python, with the GIL held) so that a Python exception leaves as a PyCallbackError,
+// except RequestCancelled, which cancels the request (its status is "cancelled", not "failed").
 template <typename F>
 auto calling_python(F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (py::error_already_set& e) {
+    if (g_request_cancelled && e.matches(g_request_cancelled)) {
+      std::string why = py::str(e.value());
+      throw Cancelled(why.empty() ? "cancelled by a callback" : why);
+    }
     throw PyCallbackError(std::move(e));
   }
 }
@@ -378,6 +386,7 @@ PYBIND11_MODULE(_core, m) {
 #endif
   static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
   static py::exception<Cancelled> cancelled_error(m, "RequestCancelled", PyExc_RuntimeError);
+  g_request_cancelled = cancelled_error.ptr();
   py::register_exception_translator([](std::exception_ptr p) {
     // Messages may quote bytes from a file: decoded leniently, never a UnicodeDecodeError instead.
     auto set = [](PyObject* type, const char* msg) {

@@ -156,10 +156,6 @@ class _Cancelled(Exception):
     """Raised from the engine callbacks to abort a request whose client went away."""
 
 
-class _StopFound(Exception):
-    """Raised from on_block to end a request whose committed text holds a stop sequence: no more canvases."""
-
-
 def _find_stop(text: str, stops: list[str]) -> int | None:
     """Where the first of ``stops`` begins in ``text`` (the earliest of them), or None."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -401,10 +397,13 @@ class _Backend:
         done = False  # EOS or max_tokens reached in the streamed text
         emitted = ""
 
+        from dgemma_rt.engine import RequestCancelled
+
+        # Raised from a callback, RequestCancelled ends the engine's request at once, as cancelled.
         def on_step(draft: Any) -> None:
             nonlocal step_i, steps
             if job.cancel.is_set():
-                raise _Cancelled()
+                raise RequestCancelled("the client went away")
             steps += 1
             step_i += 1
             if job.stream and not done:
@@ -420,7 +419,7 @@ class _Backend:
         def on_block(block: Any) -> None:
             nonlocal canvas_i, step_i, done, emitted, stopped
             if job.cancel.is_set():
-                raise _Cancelled()
+                raise RequestCancelled("the client went away")
             canvas_i += 1
             step_i = 0
             if done or not (job.stream or job.stop):
@@ -446,9 +445,7 @@ class _Backend:
                 job.push("delta", text[len(emitted) :])
                 emitted = text
             if stopped is not None:
-                raise _StopFound()  # fails the engine's request: no canvas after this one is denoised
-
-        from dgemma_rt.engine import RequestCancelled
+                raise RequestCancelled("a stop sequence")  # no canvas after this one is denoised
 
         extra: dict[str, Any] = {}
         if job.template is not None:
@@ -474,8 +471,8 @@ class _Backend:
         try:
             out = native.result()
         except RequestCancelled:
-            raise _Cancelled() from None
-        except _StopFound:
+            if stopped is None:
+                raise _Cancelled() from None
             out = None
         if out is None:  # ended by a stop sequence: what the callbacks committed
             assert stopped is not None
