@@ -33,8 +33,8 @@ to ``t_max``): OpenAI's ``temperature`` (0 to 2) scales the checkpoint's schedul
 halves both ends; 0 scales it by 1/100, which samples each step's argmax in practice), and cannot be
 combined with ``t_min`` / ``t_max``. ``stop`` (a string or up to 4) ends the text before the first
 stop sequence, which is not returned (``finish_reason`` ``"stop"``); the request ends with the canvas
-that completes it, and a stream's text never holds part of one (its drafts may). What OpenAI clients send by default and asks
-for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``n`` /
+that completes it, and a stream's text never holds part of one (its drafts may). What OpenAI clients
+send by default and asks for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``n`` /
 ``best_of`` 1, empty ``logit_bias``, ``response_format`` ``text``, ``tools`` with ``tool_choice``
 ``"none"``, ``user``); anything else of those, ``echo``, ``logprobs`` and ``top_logprobs`` is a 400
 (chat's ``logprobs: false`` is accepted, as it asks for nothing). Chat's ``max_completion_tokens``
