@@ -676,8 +676,9 @@ class Engine:
         batched together: the scheduler admits a waiting request between denoising steps as soon
         as a row (``max_batch_size``) and its KV blocks are free, and every admitted request's
         rows share each decoder pass. Callbacks run on the scheduler thread between steps; keep
-        them short; one that raises ``RequestCancelled`` ends its request at once as cancelled (any
-        other exception fails it, and ``result()`` raises that). ``keep_cache=False`` gives the
+        them short; one that raises ``RequestCancelled`` ends its request at once as cancelled
+        (``result()`` raises a ``RequestCancelled`` with its message; any other exception fails the
+        request, and ``result()`` raises that very exception). ``keep_cache=False`` gives the
         request's KV blocks back to the pool the moment it ends (the output's ``past_key_values`` is
         then None): what a server wants. ``events=False`` keeps no step and block events for
         iterating the request (each step's draft would stay queued until the request is dropped):

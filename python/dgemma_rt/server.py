@@ -306,24 +306,39 @@ class _Backend:
 
     # -------------------------------------------------------------- admission (event loop)
     def submit(self, job: _Job):
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: list[_Job]) -> list[Any]:
+        """Hands all of ``jobs`` to the workers, or none of them (429 when the queue cannot take them all)."""
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         with self.stats.lock:
             # Requests that really wait for a worker: those beyond the max_running the workers hold.
             # A request an idle worker is about to pick up does not count.
-            if self.stats.waiting + self.stats.running >= self.max_running + self.max_queue:
+            if self.stats.waiting + self.stats.running + len(jobs) > self.max_running + self.max_queue:
                 self.stats.rejected += 1
-                raise APIError(429, f"the server queue is full ({self.max_queue} requests waiting); retry later",
+                what = "full" if len(jobs) == 1 else f"too full for {len(jobs)} prompts"
+                raise APIError(429, f"the server queue is {what} ({self.max_queue} requests may wait); retry later",
                                type="rate_limit_error", code="queue_full")
-            self.stats.waiting += 1
-        self.jobs.add(job)
-        try:
-            future = self.executor.submit(self._run, job)
-        except RuntimeError:  # executor shut down
-            with self.stats.lock:
-                self.stats.waiting -= 1
-            self.jobs.discard(job)
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+            self.stats.waiting += len(jobs)
+        futures = []
+        for i, job in enumerate(jobs):
+            self.jobs.add(job)
+            try:
+                futures.append(self._start(job))
+            except RuntimeError:  # executor shut down: the jobs not handed over do not wait
+                with self.stats.lock:
+                    self.stats.waiting -= len(jobs) - i
+                for j in jobs[i:]:
+                    self.jobs.discard(j)
+                for j, f in zip(jobs, futures):
+                    j.abort()
+                    f.cancel()
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+        return futures
+
+    def _start(self, job: _Job):
+        future = self.executor.submit(self._run, job)
 
         def never_ran(f: Any) -> None:
             if f.cancelled():  # dropped from the executor's queue before _run started
@@ -590,16 +605,24 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     def where(e: dict[str, Any]) -> list[str]:
         return [str(p) for p in e.get("loc", ()) if p != "body"]
 
+    def is_type(k: str) -> bool:  # a union's branch tag, not a field name or an index
+        return k in _KINDS or "[" in k
+
     first = errors[0] if errors else {}
     loc = where(first)
-    if len(loc) >= 2:
+    if len(loc) >= 2 and is_type(loc[-1]):
         prefix = loc[:-1]
-        branches = [e for e in errors if where(e)[: len(prefix)] == prefix and len(where(e)) > len(prefix)]
+        branches = [e for e in errors if where(e)[: len(prefix)] == prefix and len(where(e)) > len(prefix)
+                    and is_type(where(e)[len(prefix)])]
         kinds = list(dict.fromkeys(where(e)[len(prefix)] for e in branches))
         if len(kinds) > 1:
-            deepest = max(branches, key=lambda e: len(where(e)))
-            if len(where(deepest)) > len(prefix) + 1:  # the path without the type's name
-                return f"{'.'.join(prefix + where(deepest)[len(prefix) + 1:])}: {deepest.get('msg', 'invalid value')}"
+            depth = max(len(where(e)) for e in branches)
+            deepest = [e for e in branches if len(where(e)) == depth]
+            if depth > len(prefix) + 1 and len({where(e)[len(prefix)] for e in deepest}) == 1:
+                # one type got further than the others (a list of text parts with a wrong part): its error,
+                # on the path without the type's name
+                e = deepest[0]
+                return f"{'.'.join(prefix + where(e)[len(prefix) + 1:])}: {e.get('msg', 'invalid value')}"
             takes = " or ".join(dict.fromkeys(_KINDS.get(k, k) for k in kinds))
             return f"{'.'.join(prefix)}: must be {takes}"
     return f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
@@ -850,39 +873,45 @@ def create_app(
                            f"model's {backend.max_pos} positions", param="prompt",
                            code="context_length_exceeded")
 
+    def _retrieved(f: Any) -> None:  # an outcome nobody awaits (the client left) is not reported as lost
+        if not f.cancelled():
+            f.exception()
+
     async def results(jobs: list[_Job], request: Request) -> list[dict[str, Any]] | None:
-        """Submits the jobs and waits for all of them; None when the client disconnected first (they are
-        cancelled). A job that fails (or one refused with 429) cancels the others."""
-        pending = []
-        try:
-            for job in jobs:
-                pending.append(asyncio.wrap_future(backend.submit(job)))
-        except BaseException:
-            for job in jobs:
-                job.abort()
-            raise
-        for p in pending:  # nobody may await one (the client left): its exception must not be reported as lost
-            p.add_done_callback(lambda f: f.cancelled() or f.exception())
+        """Submits the jobs (all or none: 429) and waits for all of them; None when the client disconnected
+        first. However it ends early (a job fails, the client leaves, the server shuts down), the others are
+        cancelled, and those still queued leave the queue at once."""
+        futures = backend.submit_all(jobs)
+        pending = [asyncio.wrap_future(f) for f in futures]
+        for p in pending:
+            p.add_done_callback(_retrieved)
         everything = asyncio.gather(*pending)
+        everything.add_done_callback(_retrieved)
+
+        def drop() -> None:
+            for job, f in zip(jobs, futures):
+                job.abort()
+                f.cancel()  # still queued: dropped now (never_ran does the counting), else a no-op
+
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             await asyncio.wait({everything, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not everything.done():  # the client disconnected: nobody will read the answer
-                for job in jobs:
-                    job.abort()
+                drop()
                 return None
+            if any(p.cancelled() for p in pending):  # dropped from the queue: the server shuts down
+                drop()
+                raise _engine_error(_Cancelled())
             return everything.result()
         except APIError:
             raise
         except BaseException as e:
-            for job in jobs:
-                job.abort()
+            drop()
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise _engine_error(e) from None
         finally:
             gone.cancel()
-            everything.cancel()  # settled already, or nobody is waiting for it any more
 
     async def run_batch(jobs: list[_Job], request: Request):
         created = int(time.time())
