@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -463,6 +464,17 @@ def test_kv_pool_stats_show_reservations(guarded_engine, base_ckpt):
     assert after["full_reserved"] == after["sliding_reserved"] == 0, after
 
 
+@contextlib.contextmanager
+def _gc_off():
+    """No automatic collection: what is freed is freed by reference counting (or an explicit gc.collect())."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("refers_back", [False, True])
 def test_failed_request_dropped_unread_gives_its_blocks_back(guarded_engine, base_ckpt, refers_back):
     """A request whose callback raised, dropped without result(): the native request keeps the exception,
@@ -471,9 +483,7 @@ def test_failed_request_dropped_unread_gives_its_blocks_back(guarded_engine, bas
     garbage collector sees the one through native code when it does."""
     engine = guarded_engine
     ids = make_prompt(3, 1, 5, base_ckpt.vocab_size)
-    gc.collect()
-    gc.disable()
-    try:
+    with _gc_off():
         for _ in range(3):
             holder = {}
 
@@ -492,8 +502,6 @@ def test_failed_request_dropped_unread_gives_its_blocks_back(guarded_engine, bas
             assert not _free(engine)
             gc.collect()
             assert _free(engine)
-    finally:
-        gc.enable()
 
 
 def test_failed_request_on_a_past_cache_lets_go_of_it(guarded_engine, base_ckpt):
@@ -501,9 +509,7 @@ def test_failed_request_on_a_past_cache_lets_go_of_it(guarded_engine, base_ckpt)
     pure Python cycle that lived until the garbage collector ran, with the past_key_values passed in."""
     engine = guarded_engine
     ids = make_prompt(4, 1, 5, base_ckpt.vocab_size)
-    gc.collect()
-    gc.disable()
-    try:
+    with _gc_off():
         for _ in range(3):
             past = engine.encode(ids)
             req = engine.submit(ids, past_key_values=past, on_step=lambda a: (_ for _ in ()).throw(Boom("x")),
@@ -512,8 +518,6 @@ def test_failed_request_on_a_past_cache_lets_go_of_it(guarded_engine, base_ckpt)
                 req.result()
             del req, past
             assert _free(engine)
-    finally:
-        gc.enable()
 
 
 @pytest.mark.parametrize("callback", ["on_step", "on_block"])
