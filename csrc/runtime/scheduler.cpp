@@ -1,9 +1,9 @@
 #include "runtime/scheduler.h"
 
 #include <algorithm>
-#include <iterator>
 #include <chrono>
 #include <cmath>
+#include <iterator>
 #include <numeric>
 
 #ifdef _OPENMP
