@@ -49,8 +49,9 @@ done
 
 # Where logs and JSON go, and which roofline device the profile's bandwidth is a fraction of (--gpu: the
 # H200's name says so, anything else counts as an H100); the dry run shows the plan with both unexpanded.
-# WORK holds the logs, the step records, the provenance and the JUnit file: $OUT itself, or with --pack a
-# folder beside the checkout, packed into $OUT after every step.
+# WORK holds the logs (the tests' whole outputs in logs/tests/), the step records, the provenance and the
+# JUnit files (junit-gpu-<test file>.xml): $OUT itself, or with --pack a folder beside the checkout, packed
+# into $OUT after every step.
 if [ "$MODE" = dry ]; then OUT='$OUT'; WORK='$WORK'; GPU_KIND='$GPU_KIND'; else
   OUT=${OUT:-$ROOT/build/gpu-check-out}
   if [ "$PACK" = 1 ]; then WORK=${GPU_CHECK_WORK:-$ROOT/build/gpu-check-work}; else WORK=$OUT; fi

@@ -608,7 +608,8 @@ def _checkpoint_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
 
 def quantize_plan(src: str | os.PathLike, dense: str | None = None, experts: bool = True) -> list[str]:
     """The tensors ``quantize_checkpoint(src, ..., dense=dense, experts=experts)`` would quantize, from the
-    safetensors headers alone: empty when there is nothing to do (the weights are stored quantized already)."""
+    safetensors headers alone: empty when there is nothing to do (the weights are stored quantized already, or
+    are not in shapes the format takes)."""
     files, _ = _checkpoint_files(Path(src))
     return [name for f in files for name, dt, shape in read_safetensors_header(f)[0]
             if _quant_format(name, dt, shape, dense, experts) is not None]
@@ -626,7 +627,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     is a ``dgemma_rt.CheckpointError`` naming the file and the reason, as ``Engine(src)`` would raise.
 
     Returns the names of the quantized tensors. A checkpoint with nothing to quantize (its weights are
-    stored quantized already; see ``quantize_plan``) is a ValueError, before anything is written.
+    stored quantized already, or not in shapes the format takes; see ``quantize_plan``) is a ValueError,
+    before anything is written.
     """
     dense = "nvfp4" if dense is True else (dense or None)
     if dense not in (None, "nvfp4", "fp8"):

@@ -14,7 +14,8 @@ Endpoints:
   them all is a 429 for the whole request).
 - ``POST /v1/chat/completions``: ``messages`` go through the checkpoint's chat template.
 - ``GET /metrics``: Prometheus text format (queue depth, requests in flight, active rows, decoder
-  passes, steps/s, tokens/s, completed requests, generated tokens, KV blocks in use).
+  passes, steps/s, tokens/s, completed requests, generated tokens, KV blocks in use, reserved for
+  admitted requests, and in all).
 
 Requests are batched continuously by the engine's native scheduler: up to ``max_running``
 requests (default: the engine's ``max_batch_size``) are handed to it at once, each from a worker
@@ -58,8 +59,8 @@ canvas. In addition, every denoising step sends a chunk with an empty delta and 
 ``"dgemma_draft": {"canvas": i, "step": s, "text": "..."}``: the decoded argmax draft of canvas ``i``
 (0-based) after its step ``s`` (1-based), cut at the first EOS/pad, so clients can show text
 settling. Clients that do not know the field ignore it. The last chunk carries ``finish_reason`` and
-``usage``; with ``stream_options: {"include_usage": true}`` a chunk with no choices and the ``usage``
-follows, as OpenAI sends it; then ``data: [DONE]``. The JSON is ASCII (other characters escaped).
+``usage``, or, with ``stream_options: {"include_usage": true}``, ``finish_reason`` only, followed by a
+chunk with no choices that holds the ``usage``, as OpenAI sends it; then ``data: [DONE]``. The JSON is ASCII (other characters escaped).
 An error after the stream started is sent as
 ``data: {"error": {...}}``.
 

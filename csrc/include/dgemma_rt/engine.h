@@ -112,6 +112,7 @@ class Request {
   void wait() const;
   bool wait_for(double seconds) const;  // true once finished
   Result result() const;                // waits; throws Error if it failed or was cancelled
+                                        // (a callback's own exception as thrown)
 
  private:
   friend class Engine;
