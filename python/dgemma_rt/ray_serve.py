@@ -29,7 +29,8 @@ conversation and no session affinity is needed; a given seed gives the same text
 Replicas answer with the header ``x-dgemma-replica`` (Serve's replica id). Per-replica metrics go
 through Ray's metrics (the Prometheus endpoint of each Ray node, tagged ``deployment``, ``replica``,
 ``application``): ``ray_dgemma_*``, the counters and gauges of ``dgemma-rt serve``'s ``/metrics``
-(not its per-scrape rates, which Prometheus derives from the counters). ``/metrics`` over HTTP answers for whichever replica the router picked. Serve's
+(not its per-scrape rates, which Prometheus derives from the counters). ``/metrics`` over HTTP
+answers for whichever replica the router picked. Serve's
 ``check_health`` fails a replica whose engine stopped answering, or that has had work and made no
 progress for ``stall_timeout_s``; Serve then replaces it, as it does a replica whose process died.
 """
