@@ -187,8 +187,9 @@ class Request:
 
     Iterate it for :class:`Event` s as they happen (not one submitted with ``events=False``: iterating
     that is a ValueError), ``cancel()`` it from any thread, or wait for ``result()``. Iteration ends
-    with the ``"done"`` event, or raises the request's error (``RequestCancelled`` if it was cancelled). Ctrl-C while an iteration waits for the next event
-    cancels the request, as it does in ``result()``. Every method may be called from any thread:
+    with the ``"done"`` event, or raises the request's error (``RequestCancelled`` if it was
+    cancelled). Ctrl-C while an iteration waits for the next event cancels the request, as it does
+    in ``result()``. Every method may be called from any thread:
     each ``result()`` returns the same output (or raises the same error); several threads iterating
     the same request share its events (each event goes to one of them) and every iteration ends.
     """

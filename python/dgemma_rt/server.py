@@ -60,8 +60,8 @@ canvas. In addition, every denoising step sends a chunk with an empty delta and 
 (0-based) after its step ``s`` (1-based), cut at the first EOS/pad, so clients can show text
 settling. Clients that do not know the field ignore it. The last chunk carries ``finish_reason`` and
 ``usage``, or, with ``stream_options: {"include_usage": true}``, ``finish_reason`` only, followed by a
-chunk with no choices that holds the ``usage``, as OpenAI sends it; then ``data: [DONE]``. The JSON is ASCII (other characters escaped).
-An error after the stream started is sent as
+chunk with no choices that holds the ``usage``, as OpenAI sends it; then ``data: [DONE]``. The JSON
+is ASCII (other characters escaped). An error after the stream started is sent as
 ``data: {"error": {...}}``.
 
 Infilling: ``/v1/completions`` takes the OpenAI ``suffix`` field (text, or token ids with a token-id
