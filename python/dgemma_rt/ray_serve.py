@@ -273,8 +273,7 @@ def build(
                               replica_queue=queue, max_queued_requests=max_queued_requests, num_gpus=num_gpus,
                               num_cpus=num_cpus, runtime_env=runtime_env)
     opts.update(deployment_overrides)
-    # The GPUs a replica really gets: ray_actor_options in the overrides replace those made from num_gpus.
-    _check_replica_device(device, (opts.get("ray_actor_options") or {}).get("num_gpus") or 0)
+    _check_replica_device(device, _replica_gpus(num_gpus, deployment_overrides))
     return serve.deployment(DGemmaReplica).options(**opts).bind(path, name, engine_kwargs, app_kwargs,
                                                                 stall_timeout_s, metrics_interval_s)
 
@@ -314,6 +313,13 @@ def app_builder(args: "AppArgs | dict[str, Any]") -> "serve.Application":
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(dict(args))
     return build(**args.model_dump())
+
+
+def _replica_gpus(num_gpus: float, overrides: dict[str, Any]) -> float:
+    """The GPUs a replica really gets: ray_actor_options among the deployment overrides replace the actor
+    options build() makes from num_gpus."""
+    actor = overrides.get("ray_actor_options")
+    return (actor.get("num_gpus") if isinstance(actor, dict) else num_gpus) or 0
 
 
 def _check_replica_device(device: str, num_gpus: float) -> None:
@@ -374,9 +380,8 @@ def run(
     a running cluster (only this application is removed on exit). Serve's HTTP proxy listens on
     ``host:port`` on every node it runs on.
     """
-    actor = build_kwargs.get("ray_actor_options")  # as in build(): it replaces what num_gpus made
     _check_replica_device(build_kwargs.get("device", "cpu"),
-                          (actor.get("num_gpus") if isinstance(actor, dict) else build_kwargs.get("num_gpus")) or 0)
+                          _replica_gpus(build_kwargs.get("num_gpus") or 0, build_kwargs))
     import ray
 
     local = address is None

@@ -490,6 +490,7 @@ class _Backend:
             if stopped is None:
                 raise _Cancelled() from None
             out = None
+        cut_at_stop = out is None
         if out is None:  # ended by a stop sequence: what the callbacks committed
             assert stopped is not None
             ids, text, finish, steps_total = new_ids, stopped, "stop", steps
@@ -504,8 +505,8 @@ class _Backend:
             text = tok.decode(ids)
             cut = _find_stop(text, job.stop)
             if cut is not None:
-                text, finish = text[:cut], "stop"
-        if len(text) < len(tok.decode(ids)):  # cut at a stop sequence: count the tokens the text needs
+                text, finish, cut_at_stop = text[:cut], "stop", True
+        if cut_at_stop:  # count the tokens the text needs (no second decode for a request without a stop)
             ids = ids[: self._tokens_for(ids, text)]
         tail = text[len(emitted) :] if text.startswith(emitted) else ""
         return {
