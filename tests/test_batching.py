@@ -107,6 +107,55 @@ def test_a_callback_may_cancel_its_request(engine):
     assert (after["cancelled"] - before["cancelled"], after["failed"] - before["failed"]) == (1, 0)
 
 
+def test_a_callback_may_stop_its_request(engine):
+    """StopGeneration raised by on_block ends the request after that canvas, and raised by on_step after the
+    canvas it is on (denoised to its end): done, counted as completed, the output exactly the first canvases
+    of the full run with the cache those canvases leave. Raised anywhere else it fails the request."""
+    kw = dict(seed=7, max_new_tokens=4 * 64, max_denoising_steps=5, eos_token_id=[], adaptive_stopping=False)
+    p = prompt(3)
+    full = engine.generate([p], **kw)
+    two = engine.generate([p], **dict(kw, max_new_tokens=2 * 64))
+    assert not full.stopped and not two.stopped
+    two_lengths = two.past_key_values.seq_lengths
+    # The next turn after a 2-canvas run (it extends two's cache).
+    nxt = dict(seed=8, max_new_tokens=64, max_denoising_steps=3, eos_token_id=[])
+    b = engine.generate([two.sequences[0][-64:].tolist()], past_key_values=two.past_key_values, **nxt)
+    before = engine.scheduler_stats()
+    blocks, steps = [], []
+
+    def stop_after_2(block):
+        blocks.append(block)
+        if len(blocks) == 2:
+            raise dgemma_rt.StopGeneration
+
+    def stop_in_canvas_1(draft):
+        steps.append(draft)
+        if len(steps) == 5 + 2:  # the second canvas's second step
+            raise dgemma_rt.StopGeneration("this canvas is the last")
+
+    for cb in (dict(on_block=stop_after_2), dict(on_step=stop_in_canvas_1)):
+        req = engine.submit([p], **cb, **kw)
+        out = req.result()
+        assert out.stopped and req.status == "done"
+        np.testing.assert_array_equal(out.sequences[0], full.sequences[0][: len(p) + 2 * 64])
+        assert out.steps_per_canvas == [[5, 5]]
+        assert out.past_key_values.seq_lengths == two_lengths
+        # The returned cache continues as any other: the next turn sees exactly what a 2-canvas run leaves.
+        a = engine.generate([out.sequences[0][-64:].tolist()], past_key_values=out.past_key_values, **nxt)
+        np.testing.assert_array_equal(a.sequences, b.sequences)
+    assert len(blocks) == 2 and len(steps) == 10
+    after = engine.scheduler_stats()
+    assert [after[k] - before[k] for k in ("completed", "cancelled", "failed")] == [4, 0, 0]
+
+    def noise(kind, shape):
+        raise dgemma_rt.StopGeneration
+
+    with pytest.raises(ValueError, match="StopGeneration was raised outside on_step/on_block"):
+        engine.generate([p], noise=noise, **kw)
+    del full, two, out, a, b, req
+    assert pool_is_full(engine)
+
+
 def test_submit_without_events(engine):
     """events=False (generate() and the server): the callbacks run, nothing is queued for an iteration that
     never comes (each step's draft stayed queued until the request was dropped), and iterating says so."""

@@ -126,6 +126,15 @@ int main(int argc, char** argv) {
       }
     };
     engine.submit({2, 5, 6}, p, cb).result();
+    // StopGeneration from on_block ends the request after that canvas, as done (counted completed).
+    dgemma_rt::SamplingParams q = p;
+    q.max_new_tokens = 192, q.eos_token_id.clear(), q.pad_token_id.reset();
+    dgemma_rt::Callbacks stop;
+    stop.on_block = [](const dgemma_rt::Block& b) {
+      if (b.canvas == 0) throw dgemma_rt::StopGeneration();
+    };
+    const dgemma_rt::Result sr = engine.submit({2, 5, 6}, q, stop).result();
+    std::printf("stopped: %zu new tokens, %s, %d\n", sr.new_tokens.size(), sr.finish_reason.c_str(), sr.stopped);
     const dgemma_rt::Stats s = engine.stats();
     std::printf("refused: %s\nrequests: %lld completed, %d running, %d queued\n", refused.c_str(), s.completed,
                 s.running_requests, s.queued_requests);
@@ -157,5 +166,6 @@ def test_callback_edges_of_the_installed_api(tiny_dir, tmp_path):
     p = subprocess.run([binary, tiny_dir], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
     assert "refused: generate() cannot be called inside a callback of the same engine" in p.stdout, p.stdout
-    assert "requests: 1 completed, 0 running, 0 queued" in p.stdout, p.stdout
+    assert "stopped: 64 new tokens, stop, 1" in p.stdout, p.stdout
+    assert "requests: 2 completed, 0 running, 0 queued" in p.stdout, p.stdout
     assert "last reference dropped in a callback: 64 new tokens" in p.stdout, p.stdout

@@ -95,7 +95,8 @@ Result Request::result() const {
     out.text_tokens.push_back(t);
   }
   const bool fits = static_cast<int>(out.text_tokens.size()) <= p.max_new_tokens;
-  out.finish_reason = hit && fits ? "stop" : "length";
+  out.stopped = r.stopped;
+  out.finish_reason = (hit && fits) || r.stopped ? "stop" : "length";
   if (!fits) out.text_tokens.resize(p.max_new_tokens);
   return out;
 }
@@ -167,14 +168,22 @@ Request Engine::submit(const std::vector<int32_t>& prompt, const SamplingParams&
   auto pos = std::make_shared<Position>();
   dgemma::GenerateCallbacks cb;
   const int L = impl_->engine->config().canvas_length;
-  cb.on_step = [pos, L, fn = std::move(callbacks.on_step)](const int32_t* d, int, int) {
-    ++pos->step;
-    if (fn) fn(Draft{pos->canvas, pos->step, std::vector<int32_t>(d, d + L)});
+  // StopGeneration becomes the core's Stopped (it ends the request as done).
+  auto call = [](const auto& fn, const auto& arg) {
+    try {
+      fn(arg);
+    } catch (const StopGeneration& e) {
+      throw dgemma::Stopped(e.what());
+    }
   };
-  cb.on_block = [pos, L, fn = std::move(callbacks.on_block)](const int32_t* d, int, int) {
-    if (fn) fn(Block{pos->canvas, std::vector<int32_t>(d, d + L)});
-    ++pos->canvas;
+  cb.on_step = [pos, L, call, fn = std::move(callbacks.on_step)](const int32_t* d, int, int) {
+    ++pos->step;
+    if (fn) call(fn, Draft{pos->canvas, pos->step, std::vector<int32_t>(d, d + L)});
+  };
+  cb.on_block = [pos, L, call, fn = std::move(callbacks.on_block)](const int32_t* d, int, int) {
+    const int canvas = pos->canvas++;
     pos->step = 0;
+    if (fn) call(fn, Block{canvas, std::vector<int32_t>(d, d + L)});
   };
   auto state = std::make_shared<Request::State>();
   state->params = params;

@@ -134,19 +134,26 @@ int visit_callback_error(const std::exception_ptr& error, visitproc visit, void*
   return 0;
 }
 
-// dgemma_rt.RequestCancelled, once the module has made it.
+// dgemma_rt.RequestCancelled and dgemma_rt.StopGeneration, once the module has made them.
 PyObject* g_request_cancelled = nullptr;
+PyObject* g_stop_generation = nullptr;
 
 // Runs f (which calls Python, with the GIL held) so that a Python exception leaves as a PyCallbackError,
-// except RequestCancelled, which cancels the request (its status is "cancelled", not "failed").
+// except RequestCancelled, which cancels the request (its status is "cancelled", not "failed"), and, from
+// an on_step/on_block callback (`callback`), StopGeneration, which ends it as done (Stopped).
 template <typename F>
-auto calling_python(F&& f) -> decltype(f()) {
+auto calling_python(F&& f, bool callback = false) -> decltype(f()) {
   try {
     return f();
   } catch (py::error_already_set& e) {
     if (g_request_cancelled && e.matches(g_request_cancelled)) {
       std::string why = py::str(e.value());
       throw Cancelled(why.empty() ? "cancelled by a callback" : why);
+    }
+    if (g_stop_generation && e.matches(g_stop_generation)) {
+      DG_REQUIRE(callback, InvalidArgument,
+                 "StopGeneration was raised outside on_step/on_block (only those callbacks may end a request that way)");
+      throw Stopped(py::str(e.value()));
     }
     throw PyCallbackError(std::move(e));
   }
@@ -306,7 +313,7 @@ std::function<void(const int32_t*, int, int)> canvas_callback(const py::object& 
   PyRef ref = hold(fn);
   return [ref](const int32_t* d, int b, int l) {
     py::gil_scoped_acquire gil;
-    calling_python([&] { (*ref)(canvas_array(d, b, l)); });
+    calling_python([&] { (*ref)(canvas_array(d, b, l)); }, /*callback=*/true);
   };
 }
 
@@ -315,6 +322,7 @@ py::dict result_dict(const GenerateResult& r, const std::shared_ptr<CacheSet>& c
   out["new_tokens"] = r.new_tokens;
   out["tokens_per_forward"] = r.tokens_per_forward;
   out["steps_per_canvas"] = r.steps_per_canvas;
+  out["stopped"] = r.stopped;
   py::dict t;
   t["queue_s"] = r.queue_s;
   t["prefill_s"] = r.prefill_s;
@@ -387,6 +395,9 @@ PYBIND11_MODULE(_core, m) {
   static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
   static py::exception<Cancelled> cancelled_error(m, "RequestCancelled", PyExc_RuntimeError);
   g_request_cancelled = cancelled_error.ptr();
+  // Never raised by the engine: a callback raises it (see calling_python); an Exception, not an error.
+  static py::exception<Stopped> stop_generation(m, "StopGeneration", PyExc_Exception);
+  g_stop_generation = stop_generation.ptr();
   py::register_exception_translator([](std::exception_ptr p) {
     // Messages may quote bytes from a file: decoded leniently, never a UnicodeDecodeError instead.
     auto set = [](PyObject* type, const char* msg) {

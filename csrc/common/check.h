@@ -30,6 +30,11 @@ struct ResourceError : Error {
 struct Cancelled : Error {
   using Error::Error;
 };
+// Thrown by a request's on_step/on_block callback to end the request early, as done (not cancelled):
+// it ends once the canvas being denoised is committed (from on_block: with the canvas just committed).
+struct Stopped : Error {
+  using Error::Error;
+};
 
 // Text from a file or a caller (names, keys, parser messages) made safe for an error message:
 // valid UTF-8 stays, other bytes and control characters become \xNN, and it is cut to max_bytes

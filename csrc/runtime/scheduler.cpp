@@ -330,7 +330,7 @@ struct Scheduler::Job {
       }
     }
     have_sc = true;
-    if (req.callbacks.on_step) req.callbacks.on_step(argmax.data(), B, L);
+    notify(req.callbacks.on_step, argmax.data());  // Stopped: this canvas is still denoised to its end
     bool any_left = false;
     for (int r = 0; r < B; ++r) any_left |= !finished_denoise[r] && !(skip_finished && finished_seq[r]);
     ++step, --n;
@@ -376,10 +376,10 @@ struct Scheduler::Job {
       if (live_at_start[r]) res.steps_per_canvas[r].push_back(steps_now[r]);
       finished_seq[r] |= eos_now[r];
     }
-    if (req.callbacks.on_block) req.callbacks.on_block(block.data(), B, L);
+    notify(req.callbacks.on_block, block.data());
     const bool all_done = std::all_of(finished_seq.begin(), finished_seq.end(), [](char f) { return f != 0; });
-    if (all_done) committed += commit_template_tail();
-    if (all_done || c + 1 >= max_canvases) {
+    if (all_done && !res.stopped) committed += commit_template_tail();
+    if (all_done || res.stopped || c + 1 >= max_canvases) {
       phase = Phase::kDone;
     } else {
       ++c;
@@ -417,9 +417,21 @@ struct Scheduler::Job {
         res.new_tokens[r].insert(res.new_tokens[r].end(), row, row + L);
       }
       c = cc;
-      if (req.callbacks.on_block) req.callbacks.on_block(block.data(), B, L);
+      notify(req.callbacks.on_block, block.data());
+      if (res.stopped) break;
     }
     return committed;
+  }
+
+  // Calls a callback with a [B, L] canvas. Stopped from it ends the request once the canvas being
+  // denoised is committed; any other exception fails the request.
+  void notify(const std::function<void(const int32_t*, int, int)>& fn, const int32_t* tokens) {
+    if (!fn) return;
+    try {
+      fn(tokens, B, L);
+    } catch (const Stopped&) {
+      res.stopped = true;
+    }
   }
 
   void finalize() {

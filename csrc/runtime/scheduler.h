@@ -76,6 +76,7 @@ class SeededNoise final : public NoiseSource {
   int vocab_;
 };
 
+// Either may throw Stopped to end the request, done, with the canvas it is on as its last.
 struct GenerateCallbacks {
   // Each denoising step's argmax canvas [batch, canvas_length].
   std::function<void(const int32_t*, int, int)> on_step;
@@ -91,6 +92,7 @@ struct GenerateResult {
   // steps this request took part in (shared with the other rows of those passes); total_s: submitted -> done.
   double queue_s = 0, prefill_s = 0, denoise_s = 0, total_s = 0;
   int decoder_forwards = 0, encoder_forwards = 0;
+  bool stopped = false;  // a callback ended the request (Stopped)
 };
 
 enum class RequestStatus { kQueued, kRunning, kDone, kFailed, kCancelled };

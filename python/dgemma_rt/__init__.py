@@ -18,7 +18,8 @@ try:
 finally:
     if _set_spin:
         del _os.environ["GOMP_SPINCOUNT"]
-from dgemma_rt.engine import FREE, Engine, Event, GenerateOutput, KVCache, Request, RequestCancelled
+from dgemma_rt.engine import (FREE, Engine, Event, GenerateOutput, KVCache, Request, RequestCancelled,
+                              StopGeneration)
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "KVCache",
     "Request",
     "RequestCancelled",
+    "StopGeneration",
     "check_device",
     "cpu_has_bf16_dot",
     "cuda_compiled",

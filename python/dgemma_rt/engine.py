@@ -116,10 +116,17 @@ class GenerateOutput:
     past_key_values: KVCache | None
     #: queue_s, prefill_s, denoise_s, total_s, decoder_forwards, encoder_forwards
     timings: dict[str, float] = field(default_factory=dict)
+    #: True when an on_step/on_block callback ended the request by raising ``StopGeneration``
+    stopped: bool = False
 
 
 #: Raised by ``Request.result()`` (and by ``generate`` on Ctrl-C) when a request was cancelled.
 RequestCancelled = _core.RequestCancelled
+
+#: Raised by an ``on_step`` / ``on_block`` callback to end its request early, as done: the canvas being
+#: denoised is still finished and committed (raised from ``on_block``: the canvas just committed is the
+#: last), and ``result()`` returns the output with ``stopped`` True. Stop strings, token budgets.
+StopGeneration = _core.StopGeneration
 
 #: The full-attention KV pool of an Engine made with kv_cache_tokens=None, in tokens.
 DEFAULT_KV_CACHE_TOKENS = 16384
@@ -163,6 +170,7 @@ def _make_output(
         steps_per_canvas=[list(s) for s in res["steps_per_canvas"]],
         past_key_values=cache,
         timings=dict(res["timings"]),
+        stopped=bool(res["stopped"]),
     )
 
 
@@ -677,9 +685,11 @@ class Engine:
         batched together: the scheduler admits a waiting request between denoising steps as soon
         as a row (``max_batch_size``) and its KV blocks are free, and every admitted request's
         rows share each decoder pass. Callbacks run on the scheduler thread between steps; keep
-        them short; one that raises ``RequestCancelled`` ends its request at once as cancelled
-        (``result()`` raises a ``RequestCancelled`` with its message; any other exception fails the
-        request, and ``result()`` raises that very exception). ``keep_cache=False`` gives the
+        them short. One that raises ``StopGeneration`` ends its request early as done (once the canvas
+        being denoised is committed: raised from ``on_block``, the canvas just committed is the last;
+        the output's ``stopped`` is True); one that raises ``RequestCancelled`` ends it at once as
+        cancelled (``result()`` raises a ``RequestCancelled`` with its message); any other exception
+        fails the request, and ``result()`` raises that very exception. ``keep_cache=False`` gives the
         request's KV blocks back to the pool the moment it ends (the output's ``past_key_values`` is
         then None): what a server wants. ``events=False`` keeps no step and block events for
         iterating the request (each step's draft would stay queued until the request is dropped):
@@ -766,7 +776,9 @@ class Engine:
         Thread-safe: calls from many threads run concurrently and share decoder passes (the rows
         of one call stay in lock step, as in the reference); a call's output does not depend on
         what else is running. Ctrl-C cancels the request. ``keep_cache=False`` frees the KV
-        blocks at the end instead of returning them as ``past_key_values``.
+        blocks at the end instead of returning them as ``past_key_values``. ``on_step`` gets each
+        step's argmax draft, ``on_block`` each committed canvas (both ``[rows, canvas_length]``); either
+        may raise ``StopGeneration`` to end the generation early (see :meth:`submit`).
 
         ``canvas_template``: per row a sequence of token ids laid over the new canvases in order, with
         ``FREE`` (-1) at the positions to generate (a 2-D array, or a list of sequences, empty or

@@ -413,9 +413,10 @@ class _Backend:
         done = False  # EOS or max_tokens reached in the streamed text
         emitted = ""
 
-        from dgemma_rt.engine import RequestCancelled
+        from dgemma_rt.engine import RequestCancelled, StopGeneration
 
-        # Raised from a callback, RequestCancelled ends the engine's request at once, as cancelled.
+        # Raised from a callback, RequestCancelled ends the engine's request at once, as cancelled, and
+        # StopGeneration after the canvas just committed, as done.
         def on_step(draft: Any) -> None:
             nonlocal step_i, steps
             if job.cancel.is_set():
@@ -429,11 +430,10 @@ class _Backend:
                 ids, _ = self._cut(row)
                 job.push("draft", canvas_i, step_i, tok.decode(ids) + job.suffix_text)
 
-        stopped: str | None = None  # the text before the stop sequence that ended the request
         hold = max((len(s) for s in job.stop), default=1) - 1  # what a stop sequence may still complete
 
         def on_block(block: Any) -> None:
-            nonlocal canvas_i, step_i, done, emitted, stopped
+            nonlocal canvas_i, step_i, done, emitted
             if job.cancel.is_set():
                 raise RequestCancelled("the client went away")
             canvas_i += 1
@@ -452,7 +452,7 @@ class _Backend:
             # Not over a character whose last bytes the next canvas may bring (decoded as U+FFFD for now).
             cut = _find_stop(text if done else text.rstrip("\ufffd"), job.stop)
             if cut is not None:
-                text = stopped = text[:cut]
+                text = text[:cut]
                 done = True
             if not done:
                 text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence may complete in the next canvas
@@ -460,8 +460,8 @@ class _Backend:
             if job.stream and text.startswith(emitted) and len(text) > len(emitted):
                 job.push("delta", text[len(emitted) :])
                 emitted = text
-            if stopped is not None:
-                raise RequestCancelled("a stop sequence")  # no canvas after this one is denoised
+            if cut is not None:
+                raise StopGeneration  # no canvas after this one is denoised
 
         extra: dict[str, Any] = {}
         if job.template is not None:
@@ -487,27 +487,19 @@ class _Backend:
         try:
             out = native.result()
         except RequestCancelled:
-            if stopped is None:
-                raise _Cancelled() from None
-            out = None
-        cut_at_stop = out is None
-        if out is None:  # ended by a stop sequence: what the callbacks committed
-            assert stopped is not None
-            ids, text, finish, steps_total = new_ids, stopped, "stop", steps
-        else:
-            new = out.sequences[0][len(job.prompt_ids) :]
-            if job.middle is not None:
-                new = new[: job.middle]
-            steps_total = int(sum(out.steps_per_canvas[0])) if out.steps_per_canvas else steps
-            ids, hit = self._cut(new)
-            finish = "stop" if hit and len(ids) <= job.max_tokens else "length"
-            ids = ids[: job.max_tokens]
-            text = tok.decode(ids)
-            cut = _find_stop(text, job.stop)
-            if cut is not None:
-                text, finish, cut_at_stop = text[:cut], "stop", True
-        if cut_at_stop:  # count the tokens the text needs (no second decode for a request without a stop)
-            ids = ids[: self._tokens_for(ids, text)]
+            raise _Cancelled() from None
+        new = out.sequences[0][len(job.prompt_ids) :]
+        if job.middle is not None:
+            new = new[: job.middle]
+        steps_total = int(sum(out.steps_per_canvas[0])) if out.steps_per_canvas else steps
+        ids, hit = self._cut(new)
+        finish = "stop" if hit and len(ids) <= job.max_tokens else "length"
+        ids = ids[: job.max_tokens]
+        text = tok.decode(ids)
+        cut = _find_stop(text, job.stop)
+        if cut is not None:  # a stop sequence (which ended the request at its canvas: out.stopped)
+            text, finish = text[:cut], "stop"
+            ids = ids[: self._tokens_for(ids, text)]  # the tokens the text needs
         tail = text[len(emitted) :] if text.startswith(emitted) else ""
         return {
             "text": text,

@@ -29,8 +29,18 @@ namespace dgemma_rt {
 
 // Every error the engine raises is a std::runtime_error with a readable message (bad checkpoint, bad
 // argument, KV pool too small, cancelled), or std::bad_alloc when memory runs out. An exception thrown
-// by one of your on_step/on_block callbacks fails its request, and result() rethrows it as thrown.
+// by one of your on_step/on_block callbacks fails its request, and result() rethrows it as thrown,
+// except StopGeneration.
 using Error = std::runtime_error;
+
+// Thrown by an on_step/on_block callback to end its request early, as done (not failed or cancelled):
+// the canvas being denoised is still finished and committed (thrown from on_block: the canvas just
+// committed is the last). result() then returns normally, with Result::stopped set. Stop strings,
+// token budgets.
+struct StopGeneration : std::runtime_error {
+  StopGeneration() : std::runtime_error("stopped by a callback") {}
+  using std::runtime_error::runtime_error;
+};
 
 struct EngineOptions {
   std::string device = "cpu";   // "cpu", or "cuda" / "cuda:N" once dgemma::cuda::register_backend() ran
@@ -83,9 +93,10 @@ struct Result {
   std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS, locked tokens kept)
   std::vector<int32_t> text_tokens;  // new tokens up to the first EOS/pad, cut at max_new_tokens
   // "stop": text_tokens end where the request stopped, at its first EOS or pad token (a pad the model
-  // made or a template locked), within max_new_tokens of the start or right after them; "length":
-  // text_tokens were cut at max_new_tokens.
+  // made or a template locked), within max_new_tokens of the start or right after them, or a callback
+  // threw StopGeneration (`stopped`); "length": text_tokens were cut at max_new_tokens.
   std::string finish_reason;
+  bool stopped = false;  // a callback ended the request with StopGeneration
   std::vector<int> steps_per_canvas;  // decoder passes spent on each canvas
   double tokens_per_forward = 0;
   double queue_s = 0, prefill_s = 0, denoise_s = 0, total_s = 0;
