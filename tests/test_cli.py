@@ -23,13 +23,17 @@ def tiny_dir(tmp_path_factory) -> pathlib.Path:
     return tiny.make_tiny(tmp_path_factory.mktemp("tiny") / "ckpt")
 
 
-def _run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _package_path(env: dict[str, str] | None = None) -> str:
+    """PYTHONPATH for a subprocess that imports the same dgemma_rt as this test, installed or not."""
     import dgemma_rt
 
-    # The subprocess imports the same dgemma_rt as this test, installed or not.
     package_root = str(pathlib.Path(dgemma_rt.__file__).resolve().parent.parent)
+    return os.pathsep.join(p for p in (package_root, (os.environ if env is None else env).get("PYTHONPATH")) if p)
+
+
+def _run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ if env is None else env)
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, full_env.get("PYTHONPATH")) if p)
+    full_env["PYTHONPATH"] = _package_path(env)
     return subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=300
     )
@@ -270,6 +274,62 @@ def test_cli_make_tiny(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr
     for name in tiny.FILES:
         assert (tmp_path / "t" / name).read_bytes() == (tiny_dir / name).read_bytes()
+
+
+def test_cli_make_tiny_refuses_an_empty_path(tmp_path):
+    """`make-tiny "$UNSET"` wrote the checkpoint into the current directory."""
+    proc = subprocess.run([sys.executable, "-m", "dgemma_rt.cli", "make-tiny", ""], capture_output=True, text=True,
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=_package_path()),
+                          timeout=120)
+    assert proc.returncode == 2 and "empty string" in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_cli_generate_user_errors(tmp_path, tiny_dir):
+    """--chat without a template and a prompt that is not Unicode are named as the options they are."""
+    (tmp_path / "t").mkdir()
+    for name in tiny.FILES:
+        (tmp_path / "t" / name).write_bytes((tiny_dir / name).read_bytes())
+    config = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(config))
+    proc = _run("dgemma_rt.cli", "generate", str(tmp_path / "t"), "--prompt", "hi", "--chat")
+    assert proc.returncode == 2 and "has no chat template" in proc.stderr and "drop --chat" in proc.stderr
+    proc = _run("dgemma_rt.cli", "generate", str(tiny_dir), "--prompt", "a\udcffb", "--chat")
+    assert proc.returncode == 2 and "--prompt is not valid Unicode" in proc.stderr and "position 1" in proc.stderr
+
+
+def test_cli_generate_to_a_closed_pipe(tiny_dir):
+    """The reader went away: no error message, SIGPIPE's exit status (it printed "error: [Errno 32]")."""
+    args = ["generate", str(tiny_dir), "--prompt", "hi", "--steps", "1", "--max-new-tokens", "8"]
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "dgemma_rt.cli", *args], stdout=write, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ, PYTHONPATH=_package_path()), timeout=120)
+    os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, ""), proc.stderr
+
+
+def test_cli_generate_escapes_control_characters_on_a_terminal(monkeypatch, capsys, tiny_dir):
+    """Random weights write any bytes: on a terminal, escape sequences are shown, not obeyed."""
+    import io
+
+    from dgemma_rt import cli
+    from dgemma_rt.text import Tokenizer
+
+    class FakeEngine:
+        def __init__(self, path, **kw):
+            self.tokenizer = Tokenizer.from_dir(tiny_dir)
+
+        def generate_text(self, prompt, **kw):
+            return "red\x1b[31m\tok\nline\x07\x9b"
+
+    monkeypatch.setattr(dgemma_rt, "Engine", FakeEngine)
+    for tty, want in ((True, "red\\x1b[31m\tok\nline\\x07\\x9b\n"), (False, "red\x1b[31m\tok\nline\x07\x9b\n")):
+        out = io.StringIO()
+        out.isatty = lambda tty=tty: tty
+        monkeypatch.setattr(sys, "stdout", out)
+        assert cli.main(["generate", str(tiny_dir), "--prompt", "hi"]) == 0
+        assert out.getvalue() == want
 
 
 @pytest.mark.parametrize("make_dir", [False, True])

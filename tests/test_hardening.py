@@ -246,6 +246,37 @@ def test_lone_surrogate_is_a_value_error(engine):
         engine.tokenizer.encode("\ud800")
 
 
+def test_generate_text_takes_text_chats_or_lists_of_them(engine):
+    """A dict was iterated as its keys (two prompts, "role" and "content"); a tuple chat is a chat."""
+    msg = {"role": "user", "content": "Why is the sky blue?"}
+    chat = engine.generate_text([msg], **GEN)
+    assert isinstance(chat, str) and engine.generate_text((msg,), **GEN) == chat
+    both = engine.generate_text([(msg,), "hi"], **GEN)  # a batch: row 0 draws the noise a single row does
+    assert len(both) == 2 and both[0] == chat and all(isinstance(t, str) for t in both)
+    for prompt, words in [(msg, "got dict"), (None, "got NoneType"), (5, "got int"), (b"hi", "got bytes"),
+                          ([msg, "hi"], "prompt 0 must be .* got one message dict outside a list"),
+                          (["hi", [msg, 3]], "prompt 1 must be"), ([], "no prompt given")]:
+        with pytest.raises(ValueError, match=words):
+            engine.generate_text(prompt, **GEN)
+    # messages that an iterator gave were used up by the check, and the chat rendered without them
+    with pytest.raises(ValueError, match="messages must be a list"):
+        engine.tokenizer.render_chat_template(m for m in [msg])
+
+
+def test_a_failing_chat_template_is_a_value_error(tiny_dir):
+    """Whatever the checkpoint's template raises while rendering (it is the checkpoint's code) is a
+    ValueError naming it, as a syntax error is: the server's 400, the CLI's error line."""
+    from dgemma_rt.text import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_dir)
+    for source, words in [("{{ 1 // 0 }}", "ZeroDivisionError"), ("{{ range(10**9) | list }}", "OverflowError"),
+                          ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+                          ("{{ raise_exception('no system role') }}", "no system role"), ("{% if %}", "TemplateSyntaxError")]:
+        tok.chat_template = source
+        with pytest.raises(ValueError, match=f"chat template failed: .*{words}"):
+            tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 # ------------------------------------------------------------------------------------------ 9. integers >= 2**31
 @pytest.mark.parametrize("name", ["max_new_tokens", "max_denoising_steps", "stability_threshold", "pad_token_id",
                                   "eos_token_id", "seed"])

@@ -331,6 +331,12 @@ def test_image_token_in_prompt(engine_for, image_ckpt):
         engine.generate([[10, 7, 12]], max_new_tokens=16, max_denoising_steps=2)
     out = engine.generate([[10, 8, 12]], max_new_tokens=16, max_denoising_steps=2)
     assert np.asarray(out.sequences).shape == (1, 3 + image_ckpt.canvas_length)
+    # Nor through a template's locked positions (infill's suffix): a locked canvas is encoded into the cache.
+    L = image_ckpt.canvas_length
+    with pytest.raises(ValueError, match="canvas_template row 0 position 2 holds the image token 7"):
+        engine.generate([[10, 8, 12]], max_new_tokens=2 * L, max_denoising_steps=2, canvas_template=[[-1, -1, 7]])
+    with pytest.raises(ValueError, match="image token 7"):
+        engine.infill([10, 8], [9, 7], max_middle_tokens=4, max_denoising_steps=2)
 
 
 class BadNoise(KeyedNoise):

@@ -357,6 +357,8 @@ def test_infill_checks_token_ids_as_generate_does(engine):
         ([2, 3], None, "suffix must be a flat sequence"),
         ([2, V], [4], f"prefix token id {V} is outside the vocabulary"),
         ([2, 3], [-1], "suffix token id -1 is outside the vocabulary"),  # -1 would have been a free position
+        (None, [4], "prefix must be a flat sequence of integer token ids, got NoneType"),
+        ({"role": "user", "content": "hi"}, "x", "prefix is one message: a chat is a list"),
     ]:
         with pytest.raises(ValueError, match=words):
             engine.infill(prefix, suffix, max_middle_tokens=8, max_denoising_steps=1)

@@ -512,10 +512,15 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
       DG_REQUIRE(static_cast<long>(t.size()) <= req.params.max_new_tokens, InvalidArgument,
                  "canvas_template row " << r << " has " << t.size() << " positions, more than max_new_tokens "
                                         << req.params.max_new_tokens);
-      for (size_t j = 0; j < t.size(); ++j)
+      for (size_t j = 0; j < t.size(); ++j) {
         DG_REQUIRE(t[j] == SamplerParams::kFree || (t[j] >= 0 && t[j] < cfg_.vocab_size), InvalidArgument,
                    "canvas_template row " << r << " position " << j << " holds " << t[j]
                                           << ": a token id in [0, " << cfg_.vocab_size << ") or -1 (free)");
+        // As in a prompt (Engine::check_input): a locked token is encoded into the cache with its canvas.
+        DG_REQUIRE(!cfg_.image_token_id || t[j] != *cfg_.image_token_id, InvalidArgument,
+                   "canvas_template row " << r << " position " << j << " holds the image token " << t[j]
+                                          << ": this engine is text-only for now");
+      }
     }
   }
   auto job = std::make_unique<Job>(std::move(req), cfg_);

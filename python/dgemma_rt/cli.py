@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 
 def _positive_int(text: str) -> int:
@@ -54,6 +55,9 @@ CPU_WEIGHTS_HELP = ("CPU GEMMs for BF16 weights: bf16 (default: the CPU's BF16 d
 
 DEVICE_HELP = ("cpu (default), or cuda / cuda:N where this build has the CUDA backend and a GPU it has code for "
                "(not yet run on a GPU: see the README's status)")
+
+# C0 controls other than tab and newline, DEL and C1 controls: shown escaped on a terminal.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 _RAY_ONLY = ("replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica", "ray_address")
 
@@ -123,50 +127,40 @@ def _version() -> str:
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from dgemma_rt.tiny import make_tiny
 
+    if not args.dir:  # "" (an unset shell variable) would be the current directory
+        raise ValueError("the output directory is an empty string")
     path = make_tiny(args.dir, seed=args.seed)
     print(f"wrote tiny checkpoint to {path}", file=sys.stderr)
     return 0
 
 
-def _new_text(engine: Any, prompt_ids: list[int], sequence: Any) -> str:
-    """Decodes the tokens after the prompt, up to the first EOS or pad."""
-    defaults = engine.generation_defaults
-    eos = defaults.get("eos_token_id") or []
-    stop = {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-    if defaults.get("pad_token_id") is not None:
-        stop.add(int(defaults["pad_token_id"]))
-    new: list[int] = []
-    for t in sequence[len(prompt_ids) :]:
-        if int(t) in stop:
-            break
-        new.append(int(t))
-    return str(engine.tokenizer.decode(new))
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     import dgemma_rt
+    from dgemma_rt.text import check_text
 
     engine = dgemma_rt.Engine(args.checkpoint, device=args.device, num_threads=args.threads,
                               cpu_weights=args.cpu_weights)
     tok = engine.tokenizer
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; `dgemma-rt generate` needs one to read the prompt")
+    check_text(args.prompt, "--prompt")  # before the chat template, whose text the position would count in
+    if args.chat and tok.chat_template is None:
+        raise ValueError(f"{args.checkpoint} has no chat template (tokenizer_config.json, chat_template.jinja): "
+                         "drop --chat")
     prompt: str | list[dict[str, str]] = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     kwargs = {"seed": args.seed}  # the rest: the checkpoint's generation_config.json, else generate()'s defaults
     if args.max_new_tokens is not None:
         kwargs["max_new_tokens"] = args.max_new_tokens
     if args.steps is not None:
         kwargs["max_denoising_steps"] = args.steps
-    if hasattr(engine, "generate_text"):
-        text = engine.generate_text(prompt, **kwargs)
-    else:
-        ids = tok.apply_chat_template(prompt) if isinstance(prompt, list) else tok.encode(prompt)
-        out = engine.generate([ids], **kwargs)
-        text = _new_text(engine, ids, out.sequences[0])
-    # Random-weight checkpoints produce any bytes; never fail on a terminal that cannot show them.
+    text = engine.generate_text(prompt, **kwargs)
+    # Random-weight checkpoints produce any bytes; never fail on a terminal that cannot show them, and
+    # never send it control sequences (escape codes) from the model's text.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
-    print(text)
+    if sys.stdout.isatty():
+        text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    print(text, flush=True)  # flushed here: a closed pipe is reported by run_reporting_errors
     return 0
 
 
@@ -236,6 +230,12 @@ def run_reporting_errors(command: Callable[[], int]) -> int:
 
     try:
         return int(command())
+    except BrokenPipeError:  # the reader went away (`| head`): quietly, as other command-line tools
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return 128 + 13  # SIGPIPE's status
     except (dgemma_rt.CheckpointError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

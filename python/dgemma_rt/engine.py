@@ -8,12 +8,14 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from dgemma_rt import _core
+from dgemma_rt.text import is_chat
 
 _UNSET: Any = object()
 
@@ -875,7 +877,7 @@ class Engine:
         vocab = int(self.config["vocab_size"])
         if isinstance(prefix, (list, tuple)) and not prefix:
             raise ValueError("infill() needs a non-empty prefix")
-        chat = isinstance(prefix, list) and all(isinstance(m, dict) for m in prefix)
+        chat = is_chat(prefix)
         text = isinstance(prefix, str) or chat
         tok = self.tokenizer if text else None
         if text:
@@ -886,9 +888,11 @@ class Engine:
             prefix_ids = tok.apply_chat_template(prefix) if chat else tok.encode(prefix)
             suffix_ids = tok.encode(suffix, add_special_tokens=False)
         else:
+            if isinstance(prefix, Mapping):
+                raise ValueError('prefix is one message: a chat is a list of {"role", "content"} dicts')
+            prefix_ids = _as_ids("prefix", prefix, vocab)
             if isinstance(suffix, str):
                 raise ValueError("with a token-id prefix the suffix must be token ids too")
-            prefix_ids = _as_ids("prefix", prefix, vocab)
             suffix_ids = _as_ids("suffix", suffix, vocab)
         if not prefix_ids:
             raise ValueError("infill() needs a non-empty prefix")
@@ -922,13 +926,21 @@ class Engine:
         tok = self.tokenizer
         if tok is None:
             raise ValueError(f"{self.path} has no tokenizer.json: pass token ids to generate() instead")
-        single = isinstance(prompt, str) or (
-            isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
-        )
-        prompts = [prompt] if single else list(prompt)
+        what = 'a str, a chat (a list of {"role", "content"} dicts)'
+        single = isinstance(prompt, str) or is_chat(prompt)
+        if single:
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)):
+            prompts = list(prompt)
+        else:
+            raise ValueError(f"prompt must be {what} or a list of those, got {type(prompt).__name__}")
         if not prompts:
             raise ValueError("no prompt given")
-        ids = [tok.apply_chat_template(p) if isinstance(p, list) else tok.encode(p) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not (isinstance(p, str) or is_chat(p)):
+                got = "one message dict outside a list" if isinstance(p, Mapping) else type(p).__name__
+                raise ValueError(f"prompt {i} must be {what}, got {got}")
+        ids = [tok.encode(p) if isinstance(p, str) else tok.apply_chat_template(p) for p in prompts]
         out = self.generate(ids, **kwargs)
         eos = set(_as_eos(kwargs.get("eos_token_id", self.generation_defaults.get("eos_token_id")),
                           int(self.config["vocab_size"])))

@@ -746,7 +746,6 @@ def create_app(
             return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
                             code="invalid_json").response()
         param = loc[0] if loc else None
-        where = ".".join(loc) if loc else "body"
         if not loc and "json" not in request.headers.get("content-type", ""):
             return APIError(400, "the body must be a JSON object sent with Content-Type: application/json "
                             f"(got {request.headers.get('content-type') or 'no Content-Type'})",

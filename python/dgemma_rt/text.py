@@ -90,6 +90,11 @@ def check_text(text: str, what: str = "text") -> None:
         ) from None
 
 
+def is_chat(value: Any) -> bool:
+    """Whether `value` is a chat: a non-empty list (or tuple) of message mappings."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, Mapping) for m in value)
+
+
 def _raise_exception(message: str) -> None:
     from jinja2.exceptions import TemplateError
 
@@ -179,10 +184,8 @@ class Tokenizer:
                 "this checkpoint has no chat template (no 'chat_template' in tokenizer_config.json and no "
                 "chat_template.jinja); pass a plain string prompt instead"
             )
-        if isinstance(messages, (str, bytes)) or not all(isinstance(m, Mapping) for m in messages):
+        if not is_chat(messages):
             raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
-        from jinja2.exceptions import TemplateError
-
         try:
             template = self._template(source)
             return str(
@@ -194,8 +197,10 @@ class Tokenizer:
                     add_generation_prompt=add_generation_prompt,
                 )
             )
-        except (TemplateError, TypeError, KeyError, AttributeError) as e:
-            raise ValueError(f"chat template failed: {e}") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # the checkpoint's template: a syntax error, raise_exception, or any runtime error
+            raise ValueError(f"chat template failed: {type(e).__name__}: {str(e)[:300]}") from e
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
