@@ -95,6 +95,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json takes NaN and Infinity; the format does not
 
 
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("a key written twice in one object")  # ambiguous: which value is meant?
+    return obj
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -104,12 +111,11 @@ def header_is_valid(header: bytes, data_size: int, required: dict[str, tuple[str
     the engine) and still describes every tensor of `required` with the same dtype and shape."""
     try:
         text = header.decode("utf-8")
-        pairs = json.loads(text, object_pairs_hook=lambda p: p, parse_constant=_reject_constant)
-        top = json.loads(text)  # nested duplicate keys keep the last value, as in the engine
+        top = json.loads(text, object_pairs_hook=_no_key_twice, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
+        return False  # not JSON, or a key written twice in one object (a tensor, or a field of one)
+    if not isinstance(top, dict):
         return False
-    if not isinstance(top, dict) or len({k for k, _ in pairs}) != len(pairs):
-        return False  # not an object, or a tensor named twice
     try:
         json.dumps(top, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

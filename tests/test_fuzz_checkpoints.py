@@ -189,6 +189,15 @@ def safetensors_cases(base_dir: str, required: dict[str, Any]) -> list[Case]:
                                              + json.dumps(h)[1:]).encode()
     edits["tensor named twice, other offsets"] = lambda h: ("{" + json.dumps(a) + ":" + json.dumps(h[b]) + ","
                                                             + json.dumps(h)[1:]).encode()
+    edits["a field of a tensor named twice"] = lambda h: json.dumps(h).replace(
+        json.dumps(a) + ": {", json.dumps(a) + ': {"dtype": "BF16", ', 1).encode()
+    # An empty tensor sorts between two that overlap: it hid the overlap from a check of neighbours.
+    edits["overlap hidden by an empty tensor"] = lambda h: (
+        h[a].__setitem__("data_offsets", [b_begin + 4, b_begin + 4 + (end - begin)]),
+        h.__setitem__("zz.empty", {"dtype": "F32", "shape": [0], "data_offsets": [b_begin + 8, b_begin + 8]}))[-1]
+    edits["empty tensor of a huge shape (fine)"] = lambda h: h.__setitem__(
+        "unused.empty", {"dtype": "F32", "shape": [2**63 - 1, 0], "data_offsets": [0, 0]})
+    edits["NUL and garbage after the JSON"] = lambda h: json.dumps(h).encode() + b"\x00{garbage"
     edits["metadata nested 70000 deep"] = lambda h: ('{"__metadata__": ' + _deep(70000) + "," + json.dumps(h)[1:]).encode()
     edits["entry nested 300000 deep"] = lambda h: ('{"junk": ' + _deep(300000) + "," + json.dumps(h)[1:]).encode()
     edits["metadata nested 50 deep (fine)"] = lambda h: ('{"__metadata__": {"x": ' + _deep(50) + "}," + json.dumps(h)[1:]).encode()
@@ -340,6 +349,12 @@ def config_cases(base_dir: str) -> list[Case]:
         "image_token_id -5": _set("image_token_id", -5),
         "image_token_id 2**31": _set("image_token_id", 2**31),
         "rope_parameters entry a list": _set("text_config.rope_parameters.full_attention", [1]),
+        # Not keyed by layer type (transformers refuses both; they were read as no rope_parameters at all)
+        "rope_parameters flat": _set("text_config.rope_parameters", {"rope_type": "default", "rope_theta": 5000.0}),
+        "rope_parameters a string": _set("text_config.rope_parameters", "junk"),
+        "per_layer_config a list": _set("text_config.per_layer_config", [{"head_dim": 16}]),
+        "config key written twice": lambda c: json.dumps(c).replace('"head_dim": 8', '"head_dim": 8, "head_dim": 16', 1),
+        "NUL then garbage": lambda c: json.dumps(c) + "\u0000 x",
         "rope_type yarn": _set("text_config.rope_parameters.sliding_attention.rope_type", "yarn"),
         "top_k_experts > num_experts": _set("text_config.top_k_experts", 5),
         "kv heads not dividing heads": _set("text_config.num_attention_heads", 3),

@@ -64,6 +64,21 @@ def test_sharded_checkpoint_matches_single_file(engine_for, base_ckpt, sharded_c
     assert_logits_close(got, *reference_logits(base_ckpt, ids, canvas), "sharded")
 
 
+def test_rope_factor_only_scales_proportional_rope(tmp_path, base_ckpt):
+    """transformers' default RoPE ignores `factor` (only the proportional one divides by it): the engine
+    divided the sliding layers' frequencies by it too, and left parity without an error."""
+    from transformers import AutoConfig
+
+    path = copy_checkpoint(base_ckpt.path, str(tmp_path / "factor"))
+    edit_json(os.path.join(path, "config.json"),
+              lambda c: c["text_config"]["rope_parameters"]["sliding_attention"].update(factor=2.0))
+    rope = AutoConfig.from_pretrained(path).text_config.rope_parameters["sliding_attention"]
+    assert rope["rope_type"] == "default" and rope["factor"] == 2.0
+    got, _ = decoder_logits(dgemma_rt.Engine(path, num_threads=2), base_ckpt)
+    want, _ = decoder_logits(dgemma_rt.Engine(base_ckpt.path, num_threads=2), base_ckpt)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_bf16_checkpoint(engine_for, base_ckpt, bf16_ckpt):
     # float32 arithmetic (the default multiplies BF16 weights with BF16 dot products: tests/test_cpu_bf16.py)
     got, (ids, canvas) = decoder_logits(engine_for(bf16_ckpt, cpu_weights="stored"), bf16_ckpt)

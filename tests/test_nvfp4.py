@@ -287,6 +287,22 @@ def test_quantize_at_load_time(tiny_pair):
         dgemma_rt.Engine(base, quant="int4")
 
 
+def test_quantize_refuses_a_stray_scale(tiny_pair, tmp_path):
+    """A `<weight>_scale` beside a floating-point weight (ignored by the loader) was copied over the scale just
+    computed: a checkpoint with wrong weights that loaded without an error."""
+    base, _, _ = tiny_pair
+    src = tmp_path / "src"
+    shutil.copytree(base, src)
+    tensors, meta = nvfp4.read_safetensors(src / "model.safetensors")
+    name = next(n for n in nvfp4.quantize_plan(src) if n.endswith("gate_up_proj"))
+    tensors[name + "_scale"] = ("F32", np.ones(4, np.float32))
+    nvfp4.write_safetensors(src / "model.safetensors", tensors, meta)
+    dgemma_rt.Engine(src, num_threads=1)  # loads: the stray tensor is unused
+    with pytest.raises(ValueError, match=f"holds '{name}_scale' beside the floating-point tensor"):
+        nvfp4.quantize_checkpoint(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_requantizing_a_quantized_checkpoint(tiny_pair, tmp_path, monkeypatch):
     """Nothing left to quantize is an error before anything is written (dgemma-quantize printed "quantized 0
     tensors" and made a copy); Engine(quant=...) loads such a checkpoint as it is; a second pass that does

@@ -161,7 +161,9 @@ std::vector<float> inv_freq_for(const RopeSpec& r, int head_dim, const std::stri
       inv[i] = 1.0f / std::pow(base, e);
     }
   }
-  for (auto& f : inv) f = f / static_cast<float>(r.factor);
+  // Only the proportional initialiser divides by factor; transformers' default one ignores it.
+  if (r.type == "proportional")
+    for (auto& f : inv) f = f / static_cast<float>(r.factor);
   for (float f : inv)
     DG_REQUIRE(std::isfinite(f), CheckpointError,
                "config.json: rope_parameters for " << layer_type << " give non-finite RoPE frequencies");
@@ -260,6 +262,8 @@ ModelConfig load_model_config(const std::string& dir) {
   // Per-layer overrides: per_layer_config when saved, else global_head_dim / num_global_key_value_heads.
   std::map<int, std::pair<int, int>> overrides;  // layer -> (head_dim, kv_heads), 0 = not overridden
   const json* plc = f.find("per_layer_config");
+  DG_REQUIRE(!plc || plc->is_null() || plc->is_object(), CheckpointError,
+             "config.json: per_layer_config must be an object, got " << describe(*plc));
   if (plc && plc->is_object()) {
     for (const auto& [key, val] : plc->items()) {
       const int idx = layer_index(key);
@@ -277,6 +281,14 @@ ModelConfig load_model_config(const std::string& dir) {
   }
 
   const json* rope_params = f.find("rope_parameters");
+  if (rope_params && !rope_params->is_null()) {
+    DG_REQUIRE(rope_params->is_object(), CheckpointError,
+               "config.json: rope_parameters must be an object keyed by layer type, got " << describe(*rope_params));
+    for (const char* key : {"rope_type", "rope_theta", "factor", "partial_rotary_factor"})
+      DG_REQUIRE(!rope_params->contains(key), CheckpointError,
+                 "config.json: rope_parameters holds '" << key << "' at its top level; it must be keyed by layer "
+                 "type ({\"sliding_attention\": {...}, \"full_attention\": {...}})");
+  }
   auto rope_for = [&](const std::string& type) {
     const json* p = nullptr;
     if (rope_params && rope_params->is_object()) {

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "common/check.h"
 
@@ -107,12 +109,14 @@ std::string read_small_file(const std::string& path, size_t max_bytes) {
   return out;
 }
 
-nlohmann::json parse_json(const char* begin, const char* end, const std::string& what, size_t* top_level_keys) {
-  // Depth first, without recursion: brackets outside strings.
+nlohmann::json parse_json(const char* begin, const char* end, const std::string& what) {
+  // Depth first, without recursion: brackets outside strings. And no NUL byte (JSON has none), where the
+  // parser would stop reading as if the text ended there.
   int depth = 0;
   bool in_string = false, escaped = false;
   for (const char* p = begin; p < end; ++p) {
     const char c = *p;
+    DG_REQUIRE(c != '\0', CheckpointError, what << " holds a NUL byte (at byte " << (p - begin) << "): not JSON");
     if (in_string) {
       if (escaped) escaped = false;
       else if (c == '\\') escaped = true;
@@ -127,15 +131,23 @@ nlohmann::json parse_json(const char* begin, const char* end, const std::string&
       --depth;
     }
   }
-  size_t keys = 0;
+  // A key written twice in one object (the parser keeps the last value): ambiguous, refused. Counted per
+  // open object and compared with the size of the object it made.
+  std::vector<size_t> keys;
+  bool twice = false;
+  nlohmann::json::parser_callback_t count = [&](int, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
+    using E = nlohmann::json::parse_event_t;
+    if (ev == E::object_start) keys.push_back(0);
+    if (ev == E::key && !keys.empty()) ++keys.back();
+    if (ev == E::object_end && !keys.empty()) {
+      twice |= parsed.is_object() && parsed.size() != keys.back();
+      keys.pop_back();
+    }
+    return true;
+  };
   try {
-    if (!top_level_keys) return nlohmann::json::parse(begin, end);
-    nlohmann::json::parser_callback_t count = [&keys](int d, nlohmann::json::parse_event_t ev, nlohmann::json&) {
-      if (ev == nlohmann::json::parse_event_t::key && d == 1) ++keys;
-      return true;
-    };
     nlohmann::json j = nlohmann::json::parse(begin, end, count);
-    *top_level_keys = keys;
+    DG_REQUIRE(!twice, CheckpointError, what << " names a key twice in one object: corrupt or ambiguous");
     return j;
   } catch (const nlohmann::json::exception& e) {
     // The parser's message quotes the bytes it read last: they may be anything.

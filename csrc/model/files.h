@@ -30,11 +30,9 @@ int open_regular_file(const std::string& path, size_t* size);
 // The whole file, which must be a regular file of at most max_bytes.
 std::string read_small_file(const std::string& path, size_t max_bytes);
 
-// Parses JSON text after checking its nesting depth. `what` names the text in messages (a file,
-// or "file: header"). With top_level_keys, the number of keys of the top-level object as written
-// goes there (more than the parsed object holds means a key appears twice).
-nlohmann::json parse_json(const char* begin, const char* end, const std::string& what,
-                          size_t* top_level_keys = nullptr);
+// Parses JSON text after checking its nesting depth; NUL bytes and a key written twice in one object
+// are refused. `what` names the text in messages (a file, or "file: header").
+nlohmann::json parse_json(const char* begin, const char* end, const std::string& what);
 nlohmann::json read_json_file(const std::string& path, size_t max_bytes = kMaxConfigBytes);
 
 // A short description of a JSON value for messages: scalars as written (strings cut short),

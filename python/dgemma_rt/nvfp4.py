@@ -610,9 +610,14 @@ def quantize_plan(src: str | os.PathLike, dense: str | None = None, experts: boo
     """The tensors ``quantize_checkpoint(src, ..., dense=dense, experts=experts)`` would quantize, from the
     safetensors headers alone: empty when there is nothing to do (the weights are stored quantized already, or
     are not in shapes the format takes)."""
-    files, _ = _checkpoint_files(Path(src))
-    return [name for f in files for name, dt, shape in read_safetensors_header(f)[0]
-            if _quant_format(name, dt, shape, dense, experts) is not None]
+    return _plan(_checkpoint_files(Path(src))[0], dense, experts)[0]
+
+
+def _plan(files: list[Path], dense: str | None, experts: bool) -> tuple[list[str], set[str]]:
+    """quantize_plan's tensors, and the names of every tensor in ``files``."""
+    entries = [e for f in files for e in read_safetensors_header(f)[0]]
+    return [name for name, dt, shape in entries if _quant_format(name, dt, shape, dense, experts) is not None], {
+        e[0] for e in entries}
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = False,
@@ -656,10 +661,17 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     if dst.is_dir() and any(dst.iterdir()):
         raise ValueError(f"{dst} is not empty: quantize into a new or empty directory")
     files, src_index = _checkpoint_files(src)
-    if not quantize_plan(src, dense, experts):
+    plan, names = _plan(files, dense, experts)
+    if not plan:
         what = " and ".join((["the MoE experts"] if experts else []) + ([f"the dense layers ({dense})"] if dense else []))
         raise ValueError(f"nothing to quantize in {os.fspath(src)}: {what} are not stored as floating point "
                          "(quantized already?), or are not in the expected shapes")
+    # The loader ignores a scale beside a floating-point weight; copied, it would replace the one computed here.
+    stray = sorted(n + s for n in plan for s in ("_scale", "_scale_2") if n + s in names)
+    if stray:
+        raise ValueError(f"{os.fspath(src)} holds {stray[0]!r} beside the floating-point tensor it would be the "
+                         f"scale of ({len(stray)} such tensors; left over from another quantization?): remove them "
+                         "before quantizing")
     # Written into a hidden partial directory and moved into place when complete (config.json last), so a
     # failed or interrupted run (a full disk, Ctrl-C, SIGTERM) leaves no checkpoint that loads. An existing
     # (empty) dst holds it, so the moves stay on its filesystem (a mount point) and need no rights on its

@@ -129,7 +129,9 @@ class Tokenizer:
         text = _read_text(tok_file, _MAX_TOKENIZER_BYTES)
         try:
             tok = _HFTokenizer.from_str(text)
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a bare Exception on malformed files, or a Rust panic (a BaseException)
             raise _checkpoint_error(f"cannot read {tok_file}: {str(e)[:300]}") from e
         config: dict[str, Any] = {}
         cfg_file = root / "tokenizer_config.json"
@@ -170,7 +172,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         check_text(text)
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        try:
+            return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a tokenizer.json that loads but cannot encode (a Rust panic)
+            raise _checkpoint_error(f"the checkpoint's tokenizer failed to encode: {str(e)[:300]}") from e
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         seq = [int(i) for i in np.asarray(ids).reshape(-1)] if isinstance(ids, np.ndarray) else [int(i) for i in ids]
