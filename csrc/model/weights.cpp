@@ -292,7 +292,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
   for (size_t i = 0; i < todo.size(); ++i) {
     const auto& t = todo[i];
     const TensorRef* r = ck.find(t.name);
-    DG_REQUIRE(r, CheckpointError, "checkpoint " << dir << " is missing tensor '" << t.name << "'");
+    DG_REQUIRE(r, CheckpointError, "checkpoint " << printable(dir, 400) << " is missing tensor '" << t.name << "'");
     const TensorRef* scale = ck.find(t.name + "_scale");
     if (r->dtype == DType::U8 && scale) {
       const int64_t K = t.shape.back();
@@ -413,7 +413,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
   auto scalar = [&](const std::string& name, float fallback, bool required) -> float {
     const TensorRef* r = ck.find(name);
     if (!r) {
-      DG_REQUIRE(!required, CheckpointError, "checkpoint " << dir << " is missing tensor '" << name << "'");
+      DG_REQUIRE(!required, CheckpointError, "checkpoint " << printable(dir, 400) << " is missing tensor '" << name << "'");
       return fallback;
     }
     DG_REQUIRE(is_float(r->dtype) && r->nbytes == dtype_size(r->dtype), CheckpointError,

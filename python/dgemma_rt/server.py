@@ -105,6 +105,7 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("dgemma_rt.server needs fastapi and uvicorn: pip install fastapi uvicorn") from e
@@ -1109,8 +1110,8 @@ def create_app(
                     raise APIError(400, str(e), param="messages", code="invalid_text") from None
             # OpenAI's newer name for the system message (the current SDK sends it); chat templates know "system".
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        try:
-            ids = backend.tok.apply_chat_template(messages)
+        try:  # the checkpoint's template may take a while: not on the event loop, which serves everyone
+            ids = await run_in_threadpool(backend.tok.apply_chat_template, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         if not ids:
