@@ -21,8 +21,8 @@ import numpy as np
 
 import dgemma_rt
 from dgemma_rt.bench import random_prompts, tiny_checkpoint
-from dgemma_rt.cli import _positive_int
-from provenance import emit, provenance
+from dgemma_rt.cli import _positive_int, run_reporting_errors
+from provenance import check_json_path, emit, provenance
 
 
 def _levels(text: str) -> list[int]:
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=_positive_int, default=16, help="denoising steps per canvas (default 16)")
     p.add_argument("--max-batch-size", type=_positive_int, default=None, help="default: the largest level")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--json", metavar="PATH", help="also write the results with their provenance here")
+    p.add_argument("--json", metavar="PATH",
+                   help="write the results with their provenance to this file (default: print them)")
     return p.parse_args(argv)
 
 
@@ -116,6 +117,7 @@ def run_level(engine, config, clients: int, args, new_tokens: int, desc: str = "
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    check_json_path(args.json)
     ckpt = args.checkpoint or str(tiny_checkpoint())
     engine = dgemma_rt.Engine(ckpt, max_batch_size=args.max_batch_size or max(args.concurrency),
                               num_threads=args.threads)
@@ -147,4 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))  # user errors (a bad checkpoint or --json path) in one line

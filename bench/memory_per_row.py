@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 
-from dgemma_rt.cli import _positive_int
-from provenance import emit, provenance
+from dgemma_rt.cli import _positive_int, run_reporting_errors
+from provenance import check_json_path, emit, provenance
 
 
 def _batches(text: str) -> list[int]:
@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", nargs="?", help="checkpoint dir (default: random weights, preset wide-vocab)")
     p.add_argument("--batches", type=_batches, default=[1, 4], help="batch sizes (default 1,4)")
     p.add_argument("--steps", type=_positive_int, default=2, help="denoising steps per canvas (default 2)")
-    p.add_argument("--json", metavar="PATH", help="also write the results with their provenance here")
+    p.add_argument("--json", metavar="PATH",
+                   help="write the results with their provenance to this file (default: print them)")
     args = p.parse_args(argv)
+    check_json_path(args.json)
     source = [args.checkpoint] if args.checkpoint else ["--random-weights", "--preset", "wide-vocab"]
     runs = []
     for b in args.batches:
@@ -71,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))  # user errors (a bad checkpoint or --json path) in one line

@@ -43,6 +43,20 @@ def _has(cmd: str) -> bool:
     return which(cmd) is not None
 
 
+def check_json_path(path: str | None) -> None:
+    """ValueError for a --json PATH that cannot be written, before the benchmark runs (not after it,
+    with its result lost)."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--json {path}: is a directory")
+    if not p.parent.is_dir():
+        raise ValueError(f"--json {path}: folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--json {path}: not writable")
+
+
 def emit(result: dict, path: str | None) -> None:
     """Writes the result as JSON to path (and names it on stderr), or prints it."""
     text = json.dumps(result, indent=2) + "\n"

@@ -419,11 +419,16 @@ def test_bench_peer_transformers(tmp_path):
 
 @pytest.mark.parametrize("argv,words", [
     (["--roofline", "some/ckpt"], "a checkpoint does not apply"),
-    (["--roofline", "--peer", "transformers", "--profile"], "--peer, --profile does not apply"),
+    (["--roofline", "--peer", "transformers", "--profile"], "--peer, --profile do not apply"),
     (["--roofline", "--adaptive"], "--adaptive does not apply"),
-    (["--measured", "m.json"], "--measured go(es) with --roofline"),
-    (["--fused-lm-head", "--context", "100"], "--fused-lm-head, --context go(es) with --roofline"),
+    # every option a run reads: they were accepted and ignored
+    (["--roofline", "--runs", "5", "--device", "cuda", "--seed", "3", "--random-weights", "--new-tokens", "64"],
+     "--new-tokens, --device, --random-weights, --seed, --runs do not apply"),
+    (["--measured", "m.json"], "--measured goes with --roofline"),
+    (["--fused-lm-head", "--context", "100"], "--fused-lm-head, --context go with --roofline"),
     (["--preset", "wide-vocab"], "--preset goes with --random-weights"),
+    (["--gpu", "h200"], "--gpu goes with --roofline, or with --profile on --device cuda"),
+    (["--gpu", "h200", "--profile"], "--gpu goes with --roofline"),
 ])
 def test_bench_refuses_the_other_modes_options(argv, words, capsys):
     """Options of the roofline model and of a run are refused in the other mode, not silently ignored."""
@@ -431,6 +436,18 @@ def test_bench_refuses_the_other_modes_options(argv, words, capsys):
 
     assert bench.main(argv) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["concurrency.py", "memory_per_row.py"])
+def test_bench_scripts_check_the_json_path_first(tmp_path, script):
+    """A --json path that cannot be written failed with a traceback after the whole benchmark had run."""
+    bench_dir = pathlib.Path(__file__).resolve().parent.parent / "bench"
+    env = dict(os.environ, PYTHONPATH=_package_path())
+    for path, words in ((tmp_path / "no" / "x.json", "does not exist"), (tmp_path, "is a directory")):
+        proc = subprocess.run([sys.executable, str(bench_dir / script), "--json", str(path)], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --json") and words in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("fails_in", ["init", "run"])

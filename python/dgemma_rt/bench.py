@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark dgemma_rt generation on random prompts (default: the built-in tiny checkpoint).",
     )
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint dir (default: the cached tiny model)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--batch", type=_positive_int, default=1, help="rows per generate call (default 1)")
     p.add_argument("--prompt-len", type=_positive_int, default=128, help="random prompt tokens per row (default 128)")
     p.add_argument("--new-tokens", type=_positive_int, default=256, help="max_new_tokens (default 256)")
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape for --random-weights and --roofline (default 26b-a4b, the released model; wide-vocab: its "
                         "vocabulary and canvas on a tiny body; cpu-small / cpu-medium: the CPU benchmark shapes)")
     p.add_argument("--num-layers", type=_positive_int, default=None,
-                   help="with --random-weights: only the preset's first N layers (default: all)")
+                   help="with --random-weights or --roofline: the preset's first N layers, the last made full "
+                        "attention (a larger N adds sliding layers; default: all)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size (default: fits the run)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="prompt and sampling seed (default 0)")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs first (default 1)")
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the timed runs, one more run with per-op profiling of its decoder steps (CUDA events "
                         "on a GPU, the host clock on the CPU; no CUDA graphs): op_profile in the JSON, each op's ms "
                         "per step, share of the step and achieved bandwidth against the roofline's bytes")
-    p.add_argument("--gpu", choices=["h100", "h200"], default="h100",
+    p.add_argument("--gpu", choices=["h100", "h200"], default=None,
                    help="with --roofline: the device; with --profile on cuda: whose HBM bandwidth the achieved "
                         "bandwidth is a fraction of (default h100)")
     p.add_argument("--context", type=_positive_int, default=None,
@@ -865,8 +867,33 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+# What --roofline reads; any other option given with it is refused.
+_ROOFLINE_OPTIONS = {"roofline", "preset", "num_layers", "batch", "steps", "quant", "dense_quant", "gpu", "context",
+                     "fused_lm_head", "measured", "json", "no_progress"}
+
+
+def _given(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set[str]) -> list[str]:
+    """The options (by their first flag, or the positional's name) that differ from their defaults, outside skip."""
+    names: list[str] = []
+    for a in parser._actions:
+        value = getattr(args, a.dest, None)
+        if a.dest in skip or a.default == argparse.SUPPRESS or value == a.default:  # --help, --version
+            continue
+        if a.nargs == 0 and value != a.const:  # the other flag of a pair sharing this dest (--fixed-steps/--adaptive)
+            continue
+        name = a.option_strings[0] if a.option_strings else "a checkpoint"
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _verb(names: list[str], one: str, many: str) -> str:
+    return f"{', '.join(names)} {one if len(names) == 1 else many}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # Started in the background without job control, SIGINT arrives ignored; a time cap that sends it
     # (bench/gpu_check.sh) must still end the peer with the engine's numbers printed.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
@@ -875,19 +902,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         # Options of the other mode are refused, not silently ignored.
         if args.roofline:
-            given = [name for name, on in (("a checkpoint", args.checkpoint), ("--peer", args.peer),
-                                           ("--profile", args.profile), ("--template", args.template is not None),
-                                           ("--adaptive", not args.fixed_steps)) if on]
+            given = _given(parser, args, _ROOFLINE_OPTIONS)
             if given:
-                raise ValueError(f"--roofline models --preset's shape and runs nothing: {', '.join(given)} "
-                                 "does not apply")
+                raise ValueError(f"--roofline models --preset's shape and runs nothing: "
+                                 f"{_verb(given, 'does', 'do')} not apply")
         else:
             given = [name for name, on in (("--measured", args.measured), ("--fused-lm-head", args.fused_lm_head),
                                            ("--context", args.context is not None)) if on]
             if given:
-                raise ValueError(f"{', '.join(given)} go(es) with --roofline")
+                raise ValueError(f"{_verb(given, 'goes', 'go')} with --roofline")
             if args.preset is not None and not args.random_weights:
                 raise ValueError("--preset goes with --random-weights (or --roofline)")
+            if args.gpu is not None and not (args.profile and args.device.startswith("cuda")):
+                raise ValueError("--gpu goes with --roofline, or with --profile on --device cuda")
+        args.gpu = args.gpu or "h100"
         args.preset = args.preset or "26b-a4b"
         args.context = args.context or 4096
         if args.roofline:
