@@ -195,6 +195,29 @@ def test_chat_template_matches_transformers(tiny_dir):
     assert ours.encode("Hello world") == theirs.encode("Hello world")
 
 
+@pytest.mark.parametrize("spoil,at", [
+    (lambda t: t.__setitem__("normalizer", {"type": "Precompiled", "precompiled_charsmap": "AAAA"}), "load"),
+    (lambda t: t["post_processor"].update(single=[{"SpecialToken": {"id": "<nope>", "type_id": 0}},
+                                                  {"Sequence": {"id": "A", "type_id": 0}}]), "encode"),
+])
+def test_tokenizer_that_makes_the_rust_side_panic(tmp_path, tiny_dir, spoil, at):
+    """A Rust panic in tokenizers is a BaseException (pyo3's PanicException): it escaped every handler. At load
+    it is a CheckpointError; at encode (the file loads, the text is fine) a RuntimeError, not the caller's fault."""
+    from dgemma_rt.text import Tokenizer
+
+    for name in tiny.FILES:
+        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    tok = json.loads((tmp_path / "tokenizer.json").read_text())
+    spoil(tok)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    if at == "load":
+        with pytest.raises(dgemma_rt.CheckpointError, match="cannot read .*tokenizer.json"):
+            Tokenizer.from_dir(tmp_path)
+    else:
+        with pytest.raises(RuntimeError, match="the checkpoint's tokenizer failed to encode"):
+            Tokenizer.from_dir(tmp_path).encode("hello")
+
+
 def test_tokenizer_without_template(tmp_path, tiny_dir):
     assert Tokenizer.from_dir(tmp_path) is None
     (tmp_path / "tokenizer.json").write_bytes((tiny_dir / "tokenizer.json").read_bytes())

@@ -255,12 +255,15 @@ def test_generate_text_takes_text_chats_or_lists_of_them(engine):
     assert len(both) == 2 and both[0] == chat and all(isinstance(t, str) for t in both)
     for prompt, words in [(msg, "got dict"), (None, "got NoneType"), (5, "got int"), (b"hi", "got bytes"),
                           ([msg, "hi"], "prompt 0 must be .* got one message dict outside a list"),
-                          (["hi", [msg, 3]], "prompt 1 must be"), ([], "no prompt given")]:
+                          (["hi", [msg, 3]], "prompt 1 must be"), ([], "no prompt given"),
+                          (["hi", []], "prompt 1 must be .* got an empty chat")]:
         with pytest.raises(ValueError, match=words):
             engine.generate_text(prompt, **GEN)
     # messages that an iterator gave were used up by the check, and the chat rendered without them
     with pytest.raises(ValueError, match="messages must be a list"):
         engine.tokenizer.render_chat_template(m for m in [msg])
+    with pytest.raises(ValueError, match="messages is empty"):
+        engine.tokenizer.render_chat_template([])
 
 
 def test_a_failing_chat_template_is_a_value_error(tiny_dir):

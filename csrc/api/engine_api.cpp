@@ -96,7 +96,7 @@ Result Request::result() const {
   }
   const bool fits = static_cast<int>(out.text_tokens.size()) <= p.max_new_tokens;
   out.stopped = r.stopped;
-  out.finish_reason = (hit && fits) || r.stopped ? "stop" : "length";
+  out.finish_reason = (hit || r.stopped) && fits ? "stop" : "length";
   if (!fits) out.text_tokens.resize(p.max_new_tokens);
   return out;
 }

@@ -938,7 +938,8 @@ class Engine:
             raise ValueError("no prompt given")
         for i, p in enumerate(prompts):
             if not (isinstance(p, str) or is_chat(p)):
-                got = "one message dict outside a list" if isinstance(p, Mapping) else type(p).__name__
+                got = ("one message dict outside a list" if isinstance(p, Mapping) else
+                       "an empty chat" if isinstance(p, (list, tuple)) and not p else type(p).__name__)
                 raise ValueError(f"prompt {i} must be {what}, got {got}")
         ids = [tok.encode(p) if isinstance(p, str) else tok.apply_chat_template(p) for p in prompts]
         out = self.generate(ids, **kwargs)

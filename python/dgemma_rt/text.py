@@ -129,7 +129,7 @@ class Tokenizer:
         text = _read_text(tok_file, _MAX_TOKENIZER_BYTES)
         try:
             tok = _HFTokenizer.from_str(text)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except BaseException as e:  # a bare Exception on malformed files, or a Rust panic (a BaseException)
             raise _checkpoint_error(f"cannot read {tok_file}: {str(e)[:300]}") from e
@@ -174,10 +174,10 @@ class Tokenizer:
         check_text(text)
         try:
             return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
-        except BaseException as e:  # a tokenizer.json that loads but cannot encode (a Rust panic)
-            raise _checkpoint_error(f"the checkpoint's tokenizer failed to encode: {str(e)[:300]}") from e
+        except BaseException as e:  # a tokenizer.json that loads but cannot encode (a Rust panic): not the text's fault
+            raise RuntimeError(f"the checkpoint's tokenizer failed to encode: {str(e)[:300]}") from e
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         seq = [int(i) for i in np.asarray(ids).reshape(-1)] if isinstance(ids, np.ndarray) else [int(i) for i in ids]
@@ -191,6 +191,8 @@ class Tokenizer:
                 "this checkpoint has no chat template (no 'chat_template' in tokenizer_config.json and no "
                 "chat_template.jinja); pass a plain string prompt instead"
             )
+        if isinstance(messages, (list, tuple)) and not messages:
+            raise ValueError("messages is empty: a chat needs at least one message")
         if not is_chat(messages):
             raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
         try:

@@ -93,8 +93,9 @@ struct Result {
   std::vector<int32_t> new_tokens;  // every committed canvas, as generated (pad after EOS, locked tokens kept)
   std::vector<int32_t> text_tokens;  // new tokens up to the first EOS/pad, cut at max_new_tokens
   // "stop": text_tokens end where the request stopped, at its first EOS or pad token (a pad the model
-  // made or a template locked), within max_new_tokens of the start or right after them, or a callback
-  // threw StopGeneration (`stopped`); "length": text_tokens were cut at max_new_tokens.
+  // made or a template locked) or where a callback threw StopGeneration (`stopped`: the end of the
+  // canvases committed), within max_new_tokens of the start or right after them; "length": text_tokens
+  // were cut at max_new_tokens.
   std::string finish_reason;
   bool stopped = false;  // a callback ended the request with StopGeneration
   std::vector<int> steps_per_canvas;  // decoder passes spent on each canvas
