@@ -332,6 +332,21 @@ def test_cli_generate_to_a_closed_pipe(tiny_dir):
     assert (proc.returncode, proc.stderr) == (141, ""), proc.stderr
 
 
+def test_cli_generate_shows_progress_on_a_terminal(monkeypatch, capsys, tiny_dir):
+    """On a terminal, a bar of canvases and the step within the canvas (nothing otherwise); the text is as
+    without it."""
+    from dgemma_rt import cli
+
+    args = ["generate", str(tiny_dir), "--prompt", "hi", "--steps", "2", "--max-new-tokens", "128"]
+    assert cli.main(args) == 0
+    plain = capsys.readouterr()
+    assert plain.err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli.main(args) == 0
+    shown = capsys.readouterr()
+    assert shown.out == plain.out and "generating" in shown.err and "canvas" in shown.err, shown.err
+
+
 def test_cli_generate_escapes_control_characters_on_a_terminal(monkeypatch, capsys, tiny_dir):
     """Random weights write any bytes: on a terminal, escape sequences are shown, not obeyed."""
     import io

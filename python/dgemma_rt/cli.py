@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _positive_int(text: str) -> int:
@@ -134,6 +135,30 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(engine: Any, args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
+    """A bar of committed canvases with the current canvas's denoising step (a large model on the CPU takes
+    minutes); it adds the callbacks that drive it to kwargs. Ends early when the text reaches its EOS."""
+    from tqdm import tqdm
+
+    new = args.max_new_tokens or engine.generation_defaults.get("max_new_tokens") or 256
+    canvas = int(engine.config["canvas_length"])
+    bar = tqdm(total=-(-new // canvas), desc="generating", unit="canvas", file=sys.stderr, leave=False)
+    step = 0
+
+    def on_step(draft: Any) -> None:
+        nonlocal step
+        step += 1
+        bar.set_postfix_str(f"step {step}")
+
+    def on_block(block: Any) -> None:
+        nonlocal step
+        step = 0
+        bar.update(1)
+
+    kwargs.update(on_step=on_step, on_block=on_block)
+    return bar
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import dgemma_rt
     from dgemma_rt.text import check_text
@@ -153,7 +178,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         kwargs["max_new_tokens"] = args.max_new_tokens
     if args.steps is not None:
         kwargs["max_denoising_steps"] = args.steps
-    text = engine.generate_text(prompt, **kwargs)
+    bar = _progress(engine, args, kwargs) if sys.stderr.isatty() else None
+    try:
+        text = engine.generate_text(prompt, **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
     # Random-weight checkpoints produce any bytes; never fail on a terminal that cannot show them, and
     # never send it control sequences (escape codes) from the model's text.
     if hasattr(sys.stdout, "reconfigure"):
