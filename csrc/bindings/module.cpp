@@ -498,8 +498,8 @@ PYBIND11_MODULE(_core, m) {
         const auto& L = c.storage->layer(layer);
         const size_t tf = static_cast<size_t>(L.kv_heads) * L.head_dim;
         py::array_t<float> ka({static_cast<size_t>(n), tf}), va({static_cast<size_t>(n), tf});
-        std::memcpy(ka.mutable_data(), k.data(), k.size() * sizeof(float));
-        std::memcpy(va.mutable_data(), v.data(), v.size() * sizeof(float));
+        std::copy(k.begin(), k.end(), ka.mutable_data());  // not memcpy: an empty layer's data() is null
+        std::copy(v.begin(), v.end(), va.mutable_data());
         return py::make_tuple(ka, va);
       }, py::arg("layer"), py::arg("row"));
 
