@@ -118,6 +118,26 @@ def test_eos_stopping_never_pads_locked_positions(engine, case):
         assert len(out.steps_per_canvas[r]) == first + 1
 
 
+def test_stop_generation_skips_the_template_tail(engine):
+    """A row ends at EOS in canvas 0, and its template locks a token in canvas 2: the tail canvases are
+    committed without denoising, unless on_block raised StopGeneration on canvas 0 (that canvas is the last)."""
+    L = engine.config["canvas_length"]
+    pad = engine.generation_defaults["pad_token_id"]
+    template = [FREE] * (2 * L) + [7]
+    kw = dict(max_new_tokens=3 * L, max_denoising_steps=STEPS, seed=4, canvas_template=[template],
+              pad_token_id=pad)
+    eos = [int(engine.generate([[2, 40]], eos_token_id=None, **kw).sequences[0][2 + 5])]  # canvas 0's 6th token
+    tail = engine.generate([[2, 40]], eos_token_id=eos, **kw)
+    assert len(tail.sequences[0]) == 2 + 3 * L and tail.sequences[0][2 + 2 * L] == 7 and tail.steps_per_canvas == [[STEPS]]
+
+    def stop(block):
+        raise dgemma_rt.StopGeneration
+
+    out = engine.generate([[2, 40]], eos_token_id=eos, on_block=stop, **kw)
+    assert out.stopped and len(out.sequences[0]) == 2 + L
+    np.testing.assert_array_equal(out.sequences[0], tail.sequences[0][: 2 + L])
+
+
 def test_eos_stopping_without_a_template_is_unchanged(engine):
     """The same rule with no template: everything after the first EOS is pad and the call ends when every
     row has (the reference's semantics)."""
