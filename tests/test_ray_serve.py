@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -152,6 +153,18 @@ def test_same_seed_same_text_on_either_replica(client, local_engine):
             break
     assert len(answers) == 2, answers
     assert {t for texts in answers.values() for t in texts} == {_reference(local_engine, kw["prompt"], 64, 5)}
+
+
+def test_prompt_lists_as_dgemma_rt_serve_takes_them(client, local_engine):
+    """A replica's queue was sized for Serve's ongoing requests as if each were one prompt: a list of more than
+    max_batch_size + 1 prompts was refused (400), and a few concurrent lists got 429s Serve never sent."""
+    prompts = [f"list item {i}" for i in range(12)]
+    kw = dict(model=MODEL, max_tokens=8, seed=3, extra_body=FAST)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: client.completions.create(prompt=prompts, **kw), range(3)))
+    for r in answers:
+        assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [
+            _reference(local_engine, p, 8, 3) for p in prompts]
 
 
 def test_health_and_models(cluster):
@@ -314,7 +327,7 @@ def test_cli_serve_ray_arguments(monkeypatch, tiny_dir):
     assert cli.main(["serve", str(tiny_dir), "--ray", "--max-queue", "0"]) == 2  # Serve's queue is -1 or >= 1
 
 
-def test_local_run_refuses_what_its_replicas_would_fail_on(tiny_dir):
+def test_local_run_refuses_what_its_replicas_would_fail_on(tiny_dir, tmp_path):
     """Said before Ray starts: a device the engine refuses, a port another process listens on; and replicas
     this machine cannot place (serve.run waited for them forever)."""
     with pytest.raises(ValueError, match="device"):
@@ -322,6 +335,18 @@ def test_local_run_refuses_what_its_replicas_would_fail_on(tiny_dir):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         with pytest.raises(ValueError, match="cannot listen"):
             ray_serve.run(str(tiny_dir), port=busy.getsockname()[1])
+    # Serve's proxy took a random port and the URL printed said :0
+    with pytest.raises(ValueError, match="port 0"):
+        ray_serve.run(str(tiny_dir), port=0)
+    # the tokenizer, which only the replicas read (a failed deployment after ~20 s, the cause deep in a traceback)
+    no_tok = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_dir, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        ray_serve.run(str(no_tok), port=_free_port())
+    (no_tok / "tokenizer.json").write_text("{not json")
+    with pytest.raises(dgemma_rt.CheckpointError, match="tokenizer.json"):
+        ray_serve.run(str(no_tok), port=_free_port())
     with pytest.raises(ValueError, match="GPUs"):
         ray_serve._check_resources({"CPU": 2.0}, {"replicas": 1, "num_gpus": 1})
     with pytest.raises(ValueError, match="CPUs"):

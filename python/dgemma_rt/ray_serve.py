@@ -18,7 +18,10 @@ hands each to a replica with room as rows free up. Its choice among replicas is 
 (power of two choices on cached queue lengths), so a larger ``replica_queue`` lets requests wait
 in one replica while another idles; the cap is what keeps engines evenly filled. Beyond
 ``max_queued_requests`` waiting in the router the answer is 503 (Serve's back-pressure), where the
-single-process server answers 429. With ``max_replicas`` above ``replicas`` the deployment
+single-process server answers 429. A completions ``prompt`` list is one request to Serve and one
+job per prompt in the replica, whose own queue is sized so that it never refuses what Serve admitted
+(lists of up to ``max_batch_size + max_queued_requests`` prompts, 64 when unbounded, as
+``dgemma-rt serve`` takes). With ``max_replicas`` above ``replicas`` the deployment
 autoscales on ongoing requests, targeting ``max_batch_size`` per replica: replicas are added while
 requests wait for a row, removed while batches run part-empty.
 
@@ -265,14 +268,18 @@ def build(
         num_threads = max(1, int(num_cpus))
     engine_kwargs = {"device": device, "max_batch_size": max_batch_size, "kv_cache_tokens": kv_cache_tokens,
                      "num_threads": num_threads, "cpu_weights": cpu_weights}
-    # Serve never hands a replica more than max_ongoing_requests, so the app's own queue (429 when
-    # full) can hold all of them: admission is Serve's.
-    app_kwargs = {"max_queue": max_batch_size + queue, "max_running": max_batch_size, "max_body_bytes": max_body_bytes,
-                  "max_request_tokens": max_request_tokens, "max_request_steps": max_request_steps}
     opts = deployment_options(replicas=replicas, max_replicas=max_replicas, max_batch_size=max_batch_size,
                               replica_queue=queue, max_queued_requests=max_queued_requests, num_gpus=num_gpus,
                               num_cpus=num_cpus, runtime_env=runtime_env)
     opts.update(deployment_overrides)
+    # Serve never hands a replica more than max_ongoing_requests, each of them a completions prompt list of
+    # at most max_prompts (as dgemma-rt serve allows: its running requests plus its queue, 64 by default), so
+    # the app's own queue (429 when full) can hold all of them: admission is Serve's.
+    max_prompts = max_batch_size + (max_queued_requests if max_queued_requests > 0 else 64)
+    ongoing = int(opts["max_ongoing_requests"])
+    app_kwargs = {"max_queue": ongoing * max_prompts - max_batch_size, "max_running": max_batch_size,
+                  "max_prompts": max_prompts, "max_body_bytes": max_body_bytes,
+                  "max_request_tokens": max_request_tokens, "max_request_steps": max_request_steps}
     _check_replica_device(device, _replica_gpus(num_gpus, deployment_overrides))
     return serve.deployment(DGemmaReplica).options(**opts).bind(path, name, engine_kwargs, app_kwargs,
                                                                 stall_timeout_s, metrics_interval_s)
@@ -358,6 +365,14 @@ def _check_resources(have: dict[str, float], build_kwargs: dict[str, Any]) -> No
                          "--cpus-per-replica or --gpus-per-replica, or join a cluster with --ray-address")
 
 
+def _running_apps() -> set[str]:
+    """The names of the Serve applications on the cluster this process joined (none where Serve is not up)."""
+    try:
+        return set(serve.status().applications)
+    except Exception:  # noqa: BLE001 - no Serve controller yet: nothing runs
+        return set()
+
+
 def _deployment_message(app_name: str) -> str:
     try:
         return str(serve.status().applications[app_name].deployments[DEPLOYMENT_NAME].message)
@@ -382,6 +397,8 @@ def run(
     """
     _check_replica_device(build_kwargs.get("device", "cpu"),
                           _replica_gpus(build_kwargs.get("num_gpus") or 0, build_kwargs))
+    if port == 0:  # Serve's proxy would listen on a port nobody is told
+        raise ValueError("port 0 (any free port) is not available with Ray Serve: give the port to listen on")
     import ray
 
     local = address is None
@@ -397,29 +414,45 @@ def run(
         kv = build_kwargs.get("kv_cache_tokens") or DEFAULT_KV_CACHE_TOKENS
         _core.check_checkpoint(os.fspath(checkpoint), build_kwargs.get("device", "cpu"), int(kv),
                                int(build_kwargs.get("max_batch_size", 8)), int(build_kwargs.get("num_threads") or 0))
+        from dgemma_rt.text import Tokenizer
+
+        if Tokenizer.from_dir(checkpoint) is None:  # CheckpointError for a corrupt one
+            raise ValueError(f"{os.fspath(checkpoint)} has no tokenizer.json: the server needs one to read and "
+                             "write text")
         _check_port_free(host, port)
         # Workers of a local instance import the same dgemma_rt as this process (a source checkout too).
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         build_kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": pythonpath}})
-        # "local" even where RAY_ADDRESS is set: this instance is ours to shut down.
-        ray.init(address="local", include_dashboard=False)
-    else:
-        ray.init(address=address)
     stop = threading.Event()
-    serving = False
+    raising = serving = ours = False
 
     def on_signal(*_: Any) -> None:
         stop.set()
-        if not serving:  # still deploying: interrupt serve.run, then clean up below
+        if raising and not serving:  # deploying: interrupt serve.run, then clean up below
             raise KeyboardInterrupt
 
-    # Ray's own SIGTERM handler aborts the process, leaving no chance to remove the application.
+    # Installed before ray.init, which takes seconds: a signal then only sets the flag (interrupting it
+    # halfway could leave its processes behind), acted on once it returns. Ray's own SIGTERM handler, which
+    # ray.init installs, aborts the process, leaving no chance to remove the application: ours again after.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if local:  # "local" even where RAY_ADDRESS is set: this instance is ours to shut down
+            ray.init(address="local", include_dashboard=False)
+        else:
+            ray.init(address=address)
+        for s in previous:
+            signal.signal(s, on_signal)
+        raising = True
+        if stop.is_set():
+            raise KeyboardInterrupt
         if local:
             _check_resources(ray.cluster_resources(), build_kwargs)
+        elif app_name in _running_apps():  # serve.run would replace it (and our exit delete it)
+            raise ValueError(f"this cluster already runs a Serve application named {app_name!r}: stop that "
+                             f"server first (or `serve delete {app_name}`)")
         serve.start(http_options={"host": host, "port": port})
+        ours = True
         try:
             serve.run(build(checkpoint, **build_kwargs), name=app_name, route_prefix="/")
         except RuntimeError as e:  # "Deploying application ... failed": the replicas' own error, if Serve has it
@@ -432,9 +465,9 @@ def run(
         for s, h in previous.items():
             signal.signal(s, h)
         try:
-            if local:
+            if local and ray.is_initialized():
                 serve.shutdown()
-            else:
+            elif ours:  # not an application this call refused to replace
                 serve.delete(app_name)
         finally:
             ray.shutdown()

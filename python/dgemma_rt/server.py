@@ -694,12 +694,14 @@ def create_app(
     max_running: int | None = None,
     max_request_tokens: int = 8192,
     max_request_steps: int = 256,
+    max_prompts: int | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving ``engine`` under the name ``model_name``.
 
     ``max_running``: requests handed to the engine's batcher at once (default: its ``max_batch_size``).
     ``max_request_tokens`` caps ``max_tokens``; ``max_request_steps`` caps ``max_denoising_steps``
-    and ``stability_threshold``: the work one client may ask for.
+    and ``stability_threshold``: the work one client may ask for. ``max_prompts``: the most prompts one
+    completions request may list (default ``max_running + max_queue``, all the queue can hold).
     """
     if engine.tokenizer is None:
         raise ValueError(f"{engine.path} has no tokenizer.json: the server needs one to read and write text")
@@ -715,7 +717,10 @@ def create_app(
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
             raise ValueError(f"{name} must be an integer in [1, 2**31 - 1], got {value!r}")
     backend = _Backend(engine, max_queue, max_running)
-    max_prompts = max_running + max_queue  # a batch of prompts is that many requests in the queue
+    if max_prompts is None:
+        max_prompts = max_running + max_queue  # a batch of prompts is that many requests in the queue
+    if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
+        raise ValueError(f"max_prompts must be a positive integer, got {max_prompts!r}")
     default_steps = engine.generation_defaults.get("max_denoising_steps") or 48
     from dgemma_rt.engine import _SAMPLER_DEFAULTS
 
