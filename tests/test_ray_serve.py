@@ -378,6 +378,11 @@ def test_build_refuses_what_the_cli_refuses(tiny_dir):
     for field in ("num_cpus", "num_gpus", "stall_timeout_s"):
         with pytest.raises(ValueError, match=field):  # pydantic's ValidationError: no inf or NaN
             ray_serve.app_builder({"checkpoint": str(tiny_dir), field: float("inf")})
+    # build() itself checks what AppArgs checks (each was only a replica failing to start)
+    for field, value in (("max_batch_size", 0), ("max_body_bytes", 0), ("max_request_tokens", 0),
+                         ("kv_cache_tokens", 0), ("cpu_weights", "bogus"), ("stall_timeout_s", 0)):
+        with pytest.raises(ValueError, match=field):
+            ray_serve.build(str(tiny_dir), **{field: value})
 
 
 # ------------------------------------------------------------------------------------------ failure (last)

@@ -261,6 +261,13 @@ def build(
     """
     if not os.fspath(checkpoint):
         raise ValueError("checkpoint is empty: give the checkpoint directory's path")
+    # The checks a config file's args get (AppArgs): here, not as replicas that fail to start.
+    AppArgs(checkpoint=os.fspath(checkpoint), model_name=model_name, replicas=replicas, max_replicas=max_replicas,
+            num_gpus=num_gpus, num_cpus=num_cpus, device=device, max_batch_size=max_batch_size,
+            replica_queue=replica_queue, max_queued_requests=max_queued_requests, kv_cache_tokens=kv_cache_tokens,
+            num_threads=num_threads, cpu_weights=cpu_weights, max_request_tokens=max_request_tokens,
+            max_request_steps=max_request_steps, max_body_bytes=max_body_bytes, stall_timeout_s=stall_timeout_s,
+            metrics_interval_s=metrics_interval_s)
     path = os.path.abspath(os.fspath(checkpoint))  # replicas do not run in this process's directory
     name = model_name or os.path.basename(os.path.normpath(path))
     queue = 1 if replica_queue is None else replica_queue
