@@ -1216,7 +1216,7 @@ def serve(
     from dgemma_rt.engine import Engine
 
     engine = Engine(checkpoint, **engine_kwargs)
-    name = model_name or os.path.basename(os.path.normpath(os.fspath(checkpoint)))
+    name = model_name or os.path.basename(os.path.abspath(os.fspath(checkpoint)))  # "." names its directory
     app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes, max_running=max_running,
                      max_request_tokens=max_request_tokens, max_request_steps=max_request_steps)
     backend = app.state.backend
