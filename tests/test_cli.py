@@ -476,6 +476,27 @@ def test_bench_refuses_the_other_modes_options(argv, words, capsys):
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["bench", "--batch", "1025"], "argument --batch: at most 1024 rows, got 1025"),
+    (["bench", "--threads", "100000"], "argument --threads: at most "),
+    (["cli", "serve", "ckpt", "--max-batch-size", "5000"], "argument --max-batch-size: at most 1024 rows"),
+    (["cli", "generate", "ckpt", "--threads", "100000"], "argument --threads: at most "),
+])
+def test_cli_options_past_the_engines_limits_are_named(argv, words, capsys):
+    """An option past what the Engine takes is refused as that option, before anything is loaded (it was
+    the Engine's parameter, max_batch_size or num_threads, that the error named)."""
+    from dgemma_rt import _core, bench, cli
+    from dgemma_rt.engine import MAX_BATCH_SIZE
+
+    with pytest.raises(SystemExit) as e:
+        (bench.main if argv[0] == "bench" else cli.main)(argv[1:])
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+    assert MAX_BATCH_SIZE == 1024 and _core.thread_limit() < 100000
+    with pytest.raises(ValueError, match="max_batch_size"):  # the limit is the Engine's own
+        dgemma_rt.Engine("no/such/dir", max_batch_size=MAX_BATCH_SIZE + 1)
+
+
 @pytest.mark.parametrize("script", ["concurrency.py", "memory_per_row.py"])
 def test_bench_scripts_check_the_json_path_first(tmp_path, script):
     """A --json path that cannot be written failed with a traceback after the whole benchmark had run."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dgemma_rt.cli import _non_negative_int, _positive_int, _version, run_reporting_errors
+from dgemma_rt.cli import _batch_size, _non_negative_int, _positive_int, _thread_count, _version, run_reporting_errors
 from dgemma_rt.engine import DEFAULT_KV_CACHE_TOKENS  # the pool the engine allocates when not told otherwise
 
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint dir (default: the cached tiny model)")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    p.add_argument("--batch", type=_positive_int, default=1, help="rows per generate call (default 1)")
+    p.add_argument("--batch", type=_batch_size, default=1, help="rows per generate call (default 1)")
     p.add_argument("--prompt-len", type=_positive_int, default=128, help="random prompt tokens per row (default 128)")
     p.add_argument("--new-tokens", type=_positive_int, default=256, help="max_new_tokens (default 256)")
     p.add_argument("--steps", type=_positive_int, default=16, help="max denoising steps per canvas (default 16)")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="adaptive stopping and the checkpoint's EOS ids, as in real use",
     )
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_thread_count, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu",
                    help="where the engine (and --peer) runs: cpu, or cuda / cuda:N where built with CUDA (default cpu); "
                         "checked before any checkpoint is built or loaded")

@@ -20,6 +20,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_size(text: str) -> int:
+    from dgemma_rt.engine import MAX_BATCH_SIZE
+
+    value = _positive_int(text)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH_SIZE} rows, got {value}")
+    return value
+
+
+def _thread_count(text: str) -> int:
+    from dgemma_rt import _core
+
+    value = _positive_int(text)
+    limit = _core.thread_limit()
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"at most {limit} on this machine (4 per CPU, and never fewer than 16), got {value}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -82,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=None,
                      help="max denoising steps per canvas (default: the checkpoint's generation_config.json, else 48)")
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed (default 0)")
-    gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    gen.add_argument("--threads", type=_thread_count, default=None, help="CPU threads (default: all cores)")
     gen.add_argument("--device", default="cpu", help=DEVICE_HELP)
     gen.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16", help=CPU_WEIGHTS_HELP)
     gen.set_defaults(func=_cmd_generate)
@@ -95,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=_non_negative_int, default=64,
                      help="requests that may wait while every worker is busy; more get 429 (default 64)")
     srv.add_argument("--kv-cache-tokens", type=_positive_int, default=None, help="KV pool size in tokens (default 16384)")
-    srv.add_argument("--max-batch-size", type=_positive_int, default=8,
+    srv.add_argument("--max-batch-size", type=_batch_size, default=8,
                      help="requests denoised together in one batch (default 8)")
-    srv.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    srv.add_argument("--threads", type=_thread_count, default=None, help="CPU threads (default: all cores)")
     srv.add_argument("--device", default="cpu", help=DEVICE_HELP + "; with --ray, on every replica")
     srv.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16", help=CPU_WEIGHTS_HELP)
     srv.add_argument("--max-request-tokens", type=_positive_int, default=8192,

@@ -133,6 +133,9 @@ StopGeneration = _core.StopGeneration
 #: The full-attention KV pool of an Engine made with kv_cache_tokens=None, in tokens.
 DEFAULT_KV_CACHE_TOKENS = 16384
 
+#: The largest max_batch_size an Engine takes, and the most rows one generate call takes (kMaxBatchSize).
+MAX_BATCH_SIZE = 1024
+
 # Requests that may still run. At interpreter exit they are cancelled and waited for while Python
 # can still run their callbacks: a scheduler thread taking the GIL during finalization aborts the
 # process ("terminate called without an active exception").
@@ -536,7 +539,7 @@ class Engine:
             raise ValueError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {device!r}")
         # The native engine checks the same ranges, and what memory the pools would take.
         kv = DEFAULT_KV_CACHE_TOKENS if kv_cache_tokens is None else _check_int("kv_cache_tokens", kv_cache_tokens, 1, _INT32_MAX)
-        mbs = _check_int("max_batch_size", max_batch_size, 1, 1024)
+        mbs = _check_int("max_batch_size", max_batch_size, 1, MAX_BATCH_SIZE)
         threads = 0 if num_threads is None else _check_int("num_threads", num_threads, 0, _core.thread_limit())
 
         bar = None

@@ -52,6 +52,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("dgemma_rt.ray_serve needs Ray Serve: pip install 'dgemma_rt[ray]'") from e
 
+from dgemma_rt.engine import MAX_BATCH_SIZE
 from dgemma_rt.server import create_app
 
 __all__ = ["AppArgs", "DGemmaReplica", "REPLICA_HEADER", "app_builder", "build", "deployment_options", "run"]
@@ -304,7 +305,7 @@ class AppArgs(BaseModel):
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, ge=0)
     device: str = "cpu"
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     replica_queue: Optional[int] = Field(None, ge=0)
     max_queued_requests: int = -1
     kv_cache_tokens: Optional[int] = Field(None, ge=1)
