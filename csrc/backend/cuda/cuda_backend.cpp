@@ -321,7 +321,9 @@ class CudaBackend final : public Backend {
   // The CUTLASS GEMMs' prepared launches (kernels/gemm/params_cache.h): an encoder pass or an
   // uncaptured step that repeats a GEMM's pointers and sizes only launches it. Its entries go with
   // the backend, and with them every weight pointer they name.
+#ifdef DGEMMA_WITH_CUTLASS
   kernels::ParamsCache gemm_params_;
+#endif
   // NVFP4 experts on Blackwell: the block-scaled NVFP4 x NVFP4 grouped GEMM of this device (sm_100a on
   // compute capability 10.0, sm_120a on 12.0, builds with CUTLASS), else kNone and the W4A16 kernel.
   // Checked once at the first NVFP4 upload (check_nvfp4x4); a failure turns it off for good.
