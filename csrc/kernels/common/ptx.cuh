@@ -13,6 +13,11 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 }
 
 // 16-byte async copy global -> shared; src_bytes = 0 writes zeros (src must still be a valid address).
+// These three have no "memory" clobber (nor have CUTLASS's), so that the compiler may schedule
+// other loads across them: a plain C++ read of shared memory a cp.async wrote must come after a
+// __syncthreads() (or cluster barrier) that follows cp_async_wait, as at every call site today; the
+// ldmatrix / wgmma readers are asm volatile and keep their order. (attention_common.cuh's copies do
+// clobber memory.)
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
