@@ -1588,22 +1588,29 @@ void CudaBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
   if (S == 0) return;
   DeviceGuard g(device_);
   // The sampler kernel's softmax (temperature 1: processed == logits) gives the bf16 probabilities;
-  // its token/argmax/entropy outputs are discarded.
-  float* ones = static_cast<float*>(scratch(kOnes, static_cast<size_t>(S) * 4));
-  const std::vector<float> host_ones(S, 1.f);
-  upload(Tensor::of(ones, {S}), host_ones.data());
-  double* zeros = static_cast<double*>(scratch(kZeros, static_cast<size_t>(S) * 8));
-  DG_CUDA(cudaMemsetAsync(zeros, 0, static_cast<size_t>(S) * 8, stream_));
-  char* discard = static_cast<char*>(scratch(kDiscard, static_cast<size_t>(S) * 12));
-  bf16* probs = static_cast<bf16*>(scratch(kProbs, static_cast<size_t>(S) * V * 2));
-  kernels::SampleCanvasParams sp;
-  sp.logits = as<float>(logits), sp.processed = as<float>(logits), sp.probs = probs;
-  sp.temperature = ones, sp.uniform = zeros;
-  sp.token = reinterpret_cast<int32_t*>(discard), sp.argmax = reinterpret_cast<int32_t*>(discard + 4 * S);
-  sp.entropy = reinterpret_cast<float*>(discard + 8 * S);
-  sp.rows = static_cast<int>(S), sp.canvas_length = 1, sp.vocab = static_cast<int>(V);
-  DG_CUDA(kernels::sample_canvas(sp, stream_));
-  probs_times_embedding(probs, S, as<bf16>(out));
+  // its token/argmax/entropy outputs are discarded. A canvas's rows at a time, as lm_head_sample does:
+  // the probabilities share its [canvas, V] scratch, which must not grow to [S, V] (1 GiB at 8 rows of
+  // the 26B model's canvas, and a growth drops every captured step).
+  const int64_t chunk = std::min<int64_t>(S, std::max(1, cfg_.canvas_length));
+  float* ones = static_cast<float*>(scratch(kOnes, static_cast<size_t>(chunk) * 4));
+  const std::vector<float> host_ones(chunk, 1.f);
+  upload(Tensor::of(ones, {chunk}), host_ones.data());
+  double* zeros = static_cast<double*>(scratch(kZeros, static_cast<size_t>(chunk) * 8));
+  DG_CUDA(cudaMemsetAsync(zeros, 0, static_cast<size_t>(chunk) * 8, stream_));
+  char* discard = static_cast<char*>(scratch(kDiscard, static_cast<size_t>(chunk) * 12));
+  bf16* probs = static_cast<bf16*>(scratch(kProbs, static_cast<size_t>(chunk) * V * 2));
+  for (int64_t r0 = 0; r0 < S; r0 += chunk) {
+    const int64_t rows = std::min(chunk, S - r0);
+    kernels::SampleCanvasParams sp;
+    sp.logits = sp.processed = as<float>(logits) + r0 * V;
+    sp.probs = probs;
+    sp.temperature = ones, sp.uniform = zeros;
+    sp.token = reinterpret_cast<int32_t*>(discard), sp.argmax = reinterpret_cast<int32_t*>(discard + 4 * chunk);
+    sp.entropy = reinterpret_cast<float*>(discard + 8 * chunk);
+    sp.rows = static_cast<int>(rows), sp.canvas_length = 1, sp.vocab = static_cast<int>(V);
+    DG_CUDA(kernels::sample_canvas(sp, stream_));
+    probs_times_embedding(probs, rows, as<bf16>(out) + r0 * H);
+  }
 }
 
 }  // namespace
