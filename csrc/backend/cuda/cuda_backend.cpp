@@ -935,17 +935,29 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
   weights_ = &w;
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size, I = cfg_.intermediate_size;
   const int64_t E = cfg_.num_experts, Im = cfg_.moe_intermediate_size, nh = cfg_.num_heads;
-  // Everything the weights take in their device formats (NVFP4 experts ~4.5 bits, FP8 codes 1 byte,
-  // the rest bf16, vectors f32), against what the GPU has free: one clear error instead of an
+  // Everything the weights take in their device formats, decided as upload_mat and upload_experts
+  // decide it (NVFP4 experts ~4.5 bits, FP8 projections the W8A8 GEMM takes 1 byte, the rest bf16,
+  // NVFP4 dense layers included, vectors f32), plus the largest NVFP4 projection's staged codes and
+  // scales, alive while it is shuffled: against what the GPU has free, one clear error instead of an
   // allocation failing half way.
-  double need = 0;
+  double need = 0, staging = 0;
   for (const auto& [name, src] : w.sources()) {
     const double n = static_cast<double>(src.numel());
-    if (src.shape.size() == 1) need += 4 * n;
-    else if (src.format == WeightSource::Format::kNvfp4) need += n * (0.5 + 1.0 / 16);
-    else if (!src.synthetic() && src.format == WeightSource::Format::kFp8 && cutlass_) need += n;
-    else need += 2 * n;
+    const int64_t rows = src.shape.size() == 2 ? src.shape[0] : 0, cols = src.shape.back();
+    const bool projection = name.size() >= 12 && name.compare(name.size() - 12, 12, "_proj.weight") == 0;
+    if (src.shape.size() == 1) {
+      need += 4 * n;
+    } else if (src.format == WeightSource::Format::kNvfp4 && src.shape.size() == 3 && cols % 16 == 0) {
+      need += n * (0.5 + 1.0 / 16);
+      staging = std::max(staging, n * (0.5 + 1.0 / 16));
+    } else if (!src.synthetic() && src.format == WeightSource::Format::kFp8 && cutlass_ && projection &&
+               cols % 16 == 0 && rows % 8 == 0) {
+      need += n;
+    } else {
+      need += 2 * n;
+    }
   }
+  need += staging;
   size_t free_b = 0, total_b = 0;
   DG_CUDA(cudaMemGetInfo(&free_b, &total_b));
   DG_REQUIRE(need <= double(free_b), ResourceError,
