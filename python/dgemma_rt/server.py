@@ -947,12 +947,26 @@ def create_app(
 
         job.loop = asyncio.get_running_loop()
         job.queue = asyncio.Queue()
-        backend.submit(job)
+        future = backend.submit(job)
+        # Nothing is sent before the first event (errors raised before the first step become a plain 4xx
+        # answer), so a client that leaves while the request waits for a worker, for KV blocks or for its
+        # prefill is watched for here: it leaves the queue at once, as a non-streaming one does.
+        getter = asyncio.ensure_future(job.queue.get())
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            first = await job.queue.get()  # errors raised before the first step become a plain 4xx answer
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                job.abort()
+                future.cancel()  # still queued: dropped now (never_ran does the counting), else a no-op
+                return Response(status_code=499)
+            first = getter.result()
         except BaseException:
             job.abort()
+            future.cancel()
             raise
+        finally:
+            getter.cancel()
+            gone.cancel()
         if first[0] == "error":
             raise _engine_error(first[1])
 
