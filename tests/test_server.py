@@ -502,6 +502,61 @@ class _GatedEngine:
         return self._engine.submit(*args, **kwargs)
 
 
+class _SlowTextEngine:
+    """The real engine whose tokenizer blocks on any text holding "SLOW" until the test opens the gate."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        outer, tok = self, engine.tokenizer
+
+        class Tok:
+            def __getattr__(self, name):
+                return getattr(tok, name)
+
+            def _wait(self, text):
+                if "SLOW" in text:
+                    outer.entered.set()
+                    assert outer.gate.wait(30)
+
+            def encode(self, text, **kw):
+                self._wait(text)
+                return tok.encode(text, **kw)
+
+            def apply_chat_template(self, messages, **kw):
+                self._wait(" ".join(m["content"] for m in messages))
+                return tok.apply_chat_template(messages, **kw)
+
+        self.tokenizer = Tok()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {**OK, "prompt": "SLOW"}),
+    ("/v1/completions", {**OK, "prompt": "hi", "suffix": "SLOW"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "SLOW"}], "max_tokens": 4,
+                              **FAST}),
+])
+def test_text_is_tokenized_off_the_event_loop(engine, path, body):
+    """Tokenizing a 1 MiB prompt takes about a second; on the event loop it held up /health, /metrics and
+    every stream meanwhile."""
+    slow = _SlowTextEngine(engine)
+    srv = _Server(create_app(slow, MODEL))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, srv.url + path, json=body, timeout=60)
+            assert slow.entered.wait(10)
+            assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+            slow.gate.set()
+            assert pending.result(30).status_code == 200
+    finally:
+        slow.gate.set()
+        srv.stop()
+
+
 def test_queue_full_429(engine):
     gated = _GatedEngine(engine)
     srv = _Server(create_app(gated, MODEL, max_queue=2, max_running=1))
@@ -656,6 +711,33 @@ def test_non_streaming_disconnect_cancels_and_frees_kv(server, engine, path, cap
     r = httpx.post(server.url + "/v1/completions", json=OK, timeout=30)
     assert r.status_code == 200
     assert "never retrieved" not in caplog.text, caplog.text  # the wait's futures are all read
+
+
+def test_streaming_client_leaving_while_queued_leaves_the_queue(engine):
+    """A stream sends nothing before its first event, so its disconnect was not watched for while the
+    request waited for a worker: it kept its queue slot (429 for live clients) until it ran a step."""
+    gated = _GatedEngine(engine)
+    srv = _Server(create_app(gated, MODEL, max_queue=1, max_running=1))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "max_tokens": 4}, timeout=60)
+            assert gated.entered.wait(10)
+            s = _raw_post(srv.port, "/v1/completions", json.dumps({**OK, "stream": True}).encode())
+
+            def depth() -> float:
+                return _metric(httpx.get(srv.url + "/metrics", timeout=10).text, "dgemma_queue_depth")
+
+            _wait_for(lambda: depth() == 1, 15, "the stream to queue")
+            s.close()
+            _wait_for(lambda: depth() == 0, 15, "the stream to leave the queue")  # the worker is still held
+            m = httpx.get(srv.url + "/metrics", timeout=10).text
+            assert _metric(m, 'dgemma_requests_total{outcome="cancelled"}') == 1
+            gated.gate.set()
+            assert running.result(30).status_code == 200
+            assert httpx.post(srv.url + "/v1/completions", json={**OK, "stream": True}, timeout=30).status_code == 200
+    finally:
+        gated.gate.set()
+        srv.stop()
 
 
 CAPPED = [

@@ -1058,29 +1058,36 @@ def create_app(
         if len(prompts) > max_prompts:
             raise APIError(400, f"prompt holds {len(prompts)} prompts, more than this server queues at once "
                            f"({max_prompts})", param="prompt", code="limit_exceeded")
-        batch = []
-        for i, prompt in enumerate(prompts):
-            where = f"prompt[{i}]" if many else "prompt"
-            if isinstance(prompt, str):
-                try:
-                    ids = backend.tok.encode(prompt)  # "" is the BOS alone, as OpenAI takes it
-                except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
-                    raise APIError(400, f"{where}: {e}", param="prompt", code="invalid_text") from None
-                if not ids:
-                    raise APIError(400, f"{where} is empty (and the tokenizer adds no BOS)", param="prompt",
-                                   code="empty_prompt")
-            else:
-                if not prompt:
-                    raise APIError(400, f"{where} is empty", param="prompt", code="empty_prompt")
-                ids = list(prompt)
-            batch.append(ids)
+
+        def encode_prompts() -> list[list[int]]:
+            batch = []
+            for i, prompt in enumerate(prompts):
+                where = f"prompt[{i}]" if many else "prompt"
+                if isinstance(prompt, str):
+                    try:
+                        ids = backend.tok.encode(prompt)  # "" is the BOS alone, as OpenAI takes it
+                    except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
+                        raise APIError(400, f"{where}: {e}", param="prompt", code="invalid_text") from None
+                    if not ids:
+                        raise APIError(400, f"{where} is empty (and the tokenizer adds no BOS)", param="prompt",
+                                       code="empty_prompt")
+                else:
+                    if not prompt:
+                        raise APIError(400, f"{where} is empty", param="prompt", code="empty_prompt")
+                    ids = list(prompt)
+                batch.append(ids)
+            return batch
+
+        # Tokenizing a body's worth of text takes about a second: not on the event loop, which serves everyone.
+        batch = await run_in_threadpool(encode_prompts)
         template, middle = req.canvas_template, None
         if req.suffix is not None:
             if template is not None:
                 raise APIError(400, "give suffix or canvas_template, not both", param="suffix")
             if isinstance(req.suffix, str):
                 try:
-                    suffix = backend.tok.encode(req.suffix, add_special_tokens=False) if req.suffix else []
+                    suffix = (await run_in_threadpool(backend.tok.encode, req.suffix, add_special_tokens=False)
+                              if req.suffix else [])
                 except ValueError as e:
                     raise APIError(400, f"suffix: {e}", param="suffix", code="invalid_text") from None
             else:
