@@ -581,11 +581,13 @@ def test_queue_full_429(engine):
             with pytest.raises(openai.RateLimitError):
                 openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0).completions.create(
                     model=MODEL, prompt="hello", max_tokens=4, extra_body=FAST)
+            full = post()
+            assert full.headers["retry-after"] == "1"  # OpenAI's clients wait that long before retrying
             gated.gate.set()
             assert running.result(30).status_code == 200
             assert [f.result(30).status_code for f in waiting] == [200, 200]
         m = httpx.get(srv.url + "/metrics", timeout=10).text
-        assert _metric(m, 'dgemma_requests_total{outcome="rejected"}') == 2
+        assert _metric(m, 'dgemma_requests_total{outcome="rejected"}') == 3
     finally:
         gated.gate.set()
         srv.stop()

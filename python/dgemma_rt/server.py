@@ -22,8 +22,9 @@ requests (default: the engine's ``max_batch_size``) are handed to it at once, ea
 thread that waits for it, and they share every decoder pass; a request joins between two
 denoising steps as soon as a row and its KV blocks are free and leaves as soon as it is done. The
 event loop stays free, so health checks, metrics and streaming continue meanwhile. At most
-``max_queue`` further requests may wait for a worker; beyond that the answer is 429. A request's
-output depends only on its own prompt, parameters and seed, not on what else is running.
+``max_queue`` further requests may wait for a worker; beyond that the answer is 429 (with
+``Retry-After: 1``). A request's output depends only on its own prompt, parameters and seed, not
+on what else is running.
 
 Request fields: ``model`` (must be the served model's name), ``max_tokens`` (default 256; also
 ``max_completion_tokens`` for chat), ``seed`` (int, default 0), ``stream`` (bool), and the
@@ -127,15 +128,17 @@ _SAMPLER_FIELDS = (
 
 # ---------------------------------------------------------------------------------------- errors
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _engine_error(e: BaseException) -> APIError:
@@ -320,8 +323,9 @@ class _Backend:
             if self.stats.waiting + self.stats.running + len(jobs) > self.max_running + self.max_queue:
                 self.stats.rejected += 1
                 what = "full" if len(jobs) == 1 else f"too full for {len(jobs)} prompts"
+                # Retry-After: OpenAI's clients wait that long before their retry instead of backing off blind.
                 raise APIError(429, f"the server queue is {what} ({self.max_queue} requests may wait); retry later",
-                               type="rate_limit_error", code="queue_full")
+                               type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
             self.stats.waiting += len(jobs)
         futures = []
         for i, job in enumerate(jobs):
