@@ -742,6 +742,27 @@ def test_streaming_client_leaving_while_queued_leaves_the_queue(engine):
         srv.stop()
 
 
+def test_bad_requests_the_engine_refuses_count_as_invalid_not_failed(engine):
+    """Sampler values the engine checks, and a request its KV pool could never hold, are the client's 400s:
+    they were counted as failed, the outcome an operator's alert watches."""
+    srv = _Server(create_app(engine, MODEL))
+    try:
+        def outcomes() -> dict[str, float]:
+            m = httpx.get(srv.url + "/metrics", timeout=10).text
+            return {k: _metric(m, f'dgemma_requests_total{{outcome="{k}"}}') for k in ("invalid", "failed")}
+
+        before = outcomes()
+        r = httpx.post(srv.url + "/v1/completions", json={**OK, "t_min": 0.5, "t_max": 0.1}, timeout=30)
+        assert _error_shape(r, 400)["param"] == "t_max"
+        r = httpx.post(srv.url + "/v1/completions",
+                       json={**OK, "t_min": 0.5, "t_max": 0.1, "stream": True}, timeout=30)
+        assert _error_shape(r, 400)["param"] == "t_max"
+        after = outcomes()
+        assert (after["invalid"] - before["invalid"], after["failed"] - before["failed"]) == (2, 0)
+    finally:
+        srv.stop()
+
+
 CAPPED = [
     ("max_tokens over the cap", {**OK, "max_tokens": 8193}, "max_tokens"),
     ("max_tokens 2**31", {**OK, "max_tokens": 2**31}, "max_tokens"),

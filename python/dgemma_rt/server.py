@@ -233,7 +233,9 @@ class _Stats:
         self.lock = threading.Lock()
         self.waiting = 0  # accepted, not yet picked up by a worker (one may be free and about to)
         self.running = 0
-        self.outcomes = {"completed": 0, "cancelled": 0, "failed": 0}
+        # invalid: refused by the engine as a bad request (a 4xx: sampler values it checks, a request its KV
+        # pool could never hold); failed: anything else (a 5xx), which is what an alert should watch.
+        self.outcomes = {"completed": 0, "cancelled": 0, "invalid": 0, "failed": 0}
         self.rejected = 0  # 429
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -379,6 +381,8 @@ class _Backend:
             job.push("cancelled")
             raise
         except BaseException as e:
+            if _engine_error(e).status < 500:
+                outcome = "invalid"
             job.push("error", e)
             raise
         finally:
@@ -1182,7 +1186,8 @@ def create_app(
             "# HELP dgemma_requests_in_flight Requests accepted and not finished (waiting + running).",
             "# TYPE dgemma_requests_in_flight gauge",
             f"dgemma_requests_in_flight {waiting + running}",
-            "# HELP dgemma_requests_total Finished requests by outcome (completed, cancelled, failed, rejected).",
+            "# HELP dgemma_requests_total Finished requests by outcome (completed; cancelled; invalid: refused by "
+            "the engine as a bad request, 4xx; failed: server errors, 5xx; rejected: queue full, 429).",
             "# TYPE dgemma_requests_total counter",
             *(f'dgemma_requests_total{{outcome="{k}"}} {v}' for k, v in outcomes.items()),
             f'dgemma_requests_total{{outcome="rejected"}} {rejected}',
