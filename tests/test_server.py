@@ -382,6 +382,8 @@ def test_what_openai_clients_send_by_default_is_taken(server, engine):
                      best_of=1, logit_bias={}, user="u")
     assert _completion(server, **langchain) == _completion(server, t_min=0.7 * t_min, t_max=0.7 * t_max)
     assert _completion(server, temperature=1) == _completion(server)
+    # clients that always send temperature (LangChain: its default 0.7, or 1 set) can still pass t_min / t_max
+    assert _completion(server, temperature=1, t_min=0.2, t_max=0.3) == _completion(server, t_min=0.2, t_max=0.3)
     assert _completion(server, temperature=0) == _completion(server, t_min=0.01 * t_min, t_max=0.01 * t_max)
     ids = engine.tokenizer.encode("hello")
     assert _completion(server, prompt=[ids]) == _completion(server, prompt=ids) == _completion(server)

@@ -33,7 +33,7 @@ DiffusionGemma sampler fields ``max_denoising_steps``, ``entropy_bound``, ``t_mi
 values are answered with 400). DiffusionGemma's sampler has its own temperature schedule (``t_min``
 to ``t_max``): OpenAI's ``temperature`` (0 to 2) scales the checkpoint's schedule (1 keeps it, 0.5
 halves both ends; 0 scales it by 1/100, which samples each step's argmax in practice), and cannot be
-combined with ``t_min`` / ``t_max``. ``stop`` (a string or up to 4) ends the text before the first
+combined with ``t_min`` / ``t_max`` unless it is the neutral 1. ``stop`` (a string or up to 4) ends the text before the first
 stop sequence, which is not returned (``finish_reason`` ``"stop"``); the request ends with the canvas
 that completes it, and a stream's text never holds part of one (its drafts may). What OpenAI clients
 send by default and asks for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``n`` /
@@ -865,7 +865,10 @@ def create_app(
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 <= temperature <= 2):
             raise APIError(400, f"temperature must be a number in [0, 2], got {temperature}", param="temperature")
         if explicit:
-            raise APIError(400, "give temperature or t_min / t_max, not both", param="temperature")
+            if temperature == 1:  # neutral, and what some clients always send: the request's t_min / t_max stand
+                return {}
+            raise APIError(400, "give temperature or t_min / t_max, not both (temperature 1 goes with them)",
+                           param="temperature")
         scale = max(float(temperature), 0.01)
         return {"t_min": default_t_min * scale, "t_max": default_t_max * scale}
 
