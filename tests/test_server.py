@@ -446,6 +446,13 @@ def test_malformed_and_oversized_bodies(server):
     err = _error_shape(httpx.post(server.url + "/v1/completions", content=b'{"model": ', headers=h, timeout=10), 400)
     assert err["type"] == "invalid_request_error"
     _error_shape(httpx.post(server.url + "/v1/completions", content=b"[1, 2]", headers=h, timeout=10), 400)
+    # bodies json.loads refuses with other than a JSON syntax error (FastAPI: "There was an error parsing the body")
+    for body, words in [(b'{"model": "x", "prompt": "\xff\xfe"}', "UnicodeDecodeError"),
+                        (b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+                        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "ValueError")]:
+        err = _error_shape(httpx.post(server.url + "/v1/completions", content=body, headers=h, timeout=10), 400)
+        assert err["code"] == "invalid_json" and err["message"].startswith("malformed JSON body: "), err
+        assert words in err["message"], err
     big = json.dumps({**OK, "prompt": "x" * (70 * 1024)}).encode()
     _error_shape(httpx.post(server.url + "/v1/completions", content=big, headers=h, timeout=10), 413)
 

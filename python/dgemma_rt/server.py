@@ -768,6 +768,12 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:  # FastAPI's "error parsing the body": say which
+            # (Python's own advice after a ';', "use sys.set_int_max_str_digits()", is not the client's to take)
+            why = ("nested too deeply" if isinstance(cause, RecursionError)
+                   else f"{type(cause).__name__}: {str(cause).split(';')[0]}")
+            return APIError(400, f"malformed JSON body: {why}"[:500], code="invalid_json").response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
