@@ -277,6 +277,12 @@ def test_same_cache_twice_at_once_is_refused(engine):
         engine.submit([prompt(42, 3)], past_key_values=cache, **FIXED)
     with pytest.raises(ValueError, match="in use"):
         engine.encode([prompt(42, 3)], past_key_values=cache)
+    # The rows are claimed before their length is read (the running request changes it meanwhile): a
+    # prompt too long for what the cache holds is refused as in use, not by that unsynchronised length.
+    max_pos, canvas = engine.config["max_position_embeddings"], engine.config["canvas_length"]
+    too_long = max_pos - canvas - cache.seq_lengths[0] + 1
+    with pytest.raises(ValueError, match="in use"):
+        engine.submit([prompt(43, too_long)], past_key_values=cache, **{**FIXED, "max_new_tokens": canvas})
     running.cancel()
     with pytest.raises(dgemma_rt.RequestCancelled):
         running.result()

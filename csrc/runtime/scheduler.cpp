@@ -498,12 +498,6 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
   DG_REQUIRE(canvases * L <= cfg_.max_position_embeddings, InvalidArgument,
              "max_new_tokens " << req.params.max_new_tokens << " exceeds max_position_embeddings "
                                << cfg_.max_position_embeddings);
-  for (int r = 0; r < B; ++r) {
-    const long final_len = req.caches[r]->length() + static_cast<long>(req.input_ids[r].size()) + canvases * L;
-    DG_REQUIRE(final_len <= cfg_.max_position_embeddings, InvalidArgument,
-               "prompt plus " << canvases * L << " new tokens (" << final_len << ") exceeds max_position_embeddings "
-                              << cfg_.max_position_embeddings);
-  }
   if (!req.params.canvas_template.empty()) {
     DG_REQUIRE(static_cast<int>(req.params.canvas_template.size()) == B, InvalidArgument,
                "canvas_template has " << req.params.canvas_template.size() << " rows but input_ids has " << B);
@@ -523,6 +517,27 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
       }
     }
   }
+  // Claim the rows before anything reads their state: a row in use (a running request, an encode on
+  // another thread) is changed by its owner meanwhile, under the forward lock this thread does not
+  // hold. A refused request leaves them free again.
+  struct Claims {
+    std::vector<SeqCache*> rows;
+    size_t held = 0;
+    bool kept = false;
+    ~Claims() {
+      if (!kept)
+        for (size_t r = 0; r < held; ++r) rows[r]->unclaim();
+    }
+  } claims{req.caches};
+  while (claims.held < claims.rows.size() && claims.rows[claims.held]->try_claim()) ++claims.held;
+  DG_REQUIRE(claims.held == claims.rows.size(), InvalidArgument,
+             "this KVCache is in use by another request that has not finished");
+  for (int r = 0; r < B; ++r) {
+    const long final_len = req.caches[r]->length() + static_cast<long>(req.input_ids[r].size()) + canvases * L;
+    DG_REQUIRE(final_len <= cfg_.max_position_embeddings, InvalidArgument,
+               "prompt plus " << canvases * L << " new tokens (" << final_len << ") exceeds max_position_embeddings "
+                              << cfg_.max_position_embeddings);
+  }
   auto job = std::make_unique<Job>(std::move(req), cfg_);
   job->compute_needs(*pool_);
   DG_REQUIRE(job->need_full <= pool_->total_blocks(0), ResourceError,
@@ -531,14 +546,7 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
                  << static_cast<long>(pool_->total_blocks(0)) * pool_->block_size() << "; raise kv_cache_tokens");
   DG_REQUIRE(job->need_sliding <= pool_->total_blocks(1), ResourceError,
              "KV cache pool too small for " << B << " rows of sliding-window cache; raise max_batch_size");
-  // Claim the rows last, so that a refused request leaves them free.
-  int claimed = 0;
-  for (; claimed < B; ++claimed)
-    if (!job->req.caches[claimed]->try_claim()) break;
-  if (claimed < B) {
-    for (int r = 0; r < claimed; ++r) job->req.caches[r]->unclaim();
-    DG_THROW(InvalidArgument, "this KVCache is in use by another request that has not finished");
-  }
+  claims.kept = true;  // the job's release() unclaims them from here on
   job->t_submit = Clock::now();
   job->handle = std::make_shared<RequestHandle>();
   job->handle->scheduler_thread_ = thread_.get_id();
