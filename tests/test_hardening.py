@@ -429,6 +429,24 @@ EXIT_CASES = {
                         "except KeyError as ex:\n"
                         "    print('caught', ex, [f.name for f in traceback.extract_tb(ex.__traceback__)][-1])\n",
                         8, "caught 'from the callback' bad\n"),
+    # Daemon threads inside native calls (GIL released) when the main thread returns: taking the GIL back
+    # during finalization ended them through py::gil_scoped_release's noexcept destructor (every run aborted),
+    # and through an Engine's dealloc (engines made and dropped in a loop, about 1 run in 5).
+    "daemon_threads_in_native_calls": (
+        "import dgemma_rt, sys, threading, time\n"
+        "e = dgemma_rt.Engine(sys.argv[1], num_threads=1)\n"
+        "def loop(call):\n"
+        "    while True:\n"
+        "        try:\n"
+        "            call()\n"
+        "        except Exception:\n"
+        "            pass\n"
+        "calls = [lambda: e.encode([[5, 6] * 50]),\n"
+        "         lambda: e.generate([[5, 6]], max_new_tokens=64, max_denoising_steps=2, on_step=lambda d: None),\n"
+        "         lambda: dgemma_rt.Engine(sys.argv[1], num_threads=1, progress=lambda *a: None)]\n"
+        "for call in calls + calls:\n"
+        "    threading.Thread(target=loop, args=(call,), daemon=True).start()\n"
+        "time.sleep(0.5)\n", 6, ""),
 }
 
 

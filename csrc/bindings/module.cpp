@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <climits>
+#include <cxxabi.h>
 #include <cstring>
 #include <thread>
 
@@ -70,6 +72,49 @@ bool py_finalizing() {
 #else
   return _Py_IsFinalizing() != 0;
 #endif
+}
+
+// Python's main thread (threading.main_thread()), recorded at import.
+unsigned long g_main_thread = 0;
+
+// Once Python is exiting, taking the GIL back ends any thread but the main one as soon as the
+// interpreter finalizes (pthread_exit: a forced unwind, which through a noexcept destructor such as
+// py::gil_scoped_release's, or an object's dealloc, is std::terminate). A daemon thread inside a
+// native call when the main thread returned aborted the process that way. Such a Python thread waits
+// here for the process to end instead, as Python 3.14 itself makes it wait; the main thread (the
+// atexit hook's waits) goes on.
+[[noreturn]] void park_forever() {
+  for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+}
+void park_if_python_exiting() {
+  if (py_finalizing() && PyThread_get_thread_ident() != g_main_thread) park_forever();
+}
+
+// py::gil_scoped_release, but a thread that would take the GIL back while Python exits is parked:
+// before it tries, or, where finalization began while it waited for the GIL, when the interpreter
+// ends it (the forced unwind is caught here, never let through the frames above).
+class ReleaseGil {
+ public:
+  ReleaseGil() : state_(PyEval_SaveThread()) {}
+  ~ReleaseGil() {
+    park_if_python_exiting();
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (abi::__forced_unwind&) {
+      park_forever();
+    }
+  }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+// Before a native thread (the scheduler's) calls Python: once Python is exiting, its request is
+// cancelled instead of the thread taking the GIL while the interpreter finalizes.
+void refuse_if_python_exiting() {
+  if (py_finalizing()) throw Cancelled("the Python interpreter is exiting");
 }
 
 // Deleter of Python things that native threads may own: dropped with the GIL, wherever the last
@@ -164,6 +209,7 @@ class PyNoise final : public NoiseSource {
  public:
   explicit PyNoise(py::function fn) : fn_(hold(std::move(fn))) {}
   void canvas(int, int, int batch, int length, int32_t* out) override {
+    refuse_if_python_exiting();
     py::gil_scoped_acquire gil;
     auto arr = calling_python([&] { return fetch("canvas", batch, length); });
     if (!py::isinstance<py::array>(arr) || !(arr.dtype().kind() == 'i' || arr.dtype().kind() == 'u'))
@@ -176,6 +222,7 @@ class PyNoise final : public NoiseSource {
     }
   }
   void uniform(int, int, int batch, int length, double* out) override {
+    refuse_if_python_exiting();
     py::gil_scoped_acquire gil;
     auto arr = calling_python([&] { return fetch("uniform", batch, length); });
     auto u = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(arr);
@@ -250,7 +297,7 @@ struct PyEngine {
   ~PyEngine() {
     if (!engine) return;
     // Stopping the scheduler may run callbacks of requests still in flight, which need the GIL.
-    py::gil_scoped_release release;
+    ReleaseGil release;
     if (Scheduler::on_any_scheduler_thread()) {
       // The last reference went away inside a callback, on a scheduler thread (perhaps this
       // engine's own, which cannot join itself): stop the engine from a thread of its own.
@@ -312,6 +359,7 @@ std::function<void(const int32_t*, int, int)> canvas_callback(const py::object& 
   if (fn.is_none()) return {};
   PyRef ref = hold(fn);
   return [ref](const int32_t* d, int b, int l) {
+    refuse_if_python_exiting();
     py::gil_scoped_acquire gil;
     calling_python([&] { (*ref)(canvas_array(d, b, l)); }, /*callback=*/true);
   };
@@ -337,8 +385,9 @@ py::dict result_dict(const GenerateResult& r, const std::shared_ptr<CacheSet>& c
 
 // Waits without holding the GIL, but wakes up to let Ctrl-C cancel the request.
 void wait_interruptibly(RequestHandle& h) {
-  py::gil_scoped_release release;
+  ReleaseGil release;
   while (!h.wait_for(0.05)) {
+    park_if_python_exiting();
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) {
       h.cancel();
@@ -398,6 +447,7 @@ PYBIND11_MODULE(_core, m) {
   // Never raised by the engine: a callback raises it (see calling_python); an Exception, not an error.
   static py::exception<Stopped> stop_generation(m, "StopGeneration", PyExc_Exception);
   g_stop_generation = stop_generation.ptr();
+  g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   py::register_exception_translator([](std::exception_ptr p) {
     // Messages may quote bytes from a file: decoded leniently, never a UnicodeDecodeError instead.
     auto set = [](PyObject* type, const char* msg) {
@@ -436,7 +486,7 @@ PYBIND11_MODULE(_core, m) {
     o.kv_cache_tokens = int_arg(kv_cache_tokens, "kv_cache_tokens", 1);
     o.max_batch_size = int_arg(max_batch_size, "max_batch_size", 1);
     o.num_threads = int_arg(num_threads, "num_threads", 0);
-    py::gil_scoped_release release;
+    ReleaseGil release;
     check_checkpoint(path, o);
   }, py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384, py::arg("max_batch_size") = 8,
      py::arg("num_threads") = 0,
@@ -492,7 +542,7 @@ PYBIND11_MODULE(_core, m) {
         std::vector<float> k, v;
         int n = 0;
         {
-          py::gil_scoped_release release;  // it waits for the engine's pass, whose callbacks take the GIL
+          ReleaseGil release;  // it waits for the engine's pass, whose callbacks take the GIL
           c.layer_kv(layer, row, k, v, n);
         }
         const auto& L = c.storage->layer(layer);
@@ -538,13 +588,21 @@ PYBIND11_MODULE(_core, m) {
                // (the weights to the backend's device). Held so the last copy goes with the GIL.
                PyRef fn = hold(progress);
                o.progress = [fn](ModelWeights::Phase phase, int done, int total) {
+                 park_if_python_exiting();  // (on the thread that makes the engine, the GIL released)
                  py::gil_scoped_acquire gil;
-                 (*fn)(phase == ModelWeights::Phase::kUpload ? "upload" : "read", done, total);
+                 try {
+                   (*fn)(phase == ModelWeights::Phase::kUpload ? "upload" : "read", done, total);
+                 } catch (abi::__forced_unwind&) {
+                   // The interpreter finalized while the callback ran, and ends this (daemon) thread:
+                   // unwinding would run gil's destructor, which gives up the GIL this thread no
+                   // longer holds, the finalizing thread's (a crash there).
+                   park_forever();
+                 }
                };
              }
              auto e = std::make_unique<PyEngine>();
              e->threads = o.num_threads;
-             py::gil_scoped_release release;
+             ReleaseGil release;
              set_threads(o.num_threads);
              e->engine = std::make_unique<Engine>(path, o);
              return e;
@@ -576,7 +634,7 @@ PYBIND11_MODULE(_core, m) {
       .def("encode", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, std::shared_ptr<CacheSet> cache) {
         if (!cache) cache = e.engine->new_cache(static_cast<int>(ids.size()));
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           set_threads(e.threads);
           e.engine->encode(*cache, ids);
         }
@@ -603,7 +661,7 @@ PYBIND11_MODULE(_core, m) {
         py::array_t<float> out({B, n, V});
         float* optr = out.mutable_data();
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           set_threads(e.threads);
           e.engine->decode(*cache, ids, n, sc_ptr, optr);
         }
@@ -631,13 +689,13 @@ PYBIND11_MODULE(_core, m) {
         return d;
       })
       .def("set_profiling", [](PyEngine& e, bool decoder, bool encoder) {
-        py::gil_scoped_release release;
+        ReleaseGil release;
         e.engine->set_profiling(decoder, encoder);
       }, py::arg("decoder"), py::arg("encoder") = false)
       .def("take_profile", [](PyEngine& e) {
         std::vector<OpTime> prof;
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           prof = e.engine->take_profile();
         }
         py::list out;
@@ -675,6 +733,7 @@ PYBIND11_MODULE(_core, m) {
         if (!on_done.is_none()) {
           PyRef ref = hold(on_done);
           done = [ref](RequestStatus) {
+            if (py_finalizing()) return;  // (see refuse_if_python_exiting)
             py::gil_scoped_acquire gil;
             try {
               (*ref)();
@@ -687,7 +746,7 @@ PYBIND11_MODULE(_core, m) {
         PyRequest req;
         req.cache = cache;
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           req.handle = e.engine->submit(cache, ids, sp, py_noise, std::move(cb), std::move(done), keep_cache);
         }
         return req;
@@ -719,7 +778,7 @@ PYBIND11_MODULE(_core, m) {
       return std::make_unique<CpuBackendWithout>(cfg, w, off);
     };
     auto e = std::make_unique<PyEngine>();
-    py::gil_scoped_release release;
+    ReleaseGil release;
     e->engine = std::make_unique<Engine>(path, o);
     return e;
   }, py::arg("path"), py::arg("ops"),
@@ -756,7 +815,7 @@ PYBIND11_MODULE(_core, m) {
     auto e = std::make_unique<PyEngine>();
     e->threads = o.num_threads;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       e->engine = std::make_unique<Engine>(path, o);
     }
     return py::make_tuple(py::cast(std::move(e)), counters);
@@ -852,7 +911,7 @@ PYBIND11_MODULE(_core, m) {
         // Threads inserting and finding overlapping keys at once; a key's value is a function of
         // the key, so any other value found means a torn or misfiled entry. Returns that count.
         std::atomic<int64_t> wrong{0};
-        py::gil_scoped_release release;
+        ReleaseGil release;
         std::vector<std::thread> pool;
         for (int t = 0; t < threads; ++t)
           pool.emplace_back([&, t] {
@@ -922,7 +981,7 @@ PYBIND11_MODULE(_core, m) {
           return true;
         }
         const double t = timeout.cast<double>();
-        py::gil_scoped_release release;
+        ReleaseGil release;
         return r.handle->wait_for(t);
       }, py::arg("timeout") = py::none())
       .def("result", [](PyRequest& r) {
