@@ -262,10 +262,28 @@ def test_caches_held_elsewhere_refuse_a_waiting_request_instead_of_hanging(tiny_
     eng = dgemma_rt.Engine(tiny_dir, kv_cache_tokens=256, num_threads=1)
     kw = dict(max_new_tokens=192, max_denoising_steps=2, eos_token_id=[], adaptive_stopping=False)
     kept = eng.generate([prompt(30)], seed=1, **kw)  # its cache keeps 9 blocks
-    with pytest.raises(RuntimeError, match="KV cache pool too small"):
+    with pytest.raises(RuntimeError, match="KV cache pool too small") as e:
         eng.generate([prompt(31)], seed=1, **kw)
+    assert "held by caches no request is running" in str(e.value) and "raise kv_cache_tokens" in str(e.value)
     del kept
     eng.generate([prompt(31)], seed=1, **kw)
+
+
+def test_kept_caches_fill_the_sliding_pool_and_the_refusal_says_so(tiny_dir):
+    """The sliding pool holds max_batch_size rows at their peak; a kept cache keeps about one window, so a
+    few kept results fill it with nothing running. The refusal used to say only "raise kv_cache_tokens /
+    max_batch_size" although the full-attention pool was nearly empty."""
+    eng = dgemma_rt.Engine(tiny_dir, max_batch_size=1, num_threads=1)
+    kw = dict(max_new_tokens=64, max_denoising_steps=1)
+    kept = eng.generate([prompt(32)], **kw)
+    with pytest.raises(RuntimeError, match="KV cache pool too small") as e:
+        eng.generate([prompt(33)], **kw)
+    msg = str(e.value)
+    assert "held by caches no request is running" in msg and "keep_cache=False" in msg, msg
+    assert "raise max_batch_size" in msg and "kv_cache_tokens" not in msg, msg
+    del kept
+    gc.collect()
+    eng.generate([prompt(33)], **kw)
 
 
 def test_same_cache_twice_at_once_is_refused(engine):

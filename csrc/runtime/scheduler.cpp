@@ -690,12 +690,18 @@ void Scheduler::admit() {
     finish(*j, std::make_exception_ptr(Cancelled(stopping ? "the engine shut down before the request ran"
                                                        : "the request was cancelled before it started")));
   for (auto& j : refused) {
+    // Refused only while nothing runs: every block not free is held by a cache no request is using.
+    const long bs = pool_->block_size();
+    const bool full_short = j->need_full > pool_->available_blocks(0);
     std::ostringstream msg;
-    msg << "KV cache pool too small: this request needs " << static_cast<long>(j->need_full) * pool_->block_size()
+    msg << "KV cache pool too small: this request needs " << static_cast<long>(j->need_full) * bs
         << " tokens of full-attention cache and " << j->need_sliding << " sliding-window blocks but only "
-        << static_cast<long>(pool_->available_blocks(0)) * pool_->block_size() << " tokens and "
-        << pool_->available_blocks(1)
-        << " blocks are free; raise kv_cache_tokens / max_batch_size (or drop old results and caches)";
+        << static_cast<long>(pool_->available_blocks(0)) * bs << " tokens and " << pool_->available_blocks(1)
+        << " blocks are free; the rest (" << static_cast<long>(pool_->total_blocks(0) - pool_->available_blocks(0)) * bs
+        << " tokens, " << pool_->total_blocks(1) - pool_->available_blocks(1)
+        << " sliding blocks) is held by caches no request is running: kept results' past_key_values, "
+           "Request objects and encode() caches. Drop those, or pass keep_cache=False, or raise "
+        << (full_short ? "kv_cache_tokens" : "max_batch_size (the sliding pool holds that many rows at their peak)");
     finish(*j, std::make_exception_ptr(ResourceError(msg.str())));
   }
 }
