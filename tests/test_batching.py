@@ -352,3 +352,26 @@ def test_bad_submit_arguments(engine):
     with pytest.raises(ValueError):
         engine.submit([prompt(1)], on_step=3)
     assert pool_is_full(engine)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    # an int past float's range was an OverflowError; inf passed Python and got "must be >= 0, got inf"
+    ({"entropy_bound": 10**400}, "entropy_bound must be a finite number"),
+    ({"t_min": float("inf")}, "t_min must be a finite number"),
+    ({"confidence_threshold": float("nan")}, "confidence_threshold must be a finite number"),
+    # flags were bool()ed: 'no' and [] were taken as True and False
+    ({"adaptive_stopping": "no"}, "adaptive_stopping must be True or False"),
+    ({"adaptive_stopping": []}, "adaptive_stopping must be True or False"),
+    ({"keep_cache": "no"}, "keep_cache must be True or False"),
+    ({"events": 1}, "events must be True or False"),
+    # ragged nesting inside a row surfaced numpy's "inhomogeneous shape" error
+    ({"input_ids": [[1, [2]]]}, "input_ids row 0 must be a flat sequence"),
+    ({"canvas_template": [[1, [2]]]}, "canvas_template row 0 must be a 1-D sequence"),
+    ({"past_key_values": dgemma_rt.KVCache(None, {})}, "got a KVCache holding no cache"),
+])
+def test_bad_arguments_are_value_errors_naming_them(engine, kwargs, words):
+    kw = {"input_ids": [prompt(2)], **FIXED, **kwargs}
+    with pytest.raises(ValueError, match=words):
+        engine.submit(kw.pop("input_ids"), **kw)
+    assert engine.submit([prompt(2)], adaptive_stopping=np.bool_(False), keep_cache=False,
+                         **{k: v for k, v in FIXED.items() if k != "adaptive_stopping"}).result(timeout=60)

@@ -59,8 +59,8 @@ void validate(const SamplerParams& p, const ModelConfig& cfg) {
   DG_REQUIRE(p.max_new_tokens > 0, InvalidArgument, "max_new_tokens must be a positive integer, got " << p.max_new_tokens);
   DG_REQUIRE(p.max_denoising_steps > 0, InvalidArgument,
              "max_denoising_steps must be a positive integer, got " << p.max_denoising_steps);
-  DG_REQUIRE(std::isfinite(p.t_min) && p.t_min >= 0, InvalidArgument, "t_min must be >= 0, got " << p.t_min);
-  DG_REQUIRE(std::isfinite(p.t_max) && p.t_max >= 0, InvalidArgument, "t_max must be >= 0, got " << p.t_max);
+  DG_REQUIRE(std::isfinite(p.t_min) && p.t_min >= 0, InvalidArgument, "t_min must be a finite number >= 0, got " << p.t_min);
+  DG_REQUIRE(std::isfinite(p.t_max) && p.t_max >= 0, InvalidArgument, "t_max must be a finite number >= 0, got " << p.t_max);
   DG_REQUIRE(p.t_max > p.t_min, InvalidArgument, "t_max must be > t_min, got t_max=" << p.t_max << " t_min=" << p.t_min);
   DG_REQUIRE(p.t_max <= kMaxTemperature, InvalidArgument,
              "t_max must be at most " << kMaxTemperature << " (temperatures are float32), got " << p.t_max);
@@ -77,11 +77,11 @@ void validate(const SamplerParams& p, const ModelConfig& cfg) {
                    << lowest << " is below " << kMinTemperature << ": logits / temperature would overflow float32");
   }
   DG_REQUIRE(std::isfinite(p.entropy_bound) && p.entropy_bound > 0, InvalidArgument,
-             "entropy_bound must be > 0, got " << p.entropy_bound);
+             "entropy_bound must be a finite number > 0, got " << p.entropy_bound);
   DG_REQUIRE(p.stability_threshold >= 0, InvalidArgument,
              "stability_threshold must be an integer >= 0, got " << p.stability_threshold);
   DG_REQUIRE(std::isfinite(p.confidence_threshold) && p.confidence_threshold > 0, InvalidArgument,
-             "confidence_threshold must be > 0, got " << p.confidence_threshold);
+             "confidence_threshold must be a finite number > 0, got " << p.confidence_threshold);
   for (int e : p.eos_token_id)
     DG_REQUIRE(e >= 0 && e < cfg.vocab_size, InvalidArgument,
                "eos_token_id " << e << " is outside the vocabulary [0, " << cfg.vocab_size << ")");

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import queue
 import threading
@@ -53,7 +54,10 @@ def _as_template(template: Any, rows: int, vocab: int, max_new_tokens: int) -> l
         if row is None:
             out.append([])
             continue
-        arr = np.asarray(row)
+        try:
+            arr = np.asarray(row)
+        except (TypeError, ValueError):  # ragged nesting inside the row
+            raise ValueError(f"canvas_template row {r} must be a 1-D sequence of integers") from None
         if arr.size == 0:
             out.append([])
             continue
@@ -358,7 +362,10 @@ def _as_rows(input_ids: Any, vocab_size: int) -> list[list[int]]:
         raise ValueError("input_ids is an empty batch")
     out = []
     for r, row in enumerate(rows):
-        arr = np.asarray(row)
+        try:
+            arr = np.asarray(row)
+        except (TypeError, ValueError):  # ragged nesting inside the row
+            raise ValueError(f"input_ids row {r} must be a flat sequence of token ids") from None
         if arr.ndim != 1:
             raise ValueError(f"input_ids row {r} must be a flat sequence of token ids")
         if arr.size == 0:
@@ -439,7 +446,26 @@ def _as_ids(name: str, value: Any, vocab: int) -> list[int]:
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range, such as 10**400
+        raise ValueError(f"{name} must be a finite number, got an integer of {len(str(abs(value)))} digits") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _check_cache(cache: Any, name: str = "past_key_values") -> None:
+    if not isinstance(cache, KVCache) or cache._native is None:
+        what = type(cache).__name__ if not isinstance(cache, KVCache) else "a KVCache holding no cache"
+        raise ValueError(f"{name} must be a KVCache from an earlier generate() or encode(), got {what}")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    """True or False (numpy's too): a flag given as 'no', 0.5 or [] is an error, not silently truthy."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 class _LoadBar:
@@ -616,9 +642,8 @@ class Engine:
     def encode(self, input_ids: Any, past_key_values: KVCache | None = None) -> KVCache:
         """Runs the encoder over ``input_ids`` (appending to ``past_key_values`` if given)."""
         rows = _as_rows(input_ids, self.config["vocab_size"])
-        if past_key_values is not None and not isinstance(past_key_values, KVCache):
-            raise ValueError("past_key_values must be a KVCache from an earlier generate() or encode(), "
-                             f"got {type(past_key_values).__name__}")
+        if past_key_values is not None:
+            _check_cache(past_key_values)
         native = None if past_key_values is None else past_key_values._native
         if native is not None and native.batch_size != len(rows):
             raise ValueError(f"past_key_values has {native.batch_size} rows but input_ids has {len(rows)}")
@@ -629,7 +654,7 @@ class Engine:
         self, state: KVCache, canvas_ids: Any, self_conditioning_logits: np.ndarray | None = None
     ) -> np.ndarray:
         """One decoder pass: soft-capped float32 logits ``[batch, n, vocab]`` for ``canvas_ids``."""
-        if not isinstance(state, KVCache):
+        if not isinstance(state, KVCache) or state._native is None:
             raise ValueError("state must be the KVCache returned by encode()")
         canvas = np.asarray(canvas_ids)
         if canvas.ndim != 2 or canvas.dtype.kind not in "iu":
@@ -662,7 +687,7 @@ class Engine:
             "stability_threshold": _check_int("stability_threshold", pick("stability_threshold"), 0, _INT32_MAX),
             "confidence_threshold": _check_float("confidence_threshold", pick("confidence_threshold")),
             "seed": _check_int("seed", kw.get("seed", 0), 0, 2**64 - 1),
-            "adaptive_stopping": bool(kw.get("adaptive_stopping", True)),
+            "adaptive_stopping": _check_bool("adaptive_stopping", kw.get("adaptive_stopping", True)),
         }
         vocab = int(self.config["vocab_size"])
         eos = kw.get("eos_token_id", _UNSET)
@@ -711,16 +736,16 @@ class Engine:
         for name, fn in (("on_step", on_step), ("on_block", on_block), ("noise", noise)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be callable")
+        keep_cache, events = _check_bool("keep_cache", keep_cache), _check_bool("events", events)
         native_cache = None
         if past_key_values is not None:
-            if not isinstance(past_key_values, KVCache):
-                raise ValueError("past_key_values must be a KVCache from an earlier generate() or encode()")
+            _check_cache(past_key_values)
             if past_key_values.batch_size != len(rows):
                 raise ValueError(f"past_key_values has {past_key_values.batch_size} rows but input_ids has {len(rows)}")
             native_cache = past_key_values._native
             if not keep_cache:
                 raise ValueError("keep_cache=False would empty the past_key_values passed in; pass keep_cache=True")
-        req = Request(self, rows, past_key_values, bool(keep_cache), bool(events))
+        req = Request(self, rows, past_key_values, keep_cache, events)
         # The callbacks reach the request through a weak reference (req._on_done holds it until the end):
         # an exception a user callback raises is kept by the native request, with this frame in its
         # traceback, until result(); a strong reference here made a cycle through native code.
@@ -743,7 +768,7 @@ class Engine:
                 on_block(block)
 
         req._native = self._native.submit(rows, params, noise, step_cb, block_cb, req._on_done, native_cache,
-                                          bool(keep_cache))
+                                          keep_cache)
         req._id = req._native.id
         _live_requests.add(req)
         return req
