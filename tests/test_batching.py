@@ -354,6 +354,13 @@ def test_bad_submit_arguments(engine):
     assert pool_is_full(engine)
 
 
+@pytest.mark.parametrize("returns,words", [(None, r"returned None, not an array"),
+                                           (np.zeros(3), r"returned an array of shape \(3,\), not \(1, ")])
+def test_noise_returning_the_wrong_thing_says_what_it_returned(engine, returns, words):
+    with pytest.raises(ValueError, match=words):
+        engine.generate([prompt(3)], noise=lambda kind, shape: returns, **FIXED)
+
+
 @pytest.mark.parametrize("kwargs,words", [
     # an int past float's range was an OverflowError; inf passed Python and got "must be >= 0, got inf"
     ({"entropy_bound": 10**400}, "entropy_bound must be a finite number"),

@@ -39,11 +39,13 @@ def test_cuda_device_without_a_gpu_is_refused_with_the_reason(tmp_path):
         assert "no cuda backend" in str(e.value)
 
 
-@pytest.mark.parametrize("device", ["tpu", "cpu:0", "cuda:x", "cuda:", 3])
+@pytest.mark.parametrize("device", ["tpu", "cpu:0", "cuda:x", "cuda:", "cuda:-1", 3])
 def test_malformed_device_names_are_refused(tmp_path, device):
     ckpt = make_tiny(tmp_path / "tiny")
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ValueError, match="device") as e:
         dgemma_rt.Engine(ckpt, device=device)
+    if str(device).startswith("cuda:"):
+        assert "non-negative integer" in str(e.value)
 
 
 def test_cuda_host_code_compiles_without_cutlass(tmp_path):

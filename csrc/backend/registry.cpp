@@ -59,7 +59,7 @@ void check_device(const std::string& device) {
     const std::string idx = device.substr(colon + 1);
     bool digits = !idx.empty();
     for (char c : idx) digits = digits && c >= '0' && c <= '9';
-    DG_REQUIRE(digits, InvalidArgument, "device '" << printable(device, 40) << "': the index must be a number, as in \"cuda:1\"");
+    DG_REQUIRE(digits, InvalidArgument, "device '" << printable(device, 40) << "': the index must be a non-negative integer, as in \"cuda:1\"");
     DG_REQUIRE(idx.size() <= 4, InvalidArgument, "device '" << printable(device, 40) << "': no GPU has that index");
   }
   BackendProbe probe;

@@ -233,9 +233,13 @@ class PyNoise final : public NoiseSource {
  private:
   py::array fetch(const char* kind, int batch, int length) {
     py::object res = (*fn_)(kind, py::make_tuple(batch, length));
+    DG_REQUIRE(!res.is_none(), InvalidArgument,
+               "noise('" << kind << "', (" << batch << ", " << length << ")) returned None, not an array");
     py::array arr = py::module_::import("numpy").attr("asarray")(res);
     DG_REQUIRE(arr.ndim() == 2 && arr.shape(0) == batch && arr.shape(1) == length, InvalidArgument,
-               "noise('" << kind << "', (" << batch << ", " << length << ")) returned an array of the wrong shape");
+               "noise('" << kind << "', (" << batch << ", " << length << ")) returned an array of shape "
+                         << std::string(py::str(py::tuple(py::module_::import("numpy").attr("shape")(arr))))
+                         << ", not (" << batch << ", " << length << ")");
     return arr;
   }
   PyRef fn_;
