@@ -269,20 +269,26 @@ def test_caches_held_elsewhere_refuse_a_waiting_request_instead_of_hanging(tiny_
     eng.generate([prompt(31)], seed=1, **kw)
 
 
-def test_kept_caches_fill_the_sliding_pool_and_the_refusal_says_so(tiny_dir):
-    """The sliding pool holds max_batch_size rows at their peak; a kept cache keeps about one window, so a
-    few kept results fill it with nothing running. The refusal used to say only "raise kv_cache_tokens /
-    max_batch_size" although the full-attention pool was nearly empty."""
+def test_kept_caches_and_the_sliding_pool(tiny_dir):
+    """The sliding pool holds, per batch row, a running row's peak and one kept cache's window. A result
+    still referenced used to refuse the next request at max_batch_size=1 (`out = generate()` twice): every
+    request reserved two windows, and the pool held exactly that. Past what it holds, the refusal says what
+    holds the pool (it said "raise kv_cache_tokens / max_batch_size" with the full pool nearly empty)."""
     eng = dgemma_rt.Engine(tiny_dir, max_batch_size=1, num_threads=1)
     kw = dict(max_new_tokens=64, max_denoising_steps=1)
-    kept = eng.generate([prompt(32)], **kw)
+    out = eng.generate([prompt(32)], **kw)
+    out = eng.generate([prompt(33)], **kw)  # the first result is still referenced meanwhile
+    kept = [out]
     with pytest.raises(RuntimeError, match="KV cache pool too small") as e:
-        eng.generate([prompt(33)], **kw)
+        for i in range(10):  # caches of a window each
+            kept.append(eng.generate([prompt(34 + i, 3 * eng.config["sliding_window"])], **kw))
+    assert len(kept) >= 2, len(kept)
     msg = str(e.value)
     assert "held by caches no request is running" in msg and "keep_cache=False" in msg, msg
     assert "raise max_batch_size" in msg and "kv_cache_tokens" not in msg, msg
-    del kept
+    del kept, out
     gc.collect()
+    assert pool_is_full(eng)
     eng.generate([prompt(33)], **kw)
 
 

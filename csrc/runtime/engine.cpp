@@ -36,8 +36,14 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const EngineOptions& o) {
   const double B = o.block_size, L = cfg.canvas_length;
   const double per_token_full = 2 * 4 * full_tf, per_token_sliding = 2 * 4 * sliding_tf;  // K and V, float32
   m.full_blocks = (static_cast<long long>(o.kv_cache_tokens) + o.block_size - 1) / o.block_size;
-  const long long window_blocks = (static_cast<long long>(cfg.sliding_window) - 1 + o.block_size - 1) / o.block_size + 1;
-  m.sliding_blocks = sliding_tf > 0 ? static_cast<long long>(o.max_batch_size) * 2 * window_blocks : 0;
+  // Per batch row: a running row's peak while it commits a canvas (its kept window plus the canvas's
+  // blocks, SeqCache::sliding_blocks_peak), and one more window for a cache kept after its call (a
+  // result's past_key_values, an encode() cache). A single request always fits: a new turn's long
+  // prompt on a kept cache peaks at two windows.
+  const long long window_blocks = SeqCache::sliding_window_blocks(cfg.sliding_window, o.block_size);
+  const long long canvas_blocks = std::min<long long>(window_blocks, (cfg.canvas_length + o.block_size - 1) / o.block_size);
+  const long long sliding_row = 2 * window_blocks + canvas_blocks;
+  m.sliding_blocks = sliding_tf > 0 ? static_cast<long long>(o.max_batch_size) * sliding_row : 0;
   m.full_pool = double(m.full_blocks) * B * per_token_full;
   m.sliding_pool = double(m.sliding_blocks) * B * per_token_sliding;
   int max_hd = 0;
@@ -47,7 +53,7 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const EngineOptions& o) {
                                      2.0 * cfg.num_heads * max_hd);
   m.workspace_one_row = L * per_position;
   m.workspace = o.max_batch_size * m.workspace_one_row;
-  m.sliding_one_row = sliding_tf > 0 ? 2.0 * window_blocks * B * per_token_sliding : 0;
+  m.sliding_one_row = sliding_tf > 0 ? double(sliding_row) * B * per_token_sliding : 0;
   m.one_row = m.sliding_one_row + std::ceil(L / B) * B * per_token_full + m.workspace_one_row;
   return m;
 }

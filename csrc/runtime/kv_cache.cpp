@@ -141,11 +141,17 @@ int SeqCache::full_blocks_needed(int new_length) const {
   return std::max(0, (new_length + B - 1) / B - static_cast<int>(full_.size()));
 }
 
-int SeqCache::sliding_blocks_peak() const {
+int SeqCache::sliding_blocks_peak(int first, int more, int chunk) const {
+  // Between a write's prepare() and its commit() the row holds what it kept (after any commit at most
+  // a window's blocks; before the first write, what it holds now) plus the blocks prepare() adds: the
+  // new positions from the end of the kept blocks (block-aligned, at or past the old length), so at
+  // most ceil(n / B) of them, and never more than a window's.
   const int B = pool_->block_size();
-  const int keep = pool_->sliding_window() - 1;
-  // Kept window plus the newly written window, each possibly straddling one extra block.
-  return 2 * ((keep + B - 1) / B + 1);
+  const int window = sliding_window_blocks(pool_->sliding_window(), B);
+  auto added = [&](int n) { return std::min(window, (n + B - 1) / B); };
+  int peak = sliding_blocks_held() + added(first);
+  if (more > 0) peak = std::max(peak, window + added(chunk));
+  return peak;
 }
 
 void SeqCache::add_reservation(int full, int sliding) {

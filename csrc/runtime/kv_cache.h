@@ -104,7 +104,11 @@ class SeqCache {
 
   // Blocks this row needs, per group, to grow to `new_length` (for admission checks).
   int full_blocks_needed(int new_length) const;
-  int sliding_blocks_peak() const;
+  // The most sliding-window blocks this row holds at once while a request writes `first` tokens and
+  // then `more` chunks of `chunk` tokens (a prompt, then committed canvases).
+  int sliding_blocks_peak(int first, int more, int chunk) const;
+  // Blocks one window of `window - 1` tokens can straddle: what a row keeps between writes.
+  static int sliding_window_blocks(int window, int block_size) { return (window - 1 + block_size - 1) / block_size + 1; }
   int sliding_blocks_held() const { return static_cast<int>(sliding_.size()); }
 
   // A reservation already taken from the pool (BlockPool::reserve) that this row draws from:

@@ -189,6 +189,13 @@ struct Scheduler::Job {
     res.steps_per_canvas.resize(B);
   }
 
+  // Sliding-window blocks row r can take from now on: its prompt, then every canvas but the last.
+  int sliding_need(int r) const {
+    const SeqCache& c = *req.caches[r];
+    return std::max(0, c.sliding_blocks_peak(static_cast<int>(req.input_ids[r].size()), max_canvases - 1, L) -
+                           c.sliding_blocks_held());
+  }
+
   // KV blocks the whole request can need from now on (so it never fails halfway).
   void compute_needs(const BlockPool& pool) {
     need_full = need_sliding = 0;
@@ -196,7 +203,7 @@ struct Scheduler::Job {
       const long final_len = req.caches[r]->length() + static_cast<long>(req.input_ids[r].size()) +
                              static_cast<long>(max_canvases - 1) * L;
       need_full += req.caches[r]->full_blocks_needed(static_cast<int>(final_len));
-      need_sliding += std::max(0, req.caches[r]->sliding_blocks_peak() - req.caches[r]->sliding_blocks_held());
+      need_sliding += sliding_need(r);
     }
     if (pool.total_blocks(0) == 0) need_full = 0;
     if (pool.total_blocks(1) == 0) need_sliding = 0;
@@ -667,7 +674,7 @@ void Scheduler::admit() {
         const long final_len = c.length() + static_cast<long>(j.req.input_ids[r].size()) +
                                static_cast<long>(j.max_canvases - 1) * j.L;
         c.add_reservation(pool_->total_blocks(0) ? c.full_blocks_needed(static_cast<int>(final_len)) : 0,
-                          pool_->total_blocks(1) ? std::max(0, c.sliding_blocks_peak() - c.sliding_blocks_held()) : 0);
+                          pool_->total_blocks(1) ? j.sliding_need(r) : 0);
       }
       // Rows take their self-conditioning slots (the row bound above guarantees there are enough).
       for (int r = 0; r < j.B; ++r) j.sc_slots.push_back(forward_.acquire_sc());
