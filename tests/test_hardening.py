@@ -447,6 +447,35 @@ EXIT_CASES = {
         "for call in calls + calls:\n"
         "    threading.Thread(target=loop, args=(call,), daemon=True).start()\n"
         "time.sleep(0.5)\n", 6, ""),
+    # An atexit handler registered before the import runs after dgemma_rt's hook: its requests still run
+    # their callbacks (they were all cancelled, and iterating one hung), ...
+    "generate_in_a_later_atexit_handler": (
+        "import atexit, sys\n"
+        "def late():\n"
+        "    print(eng.generate([[2, 3]], max_new_tokens=4, max_denoising_steps=2).sequences.shape)\n"
+        "    print([ev.kind for ev in eng.submit([[2, 3]], max_new_tokens=4, max_denoising_steps=2)][-2:])\n"
+        "atexit.register(late)\n"
+        "import dgemma_rt\n"
+        "eng = dgemma_rt.Engine(sys.argv[1], num_threads=1)\n", 1,
+        "(1, 66)\n['block', 'done']\n"),
+    # ... and a daemon thread is not parked before finalization, holding a lock such a handler needs.
+    "daemon_thread_lets_go_of_its_locks": (
+        "import atexit, sys, threading, time\n"
+        "lock = threading.Lock()\n"
+        "def late():\n"
+        "    with lock:\n"
+        "        print('got the lock')\n"
+        "atexit.register(late)\n"
+        "import dgemma_rt\n"
+        "eng = dgemma_rt.Engine(sys.argv[1], num_threads=1)\n"
+        "def worker():\n"
+        "    with lock:\n"
+        "        try:\n"
+        "            eng.generate([[5, 6]], max_new_tokens=512, max_denoising_steps=128, adaptive_stopping=False)\n"
+        "        except dgemma_rt.RequestCancelled:\n"
+        "            pass\n"
+        "threading.Thread(target=worker, daemon=True).start()\n"
+        "time.sleep(0.5)\n", 2, "got the lock\n"),
 }
 
 

@@ -65,8 +65,8 @@ void set_threads(int n) {
 std::atomic<bool> g_python_exiting{false};
 std::atomic<int> g_dropping{0};
 
-bool py_finalizing() {
-  if (g_python_exiting.load()) return true;
+// The interpreter itself is finalizing (after every atexit hook).
+bool interpreter_finalizing() {
 #if PY_VERSION_HEX >= 0x030D0000
   return Py_IsFinalizing() != 0;
 #else
@@ -74,30 +74,33 @@ bool py_finalizing() {
 #endif
 }
 
+bool py_finalizing() { return g_python_exiting.load() || interpreter_finalizing(); }
+
 // Python's main thread (threading.main_thread()), recorded at import.
 unsigned long g_main_thread = 0;
+bool on_main_thread() { return PyThread_get_thread_ident() == g_main_thread; }
 
-// Once Python is exiting, taking the GIL back ends any thread but the main one as soon as the
-// interpreter finalizes (pthread_exit: a forced unwind, which through a noexcept destructor such as
-// py::gil_scoped_release's, or an object's dealloc, is std::terminate). A daemon thread inside a
-// native call when the main thread returned aborted the process that way. Such a Python thread waits
-// here for the process to end instead, as Python 3.14 itself makes it wait; the main thread (the
-// atexit hook's waits) goes on.
+// Once the interpreter finalizes, taking the GIL back ends any thread but the main one (pthread_exit:
+// a forced unwind, which through a noexcept destructor such as py::gil_scoped_release's, or an
+// object's dealloc, is std::terminate). A daemon thread inside a native call when the main thread
+// returned aborted the process that way. Such a Python thread waits here for the process to end
+// instead, as Python 3.14 itself makes it wait. Not before finalization (the atexit hooks): a thread
+// parked then would keep whatever locks it holds from a later hook.
 [[noreturn]] void park_forever() {
   for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
 }
-void park_if_python_exiting() {
-  if (py_finalizing() && PyThread_get_thread_ident() != g_main_thread) park_forever();
+void park_if_finalizing() {
+  if (interpreter_finalizing() && !on_main_thread()) park_forever();
 }
 
-// py::gil_scoped_release, but a thread that would take the GIL back while Python exits is parked:
-// before it tries, or, where finalization began while it waited for the GIL, when the interpreter
-// ends it (the forced unwind is caught here, never let through the frames above).
+// py::gil_scoped_release, but a thread that would take the GIL back while the interpreter finalizes
+// is parked: before it tries, or, where finalization began while it waited for the GIL, when the
+// interpreter ends it (the forced unwind is caught here, never let through the frames above).
 class ReleaseGil {
  public:
   ReleaseGil() : state_(PyEval_SaveThread()) {}
   ~ReleaseGil() {
-    park_if_python_exiting();
+    park_if_finalizing();
     try {
       PyEval_RestoreThread(state_);
     } catch (abi::__forced_unwind&) {
@@ -111,10 +114,17 @@ class ReleaseGil {
   PyThreadState* state_;
 };
 
-// Before a native thread (the scheduler's) calls Python: once Python is exiting, its request is
-// cancelled instead of the thread taking the GIL while the interpreter finalizes.
-void refuse_if_python_exiting() {
-  if (py_finalizing()) throw Cancelled("the Python interpreter is exiting");
+// Before the scheduler thread calls a request's Python callback: a scheduler thread waiting for the
+// GIL when the interpreter finalizes aborts the process (its forced unwind cannot be caught there
+// and resumed). Once dgemma_rt's atexit hook has run, a request submitted from any thread but the
+// main one is cancelled instead (its submitter is a daemon thread: nobody waits for it, and it may
+// still run when finalization begins); the main thread's requests, which it waits for itself, go on
+// until finalization.
+bool python_callbacks_refused(bool from_main) {
+  return interpreter_finalizing() || (g_python_exiting.load() && !from_main);
+}
+void refuse_if_python_exiting(bool from_main) {
+  if (python_callbacks_refused(from_main)) throw Cancelled("the Python interpreter is exiting");
 }
 
 // Deleter of Python things that native threads may own: dropped with the GIL, wherever the last
@@ -207,9 +217,9 @@ auto calling_python(F&& f, bool callback = false) -> decltype(f()) {
 // Calls a Python noise callable from native code (with the GIL) and checks what it returns.
 class PyNoise final : public NoiseSource {
  public:
-  explicit PyNoise(py::function fn) : fn_(hold(std::move(fn))) {}
+  explicit PyNoise(py::function fn) : fn_(hold(std::move(fn))), from_main_(on_main_thread()) {}
   void canvas(int, int, int batch, int length, int32_t* out) override {
-    refuse_if_python_exiting();
+    refuse_if_python_exiting(from_main_);
     py::gil_scoped_acquire gil;
     auto arr = calling_python([&] { return fetch("canvas", batch, length); });
     if (!py::isinstance<py::array>(arr) || !(arr.dtype().kind() == 'i' || arr.dtype().kind() == 'u'))
@@ -222,7 +232,7 @@ class PyNoise final : public NoiseSource {
     }
   }
   void uniform(int, int, int batch, int length, double* out) override {
-    refuse_if_python_exiting();
+    refuse_if_python_exiting(from_main_);
     py::gil_scoped_acquire gil;
     auto arr = calling_python([&] { return fetch("uniform", batch, length); });
     auto u = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(arr);
@@ -243,6 +253,7 @@ class PyNoise final : public NoiseSource {
     return arr;
   }
   PyRef fn_;
+  bool from_main_;  // made (submitted) on Python's main thread
 };
 
 py::array_t<int32_t> canvas_array(const int32_t* data, int batch, int length) {
@@ -362,8 +373,8 @@ SamplerParams sampler_params(const py::dict& p) {
 std::function<void(const int32_t*, int, int)> canvas_callback(const py::object& fn) {
   if (fn.is_none()) return {};
   PyRef ref = hold(fn);
-  return [ref](const int32_t* d, int b, int l) {
-    refuse_if_python_exiting();
+  return [ref, from_main = on_main_thread()](const int32_t* d, int b, int l) {
+    refuse_if_python_exiting(from_main);
     py::gil_scoped_acquire gil;
     calling_python([&] { (*ref)(canvas_array(d, b, l)); }, /*callback=*/true);
   };
@@ -391,7 +402,7 @@ py::dict result_dict(const GenerateResult& r, const std::shared_ptr<CacheSet>& c
 void wait_interruptibly(RequestHandle& h) {
   ReleaseGil release;
   while (!h.wait_for(0.05)) {
-    park_if_python_exiting();
+    park_if_finalizing();
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) {
       h.cancel();
@@ -592,7 +603,7 @@ PYBIND11_MODULE(_core, m) {
                // (the weights to the backend's device). Held so the last copy goes with the GIL.
                PyRef fn = hold(progress);
                o.progress = [fn](ModelWeights::Phase phase, int done, int total) {
-                 park_if_python_exiting();  // (on the thread that makes the engine, the GIL released)
+                 park_if_finalizing();  // (on the thread that makes the engine, the GIL released)
                  py::gil_scoped_acquire gil;
                  try {
                    (*fn)(phase == ModelWeights::Phase::kUpload ? "upload" : "read", done, total);
@@ -736,8 +747,8 @@ PYBIND11_MODULE(_core, m) {
         std::function<void(RequestStatus)> done;
         if (!on_done.is_none()) {
           PyRef ref = hold(on_done);
-          done = [ref](RequestStatus) {
-            if (py_finalizing()) return;  // (see refuse_if_python_exiting)
+          done = [ref, from_main = on_main_thread()](RequestStatus) {
+            if (python_callbacks_refused(from_main)) return;
             py::gil_scoped_acquire gil;
             try {
               (*ref)();

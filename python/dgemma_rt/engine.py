@@ -142,7 +142,9 @@ MAX_BATCH_SIZE = 1024
 
 # Requests that may still run. At interpreter exit they are cancelled and waited for while Python
 # can still run their callbacks: a scheduler thread taking the GIL during finalization aborts the
-# process ("terminate called without an active exception").
+# process ("terminate called without an active exception"). From then on, requests submitted from
+# other threads than the main one are cancelled at their first callback (daemon threads: nobody
+# waits for them); the main thread's, in a later atexit handler, run as usual.
 _live_requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
 
 
@@ -449,7 +451,7 @@ def _check_float(name: str, value: Any) -> float:
     try:
         value = float(value)
     except OverflowError:  # an int past float's range, such as 10**400
-        raise ValueError(f"{name} must be a finite number, got an integer of {len(str(abs(value)))} digits") from None
+        raise ValueError(f"{name} must be a finite number, got an integer of {int(value).bit_length()} bits") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return value
