@@ -370,6 +370,7 @@ def test_noise_returning_the_wrong_thing_says_what_it_returned(engine, returns, 
 @pytest.mark.parametrize("kwargs,words", [
     # an int past float's range was an OverflowError; inf passed Python and got "must be >= 0, got inf"
     ({"entropy_bound": 10**400}, "entropy_bound must be a finite number"),
+    ({"t_max": 10**5000}, "t_max must be a finite number, got an integer of 16610 bits"),  # past str()'s limit
     ({"t_min": float("inf")}, "t_min must be a finite number"),
     ({"confidence_threshold": float("nan")}, "confidence_threshold must be a finite number"),
     # flags were bool()ed: 'no' and [] were taken as True and False

@@ -772,6 +772,43 @@ def test_bad_requests_the_engine_refuses_count_as_invalid_not_failed(engine):
         srv.stop()
 
 
+def test_errors_after_a_request_started_count_as_failed(engine):
+    """Only the engine's refusals are the client's: a ValueError or a pool error raised while the request
+    runs (the sliding pool running dry mid-way would be an engine bug) is a 500, counted as failed."""
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def result(self):
+            raise self.error
+
+        def cancel(self):
+            pass
+
+    class Wrapped:
+        error: BaseException = ValueError("x")
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def submit(self, *args, **kwargs):
+            return Failing(self.error)
+
+    wrapped = Wrapped()
+    srv = _Server(create_app(wrapped, MODEL))
+    try:
+        for error, status, outcome in [(RuntimeError("KV cache pool is full (sliding-window layers): 0 free"), 500,
+                                        "failed"),
+                                       (RuntimeError("KV cache pool too small: this request needs 99"), 400, "invalid")]:
+            wrapped.error = error
+            r = httpx.post(srv.url + "/v1/completions", json=OK, timeout=30)
+            assert r.status_code == status, r.text
+            m = httpx.get(srv.url + "/metrics", timeout=10).text
+            assert _metric(m, f'dgemma_requests_total{{outcome="{outcome}"}}') == 1, m
+    finally:
+        srv.stop()
+
+
 CAPPED = [
     ("max_tokens over the cap", {**OK, "max_tokens": 8193}, "max_tokens"),
     ("max_tokens 2**31", {**OK, "max_tokens": 2**31}, "max_tokens"),

@@ -553,7 +553,6 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
                  << static_cast<long>(pool_->total_blocks(0)) * pool_->block_size() << "; raise kv_cache_tokens");
   DG_REQUIRE(job->need_sliding <= pool_->total_blocks(1), ResourceError,
              "KV cache pool too small for " << B << " rows of sliding-window cache; raise max_batch_size");
-  claims.kept = true;  // the job's release() unclaims them from here on
   job->t_submit = Clock::now();
   job->handle = std::make_shared<RequestHandle>();
   job->handle->scheduler_thread_ = thread_.get_id();
@@ -568,6 +567,7 @@ std::shared_ptr<RequestHandle> Scheduler::submit(GenerateRequest req) {
       stats_.queued_requests = static_cast<int>(queue_.size());
     }
   }
+  claims.kept = true;  // queued (or released just below): the job's release() unclaims them from here on
   if (stopping) {  // released outside mu_: the forward lock is never taken while mu_ is held
     job->release(forward_, forward_mu_);
     DG_THROW(Cancelled, "the engine is shutting down");

@@ -141,6 +141,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def _refused_by_the_pool(e: BaseException) -> bool:
+    """The engine's refusal of a request its KV pool cannot hold (at admission, nothing run)."""
+    return isinstance(e, RuntimeError) and "KV cache pool too small" in str(e)
+
+
 def _engine_error(e: BaseException) -> APIError:
     """Maps an exception from Engine.generate to an API error."""
     if isinstance(e, ValueError):
@@ -151,7 +156,7 @@ def _engine_error(e: BaseException) -> APIError:
         return APIError(400, msg, param=param, code=code)
     if isinstance(e, _Cancelled):
         return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-    if isinstance(e, RuntimeError) and "KV cache pool" in str(e):
+    if _refused_by_the_pool(e):
         # The engine refuses a request only when its pool could never hold it.
         return APIError(400, f"request does not fit the KV cache: {e}", code="kv_cache_exhausted")
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
@@ -259,6 +264,7 @@ class _Job:
         self.new_tokens = len(template) if middle is not None else max_tokens
         self.suffix_text = ""  # infilling: the fixed text after the middle, appended to every draft
         self.seed = seed
+        self.invalid = False  # refused by the engine as a bad request (its arguments, or too big for the pool)
         self.gen_kwargs = gen_kwargs
         self.stream = stream
         self.cancel = threading.Event()
@@ -381,7 +387,7 @@ class _Backend:
             job.push("cancelled")
             raise
         except BaseException as e:
-            if _engine_error(e).status < 500:
+            if job.invalid:
                 outcome = "invalid"
             job.push("error", e)
             raise
@@ -477,7 +483,27 @@ class _Backend:
             extra["canvas_template"] = [job.template]
         if job.middle is not None:
             extra["eos_token_id"] = None  # denoise the whole middle, as Engine.infill does; it is cut below
-        native = self.engine.submit(
+        try:
+            native = self._submit(job, extra, on_step, on_block)
+        except ValueError:  # the engine's argument checks
+            job.invalid = True
+            raise
+        with job.lock:
+            job.native = native
+            cancelled = job.cancel.is_set()
+        if cancelled:
+            native.cancel()
+        try:
+            out = native.result()
+        except RequestCancelled:
+            raise _Cancelled() from None
+        except RuntimeError as e:
+            job.invalid = _refused_by_the_pool(e)  # never fits (admission), not a failure mid-way
+            raise
+        return self._finish(job, out, steps, emitted)
+
+    def _submit(self, job: _Job, extra: dict[str, Any], on_step: Any, on_block: Any) -> Any:
+        return self.engine.submit(
             [job.prompt_ids],
             max_new_tokens=job.new_tokens,
             seed=job.seed,
@@ -488,15 +514,9 @@ class _Backend:
             events=False,  # its own callbacks stream; nothing iterates the request
             **job.gen_kwargs,
         )
-        with job.lock:
-            job.native = native
-            cancelled = job.cancel.is_set()
-        if cancelled:
-            native.cancel()
-        try:
-            out = native.result()
-        except RequestCancelled:
-            raise _Cancelled() from None
+
+    def _finish(self, job: _Job, out: Any, steps: int, emitted: str) -> dict[str, Any]:
+        tok = self.tok
         new = out.sequences[0][len(job.prompt_ids) :]
         if job.middle is not None:
             new = new[: job.middle]
