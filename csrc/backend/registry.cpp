@@ -18,8 +18,10 @@ struct Entry {
   BackendProbe probe;
   bool host_weights = false;
 };
+// Never destroyed, as safetensors_dtype_bytes's table: an Engine may still be made on another thread
+// while the process runs its exit-time destructors.
 std::map<std::string, Entry>& registry() {
-  static std::map<std::string, Entry> r;
+  static auto& r = *new std::map<std::string, Entry>;
   return r;
 }
 

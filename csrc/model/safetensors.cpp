@@ -46,8 +46,10 @@ size_t dtype_size(DType d) {
 namespace {
 
 // Sizes of every dtype the format defines, so byte ranges can be checked for tensors we won't load.
+// Never destroyed: a checkpoint may still be opening on another thread (a Python daemon thread's
+// Engine) while the process runs its exit-time destructors (ThreadSanitizer saw exactly that).
 size_t safetensors_dtype_bytes(const std::string& s) {
-  static const std::unordered_map<std::string, size_t> sizes = {
+  static const auto& sizes = *new std::unordered_map<std::string, size_t>{
       {"BOOL", 1}, {"U8", 1},   {"I8", 1},   {"F8_E4M3", 1}, {"F8_E5M2", 1}, {"F8_E8M0", 1}, {"I16", 2},
       {"U16", 2},  {"F16", 2},  {"BF16", 2}, {"I32", 4},     {"U32", 4},     {"F32", 4},     {"I64", 8},
       {"U64", 8},  {"F64", 8},  {"C64", 8}};
