@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -566,6 +567,22 @@ def test_text_is_tokenized_off_the_event_loop(engine, path, body):
         srv.stop()
 
 
+@contextlib.contextmanager
+def _one_worker_held(engine, max_queue: int, threads: int = 1):
+    """A server with one worker, held by a request that the gate stops in the engine's submit: yields the
+    server, the gate, the pool the held request runs on and that request's future."""
+    gated = _GatedEngine(engine)
+    srv = _Server(create_app(gated, MODEL, max_queue=max_queue, max_running=1))
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            running = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "max_tokens": 4}, timeout=60)
+            assert gated.entered.wait(10)
+            yield srv, gated, pool, running
+    finally:
+        gated.gate.set()
+        srv.stop()
+
+
 def test_queue_full_429(engine):
     gated = _GatedEngine(engine)
     srv = _Server(create_app(gated, MODEL, max_queue=2, max_running=1))
@@ -605,25 +622,17 @@ def test_queue_full_429(engine):
 def test_a_batch_of_prompts_is_queued_whole_or_not_at_all(engine):
     """One running, two places in the queue: a batch of three is refused whole (its first two prompts used to
     take the two places until a worker was free, so lone requests got 429 too); a batch of two fits."""
-    gated = _GatedEngine(engine)
-    srv = _Server(create_app(gated, MODEL, max_queue=2, max_running=1))
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "max_tokens": 4}, timeout=60)
-            assert gated.entered.wait(10)
-            r = httpx.post(srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b", "c"]}, timeout=60)
-            assert _error_shape(r, 429)["type"] == "rate_limit_error"
-            m = httpx.get(srv.url + "/metrics", timeout=10).text
-            assert _metric(m, "dgemma_requests_in_flight") == 1 and _metric(m, "dgemma_queue_depth") == 0, m
-            two = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b"]}, timeout=60)
-            _wait_for(lambda: _metric(httpx.get(srv.url + "/metrics", timeout=10).text,
-                                      "dgemma_requests_in_flight") == 3, 10, "the batch of two to be queued")
-            gated.gate.set()
-            assert running.result(30).status_code == 200
-            assert two.result(30).status_code == 200 and len(two.result().json()["choices"]) == 2
-    finally:
+    with _one_worker_held(engine, max_queue=2, threads=2) as (srv, gated, pool, running):
+        r = httpx.post(srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b", "c"]}, timeout=60)
+        assert _error_shape(r, 429)["type"] == "rate_limit_error"
+        m = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert _metric(m, "dgemma_requests_in_flight") == 1 and _metric(m, "dgemma_queue_depth") == 0, m
+        two = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b"]}, timeout=60)
+        _wait_for(lambda: _metric(httpx.get(srv.url + "/metrics", timeout=10).text,
+                                  "dgemma_requests_in_flight") == 3, 10, "the batch of two to be queued")
         gated.gate.set()
-        srv.stop()
+        assert running.result(30).status_code == 200
+        assert two.result(30).status_code == 200 and len(two.result().json()["choices"]) == 2
 
 
 def test_shutdown_while_a_batch_waits_answers_503(engine, caplog):
@@ -727,28 +736,20 @@ def test_non_streaming_disconnect_cancels_and_frees_kv(server, engine, path, cap
 def test_streaming_client_leaving_while_queued_leaves_the_queue(engine):
     """A stream sends nothing before its first event, so its disconnect was not watched for while the
     request waited for a worker: it kept its queue slot (429 for live clients) until it ran a step."""
-    gated = _GatedEngine(engine)
-    srv = _Server(create_app(gated, MODEL, max_queue=1, max_running=1))
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "max_tokens": 4}, timeout=60)
-            assert gated.entered.wait(10)
-            s = _raw_post(srv.port, "/v1/completions", json.dumps({**OK, "stream": True}).encode())
+    with _one_worker_held(engine, max_queue=1) as (srv, gated, _, running):
+        s = _raw_post(srv.port, "/v1/completions", json.dumps({**OK, "stream": True}).encode())
 
-            def depth() -> float:
-                return _metric(httpx.get(srv.url + "/metrics", timeout=10).text, "dgemma_queue_depth")
+        def depth() -> float:
+            return _metric(httpx.get(srv.url + "/metrics", timeout=10).text, "dgemma_queue_depth")
 
-            _wait_for(lambda: depth() == 1, 15, "the stream to queue")
-            s.close()
-            _wait_for(lambda: depth() == 0, 15, "the stream to leave the queue")  # the worker is still held
-            m = httpx.get(srv.url + "/metrics", timeout=10).text
-            assert _metric(m, 'dgemma_requests_total{outcome="cancelled"}') == 1
-            gated.gate.set()
-            assert running.result(30).status_code == 200
-            assert httpx.post(srv.url + "/v1/completions", json={**OK, "stream": True}, timeout=30).status_code == 200
-    finally:
+        _wait_for(lambda: depth() == 1, 15, "the stream to queue")
+        s.close()
+        _wait_for(lambda: depth() == 0, 15, "the stream to leave the queue")  # the worker is still held
+        m = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert _metric(m, 'dgemma_requests_total{outcome="cancelled"}') == 1
         gated.gate.set()
-        srv.stop()
+        assert running.result(30).status_code == 200
+        assert httpx.post(srv.url + "/v1/completions", json={**OK, "stream": True}, timeout=30).status_code == 200
 
 
 def test_bad_requests_the_engine_refuses_count_as_invalid_not_failed(engine):
