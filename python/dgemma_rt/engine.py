@@ -656,8 +656,7 @@ class Engine:
         self, state: KVCache, canvas_ids: Any, self_conditioning_logits: np.ndarray | None = None
     ) -> np.ndarray:
         """One decoder pass: soft-capped float32 logits ``[batch, n, vocab]`` for ``canvas_ids``."""
-        if not isinstance(state, KVCache) or state._native is None:
-            raise ValueError("state must be the KVCache returned by encode()")
+        _check_cache(state, "state")
         canvas = np.asarray(canvas_ids)
         if canvas.ndim != 2 or canvas.dtype.kind not in "iu":
             raise ValueError(f"canvas_ids must be a 2-D integer array [batch, n], got {canvas.dtype} {canvas.shape}")
