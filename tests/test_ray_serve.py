@@ -393,6 +393,7 @@ def test_killing_a_replica_mid_run(client, cluster):
     n = 6
     results: dict[int, tuple] = {}
     replica_of: dict[int, str] = {}
+    ended: dict[int, float] = {}
 
     def one(i: int) -> None:
         t0 = time.monotonic()
@@ -409,6 +410,7 @@ def test_killing_a_replica_mid_run(client, cluster):
             results[i] = ("done", finish, time.monotonic() - t0)
         except (openai.APIError, httpx.HTTPError) as e:  # APIConnectionError, InternalServerError, ...
             results[i] = ("error", type(e).__name__, time.monotonic() - t0)
+        ended[i] = time.monotonic()
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
@@ -418,6 +420,7 @@ def test_killing_a_replica_mid_run(client, cluster):
     victim = replica_of[1]
     name = ReplicaID(victim, DeploymentID(name=ray_serve.DEPLOYMENT_NAME, app_name=APP)).to_full_id_str()
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    killed = time.monotonic()
     for t in threads:
         t.join(90)
     assert not any(t.is_alive() for t in threads), "a request hung after its replica was killed"
@@ -426,7 +429,8 @@ def test_killing_a_replica_mid_run(client, cluster):
         if kind == "done":
             assert detail in ("stop", "length"), (i, results[i])  # a stream that ended must have finished
         if replica_of.get(i) == victim:
-            assert kind == "error", (i, results[i])
+            # The requests are alike and may reach EOS early: one on the victim may have ended before the kill.
+            assert kind == "error" or ended[i] <= killed, (i, results[i])
         elif replica_of.get(i) is not None:
             assert kind == "done", (i, results[i])
 
