@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -66,6 +67,17 @@ def _check(lines: list[dict], tiny_dir: str) -> None:
     assert infill["new_tokens"][-8:] == infill["template"][-8:] == list(range(8, 16))
     bad = next(l for l in lines if "bad_template" in l)["bad_template"]  # checked by the C++ submit path
     assert f"canvas_template row 0 position 3 holds {engine.config['vocab_size']}" in bad, bad
+    # Two turns on one KVCache, against the Python engine continuing its past_key_values.
+    chat = next(l for l in lines if "chat" in l)["chat"]
+    L = engine.config["canvas_length"]
+    turn = dict(max_new_tokens=2 * L, max_denoising_steps=STEPS, eos_token_id=None)
+    o1 = engine.generate([chat["turn1_prompt"]], seed=5, **turn)
+    assert chat["turn1"] == [int(t) for t in o1.sequences[0][len(chat["turn1_prompt"]):]]
+    assert chat["after_turn1"] == o1.past_key_values.seq_lengths[0] == len(chat["turn1_prompt"]) + L
+    assert chat["turn2_prompt"][:L] == chat["turn1"][-L:]
+    o2 = engine.generate([chat["turn2_prompt"]], seed=6, past_key_values=o1.past_key_values, **turn)
+    assert chat["turn2"] == [int(t) for t in o2.sequences[0][len(chat["turn2_prompt"]):]]
+    assert chat["after_turn2"] == o2.past_key_values.seq_lengths[0] == chat["after_turn1"] + len(chat["turn2_prompt"]) + L
 
 
 def test_installed_example(tiny_dir):
@@ -169,3 +181,89 @@ def test_callback_edges_of_the_installed_api(tiny_dir, tmp_path):
     assert "stopped: 64 new tokens, stop, 1" in p.stdout, p.stdout
     assert "requests: 2 completed, 0 running, 0 queued" in p.stdout, p.stdout
     assert "last reference dropped in a callback: 64 new tokens" in p.stdout, p.stdout
+
+
+CACHE_EDGES = r"""
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include "dgemma_rt/engine.h"
+
+template <class F>
+std::string refusal(F fn) {
+  try {
+    fn();
+    return "not refused";
+  } catch (const dgemma_rt::Error& e) {
+    return e.what();
+  }
+}
+
+int main(int argc, char** argv) {
+  dgemma_rt::EngineOptions o;
+  o.num_threads = 1;
+  dgemma_rt::KVCache kept;
+  {
+    dgemma_rt::Engine a(argv[1], o), b(argv[1], o);
+    dgemma_rt::SamplingParams p = a.default_params();
+    p.max_new_tokens = a.info().canvas_length, p.max_denoising_steps = 3;
+    std::printf("empty: %s\n", refusal([&] { a.submit(dgemma_rt::KVCache(), {2, 5, 6}, p); }).c_str());
+    dgemma_rt::KVCache c = a.new_cache();
+    std::printf("other engine: %s\n", refusal([&] { b.submit(c, {2, 5, 6}, p); }).c_str());
+    // A turn that runs until cancelled; a second turn on the same cache meanwhile is refused.
+    dgemma_rt::SamplingParams lp = p;
+    lp.max_denoising_steps = 100000, lp.adaptive_stopping = false;
+    std::atomic<int> seen{-1};
+    dgemma_rt::Callbacks cb;
+    cb.on_step = [&](const dgemma_rt::Draft&) {
+      if (seen < 0) seen = c.tokens();
+    };
+    dgemma_rt::Request r = a.submit(c, {2, 5, 6}, lp, cb);
+    std::printf("in use: %s\n", refusal([&] { a.submit(c, {7}, p); }).c_str());
+    while (seen < 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    r.cancel();
+    std::printf("cancelled: %s\n", refusal([&] { r.result(); }).c_str());
+    std::printf("after the cancelled turn: %d cached, %d seen in its step\n", c.tokens(), seen.load());
+    const dgemma_rt::Result next = a.generate(c, {9, 10}, p);  // the conversation goes on
+    std::printf("next turn: %zu new tokens, %d cached\n", next.new_tokens.size(), c.tokens());
+    const dgemma_rt::Stats s = a.stats();
+    std::printf("pool: %d of %d blocks free\n", s.kv_blocks_free, s.kv_blocks_total);
+    kept = c;
+  }
+  std::printf("after the engines: %d cached\n", kept.tokens());
+  kept = dgemma_rt::KVCache();
+  std::printf("empty handle: %d cached\n", kept.tokens());
+  return 0;
+}
+"""
+
+
+def test_kv_cache_edges_of_the_installed_api(tiny_dir, tmp_path):
+    """Multi-turn through the C++ API: what it refuses, a cancelled turn's cache, a cache outliving its engine."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "cache_edges.cpp"
+    src.write_text(CACHE_EDGES)
+    binary = str(tmp_path / "cache_edges")
+    cmd = [cxx, "-std=c++17", "-O1", str(src), "-I", dgemma_rt.get_include(), "-L", dgemma_rt.get_library_dir(),
+           "-ldgemma_core", "-fopenmp", "-pthread", "-o", binary]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([binary, tiny_dir], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    out = p.stdout
+    assert "empty: empty KVCache (not made by Engine::new_cache)" in out, out
+    assert "other engine: this KVCache belongs to another Engine" in out, out
+    assert "in use: this KVCache is in use by another request that has not finished" in out, out
+    assert "cancelled: " in out and "cancelled: not refused" not in out, out
+    # The cancelled turn had encoded its prompt before its first step; the cache keeps it, and the next
+    # turn adds its own two tokens (its one canvas is the last, not encoded).
+    assert "after the cancelled turn: 3 cached, 3 seen in its step" in out, out
+    assert "next turn: 64 new tokens, 5 cached" in out, out
+    free, total = map(int, re.search(r"pool: (\d+) of (\d+) blocks free", out).groups())
+    assert free == total - 1, out  # the conversation's one block; the cancelled turn's reservation went back
+    assert "after the engines: 5 cached" in out, out
+    assert "empty handle: 0 cached" in out, out

@@ -101,6 +101,14 @@ Result Request::result() const {
   return out;
 }
 
+struct KVCache::State {
+  std::shared_ptr<dgemma::CacheSet> set;  // one row
+};
+
+KVCache::KVCache() = default;
+
+int KVCache::tokens() const { return state_ ? state_->set->rows.at(0)->length() : 0; }
+
 struct Engine::Impl {
   std::unique_ptr<dgemma::Engine> engine;
 };
@@ -161,6 +169,24 @@ SamplingParams Engine::default_params() const {
 }
 
 Request Engine::submit(const std::vector<int32_t>& prompt, const SamplingParams& params, Callbacks callbacks) {
+  return submit_with(nullptr, prompt, params, std::move(callbacks));
+}
+
+Request Engine::submit(const KVCache& cache, const std::vector<int32_t>& prompt, const SamplingParams& params,
+                       Callbacks callbacks) {
+  DG_REQUIRE(cache.state_, InvalidArgument, "empty KVCache (not made by Engine::new_cache)");
+  return submit_with(cache.state_.get(), prompt, params, std::move(callbacks));
+}
+
+KVCache Engine::new_cache() const {
+  KVCache c;
+  c.state_ = std::make_shared<KVCache::State>();
+  c.state_->set = impl_->engine->new_cache(1);
+  return c;
+}
+
+Request Engine::submit_with(const KVCache::State* cache, const std::vector<int32_t>& prompt,
+                            const SamplingParams& params, Callbacks callbacks) {
   // Canvas/step counters shared by the callbacks (called one at a time, on the scheduler thread).
   struct Position {
     int canvas = 0, step = 0;
@@ -190,8 +216,10 @@ Request Engine::submit(const std::vector<int32_t>& prompt, const SamplingParams&
   std::function<void(dgemma::RequestHandle::Status)> on_done;
   if (callbacks.on_finish)
     on_done = [fn = std::move(callbacks.on_finish)](dgemma::RequestHandle::Status st) { fn(to_public(st)); };
-  state->handle = impl_->engine->submit(nullptr, {prompt}, to_internal(params), nullptr, std::move(cb),
-                                        std::move(on_done), /*keep_cache=*/false);
+  // Without a cache of the caller's, the request's blocks go back to the pool as it ends.
+  const bool keep_cache = cache != nullptr;
+  state->handle = impl_->engine->submit(cache ? cache->set : nullptr, {prompt}, to_internal(params), nullptr, std::move(cb),
+                                        std::move(on_done), keep_cache);
   Request r;
   r.state_ = std::move(state);
   return r;
@@ -202,6 +230,12 @@ Result Engine::generate(const std::vector<int32_t>& prompt, const SamplingParams
   DG_REQUIRE(!impl_->engine->on_scheduler_thread(), InvalidArgument,
              "generate() cannot be called inside a callback of the same engine (use submit())");
   return submit(prompt, params).result();
+}
+
+Result Engine::generate(const KVCache& cache, const std::vector<int32_t>& prompt, const SamplingParams& params) {
+  DG_REQUIRE(!impl_->engine->on_scheduler_thread(), InvalidArgument,
+             "generate() cannot be called inside a callback of the same engine (use submit())");
+  return submit(cache, prompt, params).result();
 }
 
 Stats Engine::stats() const {

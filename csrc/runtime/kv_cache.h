@@ -73,7 +73,8 @@ class SeqCache {
   SeqCache(const SeqCache&) = delete;
   SeqCache& operator=(const SeqCache&) = delete;
 
-  int length() const { return length_; }
+  // Readable from any thread (a KVCache's length while a request extends it).
+  int length() const { return length_.load(std::memory_order_relaxed); }
   // First position kept for sliding layers.
   int sliding_start() const;
   const BlockPool& pool() const { return *pool_; }
@@ -126,7 +127,7 @@ class SeqCache {
 
  private:
   std::shared_ptr<BlockPool> pool_;
-  int length_ = 0;
+  std::atomic<int> length_{0};  // written by the one thread that owns the row
   std::vector<int> full_;    // covers [0, length)
   std::deque<int> sliding_;  // covers [sliding_first_, ...)
   int sliding_first_ = 0;

@@ -1,5 +1,6 @@
 // Embedding dgemma_rt in a C++ program, no Python: load a checkpoint, run several requests from
-// several threads at once (the engine batches them), watch their drafts, cancel one, read stats.
+// several threads at once (the engine batches them), watch their drafts, cancel one, read stats,
+// fill in a template, hold a two-turn conversation on one KV cache.
 //
 //   dgemma-embed-example CHECKPOINT [--requests N] [--max-new-tokens M] [--steps S]
 //
@@ -185,6 +186,24 @@ int main(int argc, char** argv) {
       bad_template = e.what();
     }
     std::cout << "{\"bad_template\":" << json_str(bad_template) << "}\n";
+
+    // A conversation of two turns on one KVCache: the second turn encodes only its own tokens, the
+    // first turn's last canvas (which the cache does not hold yet) and the user's next message.
+    dgemma_rt::KVCache chat = engine.new_cache();
+    dgemma_rt::SamplingParams cp = engine.default_params();
+    cp.max_new_tokens = 2 * info.canvas_length;
+    cp.max_denoising_steps = steps;
+    cp.eos_token_id.clear();  // both canvases of each turn run
+    cp.seed = 5;
+    const dgemma_rt::Result t1 = engine.generate(chat, prompts[0], cp);
+    const int after_turn1 = chat.tokens();
+    std::vector<int32_t> turn2(t1.new_tokens.end() - info.canvas_length, t1.new_tokens.end());
+    turn2.insert(turn2.end(), prompts.back().begin(), prompts.back().end());
+    cp.seed = 6;
+    const dgemma_rt::Result t2 = engine.generate(chat, turn2, cp);
+    std::cout << "{\"chat\":{\"turn1_prompt\":" << json_ids(prompts[0]) << ",\"turn1\":" << json_ids(t1.new_tokens)
+              << ",\"after_turn1\":" << after_turn1 << ",\"turn2_prompt\":" << json_ids(turn2)
+              << ",\"turn2\":" << json_ids(t2.new_tokens) << ",\"after_turn2\":" << chat.tokens() << "}}\n";
     return 0;
   } catch (const dgemma_rt::Error& e) {
     std::cerr << "error: " << e.what() << "\n";

@@ -1,6 +1,7 @@
 // dgemma_rt: the embeddable C++ API. One header, no Python: load a DiffusionGemma checkpoint, submit
 // requests from any number of threads (they are batched continuously), receive each denoising
-// step's draft, each committed canvas and the completion through callbacks, cancel, read stats.
+// step's draft, each committed canvas and the completion through callbacks, cancel, continue a
+// conversation on its KV cache (KVCache), read stats.
 //
 //   dgemma_rt::Engine engine("/path/to/checkpoint");
 //   dgemma_rt::SamplingParams p = engine.default_params();
@@ -12,6 +13,9 @@
 //   dgemma_rt::Request req = engine.submit(prompt, p, cb);      // returns at once
 //   req.cancel();                                               // from any thread
 //   dgemma_rt::Result r2 = req.result();                        // waits; throws if it failed
+//
+//   dgemma_rt::KVCache chat = engine.new_cache();              // multi-turn: each turn encodes
+//   dgemma_rt::Result t1 = engine.generate(chat, turn1, p);    // only its own tokens
 //
 // Link with the static library the Python package installs (dgemma_rt/lib/libdgemma_core.a) and
 // OpenMP (-fopenmp); see README "Embedding the C++ API".
@@ -132,6 +136,29 @@ class Request {
   std::shared_ptr<State> state_;
 };
 
+// A conversation's KV cache (the Python API's KVCache): the tokens encoded so far, in the engine's KV
+// pool, so that the next turn encodes only its own tokens. Engine::new_cache() makes an empty one;
+// each submit()/generate() given it encodes its prompt after what the cache holds and extends the
+// cache in place, also when the request fails or is cancelled (it then holds what that request
+// encoded before it stopped; that cannot be undone, so a turn that must be retryable starts from a
+// fresh cache). The cache holds the prompt and every committed canvas except the last (the reference
+// never encodes the last canvas): start the next turn's prompt with the last
+// ModelInfo::canvas_length tokens of Result::new_tokens. One request at a time may use a cache
+// (submit() refuses a second while the first has not finished); copies share it, and its blocks go
+// back to the pool when the last copy is gone, even after the Engine is.
+class KVCache {
+ public:
+  KVCache();  // empty: refused by submit(); Engine::new_cache() makes a usable one
+  // Tokens encoded so far (the position the next prompt starts at); 0 for an empty handle.
+  int tokens() const;
+  explicit operator bool() const { return static_cast<bool>(state_); }
+
+ private:
+  friend class Engine;
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
 struct Stats {
   int queued_requests = 0, running_requests = 0, active_rows = 0;
   long long decoder_passes = 0, row_steps = 0, committed_tokens = 0;
@@ -163,9 +190,18 @@ class Engine {
   // submit() and wait.
   Result generate(const std::vector<int32_t>& prompt, const SamplingParams& params);
 
+  // Multi-turn: an empty KVCache of this engine, and submit()/generate() continuing one (prompt: the
+  // tokens not yet in the cache). A cache of another Engine, or an empty handle, is refused (Error).
+  KVCache new_cache() const;
+  Request submit(const KVCache& cache, const std::vector<int32_t>& prompt, const SamplingParams& params,
+                 Callbacks callbacks = {});
+  Result generate(const KVCache& cache, const std::vector<int32_t>& prompt, const SamplingParams& params);
+
   Stats stats() const;
 
  private:
+  Request submit_with(const KVCache::State* cache, const std::vector<int32_t>& prompt, const SamplingParams& params,
+                      Callbacks callbacks);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
