@@ -339,6 +339,122 @@ BAD = [
      400, "max_completion_tokens"),
 ]
 
+HI = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **FAST}
+# Asked of OpenAI, these change its answer; here each is a 400 naming the field, never accepted and ignored.
+NOT_IGNORED = [
+    ("misspelt field", "/v1/completions", {**OK, "max_tkens": 9}, "max_tkens", "Unrecognized request argument"),
+    ("misspelt required field", "/v1/chat/completions", {**{k: v for k, v in HI.items() if k != "messages"},
+                                                          "mesages": HI["messages"]}, "mesages", "mesages"),
+    ("vLLM's top_k", "/v1/completions", {**OK, "top_k": 5}, "top_k", "top_k"),
+    ("vLLM's ignore_eos", "/v1/chat/completions", {**HI, "ignore_eos": True}, "ignore_eos", "ignore_eos"),
+    ("response_format on completions", "/v1/completions", {**OK, "response_format": {"type": "json_object"}},
+     "response_format", "response_format"),
+    ("unknown message field", "/v1/chat/completions",
+     {**HI, "messages": [{"role": "user", "content": "hi", "weight": 2}]}, "messages", "messages[0].weight"),
+    ("unknown stream option", "/v1/completions", {**OK, "stream": True, "stream_options": {"usage": True}},
+     "stream_options", "stream_options.usage"),
+    ("audio output", "/v1/chat/completions", {**HI, "modalities": ["text", "audio"], "audio": {"voice": "alloy"}},
+     "modalities", "text only"),
+    ("audio alone", "/v1/chat/completions", {**HI, "audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio"),
+    ("reasoning_effort", "/v1/chat/completions", {**HI, "reasoning_effort": "high"}, "reasoning_effort", "reasoning"),
+    ("verbosity", "/v1/chat/completions", {**HI, "verbosity": "low"}, "verbosity", "verbosity"),
+    ("web search", "/v1/chat/completions", {**HI, "web_search_options": {}}, "web_search_options", "web search"),
+    ("tool_choice without tools", "/v1/chat/completions", {**HI, "tool_choice": "required"}, "tool_choice",
+     "only allowed when tools"),
+    ("named tool without tools", "/v1/chat/completions",
+     {**HI, "tools": [], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "tools"),
+    ("function_call without functions", "/v1/chat/completions", {**HI, "function_call": "auto"}, "function_call",
+     "only allowed when functions"),
+    ("functions", "/v1/chat/completions", {**HI, "functions": [{"name": "f", "parameters": {}}]}, "functions",
+     "tool calling"),
+    ("unknown role", "/v1/chat/completions", {**HI, "messages": [{"role": "wizard", "content": "hi"}]}, "messages",
+     "messages[0].role must be one of"),
+    ("user content null", "/v1/chat/completions", {**HI, "messages": [{"role": "user", "content": None}]}, "messages",
+     "messages[0].content is required for role 'user'"),
+    ("user content no parts", "/v1/chat/completions", {**HI, "messages": [{"role": "user", "content": []}]},
+     "messages", "empty list"),
+    ("audio in the history", "/v1/chat/completions",
+     {**HI, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "audio": {"id": "a"}},
+                         {"role": "user", "content": "again"}]}, "messages", "messages[1].audio"),
+    ("top_p above 1", "/v1/completions", {**OK, "top_p": 1.5}, "top_p", "top_p must be in [0, 1]"),
+    ("second prompt out of vocab", "/v1/completions", {**OK, "prompt": [[5, 6], [7, 99999999]]}, "prompt",
+     "prompt[1]: token id 99999999"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param,says", NOT_IGNORED, ids=[b[0] for b in NOT_IGNORED])
+def test_what_changes_the_answer_is_never_ignored(server, name, path, body, param, says):
+    err = _error_shape(httpx.post(server.url + path, json=body, timeout=30), 400)
+    assert err["param"] == param and says in err["message"], err
+
+
+def test_what_asks_for_nothing_is_accepted(server):
+    """OpenAI fields that never change its answer (bookkeeping, caching hints, predicted output) are taken,
+    and the answer is the one without them."""
+    plain = httpx.post(server.url + "/v1/chat/completions", json={**HI, "seed": 3}, timeout=60)
+    assert plain.status_code == 200, plain.text
+    extra = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "prompt_cache_key": "c",
+             "safety_identifier": "s", "parallel_tool_calls": True, "modalities": ["text"], "tool_choice": "none",
+             "function_call": "none", "prediction": {"type": "content", "content": "x"}}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**HI, "seed": 3, **extra}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        **HI, "seed": 3, "functions": [{"name": "f", "parameters": {}}], "function_call": "none",
+        "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}})
+    assert r.status_code == 200, r.text
+
+
+class _TemplateSpy:
+    """The real engine whose tokenizer records the messages given to the chat template (and renders "hi")."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.seen = []
+        outer, tok = self, engine.tokenizer
+
+        class Tok:
+            def __getattr__(self, name):
+                return getattr(tok, name)
+
+            def apply_chat_template(self, messages, **kw):
+                outer.seen.append(messages)
+                return tok.encode("hi")
+
+        self.tokenizer = Tok()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_message_fields_reach_the_chat_template(engine):
+    """name, tool_calls and tool_call_id go to the template with role and content, as transformers passes a
+    message: the template decides what they mean (they used to be dropped, and a tool-call history then
+    failed in the template as roles that do not alternate)."""
+    spy = _TemplateSpy(engine)
+    srv = _Server(create_app(spy, MODEL))
+    try:
+        call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+        messages = [{"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "?"}],
+                     "name": "ann"},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**HI, "messages": messages}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert spy.seen == [[{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": "Weather?", "name": "ann"},
+                             {"role": "assistant", "content": "", "tool_calls": [call]},
+                             {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]]
+    finally:
+        srv.stop()
+
+
+def test_405_names_the_methods_allowed(server):
+    r = httpx.get(server.url + "/v1/completions", timeout=30)
+    _error_shape(r, 405)
+    assert r.headers.get("allow") == "POST", r.headers
+
 
 @pytest.mark.parametrize("name,path,body,status,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_input(server, name, path, body, status, param):
@@ -867,8 +983,8 @@ def test_lone_surrogate_is_a_400(server):
         ("/v1/completions", {**OK, "prompt": "x\ud800y", "stream": True}, "prompt"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x\udfffy"}], "max_tokens": 4},
          "messages"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "\ud800", "content": "hi"}], "max_tokens": 4},
-         "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": "a\ud800"}],
+                                  "max_tokens": 4}, "messages"),
     ]:
         err = _error_shape(httpx.post(server.url + path, content=json.dumps(body).encode(),
                                       headers={"content-type": "application/json"}, timeout=30), 400)

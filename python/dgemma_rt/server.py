@@ -38,9 +38,17 @@ stop sequence, which is not returned (``finish_reason`` ``"stop"``); the request
 that completes it, and a stream's text never holds part of one (its drafts may). What OpenAI clients
 send by default and asks for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``n`` /
 ``best_of`` 1, empty ``logit_bias``, ``response_format`` ``text``, ``tools`` with ``tool_choice``
-``"none"``, ``user``); anything else of those, ``echo``, ``logprobs`` and ``top_logprobs`` is a 400
-(chat's ``logprobs: false`` is accepted, as it asks for nothing). Chat's ``max_completion_tokens``
-wins over ``max_tokens`` when both are sent.
+``"none"``, ``modalities`` ``["text"]``); anything else of those, ``echo``, ``logprobs``, ``top_logprobs``,
+``audio``, ``reasoning_effort``, ``verbosity``, ``web_search_options`` and a ``tool_choice`` /
+``function_call`` without tools is a 400 (chat's ``logprobs: false`` is accepted, as it asks for nothing).
+OpenAI fields that never change an answer are accepted and ignored (``user``, ``metadata``, ``store``,
+``service_tier``, ``prediction``, ``prompt_cache_key``, ``safety_identifier``, ``parallel_tool_calls``,
+``stream_options.include_obfuscation``); any other field is a 400 "Unrecognized request argument
+supplied" naming it (a misspelt field, or another server's extension such as ``top_k``), as OpenAI
+answers. Chat messages take the roles ``system``, ``developer`` (as ``system``), ``user``,
+``assistant``, ``tool`` and ``function``; ``content`` may be left out only by an assistant turn; ``name``,
+``tool_calls`` and ``tool_call_id`` go to the chat template with role and content, which decides what
+they mean. Chat's ``max_completion_tokens`` wins over ``max_tokens`` when both are sent.
 
 Per-request work is capped by the operator (``create_app``/``serve`` arguments, ``dgemma-rt serve``
 flags): ``max_tokens`` at most ``max_request_tokens`` (default 8192), ``max_denoising_steps`` and
@@ -174,15 +182,22 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
 
 # ---------------------------------------------------------------------------------------- schema
 class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: Optional[StrictBool] = None
+    include_obfuscation: Optional[StrictBool] = None  # pads chunks against side channels: asks for nothing here
 
 
 class _Request(BaseModel):
-    # Fields that ask for nothing this server could change (user, metadata, store, ...) are ignored;
-    # those that ask for something it cannot do are declared here and refused unless neutral (common()).
-    model_config = ConfigDict(extra="ignore")
+    # A field the schema does not name is a 400 ("Unrecognized request argument supplied", as OpenAI
+    # answers), never ignored: a typo or another server's extension (top_k, min_p, ...) would otherwise
+    # change nothing without a word. OpenAI fields that ask for nothing this server could change (user,
+    # metadata, store, ...) are declared and ignored; those that ask for something it cannot do are
+    # declared and refused unless neutral (common()).
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr
+    user: Any = None
     max_tokens: Optional[StrictInt] = None
     seed: Optional[StrictInt] = None
     stream: Optional[StrictBool] = False
@@ -218,8 +233,21 @@ class _ContentPart(BaseModel):
 
 
 class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: StrictStr
     content: Union[StrictStr, list[_ContentPart], None] = None
+    # Passed to the chat template with role and content, which decides what they mean (transformers'
+    # convention; Gemma's template ignores name).
+    name: Optional[StrictStr] = None
+    tool_calls: Optional[list[Any]] = None
+    tool_call_id: Optional[StrictStr] = None
+    function_call: Any = None
+    refusal: Optional[StrictStr] = None  # an earlier assistant turn's refusal text: history only
+    audio: Any = None  # an earlier assistant turn's audio: refused (text only)
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class ChatRequest(_Request):
@@ -230,6 +258,21 @@ class ChatRequest(_Request):
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
     functions: Optional[list[Any]] = None
+    function_call: Any = None
+    parallel_tool_calls: Optional[StrictBool] = None  # without tools it asks for nothing (tools are refused)
+    # Asked of a model that has no such output or mode: refused unless absent (common()).
+    modalities: Optional[list[StrictStr]] = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    # Ask for nothing this server could change: accepted and ignored.
+    metadata: Any = None
+    store: Optional[StrictBool] = None
+    service_tier: Any = None
+    prediction: Any = None  # predicted output speeds up OpenAI's decoding; it never changes the answer
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -780,6 +823,12 @@ def create_app(
             return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
                             code="invalid_json").response()
         param = loc[0] if loc else None
+        extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+        if extra:  # first: a misspelt field often explains the other errors (a required one missing)
+            where = [str(p) for p in extra[0].get("loc", ()) if p != "body"]
+            name = where[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in where[1:])
+            return APIError(400, f"Unrecognized request argument supplied: {name}", param=where[0],
+                            code="unrecognized_argument").response()
         if not loc and "json" not in request.headers.get("content-type", ""):
             return APIError(400, "the body must be a JSON object sent with Content-Type: application/json "
                             f"(got {request.headers.get('content-type') or 'no Content-Type'})",
@@ -795,7 +844,8 @@ def create_app(
                    else f"{type(cause).__name__}: {str(cause).split(';')[0]}")
             return APIError(400, f"malformed JSON body: {why}"[:500], code="invalid_json").response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        # Starlette's headers stay (a 405's Allow names the methods the route takes)
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
@@ -811,6 +861,8 @@ def create_app(
                            param="model", code="model_not_found")
         # What OpenAI clients send by default (LangChain: temperature 0.7, top_p 1, penalties 0, best_of 1,
         # logit_bias {}) is taken; what asks for something this sampler cannot do is a 400, never ignored.
+        if req.top_p is not None and not 0 <= req.top_p <= 1:
+            raise APIError(400, f"top_p must be in [0, 1], got {req.top_p}", param="top_p")
         if req.top_p is not None and req.top_p != 1:
             raise unsupported("top_p", "top_p below 1 (nucleus sampling)")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -828,8 +880,20 @@ def create_app(
         if isinstance(req, ChatRequest):
             if req.response_format is not None and req.response_format.get("type", "text") != "text":
                 raise unsupported("response_format", f"response_format {req.response_format.get('type')!r}")
-            if (req.tools or req.functions) and req.tool_choice != "none":
-                raise unsupported("tools", "tool calling")
+            # Tools are taken only with tool_choice "none" (they ask for nothing then); a tool choice without
+            # tools is OpenAI's 400 too.
+            for tools, choice, tname, cname in ((req.tools, req.tool_choice, "tools", "tool_choice"),
+                                                (req.functions, req.function_call, "functions", "function_call")):
+                if tools and choice != "none":
+                    raise unsupported(tname, "tool calling")
+                if not tools and choice not in (None, "none"):
+                    raise APIError(400, f"{cname} is only allowed when {tname} are specified", param=cname)
+            if req.modalities is not None and req.modalities != ["text"]:
+                raise unsupported("modalities", f"modalities {req.modalities} (this model answers in text only)")
+            for name, what in (("audio", "audio output"), ("reasoning_effort", "reasoning_effort (no reasoning mode)"),
+                               ("verbosity", "verbosity"), ("web_search_options", "web search")):
+                if getattr(req, name) is not None:
+                    raise unsupported(name, what)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         chat = isinstance(req, ChatRequest)
@@ -898,14 +962,14 @@ def create_app(
         scale = max(float(temperature), 0.01)
         return {"t_min": default_t_min * scale, "t_max": default_t_max * scale}
 
-    def check_prompt(ids: list[int], max_tokens: int) -> None:
+    def check_prompt(ids: list[int], max_tokens: int, where: str = "prompt") -> None:
         vocab = int(engine.config["vocab_size"])
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+            raise APIError(400, f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
         canvases = -(-max_tokens // backend.canvas)
         if len(ids) + canvases * backend.canvas > backend.max_pos:
-            raise APIError(400, f"prompt ({len(ids)} tokens) plus {canvases * backend.canvas} new tokens exceeds the "
+            raise APIError(400, f"{where} ({len(ids)} tokens) plus {canvases * backend.canvas} new tokens exceeds the "
                            f"model's {backend.max_pos} positions", param="prompt",
                            code="context_length_exceeded")
 
@@ -1142,8 +1206,8 @@ def create_app(
             template = [-1] * middle + suffix
         stops = stop_sequences(req)
         jobs = []
-        for ids in batch:
-            check_prompt(ids, len(template) if middle is not None else max_tokens)
+        for i, ids in enumerate(batch):
+            check_prompt(ids, len(template) if middle is not None else max_tokens, f"prompt[{i}]" if many else "prompt")
             jobs.append(_Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle,
                              stop=stops, include_usage=include_usage(req)))
         if len(jobs) > 1:
@@ -1165,14 +1229,29 @@ def create_app(
         messages = []
         for i, m in enumerate(req.messages):
             c = m.content
+            if m.role not in _ROLES:
+                raise APIError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}",
+                               param="messages")
+            if c is None and m.role != "assistant":  # OpenAI's rule: only an assistant turn may leave it out
+                raise APIError(400, f"messages[{i}].content is required for role {m.role!r}", param="messages")
+            if isinstance(c, list) and not c:
+                raise APIError(400, f"messages[{i}].content is an empty list of parts", param="messages")
+            if m.audio is not None:
+                raise unsupported("messages", f"messages[{i}].audio (audio in the history)")
             text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c)
-            for what, value in (("role", m.role), ("content", text)):
+            for what, value in (("content", text), ("name", m.name), ("tool_call_id", m.tool_call_id)):
+                if value is None:
+                    continue
                 try:
                     check_text(value, f"messages[{i}].{what}")
                 except ValueError as e:  # a lone surrogate: the same 400 as in the prompt or the content
                     raise APIError(400, str(e), param="messages", code="invalid_text") from None
             # OpenAI's newer name for the system message (the current SDK sends it); chat templates know "system".
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+            message = {"role": "system" if m.role == "developer" else m.role, "content": text}
+            for name in ("name", "tool_calls", "tool_call_id", "function_call"):
+                if getattr(m, name) is not None:
+                    message[name] = getattr(m, name)
+            messages.append(message)
         try:  # the checkpoint's template may take a while: not on the event loop, which serves everyone
             ids = await run_in_threadpool(backend.tok.apply_chat_template, messages)
         except ValueError as e:
