@@ -164,23 +164,30 @@ int main(int argc, char** argv) {
 """
 
 
-def test_callback_edges_of_the_installed_api(tiny_dir, tmp_path):
+def _run_program(source: str, tiny_dir: str, tmp_path) -> str:
+    """Builds a C++ program against the installed header and library, runs it on the checkpoint, and
+    returns what it printed."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         pytest.skip("no C++ compiler")
-    src = tmp_path / "edges.cpp"
-    src.write_text(CALLBACK_EDGES)
-    binary = str(tmp_path / "edges")
+    src = tmp_path / "program.cpp"
+    src.write_text(source)
+    binary = str(tmp_path / "program")
     cmd = [cxx, "-std=c++17", "-O1", str(src), "-I", dgemma_rt.get_include(), "-L", dgemma_rt.get_library_dir(),
            "-ldgemma_core", "-fopenmp", "-pthread", "-o", binary]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     p = subprocess.run([binary, tiny_dir], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
-    assert "refused: generate() cannot be called inside a callback of the same engine" in p.stdout, p.stdout
-    assert "stopped: 64 new tokens, stop, 1" in p.stdout, p.stdout
-    assert "requests: 2 completed, 0 running, 0 queued" in p.stdout, p.stdout
-    assert "last reference dropped in a callback: 64 new tokens" in p.stdout, p.stdout
+    return p.stdout
+
+
+def test_callback_edges_of_the_installed_api(tiny_dir, tmp_path):
+    out = _run_program(CALLBACK_EDGES, tiny_dir, tmp_path)
+    assert "refused: generate() cannot be called inside a callback of the same engine" in out, out
+    assert "stopped: 64 new tokens, stop, 1" in out, out
+    assert "requests: 2 completed, 0 running, 0 queued" in out, out
+    assert "last reference dropped in a callback: 64 new tokens" in out, out
 
 
 CACHE_EDGES = r"""
@@ -242,19 +249,7 @@ int main(int argc, char** argv) {
 
 def test_kv_cache_edges_of_the_installed_api(tiny_dir, tmp_path):
     """Multi-turn through the C++ API: what it refuses, a cancelled turn's cache, a cache outliving its engine."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        pytest.skip("no C++ compiler")
-    src = tmp_path / "cache_edges.cpp"
-    src.write_text(CACHE_EDGES)
-    binary = str(tmp_path / "cache_edges")
-    cmd = [cxx, "-std=c++17", "-O1", str(src), "-I", dgemma_rt.get_include(), "-L", dgemma_rt.get_library_dir(),
-           "-ldgemma_core", "-fopenmp", "-pthread", "-o", binary]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([binary, tiny_dir], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
-    out = p.stdout
+    out = _run_program(CACHE_EDGES, tiny_dir, tmp_path)
     assert "empty: empty KVCache (not made by Engine::new_cache)" in out, out
     assert "other engine: this KVCache belongs to another Engine" in out, out
     assert "in use: this KVCache is in use by another request that has not finished" in out, out
