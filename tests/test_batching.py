@@ -348,6 +348,65 @@ def test_engine_dropped_by_its_own_callback(tiny_dir):
     req.result(timeout=60)
 
 
+def _maps_of(path) -> int:
+    """Memory mappings of this process that name files under ``path`` (the checkpoint's weights)."""
+    with open("/proc/self/maps") as f:
+        return sum(str(path) in line for line in f)
+
+
+def test_close_frees_the_engine_now(tiny_dir):
+    """close() stops the engine while references remain: running and queued requests end as cancelled,
+    the weights are unmapped, later calls say it is closed, and results made before stay readable."""
+    eng = dgemma_rt.Engine(tiny_dir, num_threads=1)
+    kept = eng.generate([prompt(90)], max_new_tokens=64, max_denoising_steps=2)
+    running = eng.submit([prompt(91)], max_new_tokens=64, max_denoising_steps=10_000, eos_token_id=[],
+                         adaptive_stopping=False)
+    queued = eng.submit([prompt(92)] * eng.max_batch_size, **FIXED)  # waits: the rows are taken
+    while running.status == "queued":
+        time.sleep(0.01)
+    mapped = _maps_of(tiny_dir)
+    assert not eng.closed and mapped > 0
+    eng.close()
+    assert eng.closed and _maps_of(tiny_dir) < mapped
+    for req in (running, queued):
+        with pytest.raises(dgemma_rt.RequestCancelled, match="shut down"):
+            req.result(timeout=30)
+    for call in (lambda: eng.generate([prompt(93)]), lambda: eng.submit([prompt(93)]), lambda: eng.encode([prompt(93)]),
+                 eng.scheduler_stats, eng.kv_pool_stats, lambda: eng.denoise_logits(kept.past_key_values, [[5]])):
+        with pytest.raises(RuntimeError, match="this Engine is closed"):
+            call()
+    assert kept.past_key_values.layer_kv(0, 0)[0].shape[1] == kept.past_key_values.seq_lengths[0] == 12
+    eng.close()  # twice: nothing
+    with dgemma_rt.Engine(tiny_dir, num_threads=1) as eng2:
+        assert eng2.generate([prompt(94)], **FIXED).sequences.shape[1] > 12
+    assert eng2.closed
+
+
+def test_close_inside_a_callback_and_beside_a_running_encode(tiny_dir):
+    eng = dgemma_rt.Engine(tiny_dir, num_threads=1)
+    with pytest.raises(dgemma_rt.RequestCancelled):
+        eng.generate([prompt(95)], max_new_tokens=128, max_denoising_steps=3, on_step=lambda draft: eng.close())
+    assert eng.closed
+    # Another thread inside encode() holds the engine until its call returns; its next call is refused.
+    eng = dgemma_rt.Engine(tiny_dir, num_threads=1)
+    started, errors = threading.Event(), []
+
+    def encode_forever():
+        try:
+            while True:
+                started.set()
+                eng.encode([prompt(96, 200)])
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=encode_forever)
+    t.start()
+    assert started.wait(30)
+    eng.close()
+    t.join(60)
+    assert not t.is_alive() and errors == ["this Engine is closed"]
+
+
 def test_bad_submit_arguments(engine):
     with pytest.raises(TypeError, match="unexpected"):
         engine.submit([prompt(1)], temperature=0.5)

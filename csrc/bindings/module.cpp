@@ -306,21 +306,43 @@ py::dict defaults_dict(const GenerationDefaults& g) {
   return d;
 }
 
-struct PyEngine {
-  std::unique_ptr<Engine> engine;
-  int threads = 0;
-  ~PyEngine() {
-    if (!engine) return;
-    // Stopping the scheduler may run callbacks of requests still in flight, which need the GIL.
-    ReleaseGil release;
+// Stops an engine (cancelling what still runs) and frees it: the deleter of PyEngine's engine.
+void stop_engine(Engine* p) {
+  auto stop = [p] {
     if (Scheduler::on_any_scheduler_thread()) {
       // The last reference went away inside a callback, on a scheduler thread (perhaps this
       // engine's own, which cannot join itself): stop the engine from a thread of its own.
-      std::thread([e = std::move(engine)]() mutable { e.reset(); }).detach();
+      std::thread([p] { delete p; }).detach();
       return;
     }
-    engine.reset();
+    delete p;
+  };
+  if (PyGILState_Check()) {
+    // Stopping the scheduler may run callbacks of requests still in flight, which need the GIL.
+    ReleaseGil release;
+    stop();
+  } else {
+    stop();
   }
+}
+
+struct PyEngine {
+  int threads = 0;
+  void set(std::unique_ptr<Engine> e) { engine_ = std::shared_ptr<Engine>(e.release(), stop_engine); }
+  // The engine, or "closed" (RuntimeError). A call that releases the GIL holds the copy it got: a
+  // close() on another thread meanwhile never frees the engine under it (the last copy stops it).
+  std::shared_ptr<Engine> get() const {
+    DG_REQUIRE(engine_, Error, "this Engine is closed");
+    return engine_;
+  }
+  bool closed() const { return !engine_; }
+  // Stops the engine now: queued and running requests end as cancelled, its memory is freed (KVCaches
+  // still referenced keep the KV storage they point into). Idempotent.
+  void close() { std::shared_ptr<Engine>(std::move(engine_)).reset(); }
+  ~PyEngine() { close(); }
+
+ private:
+  std::shared_ptr<Engine> engine_;
 };
 
 // A submitted request as Python sees it: the native handle plus the caches it writes.
@@ -619,19 +641,20 @@ PYBIND11_MODULE(_core, m) {
              e->threads = o.num_threads;
              ReleaseGil release;
              set_threads(o.num_threads);
-             e->engine = std::make_unique<Engine>(path, o);
+             e->set(std::make_unique<Engine>(path, o));
              return e;
            }),
            py::arg("path"), py::arg("device") = "cpu", py::arg("kv_cache_tokens") = 16384,
            py::arg("max_batch_size") = 8, py::arg("num_threads") = 0, py::arg("progress") = py::none(),
            py::arg("random_weights") = py::none(), py::arg("random_nvfp4_experts") = false,
            py::arg("cpu_weights") = "bf16")
-      .def_property_readonly("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
+      .def_property_readonly("config", [](const PyEngine& e) { return config_dict(e.get()->config()); })
       .def_property_readonly("generation_defaults",
-                             [](const PyEngine& e) { return defaults_dict(e.engine->generation_defaults()); })
-      .def_property_readonly("num_parameters", [](const PyEngine& e) { return e.engine->num_parameters(); })
+                             [](const PyEngine& e) { return defaults_dict(e.get()->generation_defaults()); })
+      .def_property_readonly("num_parameters", [](const PyEngine& e) { return e.get()->num_parameters(); })
       .def("kv_pool_stats", [](const PyEngine& e) {
-        const BlockPool& p = e.engine->pool();
+        const std::shared_ptr<Engine> engine = e.get();
+        const BlockPool& p = engine->pool();
         py::dict d;
         // Reserved: free blocks promised to admitted requests, which only those may take (read with the free
         // count, so that it never exceeds it).
@@ -645,23 +668,25 @@ PYBIND11_MODULE(_core, m) {
         d["block_size"] = p.block_size();
         return d;
       })
-      .def("new_cache", [](const PyEngine& e, int batch) { return e.engine->new_cache(batch); })
+      .def("new_cache", [](const PyEngine& e, int batch) { return e.get()->new_cache(batch); })
       .def("encode", [](PyEngine& e, const std::vector<std::vector<int32_t>>& ids, std::shared_ptr<CacheSet> cache) {
-        if (!cache) cache = e.engine->new_cache(static_cast<int>(ids.size()));
+        const std::shared_ptr<Engine> engine = e.get();
+        if (!cache) cache = engine->new_cache(static_cast<int>(ids.size()));
         {
           ReleaseGil release;
           set_threads(e.threads);
-          e.engine->encode(*cache, ids);
+          engine->encode(*cache, ids);
         }
         return cache;
       }, py::arg("input_ids"), py::arg("cache") = nullptr)
       .def("denoise_logits", [](PyEngine& e, std::shared_ptr<CacheSet> cache,
                                 py::array_t<int32_t, py::array::c_style | py::array::forcecast> canvas,
                                 py::object sc) {
+        const std::shared_ptr<Engine> engine = e.get();
         DG_REQUIRE(cache, InvalidArgument, "denoise_logits needs the KVCache from encode()");
         DG_REQUIRE(canvas.ndim() == 2, InvalidArgument, "canvas_ids must be 2-D [batch, n]");
         const int B = static_cast<int>(canvas.shape(0)), n = static_cast<int>(canvas.shape(1));
-        const int V = e.engine->config().vocab_size;
+        const int V = engine->config().vocab_size;
         DG_REQUIRE(B == static_cast<int>(cache->rows.size()), InvalidArgument,
                    "canvas_ids has " << B << " rows but the cache has " << cache->rows.size());
         py::array_t<float, py::array::c_style | py::array::forcecast> sc_arr;
@@ -678,15 +703,18 @@ PYBIND11_MODULE(_core, m) {
         {
           ReleaseGil release;
           set_threads(e.threads);
-          e.engine->decode(*cache, ids, n, sc_ptr, optr);
+          engine->decode(*cache, ids, n, sc_ptr, optr);
         }
         return out;
       }, py::arg("cache"), py::arg("canvas_ids"), py::arg("self_conditioning_logits") = py::none())
-      .def_property_readonly("max_batch_size", [](const PyEngine& e) { return e.engine->max_batch_size(); })
-      .def("in_callback", [](const PyEngine& e) { return e.engine->on_scheduler_thread(); },
+      .def_property_readonly("max_batch_size", [](const PyEngine& e) { return e.get()->max_batch_size(); })
+      .def("close", &PyEngine::close,
+           "Stops the engine now (queued and running requests end as cancelled) and frees its memory")
+      .def_property_readonly("closed", &PyEngine::closed)
+      .def("in_callback", [](const PyEngine& e) { return e.get()->on_scheduler_thread(); },
            "True on this engine's scheduler thread (inside on_step/on_block callbacks)")
       .def("scheduler_stats", [](const PyEngine& e) {
-        const SchedulerStats st = e.engine->scheduler_stats();
+        const SchedulerStats st = e.get()->scheduler_stats();
         py::dict d;
         d["queued_requests"] = st.queued_requests;
         d["running_requests"] = st.running_requests;
@@ -704,14 +732,16 @@ PYBIND11_MODULE(_core, m) {
         return d;
       })
       .def("set_profiling", [](PyEngine& e, bool decoder, bool encoder) {
+        const std::shared_ptr<Engine> engine = e.get();
         ReleaseGil release;
-        e.engine->set_profiling(decoder, encoder);
+        engine->set_profiling(decoder, encoder);
       }, py::arg("decoder"), py::arg("encoder") = false)
       .def("take_profile", [](PyEngine& e) {
+        const std::shared_ptr<Engine> engine = e.get();
         std::vector<OpTime> prof;
         {
           ReleaseGil release;
-          prof = e.engine->take_profile();
+          prof = engine->take_profile();
         }
         py::list out;
         for (const OpTime& t : prof) {
@@ -724,7 +754,7 @@ PYBIND11_MODULE(_core, m) {
         return out;
       })
       .def("memory_stats", [](const PyEngine& e) {
-        const MemoryStats m = e.engine->memory_stats();
+        const MemoryStats m = e.get()->memory_stats();
         py::dict d;
         d["live_bytes"] = m.live_bytes;
         d["peak_bytes"] = m.peak_bytes;
@@ -757,12 +787,13 @@ PYBIND11_MODULE(_core, m) {
             }
           };
         }
-        if (!cache) cache = e.engine->new_cache(static_cast<int>(ids.size()));
+        const std::shared_ptr<Engine> engine = e.get();
+        if (!cache) cache = engine->new_cache(static_cast<int>(ids.size()));
         PyRequest req;
         req.cache = cache;
         {
           ReleaseGil release;
-          req.handle = e.engine->submit(cache, ids, sp, py_noise, std::move(cb), std::move(done), keep_cache);
+          req.handle = engine->submit(cache, ids, sp, py_noise, std::move(cb), std::move(done), keep_cache);
         }
         return req;
       }, py::arg("input_ids"), py::arg("params"), py::arg("noise") = py::none(), py::arg("on_step") = py::none(),
@@ -794,7 +825,7 @@ PYBIND11_MODULE(_core, m) {
     };
     auto e = std::make_unique<PyEngine>();
     ReleaseGil release;
-    e->engine = std::make_unique<Engine>(path, o);
+    e->set(std::make_unique<Engine>(path, o));
     return e;
   }, py::arg("path"), py::arg("ops"),
      "An engine on the CPU backend with the given ops (moe_experts, lm_head_logits, soft_embedding) unsupported");
@@ -831,7 +862,7 @@ PYBIND11_MODULE(_core, m) {
     e->threads = o.num_threads;
     {
       ReleaseGil release;
-      e->engine = std::make_unique<Engine>(path, o);
+      e->set(std::make_unique<Engine>(path, o));
     }
     return py::make_tuple(py::cast(std::move(e)), counters);
   }, py::arg("path"), py::arg("max_batch_size") = 8, py::arg("kv_cache_tokens") = 16384, py::arg("num_threads") = 0,

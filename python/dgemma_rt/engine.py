@@ -623,6 +623,33 @@ class Engine:
         engine._attach(native, os.fsdecode(path), device)
         return engine
 
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Stops the engine and frees its memory now, rather than when the last reference goes (a
+        notebook's output history, a traceback or a callback may hold one for long).
+
+        Queued and running requests end as cancelled (``result()`` raises ``RequestCancelled``), and
+        every later call that needs the engine raises ``RuntimeError("this Engine is closed")``.
+        KVCaches still referenced keep the KV storage they point into until they are dropped. Calls
+        already running on other threads (``encode``, ``denoise_logits``) finish first; inside one of
+        the engine's own callbacks it stops once that callback returns. Closing twice does nothing;
+        ``with Engine(...) as engine:`` closes at the end of the block.
+        """
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.close()
+
+    @property
+    def closed(self) -> bool:
+        native = getattr(self, "_native", None)
+        return native is None or native.closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ introspection
     @property
     def num_parameters(self) -> int:
