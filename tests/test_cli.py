@@ -269,6 +269,40 @@ def test_cli_generate_leaves_unset_values_to_the_checkpoint(monkeypatch, tiny_di
     assert seen["engine"]["device"] == "cuda:1"
 
 
+def test_cli_generate_sampler_options_and_stdin(monkeypatch, tiny_dir):
+    """The sampler flags reach generate() by their names, only when given; --prompt - reads standard input."""
+    import io
+
+    import dgemma_rt
+    from dgemma_rt import cli
+
+    seen = {}
+
+    class FakeEngine:
+        tokenizer = object()
+
+        def __init__(self, path, **kw):
+            pass
+
+        def generate_text(self, prompt, **kw):
+            seen.update(prompt=prompt, kw=kw)
+            return "text"
+
+    monkeypatch.setattr(dgemma_rt, "Engine", FakeEngine)
+    monkeypatch.setattr("sys.stdin", io.StringIO("line one\nline two\n"))
+    assert cli.main(["generate", str(tiny_dir), "--prompt", "-", "--t-min", "0.2", "--t-max", "0.5",
+                     "--entropy-bound", "0.3", "--fixed-steps"]) == 0
+    assert seen["prompt"] == "line one\nline two"
+    assert seen["kw"] == {"seed": 0, "t_min": 0.2, "t_max": 0.5, "entropy_bound": 0.3, "adaptive_stopping": False}
+
+
+def test_cli_generate_bad_sampler_value_is_named(tiny_dir):
+    proc = _run("dgemma_rt.cli", "generate", str(tiny_dir), "--prompt", "hi", "--t-min", "-1", "--steps", "2")
+    assert proc.returncode == 2 and "t_min" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = _run("dgemma_rt.cli", "generate", str(tiny_dir), "--prompt", "hi", "--t-max", "hot")
+    assert proc.returncode == 2 and "--t-max" in proc.stderr, proc.stderr
+
+
 def test_cli_serve_passes_the_device(monkeypatch, tiny_dir):
     server = pytest.importorskip("dgemma_rt.server")
     from dgemma_rt import cli

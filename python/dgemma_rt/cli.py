@@ -94,13 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (with tokenizer.json)")
-    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--prompt", required=True,
+                     help="the prompt text; '-' reads it from standard input (one trailing newline dropped)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=None,
                      help="whole canvases (default: the checkpoint's generation_config.json, else 256)")
     gen.add_argument("--steps", type=_positive_int, default=None,
                      help="max denoising steps per canvas (default: the checkpoint's generation_config.json, else 48)")
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed (default 0)")
+    sampler = gen.add_argument_group("sampler (default: the checkpoint's generation_config.json, else the reference's)")
+    sampler.add_argument("--t-min", type=float, default=None, help="temperature of the last denoising step (0.4)")
+    sampler.add_argument("--t-max", type=float, default=None, help="temperature of the first denoising step (0.8)")
+    sampler.add_argument("--entropy-bound", type=float, default=None,
+                         help="entropy a step may accept in all (0.1; more accepts more tokens per step)")
+    sampler.add_argument("--fixed-steps", action="store_true",
+                         help="run every canvas for exactly --steps steps (no adaptive stopping)")
     gen.add_argument("--threads", type=_thread_count, default=None, help="CPU threads (default: all cores)")
     gen.add_argument("--device", default="cpu", help=DEVICE_HELP)
     gen.add_argument("--cpu-weights", choices=["bf16", "stored", "float32"], default="bf16", help=CPU_WEIGHTS_HELP)
@@ -182,6 +190,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import dgemma_rt
     from dgemma_rt.text import check_text
 
+    if args.prompt == "-":  # before loading: a pipe that fails, fails at once
+        text_in = sys.stdin.read()
+        args.prompt = text_in[:-1] if text_in.endswith("\n") else text_in
     engine = dgemma_rt.Engine(args.checkpoint, device=args.device, num_threads=args.threads,
                               cpu_weights=args.cpu_weights)
     tok = engine.tokenizer
@@ -197,6 +208,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         kwargs["max_new_tokens"] = args.max_new_tokens
     if args.steps is not None:
         kwargs["max_denoising_steps"] = args.steps
+    for name in ("t_min", "t_max", "entropy_bound"):  # range-checked by generate(), which names them
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.fixed_steps:
+        kwargs["adaptive_stopping"] = False
     bar = _progress(engine, args, kwargs) if sys.stderr.isatty() else None
     try:
         text = engine.generate_text(prompt, **kwargs)
