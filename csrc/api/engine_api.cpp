@@ -218,8 +218,8 @@ Request Engine::submit_with(const KVCache::State* cache, const std::vector<int32
     on_done = [fn = std::move(callbacks.on_finish)](dgemma::RequestHandle::Status st) { fn(to_public(st)); };
   // Without a cache of the caller's, the request's blocks go back to the pool as it ends.
   const bool keep_cache = cache != nullptr;
-  state->handle = impl_->engine->submit(cache ? cache->set : nullptr, {prompt}, to_internal(params), nullptr, std::move(cb),
-                                        std::move(on_done), keep_cache);
+  state->handle = impl_->engine->submit(cache ? cache->set : nullptr, {prompt}, to_internal(params), nullptr,
+                                        std::move(cb), std::move(on_done), keep_cache);
   Request r;
   r.state_ = std::move(state);
   return r;
