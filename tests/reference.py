@@ -314,7 +314,11 @@ class EngineLogits:
     then decide from the same numbers, so the comparison checks the engine's loop exactly, free of the near-ties that
     float32 rounding differences in the logits can flip. That holds while the engine's sampler arithmetic matches the
     reference's bit for bit: a temperature off by one ulp (e.g. `t_min + dt * ratio` contracted to an FMA) perturbs
-    the self-conditioning input, and a long run can then drift apart at a near-tie.
+    the self-conditioning input, and a long run can then drift apart at a near-tie. The entropies are the one place
+    where it does not: the engine sums them in float64 (torch in float32, an ulp apart in most rows) and orders ties
+    with a stable sort (torch.sort does not promise one), so two positions of exactly or nearly equal entropy astride
+    the bound can flip. That needs identical logits at two positions; a model with position information does not
+    give them (a fuzz found it only in configs whose RoPE rotates nothing).
     """
 
     def __init__(self, engine, state=None):

@@ -307,7 +307,8 @@ def config_cases(base_dir: str) -> list[Case]:
         lambda c: c["text_config"].update(sliding_window=2**22, max_position_embeddings=2**24), "load")
     add("canvas_length=65536", lambda c: (c.update(canvas_length=65536),
                                           c["text_config"].update(max_position_embeddings=2**17)), "load", generate=False)
-    add("sliding_window=1", _set("text_config.sliding_window", 1), "load")
+    add("sliding_window=1", _set("text_config.sliding_window", 1), "error")
+    add("sliding_window=2", _set("text_config.sliding_window", 2), "load")
     add("sliding_window=256", _set("text_config.sliding_window", 256), "load")
     add("max_position_embeddings=2**24", _set("text_config.max_position_embeddings", 2**24), "load")
     # Floats: finite and in range.
@@ -343,6 +344,7 @@ def config_cases(base_dir: str) -> list[Case]:
         "per_layer_config kv heads true": _set("text_config.per_layer_config", {"1": {"num_key_value_heads": True}}),
         "per_layer_config entry a list": _set("text_config.per_layer_config", {"1": [16]}),
         "tie_word_embeddings 'yes'": _set("tie_word_embeddings", "yes"),
+        "tie_word_embeddings false (untied encoder)": _set("tie_word_embeddings", False),
         "hidden_activation relu": _set("text_config.hidden_activation", "relu"),
         "attention_bias true": _set("text_config.attention_bias", True),
         "use_bidirectional_attention all": _set("text_config.use_bidirectional_attention", "all"),

@@ -213,7 +213,9 @@ ModelConfig load_model_config(const std::string& dir) {
   c.moe_intermediate_size = f.integer("moe_intermediate_size", 1, kMaxIntermediate);
   c.max_position_embeddings = f.integer("max_position_embeddings", 1, kMaxPositions, 131072);
   // A window longer than the context would only reserve cache no row can fill.
-  c.sliding_window = f.integer("sliding_window", 1, kMaxPositions, std::min(512, c.max_position_embeddings));
+  // At least 2: transformers keeps the last sliding_window - 1 keys as `[-(w - 1):]`, which for a window
+  // of 1 is every key, not none (and its own generate then fails on the second encoder call).
+  c.sliding_window = f.integer("sliding_window", 2, kMaxPositions, std::min(512, c.max_position_embeddings));
   DG_REQUIRE(c.sliding_window <= c.max_position_embeddings, CheckpointError,
              "config.json text_config: sliding_window " << c.sliding_window << " is longer than max_position_embeddings "
                                                         << c.max_position_embeddings);
@@ -226,6 +228,12 @@ ModelConfig load_model_config(const std::string& dir) {
           f.number("final_logit_softcapping", 0.0, false, std::numeric_limits<double>::max(), 30.0);
   }
   c.tie_word_embeddings = top.boolean("tie_word_embeddings", f.boolean("tie_word_embeddings", true));
+  // false unties every shared weight in transformers (the encoder's layers and norm, lm_head): weights
+  // this engine does not read, since it runs the encoder and the LM head on the decoder's.
+  DG_REQUIRE(c.tie_word_embeddings, CheckpointError,
+             "config.json: tie_word_embeddings false is not supported: transformers then gives the encoder and "
+             "lm_head weights of their own (model.encoder.language_model.*, lm_head.weight), while this engine "
+             "shares the decoder's as the released model does");
   c.canvas_length = top.integer("canvas_length", 1, kMaxCanvas, std::min(256, c.max_position_embeddings));
   DG_REQUIRE(c.canvas_length <= c.max_position_embeddings, CheckpointError,
              "config.json: canvas_length " << c.canvas_length << " is longer than max_position_embeddings "

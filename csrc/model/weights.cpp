@@ -81,7 +81,6 @@ std::vector<Pending> wanted(const ModelConfig& cfg, ModelWeights& wr) {
   want(p + "self_conditioning.gate_proj.weight", {I, H}, &w->sc_gate);
   want(p + "self_conditioning.up_proj.weight", {I, H}, &w->sc_up);
   want(p + "self_conditioning.down_proj.weight", {H, I}, &w->sc_down);
-  if (!cfg.tie_word_embeddings) want("lm_head.weight", {V, H}, &w->lm_head);
 
   w->layers.resize(cfg.num_layers);
   for (int i = 0; i < cfg.num_layers; ++i) {
@@ -255,7 +254,7 @@ std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint6
       w->owned_.push_back(std::move(buf));
     }
   }
-  if (cfg.tie_word_embeddings) w->lm_head = w->embed_tokens;
+  w->lm_head = w->embed_tokens;  // tied (config.cpp refuses untied checkpoints)
   return w;
 }
 
@@ -406,7 +405,7 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
     }
     if (progress) progress(Phase::kRead, ++done, total);
   }
-  if (cfg.tie_word_embeddings) w->lm_head = w->embed_tokens;
+  w->lm_head = w->embed_tokens;  // tied (config.cpp refuses untied checkpoints)
 
   // Scalars: one value each. They are not tied between encoder and decoder; a missing one keeps
   // its initial value 1, as in the reference.
