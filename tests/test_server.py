@@ -439,13 +439,15 @@ def test_message_fields_reach_the_chat_template(engine):
                     {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "?"}],
                      "name": "ann"},
                     {"role": "assistant", "content": None, "tool_calls": [call]},
-                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                    {"role": "assistant", "content": None, "refusal": "no"}]
         r = httpx.post(srv.url + "/v1/chat/completions", json={**HI, "messages": messages}, timeout=60)
         assert r.status_code == 200, r.text
         assert spy.seen == [[{"role": "system", "content": "be brief"},
                              {"role": "user", "content": "Weather?", "name": "ann"},
                              {"role": "assistant", "content": "", "tool_calls": [call]},
-                             {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]]
+                             {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+                             {"role": "assistant", "content": "", "refusal": "no"}]]
     finally:
         srv.stop()
 

@@ -47,8 +47,8 @@ OpenAI fields that never change an answer are accepted and ignored (``user``, ``
 supplied" naming it (a misspelt field, or another server's extension such as ``top_k``), as OpenAI
 answers. Chat messages take the roles ``system``, ``developer`` (as ``system``), ``user``,
 ``assistant``, ``tool`` and ``function``; ``content`` may be left out only by an assistant turn; ``name``,
-``tool_calls`` and ``tool_call_id`` go to the chat template with role and content, which decides what
-they mean. Chat's ``max_completion_tokens`` wins over ``max_tokens`` when both are sent.
+``tool_calls``, ``tool_call_id``, ``function_call`` and ``refusal`` go to the chat template with role and
+content, which decides what they mean. Chat's ``max_completion_tokens`` wins over ``max_tokens`` when both are sent.
 
 Per-request work is capped by the operator (``create_app``/``serve`` arguments, ``dgemma-rt serve``
 flags): ``max_tokens`` at most ``max_request_tokens`` (default 8192), ``max_denoising_steps`` and
@@ -238,12 +238,12 @@ class _Message(BaseModel):
     role: StrictStr
     content: Union[StrictStr, list[_ContentPart], None] = None
     # Passed to the chat template with role and content, which decides what they mean (transformers'
-    # convention; Gemma's template ignores name).
+    # convention; Gemma's template ignores name and refusal).
     name: Optional[StrictStr] = None
     tool_calls: Optional[list[Any]] = None
     tool_call_id: Optional[StrictStr] = None
     function_call: Any = None
-    refusal: Optional[StrictStr] = None  # an earlier assistant turn's refusal text: history only
+    refusal: Optional[StrictStr] = None  # an earlier assistant turn's refusal text
     audio: Any = None  # an earlier assistant turn's audio: refused (text only)
 
 
@@ -1239,7 +1239,8 @@ def create_app(
             if m.audio is not None:
                 raise unsupported("messages", f"messages[{i}].audio (audio in the history)")
             text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c)
-            for what, value in (("content", text), ("name", m.name), ("tool_call_id", m.tool_call_id)):
+            for what, value in (("content", text), ("name", m.name), ("tool_call_id", m.tool_call_id),
+                                ("refusal", m.refusal)):
                 if value is None:
                     continue
                 try:
@@ -1248,7 +1249,7 @@ def create_app(
                     raise APIError(400, str(e), param="messages", code="invalid_text") from None
             # OpenAI's newer name for the system message (the current SDK sends it); chat templates know "system".
             message = {"role": "system" if m.role == "developer" else m.role, "content": text}
-            for name in ("name", "tool_calls", "tool_call_id", "function_call"):
+            for name in ("name", "tool_calls", "tool_call_id", "function_call", "refusal"):
                 if getattr(m, name) is not None:
                     message[name] = getattr(m, name)
             messages.append(message)
