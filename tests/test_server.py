@@ -440,14 +440,23 @@ def test_message_fields_reach_the_chat_template(engine):
                      "name": "ann"},
                     {"role": "assistant", "content": None, "tool_calls": [call]},
                     {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-                    {"role": "assistant", "content": None, "refusal": "no"}]
+                    {"role": "assistant", "content": None, "refusal": "no"},
+                    {"role": "function", "name": "weather", "content": None}]
         r = httpx.post(srv.url + "/v1/chat/completions", json={**HI, "messages": messages}, timeout=60)
         assert r.status_code == 200, r.text
-        assert spy.seen == [[{"role": "system", "content": "be brief"},
-                             {"role": "user", "content": "Weather?", "name": "ann"},
-                             {"role": "assistant", "content": "", "tool_calls": [call]},
-                             {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
-                             {"role": "assistant", "content": "", "refusal": "no"}]]
+        # A reply sent back as the openai SDK's message.model_dump() (every field, null ones included).
+        reply = openai.types.chat.ChatCompletionMessage(role="assistant", content="hi").model_dump()
+        assert reply["annotations"] is None
+        back = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+                          json={**HI, "messages": [{"role": "user", "content": "hi"}, reply,
+                                                   {"role": "user", "content": "more"}]})
+        assert back.status_code == 200, back.text
+        assert spy.seen[0] == [{"role": "system", "content": "be brief"},
+                               {"role": "user", "content": "Weather?", "name": "ann"},
+                               {"role": "assistant", "content": "", "tool_calls": [call]},
+                               {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+                               {"role": "assistant", "content": "", "refusal": "no"},
+                               {"role": "function", "content": "", "name": "weather"}]
     finally:
         srv.stop()
 

@@ -41,12 +41,13 @@ send by default and asks for nothing is accepted (``top_p`` 1, ``presence_penalt
 ``"none"``, ``modalities`` ``["text"]``); anything else of those, ``echo``, ``logprobs``, ``top_logprobs``,
 ``audio``, ``reasoning_effort``, ``verbosity``, ``web_search_options`` and a ``tool_choice`` /
 ``function_call`` without tools is a 400 (chat's ``logprobs: false`` is accepted, as it asks for nothing).
-OpenAI fields that never change an answer are accepted and ignored (``user``, ``metadata``, ``store``,
-``service_tier``, ``prediction``, ``prompt_cache_key``, ``safety_identifier``, ``parallel_tool_calls``,
-``stream_options.include_obfuscation``); any other field is a 400 "Unrecognized request argument
+OpenAI fields that never change an answer are accepted and ignored (``user``,
+``stream_options.include_obfuscation``; on chat also ``metadata``, ``store``, ``service_tier``,
+``prediction``, ``prompt_cache_key``, ``safety_identifier``, ``parallel_tool_calls`` and a message's
+``annotations``); any other field is a 400 "Unrecognized request argument
 supplied" naming it (a misspelt field, or another server's extension such as ``top_k``), as OpenAI
 answers. Chat messages take the roles ``system``, ``developer`` (as ``system``), ``user``,
-``assistant``, ``tool`` and ``function``; ``content`` may be left out only by an assistant turn; ``name``,
+``assistant``, ``tool`` and ``function``; ``content`` may be null only in an assistant or function turn; ``name``,
 ``tool_calls``, ``tool_call_id``, ``function_call`` and ``refusal`` go to the chat template with role and
 content, which decides what they mean. Chat's ``max_completion_tokens`` wins over ``max_tokens`` when both are sent.
 
@@ -245,6 +246,7 @@ class _Message(BaseModel):
     function_call: Any = None
     refusal: Optional[StrictStr] = None  # an earlier assistant turn's refusal text
     audio: Any = None  # an earlier assistant turn's audio: refused (text only)
+    annotations: Any = None  # an earlier reply's URL citations (the SDK's model_dump() sends null): history only
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -1232,7 +1234,7 @@ def create_app(
             if m.role not in _ROLES:
                 raise APIError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}",
                                param="messages")
-            if c is None and m.role != "assistant":  # OpenAI's rule: only an assistant turn may leave it out
+            if c is None and m.role not in ("assistant", "function"):  # OpenAI's rule: only these may leave it out
                 raise APIError(400, f"messages[{i}].content is required for role {m.role!r}", param="messages")
             if isinstance(c, list) and not c:
                 raise APIError(400, f"messages[{i}].content is an empty list of parts", param="messages")

@@ -142,8 +142,10 @@ class Request {
 // cache in place, also when the request fails or is cancelled (it then holds what that request
 // encoded before it stopped; that cannot be undone, so a turn that must be retryable starts from a
 // fresh cache). The cache holds the prompt and every committed canvas except the last (the reference
-// never encodes the last canvas): start the next turn's prompt with the last
-// ModelInfo::canvas_length tokens of Result::new_tokens. One request at a time may use a cache
+// never encodes the last canvas), and none from the canvas that holds an EOS on (a template's
+// locked canvases after it neither): it holds the first tokens() - tokens_before - prompt.size()
+// tokens of Result::new_tokens, and the next turn's prompt starts with the rest (without a
+// template: the last ModelInfo::canvas_length tokens). One request at a time may use a cache
 // (submit() refuses a second while the first has not finished); copies share it, and its blocks go
 // back to the pool when the last copy is gone, even after the Engine is.
 class KVCache {
