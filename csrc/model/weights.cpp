@@ -254,7 +254,6 @@ std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint6
       w->owned_.push_back(std::move(buf));
     }
   }
-  w->lm_head = w->embed_tokens;  // tied (config.cpp refuses untied checkpoints)
   return w;
 }
 
@@ -405,7 +404,6 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
     }
     if (progress) progress(Phase::kRead, ++done, total);
   }
-  w->lm_head = w->embed_tokens;  // tied (config.cpp refuses untied checkpoints)
 
   // Scalars: one value each. They are not tied between encoder and decoder; a missing one keeps
   // its initial value 1, as in the reference.

@@ -75,7 +75,6 @@ enum class HostF32 : uint8_t {
 
 struct ModelWeights {
   const float* embed_tokens = nullptr;  // [V, H]
-  const float* lm_head = nullptr;       // [V, H] (tied to embed_tokens by default)
   const float* final_norm = nullptr;    // [H]
   const float* sc_pre_norm = nullptr;   // [H]
   const float* sc_gate = nullptr;       // [I, H]

@@ -193,7 +193,7 @@ CpuBackend::CpuBackend(const ModelConfig& cfg, const ModelWeights& w, bool bf16_
   };
   auto g = [](const char* s) { return ModelWeights::global_name(s); };
   embed_ = mat(w.embed_tokens, g("embed_tokens.weight"));
-  lm_head_ = cfg.tie_word_embeddings ? embed_ : mat(w.lm_head, "lm_head.weight");
+  lm_head_ = embed_;  // tied (config.cpp refuses untied checkpoints)
   sc_gate_ = mat(w.sc_gate, g("self_conditioning.gate_proj.weight"));
   sc_up_ = mat(w.sc_up, g("self_conditioning.up_proj.weight"));
   sc_down_ = mat(w.sc_down, g("self_conditioning.down_proj.weight"));

@@ -479,7 +479,7 @@ CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights&
     const char* fused = std::getenv("DGEMMA_CUDA_FUSED_LM_HEAD");
     cudaDeviceProp prop{};
     DG_CUDA(cudaGetDeviceProperties(&prop, device_));
-    fused_head_ = fused && std::string(fused) == "1" && cfg_.tie_word_embeddings && (prop.major == 9 || prop.major == 10);
+    fused_head_ = fused && std::string(fused) == "1" && (prop.major == 9 || prop.major == 10);
     upload_weights(w);
   } catch (...) {
     release();
@@ -968,7 +968,7 @@ void CudaBackend::upload_weights(const ModelWeights& w) {
   upload_total_ = static_cast<int>(w.sources().size());
   auto g = [](const char* s) { return ModelWeights::global_name(s); };
   embed_ = upload_mat({g("embed_tokens.weight")}, V, H);
-  lm_head_ = cfg_.tie_word_embeddings ? embed_ : upload_mat({"lm_head.weight"}, V, H);
+  lm_head_ = embed_;  // tied (config.cpp refuses untied checkpoints)
   final_norm_ = upload_vec(g("norm.weight"), H);
   sc_pre_norm_ = upload_vec(g("self_conditioning.pre_norm.weight"), H);
   sc_gate_up_ = upload_mat({g("self_conditioning.gate_proj.weight"), g("self_conditioning.up_proj.weight")}, 2 * I, H, true);
