@@ -314,7 +314,13 @@ BAD = [
     ("stream_options without stream", "/v1/completions", {**OK, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("stop not a string", "/v1/completions", {**OK, "stop": 5}, 400, "stop"),
-    ("n=2", "/v1/completions", {**OK, "n": 2}, 400, "n"),
+    ("n=0", "/v1/completions", {**OK, "n": 0}, 400, "n"),
+    ("n negative, chat", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": -1}, 400, "n"),
+    ("n=2, streamed", "/v1/completions", {**OK, "n": 2, "stream": True}, 400, "n"),
+    ("n=2, chat streamed", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, 400, "n"),
+    ("n not an integer", "/v1/completions", {**OK, "n": 1.5}, 400, "n"),
     ("steps zero", "/v1/completions", {**OK, "max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ("t_min negative", "/v1/completions", {**OK, "t_min": -1.0}, 400, "t_min"),
     ("entropy_bound negative", "/v1/completions", {**OK, "entropy_bound": -0.5}, 400, "entropy_bound"),
@@ -540,6 +546,58 @@ def test_several_prompts_answer_one_choice_each(server, engine):
     as_ids = httpx.post(server.url + "/v1/completions", json={**body, "prompt": ids}, timeout=60).json()
     assert as_ids["choices"] == together["choices"]
     assert _pool_full(engine)
+
+
+def test_n_choices_are_the_answers_to_consecutive_seeds(server, engine):
+    """n asks for several choices per prompt: choice j is what the prompt gets alone with seed + j, a prompt
+    list's choice i * n + j belongs to prompt i, and usage counts each prompt once."""
+    body = {**OK, "max_tokens": 32, "seed": 9}
+    prompts = ["hello", "the story"]
+    alone = {(p, s): httpx.post(server.url + "/v1/completions", json={**body, "prompt": p, "seed": s},
+                                timeout=60).json() for p in prompts for s in (9, 10, 11)}
+    r = httpx.post(server.url + "/v1/completions", json={**body, "prompt": prompts, "n": 3}, timeout=120)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert [c["index"] for c in got["choices"]] == list(range(6))
+    want = [alone[(p, s)]["choices"][0] for p in prompts for s in (9, 10, 11)]
+    assert [(c["text"], c["finish_reason"]) for c in got["choices"]] == [(w["text"], w["finish_reason"]) for w in want]
+    assert len({c["text"] for c in got["choices"][:3]}) > 1  # the seeds differ, and so do the answers
+    usage = got["usage"]
+    assert usage["prompt_tokens"] == sum(alone[(p, 9)]["usage"]["prompt_tokens"] for p in prompts)
+    assert usage["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone.values())
+    assert usage["denoising_steps"] == sum(a["usage"]["denoising_steps"] for a in alone.values())
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # one prompt; chat the same way; the last seed wraps around 2**64
+    one = httpx.post(server.url + "/v1/completions", json={**body, "prompt": "hello", "n": 2}, timeout=60).json()
+    assert [c["text"] for c in one["choices"]] == [alone[("hello", s)]["choices"][0]["text"] for s in (9, 10)]
+    assert one["usage"]["prompt_tokens"] == alone[("hello", 9)]["usage"]["prompt_tokens"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, **FAST}
+    seeds = (2**64 - 1, 0)
+    single = [httpx.post(server.url + "/v1/chat/completions", json={**chat, "seed": s}, timeout=60).json()
+              for s in seeds]
+    r = httpx.post(server.url + "/v1/chat/completions", json={**chat, "seed": seeds[0], "n": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    both = r.json()
+    assert both["object"] == "chat.completion" and both["id"].startswith("chatcmpl-")
+    assert [c["message"] for c in both["choices"]] == [a["choices"][0]["message"] for a in single]
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert both["usage"]["prompt_tokens"] == single[0]["usage"]["prompt_tokens"]
+    assert both["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in single)
+    assert _pool_full(engine)
+
+
+def test_more_choices_than_the_queue_are_refused(engine):
+    """n times the prompts is what one request queues: more than max_running + max_queue is a 400 naming n."""
+    srv = _Server(create_app(engine, MODEL, max_queue=3, max_running=2))
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **FAST}
+        for path, body in (("/v1/completions", {**OK, "prompt": ["a", "b"], "n": 3}),
+                           ("/v1/completions", {**OK, "n": 6}), ("/v1/chat/completions", {**chat, "n": 10**9})):
+            err = _error_shape(httpx.post(srv.url + path, json=body, timeout=30), 400)
+            assert err["param"] == "n" and err["code"] == "limit_exceeded" and "(5)" in err["message"], err
+        assert httpx.post(srv.url + "/v1/chat/completions", json={**chat, "n": 5}, timeout=60).status_code == 200
+    finally:
+        srv.stop()
 
 
 def test_a_batch_larger_than_the_queue_is_refused(engine):

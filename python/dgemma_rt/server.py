@@ -36,7 +36,7 @@ halves both ends; 0 scales it by 1/100, which samples each step's argmax in prac
 combined with ``t_min`` / ``t_max`` unless it is the neutral 1. ``stop`` (a string or up to 4) ends the text before the first
 stop sequence, which is not returned (``finish_reason`` ``"stop"``); the request ends with the canvas
 that completes it, and a stream's text never holds part of one (its drafts may). What OpenAI clients
-send by default and asks for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``n`` /
+send by default and asks for nothing is accepted (``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0,
 ``best_of`` 1, empty ``logit_bias``, ``response_format`` ``text``, ``tools`` with ``tool_choice``
 ``"none"``, ``modalities`` ``["text"]``); anything else of those, ``echo``, ``logprobs``, ``top_logprobs``,
 ``audio``, ``reasoning_effort``, ``verbosity``, ``web_search_options`` and a ``tool_choice`` /
@@ -59,7 +59,9 @@ the field and the limit. Text the tokenizer cannot take (a lone surrogate such a
 Generation comes in whole canvases: the text is cut to ``max_tokens`` tokens. ``finish_reason`` is
 ``"stop"`` when an EOS or pad id or a stop sequence ended the text within ``max_tokens`` tokens, else
 ``"length"``. Without ``seed`` a request uses seed 0: the same request gives the same text (send a
-seed per request for varied answers). ``usage``
+seed per request for varied answers). ``n`` (not streamed) asks for several choices per prompt: choice
+``j`` is what the prompt gets alone with seed ``seed + j`` (mod 2**64), and a prompt list's choice
+``i * n + j`` belongs to prompt ``i``; ``usage`` counts each prompt once. ``usage``
 holds ``prompt_tokens``, ``completion_tokens`` (tokens of the returned text, EOS not counted),
 ``total_tokens`` and ``denoising_steps`` (decoder passes spent on the request).
 
@@ -872,8 +874,8 @@ def create_app(
                 raise unsupported(name, name.replace("_", " "))
         if req.logit_bias:
             raise unsupported("logit_bias", "logit_bias")
-        if req.n is not None and req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if req.n is not None and req.n < 1:
+            raise APIError(400, f"n must be a positive integer, got {req.n}", param="n")
         if isinstance(req, CompletionRequest):
             if req.echo:
                 raise unsupported("echo", "echo")
@@ -935,6 +937,18 @@ def create_app(
         if req.temperature is not None:
             kwargs.update(temperature_schedule(req.temperature, "t_min" in kwargs or "t_max" in kwargs))
         return mt, seed, kwargs
+
+    def choice_count(req: _Request, prompts: int = 1) -> int:
+        """How many choices each prompt gets (n), checked against what one request may queue."""
+        n = 1 if req.n is None else req.n
+        if n > 1 and req.stream:
+            raise APIError(400, f"n={n} with stream: a stream answers one choice (send n streaming requests)",
+                           param="n", code="unsupported_parameter")
+        if prompts * n > max_prompts:
+            what = f"n={n}" if prompts == 1 else f"{prompts} prompts with n={n}"
+            raise APIError(400, f"{what} asks for {prompts * n} choices, more than this server queues at once "
+                           f"({max_prompts})", param="n", code="limit_exceeded")
+        return n
 
     def include_usage(req: _Request) -> bool:
         return bool(req.stream and req.stream_options is not None and req.stream_options.include_usage)
@@ -1015,39 +1029,31 @@ def create_app(
         finally:
             gone.cancel()
 
-    async def run_batch(jobs: list[_Job], request: Request):
+    async def run_batch(jobs: list[_Job], request: Request, chat: bool, n: int = 1):
+        """Answers a non-streaming request: choice i is jobs[i] (prompt i // n, its choice i % n); usage counts
+        each prompt once and every choice's completion."""
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         done = await results(jobs, request)
         if done is None:
             return Response(status_code=499)
-        choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
-                   for i, r in enumerate(done)]
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                        "finish_reason": r["finish_reason"]} for i, r in enumerate(done)]
+        else:
+            choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                       for i, r in enumerate(done)]
         usage = {k: sum(_usage(r)[k] for r in done) for k in _usage(done[0])}
-        return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": created,
+        usage["prompt_tokens"] = sum(r["prompt_tokens"] for r in done[::n])
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name, "choices": choices, "usage": usage}
 
     async def run(job: _Job, chat: bool, request: Request):
+        if not job.stream:
+            return await run_batch([job], request, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        if not job.stream:
-            done = await results([job], request)
-            if done is None:
-                return Response(status_code=499)
-            result = done[0]
-            usage = _usage(result)
-            if chat:
-                return {
-                    "id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                                 "logprobs": None, "finish_reason": result["finish_reason"]}],
-                    "usage": usage,
-                }
-            return {
-                "id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": result["text"], "logprobs": None, "finish_reason": result["finish_reason"]}],
-                "usage": usage,
-            }
-
         job.loop = asyncio.get_running_loop()
         job.queue = asyncio.Queue()
         future = backend.submit(job)
@@ -1161,6 +1167,7 @@ def create_app(
         if len(prompts) > max_prompts:
             raise APIError(400, f"prompt holds {len(prompts)} prompts, more than this server queues at once "
                            f"({max_prompts})", param="prompt", code="limit_exceeded")
+        n = choice_count(req, len(prompts))
 
         def encode_prompts() -> list[list[int]]:
             batch = []
@@ -1210,10 +1217,10 @@ def create_app(
         jobs = []
         for i, ids in enumerate(batch):
             check_prompt(ids, len(template) if middle is not None else max_tokens, f"prompt[{i}]" if many else "prompt")
-            jobs.append(_Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=template, middle=middle,
-                             stop=stops, include_usage=include_usage(req)))
+            jobs += [_Job(ids, max_tokens, (seed + j) % 2**64, kwargs, bool(req.stream), template=template,
+                          middle=middle, stop=stops, include_usage=include_usage(req)) for j in range(n)]
         if len(jobs) > 1:
-            return await run_batch(jobs, request)
+            return await run_batch(jobs, request, chat=False, n=n)
         job = jobs[0]
         if req.suffix is not None and req.stream:  # the drafts show the middle settling before it
             job.suffix_text = req.suffix if isinstance(req.suffix, str) else backend.tok.decode(suffix)
@@ -1228,6 +1235,7 @@ def create_app(
             max_tokens, seed, kwargs = common(req, req.max_tokens)
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages", code="empty_prompt")
+        n = choice_count(req)
         messages = []
         for i, m in enumerate(req.messages):
             c = m.content
@@ -1262,8 +1270,11 @@ def create_app(
         if not ids:
             raise APIError(400, "the chat renders to an empty prompt", param="messages", code="empty_prompt")
         check_prompt(ids, max_tokens)
-        return await run(_Job(ids, max_tokens, seed, kwargs, bool(req.stream), template=req.canvas_template,
-                              stop=stop_sequences(req), include_usage=include_usage(req)), chat=True, request=request)
+        jobs = [_Job(ids, max_tokens, (seed + j) % 2**64, kwargs, bool(req.stream), template=req.canvas_template,
+                     stop=stop_sequences(req), include_usage=include_usage(req)) for j in range(n)]
+        if n > 1:
+            return await run_batch(jobs, request, chat=True, n=n)
+        return await run(jobs[0], chat=True, request=request)
 
     @app.get("/metrics")
     async def metrics():
