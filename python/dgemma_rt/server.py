@@ -377,7 +377,7 @@ class _Backend:
             # A request an idle worker is about to pick up does not count.
             if self.stats.waiting + self.stats.running + len(jobs) > self.max_running + self.max_queue:
                 self.stats.rejected += 1
-                what = "full" if len(jobs) == 1 else f"too full for {len(jobs)} prompts"
+                what = "full" if len(jobs) == 1 else f"too full for {len(jobs)} choices"
                 # Retry-After: OpenAI's clients wait that long before their retry instead of backing off blind.
                 raise APIError(429, f"the server queue is {what} ({self.max_queue} requests may wait); retry later",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
