@@ -24,7 +24,10 @@ Sections (each guarded: a failure is recorded and the others still run; exit cod
                 kernels side by side (Hopper); the CUTLASS BF16 grouped GEMMs (+ gelu-gate) likewise
   moe_router    T=256, E=128, H=2816, float32 x (the backend's residual stream)
   lm_head       logits GEMM V=262144, H=2816, M=256 (CUTLASS sm90 with the softcap epilogue node, float32
-                out; and the mma.sync matmul beside it) and the self-conditioning product probs @ E (split-K)
+                out; and the mma.sync matmul beside it) and the self-conditioning product probs @ E (split-K);
+                the fused LM head + sampler + soft embedding (DGEMMA_CUDA_FUSED_LM_HEAD=1) on flat and on
+                peaked logits, with the number of positions its exact fallback drew (not in per_op_ms: the
+                roofline's default step has the per-row LM head)
   dense_gemms   the CUTLASS BF16 GEMMs of the attention projections and the dense MLP at M=256
 
 The JSON holds the device, driver, commit, per kernel ms / bytes / FLOPs / GB/s / TFLOP/s, the target
@@ -79,6 +82,7 @@ class Kernel:
     shapes: dict[str, Any]
     note: str = ""
     weight_bytes: float | None = None  # the expert GEMMs: the part the 1.25x target counts
+    observe: Callable[[], dict[str, Any]] | None = None  # after timing: what one more call reports (GPU only)
 
 
 class Ctx:
@@ -96,6 +100,10 @@ class Ctx:
 
     def empty(self, shape, dtype):
         return self.torch.empty(shape, dtype=dtype, device=self.device)
+
+    def rand(self, shape, dtype):
+        t = self.torch.empty(shape, dtype=dtype, device=self.device)
+        return t if self.dry else t.uniform_(0.0, 1.0, generator=self.gen)
 
     def zeros(self, shape, dtype):
         return self.torch.zeros(shape, dtype=dtype, device=self.device)
@@ -383,6 +391,7 @@ def section_lm_head(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
 
     live = not ctx.dry
     return [
+        *fused_lm_head(ctx, emb, T, H, V),
         Kernel("lm_head", V * H * 2 + T * H * 2 + T * V * 4, 2.0 * T * V * H, head if live else None,
                {"M": T, "N": V, "K": H, "out": "float32", "softcap": SOFTCAP},
                "the backend's per-row logits GEMM on Hopper (CUTLASS sm90, 128x256 tiles, softcap epilogue node)"),
@@ -393,6 +402,50 @@ def section_lm_head(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
                soft_emb if live else None, {"M": T, "N": H, "K": V, "w_kn": True, "split_k": split},
                "probs @ E * sqrt(H), split-K (the scatter into the decoder input is not timed)"),
     ], {}
+
+
+def fused_lm_head(ctx: Ctx, emb, T: int, H: int, V: int) -> list[Kernel]:
+    """The fused LM head + sampler + soft embedding (DGEMMA_CUDA_FUSED_LM_HEAD=1): one read of E for the logits,
+    the draw and probs @ E. Its exact fallback rereads E per 16 positions whose draw its error radius cannot
+    certify, and how many those are depends on how flat the distribution is (lm_head_fused.cuh), so it runs
+    twice at t_max = 0.8: on hidden states like random weights' (logits of std ~1: flat, many positions
+    flagged) and on 4x larger ones (std ~4: peaked, few flagged); the difference is the fallback's
+    cost, and each reports how many positions took it."""
+    torch = ctx.torch
+    splits = max(1, 16 // max(1, T // 64))
+    ws_bytes = ctx.size("lm_head_sample_workspace_bytes", splits * T * H * 4 + T * (V // 64) * 16 + (1 << 20), T, H, V)
+    ws = ctx.empty((ws_bytes,), torch.uint8)
+    temperature = ctx.host(torch.full((1,), 0.8, dtype=torch.float32))  # one row of T positions
+    uniform = ctx.rand((T,), torch.float64)
+    soft_index = ctx.host(torch.arange(T, dtype=torch.int32))
+    token, argmax, fallback = (ctx.empty((T,), torch.int32) for _ in range(3))
+    entropy, soft = ctx.empty((T,), torch.float32), ctx.empty((T, H), torch.bfloat16)
+    p = ctx.p
+    kernels = []
+    for name, scale, what in (("lm_head_fused", 1.0, "random weights' logits (std ~1)"),
+                              ("lm_head_fused_peaked", 4.0, "logits of std ~4, peaked")):
+        x = ctx.randn((T, H), torch.bfloat16, scale)
+
+        def run(x=x):
+            ctx.ops.launch_lm_head_sample_fused(p(x), p(emb), p(temperature), p(uniform), p(token), p(argmax),
+                                                p(entropy), p(soft), p(soft_index), p(fallback), p(ws), ws_bytes,
+                                                T, H, V, T, SOFTCAP, math.sqrt(H), ctx.stream)
+
+        def observe(run=run) -> dict[str, Any]:
+            fallback.fill_(-1)
+            run()
+            torch.cuda.synchronize()
+            flagged = int((fallback == 1).sum())
+            unwritten = int((fallback == -1).sum())
+            return {"fallback_positions": flagged, "positions": T, "fallback_fraction": flagged / T,
+                    "fallback_unwritten": unwritten}
+
+        kernels.append(Kernel(name, V * H * 2 + T * H * 2 + 2 * ws_bytes + T * 12, 4.0 * T * V * H,
+                              None if ctx.dry else run, {"P": T, "H": H, "V": V, "temperature": 0.8, "x_std": scale},
+                              f"one pass over E for logits, draw and probs @ E, on {what}; the exact fallback's "
+                              "extra reads of E are in the time, not in bytes",
+                              observe=None if ctx.dry else observe))
+    return kernels
 
 
 def section_dense_gemms(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
@@ -434,7 +487,8 @@ SECTIONS: dict[str, tuple[Callable, list[str]]] = {  # name: (builder, the bindi
                                           "launch_moe_gelu_gate", "ParamsCache"]),
     "moe_router": (section_moe_router, ["moe_router_workspace_bytes", "launch_moe_router"]),
     "lm_head": (section_lm_head, ["matmul_pick_split_k", "matmul_workspace_bytes", "launch_matmul_bf16",
-                                  "launch_gemm_bf16_tn_logits", "ParamsCache"]),
+                                  "launch_gemm_bf16_tn_logits", "ParamsCache", "lm_head_sample_workspace_bytes",
+                                  "launch_lm_head_sample_fused"]),
     "dense_gemms": (section_dense_gemms, ["launch_gemm_bf16_tn", "launch_moe_gelu_gate", "ParamsCache"]),
 }
 
@@ -694,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
                             if not k.name.startswith("sdpa_"):
                                 raise
                     result["kernels"][k.name] = describe(k, tbps, tflops, timing)
+                    if timing is not None and k.observe is not None:
+                        result["kernels"][k.name].update(k.observe())
                 for key, e in extra.items():  # SDPA: which backend torch picks, and each backend that takes the shape
                     hd = key.split("_hd")[1]
                     entry: dict[str, Any] = {"shapes": e["shapes"]}

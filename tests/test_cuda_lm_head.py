@@ -105,7 +105,9 @@ def emulate(x, u, S, E=None):
     mom = sum(wi * (a["t"] + (float(a["m"]) - float(M)) * a["s"]) for a, wi in zip(st, w))
     sumf = np.float32(ssum)
     inv = np.float32(1) / sumf
-    ent = np.log(float(sumf)) - mom / ssum
+    # The CPU op's entropy, with its float lse = M + logf(sum): inv ((lse - M) sum - mom)
+    lse = np.float32(M + np.log(sumf, dtype=np.float32))
+    ent = float(inv) * ((float(lse) - float(M)) * ssum - mom)
     soft = None
     if E is not None:  # softmax @ E from the per-split accumulators (exact p here: the emulation is of the merge)
         acc = [np.exp(x[lo:hi].astype(np.float64) - float(a["m"])) @ E[lo:hi] for (lo, hi), a in zip(bounds, st)]
@@ -176,6 +178,32 @@ def test_emulated_merge_equals_one_pass(V, S, kind):
         ent = -(p * np.log(np.maximum(p, 1e-300))).sum()
         assert abs(out["entropy"] - ent) <= 1e-5 * max(1.0, ent)
         np.testing.assert_allclose(out["soft"], p @ E, rtol=1e-6, atol=1e-9)  # ssum has float32 terms
+
+
+def cpu_entropy(x):
+    """The entropy as the CPU op (csrc/backend/cpu/sample.cpp) and sample_canvas compute it: float
+    probabilities, float lse = M + logf(sum), -sum p (x - lse) over float differences, summed in double."""
+    M = np.float32(x.max())
+    e = np.exp((x - M).astype(np.float32)).astype(np.float32)
+    s = e.astype(np.float64).sum()
+    p = e * (np.float32(1) / np.float32(s))
+    lse = np.float32(M + np.log(np.float32(s), dtype=np.float32))
+    live = p != 0
+    return -(p[live].astype(np.float64) * (x[live] - lse).astype(np.float32).astype(np.float64)).sum()
+
+
+@pytest.mark.parametrize("V", [17, 1000, 4099])
+def test_emulated_entropy_is_the_cpu_rule(V):
+    """The merged entropy keeps the CPU's float rounding of lse (up to half an ulp of |M|, which moves every
+    term alike) instead of computing it away in double: large logits at a low temperature (the soft-cap
+    range at T = 0.4), where that rounding is ~4e-6 and flips entropy-bound acceptances near a tie."""
+    rng = np.random.default_rng(V)
+    worst = 0.0
+    for _ in range(30):
+        x = (logits_like(rng, V, "spiky") / np.float32(0.4)).astype(np.float32)
+        out = emulate(x, 0.5, splits(256, V))
+        worst = max(worst, abs(out["entropy"] - cpu_entropy(x)))
+    assert worst <= 1.5e-6, worst  # what is left: each term's own float subtraction
 
 
 def boundary_uniforms(x, S, M, inv):
@@ -346,8 +374,9 @@ def test_fused_against_sample_canvas(V, H, scale_t):
     raw = (x.astype(np.float64) @ E.astype(np.float64).T).astype(np.float32)
     _, ctok, cam, cent = ops().sample_canvas(raw, temperature, uniform)
     np.testing.assert_array_equal(am, cam)
-    # sample_canvas takes x - lse with lse in float32 (sampler.cuh), the fused pass log(sum) - moment in
-    # double: at low temperatures |lse| reaches hundreds, where a float32 ulp is ~6e-5
+    # Both round lse = M + logf(sum) to float32, but their sums differ in order (and logf may differ from
+    # the host's by an ulp), so lse may land an ulp apart: at low temperatures |lse| reaches hundreds,
+    # where a float32 ulp is ~6e-5; the fused pass also takes x - lse in double, not float, per term
     proc = (raw / np.repeat(temperature, n)[:, None]).astype(np.float64)
     mx = proc.max(axis=1)
     lse = mx + np.log(np.exp(proc - mx[:, None]).sum(axis=1))

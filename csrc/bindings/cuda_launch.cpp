@@ -16,6 +16,7 @@
 #include "kernels/matmul/matmul.cuh"
 #include "kernels/moe/moe.cuh"
 #include "kernels/nvfp4/nvfp4.cuh"
+#include "kernels/sampler/lm_head_fused.cuh"
 #if defined(DGEMMA_WITH_CUTLASS)
 #include "kernels/gemm/gemm.cuh"
 #include "kernels/gemm/params_cache.h"
@@ -64,6 +65,24 @@ void launch_grouped_gemm_nvfp4(uintptr_t x, uintptr_t w, uintptr_t w_global, uin
   p.gather = ptr<const int32_t>(gather), p.gather_div = gather_div;
   p.expected_rows = expected_rows, p.path = parse_w4a16_path(path);
   DG_CUDA_CHECK(kernels::grouped_gemm_nvfp4(p, stream_of(stream)));
+}
+
+// The fused LM head + sampler + soft embedding (lm_head_fused.cuh's layouts); fallback 0: not reported,
+// else int32 [P] set to 1 where the token took the exact fallback.
+void launch_lm_head_sample_fused(uintptr_t x, uintptr_t emb, uintptr_t temperature, uintptr_t uniform,
+                                 uintptr_t token, uintptr_t argmax, uintptr_t entropy, uintptr_t soft,
+                                 uintptr_t soft_index, uintptr_t fallback, uintptr_t workspace,
+                                 size_t workspace_bytes, int P, int H, int V, int n, float softcap,
+                                 float soft_scale, uintptr_t stream) {
+  kernels::LmHeadSampleParams p;
+  p.x = ptr<const bf16>(x), p.emb = ptr<const bf16>(emb);
+  p.P = P, p.H = H, p.V = V, p.n = n, p.softcap = softcap;
+  p.temperature = ptr<const float>(temperature), p.uniform = ptr<const double>(uniform);
+  p.token = ptr<int32_t>(token), p.argmax = ptr<int32_t>(argmax), p.entropy = ptr<float>(entropy);
+  p.soft = ptr<bf16>(soft), p.soft_index = ptr<const int32_t>(soft_index), p.soft_scale = soft_scale;
+  p.workspace = ptr<void>(workspace), p.workspace_bytes = workspace_bytes;
+  p.fallback = ptr<int32_t>(fallback);
+  DG_CUDA_CHECK(kernels::lm_head_sample_fused(p, stream_of(stream)));
 }
 
 // x float32 [T, H], the CUDA backend's residual stream; workspace of moe_router_workspace_bytes(T, E), any contents.
@@ -145,6 +164,13 @@ RegisterCudaOps reg([](py::module_& m) {
   m.def("moe_router_workspace_bytes", &kernels::moe_router_workspace_bytes, arg("T"), arg("E"));
   m.def("launch_moe_gelu_gate", &launch_moe_gelu_gate, arg("h"), arg("act"), arg("M"), arg("I"), arg("stream"),
         "Launch only: act [M, I] = gelu_tanh(h[:, :I]) * h[:, I:]");
+  m.def("launch_lm_head_sample_fused", &launch_lm_head_sample_fused, arg("x"), arg("emb"), arg("temperature"),
+        arg("uniform"), arg("token"), arg("argmax"), arg("entropy"), arg("soft"), arg("soft_index"),
+        arg("fallback"), arg("workspace"), arg("workspace_bytes"), arg("P"), arg("H"), arg("V"), arg("n"),
+        arg("softcap"), arg("soft_scale"), arg("stream"),
+        "Launch only: the fused LM head + sampler + soft embedding on device pointers (fallback 0: not "
+        "reported)");
+  m.def("lm_head_sample_workspace_bytes", &kernels::lm_head_sample_workspace_bytes, arg("P"), arg("H"), arg("V"));
   m.def("launch_matmul_bf16", &launch_matmul_bf16, arg("x"), arg("w"), arg("y"), arg("M"), arg("N"), arg("K"),
         arg("y_f32"), arg("w_kn"), arg("alpha"), arg("softcap"), arg("split_k"), arg("workspace"),
         arg("workspace_bytes"), arg("stream"), "Launch only: the mma.sync matmul (matmul.cuh) on device pointers");

@@ -433,7 +433,11 @@ __device__ __forceinline__ Merged merge_splits(const SplitStat* st, int S, int P
   r.sum = sum;
   const float sumf = static_cast<float>(sum);
   r.inv = 1.0f / sumf;
-  r.ent = sum > 0 ? log(static_cast<double>(sumf)) - mom * __drcp_rn(sum) : 0.0;
+  // The CPU op's entropy, sum_v p_v (lse - x_v) with p_v = e_v * inv and lse = M + logf(sum) rounded to
+  // float: that rounding (up to half an ulp of |M|, ~4e-6 at |M| ~ 190) shifts every term alike, so it is
+  // kept, not computed away in double: inv ((lse - M) sum - sum_v e_v (x_v - M)), mom being the last sum.
+  const float lse = __fadd_rn(M, logf(sumf));
+  r.ent = sum > 0 ? static_cast<double>(r.inv) * ((static_cast<double>(lse) - M) * sum - mom) : 0.0;
   return r;
 }
 

@@ -46,9 +46,16 @@
 // per-term errors are independent (~2-5e-7 relative), so the estimated cum before the crossing is
 // off by up to ~5e-7 of its mass — as large as a whole token's mass in a flat distribution
 // (1/V = 3.8e-6). Recomputing the crossing chunk fixes the order inside the chunk but not that
-// offset; hence the certificate, and the exact fallback for the (rare for a trained model at
-// T <= 0.8; ~5-10 % for flat random-weight logits) positions whose draw lands within the radius of
-// a token boundary. Every step is deterministic: fixed merge orders, integer CDFs, no float atomics.
+// offset; hence the certificate, and the exact fallback for the positions whose draw lands within
+// the radius of a token boundary. How many those are depends on how flat the distribution is: the
+// radius grows with the mass before the target (~1.9e-6 of it), and at V = 262144 one token of a
+// flat distribution holds 3.8e-6 of the mass. A numpy emulation of this scheme at V = 262144
+// flagged, for logits drawn as N(0, s) (standard deviation s) and divided by the temperature:
+// 75 % at s = 0.05, T = 0.8; 56 % at s = 1, T = 0.8 (random weights' logits at t_max: x . E with E
+// of variance 1 / H, common/random_weights.h); 9.5 % at s = 2, T = 0.6; 8 % for 30 tanh(N(0, 3) / 30)
+// at T = 0.8; 0.3 % at s = 4, T = 0.4. A trained model's rate is unmeasured; random-weight
+// benchmarks pay the fallback often (see Cost). Every step is deterministic: fixed merge orders,
+// integer CDFs, no float atomics.
 //
 // Cost (P = 256, H100 SXM): bytes = E once from HBM (bf16 262144 x 2816: 1.48 GB, 0.44 ms at
 // 3.35 TB/s; each split's tiles are read by P/64 = 4 clusters at the same time, from L2) + x (1.4 MB) + workspace
@@ -56,7 +63,8 @@
 // = 0.76 TFLOP: compute-bound, 0.77 ms at the 989 TFLOP/s bf16 peak; mma.sync at ~65 % of peak
 // plus two cluster barriers per 64-entry tile: ~1.3-1.6 ms expected (today: LM head 1.1-1.4 ms +
 // softmax @ E 1.0-1.4 ms + sampler 0.6 ms, and 0.25-2 GB of logits). Resolve: ~10 us. Fallback:
-// +~0.25 ms per batch of 16 flagged positions (one more read of E), only when some are flagged.
+// +~0.25 ms per batch of 16 flagged positions (one more read of E), only when some are flagged: at
+// half of 256 positions flagged (random weights) ~2 ms more; bench/kernels_gpu.py times both cases.
 // Scales linearly in P (8 rows: ~10-12 ms). wgmma (sm_90a) and overlapping the next tile's
 // logits with the exchange are the next steps; sm_120 (99 KB shared memory) needs a smaller tile.
 #pragma once
