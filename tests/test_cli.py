@@ -333,6 +333,33 @@ def test_cli_make_tiny(tmp_path, tiny_dir):
         assert (tmp_path / "t" / name).read_bytes() == (tiny_dir / name).read_bytes()
 
 
+def test_cli_make_tiny_never_overwrites_another_checkpoint(tmp_path, tiny_dir):
+    """A non-empty directory that holds no tiny checkpoint is refused untouched (it used to be overwritten
+    file by file); a tiny checkpoint is rewritten; a file is named as one."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "diffusion_gemma"}')
+    (other / "notes.txt").write_text("mine")
+    proc = _run("dgemma_rt.cli", "make-tiny", str(other))
+    assert proc.returncode == 2 and "is not empty (config.json, notes.txt)" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "notes.txt"]
+    assert (other / "config.json").read_text() == '{"model_type": "diffusion_gemma"}'
+    # the tiny checkpoint's own files, with another config: refused too
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "config.json").write_text("{}")
+    (mixed / "model.safetensors").write_bytes(b"x")
+    assert _run("dgemma_rt.cli", "make-tiny", str(mixed)).returncode == 2
+    assert (mixed / "model.safetensors").read_bytes() == b"x"
+    again = tmp_path / "again"
+    assert _run("dgemma_rt.cli", "make-tiny", str(again), "--seed", "1").returncode == 0
+    proc = _run("dgemma_rt.cli", "make-tiny", str(again))
+    assert proc.returncode == 0, proc.stderr
+    assert (again / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    proc = _run("dgemma_rt.cli", "make-tiny", str(again / "config.json"))
+    assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr, proc.stderr
+
+
 def test_cli_make_tiny_refuses_an_empty_path(tmp_path):
     """`make-tiny "$UNSET"` wrote the checkpoint into the current directory."""
     proc = subprocess.run([sys.executable, "-m", "dgemma_rt.cli", "make-tiny", ""], capture_output=True, text=True,

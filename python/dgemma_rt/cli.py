@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tiny = sub.add_parser("make-tiny", help="write the built-in tiny random checkpoint")
-    tiny.add_argument("dir", metavar="DIR", help="output directory (created if needed)")
+    tiny.add_argument("dir", metavar="DIR", help="output directory: new, empty, or a tiny checkpoint to rewrite "
+                      "(created if needed)")
     tiny.add_argument("--seed", type=_non_negative_int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=_cmd_make_tiny)
 

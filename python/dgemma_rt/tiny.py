@@ -395,13 +395,37 @@ def _write_text(path: pathlib.Path, text: str) -> None:
     path.write_text(text, encoding="utf-8", newline="\n")
 
 
+def _check_target(out: pathlib.Path, config: str) -> None:
+    """Refuses a target that is not a directory, or a non-empty one that is not a tiny checkpoint already:
+    writing there would overwrite (or mix into) another checkpoint's files."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    ours = set(FILES) | {"model.safetensors.tmp"}
+    try:
+        same = (out / "config.json").read_text(encoding="utf-8") == config
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same or not set(entries) <= ours:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise ValueError(f"{out} is not empty ({shown}) and holds no tiny checkpoint: write the tiny checkpoint "
+                         "into a new or empty directory (nothing was written)")
+
+
 def make_tiny(path: str | os.PathLike[str], seed: int = 0) -> pathlib.Path:
-    """Write the tiny random checkpoint into `path` (created if needed) and return it as a Path."""
+    """Write the tiny random checkpoint into `path` (created if needed) and return it as a Path. A
+    non-empty `path` is refused unless it holds a tiny checkpoint already (which is then rewritten)."""
     from safetensors.numpy import save
 
     out = pathlib.Path(path)
+    config = _dump_json(model_config())
+    _check_target(out, config)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.json", _dump_json(model_config()))
+    _write_text(out / "config.json", config)
     _write_text(out / "generation_config.json", _dump_json(generation_config()))
     _write_text(out / "tokenizer_config.json", _dump_json(tokenizer_config()))
     _write_text(out / "tokenizer.json", make_tokenizer().to_str(pretty=True))
