@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -216,6 +218,10 @@ def test_dgemma_quantize_cli(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "quantized 12 tensors" in r.stdout
+    # a new directory's mode, as make-tiny's (it was mkdtemp's 0700: unreadable to a server run as another user)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "dst").stat().st_mode) == 0o777 & ~mask
     r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(tmp_path / "nope"), str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

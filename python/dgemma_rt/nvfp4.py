@@ -683,6 +683,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
         dst = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        # mkdtemp makes it 0700; renamed into place it is the checkpoint, which gets a new directory's mode
+        # (0777 less the umask) so that a server or a shared volume's other users can read it.
+        dst.chmod(0o777 & ~_umask())
     try:
         done = _quantize_into(src, dst, files, src_index, progress, dense, experts)
         if not inside:
@@ -694,6 +697,18 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
     finally:
         shutil.rmtree(dst, ignore_errors=True)
     return done
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _quantize_into(src: Path, dst: Path, files: list[Path], src_index: dict[str, Any] | None, progress: bool,
