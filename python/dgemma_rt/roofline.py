@@ -299,8 +299,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       2.0 * n * V * H, "bf16", 0.8,
                       "per canvas row, CUTLASS sm90 with the softcap as an epilogue visitor node, f32 logits [n, V] "
                       "out: 128x256 tiles in 2x1 clusters, each E tile TMA-multicast to the canvas's two M tiles, so "
-                      "E comes from HBM once and ~2.9 GB from L2 (the mma.sync matmul's 128x128 tiles: 5.9 GB, "
-                      "~0.9 ms); byte side 0.8, tensor side ~0.75 of the wgmma peak, the slower sets the time",
+                      "E comes from HBM once (at the 26B-A4B shape ~2.9 GB from L2; the mma.sync matmul's 128x128 "
+                      "tiles: 5.9 GB, ~0.9 ms); byte side 0.8, tensor side ~0.75 of the wgmma peak, the slower sets the time",
                       compute_efficiency=0.75))
         ops.append(Op("sample_canvas", "kernels/sampler/sample_canvas.cu", rows, n * V * (4 + 4 + 4 + 4 + 2),
                       10.0 * n * V, "fp32", 0.6,
@@ -312,8 +312,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
         ops.append(Op("soft_embedding", "kernels/matmul/matmul.cu split-K + layer/rows.cu scatter", rows,
                       emb + n * V * ab + 2 * split * n * H * 4 + 2 * n * H * ab, 2.0 * n * V * H, "bf16", 0.5,
                       f"probs (bf16 [n, V]) @ E * sqrt(H) as a split-K GEMM (K = V in {split} parts at n = {n}: "
-                      f"one wave of 2 CTAs per SM, f32 partials summed in order): E read again from HBM, 5.9 GB "
-                      f"of L2 tile traffic bounds it near 0.9 ms on an H100; skipped on a canvas's last step",
+                      f"one wave of 2 CTAs per SM, f32 partials summed in order): E read again from HBM (at the "
+                      f"26B-A4B shape 5.9 GB of L2 tile traffic bounds it near 0.9 ms on an H100); skipped on a canvas's last step",
                       launches=3))
     ops.append(Op("accept_canvas", "host (runtime/scheduler.cpp end_step): no kernel in the step", 1, T * 20, T * 16,
                   "fp32", 0.05, "the engine accepts a canvas's tokens on the host after the step's one download",
@@ -529,7 +529,8 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"target {r['target_ms']} ms: the model of today's kernels {verdict} it")
         tv = r["target_verdict"]
         lines.append(f"  {'below the floor, no design of these ops reaches it' if tv['below_floor'] else 'above the floor'}: {tv['reason']}")
-    lines.append("reasons:")
+    lines.append("reasons (the kernels' designs; figures written out in them are the 26B-A4B shape's at batch 1, "
+                 "the table's columns are this shape's):")
     lines.extend(f"  {o['op']}: {o['reason']}" for o in r["ops"])
     lines.append(f"  launch overhead: {g['reason']}")
     lines.append(r["note"])
