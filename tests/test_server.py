@@ -1117,7 +1117,27 @@ def test_signal_stops_the_server_while_requests_run(tiny_dir, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate()
+        out = proc.communicate()[0]
+    assert f"serving '{MODEL}' on 127.0.0.1:" in out, out  # the id clients must send
+
+
+def test_cli_server_refuses_a_busy_port_before_loading(tmp_path):
+    """The port is bound before the checkpoint loads (minutes for a large one): a busy port is the CLI's one-line
+    error at once (it was uvicorn's log and exit 3 after the load); here the checkpoint does not even exist."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(dgemma_rt.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_root)
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "dgemma_rt.cli", "serve", str(tmp_path / "missing"), "--port",
+                               str(port)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ infilling

@@ -53,7 +53,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("dgemma_rt.ray_serve needs Ray Serve: pip install 'dgemma_rt[ray]'") from e
 
 from dgemma_rt.engine import MAX_BATCH_SIZE
-from dgemma_rt.server import create_app
+from dgemma_rt.server import create_app, listen
 
 __all__ = ["AppArgs", "DGemmaReplica", "REPLICA_HEADER", "app_builder", "build", "deployment_options", "run"]
 
@@ -353,14 +353,7 @@ def _check_replica_device(device: str, num_gpus: float) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    import socket
-
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 hosts too
-        with socket.create_server((host, port), family=family):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    listen(host, port).close()  # Ray's proxy binds it itself
 
 
 def _check_resources(have: dict[str, float], build_kwargs: dict[str, Any]) -> None:

@@ -1343,6 +1343,17 @@ def create_app(
     return app
 
 
+def listen(host: str, port: int) -> Any:
+    """A listening TCP socket on host:port (IPv6 hosts too), or a ValueError naming the address."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def serve(
     checkpoint: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -1363,23 +1374,33 @@ def serve(
     On SIGINT/SIGTERM every accepted request is cancelled at once, so the process exits within a
     denoising step or so; ``shutdown_timeout`` seconds bound the wait for connections to close.
     """
+    import sys
+
     import uvicorn
 
     from dgemma_rt.engine import Engine
 
-    engine = Engine(checkpoint, **engine_kwargs)
-    name = model_name or os.path.basename(os.path.abspath(os.fspath(checkpoint)))  # "." names its directory
-    app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes, max_running=max_running,
-                     max_request_tokens=max_request_tokens, max_request_steps=max_request_steps)
-    backend = app.state.backend
+    # Bound before the load (minutes for a large checkpoint): a busy port or a bad host is a ValueError at once,
+    # and the port stays ours meanwhile (clients that connect early wait in the backlog).
+    sock = listen(host, port)
+    try:
+        engine = Engine(checkpoint, **engine_kwargs)
+        name = model_name or os.path.basename(os.path.abspath(os.fspath(checkpoint)))  # "." names its directory
+        app = create_app(engine, name, max_queue=max_queue, max_body_bytes=max_body_bytes, max_running=max_running,
+                         max_request_tokens=max_request_tokens, max_request_steps=max_request_steps)
+        backend = app.state.backend
 
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            # uvicorn waits for open connections before the app's lifespan shutdown runs; requests
-            # still running would keep it waiting, so they are cancelled first.
-            backend.shutdown()
-            await super().shutdown(sockets=sockets)
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets: Any = None) -> None:
+                # uvicorn waits for open connections before the app's lifespan shutdown runs; requests
+                # still running would keep it waiting, so they are cancelled first.
+                backend.shutdown()
+                await super().shutdown(sockets=sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout)
-    Server(config).run()
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                timeout_graceful_shutdown=shutdown_timeout)
+        print(f"serving {name!r} on {host}:{sock.getsockname()[1]} (requests name it as their \"model\")",
+              file=sys.stderr)
+        Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
