@@ -408,6 +408,17 @@ def test_cli_generate_shows_progress_on_a_terminal(monkeypatch, capsys, tiny_dir
     assert shown.out == plain.out and "generating" in shown.err and "canvas" in shown.err, shown.err
 
 
+def test_bench_shows_the_step_within_the_canvas_on_a_terminal(monkeypatch, capsys, tiny_dir):
+    """dgemma-bench's bar moved only per canvas: a large model's canvas (minutes on the CPU) showed nothing."""
+    from dgemma_rt import bench
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert bench.main([str(tiny_dir), "--prompt-len", "8", "--new-tokens", "32", "--steps", "2", "--runs", "1",
+                       "--warmup", "0", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "canvas" in err and "step 1" in err, err
+
+
 def test_cli_generate_escapes_control_characters_on_a_terminal(monkeypatch, capsys, tiny_dir):
     """Random weights write any bytes: on a terminal, escape sequences are shown, not obeyed."""
     import io

@@ -525,14 +525,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         args.seed)
 
     def generate(desc: str) -> tuple[Any, float]:
-        bar = None
+        bar, callbacks = None, {}
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=max_canvases, desc=desc, unit="canvas", file=sys.stderr, leave=False)
+            # The canvas being denoised shows its step (a large model's canvas takes minutes on the CPU); the
+            # bar is redrawn at most twice a second, so a fast GPU step pays one counter increment.
+            state = {"step": 0, "shown": 0.0}
+
+            def on_step(_draft: Any) -> None:
+                state["step"] += 1
+                now = time.monotonic()
+                if now - state["shown"] >= 0.5:
+                    state["shown"] = now
+                    bar.set_postfix_str(f"step {state['step']}")
+
+            def on_block(_block: Any) -> None:
+                state["step"] = 0
+                bar.update(1)
+
+            callbacks = {"on_step": on_step, "on_block": on_block}
         try:
             start = time.perf_counter()
-            out = engine.generate(prompts, on_block=(lambda _block: bar.update(1)) if bar else None, **gen_kwargs)
+            out = engine.generate(prompts, **callbacks, **gen_kwargs)
             return out, time.perf_counter() - start
         finally:
             if bar is not None:
