@@ -380,6 +380,11 @@ def test_cli_generate_user_errors(tmp_path, tiny_dir):
     assert proc.returncode == 2 and "has no chat template" in proc.stderr and "drop --chat" in proc.stderr
     proc = _run("dgemma_rt.cli", "generate", str(tiny_dir), "--prompt", "a\udcffb", "--chat")
     assert proc.returncode == 2 and "--prompt is not valid Unicode" in proc.stderr and "position 1" in proc.stderr
+    # No tokenizer: said before the load (the weights here are not even readable, so a load would fail first)
+    (tmp_path / "t" / "tokenizer.json").unlink()
+    (tmp_path / "t" / "model.safetensors").write_bytes(b"not safetensors")
+    proc = _run("dgemma_rt.cli", "generate", str(tmp_path / "t"), "--prompt", "hi")
+    assert proc.returncode == 2 and "has no tokenizer.json" in proc.stderr, proc.stderr
 
 
 def test_cli_generate_to_a_closed_pipe(tiny_dir):

@@ -194,12 +194,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt == "-":  # before loading: a pipe that fails, fails at once
         text_in = sys.stdin.read()
         args.prompt = text_in[:-1] if text_in.endswith("\n") else text_in
+    no_tokenizer = f"{args.checkpoint} has no tokenizer.json; `dgemma-rt generate` needs one to read the prompt"
+    # Before the load (minutes for a large checkpoint): what the load cannot change. A directory that is no
+    # checkpoint at all is left to the Engine, whose error says so.
+    check_text(args.prompt, "--prompt")  # before the chat template, whose text the position would count in
+    ckpt = os.fspath(args.checkpoint)
+    if os.path.isfile(os.path.join(ckpt, "config.json")) and not os.path.exists(os.path.join(ckpt, "tokenizer.json")):
+        raise ValueError(no_tokenizer)
     engine = dgemma_rt.Engine(args.checkpoint, device=args.device, num_threads=args.threads,
                               cpu_weights=args.cpu_weights)
     tok = engine.tokenizer
     if tok is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer.json; `dgemma-rt generate` needs one to read the prompt")
-    check_text(args.prompt, "--prompt")  # before the chat template, whose text the position would count in
+        raise ValueError(no_tokenizer)
     if args.chat and tok.chat_template is None:
         raise ValueError(f"{args.checkpoint} has no chat template (tokenizer_config.json, chat_template.jinja): "
                          "drop --chat")
