@@ -92,6 +92,9 @@ def test_example_errors(tiny_dir):
     assert p.returncode == 1 and "does not exist" in p.stderr
     p = subprocess.run([binary, tiny_dir, "--steps", "0"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--steps" in p.stderr
+    for args, said in ((["--bogus"], "unknown option --bogus"), (["--steps"], "--steps needs a value")):
+        p = subprocess.run([binary, tiny_dir, *args], capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr.strip()) == (2, said), p.stderr  # --bogus was "needs a value"
 
 
 def test_build_against_installed_api(tiny_dir, tmp_path):

@@ -70,17 +70,19 @@ int main(int argc, char** argv) {
   int requests = 4, max_new_tokens = 64, steps = 8;
   for (int i = 2; i < argc; i += 2) {
     const std::string flag = argv[i];
+    int* target = flag == "--requests" ? &requests
+                  : flag == "--max-new-tokens" ? &max_new_tokens
+                  : flag == "--steps" ? &steps
+                  : nullptr;
+    if (!target) {
+      std::cerr << "unknown option " << flag << "\n";
+      return 2;
+    }
     if (i + 1 >= argc) {
       std::cerr << flag << " needs a value\n";
       return 2;
     }
-    if (flag == "--requests") requests = positive(argv[i], argv[i + 1]);
-    else if (flag == "--max-new-tokens") max_new_tokens = positive(argv[i], argv[i + 1]);
-    else if (flag == "--steps") steps = positive(argv[i], argv[i + 1]);
-    else {
-      std::cerr << "unknown option " << flag << "\n";
-      return 2;
-    }
+    *target = positive(argv[i], argv[i + 1]);
   }
 
   try {
