@@ -142,7 +142,7 @@ def test_cli_refuses_bad_measured_files(tmp_path):
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
     for path, words in [(listed, "JSON object"), (fifo, "not a regular file"),
-                        (tmp_path / "missing.json", "No such file")]:
+                        (tmp_path / "missing.json", f"--measured {tmp_path / 'missing.json'}: No such file")]:
         proc = subprocess.run([sys.executable, "-m", "dgemma_rt.bench", "--roofline", "--measured", str(path)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr

@@ -939,7 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             quant = None if args.quant == "none" else args.quant
             dense_quant = None if args.dense_quant == "none" else args.dense_quant
-            measured = roofline.load_measured(args.measured, quant, dense_quant) if args.measured else None
+            try:
+                measured = roofline.load_measured(args.measured, quant, dense_quant) if args.measured else None
+            except OSError as e:  # named as the option it came from ("[Errno 2] No such file" said nothing of it)
+                raise ValueError(f"--measured {args.measured}: {e.strerror or e}") from None
             r = roofline.roofline(presets.preset(args.preset, args.num_layers), args.gpu, args.batch, args.context,
                                   quant, dense_quant, measured, fused_lm_head=args.fused_lm_head, steps=args.steps)
             print(json.dumps(r) if args.json else roofline.format_table(r))
