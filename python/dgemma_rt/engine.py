@@ -510,7 +510,7 @@ class Engine:
         kv_cache_tokens: size of the full-attention KV pool in tokens, shared by every row and
             every live ``KVCache``.
         max_batch_size: rows whose sliding-window cache fits in the pool at once.
-        num_threads: CPU threads (default: all cores, or ``OMP_NUM_THREADS``).
+        num_threads: CPU threads (None or 0: all cores, or ``OMP_NUM_THREADS``).
         progress: show a progress bar while loading weights (and, on a GPU, while uploading them).
         quant: ``None`` (weights as stored; NVFP4 / FP8 checkpoints from ``dgemma-quantize`` or
             ModelOpt are recognised by their tensors) or ``"nvfp4"``: quantize the MoE experts of a
