@@ -413,6 +413,19 @@ def test_cli_generate_shows_progress_on_a_terminal(monkeypatch, capsys, tiny_dir
     assert shown.out == plain.out and "generating" in shown.err and "canvas" in shown.err, shown.err
 
 
+def test_serve_ray_without_ray_says_so_once(monkeypatch, capsys):
+    """The hint came twice (ray_serve's ImportError inside the CLI's); now once, with the module that is missing."""
+    from dgemma_rt import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, installed or not
+    monkeypatch.delitem(sys.modules, "dgemma_rt.ray_serve", raising=False)
+    monkeypatch.delattr(dgemma_rt, "ray_serve", raising=False)  # `from dgemma_rt import` would take it
+    assert cli.main(["serve", "some/ckpt", "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dgemma-rt serve --ray needs Ray Serve: pip install 'dgemma_rt[ray]' (") and "ray" in err
+    assert err.count("pip install") == 1, err
+
+
 def test_bench_shows_the_step_within_the_canvas_on_a_terminal(monkeypatch, capsys, tiny_dir):
     """dgemma-bench's bar moved only per canvas: a large model's canvas (minutes on the CPU) showed nothing."""
     from dgemma_rt import bench

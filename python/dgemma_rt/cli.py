@@ -267,7 +267,9 @@ def _cmd_serve_ray(args: argparse.Namespace) -> int:
     try:
         from dgemma_rt import ray_serve
     except ImportError as e:
-        raise ValueError(f"dgemma-rt serve --ray needs Ray Serve: pip install 'dgemma_rt[ray]' ({e})") from None
+        # ray_serve's own message already gives the hint and names the missing module (e.__cause__)
+        why = e.__cause__ if e.__cause__ is not None else e
+        raise ValueError(f"dgemma-rt serve --ray needs Ray Serve: pip install 'dgemma_rt[ray]' ({why})") from None
     replicas = 1 if args.replicas is None else args.replicas
     if args.max_replicas is not None and args.max_replicas < replicas:
         raise ValueError(f"--max-replicas {args.max_replicas} is below --replicas {replicas}")
