@@ -235,6 +235,27 @@ def test_corrupt_checkpoint(tmp_path, base_ckpt, case):
     _assert_checkpoint_error(path, words)
 
 
+def test_config_errors_name_the_checkpoint(tmp_path, base_ckpt):
+    """An error about config.json / generation_config.json contents gives the whole path (it said only
+    "config.json: ...", which names no checkpoint when a server or a script loads several)."""
+    path = copy_checkpoint(base_ckpt.path, str(tmp_path / "ckpt"))
+    _model_type(path)
+    with pytest.raises(dgemma_rt.CheckpointError) as info:
+        dgemma_rt.Engine(path)
+    assert str(info.value).startswith(os.path.join(path, "config.json") + ": model_type is 'mamba_mix'"), info.value
+    path = copy_checkpoint(base_ckpt.path, str(tmp_path / "ckpt2"))
+    edit_json(os.path.join(path, "config.json"), lambda c: c["text_config"].update(hidden_size="x"))
+    with pytest.raises(dgemma_rt.CheckpointError) as info:
+        dgemma_rt.Engine(path)
+    assert str(info.value).startswith(os.path.join(path, "config.json") + " text_config: 'hidden_size'"), info.value
+    path = copy_checkpoint(base_ckpt.path, str(tmp_path / "ckpt3"))
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": -5}, f)
+    with pytest.raises(dgemma_rt.CheckpointError) as info:
+        dgemma_rt.Engine(path)
+    assert str(info.value).startswith(os.path.join(path, "generation_config.json") + ": 'eos_token_id'"), info.value
+
+
 def _shard_names(d):
     with open(os.path.join(d, "model.safetensors.index.json")) as f:
         return sorted(set(json.load(f)["weight_map"].values()))

@@ -181,9 +181,24 @@ int layer_index(const std::string& key) {
   return v;
 }
 
+// Messages about a file's contents start with the file's name ("config.json: ..."); the directory is put
+// in front of them, so that a user (or a server loading several checkpoints) knows which checkpoint it is.
+template <typename Parse>
+auto naming_the_checkpoint(const std::string& dir, const std::string& file, Parse&& parse) -> decltype(parse()) {
+  try {
+    return parse();
+  } catch (const CheckpointError& e) {
+    const std::string msg = e.what();  // "config.json: ..." or "config.json text_config: ..."
+    if (msg.compare(0, file.size(), file) != 0 || msg.size() <= file.size() ||
+        (msg[file.size()] != ':' && msg[file.size()] != ' '))
+      throw;
+    throw CheckpointError(printable(dir, 400) + "/" + msg);
+  }
+}
+
 }  // namespace
 
-ModelConfig load_model_config(const std::string& dir) {
+static ModelConfig parse_model_config(const std::string& dir) {
   require_directory(dir);
   const std::string path = dir + "/config.json";
   DG_REQUIRE(path_present(path), CheckpointError, "no config.json in " << printable(dir, 400));
@@ -330,7 +345,7 @@ ModelConfig load_model_config(const std::string& dir) {
   return c;
 }
 
-GenerationDefaults load_generation_defaults(const std::string& dir, int vocab_size) {
+static GenerationDefaults parse_generation_defaults(const std::string& dir, int vocab_size) {
   GenerationDefaults g;
   const std::string path = dir + "/generation_config.json";
   if (!path_present(path)) return g;
@@ -365,6 +380,15 @@ GenerationDefaults load_generation_defaults(const std::string& dir, int vocab_si
   if (const json* sc = f.find("sampler_config"); sc && sc->is_object())
     g.entropy_bound = Fields(*sc, "generation_config.json sampler_config").opt_number("entropy_bound", 0.0, false, inf);
   return g;
+}
+
+ModelConfig load_model_config(const std::string& dir) {
+  return naming_the_checkpoint(dir, "config.json", [&] { return parse_model_config(dir); });
+}
+
+GenerationDefaults load_generation_defaults(const std::string& dir, int vocab_size) {
+  return naming_the_checkpoint(dir, "generation_config.json",
+                               [&] { return parse_generation_defaults(dir, vocab_size); });
 }
 
 }  // namespace dgemma
