@@ -679,6 +679,19 @@ def test_metrics(server, client, engine):
     assert "# TYPE dgemma_generated_tokens_total counter" in m1
 
 
+def test_first_scrape_rates_count_from_the_start(engine):
+    """The rates are since the previous scrape; the first one's are since the server started (they were 0
+    however much had run)."""
+    srv = _Server(create_app(engine, MODEL))
+    try:
+        r = httpx.post(srv.url + "/v1/completions", json={**OK, "max_tokens": 16}, timeout=60)
+        assert r.status_code == 200, r.text
+        first = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert _metric(first, "dgemma_steps_per_second") > 0 and _metric(first, "dgemma_tokens_per_second") > 0
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------------------ queue bound
 class _GatedEngine:
     """The real engine behind a gate: submit() waits until the test opens it."""

@@ -353,7 +353,9 @@ class _Backend:
         self.stats = _Stats()
         self.executor = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="dgemma-worker")
         self.rate_lock = threading.Lock()
-        self.last_sample: tuple[float, int, int] | None = None  # (time, decoder passes, committed tokens)
+        st = engine.scheduler_stats()  # the first scrape's rates: since the server started
+        self.last_sample: tuple[float, int, int] | None = (time.monotonic(), st["decoder_passes"],
+                                                           st["committed_tokens"])  # (time, passes, tokens)
         self.last_progress: tuple[tuple[int, ...], float] | None = None  # (scheduler counters, when they last moved)
         self.jobs: set[_Job] = set()
         g = engine.generation_defaults
@@ -587,7 +589,7 @@ class _Backend:
         }
 
     def rates(self) -> tuple[float, float]:
-        """Decoder passes/s and committed tokens/s since the previous call (0 on the first)."""
+        """Decoder passes/s and committed tokens/s since the previous call (the first: since the backend began)."""
         st = self.engine.scheduler_stats()
         now = time.monotonic()
         with self.rate_lock:
@@ -1296,10 +1298,12 @@ def create_app(
             "# HELP dgemma_row_steps_total Rows denoised, summed over decoder passes.",
             "# TYPE dgemma_row_steps_total counter",
             f"dgemma_row_steps_total {sched['row_steps']}",
-            "# HELP dgemma_steps_per_second Decoder passes per second since the previous scrape.",
+            "# HELP dgemma_steps_per_second Decoder passes per second since the previous scrape (the first: since "
+            "the server started).",
             "# TYPE dgemma_steps_per_second gauge",
             f"dgemma_steps_per_second {steps_per_s:.3f}",
-            "# HELP dgemma_tokens_per_second Committed (non-pad) tokens per second since the previous scrape.",
+            "# HELP dgemma_tokens_per_second Committed (non-pad) tokens per second since the previous scrape (the "
+            "first: since the server started).",
             "# TYPE dgemma_tokens_per_second gauge",
             f"dgemma_tokens_per_second {tokens_per_s:.3f}",
             "# HELP dgemma_requests_running Requests handed to the engine (batched or waiting in it).",
