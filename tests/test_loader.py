@@ -254,6 +254,15 @@ def test_config_errors_name_the_checkpoint(tmp_path, base_ckpt):
     with pytest.raises(dgemma_rt.CheckpointError) as info:
         dgemma_rt.Engine(path)
     assert str(info.value).startswith(os.path.join(path, "generation_config.json") + ": 'eos_token_id'"), info.value
+    path = copy_checkpoint(base_ckpt.path, str(tmp_path / "ckpt4"))  # checked outside the config parser
+    def huge(c):
+        c["text_config"].update(vocab_size=2**24, max_position_embeddings=2**20)
+        c["canvas_length"] = 2**16
+
+    edit_json(os.path.join(path, "config.json"), huge)
+    with pytest.raises(dgemma_rt.CheckpointError) as info:
+        dgemma_rt.Engine(path)
+    assert str(info.value).startswith(os.path.join(path, "config.json") + " asks for more memory"), info.value
 
 
 def _shard_names(d):

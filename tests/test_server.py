@@ -1134,6 +1134,35 @@ def test_signal_stops_the_server_while_requests_run(tiny_dir, sig):
     assert f"serving '{MODEL}' on 127.0.0.1:" in out, out  # the id clients must send
 
 
+def test_serve_refuses_a_checkpoint_without_tokenizer_before_loading(tmp_path, tiny_dir):
+    import shutil
+
+    from dgemma_rt.server import serve
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "model.safetensors").write_bytes(b"not safetensors")  # a load would fail on this first
+    with pytest.raises(ValueError, match="has no tokenizer.json: the server needs one"):
+        serve(ckpt, port=_free_port())
+
+
+def test_listen_binds_what_the_host_names():
+    """As asyncio's create_server (uvicorn's own binding) does: "" is every interface, a name every address."""
+    from dgemma_rt.server import listen
+
+    for host, want in (("", {"0.0.0.0"}), ("127.0.0.1", {"127.0.0.1"})):
+        socks = listen(host, 0)
+        try:
+            got = {s.getsockname()[0] for s in socks}
+            assert want <= got, (host, got)
+        finally:
+            for s in socks:
+                s.close()
+    with pytest.raises(ValueError, match="cannot listen on 192.0.2.1:80: Cannot assign"):  # TEST-NET: not ours
+        listen("192.0.2.1", 80)
+
+
 def test_cli_server_refuses_a_busy_port_before_loading(tmp_path):
     """The port is bound before the checkpoint loads (minutes for a large one): a busy port is the CLI's one-line
     error at once (it was uvicorn's log and exit 3 after the load); here the checkpoint does not even exist."""

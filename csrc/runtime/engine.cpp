@@ -58,12 +58,12 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const EngineOptions& o) {
   return m;
 }
 
-void check_memory(const ModelConfig& cfg, const EngineOptions& o) {
+void check_memory(const std::string& dir, const ModelConfig& cfg, const EngineOptions& o) {
   const MemoryPlan m = plan_memory(cfg, o);
   const MemoryLimit lim = memory_limit();
   const double limit = static_cast<double>(lim.bytes);
   DG_REQUIRE(m.one_row <= limit, CheckpointError,
-             "config.json asks for more memory than this process may use: a single batch row needs "
+             printable(dir, 400) << "/config.json asks for more memory than this process may use: a single batch row needs "
                  << format_bytes(m.one_row) << " (sliding-window KV cache for sliding_window " << cfg.sliding_window
                  << ": " << format_bytes(m.sliding_one_row) << "; step buffers for canvas_length " << cfg.canvas_length
                  << " x vocab_size " << cfg.vocab_size << ": " << format_bytes(m.workspace_one_row) << ") but "
@@ -146,7 +146,7 @@ void check_checkpoint(const std::string& dir, const EngineOptions& opts) {
   validate(opts);
   const ModelConfig cfg = load_model_config(dir);
   load_generation_defaults(dir, cfg.vocab_size);
-  check_memory(cfg, opts);
+  check_memory(dir, cfg, opts);
   ModelWeights::check(dir, cfg);
 }
 
@@ -154,7 +154,7 @@ Engine::Engine(const std::string& dir, const EngineOptions& opts) {
   validate(opts);
   cfg_ = load_model_config(dir);
   gen_ = load_generation_defaults(dir, cfg_.vocab_size);
-  check_memory(cfg_, opts);  // before the weights, the pools and the workspaces take any of it
+  check_memory(dir, cfg_, opts);  // before the weights, the pools and the workspaces take any of it
   // Only the CPU backend (and backends brought by the caller) compute on the host views; another
   // backend reads the checkpoint's tensors as stored and keeps its own copy.
   const bool on_host = opts.make_backend || backend_uses_host_weights(device_kind(opts.device));

@@ -189,17 +189,15 @@ def _progress(engine: Any, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import dgemma_rt
-    from dgemma_rt.text import check_text
+    from dgemma_rt.text import check_text, lacks_tokenizer
 
     if args.prompt == "-":  # before loading: a pipe that fails, fails at once
         text_in = sys.stdin.read()
         args.prompt = text_in[:-1] if text_in.endswith("\n") else text_in
     no_tokenizer = f"{args.checkpoint} has no tokenizer.json; `dgemma-rt generate` needs one to read the prompt"
-    # Before the load (minutes for a large checkpoint): what the load cannot change. A directory that is no
-    # checkpoint at all is left to the Engine, whose error says so.
+    # Before the load (minutes for a large checkpoint): what the load cannot change.
     check_text(args.prompt, "--prompt")  # before the chat template, whose text the position would count in
-    ckpt = os.fspath(args.checkpoint)
-    if os.path.isfile(os.path.join(ckpt, "config.json")) and not os.path.exists(os.path.join(ckpt, "tokenizer.json")):
+    if lacks_tokenizer(args.checkpoint):
         raise ValueError(no_tokenizer)
     engine = dgemma_rt.Engine(args.checkpoint, device=args.device, num_threads=args.threads,
                               cpu_weights=args.cpu_weights)

@@ -353,7 +353,8 @@ def _check_replica_device(device: str, num_gpus: float) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    listen(host, port).close()  # Ray's proxy binds it itself
+    for sock in listen(host, port):  # Ray's proxy binds it itself
+        sock.close()
 
 
 def _check_resources(have: dict[str, float], build_kwargs: dict[str, Any]) -> None:

@@ -1347,15 +1347,27 @@ def create_app(
     return app
 
 
-def listen(host: str, port: int) -> Any:
-    """A listening TCP socket on host:port (IPv6 hosts too), or a ValueError naming the address."""
+def listen(host: str, port: int) -> list[Any]:
+    """Listening TCP sockets on every address ``host`` resolves to ("" or "0.0.0.0" / "::": all interfaces), as
+    asyncio's create_server (uvicorn's default) binds them, or a ValueError naming the address."""
     import socket
 
+    sockets: list[Any] = []
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # one socket per family, as asyncio does (no v4-mapped addresses)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(2048)  # uvicorn's backlog
     except OSError as e:
+        for sock in sockets:
+            sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sockets
 
 
 def serve(
@@ -1384,9 +1396,13 @@ def serve(
 
     from dgemma_rt.engine import Engine
 
+    from dgemma_rt.text import lacks_tokenizer
+
+    if lacks_tokenizer(checkpoint):  # create_app's refusal, before the load
+        raise ValueError(f"{os.fspath(checkpoint)} has no tokenizer.json: the server needs one to read and write text")
     # Bound before the load (minutes for a large checkpoint): a busy port or a bad host is a ValueError at once,
     # and the port stays ours meanwhile (clients that connect early wait in the backlog).
-    sock = listen(host, port)
+    sockets = listen(host, port)
     try:
         engine = Engine(checkpoint, **engine_kwargs)
         name = model_name or os.path.basename(os.path.abspath(os.fspath(checkpoint)))  # "." names its directory
@@ -1403,8 +1419,10 @@ def serve(
 
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                 timeout_graceful_shutdown=shutdown_timeout)
-        print(f"serving {name!r} on {host}:{sock.getsockname()[1]} (requests name it as their \"model\")",
+        where = f"[{host}]" if ":" in host else host or "all interfaces"
+        print(f"serving {name!r} on {where}:{sockets[0].getsockname()[1]} (requests name it as their \"model\")",
               file=sys.stderr)
-        Server(config).run(sockets=[sock])
+        Server(config).run(sockets=sockets)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()

@@ -90,6 +90,14 @@ def check_text(text: str, what: str = "text") -> None:
         ) from None
 
 
+def lacks_tokenizer(checkpoint: str | os.PathLike[str]) -> bool:
+    """True for a checkpoint directory (it has a config.json) without tokenizer.json: what a command that reads
+    text can refuse before the weights load (minutes for a large checkpoint). Anything that is no checkpoint at
+    all is left to the Engine, whose error says so."""
+    root = pathlib.Path(checkpoint)
+    return (root / "config.json").is_file() and not os.path.lexists(root / "tokenizer.json")
+
+
 def is_chat(value: Any) -> bool:
     """Whether `value` is a chat: a non-empty list (or tuple) of message mappings."""
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, Mapping) for m in value)
