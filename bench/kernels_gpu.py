@@ -24,11 +24,11 @@ Sections (each guarded: a failure is recorded and the others still run; exit cod
                 kernels side by side (Hopper); the CUTLASS BF16 grouped GEMMs (+ gelu-gate) likewise
   moe_router    T=256, E=128, H=2816, float32 x (the backend's residual stream)
   lm_head       logits GEMM V=262144, H=2816, M=256 (CUTLASS sm90 with the softcap epilogue node, float32
-                out; and the mma.sync matmul beside it) and the self-conditioning product probs @ E (split-K);
-                the fused LM head + sampler + soft embedding (DGEMMA_CUDA_FUSED_LM_HEAD=1) on flat and on
+                out; and the mma.sync matmul beside it) and the self-conditioning product probs @ E (split-K)
+  dense_gemms   the CUTLASS BF16 GEMMs of the attention projections and the dense MLP at M=256
+  lm_head_fused the fused LM head + sampler + soft embedding (DGEMMA_CUDA_FUSED_LM_HEAD=1) on flat and on
                 peaked logits, with the number of positions its exact fallback drew (not in per_op_ms: the
                 roofline's default step has the per-row LM head)
-  dense_gemms   the CUTLASS BF16 GEMMs of the attention projections and the dense MLP at M=256
 
 The JSON holds the device, driver, commit, per kernel ms / bytes / FLOPs / GB/s / TFLOP/s, the target
 verdicts, and per_op_ms keyed by the roofline's op names (python/dgemma_rt/roofline.py, per instance x
@@ -391,7 +391,6 @@ def section_lm_head(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
 
     live = not ctx.dry
     return [
-        *fused_lm_head(ctx, emb, T, H, V),
         Kernel("lm_head", V * H * 2 + T * H * 2 + T * V * 4, 2.0 * T * V * H, head if live else None,
                {"M": T, "N": V, "K": H, "out": "float32", "softcap": SOFTCAP},
                "the backend's per-row logits GEMM on Hopper (CUTLASS sm90, 128x256 tiles, softcap epilogue node)"),
@@ -404,14 +403,17 @@ def section_lm_head(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
     ], {}
 
 
-def fused_lm_head(ctx: Ctx, emb, T: int, H: int, V: int) -> list[Kernel]:
+def section_lm_head_fused(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
     """The fused LM head + sampler + soft embedding (DGEMMA_CUDA_FUSED_LM_HEAD=1): one read of E for the logits,
     the draw and probs @ E. Its exact fallback rereads E per 16 positions whose draw its error radius cannot
     certify, and how many those are depends on how flat the distribution is (lm_head_fused.cuh), so it runs
     twice at t_max = 0.8: on hidden states like random weights' (logits of std ~1: flat, many positions
     flagged) and on 4x larger ones (std ~4: peaked, few flagged); the difference is the fallback's
-    cost, and each reports how many positions took it."""
+    cost, and each reports how many positions took it. The last section: it has never run, and a fault in it
+    must not cost the others their timings."""
     torch = ctx.torch
+    T, H, V = CANVAS * BATCH, shape.hidden_size, shape.vocab_size
+    emb = ctx.randn((V, H), torch.bfloat16, 0.02)
     splits = max(1, 16 // max(1, T // 64))
     ws_bytes = ctx.size("lm_head_sample_workspace_bytes", splits * T * H * 4 + T * (V // 64) * 16 + (1 << 20), T, H, V)
     ws = ctx.empty((ws_bytes,), torch.uint8)
@@ -445,7 +447,7 @@ def fused_lm_head(ctx: Ctx, emb, T: int, H: int, V: int) -> list[Kernel]:
                               f"one pass over E for logits, draw and probs @ E, on {what}; the exact fallback's "
                               "extra reads of E are in the time, not in bytes",
                               observe=None if ctx.dry else observe))
-    return kernels
+    return kernels, {}
 
 
 def section_dense_gemms(ctx: Ctx, shape) -> tuple[list[Kernel], dict[str, Any]]:
@@ -487,9 +489,9 @@ SECTIONS: dict[str, tuple[Callable, list[str]]] = {  # name: (builder, the bindi
                                           "launch_moe_gelu_gate", "ParamsCache"]),
     "moe_router": (section_moe_router, ["moe_router_workspace_bytes", "launch_moe_router"]),
     "lm_head": (section_lm_head, ["matmul_pick_split_k", "matmul_workspace_bytes", "launch_matmul_bf16",
-                                  "launch_gemm_bf16_tn_logits", "ParamsCache", "lm_head_sample_workspace_bytes",
-                                  "launch_lm_head_sample_fused"]),
+                                  "launch_gemm_bf16_tn_logits", "ParamsCache"]),
     "dense_gemms": (section_dense_gemms, ["launch_gemm_bf16_tn", "launch_moe_gelu_gate", "ParamsCache"]),
+    "lm_head_fused": (section_lm_head_fused, ["lm_head_sample_workspace_bytes", "launch_lm_head_sample_fused"]),
 }
 
 # The roofline's ops (roofline.step_ops names) as sums of kernels timed here, per instance; the note says
@@ -737,19 +739,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 kernels, extra = SECTIONS[s][0](ctx, shape)
                 for k in kernels:
-                    timing = None
+                    timing, seen = None, {}
                     if not args.dry_run:
                         try:
                             timing = time_ms(torch, k.run, flush, args.warmup, args.reps)
                             ms[k.name] = timing["ms"]
+                            if k.observe is not None:
+                                seen = k.observe()
                         except Exception as e:
                             status = {"status": "failed", "error": f"{k.name}: {type(e).__name__}: {e}",
                                       "traceback": traceback.format_exc(limit=4)}
                             if not k.name.startswith("sdpa_"):
                                 raise
-                    result["kernels"][k.name] = describe(k, tbps, tflops, timing)
-                    if timing is not None and k.observe is not None:
-                        result["kernels"][k.name].update(k.observe())
+                    result["kernels"][k.name] = {**describe(k, tbps, tflops, timing), **seen}
                 for key, e in extra.items():  # SDPA: which backend torch picks, and each backend that takes the shape
                     hd = key.split("_hd")[1]
                     entry: dict[str, Any] = {"shapes": e["shapes"]}

@@ -42,7 +42,7 @@ def test_dry_run(tmp_path):
     assert r["dry_run"] and r["ok"] and r["complete"], r
     assert all(s["status"] == "ok" for s in r["sections"].values()), r["sections"]
     assert not any(p.name.endswith(".tmp") for p in out.parent.iterdir())  # written whole, through a temporary
-    assert list(r["sections"]) == ["attention", "moe_experts", "moe_router", "lm_head", "dense_gemms"]
+    assert list(r["sections"]) == ["attention", "moe_experts", "moe_router", "lm_head", "dense_gemms", "lm_head_fused"]
     b = r["bindings"]
     if dgemma_rt.cuda_compiled():
         assert b["checked"] and b["missing"] == [], b
@@ -50,7 +50,7 @@ def test_dry_run(tmp_path):
         assert not b["checked"] and "without CUDA" in b["note"]
     k = r["kernels"]
     for name in ("attention_hd512", "attention_hd256", "sdpa_hd512", "sdpa_hd256", "moe_experts_nvfp4",
-                 "moe_experts_bf16", "moe_router", "lm_head"):
+                 "moe_experts_bf16", "moe_router", "lm_head", "lm_head_fused", "lm_head_fused_peaked"):
         assert name in k and k[name]["bytes"] > 0, name
     # the released model's shapes
     a = k["attention_hd512"]["shapes"]
