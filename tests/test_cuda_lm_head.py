@@ -382,6 +382,10 @@ def test_fused_against_sample_canvas(V, H, scale_t):
     lse = mx + np.log(np.exp(proc - mx[:, None]).sum(axis=1))
     atol = 2 * np.spacing(np.abs(lse).astype(np.float32)).astype(np.float64) + 2e-6
     assert (np.abs(ent - cent) <= atol + 1e-5 * np.abs(cent)).all(), np.abs(ent - cent).max()
+    # Apart from the rare lse an ulp apart, the same float lse: a log-sum-exp in double instead (the fused
+    # pass before it kept the CPU's rounding) is up to half an ulp of |lse| off, ~1.5e-5 at scale_t 0.05
+    near = np.abs(ent - cent) <= 2e-6 + 1e-6 * np.abs(cent)
+    assert near.mean() >= 0.9, (near.mean(), np.abs(ent - cent).max())
     ref = reference(x, E, temperature, uniform, n, 0.0, soft_rows=[])
     dec = np.array(ref["dec"])
     np.testing.assert_array_equal(tok[dec], ctok[dec])
