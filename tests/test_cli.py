@@ -358,6 +358,9 @@ def test_cli_make_tiny_never_overwrites_another_checkpoint(tmp_path, tiny_dir):
     assert (again / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
     proc = _run("dgemma_rt.cli", "make-tiny", str(again / "config.json"))
     assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr, proc.stderr
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    proc = _run("dgemma_rt.cli", "make-tiny", str(tmp_path / "dangling"))
+    assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr, proc.stderr
 
 
 def test_cli_make_tiny_refuses_an_empty_path(tmp_path):

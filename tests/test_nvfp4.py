@@ -222,6 +222,13 @@ def test_dgemma_quantize_cli(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "dst").stat().st_mode) == 0o777 & ~mask
+    shared = tmp_path / "shared"  # a shared volume's directory passes its group on: setgid stays
+    shared.mkdir()
+    shared.chmod(0o2775)
+    r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(src), str(shared / "q")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((shared / "q").stat().st_mode) == (0o777 & ~mask) | stat.S_ISGID
     r = subprocess.run([sys.executable, "-m", "dgemma_rt.nvfp4", str(tmp_path / "nope"), str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

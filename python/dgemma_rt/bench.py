@@ -543,6 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def on_block(_block: Any) -> None:
                 state["step"] = 0
+                bar.set_postfix_str("", refresh=False)  # the last canvas's step is not this one's
                 bar.update(1)
 
             callbacks = {"on_step": on_step, "on_block": on_block}

@@ -684,8 +684,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, progress
         final.parent.mkdir(parents=True, exist_ok=True)
         dst = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         # mkdtemp makes it 0700; renamed into place it is the checkpoint, which gets a new directory's mode
-        # (0777 less the umask) so that a server or a shared volume's other users can read it.
-        dst.chmod(0o777 & ~_umask())
+        # (0777 less the umask) so that a server or a shared volume's other users can read it. The setgid bit
+        # a shared volume's directory passes on (files then get its group) is kept, as mkdir keeps it.
+        dst.chmod((0o777 & ~_umask()) | (dst.stat().st_mode & stat.S_ISGID))
     try:
         done = _quantize_into(src, dst, files, src_index, progress, dense, experts)
         if not inside:

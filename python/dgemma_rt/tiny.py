@@ -398,7 +398,7 @@ def _write_text(path: pathlib.Path, text: str) -> None:
 def _check_target(out: pathlib.Path, config: str) -> None:
     """Refuses a target that is not a directory, or a non-empty one that is not a tiny checkpoint already:
     writing there would overwrite (or mix into) another checkpoint's files."""
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():  # a dangling symlink too: mkdir would fail on it
         raise ValueError(f"{out} exists and is not a directory")
     if not out.is_dir():
         return
@@ -412,8 +412,8 @@ def _check_target(out: pathlib.Path, config: str) -> None:
         same = False
     if not same or not set(entries) <= ours:
         shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-        raise ValueError(f"{out} is not empty ({shown}) and holds no tiny checkpoint: write the tiny checkpoint "
-                         "into a new or empty directory (nothing was written)")
+        raise ValueError(f"{out} is not empty ({shown}) and holds no tiny checkpoint of this version: write the "
+                         "tiny checkpoint into a new or empty directory (nothing was written)")
 
 
 def make_tiny(path: str | os.PathLike[str], seed: int = 0) -> pathlib.Path:
