@@ -823,6 +823,9 @@ def test_a_batch_of_prompts_is_queued_whole_or_not_at_all(engine):
     with _one_worker_held(engine, max_queue=2, threads=2) as (srv, gated, pool, running):
         r = httpx.post(srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b", "c"]}, timeout=60)
         assert _error_shape(r, 429)["type"] == "rate_limit_error"
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 3, **FAST}
+        err = _error_shape(httpx.post(srv.url + "/v1/chat/completions", json=chat, timeout=60), 429)
+        assert "too full for 3 choices" in err["message"], err  # n choices are queued whole too
         m = httpx.get(srv.url + "/metrics", timeout=10).text
         assert _metric(m, "dgemma_requests_in_flight") == 1 and _metric(m, "dgemma_queue_depth") == 0, m
         two = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b"]}, timeout=60)

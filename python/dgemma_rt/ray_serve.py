@@ -18,10 +18,10 @@ hands each to a replica with room as rows free up. Its choice among replicas is 
 (power of two choices on cached queue lengths), so a larger ``replica_queue`` lets requests wait
 in one replica while another idles; the cap is what keeps engines evenly filled. Beyond
 ``max_queued_requests`` waiting in the router the answer is 503 (Serve's back-pressure), where the
-single-process server answers 429. A completions ``prompt`` list is one request to Serve and one
-job per prompt in the replica, whose own queue is sized so that it never refuses what Serve admitted
-(lists of up to ``max_batch_size + max_queued_requests`` prompts, 64 when unbounded, as
-``dgemma-rt serve`` takes). With ``max_replicas`` above ``replicas`` the deployment
+single-process server answers 429. A completions ``prompt`` list (or ``n`` choices) is one request
+to Serve and one job per prompt and choice in the replica, whose own queue is sized so that it never
+refuses what Serve admitted (up to ``max_batch_size + max_queued_requests`` choices, 64 when
+unbounded, as ``dgemma-rt serve`` takes). With ``max_replicas`` above ``replicas`` the deployment
 autoscales on ongoing requests, targeting ``max_batch_size`` per replica: replicas are added while
 requests wait for a row, removed while batches run part-empty.
 
@@ -280,8 +280,8 @@ def build(
                               replica_queue=queue, max_queued_requests=max_queued_requests, num_gpus=num_gpus,
                               num_cpus=num_cpus, runtime_env=runtime_env)
     opts.update(deployment_overrides)
-    # Serve never hands a replica more than max_ongoing_requests, each of them a completions prompt list of
-    # at most max_prompts (as dgemma-rt serve allows: its running requests plus its queue, 64 by default), so
+    # Serve never hands a replica more than max_ongoing_requests, each of them at most max_prompts choices (a
+    # prompt list times n; as dgemma-rt serve allows: its running requests plus its queue, 64 by default), so
     # the app's own queue (429 when full) can hold all of them: admission is Serve's.
     max_prompts = max_batch_size + (max_queued_requests if max_queued_requests > 0 else 64)
     ongoing = int(opts["max_ongoing_requests"])

@@ -15,7 +15,8 @@ Endpoints:
 - ``POST /v1/chat/completions``: ``messages`` go through the checkpoint's chat template.
 - ``GET /metrics``: Prometheus text format (queue depth, requests in flight, active rows, decoder
   passes, steps/s, tokens/s, completed requests, generated tokens, KV blocks in use, reserved for
-  admitted requests, and in all).
+  admitted requests, and in all). Its requests are the engine's: one per prompt of a list and per
+  choice of ``n`` (each encodes its prompt, so the prompt tokens count once per choice there).
 
 Requests are batched continuously by the engine's native scheduler: up to ``max_running``
 requests (default: the engine's ``max_batch_size``) are handed to it at once, each from a worker
@@ -777,8 +778,9 @@ def create_app(
 
     ``max_running``: requests handed to the engine's batcher at once (default: its ``max_batch_size``).
     ``max_request_tokens`` caps ``max_tokens``; ``max_request_steps`` caps ``max_denoising_steps``
-    and ``stability_threshold``: the work one client may ask for. ``max_prompts``: the most prompts one
-    completions request may list (default ``max_running + max_queue``, all the queue can hold).
+    and ``stability_threshold``: the work one client may ask for. ``max_prompts``: the most choices one
+    request may ask for, prompts of a completions list times ``n`` (default ``max_running + max_queue``, all
+    the queue can hold).
     """
     if engine.tokenizer is None:
         raise ValueError(f"{engine.path} has no tokenizer.json: the server needs one to read and write text")
@@ -1320,7 +1322,7 @@ def create_app(
             "# HELP dgemma_requests_completed_total Requests completed successfully.",
             "# TYPE dgemma_requests_completed_total counter",
             f"dgemma_requests_completed_total {outcomes['completed']}",
-            "# HELP dgemma_prompt_tokens_total Prompt tokens of completed requests.",
+            "# HELP dgemma_prompt_tokens_total Prompt tokens of completed requests (a choice of n is a request).",
             "# TYPE dgemma_prompt_tokens_total counter",
             f"dgemma_prompt_tokens_total {ptoks}",
             "# HELP dgemma_generated_tokens_total Completion tokens returned by completed requests.",
