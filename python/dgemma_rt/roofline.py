@@ -291,7 +291,9 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       "one pass over E in 8-CTA clusters: each 64-entry E tile loaded to shared memory once and used "
                       "for the logits and for probs @ E, no [T, V] tensor; compute-bound (2 GEMMs' FLOPs), mma.sync "
                       "at ~65% of peak plus two cluster barriers per tile: the header's 1.3-1.6 ms at 256 "
-                      "positions on an H100 (+ resolve ~10 us; exact-mass fallback only for flagged positions)",
+                      "positions on an H100 (+ resolve ~10 us; the exact-mass fallback rereads E per 16 flagged positions: "
+                      "not modelled; an emulation flags ~half of random weights' flat positions, ~2 ms more, and a "
+                      "trained model's rate is unmeasured)",
                       launches=4))
     else:
         rows, n = batch, L
