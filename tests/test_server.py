@@ -190,6 +190,45 @@ def test_stream_chat(client):
     assert 1 <= drafts <= STEPS
 
 
+def test_stream_n_choices(client):
+    """n streamed: each choice's chunks carry its index and add up to what it answers unstreamed (seed + j);
+    every choice gets its finish chunk, and the request's usage (each prompt once) comes once, at the end."""
+    kwargs = dict(model=MODEL, prompt="once upon a time", max_tokens=64, seed=7, extra_body=FAST)
+    whole = client.completions.create(n=3, **kwargs)
+    texts, finishes, usages, drafts = {}, {}, [], set()
+    for chunk in client.completions.create(stream=True, n=3, **kwargs):
+        c = chunk.choices[0]
+        texts[c.index] = texts.get(c.index, "") + c.text
+        if "dgemma_draft" in (chunk.model_extra or {}):
+            drafts.add(c.index)
+        if c.finish_reason:
+            assert c.index not in finishes
+            finishes[c.index] = c.finish_reason
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+    assert [texts[i] for i in range(3)] == [c.text for c in whole.choices]
+    assert [finishes[i] for i in range(3)] == [c.finish_reason for c in whole.choices]
+    assert drafts == {0, 1, 2}
+    assert len(usages) == 1 and usages[0].prompt_tokens == whole.usage.prompt_tokens
+    assert usages[0].completion_tokens == whole.usage.completion_tokens
+
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=64, seed=2, extra_body=FAST)
+    whole = client.chat.completions.create(n=2, **chat)
+    content, roles, last = {}, [], None
+    for chunk in client.chat.completions.create(stream=True, n=2, stream_options={"include_usage": True}, **chat):
+        last = chunk
+        if not chunk.choices:
+            continue
+        c = chunk.choices[0]
+        if c.delta.role:
+            roles.append((c.index, c.delta.role))
+        content[c.index] = content.get(c.index, "") + (c.delta.content or "")
+    assert sorted(roles) == [(0, "assistant"), (1, "assistant")]
+    assert [content[i] for i in range(2)] == [c.message.content for c in whole.choices]
+    assert last.choices == [] and last.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert last.usage.total_tokens == whole.usage.total_tokens
+
+
 def test_raw_sse_ends_with_done(server):
     body = {"model": MODEL, "prompt": "abc", "max_tokens": 8, "stream": True, **FAST}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
@@ -245,11 +284,13 @@ def test_concurrent_clients_deterministic(client, server):
 
 
 # ------------------------------------------------------------------------------------------ disconnect
-def test_disconnect_cancels_and_frees_kv(server, engine):
+@pytest.mark.parametrize("n", [1, 3])
+def test_disconnect_cancels_and_frees_kv(server, engine, n):
+    """Every choice of the stream is cancelled and gives its KV blocks back."""
     before = _metric(httpx.get(server.url + "/metrics", timeout=10).text, 'dgemma_requests_total{outcome="cancelled"}')
     # a long request: 60 canvases, so it is still running when the client goes away
     body = {"model": MODEL, "prompt": "a long story", "max_tokens": 64 * 60, "stream": True,
-            "max_denoising_steps": 8, "stability_threshold": 100}
+            "max_denoising_steps": 8, "stability_threshold": 100, "n": n}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -262,7 +303,7 @@ def test_disconnect_cancels_and_frees_kv(server, engine):
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         m = httpx.get(server.url + "/metrics", timeout=10).text
-        if (_metric(m, 'dgemma_requests_total{outcome="cancelled"}') > before
+        if (_metric(m, 'dgemma_requests_total{outcome="cancelled"}') >= before + n
                 and _metric(m, "dgemma_requests_in_flight") == 0 and _pool_full(engine)):
             break
         time.sleep(0.05)
@@ -317,9 +358,7 @@ BAD = [
     ("n=0", "/v1/completions", {**OK, "n": 0}, 400, "n"),
     ("n negative, chat", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": -1}, 400, "n"),
-    ("n=2, streamed", "/v1/completions", {**OK, "n": 2, "stream": True}, 400, "n"),
-    ("n=2, chat streamed", "/v1/chat/completions",
-     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, 400, "n"),
+    ("n=0, streamed", "/v1/completions", {**OK, "n": 0, "stream": True}, 400, "n"),
     ("n not an integer", "/v1/completions", {**OK, "n": 1.5}, 400, "n"),
     ("steps zero", "/v1/completions", {**OK, "max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ("t_min negative", "/v1/completions", {**OK, "t_min": -1.0}, 400, "t_min"),

@@ -60,7 +60,7 @@ the field and the limit. Text the tokenizer cannot take (a lone surrogate such a
 Generation comes in whole canvases: the text is cut to ``max_tokens`` tokens. ``finish_reason`` is
 ``"stop"`` when an EOS or pad id or a stop sequence ended the text within ``max_tokens`` tokens, else
 ``"length"``. Without ``seed`` a request uses seed 0: the same request gives the same text (send a
-seed per request for varied answers). ``n`` (not streamed) asks for several choices per prompt: choice
+seed per request for varied answers). ``n`` asks for several choices per prompt: choice
 ``j`` is what the prompt gets alone with seed ``seed + j`` (mod 2**64), and a prompt list's choice
 ``i * n + j`` belongs to prompt ``i``; ``usage`` counts each prompt once. ``usage``
 holds ``prompt_tokens``, ``completion_tokens`` (tokens of the returned text, EOS not counted),
@@ -73,7 +73,9 @@ canvas. In addition, every denoising step sends a chunk with an empty delta and 
 (0-based) after its step ``s`` (1-based), cut at the first EOS/pad, so clients can show text
 settling. Clients that do not know the field ignore it. The last chunk carries ``finish_reason`` and
 ``usage``, or, with ``stream_options: {"include_usage": true}``, ``finish_reason`` only, followed by a
-chunk with no choices that holds the ``usage``, as OpenAI sends it; then ``data: [DONE]``. The JSON
+chunk with no choices that holds the ``usage``, as OpenAI sends it; then ``data: [DONE]``. With ``n``
+every chunk holds one choice, named by its ``index``; each choice has its own finish chunk, and the
+request's ``usage`` comes once, with the last. The JSON
 is ASCII (other characters escaped). An error after the stream started is sent as
 ``data: {"error": {...}}``.
 
@@ -319,7 +321,8 @@ class _Job:
         self.native: Any = None  # the engine's Request, once submitted
         self.lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue | None = None
+        self.queue: asyncio.Queue | None = None  # a stream's, shared by its n choices
+        self.choice = 0  # its index in the stream's choices: events go out as (choice, kind, ...)
 
     def abort(self) -> None:
         """Cancels the request wherever it is (any thread).
@@ -337,7 +340,7 @@ class _Job:
         if self.queue is None or self.loop is None:
             return
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.choice, *event))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.abort()
 
@@ -708,17 +711,18 @@ def _sse(obj: Any) -> str:
 
 
 class _CancellingStreamingResponse(StreamingResponse):
-    """Cancels the job however the response ends (finished, client gone, never started)."""
+    """Cancels the jobs however the response ends (finished, client gone, never started)."""
 
-    def __init__(self, content: Any, job: _Job, **kwargs: Any):
+    def __init__(self, content: Any, jobs: list[_Job], **kwargs: Any):
         super().__init__(content, **kwargs)
-        self._job = job
+        self._jobs = jobs
 
     async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._job.abort()
+            for job in self._jobs:
+                job.abort()
 
 
 class _BodyLimit:
@@ -945,9 +949,6 @@ def create_app(
     def choice_count(req: _Request, prompts: int = 1) -> int:
         """How many choices each prompt gets (n), checked against what one request may queue."""
         n = 1 if req.n is None else req.n
-        if n > 1 and req.stream:
-            raise APIError(400, f"n={n} with stream: a stream answers one choice (send n streaming requests)",
-                           param="n", code="unsupported_parameter")
         if prompts * n > max_prompts:
             what = f"n={n}" if prompts == 1 else f"{prompts} prompts with n={n}"
             raise APIError(400, f"{what} asks for {prompts * n} choices, more than this server queues at once "
@@ -1033,9 +1034,16 @@ def create_app(
         finally:
             gone.cancel()
 
+    def total_usage(done: list[dict[str, Any]], n: int) -> dict[str, int]:
+        """usage of a request's choices: each prompt once (choices i * n .. i * n + n - 1 share prompt i),
+        every choice's completion tokens and denoising steps."""
+        usage = {k: sum(_usage(r)[k] for r in done) for k in _usage(done[0])}
+        usage["prompt_tokens"] = sum(r["prompt_tokens"] for r in done[::n])
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return usage
+
     async def run_batch(jobs: list[_Job], request: Request, chat: bool, n: int = 1):
-        """Answers a non-streaming request: choice i is jobs[i] (prompt i // n, its choice i % n); usage counts
-        each prompt once and every choice's completion."""
+        """Answers a non-streaming request: choice i is jobs[i] (prompt i // n, its choice i % n)."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         done = await results(jobs, request)
@@ -1047,48 +1055,52 @@ def create_app(
         else:
             choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
                        for i, r in enumerate(done)]
-        usage = {k: sum(_usage(r)[k] for r in done) for k in _usage(done[0])}
-        usage["prompt_tokens"] = sum(r["prompt_tokens"] for r in done[::n])
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model_name, "choices": choices, "usage": usage}
+                "model": model_name, "choices": choices, "usage": total_usage(done, n)}
 
-    async def run(job: _Job, chat: bool, request: Request):
-        if not job.stream:
-            return await run_batch([job], request, chat)
+    async def run(jobs: list[_Job], chat: bool, request: Request):
+        """Answers a request of one prompt and its n = len(jobs) choices, as a stream when the jobs are."""
+        if not jobs[0].stream:
+            return await run_batch(jobs, request, chat, len(jobs))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        job.loop = asyncio.get_running_loop()
-        job.queue = asyncio.Queue()
-        future = backend.submit(job)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        for j, job in enumerate(jobs):
+            job.loop, job.queue, job.choice = loop, queue, j
+        futures = backend.submit_all(jobs)
+
+        def drop() -> None:
+            for job, f in zip(jobs, futures):
+                job.abort()
+                f.cancel()  # still queued: dropped now (never_ran does the counting), else a no-op
+
         # Nothing is sent before the first event (errors raised before the first step become a plain 4xx
         # answer), so a client that leaves while the request waits for a worker, for KV blocks or for its
         # prefill is watched for here: it leaves the queue at once, as a non-streaming one does.
-        getter = asyncio.ensure_future(job.queue.get())
+        getter = asyncio.ensure_future(queue.get())
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
-                job.abort()
-                future.cancel()  # still queued: dropped now (never_ran does the counting), else a no-op
+                drop()
                 return Response(status_code=499)
             first = getter.result()
         except BaseException:
-            job.abort()
-            future.cancel()
+            drop()
             raise
         finally:
             getter.cancel()
             gone.cancel()
-        if first[0] == "error":
-            raise _engine_error(first[1])
+        if first[1] == "error":
+            drop()
+            raise _engine_error(first[2])
 
-        def chunk(delta: Any = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        def chunk(j: int, delta: Any = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
             if chat:
-                choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+                choice = {"index": j, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name, "choices": [choice]}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": j, "text": delta or "", "logprobs": None, "finish_reason": finish}
                 obj = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": [choice]}
             obj.update(extra)
             return obj
@@ -1099,30 +1111,36 @@ def create_app(
         async def events():
             event = first
             if chat:
-                yield _sse(chunk({"role": "assistant", "content": ""}))
+                for j in range(len(jobs)):
+                    yield _sse(chunk(j, {"role": "assistant", "content": ""}))
+            done: dict[int, dict[str, Any]] = {}
             while True:
-                kind = event[0]
+                j, kind, *data = event
                 if kind == "draft":
-                    yield _sse(chunk(None, dgemma_draft={"canvas": event[1], "step": event[2], "text": event[3]}))
+                    yield _sse(chunk(j, None, dgemma_draft={"canvas": data[0], "step": data[1], "text": data[2]}))
                 elif kind == "delta":
-                    yield _sse(chunk(content(event[1])))
+                    yield _sse(chunk(j, content(data[0])))
                 elif kind == "done":
-                    result = event[1]
+                    result = done[j] = data[0]
                     if result["tail"]:
-                        yield _sse(chunk(content(result["tail"])))
-                    # usage rides on the finish chunk; with stream_options.include_usage it comes instead as OpenAI
-                    # sends it, in a last chunk with no choices (clients that add up chunks count it once).
-                    if job.include_usage:
-                        yield _sse(chunk(None, result["finish_reason"]))
-                        last = chunk(None, usage=_usage(result))
-                        last["choices"] = []
-                        yield _sse(last)
+                        yield _sse(chunk(j, content(result["tail"])))
+                    if len(done) < len(jobs):  # the request's usage comes once, with its last choice
+                        yield _sse(chunk(j, None, result["finish_reason"]))
                     else:
-                        yield _sse(chunk(None, result["finish_reason"], usage=_usage(result)))
-                    yield "data: [DONE]\n\n"
-                    return
-                elif kind == "error":
-                    yield _sse(_engine_error(event[1]).body())
+                        usage = total_usage([done[i] for i in range(len(jobs))], len(jobs))
+                        # usage rides on the finish chunk; with stream_options.include_usage it comes instead as
+                        # OpenAI sends it, in a last chunk with no choices (clients that add up chunks count it once).
+                        if jobs[0].include_usage:
+                            yield _sse(chunk(j, None, result["finish_reason"]))
+                            last = chunk(j, None, usage=usage)
+                            last["choices"] = []
+                            yield _sse(last)
+                        else:
+                            yield _sse(chunk(j, None, result["finish_reason"], usage=usage))
+                        yield "data: [DONE]\n\n"
+                        return
+                elif kind == "error":  # the other choices are cancelled as the response ends
+                    yield _sse(_engine_error(data[0]).body())
                     yield "data: [DONE]\n\n"
                     return
                 else:  # cancelled: by the client leaving (nobody reads this) or by the shutdown
@@ -1130,10 +1148,10 @@ def create_app(
                         yield _sse(_engine_error(_Cancelled()).body())
                         yield "data: [DONE]\n\n"
                     return
-                event = await job.queue.get()
+                event = await queue.get()
 
         return _CancellingStreamingResponse(
-            events(), job, media_type="text/event-stream",
+            events(), jobs, media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -1223,12 +1241,13 @@ def create_app(
             check_prompt(ids, len(template) if middle is not None else max_tokens, f"prompt[{i}]" if many else "prompt")
             jobs += [_Job(ids, max_tokens, (seed + j) % 2**64, kwargs, bool(req.stream), template=template,
                           middle=middle, stop=stops, include_usage=include_usage(req)) for j in range(n)]
-        if len(jobs) > 1:
+        if len(batch) > 1:
             return await run_batch(jobs, request, chat=False, n=n)
-        job = jobs[0]
         if req.suffix is not None and req.stream:  # the drafts show the middle settling before it
-            job.suffix_text = req.suffix if isinstance(req.suffix, str) else backend.tok.decode(suffix)
-        return await run(job, chat=False, request=request)
+            shown = req.suffix if isinstance(req.suffix, str) else backend.tok.decode(suffix)
+            for job in jobs:
+                job.suffix_text = shown
+        return await run(jobs, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
@@ -1276,9 +1295,7 @@ def create_app(
         check_prompt(ids, max_tokens)
         jobs = [_Job(ids, max_tokens, (seed + j) % 2**64, kwargs, bool(req.stream), template=req.canvas_template,
                      stop=stop_sequences(req), include_usage=include_usage(req)) for j in range(n)]
-        if n > 1:
-            return await run_batch(jobs, request, chat=True, n=n)
-        return await run(jobs[0], chat=True, request=request)
+        return await run(jobs, chat=True, request=request)
 
     @app.get("/metrics")
     async def metrics():
