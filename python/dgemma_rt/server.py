@@ -371,9 +371,6 @@ class _Backend:
         self.max_pos = int(engine.config.get("max_position_embeddings", 1 << 62))
 
     # -------------------------------------------------------------- admission (event loop)
-    def submit(self, job: _Job):
-        return self.submit_all([job])[0]
-
     def submit_all(self, jobs: list[_Job]) -> list[Any]:
         """Hands all of ``jobs`` to the workers, or none of them (429 when the queue cannot take them all)."""
         if self.shutting_down:
