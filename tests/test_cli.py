@@ -425,7 +425,7 @@ def test_serve_ray_without_ray_says_so_once(monkeypatch, capsys):
     monkeypatch.delattr(dgemma_rt, "ray_serve", raising=False)  # `from dgemma_rt import` would take it
     assert cli.main(["serve", "some/ckpt", "--ray"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: dgemma-rt serve --ray needs Ray Serve: pip install 'dgemma_rt[ray]' (") and "ray" in err
+    assert err.startswith("error: dgemma-rt serve --ray needs Ray Serve: pip install 'dgemma_rt[ray]' ("), err
     assert err.count("pip install") == 1, err
 
 

@@ -63,7 +63,8 @@ void check_memory(const std::string& dir, const ModelConfig& cfg, const EngineOp
   const MemoryLimit lim = memory_limit();
   const double limit = static_cast<double>(lim.bytes);
   DG_REQUIRE(m.one_row <= limit, CheckpointError,
-             printable(dir, 400) << "/config.json asks for more memory than this process may use: a single batch row needs "
+             printable(dir, 400) << "/config.json asks for more memory than this process may use: "
+                                 << "a single batch row needs "
                  << format_bytes(m.one_row) << " (sliding-window KV cache for sliding_window " << cfg.sliding_window
                  << ": " << format_bytes(m.sliding_one_row) << "; step buffers for canvas_length " << cfg.canvas_length
                  << " x vocab_size " << cfg.vocab_size << ": " << format_bytes(m.workspace_one_row) << ") but "

@@ -291,9 +291,9 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       "one pass over E in 8-CTA clusters: each 64-entry E tile loaded to shared memory once and used "
                       "for the logits and for probs @ E, no [T, V] tensor; compute-bound (2 GEMMs' FLOPs), mma.sync "
                       "at ~65% of peak plus two cluster barriers per tile: the header's 1.3-1.6 ms at 256 "
-                      "positions on an H100 (+ resolve ~10 us; the exact-mass fallback rereads E per 16 flagged positions: "
-                      "not modelled; an emulation flags ~half of random weights' flat positions, ~2 ms more, and a "
-                      "trained model's rate is unmeasured)",
+                      "positions on an H100 (+ resolve ~10 us; the exact-mass fallback rereads E per 16 flagged "
+                      "positions: not modelled; an emulation flags ~half of random weights' flat positions, ~2 ms "
+                      "more, and a trained model's rate is unmeasured)",
                       launches=4))
     else:
         rows, n = batch, L
@@ -302,7 +302,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       "per canvas row, CUTLASS sm90 with the softcap as an epilogue visitor node, f32 logits [n, V] "
                       "out: 128x256 tiles in 2x1 clusters, each E tile TMA-multicast to the canvas's two M tiles, so "
                       "E comes from HBM once (at the 26B-A4B shape ~2.9 GB from L2; the mma.sync matmul's 128x128 "
-                      "tiles: 5.9 GB, ~0.9 ms); byte side 0.8, tensor side ~0.75 of the wgmma peak, the slower sets the time",
+                      "tiles: 5.9 GB, ~0.9 ms); byte side 0.8, tensor side ~0.75 of the wgmma peak, the slower sets "
+                      "the time",
                       compute_efficiency=0.75))
         ops.append(Op("sample_canvas", "kernels/sampler/sample_canvas.cu", rows, n * V * (4 + 4 + 4 + 4 + 2),
                       10.0 * n * V, "fp32", 0.6,
@@ -315,7 +316,8 @@ def step_ops(shape: ModelShape, batch: int = 1, context: int = 4096, quant: str 
                       emb + n * V * ab + 2 * split * n * H * 4 + 2 * n * H * ab, 2.0 * n * V * H, "bf16", 0.5,
                       f"probs (bf16 [n, V]) @ E * sqrt(H) as a split-K GEMM (K = V in {split} parts at n = {n}: "
                       f"one wave of 2 CTAs per SM, f32 partials summed in order): E read again from HBM (at the "
-                      f"26B-A4B shape 5.9 GB of L2 tile traffic bounds it near 0.9 ms on an H100); skipped on a canvas's last step",
+                      f"26B-A4B shape 5.9 GB of L2 tile traffic bounds it near 0.9 ms on an H100); skipped on a "
+                      f"canvas's last step",
                       launches=3))
     ops.append(Op("accept_canvas", "host (runtime/scheduler.cpp end_step): no kernel in the step", 1, T * 20, T * 16,
                   "fp32", 0.05, "the engine accepts a canvas's tokens on the host after the step's one download",
