@@ -866,6 +866,7 @@ def test_a_batch_of_prompts_is_queued_whole_or_not_at_all(engine):
         err = _error_shape(httpx.post(srv.url + "/v1/chat/completions", json=chat, timeout=60), 429)
         assert "too full for 3 choices" in err["message"], err  # n choices are queued whole too
         m = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert _metric(m, 'dgemma_requests_total{outcome="rejected"}') == 6, m  # the engine's requests, as elsewhere
         assert _metric(m, "dgemma_requests_in_flight") == 1 and _metric(m, "dgemma_queue_depth") == 0, m
         two = pool.submit(httpx.post, srv.url + "/v1/completions", json={**OK, "prompt": ["a", "b"]}, timeout=60)
         _wait_for(lambda: _metric(httpx.get(srv.url + "/metrics", timeout=10).text,
@@ -1046,6 +1047,50 @@ def test_errors_after_a_request_started_count_as_failed(engine):
             assert r.status_code == status, r.text
             m = httpx.get(srv.url + "/metrics", timeout=10).text
             assert _metric(m, f'dgemma_requests_total{{outcome="{outcome}"}}') == 1, m
+    finally:
+        srv.stop()
+
+
+def test_a_choice_failing_mid_stream_ends_every_choice(engine):
+    """n streamed: one choice failing after the stream started sends the error event and [DONE], and the other
+    choices are cancelled (not left running), as a non-streaming request's are."""
+    seed = 100
+
+    class FailingChoice:  # choice 1 (seed + 1) raises from its third step's callback
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def submit(self, *args, **kwargs):
+            if kwargs.get("seed") == seed + 1:
+                inner, steps = kwargs["on_step"], [0]
+
+                def on_step(draft):
+                    steps[0] += 1
+                    if steps[0] == 3:
+                        raise RuntimeError("boom at step 3")
+                    return inner(draft)
+
+                kwargs["on_step"] = on_step
+            return engine.submit(*args, **kwargs)
+
+    srv = _Server(create_app(FailingChoice(), MODEL, max_running=4))
+    try:
+        body = {"model": MODEL, "prompt": "a long story", "max_tokens": 64 * 40, "max_denoising_steps": 8,
+                "stability_threshold": 100, "seed": seed, "stream": True, "n": 3}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and "error" in json.loads(lines[-2][6:]), lines[-2:]
+        seen = {json.loads(line[6:])["choices"][0]["index"] for line in lines[:-2]}
+        assert seen == {0, 1, 2}, seen
+
+        def settled():
+            m = httpx.get(srv.url + "/metrics", timeout=10).text
+            return (_metric(m, 'dgemma_requests_total{outcome="failed"}') == 1
+                    and _metric(m, 'dgemma_requests_total{outcome="cancelled"}') == 2
+                    and _metric(m, "dgemma_requests_in_flight") == 0 and _pool_full(engine))
+
+        _wait_for(settled, 15, "the other choices to be cancelled and the KV pool freed")
     finally:
         srv.stop()
 

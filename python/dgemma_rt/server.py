@@ -75,7 +75,8 @@ settling. Clients that do not know the field ignore it. The last chunk carries `
 ``usage``, or, with ``stream_options: {"include_usage": true}``, ``finish_reason`` only, followed by a
 chunk with no choices that holds the ``usage``, as OpenAI sends it; then ``data: [DONE]``. With ``n``
 every chunk holds one choice, named by its ``index``; each choice has its own finish chunk, and the
-request's ``usage`` comes once, with the last. The JSON
+request's ``usage`` comes once: on the finish chunk of the choice that finishes last (or in the chunk
+with no choices after it). The JSON
 is ASCII (other characters escaped). An error after the stream started is sent as
 ``data: {"error": {...}}``.
 
@@ -379,7 +380,7 @@ class _Backend:
             # Requests that really wait for a worker: those beyond the max_running the workers hold.
             # A request an idle worker is about to pick up does not count.
             if self.stats.waiting + self.stats.running + len(jobs) > self.max_running + self.max_queue:
-                self.stats.rejected += 1
+                self.stats.rejected += len(jobs)  # /metrics counts the engine's requests: a choice is one
                 what = "full" if len(jobs) == 1 else f"too full for {len(jobs)} choices"
                 # Retry-After: OpenAI's clients wait that long before their retry instead of backing off blind.
                 raise APIError(429, f"the server queue is {what} ({self.max_queue} requests may wait); retry later",
