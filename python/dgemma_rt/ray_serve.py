@@ -53,7 +53,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("dgemma_rt.ray_serve needs Ray Serve: pip install 'dgemma_rt[ray]'") from e
 
 from dgemma_rt.engine import MAX_BATCH_SIZE
-from dgemma_rt.server import create_app, listen
+from dgemma_rt.server import create_app, listen, no_tokenizer
 
 __all__ = ["AppArgs", "DGemmaReplica", "REPLICA_HEADER", "app_builder", "build", "deployment_options", "run"]
 
@@ -419,8 +419,7 @@ def run(
         from dgemma_rt.text import Tokenizer
 
         if Tokenizer.from_dir(checkpoint) is None:  # CheckpointError for a corrupt one
-            raise ValueError(f"{os.fspath(checkpoint)} has no tokenizer.json: the server needs one to read and "
-                             "write text")
+            raise no_tokenizer(checkpoint)
         _check_port_free(host, port)
         # Workers of a local instance import the same dgemma_rt as this process (a source checkout too).
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -785,7 +785,7 @@ def create_app(
     the queue can hold).
     """
     if engine.tokenizer is None:
-        raise ValueError(f"{engine.path} has no tokenizer.json: the server needs one to read and write text")
+        raise no_tokenizer(engine.path)
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     if max_running is None:
@@ -1364,6 +1364,11 @@ def create_app(
     return app
 
 
+def no_tokenizer(checkpoint: str | os.PathLike) -> ValueError:
+    """The refusal of a checkpoint without tokenizer.json (create_app, serve and ray_serve say it alike)."""
+    return ValueError(f"{os.fspath(checkpoint)} has no tokenizer.json: the server needs one to read and write text")
+
+
 def listen(host: str, port: int) -> list[Any]:
     """Listening TCP sockets on every address ``host`` resolves to ("" or "0.0.0.0" / "::": all interfaces), as
     asyncio's create_server (uvicorn's default) binds them, or a ValueError naming the address."""
@@ -1416,7 +1421,7 @@ def serve(
     from dgemma_rt.text import lacks_tokenizer
 
     if lacks_tokenizer(checkpoint):  # create_app's refusal, before the load
-        raise ValueError(f"{os.fspath(checkpoint)} has no tokenizer.json: the server needs one to read and write text")
+        raise no_tokenizer(checkpoint)
     # Bound before the load (minutes for a large checkpoint): a busy port or a bad host is a ValueError at once,
     # and the port stays ours meanwhile (clients that connect early wait in the backlog).
     sockets = listen(host, port)
