@@ -89,6 +89,7 @@ def make_router_inputs(rng, t, h, e, n_unique=None, x_scale=2.0, proj_scale=3.0)
         (64, 2816, 128, 8, 128, True),  # bf16 residual
         (37, 256, 32, 8, 11, False),  # 32 experts over 11 distinct rows: ties everywhere
         (5, 64, 16, 4, 1, False),  # every expert identical: top-k = 0..k-1
+        (3, 1536, 128, 8, 128, False),  # 48 KiB of dynamic shared memory + the static arrays: needs the opt-in
     ],
 )
 def test_router(t, h, e, k, n_unique, x_bf16):

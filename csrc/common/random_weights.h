@@ -34,7 +34,7 @@ DG_HOST_DEVICE inline float value(uint64_t seed, uint64_t i, float amplitude, fl
 }
 
 // Synthetic NVFP4 (random experts in the stored format): E2M1 code of element i (all 16 codes), and
-// the E4M3 block scale of block j: 0x30 + 0..7, i.e. 0.5 .. 0.875 (never zero or NaN). The value is
+// the E4M3 block scale of block j: 0x30 + 0..7, i.e. 0.5 .. 0.9375 (never zero or NaN). The value is
 // e2m1(code) * e4m3(scale) * global, global = amplitude / 6 (so |value| stays under ~amplitude).
 DG_HOST_DEVICE inline uint32_t nvfp4_code(uint64_t seed, uint64_t i) {
   return static_cast<uint32_t>(splitmix64(seed + i * 0x9e3779b97f4a7c15ull) >> 60);

@@ -197,11 +197,11 @@ template <typename Tx, bool kVec4>
 cudaError_t launch(const MoeRouterParams<Tx>& p, cudaStream_t stream) {
   const size_t smem = smem_bytes(p.H, p.E);
   auto kernel = router_kernel<Tx, kVec4>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  // Always raised, not only when the dynamic size alone passes 48 KiB: the kernel's ~2 KB of static shared
+  // memory counts against the same default limit (H = 1536 asks for 48 KiB dynamic + static and would fail).
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(smem));
+  if (attr != cudaSuccess) return attr;
   const float root = static_cast<float>(std::pow(static_cast<double>(p.H), -0.5));
   const dim3 grid((p.T + kTok - 1) / kTok, (p.E + kExp - 1) / kExp);
   char* ws = static_cast<char*>(p.workspace);
