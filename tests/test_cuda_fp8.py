@@ -24,11 +24,28 @@ def test_host_row_quantization_matches_numpy():
     x[0] = 0.0                        # all-zero row: scale 1, codes 0
     x[1, :5] = [-0.0, 1e-30, -1e-30, 5.0, -5.0]
     x[2] = np.float32(448.0)          # every value at the row's amax: code 0x7E
+    x[3, 7] = np.nan                  # a NaN in a row: its scale NaN (the GEMM's row NaN), its codes 0
     q, s = ops().fp8_quantize_rows_host(x)
-    ref_q, ref_s = nvfp4.quantize_fp8(x)
-    np.testing.assert_array_equal(s, ref_s)
-    np.testing.assert_array_equal(q, ref_q)
+    finite = np.arange(len(x)) != 3
+    ref_q, ref_s = nvfp4.quantize_fp8(x[finite])  # numpy's quantizer refuses NaN
+    np.testing.assert_array_equal(s[finite], ref_s)
+    np.testing.assert_array_equal(q[finite], ref_q)
     assert s[0] == 1.0 and not q[0].any() and (q[2] == 0x7E).all()
+    assert np.isnan(s[3]) and not q[3].any()
+
+
+@needs_gpu
+def test_quantize_rows_fp8_propagates_nan():
+    """A NaN anywhere in a row (first, last, in any warp) makes that row's scale NaN, and only that row's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, 0] = x[2, 999] = x[3, 517] = np.nan
+    x[4, 255] = -np.nan
+    q, s = ops().quantize_rows_fp8(bf16_bits(x))
+    host_q, host_s = ops().fp8_quantize_rows_host(bf16_to_f32(bf16_bits(x)))
+    assert np.isnan(s[1:5]).all() and np.isfinite(s[[0, 5]]).all()
+    np.testing.assert_array_equal(s, host_s)  # NaN == NaN here
+    np.testing.assert_array_equal(q, host_q)
 
 
 @needs_gpu

@@ -26,7 +26,7 @@ std::tuple<U8Array, F32Array> quantize_rows_host(F32Array x) {
   float* ds = scale.mutable_data();
   for (py::ssize_t r = 0; r < M; ++r) {
     float m = 0.0f;
-    for (py::ssize_t i = 0; i < K; ++i) m = std::fmax(m, std::fabs(src[r * K + i]));
+    for (py::ssize_t i = 0; i < K; ++i) m = nvfp4::fp8_amax(m, src[r * K + i]);
     ds[r] = nvfp4::fp8_row_scale(m);
     for (py::ssize_t i = 0; i < K; ++i)
       dq[r * K + i] = static_cast<uint8_t>(nvfp4::e4m3_from_float_signed(src[r * K + i] / ds[r]));

@@ -36,7 +36,7 @@ DG_NVFP4_FN float e4m3_to_float(uint32_t c) {
 
 // x >= 0 and finite (a scale) to the nearest E4M3 code, ties to even, saturating at 448 (0x7E).
 DG_NVFP4_FN uint32_t e4m3_from_float(float x) {
-  if (!(x > 0.0f)) return 0;                  // 0 (and NaN, which callers never pass)
+  if (!(x > 0.0f)) return 0;                  // 0, and NaN (a NaN row's values: its scale carries the NaN)
   if (x >= kE4m3Max) return 0x7E;
   if (x < 0.015625f) {                        // below 2^-6: subnormal steps of 2^-9
     return static_cast<uint32_t>(rintf(ldexpf(x, 9)));  // 8 (rounded up to 2^-6) is the code of 2^-6
@@ -58,10 +58,16 @@ DG_NVFP4_FN uint32_t e4m3_from_float_signed(float x) {
 }
 
 // FP8 with one scale per row (weights: per output channel; activations: per token): the row's
-// scale is amax / 448 (1 for an all-zero row) and its values E4M3(x / scale).
+// scale is amax / 448 (1 for an all-zero row) and its values E4M3(x / scale). A NaN in the row makes
+// its amax and so its scale NaN, and the GEMM's output row NaN, as a NaN in a BF16 GEMM's input row
+// does (E4M3 codes have no NaN the GEMM would see: e4m3_from_float maps NaN to 0).
+DG_NVFP4_FN float fp8_amax(float amax, float v) {  // max(amax, |v|), NaN-propagating (fmaxf drops NaN)
+  const float a = v < 0.0f ? -v : v;
+  return (a > amax || a != a) ? a : amax;
+}
 DG_NVFP4_FN float fp8_row_scale(float amax) {
   const float s = amax / kE4m3Max;
-  return s > 0.0f ? s : 1.0f;
+  return s > 0.0f || s != s ? s : 1.0f;
 }
 
 // E2M1 (S.EE.M): 0, 0.5, 1, 1.5, 2, 3, 4, 6.
