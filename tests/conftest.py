@@ -117,9 +117,18 @@ def deep_ckpt(tmp_path_factory) -> Checkpoint:
 def bf16_ckpt(tmp_path_factory) -> Checkpoint:
     import torch
 
-    # Same seed as base: the weights are base's rounded to bf16. Hidden 64 keeps the sqrt(H) embedding scale exact
-    # in bf16, so an engine computing in float32 from bf16 weights matches the float32 reference of the upcast weights.
+    # Same seed as base: the weights are base's rounded to bf16 (hidden 64: the sqrt(H) embedding scale is exact in
+    # bf16; bf16_h48_ckpt is the case where it is not).
     return _build(tmp_path_factory, "bf16", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def bf16_h48_ckpt(tmp_path_factory) -> Checkpoint:
+    import torch
+
+    # Hidden 48: sqrt(48) = 6.9282 is 6.9375 in bf16, the scale transformers gives a bf16 checkpoint's embeddings
+    # (as with the released model: sqrt(2816) = 53.07 is 53.0 in bf16).
+    return _build(tmp_path_factory, "bf16_h48", dtype=torch.bfloat16, hidden_size=48)
 
 
 @pytest.fixture(scope="session")

@@ -182,7 +182,13 @@ def make_reference_checkpoint(
 
 
 def load_reference(path):
-    """The reference model in float32 (bf16 weights are upcast), eager attention, eval mode."""
+    """The reference model in float32 (bf16 weights are upcast), eager attention, eval mode.
+
+    The embedding scale keeps the checkpoint's dtype: transformers run on a bf16 checkpoint as it loads by default
+    (dtype "auto": config.json's) scales the embeddings by `embed_scale.to(weight.dtype)`, i.e. bf16(sqrt(H)), and
+    that rounding is part of what the model computes (the engine does the same: ModelWeights::embed_scale). A
+    float32 upcast alone would use the unrounded sqrt(H); everything else is computed in float32.
+    """
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -192,6 +198,12 @@ def load_reference(path):
     # sdpa crashes in the encoder on CPU in 5.23.0
     model.config._attn_implementation = "eager"
     model.config.text_config._attn_implementation = "eager"
+    with open(os.path.join(str(path), "config.json")) as f:
+        stored = getattr(torch, json.load(f).get("dtype") or "float32")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+                module.embed_scale.copy_(module.embed_scale.to(stored).float())
     return model.eval()
 
 

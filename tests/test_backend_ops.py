@@ -817,6 +817,49 @@ def test_lm_head_sample_numpy(ref, weights):
     _close(ref.lm_head_logits(x), np_logits(weights, x), rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_embedding_scale_is_sqrt_h_in_the_stored_dtype(tmp_path, device):
+    """A BF16 checkpoint's token embeddings, self-conditioning product and the sampler's soft rows are scaled by
+    sqrt(H) rounded to bf16, as transformers scales them (embed_scale.to(weight.dtype)): at H = 48 that is 6.9375,
+    0.13% from sqrt(48) = 6.9282. The scale is fitted by least squares over many values, so the bf16 rounding of a
+    GPU's outputs (unbiased, up to 0.4% each) does not hide it."""
+    if device == "cuda" and _cuda_unavailable():
+        pytest.skip(_cuda_unavailable())
+    import dataclasses
+
+    shape = dataclasses.replace(SHAPE, hidden_size=48)
+    path = write_random_checkpoint(tmp_path / "h48", shape, seed=11)
+    weights = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            weights.update(_read_safetensors(str(path / f)))
+    E = weights["model.decoder.embed_tokens.weight"].astype(np.float64)
+    ops = BackendOps(str(path), device)
+    want, unrounded = 6.9375, float(np.float32(np.sqrt(48)))
+
+    def fitted(got, base):
+        got, base = np.asarray(got, np.float64).ravel(), np.asarray(base, np.float64).ravel()
+        return float(got @ base / (base @ base))
+
+    ids = np.arange(V, dtype=np.int32)[::-1].copy()
+    scales = {"embed": fitted(ops.embed(ids), E[ids])}
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((40, V)) * 3).astype(np.float32)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    scales["soft_embedding"] = fitted(ops.soft_embedding(logits.copy()), p @ E)
+    T = 32
+    x = rnd(rng.standard_normal((T, 48)))
+    out = ops.lm_head_sample(x, 16, np.ones(2, np.float32), rng.uniform(0.1, 0.9, T), np.arange(T, dtype=np.int32),
+                             np.zeros((T, 48), np.float32))
+    proc = ops.lm_head_logits(x).astype(np.float64)
+    q = np.exp(proc - proc.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    scales["lm_head_sample soft"] = fitted(out["soft"], q @ E)
+    for what, got in scales.items():
+        assert abs(got - want) < 3e-4 * want, f"{what}: scale {got:.6f}, want {want} (not sqrt(48) = {unrounded:.6f})"
+
+
 def test_bf16_upload_rounds_to_nearest_even(ref):
     """The harness's f32 -> bf16 upload and bf16 -> f32 download (the path every act input takes on a GPU),
     run through the CPU's dtype-blind copy and gather_rows."""

@@ -217,6 +217,27 @@ def test_bf16_checkpoint_logits(engine_for, bf16_ckpt):
     assert_logits_close(engine.denoise_logits(state, canvas), *reference_logits(bf16_ckpt, ids, canvas), "bf16")
 
 
+def test_bf16_checkpoint_embedding_scale(engine_for, bf16_h48_ckpt):
+    """A bf16 checkpoint's embeddings (prompt, canvas and the self-conditioning product) are scaled by sqrt(H)
+    rounded to bf16, as transformers does running it in its own dtype: 6.9375 here, not 6.9282 (0.13% apart)."""
+    import torch
+
+    ckpt = bf16_h48_ckpt
+    scales = {float(m.embed_scale) for m in ckpt.model.modules() if isinstance(getattr(m, "embed_scale", None),
+                                                                                torch.Tensor)}
+    assert scales == {6.9375}, scales  # the reference's own rounding (load_reference)
+    engine = engine_for(ckpt)
+    ids = make_prompt(9, 2, 13, ckpt.vocab_size)
+    state = engine.encode(ids)
+    assert_cache_matches(state, reference_encoder_kv(ckpt.model, ids), ckpt.num_layers, 2)
+    canvas = np.random.default_rng(7).integers(0, ckpt.vocab_size, size=(2, ckpt.canvas_length))
+    want32, want64 = reference_logits(ckpt, ids, canvas)
+    assert_logits_close(engine.denoise_logits(state, canvas), want32, want64, "bf16 H=48")
+    processed = (want32 / 0.7).astype(np.float32)
+    assert_logits_close(engine.denoise_logits(state, canvas, self_conditioning_logits=processed),
+                        *reference_logits(ckpt, ids, canvas, processed), "bf16 H=48, self-conditioned")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # generation
 
@@ -248,6 +269,8 @@ CASES = {
     "deep": Case("deep", 2, 9, dict(max_new_tokens="2c", max_denoising_steps=16), 105),
     "deep_long": Case("deep", 2, 9, dict(max_new_tokens="3c"), 26, modes=("hybrid",)),
     "bf16": Case("bf16", 1, 7, dict(max_new_tokens="2c"), 17),
+    # The bf16-rounded embedding scale in the canvas embedding and the self-conditioning product, step after step.
+    "bf16_h48": Case("bf16_h48", 2, 7, dict(max_new_tokens="2c"), 22),
     "few_steps_wide_bound": Case(
         "base", 2, 5, dict(max_new_tokens="3c", max_denoising_steps=6, entropy_bound=0.5, stability_threshold=2), 18
     ),

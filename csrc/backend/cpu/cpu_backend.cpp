@@ -277,7 +277,7 @@ void CpuBackend::embed(const Tensor& ids, const Tensor& out) {
   const int H = cfg_.hidden_size;
   const int64_t T = ids.numel();
   DG_CHECK(out.rows() == T && out.cols() == H, "embed: out shape");
-  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  const float scale = w_.embed_scale;
   const int32_t* id = ids.ptr<int32_t>();
   float* x = out.ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
@@ -584,7 +584,7 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
                a.token.numel() == T && a.argmax.numel() == T && a.entropy.numel() == T && a.soft_index.numel() == T &&
                a.soft.cols() == H,
            "lm_head_sample: shapes");
-  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  const float scale = w_.embed_scale;
   const float* temp = a.temperature.ptr<float>();
   const double* uni = a.uniform.ptr<double>();
   const int32_t* sidx = a.soft_index.ptr<int32_t>();
@@ -626,7 +626,7 @@ void CpuBackend::lm_head_sample(const SampleArgs& a) {
       }
     }
     if (soft_rows == 0) continue;
-    // The next step's self-conditioning input: softmax(processed) @ E * sqrt(H), one GEMM for the chunk.
+    // The next step's self-conditioning input: softmax(processed) @ E * embed_scale, one GEMM for the chunk.
     cpu::matmul_nn(probs, embed_, head_soft_.data(), m, H, V);
     for (int i = 0; i < m; ++i) {
       if (sidx[c0 + i] < 0) continue;
@@ -663,7 +663,7 @@ void CpuBackend::soft_embedding(const Tensor& logits, const Tensor& out) {
   for (int t = 0; t < S; ++t) softmax_inplace(probs + static_cast<size_t>(t) * V, V);
   float* soft = out.ptr<float>();
   matmul_nn(probs, embed_, soft, S, H, V);
-  const float scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  const float scale = w_.embed_scale;
   for (size_t i = 0; i < static_cast<size_t>(S) * H; ++i) soft[i] *= scale;
 }
 

@@ -343,6 +343,7 @@ class CudaBackend final : public Backend {
   // (it needs 166 KB of shared memory per CTA, more than sm_120 has).
   bool fused_head_ = false;
   Mat embed_, lm_head_, sc_gate_up_, sc_down_;
+  float embed_scale_ = 1.0f;  // ModelWeights::embed_scale: sqrt(H) in the embedding's stored dtype
   Vec final_norm_, sc_pre_norm_;
   std::vector<Layer> layers_;
   std::shared_ptr<Buffer> scratch_[kNumScratch];
@@ -447,7 +448,8 @@ void CudaBackend::report_upload(int tensors) {
     weights_->progress(ModelWeights::Phase::kUpload, std::min(uploaded_, upload_total_), upload_total_);
 }
 
-CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w) : device_(device), cfg_(cfg) {
+CudaBackend::CudaBackend(int device, const ModelConfig& cfg, const ModelWeights& w)
+    : device_(device), cfg_(cfg), embed_scale_(w.embed_scale) {
   DeviceGuard g(device_);
   DG_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   stream_handle_->stream = stream_;
@@ -1150,7 +1152,7 @@ void CudaBackend::embed(const Tensor& ids, const Tensor& out) {
   kernels::EmbedParams<float> p;
   p.table = embed_.p, p.ids = as<int32_t>(ids), p.out = as<float>(out);
   p.tokens = static_cast<int>(ids.numel()), p.hidden = H;
-  p.scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  p.scale = embed_scale_;
   DG_CUDA(kernels::embed_tokens(p, stream_));
 }
 
@@ -1516,13 +1518,13 @@ void CudaBackend::scatter_add_rows(const Tensor& dst, const Tensor& src, const T
                                     stream_));
 }
 
-// probs [rows, V] bf16 @ E [V, H] * sqrt(H) -> out [rows, H] bf16: K = V is long, so split-K.
+// probs [rows, V] bf16 @ E [V, H] * embed_scale -> out [rows, H] bf16: K = V is long, so split-K.
 void CudaBackend::probs_times_embedding(const bf16* probs, int64_t rows, bf16* out) {
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   kernels::MatmulParams p;
   p.x = probs, p.w = embed_.p, p.y = out, p.w_kn = true;
   p.M = rows, p.N = H, p.K = V;
-  p.alpha = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  p.alpha = embed_scale_;
   p.split_k = kernels::matmul_pick_split_k(rows, H, V);
   const size_t ws = kernels::matmul_workspace_bytes(p);
   if (ws > 0) p.workspace = scratch(kSplitK, ws), p.workspace_bytes = ws;
@@ -1554,7 +1556,7 @@ void CudaBackend::lm_head_sample(const SampleArgs& a) {
     fp.softcap = cap, fp.temperature = as<float>(a.temperature), fp.uniform = as<double>(a.uniform);
     fp.token = as<int32_t>(a.token), fp.argmax = as<int32_t>(a.argmax), fp.entropy = as<float>(a.entropy);
     fp.soft = as<bf16>(a.soft), fp.soft_index = as<int32_t>(a.soft_index);
-    fp.soft_scale = static_cast<float>(std::sqrt(static_cast<double>(H)));
+    fp.soft_scale = embed_scale_;
     fp.workspace_bytes = kernels::lm_head_sample_workspace_bytes(fp.P, fp.H, fp.V);
     fp.workspace = scratch(kFusedHead, fp.workspace_bytes);
     DG_CUDA(kernels::lm_head_sample_fused(fp, stream_));
