@@ -47,9 +47,9 @@ def _reference(x64, w64, w_kn, alpha, softcap, offsets=None):
     return y, mag
 
 
-def _check(got, y_f32, ref, mag, softcap, what=""):
+def _check(got, y_f32, ref, mag, softcap, what="", rel=2.0**-16):
     got = got.astype(np.float64) if y_f32 else bf16_to_f32(got).astype(np.float64)
-    bound = 2.0**-16 * mag + 1e-30
+    bound = rel * mag + 1e-30
     if softcap > 0:
         bound += 4 * 2.0**-24 * softcap
     if not y_f32:
@@ -117,7 +117,13 @@ def test_matmul_split_k_softcap(M, N, K, w_kn, split_k, softcap, y_f32):
 
 @needs_gpu
 def test_matmul_self_conditioning_shape():
-    """softmax @ E: K = a vocabulary (here 65536), E [K, N] ("NN"), split-K from the picker or 8."""
+    """softmax @ E: K = a vocabulary (here 65536), E [K, N] ("NN"), split-K from the picker or 8.
+
+    The bound is 2^-13 of |x| @ |w| rather than 2^-16: tensor cores add into the f32 accumulator with
+    truncation (published measurements of mma on Volta to Hopper), so the error grows with the K of each
+    split, and a desk emulation with round-toward-zero accumulation reached 0.92 of 2^-16 at split 8 (5.9x
+    at split 1). A lost or doubled split part still shows: on this data it puts over 95% of the outputs
+    outside the bound, the worst of them 36x (split 64) to 1900x (split 8) outside."""
     M, N, K = 4, 96, 65536
     rng = np.random.default_rng(5)
     logits = rng.standard_normal((M, K)) * 4
@@ -127,7 +133,7 @@ def test_matmul_self_conditioning_shape():
     ref, mag = _reference(x64, w64, True, 1.0, 0.0)
     for split_k in {max(1, ops().matmul_pick_split_k(M, N, K)), 8}:
         got = ops().matmul_bf16(x, w, w_kn=True, y_f32=True, split_k=split_k)
-        _check(got, True, ref, mag, 0.0, f"split_k={split_k}")
+        _check(got, True, ref, mag, 0.0, f"split_k={split_k}", rel=2.0**-13)
 
 
 @needs_gpu
