@@ -143,8 +143,9 @@ struct AttentionArgs {
 //   argmax[t] = first index of the max; entropy[t] = -sum p_v * (processed_v - logsumexp), f64 sum
 //   token[t]  = inverse CDF: the first v with cdf_v > uniform[t] * cdf_{V-1}, cdf = running f64 sum
 //               of the f32 p_v (clamped to V - 1)
-//   soft[soft_index[t], :] = (p @ E) * sqrt(H)      (skipped where soft_index[t] < 0)
-// E is the tied embedding (the LM head). soft holds every row's self-conditioning state.
+//   soft[soft_index[t], :] = (p @ E) * embed_scale  (skipped where soft_index[t] < 0)
+// E is the tied embedding (the LM head), embed_scale sqrt(H) rounded to the model's dtype
+// (ModelWeights::embed_scale). soft holds every row's self-conditioning state.
 struct SampleArgs {
   Tensor x;            // act [T, H]: final-normed hidden states, T = rows * n
   int n = 0;           // positions per row
@@ -246,7 +247,7 @@ class Backend {
 
   // ---- ops (contracts above each)
 
-  // out[t, :] = E[ids[t], :] * sqrt(H) (f32).  ids i32 [T], out f32 [T, H].
+  // out[t, :] = E[ids[t], :] * embed_scale (f32).  ids i32 [T], out f32 [T, H].
   virtual void embed(const Tensor& ids, const Tensor& out);
   // out = x * (mean(x^2) + eps)^-0.5 * w per row of D (w: a norm weight [D], or kNone for no scale),
   // statistics in f32. x, out: [rows, D], f32 or act (may differ, may alias).
@@ -313,7 +314,7 @@ class Backend {
   virtual void lm_head_sample(const SampleArgs& a);
   // logits f32 [T, V] = softcap(x @ E^T), x act [T, H]. For denoise_logits and tests.
   virtual void lm_head_logits(const Tensor& x, const Tensor& logits);
-  // out act [S, H] = softmax(logits) @ E * sqrt(H), logits f32 [S, V] (processed logits from the
+  // out act [S, H] = softmax(logits) @ E * embed_scale, logits f32 [S, V] (processed logits from the
   // caller, for denoise_logits' self-conditioning input; clobbered).
   virtual void soft_embedding(const Tensor& logits, const Tensor& out);
 

@@ -254,6 +254,13 @@ static ModelConfig parse_model_config(const std::string& dir) {
              "config.json: canvas_length " << c.canvas_length << " is longer than max_position_embeddings "
                                            << c.max_position_embeddings);
   c.image_token_id = top.opt_integer("image_token_id", 0, kInt32Max);
+  for (const char* key : {"dtype", "torch_dtype"}) {
+    const json* v = top.find(key);
+    if (v && v->is_string()) {  // anything else is left to the weights (ModelWeights::embed_scale)
+      c.dtype = v->get<std::string>();
+      break;
+    }
+  }
 
   const std::string hidden_act = f.string("hidden_activation", "gelu_pytorch_tanh");
   DG_REQUIRE(hidden_act == "gelu_pytorch_tanh", CheckpointError,

@@ -41,6 +41,9 @@ struct ModelConfig {
   std::optional<double> final_logit_softcapping = 30.0;
   bool tie_word_embeddings = true;
   std::optional<int> image_token_id;
+  // config.json's "dtype" (or the older "torch_dtype"), e.g. "bfloat16": the dtype transformers loads the
+  // model in by default (dtype "auto"); empty when absent. Only the embedding scale depends on it.
+  std::string dtype;
   std::vector<LayerSpec> layers;
   std::vector<std::string> layer_types;
 };

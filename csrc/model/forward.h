@@ -7,7 +7,7 @@
 //   - KV storage (KvStorage): per layer, K and V [num_blocks, block_size, kv_heads, head_dim] in the
 //     backend's kv dtype for the block pool's blocks (runtime/kv_cache.h does the accounting).
 //   - Self-conditioning state: per batch row slot, the soft embedding softmax(processed logits) @ E
-//     * sqrt(H) of its previous step, act [canvas_length, H]; a row takes a slot when it is admitted
+//     * embed_scale of its previous step, act [canvas_length, H]; a row takes a slot when it is admitted
 //     and gives it back when it leaves.
 //   - A workspace holding one pass's activations (the buffer plan in forward.cpp), grown to the
 //     largest pass so far.

@@ -115,11 +115,16 @@ std::vector<Pending> wanted(const ModelConfig& cfg, ModelWeights& wr) {
 
 }  // namespace
 
-float embedding_scale(int64_t hidden_size, DType stored) {
+DType model_dtype(const ModelConfig& cfg, DType stored) {
+  return cfg.dtype == "bfloat16" ? DType::BF16 : cfg.dtype == "float16" ? DType::F16 : cfg.dtype == "float32" ? DType::F32
+                                                                                                            : stored;
+}
+
+float embedding_scale(int64_t hidden_size, DType dtype) {
   const float s = static_cast<float>(std::sqrt(static_cast<double>(hidden_size)));  // as torch.tensor(H ** 0.5)
   // Significant bits of the stored dtype; s >= 1 is a normal number in each, so rounding its significand to
   // that many bits (to nearest, ties to even: the default rounding mode) is the dtype's conversion.
-  const int bits = stored == DType::BF16 ? 8 : stored == DType::F16 ? 11 : 24;
+  const int bits = dtype == DType::BF16 ? 8 : dtype == DType::F16 ? 11 : 24;
   int e = 0;
   std::frexp(s, &e);  // s = f * 2^e, f in [0.5, 1)
   return static_cast<float>(std::ldexp(std::nearbyint(std::ldexp(static_cast<double>(s), bits - e)), e - bits));
@@ -264,7 +269,7 @@ std::unique_ptr<ModelWeights> ModelWeights::random(const ModelConfig& cfg, uint6
       w->owned_.push_back(std::move(buf));
     }
   }
-  w->embed_scale = embedding_scale(cfg.hidden_size, DType::BF16);
+  w->embed_scale = embedding_scale(cfg.hidden_size, model_dtype(cfg, DType::BF16));
   return w;
 }
 
@@ -415,7 +420,8 @@ std::unique_ptr<ModelWeights> ModelWeights::load_impl(const std::string& dir, co
     }
     if (progress) progress(Phase::kRead, ++done, total);
   }
-  w->embed_scale = embedding_scale(cfg.hidden_size, w->source(global_name("embed_tokens.weight")).tensor->dtype);
+  w->embed_scale =
+      embedding_scale(cfg.hidden_size, model_dtype(cfg, w->source(global_name("embed_tokens.weight")).tensor->dtype));
 
   // Scalars: one value each. They are not tied between encoder and decoder; a missing one keeps
   // its initial value 1, as in the reference.

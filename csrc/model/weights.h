@@ -73,16 +73,19 @@ enum class HostF32 : uint8_t {
   kAll,        // every tensor (the CPU backend's float32 mode: BF16 and quantized weights expanded)
 };
 
-// sqrt(hidden_size) rounded to the dtype the embedding is stored in, by which the token embedding and the
-// self-conditioning product are scaled. transformers multiplies by `embed_scale.to(weight.dtype)` (vLLM's
-// Gemma too: the normalizer is downcast to the model's dtype), so a BF16 checkpoint's scale is
-// bf16(sqrt(H)): 53.0 for H = 2816, not 53.07. F32 (and FP8 / NVFP4, never used for the embedding): unrounded.
-float embedding_scale(int64_t hidden_size, DType stored);
+// sqrt(hidden_size) rounded to `dtype`, by which the token embedding and the self-conditioning product are
+// scaled. transformers multiplies by `embed_scale.to(weight.dtype)` (vLLM's Gemma too: the normalizer is
+// downcast to the model's dtype), so a model run in BF16 scales by bf16(sqrt(H)): 53.0 for H = 2816, not
+// 53.07. F32 (and FP8 / NVFP4, never used for the embedding): unrounded.
+float embedding_scale(int64_t hidden_size, DType dtype);
+// The dtype transformers runs a checkpoint in by default (dtype "auto"): config.json's dtype where it names
+// bfloat16, float16 or float32, else `stored` (the embedding's, as transformers then infers it from the weights).
+DType model_dtype(const ModelConfig& cfg, DType stored);
 
 struct ModelWeights {
   const float* embed_tokens = nullptr;  // [V, H]
-  // embedding_scale(H, the embedding's stored dtype); random weights: BF16, as the released checkpoint
-  // stores it and as a GPU holds random weights.
+  // embedding_scale(H, model_dtype(config, the embedding's stored dtype)); random weights: stored as BF16,
+  // as the released checkpoint is and as a GPU holds them.
   float embed_scale = 1.0f;
   const float* final_norm = nullptr;    // [H]
   const float* sc_pre_norm = nullptr;   // [H]

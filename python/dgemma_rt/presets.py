@@ -14,14 +14,15 @@ import json
 import os
 import pathlib
 import shutil
+from typing import Any
 
 import numpy as np
 
 from dgemma_rt import nvfp4
 from dgemma_rt.tiny import TINY, ModelShape, generation_config, model_config
 
-# Bump when anything write_random_checkpoint writes changes, so cached copies are rebuilt.
-RANDOM_FORMAT_VERSION = 1
+# Bump when anything write_random_checkpoint or random_model_config writes changes, so cached copies are rebuilt.
+RANDOM_FORMAT_VERSION = 2
 
 
 def _layer_types(n: int, period: int = 6) -> tuple[str, ...]:
@@ -218,6 +219,12 @@ def _random_tensor(draw: _Draw, spec: TensorSpec, fmt: str) -> dict[str, tuple[s
     return {spec.name: ("BF16", draw.normal(shape, std))}
 
 
+def random_model_config(shape: ModelShape) -> dict[str, Any]:
+    """config.json of a random checkpoint: its matrices are BF16 (as the released model's), so its dtype says
+    bfloat16, which is what transformers loads it in by default and what the embedding scale is rounded to."""
+    return {**model_config(shape), "dtype": "bfloat16"}
+
+
 def write_random_checkpoint(out: str | os.PathLike, shape: ModelShape, quant: str | None = None,
                             dense_quant: str | None = None, seed: int = 0, progress: bool = False,
                             eos_ids: list[int] | None = None) -> pathlib.Path:
@@ -234,7 +241,7 @@ def write_random_checkpoint(out: str | os.PathLike, shape: ModelShape, quant: st
     free = shutil.disk_usage(out).free
     if need > free:
         raise ValueError(f"a random checkpoint of this shape takes {need / 1e9:.1f} GB; {out} has {free / 1e9:.1f} GB free")
-    cfg = model_config(shape)
+    cfg = random_model_config(shape)
     if quant or dense_quant:
         cfg["quantization_config"] = {"quant_method": "nvfp4" if quant or dense_quant == "nvfp4" else "fp8",
                                       "group_size": nvfp4.GROUP, "producer": "dgemma_rt.presets (random weights)"}

@@ -343,7 +343,7 @@ class CudaBackend final : public Backend {
   // (it needs 166 KB of shared memory per CTA, more than sm_120 has).
   bool fused_head_ = false;
   Mat embed_, lm_head_, sc_gate_up_, sc_down_;
-  float embed_scale_ = 1.0f;  // ModelWeights::embed_scale: sqrt(H) in the embedding's stored dtype
+  float embed_scale_ = 1.0f;  // ModelWeights::embed_scale: sqrt(H) in the model's dtype
   Vec final_norm_, sc_pre_norm_;
   std::vector<Layer> layers_;
   std::shared_ptr<Buffer> scratch_[kNumScratch];

@@ -26,7 +26,7 @@
 //   lm_head_sample             per row of the pass: logits [n, V] f32 (the CUTLASS logits GEMM with the
 //                              softcap epilogue on Hopper, else the matmul with it fused), the sampler
 //                              kernel (kernels/sampler: exact inverse-CDF rule, argmax, entropy, bf16
-//                              probabilities), then probabilities @ E * sqrt(H) (split-K matmul) into
+//                              probabilities), then probabilities @ E * embed_scale (split-K matmul) into
 //                              the row's self-conditioning slots. Transient memory is one row's
 //                              [n, V] logits and probabilities, whatever the batch (the fused
 //                              single-pass kernel of issue 12 is the next step).

@@ -20,7 +20,7 @@
 
 namespace dgemma::kernels {
 
-// out[t, :] = E[ids[t], :] * scale  (scale = sqrt(hidden) for Gemma). ids are trusted: the host checks
+// out[t, :] = E[ids[t], :] * scale  (Gemma: sqrt(hidden) in the model's dtype). ids are trusted: the host checks
 // them against vocab before upload.
 template <typename To>  // float or __nv_bfloat16
 struct EmbedParams {

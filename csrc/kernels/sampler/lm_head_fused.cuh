@@ -92,7 +92,7 @@ struct LmHeadSampleParams {
   float* entropy = nullptr;            // [P]
   __nv_bfloat16* soft = nullptr;       // [S, H]
   const int32_t* soft_index = nullptr; // [P], -1 skip
-  float soft_scale = 1.f;              // sqrt(H)
+  float soft_scale = 1.f;              // the embedding scale: sqrt(H) in the model's dtype
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   // Optional, for tests: int32 [P], 1 where the token needed the exact fallback (steps 3-4).
