@@ -113,6 +113,27 @@ def test_router(t, h, e, k, n_unique, x_bf16):
     assert all(len(set(r)) == k for r in got_idx.tolist()) and got_idx.min() >= 0 and got_idx.max() < e
 
 
+def test_router_shared_memory_opt_in_first_launch():
+    """H = 1536: 48 KiB of dynamic shared memory plus the kernel's static arrays, over the default limit only
+    with both counted. In a fresh process, where no earlier launch (the H = 2816 cases above) has raised the
+    kernel's limit already, so the launch itself must."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, dgemma_rt\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.standard_normal((3, 1536)).astype(np.float32)\n"
+        "proj = ((rng.standard_normal((128, 1536)) * 3).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)\n"
+        "idx, w = dgemma_rt._core.cuda_ops.moe_router(x, proj, np.ones(1536, np.float32), np.ones(128, np.float32),"
+        " 8, 1e-6)\n"
+        "assert idx.shape == (3, 8) and 0 <= idx.min() and idx.max() < 128, idx\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_router_ties_at_the_boundary():
     """Experts 3, 5 and 6 share the top row: with k = 2 the lower two (3, 5) win, 6 loses."""
     h, e = 64, 8
