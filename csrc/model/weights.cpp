@@ -116,13 +116,15 @@ std::vector<Pending> wanted(const ModelConfig& cfg, ModelWeights& wr) {
 }  // namespace
 
 DType model_dtype(const ModelConfig& cfg, DType stored) {
-  return cfg.dtype == "bfloat16" ? DType::BF16 : cfg.dtype == "float16" ? DType::F16 : cfg.dtype == "float32" ? DType::F32
-                                                                                                            : stored;
+  if (cfg.dtype == "bfloat16") return DType::BF16;
+  if (cfg.dtype == "float16") return DType::F16;
+  if (cfg.dtype == "float32") return DType::F32;
+  return stored;
 }
 
 float embedding_scale(int64_t hidden_size, DType dtype) {
   const float s = static_cast<float>(std::sqrt(static_cast<double>(hidden_size)));  // as torch.tensor(H ** 0.5)
-  // Significant bits of the stored dtype; s >= 1 is a normal number in each, so rounding its significand to
+  // Significant bits of the dtype; s >= 1 is a normal number in each, so rounding its significand to
   // that many bits (to nearest, ties to even: the default rounding mode) is the dtype's conversion.
   const int bits = dtype == DType::BF16 ? 8 : dtype == DType::F16 ? 11 : 24;
   int e = 0;

@@ -196,7 +196,8 @@ def random_config(name: str, num_layers: int | None) -> pathlib.Path:
 
     def build(tmp: pathlib.Path) -> None:
         tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(json.dumps(presets.random_model_config(shape), indent=2, sort_keys=True) + "\n")
+        config = presets.random_model_config(shape)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = presets.generation_config()
         if presets.EOS_IDS.get(name) is not None:
             gen["eos_token_id"] = list(presets.EOS_IDS[name])
