@@ -270,9 +270,9 @@ def _replace_file(file: str, how: str) -> Callable[[str], None]:
     return build
 
 
-INT_FIELDS = {  # text_config key: required?
+INT_FIELDS = {  # text_config key: required? (head_dim is optional, but its default, 256, does not fit these weights)
     "vocab_size": True, "hidden_size": True, "intermediate_size": True, "num_hidden_layers": True,
-    "num_attention_heads": True, "num_key_value_heads": True, "head_dim": False, "num_experts": True,
+    "num_attention_heads": True, "num_key_value_heads": True, "head_dim": True, "num_experts": True,
     "top_k_experts": True, "moe_intermediate_size": True, "sliding_window": False, "max_position_embeddings": False,
 }
 
@@ -314,9 +314,10 @@ def config_cases(base_dir: str) -> list[Case]:
     # Floats: finite and in range.
     for key, bads, goods in [
         ("text_config.rms_norm_eps", [-1e-6, 0, 2, "1e-6", True], [1e-5, None]),
-        ("text_config.final_logit_softcapping", [0, -30.0, "30", True, 1e309], [50.0, None, 30]),
-        ("text_config.rope_parameters.sliding_attention.rope_theta", [0, -1.0, "1e4", True], [500.0, 10000]),
-        ("text_config.rope_parameters.full_attention.rope_theta", [0.0, -5, [1e6]], [None]),
+        # null would be no softcap; transformers always applies it
+        ("text_config.final_logit_softcapping", [0, -30.0, "30", True, 1e309, None], [50.0, 30]),
+        ("text_config.rope_parameters.sliding_attention.rope_theta", [0, -1.0, "1e4", True, None], [500.0, 10000]),
+        ("text_config.rope_parameters.full_attention.rope_theta", [0.0, -5, [1e6], None], [1e5]),
         ("text_config.rope_parameters.full_attention.partial_rotary_factor", [-0.1, 1.5, "0.25"], [0.5, 1]),
         ("text_config.rope_parameters.sliding_attention.partial_rotary_factor", [0.5], [1.0]),
         ("text_config.rope_parameters.full_attention.factor", [0, -1.0], [2.0]),
@@ -365,6 +366,30 @@ def config_cases(base_dir: str) -> list[Case]:
         "trailing garbage": lambda c: json.dumps(c) + " x",
     }.items():
         add(name, fn, "error")
+    # What transformers computes differently from what was read before, or refuses (it was run with defaults):
+    for name, fn in {
+        "rope_parameters legacy 'type' linear": lambda c: c["text_config"]["rope_parameters"].update(
+            sliding_attention={"type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+        "rope_parameters entry without rope_theta": _set("text_config.rope_parameters.sliding_attention.rope_theta",
+                                                         _DELETE),
+        "rope_parameters without a full_attention entry": _set("text_config.rope_parameters.full_attention", _DELETE),
+        "rope_theta outside rope_parameters": _set("text_config.rope_theta", 500.0),
+        "partial_rotary_factor outside rope_parameters": _set("text_config.partial_rotary_factor", 0.5),
+        "rope_scaling": _set("text_config.rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+        "is_causal false": _set("text_config.is_causal", False),
+        "per_layer_config keyed by layer type": lambda c: c["text_config"]["per_layer_config"].update(
+            full_attention={"head_dim": 16}),
+        "per_layer_config overriding rms_norm_eps": lambda c: c["text_config"]["per_layer_config"].update(
+            {"0": {"rms_norm_eps": 1e-5}}),
+        "per_layer_config differing within sliding layers": lambda c: c["text_config"]["per_layer_config"].update(
+            {"0": {"head_dim": 2 * c["text_config"]["head_dim"]}}),
+    }.items():
+        add(name, fn, "error")
+    add("rope_parameters legacy 'type' proportional", lambda c: c["text_config"]["rope_parameters"].update(
+        full_attention={k if k != "rope_type" else "type": v
+                         for k, v in c["text_config"]["rope_parameters"]["full_attention"].items()}), "load")
+    add("is_causal true", _set("text_config.is_causal", True), "load")
+    add("canvas_length absent (256)", _set("canvas_length", _DELETE), "load", generate=False)
     add("unknown keys (ignored)", lambda c: c.update(foo={"bar": [1, 2, {"baz": None}]}), "load")
     add("reformatted", lambda c: json.dumps(c, indent=7, sort_keys=False), "load")
     # Deep nesting: refused before parsing (the recursive dump of a wrong-typed value segfaulted).
@@ -398,8 +423,18 @@ def config_cases(base_dir: str) -> list[Case]:
         "entropy_bound 0": _set("sampler_config.entropy_bound", 0),
         "top level a list": lambda c: "[]",
         "eos nested 70000 deep": lambda c: json.dumps(c).replace('"eos_token_id": [', '"eos_token_id": [' + _deep(70000) + ", "),
+        # transformers' DiffusionGemmaGenerationConfig refuses these, or computes differently (max_length)
+        "temperature (not a DiffusionGemma setting)": _set("temperature", 0.7),
+        "top_k (not a DiffusionGemma setting)": _set("top_k", 64),
+        "max_length": _set("max_length", 40),
+        "sampler_config without _cls_name": _set("sampler_config._cls_name", _DELETE),
+        "sampler_config a number": _set("sampler_config", 0.5),
+        "sampler_config with an unknown key": _set("sampler_config.top_p", 0.9),
+        "cache_implementation quantized": _set("cache_implementation", "quantized"),
     }.items():
         add(name, fn, "error", file=gen_file)
+    add("cache_implementation dynamic", _set("cache_implementation", "dynamic"), "load", file=gen_file)
+    add("sampler_config null (the default bound)", _set("sampler_config", None), "load", file=gen_file)
     # stability_threshold is a step count: a huge one is valid, and costs nothing (the history is clamped).
     add("stability_threshold 2**31-1", _set("stability_threshold", 2**31 - 1), "load", file=gen_file)
     add("eos_token_id a single id", _set("eos_token_id", 1), "load", file=gen_file)

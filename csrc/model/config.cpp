@@ -1,5 +1,6 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -129,7 +130,10 @@ RopeSpec parse_rope(const json* params, const std::string& layer_type) {
              "config.json: rope_parameters['" << layer_type << "'] is not an object (got " << describe(*params) << ")");
   const Fields f(*params, "config.json rope_parameters['" + layer_type + "']");
   const double inf = std::numeric_limits<double>::infinity();
-  r.type = f.string("rope_type", "default");
+  r.type = f.string("rope_type", f.string("type", "default"));  // "type": the older key, which transformers reads too
+  // transformers has no default for a given entry's theta: it fails, or on some paths takes text_config's own
+  // rope_theta (refused in parse_model_config), so a missing one is never read as 10000.
+  DG_REQUIRE(f.has("rope_theta"), CheckpointError, f.where() << ": missing rope_theta");
   r.theta = f.number("rope_theta", 0.0, false, inf, 10000.0);
   r.partial_rotary_factor = f.number("partial_rotary_factor", 0.0, true, 1.0, 1.0);
   r.factor = f.number("factor", 0.0, false, inf, 1.0);
@@ -220,7 +224,7 @@ static ModelConfig parse_model_config(const std::string& dir) {
   c.num_layers = f.integer("num_hidden_layers", 1, kMaxLayers);
   c.num_heads = f.integer("num_attention_heads", 1, kMaxHeads);
   const int kv_heads = f.integer("num_key_value_heads", 1, c.num_heads);
-  const int head_dim = f.integer("head_dim", 2, kMaxHeadDim, std::max(1, c.hidden_size / c.num_heads));
+  const int head_dim = f.integer("head_dim", 2, kMaxHeadDim, 256);  // transformers' default, not hidden / heads
   c.num_experts = f.integer("num_experts", 1, kMaxExperts);
   c.top_k_experts = f.integer("top_k_experts", 1, kMaxExperts);
   DG_REQUIRE(c.top_k_experts <= c.num_experts, CheckpointError,
@@ -236,11 +240,12 @@ static ModelConfig parse_model_config(const std::string& dir) {
                                                         << c.max_position_embeddings);
   c.rms_norm_eps = f.number("rms_norm_eps", 0.0, false, 1.0, 1e-6);
   if (tc.contains("final_logit_softcapping")) {
-    if (tc["final_logit_softcapping"].is_null())
-      c.final_logit_softcapping.reset();
-    else
-      c.final_logit_softcapping =
-          f.number("final_logit_softcapping", 0.0, false, std::numeric_limits<double>::max(), 30.0);
+    // null would mean no softcap, but transformers 5.23.0 always applies it (and fails on null).
+    DG_REQUIRE(!tc["final_logit_softcapping"].is_null(), CheckpointError,
+               "config.json text_config: final_logit_softcapping null is not supported (transformers always applies "
+               "the final softcap)");
+    c.final_logit_softcapping =
+        f.number("final_logit_softcapping", 0.0, false, std::numeric_limits<double>::max(), 30.0);
   }
   c.tie_word_embeddings = top.boolean("tie_word_embeddings", f.boolean("tie_word_embeddings", true));
   // false unties every shared weight in transformers (the encoder's layers and norm, lm_head): weights
@@ -249,10 +254,10 @@ static ModelConfig parse_model_config(const std::string& dir) {
              "config.json: tie_word_embeddings false is not supported: transformers then gives the encoder and "
              "lm_head weights of their own (model.encoder.language_model.*, lm_head.weight), while this engine "
              "shares the decoder's as the released model does");
-  c.canvas_length = top.integer("canvas_length", 1, kMaxCanvas, std::min(256, c.max_position_embeddings));
+  c.canvas_length = top.integer("canvas_length", 1, kMaxCanvas, 256);  // transformers' default when absent
   DG_REQUIRE(c.canvas_length <= c.max_position_embeddings, CheckpointError,
-             "config.json: canvas_length " << c.canvas_length << " is longer than max_position_embeddings "
-                                           << c.max_position_embeddings);
+             "config.json: canvas_length " << c.canvas_length << (top.has("canvas_length") ? "" : " (the default)")
+                                           << " is longer than max_position_embeddings " << c.max_position_embeddings);
   c.image_token_id = top.opt_integer("image_token_id", 0, kInt32Max);
   for (const char* key : {"dtype", "torch_dtype"}) {
     const json* v = top.find(key);
@@ -267,6 +272,14 @@ static ModelConfig parse_model_config(const std::string& dir) {
              "config.json: hidden_activation '" << printable(hidden_act, 60)
                                                 << "' is not supported (gelu_pytorch_tanh only)");
   DG_REQUIRE(!f.boolean("attention_bias", false), CheckpointError, "config.json: attention_bias=true is not supported");
+  DG_REQUIRE(f.boolean("is_causal", true), CheckpointError,
+             "config.json text_config: is_causal=false (a bidirectional encoder) is not supported");
+  // transformers reads these outside rope_parameters only to fill in what an entry lacks, and only on some
+  // paths (rope_scaling: never, it fails); the engine reads RoPE from rope_parameters alone.
+  for (const char* key : {"rope_theta", "partial_rotary_factor", "rope_scaling"})
+    DG_REQUIRE(!f.has(key), CheckpointError,
+               "config.json text_config: '" << key << "' outside rope_parameters is not supported; give each layer "
+               "type's RoPE in rope_parameters ({\"sliding_attention\": {\"rope_theta\": ...}, ...})");
   const std::string bidir = f.string("use_bidirectional_attention", "");
   DG_REQUIRE(bidir.empty() || bidir == "vision", CheckpointError,
              "config.json: use_bidirectional_attention='" << printable(bidir, 60)
@@ -291,18 +304,27 @@ static ModelConfig parse_model_config(const std::string& dir) {
 
   // Per-layer overrides: per_layer_config when saved, else global_head_dim / num_global_key_value_heads.
   std::map<int, std::pair<int, int>> overrides;  // layer -> (head_dim, kv_heads), 0 = not overridden
+  // An explicit null is transformers' "no overrides" (global_head_dim is then not applied either).
+  const bool plc_given = tc.contains("per_layer_config");
   const json* plc = f.find("per_layer_config");
-  DG_REQUIRE(!plc || plc->is_null() || plc->is_object(), CheckpointError,
+  DG_REQUIRE(!plc || plc->is_object(), CheckpointError,
              "config.json: per_layer_config must be an object, got " << describe(*plc));
-  if (plc && plc->is_object()) {
-    for (const auto& [key, val] : plc->items()) {
-      const int idx = layer_index(key);
-      if (idx < 0) continue;  // keyed by layer type: resolved from the indexed entries
-      DG_REQUIRE(idx < c.num_layers && val.is_object(), CheckpointError,
-                 "config.json: bad per_layer_config entry '" << printable(key, 60) << "'");
-      const Fields lf(val, "config.json per_layer_config['" + key + "']");
-      overrides[idx] = {lf.integer("head_dim", 0, kMaxHeadDim, 0), lf.integer("num_key_value_heads", 0, kMaxHeads, 0)};
-    }
+  if (plc_given) {
+    if (plc)
+      for (const auto& [key, val] : plc->items()) {
+        const int idx = layer_index(key);
+        // transformers refuses keys that are not layer indices, and attributes other than these two.
+        DG_REQUIRE(idx >= 0 && idx < c.num_layers && val.is_object(), CheckpointError,
+                   "config.json: bad per_layer_config entry '" << printable(key, 60)
+                                                               << "' (keys are layer indices, values objects)");
+        for (const auto& item : val.items())
+          DG_REQUIRE(item.key() == "head_dim" || item.key() == "num_key_value_heads", CheckpointError,
+                     "config.json: per_layer_config['" << printable(key, 60) << "'] overrides '"
+                         << printable(item.key(), 60) << "'; only head_dim and num_key_value_heads are supported");
+        const Fields lf(val, "config.json per_layer_config['" + key + "']");
+        overrides[idx] = {lf.integer("head_dim", 0, kMaxHeadDim, 0),
+                          lf.integer("num_key_value_heads", 0, kMaxHeads, 0)};
+      }
   } else {
     const int global_hd = f.integer("global_head_dim", 2, kMaxHeadDim, 512);
     const int global_kv = f.integer("num_global_key_value_heads", 0, kMaxHeads, 0);
@@ -319,11 +341,16 @@ static ModelConfig parse_model_config(const std::string& dir) {
                  "config.json: rope_parameters holds '" << key << "' at its top level; it must be keyed by layer "
                  "type ({\"sliding_attention\": {...}, \"full_attention\": {...}})");
   }
+  const bool has_rope_params = rope_params && rope_params->is_object();
   auto rope_for = [&](const std::string& type) {
     const json* p = nullptr;
-    if (rope_params && rope_params->is_object()) {
+    if (has_rope_params) {
       auto it = rope_params->find(type);
       if (it != rope_params->end() && !it->is_null()) p = &*it;
+      // transformers fails on a layer type that rope_parameters leaves out; its defaults apply only when
+      // there is no rope_parameters at all.
+      DG_REQUIRE(p || std::find(c.layer_types.begin(), c.layer_types.end(), type) == c.layer_types.end(),
+                 CheckpointError, "config.json: rope_parameters has no entry for " << type << " layers");
     }
     return parse_rope(p, type);
   };
@@ -347,6 +374,12 @@ static ModelConfig parse_model_config(const std::string& dir) {
                "config.json: layer " << i << " has " << l.num_kv_heads << " KV heads, which does not divide "
                                       << c.num_heads << " attention heads");
     l.inv_freq = inv_freq_for(l.sliding ? rope_sliding : rope_full, l.head_dim, t);
+    // transformers builds one attention shape per layer type and refuses overrides that differ within one.
+    for (const LayerSpec& prev : c.layers)
+      DG_REQUIRE(prev.sliding != l.sliding || (prev.head_dim == l.head_dim && prev.num_kv_heads == l.num_kv_heads),
+                 CheckpointError,
+                 "config.json: per_layer_config gives " << t << " layers different head_dim / num_key_value_heads "
+                 "(layer " << i << ": " << l.head_dim << " / " << l.num_kv_heads << "); they must agree within a type");
     c.layers.push_back(std::move(l));
   }
   return c;
@@ -361,6 +394,28 @@ static GenerationDefaults parse_generation_defaults(const std::string& dir, int 
              "generation_config.json: top level is not an object (got " << describe(root) << ")");
   const Fields f(root, "generation_config.json");
   const double inf = std::numeric_limits<double>::infinity();
+  // transformers' DiffusionGemmaGenerationConfig refuses any other key ("Unexpected kwargs"), so a checkpoint
+  // that sets, say, temperature or top_k does not load there; here it would be ignored without a word.
+  static const char* const kKnown[] = {
+      "max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config", "t_min",
+      "t_max", "stability_threshold", "confidence_threshold", "cache_implementation", "cache_config",
+      "disable_compile", "bos_token_id", "pad_token_id", "eos_token_id", "_commit_hash", "_from_model_config",
+      "transformers_version"};
+  for (const auto& item : root.items())
+    DG_REQUIRE(std::find_if(std::begin(kKnown), std::end(kKnown),
+                            [&](const char* k) { return item.key() == k; }) != std::end(kKnown),
+               CheckpointError,
+               "generation_config.json: unknown key '" << printable(item.key(), 60)
+                   << "' (DiffusionGemma's generation config has no such setting; transformers refuses it too)");
+  // max_length overrides the default max_new_tokens (256) and stops at that total length in transformers;
+  // the engine has only max_new_tokens, so a checkpoint that sets it is refused rather than run longer.
+  DG_REQUIRE(!f.has("max_length"), CheckpointError,
+             "generation_config.json: max_length is not supported (transformers lets it replace the default "
+             "max_new_tokens and cap the total length); remove it and set max_new_tokens");
+  // A quantized KV cache changes the numbers; the other implementations only where the cache lives.
+  DG_REQUIRE(f.string("cache_implementation", "") != "quantized", CheckpointError,
+             "generation_config.json: cache_implementation 'quantized' is not supported (the engine's KV cache "
+             "is not quantized)");
   // Token ids must lie in the vocabulary; the counts and the sampler values in the ranges that
   // generate() accepts (each on its own: t_max > t_min is checked when both are in use).
   const int64_t last_id = vocab_size - 1;
@@ -384,8 +439,19 @@ static GenerationDefaults parse_generation_defaults(const std::string& dir, int 
   g.t_max = f.opt_number("t_max", 0.0, true, kMaxTemperature);
   g.stability_threshold = f.opt_integer("stability_threshold", 0, kInt32Max);
   g.confidence_threshold = f.opt_number("confidence_threshold", 0.0, false, inf);
-  if (const json* sc = f.find("sampler_config"); sc && sc->is_object())
-    g.entropy_bound = Fields(*sc, "generation_config.json sampler_config").opt_number("entropy_bound", 0.0, false, inf);
+  if (const json* sc = f.find("sampler_config")) {
+    // As transformers loads it: an EntropyBoundSamplerConfig with its bound and nothing else.
+    DG_REQUIRE(sc->is_object(), CheckpointError,
+               "generation_config.json: sampler_config must be an object, got " << describe(*sc));
+    const Fields sf(*sc, "generation_config.json sampler_config");
+    DG_REQUIRE(sf.string("_cls_name", "") == "EntropyBoundSamplerConfig", CheckpointError,
+               "generation_config.json: sampler_config must name _cls_name 'EntropyBoundSamplerConfig' (the only "
+               "sampler DiffusionGemma has)");
+    for (const auto& item : sc->items())
+      DG_REQUIRE(item.key() == "_cls_name" || item.key() == "entropy_bound", CheckpointError,
+                 "generation_config.json: sampler_config has an unknown key '" << printable(item.key(), 60) << "'");
+    g.entropy_bound = sf.opt_number("entropy_bound", 0.0, false, inf);
+  }
   return g;
 }
 
