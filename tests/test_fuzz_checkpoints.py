@@ -373,23 +373,34 @@ def config_cases(base_dir: str) -> list[Case]:
         "rope_parameters entry without rope_theta": _set("text_config.rope_parameters.sliding_attention.rope_theta",
                                                          _DELETE),
         "rope_parameters without a full_attention entry": _set("text_config.rope_parameters.full_attention", _DELETE),
-        "rope_theta outside rope_parameters": _set("text_config.rope_theta", 500.0),
-        "partial_rotary_factor outside rope_parameters": _set("text_config.partial_rotary_factor", 0.5),
+        # transformers fills a missing entry value from outside rope_parameters (it ran with 10000 here)
+        "entry without rope_theta, rope_theta outside rope_parameters": lambda c: (
+            c["text_config"]["rope_parameters"]["sliding_attention"].pop("rope_theta"),
+            c["text_config"].update(rope_theta=500.0)),
+        "partial_rotary_factor outside rope_parameters, an entry without one": _set(
+            "text_config.partial_rotary_factor", 0.5),
         "rope_scaling": _set("text_config.rope_scaling", {"rope_type": "linear", "factor": 2.0}),
         "is_causal false": _set("text_config.is_causal", False),
         "per_layer_config keyed by layer type": lambda c: c["text_config"]["per_layer_config"].update(
             full_attention={"head_dim": 16}),
         "per_layer_config overriding rms_norm_eps": lambda c: c["text_config"]["per_layer_config"].update(
             {"0": {"rms_norm_eps": 1e-5}}),
-        "per_layer_config differing within sliding layers": lambda c: c["text_config"]["per_layer_config"].update(
-            {"0": {"head_dim": 2 * c["text_config"]["head_dim"]}}),
+        "per_layer_config differing within full layers": lambda c: c["text_config"].update(
+            layer_types=["full_attention"] * len(c["text_config"]["layer_types"])),
     }.items():
         add(name, fn, "error")
     add("rope_parameters legacy 'type' proportional", lambda c: c["text_config"]["rope_parameters"].update(
         full_attention={k if k != "rope_type" else "type": v
                          for k, v in c["text_config"]["rope_parameters"]["full_attention"].items()}), "load")
     add("is_causal true", _set("text_config.is_causal", True), "load")
+    # Only filling in: with every entry complete, transformers ignores these (and saves rope_theta there itself)
+    add("rope_theta outside a complete rope_parameters", _set("text_config.rope_theta", 500.0), "load")
+    add("partial_rotary_factor outside a complete rope_parameters", lambda c: (
+        c["text_config"]["rope_parameters"]["sliding_attention"].update(partial_rotary_factor=1.0),
+        c["text_config"].update(partial_rotary_factor=0.5)), "load")
     add("canvas_length absent (256)", _set("canvas_length", _DELETE), "load", generate=False)
+    add("canvas_length absent, 128 positions (the default 256 does not fit)", lambda c: (
+        c.pop("canvas_length"), c["text_config"].update(max_position_embeddings=128, sliding_window=8)), "error")
     add("unknown keys (ignored)", lambda c: c.update(foo={"bar": [1, 2, {"baz": None}]}), "load")
     add("reformatted", lambda c: json.dumps(c, indent=7, sort_keys=False), "load")
     # Deep nesting: refused before parsing (the recursive dump of a wrong-typed value segfaulted).
@@ -428,6 +439,7 @@ def config_cases(base_dir: str) -> list[Case]:
         "top_k (not a DiffusionGemma setting)": _set("top_k", 64),
         "max_length": _set("max_length", 40),
         "sampler_config without _cls_name": _set("sampler_config._cls_name", _DELETE),
+        "sampler_config without entropy_bound": _set("sampler_config.entropy_bound", _DELETE),
         "sampler_config a number": _set("sampler_config", 0.5),
         "sampler_config with an unknown key": _set("sampler_config.top_p", 0.9),
         "cache_implementation quantized": _set("cache_implementation", "quantized"),

@@ -274,12 +274,12 @@ static ModelConfig parse_model_config(const std::string& dir) {
   DG_REQUIRE(!f.boolean("attention_bias", false), CheckpointError, "config.json: attention_bias=true is not supported");
   DG_REQUIRE(f.boolean("is_causal", true), CheckpointError,
              "config.json text_config: is_causal=false (a bidirectional encoder) is not supported");
-  // transformers reads these outside rope_parameters only to fill in what an entry lacks, and only on some
-  // paths (rope_scaling: never, it fails); the engine reads RoPE from rope_parameters alone.
-  for (const char* key : {"rope_theta", "partial_rotary_factor", "rope_scaling"})
-    DG_REQUIRE(!f.has(key), CheckpointError,
-               "config.json text_config: '" << key << "' outside rope_parameters is not supported; give each layer "
-               "type's RoPE in rope_parameters ({\"sliding_attention\": {\"rope_theta\": ...}, ...})");
+  // transformers fails on rope_scaling. rope_theta and partial_rotary_factor outside rope_parameters only fill
+  // in what an entry lacks: an entry without rope_theta is refused anyway (parse_rope), and a top-level
+  // partial_rotary_factor is refused below where an entry in use (or the defaults) lacks its own.
+  DG_REQUIRE(!f.has("rope_scaling"), CheckpointError,
+             "config.json text_config: rope_scaling is not supported; give each layer type's RoPE in rope_parameters "
+             "({\"sliding_attention\": {\"rope_theta\": ...}, ...})");
   const std::string bidir = f.string("use_bidirectional_attention", "");
   DG_REQUIRE(bidir.empty() || bidir == "vision", CheckpointError,
              "config.json: use_bidirectional_attention='" << printable(bidir, 60)
@@ -342,16 +342,22 @@ static ModelConfig parse_model_config(const std::string& dir) {
                  "type ({\"sliding_attention\": {...}, \"full_attention\": {...}})");
   }
   const bool has_rope_params = rope_params && rope_params->is_object();
+  // Only the layer types in use are read, as transformers does (an all-full model needs no sliding entry).
   auto rope_for = [&](const std::string& type) {
+    if (std::find(c.layer_types.begin(), c.layer_types.end(), type) == c.layer_types.end()) return RopeSpec{};
     const json* p = nullptr;
     if (has_rope_params) {
       auto it = rope_params->find(type);
       if (it != rope_params->end() && !it->is_null()) p = &*it;
       // transformers fails on a layer type that rope_parameters leaves out; its defaults apply only when
       // there is no rope_parameters at all.
-      DG_REQUIRE(p || std::find(c.layer_types.begin(), c.layer_types.end(), type) == c.layer_types.end(),
-                 CheckpointError, "config.json: rope_parameters has no entry for " << type << " layers");
+      DG_REQUIRE(p, CheckpointError, "config.json: rope_parameters has no entry for " << type << " layers");
     }
+    DG_REQUIRE(!f.has("partial_rotary_factor") || (p && p->is_object() && p->contains("partial_rotary_factor")),
+               CheckpointError,
+               "config.json text_config: partial_rotary_factor outside rope_parameters is not supported where "
+                   << (p ? "rope_parameters['" + type + "'] has none of its own" : "rope_parameters is absent")
+                   << " (transformers may fill it in); put it in rope_parameters['" << type << "']");
     return parse_rope(p, type);
   };
   const RopeSpec rope_sliding = rope_for("sliding_attention");
@@ -450,6 +456,7 @@ static GenerationDefaults parse_generation_defaults(const std::string& dir, int 
     for (const auto& item : sc->items())
       DG_REQUIRE(item.key() == "_cls_name" || item.key() == "entropy_bound", CheckpointError,
                  "generation_config.json: sampler_config has an unknown key '" << printable(item.key(), 60) << "'");
+    DG_REQUIRE(sf.has("entropy_bound"), CheckpointError, "generation_config.json: sampler_config has no entropy_bound");
     g.entropy_bound = sf.opt_number("entropy_bound", 0.0, false, inf);
   }
   return g;
