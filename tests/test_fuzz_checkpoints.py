@@ -47,8 +47,10 @@ def runner():
 
 
 class Case:
-    def __init__(self, name: str, build: Callable[[str], None], expect: str, generate: bool = True):
-        self.name, self.build, self.expect, self.generate = name, build, expect, generate
+    """`says`: for an expected error, a part of its message, so that a case cannot pass by failing elsewhere."""
+
+    def __init__(self, name: str, build: Callable[[str], None], expect: str, generate: bool = True, says: str = ""):
+        self.name, self.build, self.expect, self.generate, self.says = name, build, expect, generate, says
 
 
 def _file_is_valid(path: str, required: dict[str, Any]) -> bool:
@@ -78,7 +80,8 @@ def _run_cases(runner: Runner, root: str, base_dir: str, required: dict[str, Any
         res = runner.load(d, kwargs=kwargs, generate=GEN if case.generate and expect == "load" else None)
         got = res["outcome"]
         outcomes[got] = outcomes.get(got, 0) + 1
-        ok = (got == "checkpoint_error" and expect == "error") or (got == "loaded" and expect == "load")
+        ok = (got == "checkpoint_error" and expect == "error" and case.says in res["message"]) or (
+            got == "loaded" and expect == "load")
         # A valid file whose weights hold NaN or Inf (bytes shifted under the header) loads as it is, but
         # cannot be quantized: with load-time quantization that is a CheckpointError saying so.
         quantizing = bool(kwargs) and ("quant" in kwargs or "dense_quant" in kwargs)
@@ -283,8 +286,9 @@ def config_cases(base_dir: str) -> list[Case]:
     tc = cfg["text_config"]
     cases: list[Case] = []
 
-    def add(name: str, fn: Callable[[dict], Any], expect: str, file: str = "config.json", generate: bool = True):
-        cases.append(Case(f"{file}: {name}", _edit_json(file, fn), expect, generate))
+    def add(name: str, fn: Callable[[dict], Any], expect: str, file: str = "config.json", generate: bool = True,
+            says: str = ""):
+        cases.append(Case(f"{file}: {name}", _edit_json(file, fn), expect, generate, says))
 
     for key, required in INT_FIELDS.items():
         v = tc[key]
@@ -366,29 +370,31 @@ def config_cases(base_dir: str) -> list[Case]:
         "trailing garbage": lambda c: json.dumps(c) + " x",
     }.items():
         add(name, fn, "error")
-    # What transformers computes differently from what was read before, or refuses (it was run with defaults):
-    for name, fn in {
-        "rope_parameters legacy 'type' linear": lambda c: c["text_config"]["rope_parameters"].update(
-            sliding_attention={"type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
-        "rope_parameters entry without rope_theta": _set("text_config.rope_parameters.sliding_attention.rope_theta",
-                                                         _DELETE),
-        "rope_parameters without a full_attention entry": _set("text_config.rope_parameters.full_attention", _DELETE),
+    # What transformers computes differently from what was read before, or refuses (it was run with defaults);
+    # each with a part of the message it must be refused with.
+    for name, fn, says in [
+        ("rope_parameters legacy 'type' linear", lambda c: c["text_config"]["rope_parameters"].update(
+            sliding_attention={"type": "linear", "factor": 4.0, "rope_theta": 10000.0}), "rope_type 'linear'"),
+        ("rope_parameters entry without rope_theta",
+         _set("text_config.rope_parameters.sliding_attention.rope_theta", _DELETE), "missing rope_theta"),
+        ("rope_parameters without a full_attention entry", _set("text_config.rope_parameters.full_attention", _DELETE),
+         "no entry for full_attention"),
         # transformers fills a missing entry value from outside rope_parameters (it ran with 10000 here)
-        "entry without rope_theta, rope_theta outside rope_parameters": lambda c: (
+        ("entry without rope_theta, rope_theta outside rope_parameters", lambda c: (
             c["text_config"]["rope_parameters"]["sliding_attention"].pop("rope_theta"),
-            c["text_config"].update(rope_theta=500.0)),
-        "partial_rotary_factor outside rope_parameters, an entry without one": _set(
-            "text_config.partial_rotary_factor", 0.5),
-        "rope_scaling": _set("text_config.rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-        "is_causal false": _set("text_config.is_causal", False),
-        "per_layer_config keyed by layer type": lambda c: c["text_config"]["per_layer_config"].update(
-            full_attention={"head_dim": 16}),
-        "per_layer_config overriding rms_norm_eps": lambda c: c["text_config"]["per_layer_config"].update(
-            {"0": {"rms_norm_eps": 1e-5}}),
-        "per_layer_config differing within full layers": lambda c: c["text_config"].update(
-            layer_types=["full_attention"] * len(c["text_config"]["layer_types"])),
-    }.items():
-        add(name, fn, "error")
+            c["text_config"].update(rope_theta=500.0)), "missing rope_theta"),
+        ("partial_rotary_factor outside rope_parameters, an entry without one",
+         _set("text_config.partial_rotary_factor", 0.5), "partial_rotary_factor outside rope_parameters"),
+        ("rope_scaling", _set("text_config.rope_scaling", {"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
+        ("is_causal false", _set("text_config.is_causal", False), "is_causal"),
+        ("per_layer_config keyed by layer type", lambda c: c["text_config"]["per_layer_config"].update(
+            full_attention={"head_dim": 16}), "bad per_layer_config entry 'full_attention'"),
+        ("per_layer_config overriding rms_norm_eps", lambda c: c["text_config"]["per_layer_config"].update(
+            {"0": {"rms_norm_eps": 1e-5}}), "overrides 'rms_norm_eps'"),
+        ("per_layer_config differing within full layers", lambda c: c["text_config"].update(
+            layer_types=["full_attention"] * len(c["text_config"]["layer_types"])), "must agree within a type"),
+    ]:
+        add(name, fn, "error", says=says)
     add("rope_parameters legacy 'type' proportional", lambda c: c["text_config"]["rope_parameters"].update(
         full_attention={k if k != "rope_type" else "type": v
                          for k, v in c["text_config"]["rope_parameters"]["full_attention"].items()}), "load")
@@ -400,7 +406,8 @@ def config_cases(base_dir: str) -> list[Case]:
         c["text_config"].update(partial_rotary_factor=0.5)), "load")
     add("canvas_length absent (256)", _set("canvas_length", _DELETE), "load", generate=False)
     add("canvas_length absent, 128 positions (the default 256 does not fit)", lambda c: (
-        c.pop("canvas_length"), c["text_config"].update(max_position_embeddings=128, sliding_window=8)), "error")
+        c.pop("canvas_length"), c["text_config"].update(max_position_embeddings=128, sliding_window=8)), "error",
+        says="canvas_length 256 (the default)")
     add("unknown keys (ignored)", lambda c: c.update(foo={"bar": [1, 2, {"baz": None}]}), "load")
     add("reformatted", lambda c: json.dumps(c, indent=7, sort_keys=False), "load")
     # Deep nesting: refused before parsing (the recursive dump of a wrong-typed value segfaulted).
@@ -434,17 +441,20 @@ def config_cases(base_dir: str) -> list[Case]:
         "entropy_bound 0": _set("sampler_config.entropy_bound", 0),
         "top level a list": lambda c: "[]",
         "eos nested 70000 deep": lambda c: json.dumps(c).replace('"eos_token_id": [', '"eos_token_id": [' + _deep(70000) + ", "),
-        # transformers' DiffusionGemmaGenerationConfig refuses these, or computes differently (max_length)
-        "temperature (not a DiffusionGemma setting)": _set("temperature", 0.7),
-        "top_k (not a DiffusionGemma setting)": _set("top_k", 64),
-        "max_length": _set("max_length", 40),
-        "sampler_config without _cls_name": _set("sampler_config._cls_name", _DELETE),
-        "sampler_config without entropy_bound": _set("sampler_config.entropy_bound", _DELETE),
-        "sampler_config a number": _set("sampler_config", 0.5),
-        "sampler_config with an unknown key": _set("sampler_config.top_p", 0.9),
-        "cache_implementation quantized": _set("cache_implementation", "quantized"),
     }.items():
         add(name, fn, "error", file=gen_file)
+    # transformers' DiffusionGemmaGenerationConfig refuses these, or computes differently (max_length)
+    for name, fn, says in [
+        ("temperature (not a DiffusionGemma setting)", _set("temperature", 0.7), "unknown key 'temperature'"),
+        ("top_k (not a DiffusionGemma setting)", _set("top_k", 64), "unknown key 'top_k'"),
+        ("max_length", _set("max_length", 40), "max_length is not supported"),
+        ("sampler_config without _cls_name", _set("sampler_config._cls_name", _DELETE), "EntropyBoundSamplerConfig"),
+        ("sampler_config without entropy_bound", _set("sampler_config.entropy_bound", _DELETE), "no entropy_bound"),
+        ("sampler_config a number", _set("sampler_config", 0.5), "sampler_config must be an object"),
+        ("sampler_config with an unknown key", _set("sampler_config.top_p", 0.9), "unknown key 'top_p'"),
+        ("cache_implementation quantized", _set("cache_implementation", "quantized"), "'quantized'"),
+    ]:
+        add(name, fn, "error", file=gen_file, says=says)
     add("cache_implementation dynamic", _set("cache_implementation", "dynamic"), "load", file=gen_file)
     add("sampler_config null (the default bound)", _set("sampler_config", None), "load", file=gen_file)
     # stability_threshold is a step count: a huge one is valid, and costs nothing (the history is clamped).
