@@ -148,6 +148,15 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _read_checkpoint(path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint directory, by name."""
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(_read_safetensors(os.path.join(path, f)))
+    return out
+
+
 def _set_f32(path: str, name: str, value: float) -> None:
     """Overwrites a 1-element F32 tensor in place."""
     with open(path, "r+b") as f:
@@ -171,11 +180,7 @@ def ckpt(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def weights(ckpt) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted(os.listdir(ckpt)):
-        if f.endswith(".safetensors"):
-            out.update(_read_safetensors(os.path.join(ckpt, f)))
-    return out
+    return _read_checkpoint(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -840,11 +845,7 @@ def test_embedding_scale_is_sqrt_h_in_the_model_dtype(tmp_path, device, config_d
     if config_dtype is not None:
         config["dtype"] = config_dtype
     (path / "config.json").write_text(json.dumps(config))
-    weights = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            weights.update(_read_safetensors(str(path / f)))
-    E = weights["model.decoder.embed_tokens.weight"].astype(np.float64)
+    E = _read_checkpoint(path)["model.decoder.embed_tokens.weight"].astype(np.float64)
     ops = BackendOps(str(path), device)
 
     def fitted(got, base):

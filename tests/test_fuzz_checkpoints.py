@@ -390,7 +390,7 @@ def config_cases(base_dir: str) -> list[Case]:
         ("per_layer_config keyed by layer type", lambda c: c["text_config"]["per_layer_config"].update(
             full_attention={"head_dim": 16}), "bad per_layer_config entry 'full_attention'"),
         ("per_layer_config overriding rms_norm_eps", lambda c: c["text_config"]["per_layer_config"].update(
-            {"0": {"rms_norm_eps": 1e-5}}), "overrides 'rms_norm_eps'"),
+            {"0": {"rms_norm_eps": 1e-5}}), "unknown key 'rms_norm_eps'"),
         ("per_layer_config differing within full layers", lambda c: c["text_config"].update(
             layer_types=["full_attention"] * len(c["text_config"]["layer_types"])), "must agree within a type"),
     ]:

@@ -29,6 +29,12 @@ class Fields {
     return it == obj_.end() || it->is_null() ? nullptr : &*it;
   }
   bool has(const char* key) const { return find(key) != nullptr; }
+  // Refuses a key outside `allowed` (null-valued ones too), naming it and `why`.
+  void only(std::initializer_list<const char*> allowed, const char* why) const {
+    for (const auto& item : obj_.items())
+      DG_REQUIRE(std::any_of(allowed.begin(), allowed.end(), [&](const char* k) { return item.key() == k; }),
+                 CheckpointError, where_ << ": unknown key '" << printable(item.key(), 60) << "' (" << why << ")");
+  }
 
   int integer(const char* key, int64_t lo, int64_t hi) const {
     const json* v = find(key);
@@ -132,7 +138,7 @@ RopeSpec parse_rope(const json* params, const std::string& layer_type) {
   const double inf = std::numeric_limits<double>::infinity();
   r.type = f.string("rope_type", f.string("type", "default"));  // "type": the older key, which transformers reads too
   // transformers has no default for a given entry's theta: it fails, or on some paths takes text_config's own
-  // rope_theta (refused in parse_model_config), so a missing one is never read as 10000.
+  // rope_theta, so a missing one is refused, never read as 10000.
   DG_REQUIRE(f.has("rope_theta"), CheckpointError, f.where() << ": missing rope_theta");
   r.theta = f.number("rope_theta", 0.0, false, inf, 10000.0);
   r.partial_rotary_factor = f.number("partial_rotary_factor", 0.0, true, 1.0, 1.0);
@@ -317,11 +323,8 @@ static ModelConfig parse_model_config(const std::string& dir) {
         DG_REQUIRE(idx >= 0 && idx < c.num_layers && val.is_object(), CheckpointError,
                    "config.json: bad per_layer_config entry '" << printable(key, 60)
                                                                << "' (keys are layer indices, values objects)");
-        for (const auto& item : val.items())
-          DG_REQUIRE(item.key() == "head_dim" || item.key() == "num_key_value_heads", CheckpointError,
-                     "config.json: per_layer_config['" << printable(key, 60) << "'] overrides '"
-                         << printable(item.key(), 60) << "'; only head_dim and num_key_value_heads are supported");
         const Fields lf(val, "config.json per_layer_config['" + key + "']");
+        lf.only({"head_dim", "num_key_value_heads"}, "only head_dim and num_key_value_heads may be overridden");
         overrides[idx] = {lf.integer("head_dim", 0, kMaxHeadDim, 0),
                           lf.integer("num_key_value_heads", 0, kMaxHeads, 0)};
       }
@@ -402,17 +405,11 @@ static GenerationDefaults parse_generation_defaults(const std::string& dir, int 
   const double inf = std::numeric_limits<double>::infinity();
   // transformers' DiffusionGemmaGenerationConfig refuses any other key ("Unexpected kwargs"), so a checkpoint
   // that sets, say, temperature or top_k does not load there; here it would be ignored without a word.
-  static const char* const kKnown[] = {
-      "max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config", "t_min",
-      "t_max", "stability_threshold", "confidence_threshold", "cache_implementation", "cache_config",
-      "disable_compile", "bos_token_id", "pad_token_id", "eos_token_id", "_commit_hash", "_from_model_config",
-      "transformers_version"};
-  for (const auto& item : root.items())
-    DG_REQUIRE(std::find_if(std::begin(kKnown), std::end(kKnown),
-                            [&](const char* k) { return item.key() == k; }) != std::end(kKnown),
-               CheckpointError,
-               "generation_config.json: unknown key '" << printable(item.key(), 60)
-                   << "' (DiffusionGemma's generation config has no such setting; transformers refuses it too)");
+  f.only({"max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config", "t_min",
+          "t_max", "stability_threshold", "confidence_threshold", "cache_implementation", "cache_config",
+          "disable_compile", "bos_token_id", "pad_token_id", "eos_token_id", "_commit_hash", "_from_model_config",
+          "transformers_version"},
+         "DiffusionGemma's generation config has no such setting; transformers refuses it too");
   // max_length overrides the default max_new_tokens (256) and stops at that total length in transformers;
   // the engine has only max_new_tokens, so a checkpoint that sets it is refused rather than run longer.
   DG_REQUIRE(!f.has("max_length"), CheckpointError,
@@ -453,9 +450,7 @@ static GenerationDefaults parse_generation_defaults(const std::string& dir, int 
     DG_REQUIRE(sf.string("_cls_name", "") == "EntropyBoundSamplerConfig", CheckpointError,
                "generation_config.json: sampler_config must name _cls_name 'EntropyBoundSamplerConfig' (the only "
                "sampler DiffusionGemma has)");
-    for (const auto& item : sc->items())
-      DG_REQUIRE(item.key() == "_cls_name" || item.key() == "entropy_bound", CheckpointError,
-                 "generation_config.json: sampler_config has an unknown key '" << printable(item.key(), 60) << "'");
+    sf.only({"_cls_name", "entropy_bound"}, "an EntropyBoundSamplerConfig holds only its entropy_bound");
     DG_REQUIRE(sf.has("entropy_bound"), CheckpointError, "generation_config.json: sampler_config has no entropy_bound");
     g.entropy_bound = sf.opt_number("entropy_bound", 0.0, false, inf);
   }
